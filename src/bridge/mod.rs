@@ -1,0 +1,268 @@
+//! Bridge: the fourth pipeline stage, the call to the Apps Script web app.
+//!
+//! In: a [`BridgeRequest`] for an approved command. Out: the bridge's JSON answer (the
+//! runbook's "tool result") or a [`BridgeError`] that says which leg failed and whether it is
+//! worth retrying. [`client::AppsScriptBridge`] speaks the real contract;
+//! [`simulator`] serves the same contract locally for the default setup, tests and benchmarks.
+
+pub mod client;
+pub mod signing;
+pub mod simulator;
+
+pub use client::{AppsScriptBridge, BridgeClientConfig};
+
+use crate::intake::CommandType;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// The JSON body POSTed to the bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeRequest {
+    pub action_id: String,
+    pub command_type: CommandType,
+    pub params: BridgeParams,
+    pub agent: String,
+    /// RFC 3339.
+    pub requested_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeParams {
+    pub service: String,
+}
+
+/// A successful bridge call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BridgeAnswer {
+    /// The bridge's `{"status":"success", ...}` object.
+    pub tool_result: serde_json::Value,
+    /// POSTs made (1 when nothing was retried).
+    pub attempts: u32,
+}
+
+/// Why a bridge call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BridgeError {
+    /// The bridge answered `{"status":"error", ...}`.
+    #[error("bridge error: {error}")]
+    Remote { error: String, retryable: bool },
+    /// Not the JSON the contract promises (Apps Script reports failures as HTML pages).
+    #[error("bridge answered something other than contract JSON (HTTP {status}): {message}")]
+    Malformed {
+        status: u16,
+        message: String,
+        retryable: bool,
+    },
+    /// An HTTP status the contract has no use for.
+    #[error("bridge answered HTTP {status} on the {leg} leg")]
+    Http {
+        leg: Leg,
+        status: u16,
+        retryable: bool,
+    },
+    #[error("transport error on the {leg} leg: {message}")]
+    Transport { leg: Leg, message: String },
+    #[error("302 from the bridge without a usable Location header")]
+    BadRedirect,
+    /// Retries used up; `last` is the final cause.
+    #[error("gave up after {attempts} attempt(s) in {elapsed_ms} ms: {last}")]
+    Exhausted {
+        attempts: u32,
+        elapsed_ms: u64,
+        last: Box<BridgeError>,
+    },
+}
+
+/// Which request of the POST-then-GET exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    Post,
+    Get,
+}
+
+impl std::fmt::Display for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Leg::Post => "POST",
+            Leg::Get => "GET",
+        })
+    }
+}
+
+impl BridgeError {
+    /// Worth another try: the bridge's dedup by action_id makes a repeated POST safe.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BridgeError::Remote { retryable, .. }
+            | BridgeError::Malformed { retryable, .. }
+            | BridgeError::Http { retryable, .. } => *retryable,
+            BridgeError::Transport { .. } => true,
+            BridgeError::BadRedirect | BridgeError::Exhausted { .. } => false,
+        }
+    }
+}
+
+/// The boundary to whatever executes approved actions.
+pub trait Bridge: Send + Sync {
+    fn execute<'a>(
+        &'a self,
+        request: &'a BridgeRequest,
+    ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>>;
+}
+
+/// Reads a bridge answer body: contract JSON, or a failure that says what came back.
+pub fn interpret_body(
+    status: u16,
+    content_type: Option<&str>,
+    body: &str,
+) -> Result<serde_json::Value, BridgeError> {
+    let looks_html =
+        content_type.is_some_and(|c| c.contains("html")) || body.trim_start().starts_with('<');
+    if !looks_html {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+            match v.get("status").and_then(|s| s.as_str()) {
+                Some("success") => return Ok(v),
+                Some("error") => {
+                    let error = v
+                        .get("error")
+                        .and_then(|e| e.as_str())
+                        .unwrap_or("unspecified error")
+                        .to_owned();
+                    let retryable = v
+                        .get("retryable")
+                        .and_then(|r| r.as_bool())
+                        .unwrap_or(false);
+                    return Err(BridgeError::Remote { error, retryable });
+                }
+                _ => {}
+            }
+        }
+    }
+    let message = html_message(body);
+    // Apps Script's quota page reads "Service invoked too many times..."; rate limits pass.
+    let lower = message.to_ascii_lowercase();
+    let retryable = lower.contains("too many times")
+        || lower.contains("rate limit")
+        || lower.contains("try again later");
+    Err(BridgeError::Malformed {
+        status,
+        message,
+        retryable,
+    })
+}
+
+/// The human-readable message of an error page: its title and first text, tags stripped,
+/// shortened. Used in results so an operator sees what Google said.
+pub fn html_message(body: &str) -> String {
+    let mut text = String::with_capacity(body.len().min(4096));
+    let mut in_tag = false;
+    let mut skip_until: Option<&str> = None;
+    let lower = body.to_ascii_lowercase();
+    let mut i = 0;
+    let bytes = body.as_bytes();
+    while i < bytes.len() {
+        if let Some(end) = skip_until {
+            if lower[i..].starts_with(end) {
+                i += end.len();
+                skip_until = None;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        if !in_tag && lower[i..].starts_with("<script") {
+            skip_until = Some("</script>");
+            continue;
+        }
+        if !in_tag && lower[i..].starts_with("<style") {
+            skip_until = Some("</style>");
+            continue;
+        }
+        let c = bytes[i];
+        if c == b'<' {
+            in_tag = true;
+            text.push(' ');
+        } else if c == b'>' {
+            in_tag = false;
+        } else if !in_tag {
+            // Copy the whole UTF-8 character.
+            let ch_len = utf8_len(c);
+            if let Some(s) = body.get(i..i + ch_len) {
+                text.push_str(s);
+            }
+            i += ch_len;
+            continue;
+        }
+        i += 1;
+    }
+    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let collapsed = collapsed
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">");
+    if collapsed.is_empty() {
+        return "(empty body)".into();
+    }
+    collapsed.chars().take(300).collect()
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf7 => 4,
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_json() {
+        let v = interpret_body(
+            200,
+            Some("application/json"),
+            r#"{"status":"success","integration_status":"CONNECTED"}"#,
+        )
+        .unwrap();
+        assert_eq!(v["integration_status"], "CONNECTED");
+        let e = interpret_body(
+            200,
+            None,
+            r#"{"status":"error","error":"boom","retryable":true}"#,
+        )
+        .unwrap_err();
+        assert!(e.is_transient());
+        let e = interpret_body(200, None, r#"{"status":"weird"}"#).unwrap_err();
+        assert!(matches!(e, BridgeError::Malformed { .. }));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn apps_script_html_pages() {
+        let quota = "<html><head><title>Error</title><style>p{}</style></head><body><div>Service invoked too many times for one day: urlfetch.</div></body></html>";
+        let e = interpret_body(200, Some("text/html; charset=utf-8"), quota).unwrap_err();
+        match &e {
+            BridgeError::Malformed {
+                message, retryable, ..
+            } => {
+                assert!(
+                    message.contains("Service invoked too many times"),
+                    "{message}"
+                );
+                assert!(!message.contains("p{}"));
+                assert!(*retryable);
+            }
+            other => panic!("{other:?}"),
+        }
+        let auth = "<html><title>Sign in - Google Accounts</title><body>Authorization is required to perform that action.</body></html>";
+        let e = interpret_body(200, Some("text/html"), auth).unwrap_err();
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("Authorization is required"));
+    }
+}

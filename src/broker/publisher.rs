@@ -1,0 +1,81 @@
+//! Confirmed publishing. Every message is mandatory and persistent, and each publish awaits its
+//! own confirm: `Ack(None)` is the only success.
+
+use super::BrokerError;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection};
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub correlation_id: Option<String>,
+    pub message_type: &'static str,
+    pub headers: Option<FieldTable>,
+}
+
+/// A confirm-mode channel on its own connection, so broker flow control on publishing can't
+/// hold back the consumer's acks.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection) -> Result<Self, BrokerError> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub async fn publish(&self, msg: &Outgoing) -> Result<(), BrokerError> {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_type(msg.message_type.into())
+            .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
+        if let Some(c) = &msg.correlation_id {
+            props = props.with_correlation_id(c.as_str().into());
+        }
+        if let Some(h) = &msg.headers {
+            props = props.with_headers(h.clone());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                msg.exchange.as_str().into(),
+                msg.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &msg.body,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+            }),
+            Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
+        }
+    }
+}

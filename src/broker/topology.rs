@@ -1,0 +1,125 @@
+//! Declares every exchange, queue and binding the poller uses. Idempotent: re-declaring with
+//! the same arguments is a no-op, so every replica does it at every (re)connect.
+
+use super::BrokerError;
+use crate::settings::TopologySettings;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// The names in use, from settings.
+pub type Topology = TopologySettings;
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Declares the topology on `ch`.
+pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
+    for ex in [
+        &t.commands_exchange,
+        &t.results_exchange,
+        &t.alerts_exchange,
+    ] {
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.exchange_declare(
+        t.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut dead_args = FieldTable::default();
+    dead_args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    ch.queue_declare(
+        t.dead_letter_queue.as_str().into(),
+        durable_queue(),
+        dead_args,
+    )
+    .await?;
+    ch.queue_bind(
+        t.dead_letter_queue.as_str().into(),
+        t.dead_letter_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    // Quorum queue with a delivery limit, so a command that keeps failing ends in the dead
+    // letter queue instead of cycling forever; at-least-once dead-lettering so the broker
+    // doesn't drop it on the way (that strategy requires reject-publish overflow).
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(t.delivery_limit as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&t.dead_letter_exchange),
+    );
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    ch.queue_declare(t.commands_queue.as_str().into(), durable_queue(), args)
+        .await?;
+    ch.queue_bind(
+        t.commands_queue.as_str().into(),
+        t.commands_exchange.as_str().into(),
+        t.commands_binding.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    if !t.results_queue.is_empty() {
+        bound_queue(ch, &t.results_queue, &t.results_exchange, "result.#").await?;
+    }
+    for team in &t.alert_teams {
+        let queue = format!("{}.{team}", t.alerts_exchange);
+        bound_queue(ch, &queue, &t.alerts_exchange, &format!("{team}.*")).await?;
+    }
+    Ok(())
+}
+
+async fn bound_queue(
+    ch: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    ch.queue_declare(queue.into(), durable_queue(), args)
+        .await?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Command line: `run` (the poller), `send` (act as an agent), `bridge-simulator`, and
+//! `check-config`. The only place `anyhow` is used: errors here are reported, not handled.
+
+use crate::settings::{LogFormat, Settings};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "command-poller",
+    version,
+    about = "MCP Orchestrator command poller"
+)]
+pub struct Cli {
+    /// Directory holding default.toml (and <APP_ENVIRONMENT>.toml).
+    #[arg(
+        long,
+        global = true,
+        default_value = "config",
+        env = "POLLER_CONFIG_DIR"
+    )]
+    pub config_dir: PathBuf,
+    /// Log format; overrides logging.format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the poller (the default).
+    Run,
+    /// Publish a command file as an agent would, and print its result.
+    Send {
+        /// The command JSON file ("-" for standard input).
+        file: PathBuf,
+        /// Wait for the result and print it.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for the result, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Broker URL of the agent (its user becomes the command's user_id). Defaults to amqp.url.
+        #[arg(long, env = "AGENT_AMQP_URL")]
+        amqp_url: Option<String>,
+        /// Publish without the user_id property.
+        #[arg(long)]
+        no_user_id: bool,
+    },
+    /// Run the bridge simulator as a standalone HTTP server (secret from bridge.secret_env).
+    BridgeSimulator {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Load and check the configuration and the policy file, then exit.
+    CheckConfig,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings, flag: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.logging.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match flag.unwrap_or(settings.logging.format) {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&cli.config_dir)
+        .with_context(|| format!("loading configuration from {}", cli.config_dir.display()))?;
+    init_logging(&settings, cli.log_format);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let poller = crate::poller::Poller::from_settings(settings).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            poller.run(shutdown).await;
+            tracing::info!("poller stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            file,
+            wait,
+            timeout_secs,
+            amqp_url,
+            no_user_id,
+        } => {
+            let payload = if file.as_os_str() == "-" {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                buf
+            } else {
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let url = amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
+            let result = crate::agent::send(
+                &payload,
+                crate::agent::SendOptions {
+                    amqp_url: &url,
+                    exchange: &settings.topology.commands_exchange,
+                    wait: wait.then(|| Duration::from_secs(timeout_secs)),
+                    omit_user_id: no_user_id,
+                },
+            )
+            .await?;
+            match result {
+                Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+                None => println!("published"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BridgeSimulator { listen, latency_ms } => {
+            let secret = std::env::var(&settings.bridge.secret_env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .with_context(|| {
+                    format!(
+                        "set {} to the shared bridge secret",
+                        settings.bridge.secret_env
+                    )
+                })?;
+            let mut cfg = crate::bridge::simulator::SimulatorConfig::new(
+                crate::bridge::signing::Secret::new(secret),
+            );
+            cfg.latency = Duration::from_millis(latency_ms);
+            let sim = crate::bridge::simulator::start(cfg, listen).await?;
+            println!("bridge simulator listening on {}", sim.url());
+            let stop = CancellationToken::new();
+            watch_signals(stop.clone()).await;
+            drop(sim);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let policy = crate::policy::Policy::load(&settings.policy.file)?;
+            println!(
+                "configuration OK: {} judge(s), quorum {}, bridge {:?}, policy {} (sha256 {})",
+                settings.panel.judges.len(),
+                settings.panel.quorum,
+                settings.bridge.mode,
+                settings.policy.file.display(),
+                policy.digest()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+async fn watch_signals(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    token.cancel();
+}

@@ -1,0 +1,19 @@
+//! command-poller: the MCP Orchestrator's worker.
+//!
+//! The pipeline, one module per stage: [`intake`] (bytes → validated command and agent),
+//! [`policy`] (ALLOW / JUDGE / BLOCK), [`judging`] (the judge panel), [`bridge`] (the Apps
+//! Script web app), [`outcome`] (results and alerts). [`pipeline`] strings them together for
+//! one command; [`poller`] consumes, publishes with confirms and acks; [`broker`] is the
+//! RabbitMQ boundary.
+
+pub mod agent;
+pub mod bridge;
+pub mod broker;
+pub mod cli;
+pub mod intake;
+pub mod judging;
+pub mod outcome;
+pub mod pipeline;
+pub mod policy;
+pub mod poller;
+pub mod settings;

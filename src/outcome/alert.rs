@@ -1,0 +1,86 @@
+//! Alerts for humans: one message per team on `mcp.alerts`, routing key `<team>.<priority>`.
+
+use super::{AgentView, Priority, ResultMessage, Status, Team};
+use crate::policy::Policy;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub team: String,
+    pub priority: Priority,
+    pub action_id: Option<String>,
+    pub command_type: Option<String>,
+    pub service: Option<String>,
+    pub agent: Option<AgentView>,
+    pub status: Status,
+    /// What happened, in one sentence.
+    pub summary: String,
+    pub rationale: String,
+    /// What the human receiving it should do.
+    pub action_required: String,
+    pub poller_instance: String,
+    pub at: String,
+}
+
+impl Alert {
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.team, self.priority.as_str())
+    }
+}
+
+fn action_required(status: Status) -> &'static str {
+    match status {
+        Status::Blocked => "Review the request manually: confirm with the agent's owner whether this integration is wanted, and follow the security and permissions review before connecting anything. If the service appears connected anyway, follow Emergency-INT-E02 (master shut-off).",
+        Status::NeedsApproval => "Review the judges' reasons and approve or deny the action manually. Repeated unapproved REFRESH_TOKEN attempts from one agent: follow Emergency-INT-E01 (pause the poller).",
+        Status::Failed => "Check the Apps Script bridge and the target service; the action did not complete and the agent may retry it.",
+        Status::Success | Status::Rejected => "No action required.",
+    }
+}
+
+/// The alerts the policy routes for this result: one per team of every matching route.
+pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
+    let Some(t) = result
+        .command_type
+        .as_deref()
+        .and_then(crate::intake::CommandType::parse)
+    else {
+        return Vec::new();
+    };
+    let agent = result
+        .agent
+        .as_ref()
+        .map(|a| {
+            if a.verified {
+                a.id.clone()
+            } else {
+                format!("{} (unverified)", a.id)
+            }
+        })
+        .unwrap_or_else(|| "unknown agent".into());
+    let service = result.service.as_deref().unwrap_or("unknown service");
+    let action = result.action_id.as_deref().unwrap_or("unknown action");
+    let summary = format!(
+        "{t} for service {service} by agent {agent} (action {action}) ended {}",
+        result.status
+    );
+    policy
+        .alerts_for(t, result.status)
+        .flat_map(|route| route.teams.iter().map(move |team| (team, route.priority)))
+        .map(|(team, priority): (&Team, Priority)| Alert {
+            alert_id: uuid::Uuid::new_v4().to_string(),
+            team: team.as_str().to_owned(),
+            priority,
+            action_id: result.action_id.clone(),
+            command_type: result.command_type.clone(),
+            service: result.service.clone(),
+            agent: result.agent.clone(),
+            status: result.status,
+            summary: summary.clone(),
+            rationale: result.rationale.clone(),
+            action_required: action_required(result.status).to_owned(),
+            poller_instance: result.poller_instance.clone(),
+            at: result.completed_at.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,121 @@
+//! Outcome: the last pure stage.
+//!
+//! In: what the earlier stages decided (rejection, policy decision, panel report, bridge
+//! answer). Out: the [`ResultMessage`] published for every command and the [`Alert`]s the
+//! policy routes to teams. Building them does no I/O; `crate::poller` publishes them.
+
+mod alert;
+mod result;
+
+pub use alert::{alerts_for, Alert};
+pub use result::{AgentView, BridgeSummary, ResultMessage, SeverityView};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A command's final status (the runbook's statuses plus REJECTED for invalid input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Success,
+    NeedsApproval,
+    Blocked,
+    Failed,
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Success => "SUCCESS",
+            Status::NeedsApproval => "NEEDS_APPROVAL",
+            Status::Blocked => "BLOCKED",
+            Status::Failed => "FAILED",
+            Status::Rejected => "REJECTED",
+        }
+    }
+
+    /// `result.<status in lower case>`.
+    pub fn routing_key(self) -> String {
+        format!("result.{}", self.as_str().to_ascii_lowercase())
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Alert priority; the second word of the alert routing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+        }
+    }
+}
+
+/// A team that receives alerts: a lowercase word, the first word of the alert routing key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Team(String);
+
+impl Team {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.is_empty()
+            && s.len() <= 32
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "team {s:?}: must be 1 to 32 characters of [a-z0-9_-] (it becomes a routing key word)"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Team {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Team::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How one judge voted, as reported in results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Vote {
+    Approve,
+    Deny,
+    /// Errored, timed out or gave no clear verdict: counts as not approving.
+    Unavailable,
+    /// Not waited for: the panel's outcome was already settled.
+    Skipped,
+}
+
+/// One judge's line in a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JudgeVote {
+    pub name: String,
+    pub verdict: Vote,
+    pub reason: String,
+    pub ms: u64,
+    /// For `unavailable`: what went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}

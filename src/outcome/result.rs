@@ -1,0 +1,65 @@
+//! The result message: one per command, on `mcp.results` (and the agent's reply queue).
+
+use super::{JudgeVote, Status};
+use crate::intake::{Agent, Severity};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub verified: bool,
+}
+
+impl From<&Agent> for AgentView {
+    fn from(a: &Agent) -> Self {
+        Self {
+            id: a.id.to_string(),
+            verified: a.verified,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeverityView {
+    pub declared: Severity,
+    pub effective: Severity,
+    /// The agent declared less than the policy's floor for this type.
+    pub mismatch: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeSummary {
+    /// POSTs made (retries included).
+    pub attempts: u32,
+    pub ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The body of a result message. Optional fields are absent when the command never got that
+/// far (a REJECTED payload has no command type, a BLOCKED one no judges).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    pub action_id: Option<String>,
+    pub command_type: Option<String>,
+    pub service: Option<String>,
+    pub agent: Option<AgentView>,
+    pub status: Status,
+    pub rationale: String,
+    /// The bridge's JSON answer, on SUCCESS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub judges: Vec<JudgeVote>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity: Option<SeverityView>,
+    /// For REJECTED: the field at fault (`payload`, `action_id`, `user_id`, `reply_to`...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<BridgeSummary>,
+    /// RFC 3339.
+    pub received_at: String,
+    pub completed_at: String,
+    pub poller_instance: String,
+}

@@ -1,0 +1,341 @@
+//! The pipeline for one command: intake → policy → judging → bridge → outcome.
+//!
+//! In: an [`Inbound`] message (payload and the AMQP properties that matter). Out: a
+//! [`Disposition`]: the result to publish, where else it goes, the alerts, and whether the raw
+//! message must be copied to the dead-letter queue. No broker I/O happens here; the poller
+//! carries the disposition out and only then acks.
+
+use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
+use crate::intake::{
+    self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
+    ReplyTarget,
+};
+use crate::judging::{JudgeRequest, Panel, PanelOutcome};
+use crate::outcome::{
+    alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
+};
+use crate::policy::{Decision, Handling, Policy};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// What the pipeline needs of a delivery.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    pub payload: Vec<u8>,
+    /// The broker-validated publishing user.
+    pub user_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub content_type: Option<String>,
+    pub routing_key: String,
+    pub redelivered: bool,
+}
+
+/// Why a raw message goes to the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Everything to publish for one command, in order: dead letter, result, reply, alerts.
+#[derive(Debug, Clone)]
+pub struct Disposition {
+    /// None only when the message was undecodable and no action_id could be read from it; the
+    /// dead letter is then its only trace (and it is always present in that case).
+    pub result: Option<ResultMessage>,
+    pub reply: ReplyTarget,
+    pub alerts: Vec<Alert>,
+    pub dead_letter: Option<DeadLetter>,
+}
+
+pub struct Pipeline {
+    pub limits: DecodeLimits,
+    pub allow_unverified: bool,
+    pub policy: Arc<Policy>,
+    pub panel: Panel,
+    pub bridge: Arc<dyn Bridge>,
+    pub instance: String,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Fields known so far, to build a result at whatever stage the command stops.
+struct Draft {
+    received_at: String,
+    instance: String,
+    action_id: Option<String>,
+    command_type: Option<String>,
+    service: Option<String>,
+    agent: Option<AgentView>,
+    severity: Option<SeverityView>,
+    judges: Vec<JudgeVote>,
+}
+
+impl Draft {
+    fn finish(self, status: Status, rationale: String) -> ResultMessage {
+        ResultMessage {
+            action_id: self.action_id,
+            command_type: self.command_type,
+            service: self.service,
+            agent: self.agent,
+            status,
+            rationale,
+            tool_result: None,
+            judges: self.judges,
+            severity: self.severity,
+            error_field: None,
+            bridge: None,
+            received_at: self.received_at,
+            completed_at: now_rfc3339(),
+            poller_instance: self.instance,
+        }
+    }
+
+    fn rejected(self, field: &str, reason: String) -> ResultMessage {
+        let mut r = self.finish(Status::Rejected, format!("Command rejected: {reason}"));
+        r.error_field = Some(field.to_owned());
+        r
+    }
+}
+
+impl Pipeline {
+    /// Processes one message. Never fails: every outcome is a disposition.
+    pub async fn process(&self, msg: &Inbound) -> Disposition {
+        let span = tracing::info_span!(
+            "command",
+            action_id = tracing::field::Empty,
+            agent = tracing::field::Empty,
+            command_type = tracing::field::Empty,
+            redelivered = msg.redelivered,
+        );
+        self.process_inner(msg).instrument(span).await
+    }
+
+    async fn process_inner(&self, msg: &Inbound) -> Disposition {
+        let span = tracing::Span::current();
+        let mut draft = Draft {
+            received_at: now_rfc3339(),
+            instance: self.instance.clone(),
+            action_id: None,
+            command_type: None,
+            service: None,
+            agent: None,
+            severity: None,
+            judges: Vec::new(),
+        };
+        // Identity as far as the broker vouches for it, for replies to rejected messages.
+        let broker_agent = msg
+            .user_id
+            .as_deref()
+            .and_then(|u| AgentId::parse(u).ok())
+            .map(|id| Agent { id, verified: true });
+        if let Some(a) = &broker_agent {
+            span.record("agent", a.id.as_str());
+            draft.agent = Some(AgentView::from(a));
+        }
+
+        let cmd = match decode(&msg.payload, msg.content_type.as_deref(), self.limits) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(field = e.field(), error = %e, "undecodable command; dead-lettering");
+                draft.action_id =
+                    salvage_action_id(&msg.payload, self.limits).map(|a| a.to_string());
+                if let Some(a) = &draft.action_id {
+                    span.record("action_id", a.as_str());
+                }
+                let reply = lenient_reply(msg.reply_to.as_deref(), broker_agent.as_ref());
+                let result = draft
+                    .action_id
+                    .is_some()
+                    .then(|| draft.rejected(e.field(), e.to_string()));
+                return Disposition {
+                    result,
+                    reply,
+                    alerts: Vec::new(),
+                    dead_letter: Some(DeadLetter {
+                        field: e.field().to_owned(),
+                        reason: e.to_string(),
+                    }),
+                };
+            }
+        };
+        span.record("action_id", cmd.action_id.as_str());
+        span.record("command_type", cmd.command_type.as_str());
+        draft.action_id = Some(cmd.action_id.to_string());
+        draft.command_type = Some(cmd.command_type.to_string());
+        draft.service = Some(cmd.service.to_string());
+
+        let agent = match identify(
+            msg.user_id.as_deref(),
+            cmd.claimed_agent.as_ref(),
+            self.allow_unverified,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "command refused: identity");
+                let reply = lenient_reply(msg.reply_to.as_deref(), broker_agent.as_ref());
+                return self.conclude(draft.rejected(e.field(), e.to_string()), reply);
+            }
+        };
+        span.record("agent", agent.id.as_str());
+        draft.agent = Some(AgentView::from(&agent));
+
+        let reply = match reply_target(msg.reply_to.as_deref(), &agent) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "command refused: reply_to");
+                return self.conclude(draft.rejected("reply_to", e.to_string()), ReplyTarget::None);
+            }
+        };
+
+        let decision = self.policy.decide(&cmd);
+        draft.severity = Some(SeverityView {
+            declared: decision.declared_severity,
+            effective: decision.effective_severity,
+            mismatch: decision.severity_mismatch,
+        });
+        if decision.severity_mismatch {
+            tracing::warn!(
+                declared = %decision.declared_severity,
+                effective = %decision.effective_severity,
+                "declared severity below the policy floor; handled at the floor"
+            );
+        }
+        tracing::info!(handling = ?decision.handling, "policy decided");
+
+        let result = match decision.handling {
+            Handling::Block => draft.finish(Status::Blocked, decision.rationale.clone()),
+            Handling::Judge => {
+                self.judge_then_execute(&cmd, &agent, &decision, draft)
+                    .await
+            }
+            Handling::Execute => {
+                let rationale = decision.rationale.clone();
+                self.execute(&cmd, &agent, draft, rationale).await
+            }
+        };
+        self.conclude(result, reply)
+    }
+
+    fn conclude(&self, result: ResultMessage, reply: ReplyTarget) -> Disposition {
+        let alerts = alerts_for(&self.policy, &result);
+        tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
+        Disposition {
+            result: Some(result),
+            reply,
+            alerts,
+            dead_letter: None,
+        }
+    }
+
+    async fn judge_then_execute(
+        &self,
+        cmd: &Command,
+        agent: &Agent,
+        decision: &Decision,
+        mut draft: Draft,
+    ) -> ResultMessage {
+        let request = JudgeRequest {
+            action_id: cmd.action_id.to_string(),
+            command_type: cmd.command_type,
+            service: cmd.service.clone(),
+            agent: agent.clone(),
+            declared_severity: decision.declared_severity,
+            effective_severity: decision.effective_severity,
+            policy_rationale: decision.rationale.clone(),
+        };
+        let report = self.panel.convene(&request).await;
+        draft.judges = report.votes;
+        let majority = report.panel_size / 2 + 1;
+        match report.outcome {
+            PanelOutcome::NotApproved => draft.finish(
+                Status::NeedsApproval,
+                format!(
+                    "Not approved by the judges ({} of {} approved; {} needed): a human must approve this action.",
+                    report.approvals, report.panel_size, majority
+                ),
+            ),
+            PanelOutcome::Approved => {
+                let rationale = format!(
+                    "Approved by the judges ({} of {}).",
+                    report.approvals, report.panel_size
+                );
+                self.execute(cmd, agent, draft, rationale).await
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        cmd: &Command,
+        agent: &Agent,
+        draft: Draft,
+        rationale: String,
+    ) -> ResultMessage {
+        let request = BridgeRequest {
+            action_id: cmd.action_id.to_string(),
+            command_type: cmd.command_type,
+            params: BridgeParams {
+                service: cmd.service.to_string(),
+            },
+            agent: agent.id.to_string(),
+            requested_at: now_rfc3339(),
+        };
+        let started = Instant::now();
+        let answer = self.bridge.execute(&request).await;
+        let ms = started.elapsed().as_millis() as u64;
+        match answer {
+            Ok(a) => {
+                tracing::info!(attempts = a.attempts, ms, "bridge call succeeded");
+                let mut r = draft.finish(Status::Success, rationale);
+                r.tool_result = Some(a.tool_result);
+                r.bridge = Some(BridgeSummary {
+                    attempts: a.attempts,
+                    ms,
+                    error: None,
+                });
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ms, "bridge call failed");
+                let attempts = match &e {
+                    crate::bridge::BridgeError::Exhausted { attempts, .. } => *attempts,
+                    _ => 1,
+                };
+                let mut r = draft.finish(
+                    Status::Failed,
+                    format!("{rationale} The bridge call failed: {e}"),
+                );
+                r.bridge = Some(BridgeSummary {
+                    attempts,
+                    ms,
+                    error: Some(e.to_string()),
+                });
+                r
+            }
+        }
+    }
+}
+
+/// For messages refused before identity was settled: direct reply-to only reaches the
+/// publisher's own channel, so it is always safe; an agent queue only for a broker-checked user.
+fn lenient_reply(reply_to: Option<&str>, broker_agent: Option<&Agent>) -> ReplyTarget {
+    match broker_agent {
+        Some(a) => intake::reply_target(reply_to, a).unwrap_or(ReplyTarget::None),
+        None => match reply_to {
+            Some(r) if r.starts_with("amq.rabbitmq.reply-to") => {
+                let anyone = Agent {
+                    id: AgentId::parse("unknown").expect("valid"),
+                    verified: false,
+                };
+                intake::reply_target(Some(r), &anyone).unwrap_or(ReplyTarget::None)
+            }
+            _ => ReplyTarget::None,
+        },
+    }
+}

@@ -1,0 +1,488 @@
+//! The poller: consumes commands, runs each through the [`Pipeline`] concurrently (up to
+//! `max_in_flight`), publishes what it decided with confirms, and only then acks.
+//!
+//! In: settings and a pipeline. Out: results, alerts and dead letters on the broker. Rides out
+//! broker restarts (a plain reconnect loop: new connections, topology, consumer) and drains
+//! in-flight commands on shutdown. Anything unacked when a connection goes away is requeued by
+//! the broker; the bridge's dedup by action_id makes a re-run after a lost ack safe.
+
+use crate::bridge::signing::Secret;
+use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
+use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
+use crate::broker::{self, BrokerError, Outgoing, Publisher};
+use crate::intake::{DecodeLimits, ReplyTarget};
+use crate::judging::rules::RuleJudge;
+use crate::judging::{Judge, Panel};
+use crate::pipeline::{Disposition, Inbound, Pipeline};
+use crate::policy::Policy;
+use crate::settings::{BridgeMode, JudgeSettings, Settings};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("bridge: {0}")]
+    Bridge(String),
+}
+
+/// Live counters, for health and status reporting.
+#[derive(Debug, Default)]
+pub struct PollerState {
+    pub in_flight: AtomicUsize,
+    pub connected: AtomicBool,
+    pub processed: AtomicUsize,
+}
+
+pub struct Poller {
+    settings: Arc<Settings>,
+    pipeline: Arc<Pipeline>,
+    state: Arc<PollerState>,
+    instance: String,
+    /// Keeps the embedded bridge simulator running, when it is the configured bridge.
+    _simulator: Option<SimulatorHandle>,
+}
+
+/// Builds the judges of the configured panel.
+pub fn build_panel(settings: &Settings) -> Panel {
+    let judges = settings
+        .panel
+        .judges
+        .iter()
+        .map(|j| match j {
+            JudgeSettings::Rules {
+                name,
+                timeout_ms,
+                rules,
+            } => (
+                Arc::new(RuleJudge::new(name.clone(), rules.clone())) as Arc<dyn Judge>,
+                Duration::from_millis(*timeout_ms),
+            ),
+        })
+        .collect();
+    Panel::new(judges, settings.panel.quorum)
+}
+
+fn client_config(settings: &Settings, url: url::Url, secret: Secret) -> BridgeClientConfig {
+    let b = &settings.bridge;
+    BridgeClientConfig {
+        url,
+        secret,
+        request_timeout: Duration::from_secs(b.request_timeout_secs),
+        retry_budget: Duration::from_secs(b.retry_budget_secs),
+        min_backoff: Duration::from_millis(b.min_backoff_ms),
+        max_backoff: Duration::from_millis(b.max_backoff_ms),
+        max_concurrency: b.max_concurrency,
+    }
+}
+
+/// Builds the configured bridge: the Apps Script client, or the embedded simulator and a client
+/// for it.
+pub async fn build_bridge(
+    settings: &Settings,
+) -> Result<(Arc<dyn Bridge>, Option<SimulatorHandle>), StartError> {
+    let secret = std::env::var(&settings.bridge.secret_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(Secret::new);
+    match settings.bridge.mode {
+        BridgeMode::AppsScript => {
+            let secret = secret.ok_or_else(|| {
+                StartError::Bridge(format!(
+                    "the bridge secret environment variable {} is not set",
+                    settings.bridge.secret_env
+                ))
+            })?;
+            let url = url::Url::parse(&settings.bridge.url)
+                .map_err(|e| StartError::Bridge(format!("bridge.url: {e}")))?;
+            let client = AppsScriptBridge::new(client_config(settings, url, secret))
+                .map_err(|e| StartError::Bridge(e.to_string()))?;
+            Ok((Arc::new(client), None))
+        }
+        BridgeMode::Simulator => {
+            let secret = secret.unwrap_or_else(Secret::random);
+            let mut cfg = SimulatorConfig::new(secret.clone());
+            cfg.latency = Duration::from_millis(settings.bridge.simulator_latency_ms);
+            let sim = simulator::start(cfg, ([127, 0, 0, 1], 0).into())
+                .await
+                .map_err(|e| StartError::Bridge(format!("simulator: {e}")))?;
+            tracing::info!(addr = %sim.addr(), "embedded bridge simulator listening");
+            let client = AppsScriptBridge::new(client_config(settings, sim.url(), secret))
+                .map_err(|e| StartError::Bridge(e.to_string()))?;
+            Ok((Arc::new(client), Some(sim)))
+        }
+    }
+}
+
+impl Poller {
+    /// Builds the poller from settings alone: policy file, rule judges, configured bridge.
+    pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
+        let policy = Policy::load(&settings.policy.file)?;
+        let panel = build_panel(&settings);
+        let (bridge, sim) = build_bridge(&settings).await?;
+        Ok(Self::new(settings, Arc::new(policy), panel, bridge, sim))
+    }
+
+    /// Builds the poller from parts (tests inject judges and bridges here).
+    pub fn new(
+        settings: Settings,
+        policy: Arc<Policy>,
+        panel: Panel,
+        bridge: Arc<dyn Bridge>,
+        simulator: Option<SimulatorHandle>,
+    ) -> Self {
+        let instance = settings.instance();
+        let pipeline = Pipeline {
+            limits: DecodeLimits {
+                max_payload_bytes: settings.intake.max_payload_bytes,
+            },
+            allow_unverified: settings.intake.allow_unverified_agents,
+            policy,
+            panel,
+            bridge,
+            instance: instance.clone(),
+        };
+        Self {
+            settings: Arc::new(settings),
+            pipeline: Arc::new(pipeline),
+            state: Arc::new(PollerState::default()),
+            instance,
+            _simulator: simulator,
+        }
+    }
+
+    pub fn state(&self) -> Arc<PollerState> {
+        self.state.clone()
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Runs until `shutdown` is cancelled, reconnecting after broker failures.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let a = &self.settings.amqp;
+        let mut backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+        tracing::info!(instance = %self.instance, broker = %crate::settings::redact_url(&a.url), "poller starting");
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let mut consumed_any = false;
+            match self.session(&shutdown, &mut consumed_any).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.state.connected.store(false, Ordering::SeqCst);
+                    if consumed_any {
+                        backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+                    }
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session ended; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connected session. `Ok` means an orderly shutdown; `Err` means reconnect.
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        consumed_any: &mut bool,
+    ) -> Result<(), SessionError> {
+        let s = &self.settings;
+        let t = &s.topology;
+        let consume_conn =
+            broker::connect(&s.amqp.url, &format!("{}-consume", s.amqp.connection_name)).await?;
+        let publish_conn = match broker::connect(
+            &s.amqp.url,
+            &format!("{}-publish", s.amqp.connection_name),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = consume_conn
+                    .close(200, "publisher connection failed".into())
+                    .await;
+                return Err(e.into());
+            }
+        };
+        let result = self
+            .consume(&consume_conn, &publish_conn, shutdown, consumed_any)
+            .await;
+        self.state.connected.store(false, Ordering::SeqCst);
+        // Closing requeues whatever is still unacked.
+        let _ = consume_conn
+            .close(200, "command-poller session end".into())
+            .await;
+        let _ = publish_conn
+            .close(200, "command-poller session end".into())
+            .await;
+        let _ = t;
+        result
+    }
+
+    async fn consume(
+        &self,
+        consume_conn: &lapin::Connection,
+        publish_conn: &lapin::Connection,
+        shutdown: &CancellationToken,
+        consumed_any: &mut bool,
+    ) -> Result<(), SessionError> {
+        let s = &self.settings;
+        let publisher = Publisher::open(publish_conn).await?;
+        let ch = consume_conn.create_channel().await?;
+        broker::declare(&ch, &s.topology).await?;
+        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
+            .await?;
+        let tag = format!("{}-{}", self.instance, uuid::Uuid::new_v4().simple());
+        let mut consumer = ch
+            .basic_consume(
+                s.topology.commands_queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.state.connected.store(true, Ordering::SeqCst);
+        tracing::info!(queue = %s.topology.commands_queue, prefetch = s.processing.max_in_flight, "consuming");
+
+        let broken = CancellationToken::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        *consumed_any = true;
+                        tasks.spawn(self.handle(delivery, publisher.clone(), broken.clone()));
+                    }
+                    Some(Err(e)) => break Err(SessionError::Broker(e.into())),
+                    None => break Err(SessionError::Lost("the broker cancelled the consumer".into())),
+                }
+            }
+        };
+        if outcome.is_ok() {
+            // Drain: stop deliveries, let in-flight commands finish within the drain timeout.
+            let _ = ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            let drain = Duration::from_secs(s.processing.drain_timeout_secs);
+            tracing::info!(
+                in_flight = tasks.len(),
+                timeout_s = drain.as_secs(),
+                "draining"
+            );
+            let drained =
+                tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+                    .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    left = tasks.len(),
+                    "drain timeout; unfinished commands go back to the queue"
+                );
+            }
+        }
+        // Lost session or drain timeout: whatever is unfinished is requeued when the channel
+        // closes; the bridge's action_id dedup makes the re-run safe.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        outcome
+    }
+
+    fn handle(
+        &self,
+        delivery: Delivery,
+        publisher: Publisher,
+        broken: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let pipeline = self.pipeline.clone();
+        let settings = self.settings.clone();
+        let state = self.state.clone();
+        async move {
+            state.in_flight.fetch_add(1, Ordering::SeqCst);
+            let _guard = Decrement(&state.in_flight);
+            let props = &delivery.properties;
+            let inbound = Inbound {
+                payload: delivery.data.clone(),
+                user_id: props.user_id().as_ref().map(|u| u.to_string()),
+                reply_to: props.reply_to().as_ref().map(|u| u.to_string()),
+                content_type: props.content_type().as_ref().map(|u| u.to_string()),
+                routing_key: delivery.routing_key.to_string(),
+                redelivered: delivery.redelivered,
+            };
+            let disposition = pipeline.process(&inbound).await;
+            match carry_out(&publisher, &settings, &inbound, &disposition).await {
+                Ok(()) => {
+                    state.processed.fetch_add(1, Ordering::SeqCst);
+                    match delivery.acker.ack(BasicAckOptions::default()).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("ack not sent (channel gone); expect a redelivery")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "ack failed; expect a redelivery"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not publish the outcome; the command is not acked");
+                    if e.is_connection() {
+                        broken.cancel();
+                        return;
+                    }
+                    // Message-level refusal (unroutable, nacked): retry later; the queue's
+                    // delivery limit dead-letters it if it never succeeds.
+                    tokio::time::sleep(Duration::from_millis(
+                        settings.processing.publish_failure_pause_ms,
+                    ))
+                    .await;
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
+                        broken.cancel();
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl From<lapin::Error> for SessionError {
+    fn from(e: lapin::Error) -> Self {
+        SessionError::Broker(e.into())
+    }
+}
+
+fn reconnect_backoff(min_ms: u64, max_ms: u64) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(min_ms))
+        .with_max_delay(Duration::from_millis(max_ms))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn header(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+}
+
+/// Publishes a disposition: dead letter, result, reply, alerts, each confirmed. A reply that
+/// can't be delivered is logged, not fatal: the confirmed result on the results exchange is the
+/// record, and the agent may have gone away.
+pub async fn carry_out(
+    publisher: &Publisher,
+    settings: &Settings,
+    inbound: &Inbound,
+    d: &Disposition,
+) -> Result<(), BrokerError> {
+    let t = &settings.topology;
+    let instance = d
+        .result
+        .as_ref()
+        .map(|r| r.poller_instance.clone())
+        .unwrap_or_default();
+    if let Some(dl) = &d.dead_letter {
+        let mut headers = FieldTable::default();
+        headers.insert("x-poller-reason".into(), header(&dl.reason));
+        headers.insert("x-poller-field".into(), header(&dl.field));
+        headers.insert(
+            "x-original-routing-key".into(),
+            header(&inbound.routing_key),
+        );
+        if let Some(u) = &inbound.user_id {
+            headers.insert("x-original-user-id".into(), header(u));
+        }
+        headers.insert("x-poller-instance".into(), header(&instance));
+        publisher
+            .publish(&Outgoing {
+                exchange: t.dead_letter_exchange.clone(),
+                routing_key: inbound.routing_key.clone(),
+                body: inbound.payload.clone(),
+                correlation_id: None,
+                message_type: "dead_letter",
+                headers: Some(headers),
+            })
+            .await?;
+    }
+    if let Some(result) = &d.result {
+        let body = serde_json::to_vec(result).expect("result serializes");
+        publisher
+            .publish(&Outgoing {
+                exchange: t.results_exchange.clone(),
+                routing_key: result.status.routing_key(),
+                body: body.clone(),
+                correlation_id: result.action_id.clone(),
+                message_type: "result",
+                headers: None,
+            })
+            .await?;
+        if let Some(queue) = d.reply.routing_key() {
+            let reply = Outgoing {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+                body,
+                correlation_id: result.action_id.clone(),
+                message_type: "result",
+                headers: None,
+            };
+            if let Err(e) = publisher.publish(&reply).await {
+                if e.is_connection() {
+                    return Err(e);
+                }
+                let kind = match d.reply {
+                    ReplyTarget::DirectReplyTo(_) => "direct reply-to",
+                    _ => "agent reply queue",
+                };
+                tracing::warn!(error = %e, kind, "reply not delivered; the result is on the results exchange");
+            }
+        }
+    }
+    for alert in &d.alerts {
+        publisher
+            .publish(&Outgoing {
+                exchange: t.alerts_exchange.clone(),
+                routing_key: alert.routing_key(),
+                body: serde_json::to_vec(alert).expect("alert serializes"),
+                correlation_id: alert.action_id.clone(),
+                message_type: "alert",
+                headers: None,
+            })
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! Configuration: `config/default.toml`, then `config/<APP_ENVIRONMENT>.toml` if present, then
+//! environment variables `POLLER__<SECTION>__<KEY>` (e.g. `POLLER__AMQP__URL`). Unknown keys
+//! are refused at every layer. Secrets are not in these files: they are read from the
+//! environment variables the files name, and never logged.
+
+use crate::judging::rules::RuleSet;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// This replica's name in results and logs; empty means `<hostname>-<pid>`.
+    #[serde(default)]
+    pub instance_id: String,
+    pub amqp: AmqpSettings,
+    pub topology: TopologySettings,
+    pub intake: IntakeSettings,
+    pub processing: ProcessingSettings,
+    pub policy: PolicySettings,
+    pub panel: PanelSettings,
+    pub bridge: BridgeSettings,
+    pub logging: LoggingSettings,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost`. Holds a password: never logged.
+    pub url: String,
+    /// Connection name shown in the broker's management tools.
+    pub connection_name: String,
+    /// Reconnect backoff bounds, in milliseconds.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact_url(&self.url))
+            .field("connection_name", &self.connection_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `amqp://user:***@host/vhost`: safe to log.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologySettings {
+    /// Topic exchange agents publish commands to.
+    pub commands_exchange: String,
+    /// Durable quorum queue the poller consumes.
+    pub commands_queue: String,
+    /// Binding of the commands queue to the commands exchange.
+    pub commands_binding: String,
+    /// Fanout exchange dead letters go through (undecodable commands, delivery limit exceeded).
+    pub dead_letter_exchange: String,
+    /// Durable quorum queue holding dead letters for humans.
+    pub dead_letter_queue: String,
+    /// Deliveries of one command before the broker dead-letters it (x-delivery-limit).
+    pub delivery_limit: u32,
+    /// Topic exchange for results, routing key `result.<status>`.
+    pub results_exchange: String,
+    /// Topic exchange for alerts, routing key `<team>.<priority>`.
+    pub alerts_exchange: String,
+    /// Durable queue bound to the results exchange with `result.#`, so results always have a
+    /// home (publishes are mandatory: an unroutable result is a failure). Empty: declare none.
+    pub results_queue: String,
+    /// Teams whose alert queue `<alerts_exchange>.<team>` (bound `<team>.*`) the poller declares.
+    pub alert_teams: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeSettings {
+    /// Payloads above this many bytes are refused.
+    pub max_payload_bytes: usize,
+    /// Accept commands without the AMQP user_id, attributing them to the payload's agent_id,
+    /// marked unverified. Off by default: identity comes from the broker.
+    pub allow_unverified_agents: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingSettings {
+    /// Commands processed concurrently; also the consumer prefetch.
+    pub max_in_flight: u16,
+    /// On SIGTERM, how long in-flight commands may take to finish before the poller exits
+    /// (unfinished ones go back to the queue).
+    pub drain_timeout_secs: u64,
+    /// Wait before requeueing a command whose result could not be published.
+    pub publish_failure_pause_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Path of the policy file, relative to the working directory.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PanelSettings {
+    /// Judges that must actually answer (approve or deny) for an approval to count.
+    pub quorum: usize,
+    pub judges: Vec<JudgeSettings>,
+}
+
+/// One judge of the panel, by kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JudgeSettings {
+    /// A built-in rule-based judge.
+    Rules {
+        name: String,
+        /// How long this judge may deliberate; past it, it counts as unavailable.
+        timeout_ms: u64,
+        rules: RuleSet,
+    },
+}
+
+impl JudgeSettings {
+    pub fn name(&self) -> &str {
+        match self {
+            JudgeSettings::Rules { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeMode {
+    /// Start the in-process simulator on a loopback port and use it.
+    Simulator,
+    /// Call the deployed Apps Script web app at `url`.
+    AppsScript,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSettings {
+    pub mode: BridgeMode,
+    /// The web app's `/exec` URL (mode `apps_script`).
+    #[serde(default)]
+    pub url: String,
+    /// Environment variable holding the shared HMAC secret.
+    pub secret_env: String,
+    pub request_timeout_secs: u64,
+    pub retry_budget_secs: u64,
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_concurrency: usize,
+    /// Simulated execution time (mode `simulator`).
+    pub simulator_latency_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSettings {
+    pub format: LogFormat,
+    /// tracing EnvFilter directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads `dir/default.toml`, `dir/<APP_ENVIRONMENT>.toml` and `POLLER__*` overrides.
+    pub fn load(dir: &Path) -> Result<Self, SettingsError> {
+        let env = std::env::var("APP_ENVIRONMENT").unwrap_or_else(|_| "local".into());
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")))
+            .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))
+            .add_source(
+                config::Environment::with_prefix("POLLER")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<(), SettingsError> {
+        let bad = |m: String| Err(SettingsError::Invalid(m));
+        if self.processing.max_in_flight == 0 {
+            return bad(
+                "processing.max_in_flight: must be at least 1 (0 would mean unlimited prefetch)"
+                    .into(),
+            );
+        }
+        if self.topology.delivery_limit == 0 {
+            return bad("topology.delivery_limit: must be at least 1".into());
+        }
+        if self.bridge.mode == BridgeMode::AppsScript && url::Url::parse(&self.bridge.url).is_err()
+        {
+            return bad(format!(
+                "bridge.url: {:?} is not a URL (required with mode apps_script)",
+                self.bridge.url
+            ));
+        }
+        if self.bridge.request_timeout_secs == 0 || self.bridge.request_timeout_secs >= 360 {
+            return bad("bridge.request_timeout_secs: must be between 1 and 359 (Apps Script stops executions at 6 minutes)".into());
+        }
+        if self.bridge.max_concurrency == 0 {
+            return bad("bridge.max_concurrency: must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for j in &self.panel.judges {
+            if !names.insert(j.name()) {
+                return bad(format!(
+                    "panel.judges: judge name {:?} appears twice",
+                    j.name()
+                ));
+            }
+        }
+        if self.panel.quorum > self.panel.judges.len() {
+            return bad(format!(
+                "panel.quorum: {} is more than the {} configured judges",
+                self.panel.quorum,
+                self.panel.judges.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "poller".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
