@@ -1,0 +1,399 @@
+//! Test harness: the real poller (in-process, from the library) against the real RabbitMQ on
+//! 127.0.0.1:5672, with its own randomly suffixed exchanges and queues (deleted on drop), the
+//! bridge simulator on 127.0.0.1:0, and scripted judges where a test needs them.
+#![allow(dead_code)]
+
+use command_poller::bridge::signing::Secret;
+use command_poller::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
+use command_poller::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
+use command_poller::broker;
+use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
+use command_poller::outcome::{Alert, ResultMessage};
+use command_poller::poller::{build_panel, Poller};
+use command_poller::policy::Policy;
+use command_poller::settings::Settings;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub fn suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+/// Default settings with every broker name made unique to this test.
+pub fn test_settings(sfx: &str) -> Settings {
+    let mut s = Settings::load(Path::new("config")).expect("config/default.toml loads");
+    let t = &mut s.topology;
+    t.commands_exchange = format!("t.{sfx}.commands");
+    t.commands_queue = format!("t.{sfx}.commands");
+    t.dead_letter_exchange = format!("t.{sfx}.dlx");
+    t.dead_letter_queue = format!("t.{sfx}.dead");
+    t.results_exchange = format!("t.{sfx}.results");
+    t.alerts_exchange = format!("t.{sfx}.alerts");
+    t.results_queue = format!("t.{sfx}.results");
+    s.amqp.connection_name = format!("poller-{sfx}");
+    s.amqp.reconnect_min_ms = 50;
+    s.amqp.reconnect_max_ms = 500;
+    s.instance_id = format!("test-{sfx}");
+    s.processing.publish_failure_pause_ms = 50;
+    s.processing.drain_timeout_secs = 10;
+    s.bridge.min_backoff_ms = 20;
+    s.bridge.max_backoff_ms = 200;
+    s.bridge.retry_budget_secs = 5;
+    s.bridge.request_timeout_secs = 5;
+    s
+}
+
+/// Every queue and exchange name a settings value uses.
+fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
+    let t = &s.topology;
+    let mut queues = vec![t.commands_queue.clone(), t.dead_letter_queue.clone(), t.results_queue.clone()];
+    queues.extend(t.alert_teams.iter().map(|team| format!("{}.{team}", t.alerts_exchange)));
+    let exchanges = vec![
+        t.commands_exchange.clone(),
+        t.dead_letter_exchange.clone(),
+        t.results_exchange.clone(),
+        t.alerts_exchange.clone(),
+    ];
+    (queues, exchanges)
+}
+
+/// Deletes the test's broker objects when dropped, even after a panic.
+pub struct Cleanup(pub Settings);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (queues, exchanges) = names(&self.0);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(AMQP, Default::default()).await else { return };
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                }
+                for e in exchanges {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+                    }
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// What a judge in a test does.
+#[derive(Clone)]
+pub enum Script {
+    Approve,
+    Deny,
+    Fail,
+    Hang,
+}
+
+pub struct ScriptedJudge {
+    pub name: String,
+    pub script: Script,
+    pub delay: Duration,
+}
+
+impl Judge for ScriptedJudge {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            match self.script {
+                Script::Approve => Ok(Verdict::Approve { reason: format!("{} approves", self.name) }),
+                Script::Deny => Ok(Verdict::Deny { reason: format!("{} denies", self.name) }),
+                Script::Fail => Err(JudgeError::Transport("scripted failure".into())),
+                Script::Hang => {
+                    futures::future::pending::<()>().await;
+                    unreachable!()
+                }
+            }
+        })
+    }
+}
+
+pub fn scripted_panel(judges: Vec<(&str, Script, u64)>, timeout: Duration, quorum: usize) -> Panel {
+    Panel::new(
+        judges
+            .into_iter()
+            .map(|(n, s, ms)| {
+                (
+                    Arc::new(ScriptedJudge { name: n.into(), script: s, delay: Duration::from_millis(ms) }) as Arc<dyn Judge>,
+                    timeout,
+                )
+            })
+            .collect(),
+        quorum,
+    )
+}
+
+/// A received message, with the properties tests look at.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: Option<FieldTable>,
+    pub correlation_id: Option<String>,
+    pub delivery_mode: Option<u8>,
+}
+
+impl Received {
+    pub fn header(&self, k: &str) -> Option<String> {
+        self.headers.as_ref()?.inner().iter().find(|(key, _)| key.as_str() == k).map(|(_, v)| match v {
+            AMQPValue::LongString(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct Inbox {
+    pub results: Vec<(Received, ResultMessage)>,
+    pub alerts: Vec<(Received, Alert)>,
+    pub dead: Vec<Received>,
+}
+
+pub struct Harness {
+    pub settings: Settings,
+    pub sim: Arc<SimulatorHandle>,
+    pub inbox: Arc<Mutex<Inbox>>,
+    pub agent: Channel,
+    pub agent_conn: Connection,
+    pub shutdown: CancellationToken,
+    pub poller_task: Option<tokio::task::JoinHandle<()>>,
+    pub poller_state: Arc<command_poller::poller::PollerState>,
+    pub secret: Secret,
+    _cleanup: Cleanup,
+}
+
+pub struct Options {
+    pub panel: Option<Panel>,
+    pub sim_latency: Duration,
+    pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
+    pub start_poller: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { panel: None, sim_latency: Duration::ZERO, tweak: Box::new(|_| {}), start_poller: true }
+    }
+}
+
+pub fn bridge_client(settings: &Settings, sim: &SimulatorHandle, secret: Secret) -> Arc<dyn Bridge> {
+    let b = &settings.bridge;
+    Arc::new(
+        AppsScriptBridge::new(BridgeClientConfig {
+            url: sim.url(),
+            secret,
+            request_timeout: Duration::from_secs(b.request_timeout_secs),
+            retry_budget: Duration::from_secs(b.retry_budget_secs),
+            min_backoff: Duration::from_millis(b.min_backoff_ms),
+            max_backoff: Duration::from_millis(b.max_backoff_ms),
+            max_concurrency: b.max_concurrency,
+        })
+        .unwrap(),
+    )
+}
+
+async fn collect(ch: Channel, queue: String, inbox: Arc<Mutex<Inbox>>, kind: u8) {
+    let mut c = ch
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("consume test queue");
+    while let Some(Ok(d)) = c.next().await {
+        let r = Received {
+            routing_key: d.routing_key.to_string(),
+            body: d.data.clone(),
+            headers: d.properties.headers().clone(),
+            correlation_id: d.properties.correlation_id().as_ref().map(|c| c.to_string()),
+            delivery_mode: *d.properties.delivery_mode(),
+        };
+        let mut inbox = inbox.lock().unwrap();
+        match kind {
+            0 => {
+                let m: ResultMessage = serde_json::from_slice(&d.data).expect("result parses");
+                inbox.results.push((r, m));
+            }
+            1 => {
+                let a: Alert = serde_json::from_slice(&d.data).expect("alert parses");
+                inbox.alerts.push((r, a));
+            }
+            _ => inbox.dead.push(r),
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start(opts: Options) -> Harness {
+        let sfx = suffix();
+        let mut settings = test_settings(&sfx);
+        (opts.tweak)(&mut settings);
+        let cleanup = Cleanup(settings.clone());
+        let secret = Secret::new(format!("test-secret-{sfx}"));
+        let mut cfg = SimulatorConfig::new(secret.clone());
+        cfg.latency = opts.sim_latency;
+        let sim = Arc::new(simulator::start(cfg, ([127, 0, 0, 1], 0).into()).await.unwrap());
+
+        // Declare the topology first so the collectors can bind before the poller starts.
+        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        broker::declare(&ch, &settings.topology).await.unwrap();
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let t = &settings.topology;
+        tokio::spawn(collect(conn.create_channel().await.unwrap(), t.results_queue.clone(), inbox.clone(), 0));
+        for team in &t.alert_teams {
+            tokio::spawn(collect(conn.create_channel().await.unwrap(), format!("{}.{team}", t.alerts_exchange), inbox.clone(), 1));
+        }
+        tokio::spawn(collect(conn.create_channel().await.unwrap(), t.dead_letter_queue.clone(), inbox.clone(), 2));
+
+        let agent_conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let agent = agent_conn.create_channel().await.unwrap();
+        agent.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+
+        let mut h = Harness {
+            settings,
+            sim,
+            inbox,
+            agent,
+            agent_conn,
+            shutdown: CancellationToken::new(),
+            poller_task: None,
+            poller_state: Arc::new(Default::default()),
+            secret: secret.clone(),
+            _cleanup: cleanup,
+        };
+        if opts.start_poller {
+            h.start_poller(opts.panel, secret).await;
+        }
+        h
+    }
+
+    pub fn poller(&self, panel: Option<Panel>, secret: Secret) -> Poller {
+        let policy = Arc::new(Policy::load(&self.settings.policy.file).unwrap());
+        let panel = panel.unwrap_or_else(|| build_panel(&self.settings));
+        let bridge = bridge_client(&self.settings, &self.sim, secret);
+        Poller::new(self.settings.clone(), policy, panel, bridge, None)
+    }
+
+    pub async fn start_poller(&mut self, panel: Option<Panel>, secret: Secret) {
+        let poller = self.poller(panel, secret);
+        self.poller_state = poller.state();
+        let token = self.shutdown.clone();
+        self.poller_task = Some(tokio::spawn(async move { poller.run(token).await }));
+    }
+
+    /// Publishes like an agent: user_id guest (the test connection's user) unless overridden.
+    pub async fn publish(&self, payload: &[u8], props: BasicProperties) {
+        let key = command_poller::agent::routing_key_for(payload);
+        let c = self
+            .agent
+            .basic_publish(
+                self.settings.topology.commands_exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                payload,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(matches!(c, lapin::Confirmation::Ack(None)), "command not routed: {c:?}");
+    }
+
+    pub async fn send(&self, payload: &serde_json::Value) {
+        self.publish(
+            payload.to_string().as_bytes(),
+            BasicProperties::default().with_user_id("guest".into()).with_content_type("application/json".into()),
+        )
+        .await
+    }
+
+    pub async fn wait_until<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Inbox) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(&self.inbox.lock().unwrap()) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let inbox = self.inbox.lock().unwrap();
+                panic!(
+                    "timed out waiting for {what}; have {} results, {} alerts, {} dead letters: {:?}",
+                    inbox.results.len(),
+                    inbox.alerts.len(),
+                    inbox.dead.len(),
+                    inbox.results.iter().map(|(_, r)| (&r.action_id, r.status)).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn result(&self, action_id: &str) -> ResultMessage {
+        self.wait_until(&format!("result of {action_id}"), Duration::from_secs(20), |i| {
+            i.results.iter().find(|(_, r)| r.action_id.as_deref() == Some(action_id)).map(|(_, r)| r.clone())
+        })
+        .await
+    }
+
+    pub fn results_for(&self, action_id: &str) -> usize {
+        self.inbox.lock().unwrap().results.iter().filter(|(_, r)| r.action_id.as_deref() == Some(action_id)).count()
+    }
+
+    pub fn alerts_for(&self, action_id: &str) -> Vec<(Received, Alert)> {
+        self.inbox.lock().unwrap().alerts.iter().filter(|(_, a)| a.action_id.as_deref() == Some(action_id)).cloned().collect()
+    }
+
+    /// Messages ready in the commands queue (passive declare).
+    pub async fn queue_depth(&self) -> u32 {
+        let ch = self.agent_conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                self.settings.topology.commands_queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.poller_task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t).await.expect("poller stops").unwrap();
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn cmd(action_id: &str, command_type: &str, service: &str, severity: &str) -> serde_json::Value {
+    serde_json::json!({
+        "action_id": action_id,
+        "command_type": command_type,
+        "params": {"service": service},
+        "severity": severity,
+    })
+}
