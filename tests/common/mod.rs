@@ -397,3 +397,8 @@ pub fn cmd(action_id: &str, command_type: &str, service: &str, severity: &str) -
         "severity": severity,
     })
 }
+
+/// Gives a stray message time to arrive before a test asserts that none did.
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
