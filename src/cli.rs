@@ -106,8 +106,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(&settings, cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
+            let listen = settings.health.listen;
             let poller = crate::poller::Poller::from_settings(settings).await?;
             let shutdown = CancellationToken::new();
+            let health = crate::health::serve(
+                listen,
+                poller.state(),
+                poller.instance().to_owned(),
+                shutdown.clone(),
+            )
+            .await
+            .with_context(|| format!("binding the health endpoint on {listen}"))?;
+            tracing::info!(addr = %health, "health endpoint listening");
             tokio::spawn(watch_signals(shutdown.clone()));
             poller.run(shutdown).await;
             tracing::info!("poller stopped");

@@ -21,6 +21,7 @@ pub struct Settings {
     pub panel: PanelSettings,
     pub bridge: BridgeSettings,
     pub logging: LoggingSettings,
+    pub health: HealthSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -181,6 +182,13 @@ pub struct LoggingSettings {
     pub format: LogFormat,
     /// tracing EnvFilter directive; `RUST_LOG` overrides it.
     pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Address of the health endpoint (/healthz, /readyz, /status); port 0 picks a free one.
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -19,12 +19,25 @@ async fn commands_are_processed_concurrently_up_to_max_in_flight() {
     .await;
     let t0 = Instant::now();
     for i in 0..16 {
-        h.send(&cmd(&format!("conc-{i}"), "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+        h.send(&cmd(
+            &format!("conc-{i}"),
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
     }
-    h.wait_until("16 results", Duration::from_secs(20), |i| (i.results.len() >= 16).then_some(())).await;
+    h.wait_until("16 results", Duration::from_secs(20), |i| {
+        (i.results.len() >= 16).then_some(())
+    })
+    .await;
     let calls = h.sim.calls();
     assert!(calls.max_concurrent > 1, "processed one by one");
-    assert!(calls.max_concurrent <= 8, "more in flight than max_in_flight: {}", calls.max_concurrent);
+    assert!(
+        calls.max_concurrent <= 8,
+        "more in flight than max_in_flight: {}",
+        calls.max_concurrent
+    );
     // One by one would take 16 x 300 ms.
     assert!(t0.elapsed() < Duration::from_millis(16 * 300));
     for i in 0..16 {
@@ -34,13 +47,19 @@ async fn commands_are_processed_concurrently_up_to_max_in_flight() {
 
 /// Closes this test's poller connections from the broker side, as a broker restart would.
 fn close_connections(name_prefix: &str) -> usize {
-    let out = Command::new("rabbitmqctl").args(["list_connections", "pid", "client_properties"]).output().expect("rabbitmqctl runs");
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
     for line in text.lines() {
         if line.contains(&format!("\"connection_name\",\"{name_prefix}")) {
             let pid = line.split('\t').next().unwrap();
-            let st = Command::new("rabbitmqctl").args(["close_connection", pid, "test: simulated broker failure"]).status().unwrap();
+            let st = Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test: simulated broker failure"])
+                .status()
+                .unwrap();
             assert!(st.success());
             closed += 1;
         }
@@ -51,26 +70,59 @@ fn close_connections(name_prefix: &str) -> usize {
 #[tokio::test]
 async fn the_poller_reconnects_after_the_broker_drops_its_connections() {
     let h = Harness::start(Options::default()).await;
-    h.send(&cmd("before-drop-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.send(&cmd(
+        "before-drop-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     assert_eq!(h.result("before-drop-1").await.status, Status::Success);
     let name = h.settings.amqp.connection_name.clone();
-    let closed = tokio::task::spawn_blocking(move || close_connections(&name)).await.unwrap();
+    let closed = tokio::task::spawn_blocking(move || close_connections(&name))
+        .await
+        .unwrap();
     assert_eq!(closed, 2, "consume and publish connections");
     // Commands sent while it is down wait in the queue and are processed after the reconnect.
     for i in 0..5 {
-        h.send(&cmd(&format!("after-drop-{i}"), "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+        h.send(&cmd(
+            &format!("after-drop-{i}"),
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
     }
     for i in 0..5 {
-        assert_eq!(h.result(&format!("after-drop-{i}")).await.status, Status::Success);
+        assert_eq!(
+            h.result(&format!("after-drop-{i}")).await.status,
+            Status::Success
+        );
     }
-    assert!(h.poller_state.connected.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(h
+        .poller_state
+        .connected
+        .load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_commands() {
-    let mut h = Harness::start(Options { sim_latency: Duration::from_millis(1500), ..Default::default() }).await;
-    h.send(&cmd("drain-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
-    h.wait_until("the bridge call to start", Duration::from_secs(10), |_| (h.sim.posts("drain-1") == 1).then_some(())).await;
+    let mut h = Harness::start(Options {
+        sim_latency: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    h.send(&cmd(
+        "drain-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
+    h.wait_until("the bridge call to start", Duration::from_secs(10), |_| {
+        (h.sim.posts("drain-1") == 1).then_some(())
+    })
+    .await;
     h.stop().await;
     // It finished and published before the poller returned, and the command was acked.
     let r = h.result("drain-1").await;
@@ -82,7 +134,13 @@ async fn shutdown_drains_in_flight_commands() {
 async fn commands_arriving_after_shutdown_stay_queued() {
     let mut h = Harness::start(Options::default()).await;
     h.stop().await;
-    h.send(&cmd("after-stop-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.send(&cmd(
+        "after-stop-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     settle().await;
     assert_eq!(h.queue_depth().await, 1);
     assert_eq!(h.results_for("after-stop-1"), 0);
@@ -101,7 +159,10 @@ async fn an_unpublishable_result_dead_letters_the_command_after_the_delivery_lim
     .await;
     // The poller binds at connect: unbind after that.
     h.wait_until("the poller to connect", Duration::from_secs(10), |_| {
-        h.poller_state.connected.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+        h.poller_state
+            .connected
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(())
     })
     .await;
     let ch = h.agent_conn.create_channel().await.unwrap();
@@ -113,14 +174,29 @@ async fn an_unpublishable_result_dead_letters_the_command_after_the_delivery_lim
     )
     .await
     .unwrap();
-    let c = cmd("unroutable-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW");
+    let c = cmd(
+        "unroutable-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    );
     h.send(&c).await;
     let dead = h
-        .wait_until("the command in the dead-letter queue", Duration::from_secs(30), |i| {
-            i.dead.iter().find(|d| d.body == c.to_string().as_bytes()).cloned()
-        })
+        .wait_until(
+            "the command in the dead-letter queue",
+            Duration::from_secs(30),
+            |i| {
+                i.dead
+                    .iter()
+                    .find(|d| d.body == c.to_string().as_bytes())
+                    .cloned()
+            },
+        )
         .await;
-    assert_eq!(dead.header("x-first-death-reason").as_deref(), Some("delivery_limit"));
+    assert_eq!(
+        dead.header("x-first-death-reason").as_deref(),
+        Some("delivery_limit")
+    );
     assert_eq!(h.queue_depth().await, 0);
     // Bridge dedup: the action ran once however often it was redelivered.
     assert_eq!(h.sim.executions("unroutable-1"), 1);
@@ -129,10 +205,17 @@ async fn an_unpublishable_result_dead_letters_the_command_after_the_delivery_lim
 #[tokio::test]
 async fn bridge_connection_refused_is_retried_then_failed() {
     // Point the poller at a port nobody listens on.
-    let mut h = Harness::start(Options { start_poller: false, tweak: Box::new(|s| s.bridge.retry_budget_secs = 1), ..Default::default() }).await;
-    let policy = std::sync::Arc::new(command_poller::policy::Policy::load(&h.settings.policy.file).unwrap());
+    let mut h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        ..Default::default()
+    })
+    .await;
+    let policy =
+        std::sync::Arc::new(command_poller::policy::Policy::load(&h.settings.policy.file).unwrap());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = url::Url::parse(&format!("http://{}/exec", listener.local_addr().unwrap())).unwrap();
+    let dead_url =
+        url::Url::parse(&format!("http://{}/exec", listener.local_addr().unwrap())).unwrap();
     drop(listener);
     let bridge = std::sync::Arc::new(
         command_poller::bridge::AppsScriptBridge::new(command_poller::bridge::BridgeClientConfig {
@@ -146,10 +229,22 @@ async fn bridge_connection_refused_is_retried_then_failed() {
         })
         .unwrap(),
     );
-    let poller = command_poller::poller::Poller::new(h.settings.clone(), policy, command_poller::poller::build_panel(&h.settings), bridge, None);
+    let poller = command_poller::poller::Poller::new(
+        h.settings.clone(),
+        policy,
+        command_poller::poller::build_panel(&h.settings),
+        bridge,
+        None,
+    );
     let token = h.shutdown.clone();
     h.poller_task = Some(tokio::spawn(async move { poller.run(token).await }));
-    h.send(&cmd("refused-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.send(&cmd(
+        "refused-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("refused-1").await;
     assert_eq!(r.status, Status::Failed);
     let b = r.bridge.unwrap();

@@ -14,7 +14,15 @@ fn refresh(id: &str) -> serde_json::Value {
 #[tokio::test]
 async fn panel_split_two_to_one_approves() {
     let h = Harness::start(Options {
-        panel: Some(scripted_panel(vec![("security", Script::Approve, 0), ("compliance", Script::Deny, 0), ("business", Script::Approve, 20)], Duration::from_secs(2), 2)),
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Approve, 0),
+                ("compliance", Script::Deny, 0),
+                ("business", Script::Approve, 20),
+            ],
+            Duration::from_secs(2),
+            2,
+        )),
         ..Default::default()
     })
     .await;
@@ -28,22 +36,49 @@ async fn panel_split_two_to_one_approves() {
 #[tokio::test]
 async fn panel_split_one_to_two_needs_approval() {
     let h = Harness::start(Options {
-        panel: Some(scripted_panel(vec![("security", Script::Deny, 0), ("compliance", Script::Approve, 0), ("business", Script::Deny, 20)], Duration::from_secs(2), 2)),
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Deny, 0),
+                ("compliance", Script::Approve, 0),
+                ("business", Script::Deny, 20),
+            ],
+            Duration::from_secs(2),
+            2,
+        )),
         ..Default::default()
     })
     .await;
     h.send(&refresh("split-deny-1")).await;
     let r = h.result("split-deny-1").await;
     assert_eq!(r.status, Status::NeedsApproval);
-    let votes: Vec<_> = r.judges.iter().map(|j| (j.name.as_str(), j.verdict)).collect();
-    assert_eq!(votes, [("security", Vote::Deny), ("compliance", Vote::Approve), ("business", Vote::Deny)]);
+    let votes: Vec<_> = r
+        .judges
+        .iter()
+        .map(|j| (j.name.as_str(), j.verdict))
+        .collect();
+    assert_eq!(
+        votes,
+        [
+            ("security", Vote::Deny),
+            ("compliance", Vote::Approve),
+            ("business", Vote::Deny)
+        ]
+    );
     assert_eq!(h.sim.calls().posts.len(), 0);
 }
 
 #[tokio::test]
 async fn a_judge_that_times_out_is_unavailable_not_denied() {
     let h = Harness::start(Options {
-        panel: Some(scripted_panel(vec![("security", Script::Approve, 0), ("compliance", Script::Hang, 0), ("business", Script::Deny, 0)], Duration::from_millis(300), 2)),
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Approve, 0),
+                ("compliance", Script::Hang, 0),
+                ("business", Script::Deny, 0),
+            ],
+            Duration::from_millis(300),
+            2,
+        )),
         ..Default::default()
     })
     .await;
@@ -59,14 +94,25 @@ async fn a_judge_that_times_out_is_unavailable_not_denied() {
 #[tokio::test]
 async fn the_panel_stops_waiting_once_the_majority_is_in() {
     let h = Harness::start(Options {
-        panel: Some(scripted_panel(vec![("security", Script::Approve, 0), ("compliance", Script::Approve, 30), ("business", Script::Hang, 0)], Duration::from_secs(30), 2)),
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Approve, 0),
+                ("compliance", Script::Approve, 30),
+                ("business", Script::Hang, 0),
+            ],
+            Duration::from_secs(30),
+            2,
+        )),
         ..Default::default()
     })
     .await;
     let t0 = Instant::now();
     h.send(&refresh("fast-majority-1")).await;
     let r = h.result("fast-majority-1").await;
-    assert!(t0.elapsed() < Duration::from_secs(10), "waited for the hanging judge");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "waited for the hanging judge"
+    );
     assert_eq!(r.status, Status::Success);
     let b = r.judges.iter().find(|j| j.name == "business").unwrap();
     assert_eq!(b.verdict, Vote::Skipped);
@@ -75,27 +121,54 @@ async fn the_panel_stops_waiting_once_the_majority_is_in() {
 #[tokio::test]
 async fn failing_judges_count_as_not_approving() {
     let h = Harness::start(Options {
-        panel: Some(scripted_panel(vec![("security", Script::Approve, 0), ("compliance", Script::Fail, 0), ("business", Script::Fail, 0)], Duration::from_secs(2), 2)),
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Approve, 0),
+                ("compliance", Script::Fail, 0),
+                ("business", Script::Fail, 0),
+            ],
+            Duration::from_secs(2),
+            2,
+        )),
         ..Default::default()
     })
     .await;
     h.send(&refresh("fail-1")).await;
     let r = h.result("fail-1").await;
     assert_eq!(r.status, Status::NeedsApproval);
-    assert_eq!(r.judges.iter().filter(|j| j.verdict == Vote::Unavailable).count(), 2);
+    assert_eq!(
+        r.judges
+            .iter()
+            .filter(|j| j.verdict == Vote::Unavailable)
+            .count(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn bridge_html_error_page_fails_with_the_page_message_and_alerts_ops() {
     let h = Harness::start(Options::default()).await;
-    h.sim.fail_next_posts([Fault::Html { message: "Authorization is required to perform that action.".into() }]);
+    h.sim.fail_next_posts([Fault::Html {
+        message: "Authorization is required to perform that action.".into(),
+    }]);
     h.send(&refresh("html-1")).await;
     let r = h.result("html-1").await;
     assert_eq!(r.status, Status::Failed);
-    assert!(r.rationale.contains("Authorization is required"), "{}", r.rationale);
+    assert!(
+        r.rationale.contains("Authorization is required"),
+        "{}",
+        r.rationale
+    );
     let b = r.bridge.unwrap();
     assert_eq!(b.attempts, 1, "an authorization page is not retried");
-    let alert = h.wait_until("ops alert", Duration::from_secs(10), |i| i.alerts.iter().find(|(_, a)| a.action_id.as_deref() == Some("html-1")).cloned()).await;
+    let alert = h
+        .wait_until("ops alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.action_id.as_deref() == Some("html-1"))
+                .cloned()
+        })
+        .await;
     assert_eq!(alert.0.routing_key, "ops.normal");
     assert_eq!(alert.1.status, Status::Failed);
 }
@@ -103,8 +176,15 @@ async fn bridge_html_error_page_fails_with_the_page_message_and_alerts_ops() {
 #[tokio::test]
 async fn bridge_500_then_success_retries_the_post_and_executes_once() {
     let h = Harness::start(Options::default()).await;
-    h.sim.fail_next_posts([Fault::Status { code: 500 }, Fault::Status { code: 503 }]);
-    h.send(&cmd("retry-500-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.sim
+        .fail_next_posts([Fault::Status { code: 500 }, Fault::Status { code: 503 }]);
+    h.send(&cmd(
+        "retry-500-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("retry-500-1").await;
     assert_eq!(r.status, Status::Success, "{}", r.rationale);
     assert_eq!(r.bridge.unwrap().attempts, 3);
@@ -116,20 +196,41 @@ async fn bridge_500_then_success_retries_the_post_and_executes_once() {
 async fn a_302_whose_get_fails_once_repeats_only_the_get() {
     let h = Harness::start(Options::default()).await;
     h.sim.fail_next_gets([Fault::Status { code: 502 }]);
-    h.send(&cmd("get-fails-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.send(&cmd(
+        "get-fails-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("get-fails-1").await;
     assert_eq!(r.status, Status::Success, "{}", r.rationale);
-    assert_eq!(h.sim.posts("get-fails-1"), 1, "the POST reached the bridge exactly once");
+    assert_eq!(
+        h.sim.posts("get-fails-1"),
+        1,
+        "the POST reached the bridge exactly once"
+    );
     assert_eq!(h.sim.executions("get-fails-1"), 1);
     assert_eq!(h.sim.calls().gets, 2);
 }
 
 #[tokio::test]
 async fn bridge_retries_stop_at_the_budget_and_the_result_is_failed() {
-    let h = Harness::start(Options { tweak: Box::new(|s| s.bridge.retry_budget_secs = 1), ..Default::default() }).await;
-    h.sim.fail_next_posts((0..200).map(|_| Fault::Status { code: 500 }));
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        ..Default::default()
+    })
+    .await;
+    h.sim
+        .fail_next_posts((0..200).map(|_| Fault::Status { code: 500 }));
     let t0 = Instant::now();
-    h.send(&cmd("exhausted-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.send(&cmd(
+        "exhausted-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("exhausted-1").await;
     assert!(t0.elapsed() < Duration::from_secs(8));
     assert_eq!(r.status, Status::Failed);
@@ -142,9 +243,20 @@ async fn bridge_retries_stop_at_the_budget_and_the_result_is_failed() {
 #[tokio::test]
 async fn the_bridge_refuses_a_bad_signature() {
     // A poller holding the wrong secret gets the bridge's refusal, not an execution.
-    let mut h = Harness::start(Options { start_poller: false, ..Default::default() }).await;
-    h.start_poller(None, command_poller::bridge::signing::Secret::new("wrong")).await;
-    h.send(&cmd("bad-sig-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    let mut h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    h.start_poller(None, command_poller::bridge::signing::Secret::new("wrong"))
+        .await;
+    h.send(&cmd(
+        "bad-sig-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("bad-sig-1").await;
     assert_eq!(r.status, Status::Failed);
     assert!(r.rationale.contains("bad signature"), "{}", r.rationale);

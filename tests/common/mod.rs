@@ -9,8 +9,8 @@ use command_poller::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
 use command_poller::broker;
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::{Alert, ResultMessage};
-use command_poller::poller::{build_panel, Poller};
 use command_poller::policy::Policy;
+use command_poller::poller::{build_panel, Poller};
 use command_poller::settings::Settings;
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -55,8 +55,16 @@ pub fn test_settings(sfx: &str) -> Settings {
 /// Every queue and exchange name a settings value uses.
 fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
     let t = &s.topology;
-    let mut queues = vec![t.commands_queue.clone(), t.dead_letter_queue.clone(), t.results_queue.clone()];
-    queues.extend(t.alert_teams.iter().map(|team| format!("{}.{team}", t.alerts_exchange)));
+    let mut queues = vec![
+        t.commands_queue.clone(),
+        t.dead_letter_queue.clone(),
+        t.results_queue.clone(),
+    ];
+    queues.extend(
+        t.alert_teams
+            .iter()
+            .map(|team| format!("{}.{team}", t.alerts_exchange)),
+    );
     let exchanges = vec![
         t.commands_exchange.clone(),
         t.dead_letter_exchange.clone(),
@@ -73,17 +81,26 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let (queues, exchanges) = names(&self.0);
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
-                let Ok(conn) = Connection::connect(AMQP, Default::default()).await else { return };
+                let Ok(conn) = Connection::connect(AMQP, Default::default()).await else {
+                    return;
+                };
                 for q in queues {
                     if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
                     }
                 }
                 for e in exchanges {
                     if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
                     }
                 }
                 let _ = conn.close(200, "cleanup".into()).await;
@@ -116,8 +133,12 @@ impl Judge for ScriptedJudge {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
             match self.script {
-                Script::Approve => Ok(Verdict::Approve { reason: format!("{} approves", self.name) }),
-                Script::Deny => Ok(Verdict::Deny { reason: format!("{} denies", self.name) }),
+                Script::Approve => Ok(Verdict::Approve {
+                    reason: format!("{} approves", self.name),
+                }),
+                Script::Deny => Ok(Verdict::Deny {
+                    reason: format!("{} denies", self.name),
+                }),
                 Script::Fail => Err(JudgeError::Transport("scripted failure".into())),
                 Script::Hang => {
                     futures::future::pending::<()>().await;
@@ -134,7 +155,11 @@ pub fn scripted_panel(judges: Vec<(&str, Script, u64)>, timeout: Duration, quoru
             .into_iter()
             .map(|(n, s, ms)| {
                 (
-                    Arc::new(ScriptedJudge { name: n.into(), script: s, delay: Duration::from_millis(ms) }) as Arc<dyn Judge>,
+                    Arc::new(ScriptedJudge {
+                        name: n.into(),
+                        script: s,
+                        delay: Duration::from_millis(ms),
+                    }) as Arc<dyn Judge>,
                     timeout,
                 )
             })
@@ -155,10 +180,15 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, k: &str) -> Option<String> {
-        self.headers.as_ref()?.inner().iter().find(|(key, _)| key.as_str() == k).map(|(_, v)| match v {
-            AMQPValue::LongString(s) => s.to_string(),
-            other => format!("{other:?}"),
-        })
+        self.headers
+            .as_ref()?
+            .inner()
+            .iter()
+            .find(|(key, _)| key.as_str() == k)
+            .map(|(_, v)| match v {
+                AMQPValue::LongString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            })
     }
 }
 
@@ -191,11 +221,20 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { panel: None, sim_latency: Duration::ZERO, tweak: Box::new(|_| {}), start_poller: true }
+        Self {
+            panel: None,
+            sim_latency: Duration::ZERO,
+            tweak: Box::new(|_| {}),
+            start_poller: true,
+        }
     }
 }
 
-pub fn bridge_client(settings: &Settings, sim: &SimulatorHandle, secret: Secret) -> Arc<dyn Bridge> {
+pub fn bridge_client(
+    settings: &Settings,
+    sim: &SimulatorHandle,
+    secret: Secret,
+) -> Arc<dyn Bridge> {
     let b = &settings.bridge;
     Arc::new(
         AppsScriptBridge::new(BridgeClientConfig {
@@ -213,7 +252,15 @@ pub fn bridge_client(settings: &Settings, sim: &SimulatorHandle, secret: Secret)
 
 async fn collect(ch: Channel, queue: String, inbox: Arc<Mutex<Inbox>>, kind: u8) {
     let mut c = ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("consume test queue");
     while let Some(Ok(d)) = c.next().await {
@@ -221,7 +268,11 @@ async fn collect(ch: Channel, queue: String, inbox: Arc<Mutex<Inbox>>, kind: u8)
             routing_key: d.routing_key.to_string(),
             body: d.data.clone(),
             headers: d.properties.headers().clone(),
-            correlation_id: d.properties.correlation_id().as_ref().map(|c| c.to_string()),
+            correlation_id: d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string()),
             delivery_mode: *d.properties.delivery_mode(),
         };
         let mut inbox = inbox.lock().unwrap();
@@ -248,7 +299,11 @@ impl Harness {
         let secret = Secret::new(format!("test-secret-{sfx}"));
         let mut cfg = SimulatorConfig::new(secret.clone());
         cfg.latency = opts.sim_latency;
-        let sim = Arc::new(simulator::start(cfg, ([127, 0, 0, 1], 0).into()).await.unwrap());
+        let sim = Arc::new(
+            simulator::start(cfg, ([127, 0, 0, 1], 0).into())
+                .await
+                .unwrap(),
+        );
 
         // Declare the topology first so the collectors can bind before the poller starts.
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
@@ -256,15 +311,33 @@ impl Harness {
         broker::declare(&ch, &settings.topology).await.unwrap();
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let t = &settings.topology;
-        tokio::spawn(collect(conn.create_channel().await.unwrap(), t.results_queue.clone(), inbox.clone(), 0));
+        tokio::spawn(collect(
+            conn.create_channel().await.unwrap(),
+            t.results_queue.clone(),
+            inbox.clone(),
+            0,
+        ));
         for team in &t.alert_teams {
-            tokio::spawn(collect(conn.create_channel().await.unwrap(), format!("{}.{team}", t.alerts_exchange), inbox.clone(), 1));
+            tokio::spawn(collect(
+                conn.create_channel().await.unwrap(),
+                format!("{}.{team}", t.alerts_exchange),
+                inbox.clone(),
+                1,
+            ));
         }
-        tokio::spawn(collect(conn.create_channel().await.unwrap(), t.dead_letter_queue.clone(), inbox.clone(), 2));
+        tokio::spawn(collect(
+            conn.create_channel().await.unwrap(),
+            t.dead_letter_queue.clone(),
+            inbox.clone(),
+            2,
+        ));
 
         let agent_conn = Connection::connect(AMQP, Default::default()).await.unwrap();
         let agent = agent_conn.create_channel().await.unwrap();
-        agent.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        agent
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
 
         let mut h = Harness {
             settings,
@@ -306,7 +379,10 @@ impl Harness {
             .basic_publish(
                 self.settings.topology.commands_exchange.as_str().into(),
                 key.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 payload,
                 props,
             )
@@ -314,18 +390,28 @@ impl Harness {
             .unwrap()
             .await
             .unwrap();
-        assert!(matches!(c, lapin::Confirmation::Ack(None)), "command not routed: {c:?}");
+        assert!(
+            matches!(c, lapin::Confirmation::Ack(None)),
+            "command not routed: {c:?}"
+        );
     }
 
     pub async fn send(&self, payload: &serde_json::Value) {
         self.publish(
             payload.to_string().as_bytes(),
-            BasicProperties::default().with_user_id("guest".into()).with_content_type("application/json".into()),
+            BasicProperties::default()
+                .with_user_id("guest".into())
+                .with_content_type("application/json".into()),
         )
         .await
     }
 
-    pub async fn wait_until<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Inbox) -> Option<T>) -> T {
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Inbox) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = f(&self.inbox.lock().unwrap()) {
@@ -346,18 +432,38 @@ impl Harness {
     }
 
     pub async fn result(&self, action_id: &str) -> ResultMessage {
-        self.wait_until(&format!("result of {action_id}"), Duration::from_secs(20), |i| {
-            i.results.iter().find(|(_, r)| r.action_id.as_deref() == Some(action_id)).map(|(_, r)| r.clone())
-        })
+        self.wait_until(
+            &format!("result of {action_id}"),
+            Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .find(|(_, r)| r.action_id.as_deref() == Some(action_id))
+                    .map(|(_, r)| r.clone())
+            },
+        )
         .await
     }
 
     pub fn results_for(&self, action_id: &str) -> usize {
-        self.inbox.lock().unwrap().results.iter().filter(|(_, r)| r.action_id.as_deref() == Some(action_id)).count()
+        self.inbox
+            .lock()
+            .unwrap()
+            .results
+            .iter()
+            .filter(|(_, r)| r.action_id.as_deref() == Some(action_id))
+            .count()
     }
 
     pub fn alerts_for(&self, action_id: &str) -> Vec<(Received, Alert)> {
-        self.inbox.lock().unwrap().alerts.iter().filter(|(_, a)| a.action_id.as_deref() == Some(action_id)).cloned().collect()
+        self.inbox
+            .lock()
+            .unwrap()
+            .alerts
+            .iter()
+            .filter(|(_, a)| a.action_id.as_deref() == Some(action_id))
+            .cloned()
+            .collect()
     }
 
     /// Messages ready in the commands queue (passive declare).
@@ -366,7 +472,10 @@ impl Harness {
         let q = ch
             .queue_declare(
                 self.settings.topology.commands_queue.as_str().into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -378,7 +487,10 @@ impl Harness {
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.poller_task.take() {
-            tokio::time::timeout(Duration::from_secs(30), t).await.expect("poller stops").unwrap();
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("poller stops")
+                .unwrap();
         }
     }
 }
@@ -389,7 +501,12 @@ impl Drop for Harness {
     }
 }
 
-pub fn cmd(action_id: &str, command_type: &str, service: &str, severity: &str) -> serde_json::Value {
+pub fn cmd(
+    action_id: &str,
+    command_type: &str,
+    service: &str,
+    severity: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "action_id": action_id,
         "command_type": command_type,

@@ -1,0 +1,212 @@
+//! The shipped binary, as an operator and an agent use it: `run` configured through
+//! environment overrides, `send --wait` for the runbook's examples, SIGTERM for a clean exit.
+
+mod common;
+
+use common::{suffix, test_settings, Cleanup};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
+
+fn env_for(sfx: &str) -> Vec<(String, String)> {
+    let s = test_settings(sfx);
+    let t = &s.topology;
+    vec![
+        (
+            "POLLER__TOPOLOGY__COMMANDS_EXCHANGE".into(),
+            t.commands_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__COMMANDS_QUEUE".into(),
+            t.commands_queue.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE".into(),
+            t.dead_letter_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE".into(),
+            t.dead_letter_queue.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__RESULTS_EXCHANGE".into(),
+            t.results_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__ALERTS_EXCHANGE".into(),
+            t.alerts_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__RESULTS_QUEUE".into(),
+            t.results_queue.clone(),
+        ),
+        (
+            "POLLER__AMQP__CONNECTION_NAME".into(),
+            s.amqp.connection_name.clone(),
+        ),
+        ("POLLER__INSTANCE_ID".into(), s.instance_id.clone()),
+        ("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")),
+    ]
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls /readyz until the poller is consuming.
+fn wait_ready(port: u16) {
+    let t0 = Instant::now();
+    loop {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf).ok()?;
+                buf.starts_with("HTTP/1.0 200").then_some(())
+            });
+        if ready.is_some() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "poller never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn send(envs: &[(String, String)], file: &str) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["send", file, "--wait", "--timeout-secs", "20"])
+        .envs(envs.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn run_send_and_sigterm() {
+    let sfx = suffix();
+    let _cleanup = Cleanup(test_settings(&sfx));
+    let mut envs = env_for(&sfx);
+    let port = free_port();
+    envs.push(("POLLER__HEALTH__LISTEN".into(), format!("127.0.0.1:{port}")));
+    let mut poller = Command::new(BIN)
+        .args(["run", "--log-format", "json"])
+        .envs(envs.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(port);
+    let r1 = send(&envs, "examples/commands/sop-int-01-check-status.json");
+    assert_eq!(r1["status"], "SUCCESS");
+    assert_eq!(r1["tool_result"]["integration_status"], "CONNECTED");
+    let r2 = send(&envs, "examples/commands/sop-int-02-refresh-token.json");
+    assert_eq!(r2["status"], "SUCCESS");
+    assert_eq!(
+        r2["tool_result"]["message"],
+        "Token for google refreshed successfully."
+    );
+    let r3 = send(
+        &envs,
+        "examples/commands/sop-int-03-connect-integration.json",
+    );
+    assert_eq!(r3["status"], "BLOCKED");
+    assert_eq!(r3["rationale"], "Action blocked by policy: New integrations require manual security and permissions review.");
+
+    // SIGTERM: drains and exits 0.
+    let pid = poller.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = poller.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "poller did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut logs = String::new();
+    std::io::Read::read_to_string(poller.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    // JSON logs, one span per command carrying its action_id, and no secret in them.
+    assert!(
+        logs.lines()
+            .all(|l| l.trim().is_empty() || serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "non-JSON log line"
+    );
+    assert!(
+        logs.contains("\"action_id\":\"token-refresh-google-456\""),
+        "no span field in logs"
+    );
+    assert!(
+        !logs.contains(&format!("binary-test-{sfx}")),
+        "the bridge secret leaked into the logs"
+    );
+    assert!(
+        !logs.contains("guest:guest"),
+        "the broker password leaked into the logs"
+    );
+}
+
+#[test]
+fn an_invalid_policy_stops_the_poller_at_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("poller-policy-{}", suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = std::fs::read_to_string("config/policy.toml")
+        .unwrap()
+        .replace("floor_severity = \"HIGH\"", "floor_severity = \"EXTREME\"");
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, policy).unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .env("POLLER__POLICY__FILE", &file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("floor_severity") && err.contains("EXTREME"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_unknown_config_key_is_refused() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__PROCESSING__MAX_INFLIGHT", "3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_inflight"), "{err}");
+    let ok = Command::new(BIN).arg("check-config").output().unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
