@@ -10,6 +10,7 @@ use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
     ReplyTarget,
 };
+use crate::judging::history::AttemptHistory;
 use crate::judging::{JudgeRequest, Panel, PanelOutcome};
 use crate::outcome::{
     alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
@@ -56,6 +57,8 @@ pub struct Pipeline {
     pub panel: Panel,
     pub bridge: Arc<dyn Bridge>,
     pub instance: String,
+    /// Recent attempts per agent and type: context for the judges.
+    pub history: AttemptHistory,
 }
 
 fn now_rfc3339() -> String {
@@ -219,6 +222,12 @@ impl Pipeline {
                 self.execute(&cmd, &agent, draft, rationale).await
             }
         };
+        self.history.record(
+            agent.id.as_str(),
+            cmd.command_type,
+            cmd.action_id.as_str(),
+            result.status,
+        );
         self.conclude(result, reply)
     }
 
@@ -248,6 +257,7 @@ impl Pipeline {
             declared_severity: decision.declared_severity,
             effective_severity: decision.effective_severity,
             policy_rationale: decision.rationale.clone(),
+            recent_attempts: self.history.recent(agent.id.as_str(), cmd.command_type),
         };
         let report = self.panel.convene(&request).await;
         draft.judges = report.votes;

@@ -11,6 +11,7 @@ use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::intake::{DecodeLimits, ReplyTarget};
+use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
 use crate::pipeline::{Disposition, Inbound, Pipeline};
@@ -35,6 +36,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("bridge: {0}")]
     Bridge(String),
+    #[error("panel: {0}")]
+    Judge(String),
 }
 
 /// Live counters, for health and status reporting.
@@ -54,24 +57,61 @@ pub struct Poller {
     _simulator: Option<SimulatorHandle>,
 }
 
-/// Builds the judges of the configured panel.
-pub fn build_panel(settings: &Settings) -> Panel {
-    let judges = settings
-        .panel
-        .judges
-        .iter()
-        .map(|j| match j {
+/// Builds the judges of the configured panel. Fails when a prompt file or an API key named in
+/// config is missing, so a misconfigured panel stops the poller at start.
+pub fn build_panel(settings: &Settings) -> Result<Panel, StartError> {
+    let mut judges: Vec<(Arc<dyn Judge>, Duration)> = Vec::new();
+    for j in &settings.panel.judges {
+        match j {
             JudgeSettings::Rules {
                 name,
                 timeout_ms,
                 rules,
-            } => (
-                Arc::new(RuleJudge::new(name.clone(), rules.clone())) as Arc<dyn Judge>,
+            } => judges.push((
+                Arc::new(RuleJudge::new(name.clone(), rules.clone())),
                 Duration::from_millis(*timeout_ms),
-            ),
-        })
-        .collect();
-    Panel::new(judges, settings.panel.quorum)
+            )),
+            JudgeSettings::Llm {
+                name,
+                timeout_ms,
+                base_url,
+                model,
+                api_key_env,
+                temperature,
+                max_tokens,
+                prompt_file,
+            } => {
+                let system_prompt = std::fs::read_to_string(prompt_file).map_err(|e| {
+                    StartError::Judge(format!(
+                        "judge {name}: prompt_file {}: {e}",
+                        prompt_file.display()
+                    ))
+                })?;
+                let api_key = match api_key_env {
+                    None => None,
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        StartError::Judge(format!(
+                            "judge {name}: the API key variable {var} is not set"
+                        ))
+                    })?),
+                };
+                let deadline = Duration::from_millis(*timeout_ms);
+                let judge = LlmJudge::new(LlmJudgeConfig {
+                    name: name.clone(),
+                    base_url: base_url.clone(),
+                    model: model.clone(),
+                    api_key,
+                    temperature: *temperature,
+                    max_tokens: *max_tokens,
+                    system_prompt,
+                    deadline,
+                })
+                .map_err(|e| StartError::Judge(format!("judge {name}: {e}")))?;
+                judges.push((Arc::new(judge), deadline));
+            }
+        }
+    }
+    Ok(Panel::new(judges, settings.panel.quorum))
 }
 
 fn client_config(settings: &Settings, url: url::Url, secret: Secret) -> BridgeClientConfig {
@@ -129,7 +169,7 @@ impl Poller {
     /// Builds the poller from settings alone: policy file, rule judges, configured bridge.
     pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
         let policy = Policy::load(&settings.policy.file)?;
-        let panel = build_panel(&settings);
+        let panel = build_panel(&settings)?;
         let (bridge, sim) = build_bridge(&settings).await?;
         Ok(Self::new(settings, Arc::new(policy), panel, bridge, sim))
     }
@@ -152,6 +192,7 @@ impl Poller {
             panel,
             bridge,
             instance: instance.clone(),
+            history: Default::default(),
         };
         Self {
             settings: Arc::new(settings),

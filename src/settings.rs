@@ -132,12 +132,37 @@ pub enum JudgeSettings {
         timeout_ms: u64,
         rules: RuleSet,
     },
+    /// A language model over the OpenAI-compatible chat API.
+    Llm {
+        name: String,
+        /// The judge's whole deadline, retries included.
+        timeout_ms: u64,
+        /// Base URL of the API, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
+        base_url: String,
+        model: String,
+        /// Environment variable holding the API key (sent as a Bearer token, never logged).
+        /// Optional: local servers usually need none.
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Sampling temperature; 0 for repeatable verdicts.
+        #[serde(default)]
+        temperature: f32,
+        /// Upper bound on the answer's length in tokens.
+        #[serde(default = "default_max_tokens")]
+        max_tokens: u32,
+        /// The role's system prompt (what it weighs), e.g. `config/prompts/security.md`.
+        prompt_file: PathBuf,
+    },
+}
+
+fn default_max_tokens() -> u32 {
+    512
 }
 
 impl JudgeSettings {
     pub fn name(&self) -> &str {
         match self {
-            JudgeSettings::Rules { name, .. } => name,
+            JudgeSettings::Rules { name, .. } | JudgeSettings::Llm { name, .. } => name,
         }
     }
 }

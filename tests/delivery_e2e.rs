@@ -232,7 +232,7 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     let poller = command_poller::poller::Poller::new(
         h.settings.clone(),
         policy,
-        command_poller::poller::build_panel(&h.settings),
+        command_poller::poller::build_panel(&h.settings).unwrap(),
         bridge,
         None,
     );

@@ -4,6 +4,8 @@
 //! every judge's vote. Judges sit behind the [`Judge`] trait (the boundary to rule engines and
 //! language models); the vote counting in [`panel::tally`] is pure.
 
+pub mod history;
+pub mod llm;
 pub mod panel;
 pub mod rules;
 
@@ -23,6 +25,8 @@ pub struct JudgeRequest {
     pub declared_severity: Severity,
     pub effective_severity: Severity,
     pub policy_rationale: String,
+    /// This agent's recent attempts of the same command type, newest last.
+    pub recent_attempts: Vec<history::Attempt>,
 }
 
 /// A judge's clear answer.

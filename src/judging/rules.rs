@@ -141,6 +141,7 @@ mod tests {
             declared_severity: Severity::Medium,
             effective_severity: Severity::Medium,
             policy_rationale: String::new(),
+            recent_attempts: Vec::new(),
         }
     }
 

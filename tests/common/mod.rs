@@ -359,7 +359,7 @@ impl Harness {
 
     pub fn poller(&self, panel: Option<Panel>, secret: Secret) -> Poller {
         let policy = Arc::new(Policy::load(&self.settings.policy.file).unwrap());
-        let panel = panel.unwrap_or_else(|| build_panel(&self.settings));
+        let panel = panel.unwrap_or_else(|| build_panel(&self.settings).expect("panel builds"));
         let bridge = bridge_client(&self.settings, &self.sim, secret);
         Poller::new(self.settings.clone(), policy, panel, bridge, None)
     }
