@@ -1,6 +1,8 @@
 //! Command line: `run` (the poller), `send` (act as an agent), `bridge-simulator`, and
 //! `check-config`. The only place `anyhow` is used: errors here are reported, not handled.
 
+use crate::control::operator::{new_request_id, Operator};
+use crate::control::ControlCommand;
 use crate::settings::{LogFormat, Settings};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -61,6 +63,45 @@ pub enum Command {
     },
     /// Load and check the configuration and the policy file, then exit.
     CheckConfig,
+    /// Pause every replica (Emergency-INT-E01): no new commands, no bridge call starts.
+    Pause {
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Resume every replica. A halt is lifted only with --lift-halt.
+    Resume {
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Explicit confirmation that the master shut-off may be lifted.
+        #[arg(long)]
+        lift_halt: bool,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// The master shut-off (Emergency-INT-E02): no bridge calls, no judge calls, everywhere.
+    Halt {
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Show the stored control state, the queue depth, and every live replica's state.
+    Status {
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// The operator's broker URL (its user must be in control.operators). Defaults to amqp.url.
+    #[arg(long, env = "OPERATOR_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// How long to collect the replicas' answers, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub wait_ms: u64,
 }
 
 pub fn main() -> ExitCode {
@@ -175,6 +216,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             drop(sim);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pause { reason, op } => {
+            let cmd = ControlCommand::Pause { reason, request_id: new_request_id() };
+            operate(&settings, op, cmd).await
+        }
+        Command::Resume { reason, lift_halt, op } => {
+            let cmd = ControlCommand::Resume { reason, lift_halt, request_id: new_request_id() };
+            operate(&settings, op, cmd).await
+        }
+        Command::Halt { reason, op } => {
+            let cmd = ControlCommand::Halt { reason, request_id: new_request_id() };
+            operate(&settings, op, cmd).await
+        }
+        Command::Status { op } => {
+            let cmd = ControlCommand::Status { request_id: new_request_id() };
+            operate(&settings, op, cmd).await
+        }
         Command::CheckConfig => {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
             println!(
@@ -188,6 +245,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn operate(settings: &Settings, op: OperatorArgs, cmd: ControlCommand) -> anyhow::Result<ExitCode> {
+    let url = op.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
+    let operator = Operator { settings, amqp_url: &url, wait: Duration::from_millis(op.wait_ms) };
+    let report = operator.run(cmd).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let refused = report.replicas.iter().any(|r| !r.accepted);
+    Ok(if refused { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

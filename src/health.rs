@@ -1,9 +1,11 @@
 //! Health endpoint for orchestrators and operators.
 //!
 //! In: the poller's live [`PollerState`]. Out: `/healthz` (the process is alive), `/readyz`
-//! (connected to the broker with the topology declared and consuming: 200, else 503) and
+//! (connected, topology declared, control state applied, and not halted: 200, else 503) and
 //! `/status` (JSON).
 
+use crate::control::replica::ReplicaStats;
+use crate::control::Mode;
 use crate::poller::PollerState;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -44,13 +46,12 @@ pub async fn serve(
 }
 
 async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
-    if c.state.connected.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready")
+    if !c.state.connected.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
+    } else if c.state.gate.mode() == Mode::Halted {
+        (StatusCode::SERVICE_UNAVAILABLE, "halted (master shut-off)")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not connected to the broker",
-        )
+        (StatusCode::OK, "ready")
     }
 }
 
@@ -60,5 +61,8 @@ async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {
         "connected": c.state.connected.load(Ordering::SeqCst),
         "in_flight": c.state.in_flight.load(Ordering::SeqCst),
         "processed": c.state.processed.load(Ordering::SeqCst),
+        "control": c.state.gate.state(),
+        "at_bridge": c.state.gate.at_bridge(),
+        "recent_results": c.state.recent_results(),
     }))
 }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bridge;
 pub mod broker;
 pub mod cli;
+pub mod control;
 pub mod health;
 pub mod intake;
 pub mod judging;

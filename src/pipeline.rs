@@ -16,8 +16,10 @@ use crate::outcome::{
     alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
 use crate::policy::{Decision, Handling, Policy};
+use crate::control::gate::Gate;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 /// What the pipeline needs of a delivery.
@@ -39,9 +41,12 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
-/// Everything to publish for one command, in order: dead letter, result, reply, alerts.
+/// Everything to publish for one command, in order: dead letter, result, reply, alerts; or,
+/// when `deferred`, nothing: the command goes back to the queue unprocessed.
 #[derive(Debug, Clone)]
 pub struct Disposition {
+    /// Paused or halted before the command reached the judges or the bridge: requeue it.
+    pub deferred: Option<String>,
     /// None only when the message was undecodable and no action_id could be read from it; the
     /// dead letter is then its only trace (and it is always present in that case).
     pub result: Option<ResultMessage>,
@@ -59,7 +64,15 @@ pub struct Pipeline {
     pub instance: String,
     /// Recent attempts per agent and type: context for the judges.
     pub history: AttemptHistory,
+    /// The operator gate: consulted before the judges and before every bridge call.
+    pub gate: Arc<Gate>,
+    /// Bridge calls at once (below Apps Script's 30 simultaneous executions per user); the
+    /// gate is checked after a slot is taken, so a pause also holds back queued calls.
+    pub bridge_slots: Semaphore,
 }
+
+/// Why a command went back to the queue.
+struct Deferred(String);
 
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
@@ -157,6 +170,7 @@ impl Pipeline {
                     .is_some()
                     .then(|| draft.rejected(e.field(), e.to_string()));
                 return Disposition {
+                    deferred: None,
                     result,
                     reply,
                     alerts: Vec::new(),
@@ -212,7 +226,7 @@ impl Pipeline {
         tracing::info!(handling = ?decision.handling, "policy decided");
 
         let result = match decision.handling {
-            Handling::Block => draft.finish(Status::Blocked, decision.rationale.clone()),
+            Handling::Block => Ok(draft.finish(Status::Blocked, decision.rationale.clone())),
             Handling::Judge => {
                 self.judge_then_execute(&cmd, &agent, &decision, draft)
                     .await
@@ -220,6 +234,19 @@ impl Pipeline {
             Handling::Execute => {
                 let rationale = decision.rationale.clone();
                 self.execute(&cmd, &agent, draft, rationale).await
+            }
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(Deferred(why)) => {
+                tracing::info!(why = %why, "deferred: back to the queue unprocessed");
+                return Disposition {
+                    deferred: Some(why),
+                    result: None,
+                    reply: ReplyTarget::None,
+                    alerts: Vec::new(),
+                    dead_letter: None,
+                };
             }
         };
         self.history.record(
@@ -235,6 +262,7 @@ impl Pipeline {
         let alerts = alerts_for(&self.policy, &result);
         tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
         Disposition {
+            deferred: None,
             result: Some(result),
             reply,
             alerts,
@@ -248,7 +276,10 @@ impl Pipeline {
         agent: &Agent,
         decision: &Decision,
         mut draft: Draft,
-    ) -> ResultMessage {
+    ) -> Result<ResultMessage, Deferred> {
+        if !self.gate.may_judge() {
+            return Err(Deferred("halted before judging".into()));
+        }
         let request = JudgeRequest {
             action_id: cmd.action_id.to_string(),
             command_type: cmd.command_type,
@@ -263,13 +294,13 @@ impl Pipeline {
         draft.judges = report.votes;
         let majority = report.panel_size / 2 + 1;
         match report.outcome {
-            PanelOutcome::NotApproved => draft.finish(
+            PanelOutcome::NotApproved => Ok(draft.finish(
                 Status::NeedsApproval,
                 format!(
                     "Not approved by the judges ({} of {} approved; {} needed): a human must approve this action.",
                     report.approvals, report.panel_size, majority
                 ),
-            ),
+            )),
             PanelOutcome::Approved => {
                 let rationale = format!(
                     "Approved by the judges ({} of {}).",
@@ -286,7 +317,14 @@ impl Pipeline {
         agent: &Agent,
         draft: Draft,
         rationale: String,
-    ) -> ResultMessage {
+    ) -> Result<ResultMessage, Deferred> {
+        let _slot = self.bridge_slots.acquire().await.expect("never closed");
+        let Some(_ticket) = self.gate.begin_bridge() else {
+            return Err(Deferred(format!(
+                "{} before the bridge call",
+                self.gate.mode().as_str().to_ascii_lowercase()
+            )));
+        };
         let request = BridgeRequest {
             action_id: cmd.action_id.to_string(),
             command_type: cmd.command_type,
@@ -309,7 +347,7 @@ impl Pipeline {
                     ms,
                     error: None,
                 });
-                r
+                Ok(r)
             }
             Err(e) => {
                 tracing::warn!(error = %e, ms, "bridge call failed");
@@ -326,7 +364,7 @@ impl Pipeline {
                     ms,
                     error: Some(e.to_string()),
                 });
-                r
+                Ok(r)
             }
         }
     }

@@ -10,6 +10,12 @@ use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
+use crate::control::gate::Gate;
+use crate::control::replica::{Replica, ReplicaStats};
+use crate::control::trip::UnapprovedAttempt;
+use crate::control::Mode;
+use crate::intake::CommandType;
+use crate::outcome::{ResultMessage, Status};
 use crate::intake::{DecodeLimits, ReplyTarget};
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
@@ -25,8 +31,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -40,12 +48,40 @@ pub enum StartError {
     Judge(String),
 }
 
-/// Live counters, for health and status reporting.
-#[derive(Debug, Default)]
+/// Live state, for health, status and the control plane.
+#[derive(Default)]
 pub struct PollerState {
     pub in_flight: AtomicUsize,
+    /// Connected, topology declared, control state applied, consumer attached.
     pub connected: AtomicBool,
     pub processed: AtomicUsize,
+    /// The operator gate (running / paused / halted).
+    pub gate: Arc<Gate>,
+    recent: Mutex<VecDeque<(String, Status)>>,
+}
+
+impl PollerState {
+    const RECENT: usize = 20;
+
+    fn record(&self, action_id: Option<&str>, status: Status) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.push_back((action_id.unwrap_or("-").to_owned(), status));
+        while r.len() > Self::RECENT {
+            r.pop_front();
+        }
+    }
+}
+
+impl ReplicaStats for PollerState {
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    fn processed(&self) -> usize {
+        self.processed.load(Ordering::SeqCst)
+    }
+    fn recent_results(&self) -> Vec<(String, Status)> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
 }
 
 pub struct Poller {
@@ -123,7 +159,6 @@ fn client_config(settings: &Settings, url: url::Url, secret: Secret) -> BridgeCl
         retry_budget: Duration::from_secs(b.retry_budget_secs),
         min_backoff: Duration::from_millis(b.min_backoff_ms),
         max_backoff: Duration::from_millis(b.max_backoff_ms),
-        max_concurrency: b.max_concurrency,
     }
 }
 
@@ -183,6 +218,7 @@ impl Poller {
         simulator: Option<SimulatorHandle>,
     ) -> Self {
         let instance = settings.instance();
+        let state = Arc::new(PollerState::default());
         let pipeline = Pipeline {
             limits: DecodeLimits {
                 max_payload_bytes: settings.intake.max_payload_bytes,
@@ -193,11 +229,13 @@ impl Poller {
             bridge,
             instance: instance.clone(),
             history: Default::default(),
+            gate: state.gate.clone(),
+            bridge_slots: Semaphore::new(settings.bridge.max_concurrency),
         };
         Self {
             settings: Arc::new(settings),
             pipeline: Arc::new(pipeline),
-            state: Arc::new(PollerState::default()),
+            state,
             instance,
             _simulator: simulator,
         }
@@ -291,19 +329,31 @@ impl Poller {
         let publisher = Publisher::open(publish_conn).await?;
         let ch = consume_conn.create_channel().await?;
         broker::declare(&ch, &s.topology).await?;
-        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
-            .await?;
-        let tag = format!("{}-{}", self.instance, uuid::Uuid::new_v4().simple());
-        let mut consumer = ch
-            .basic_consume(
-                s.topology.commands_queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+
+        // Control first: the stored state is applied before any command is consumed.
+        let replica = Arc::new(Replica::new(
+            self.settings.clone(),
+            self.state.gate.clone(),
+            self.instance.clone(),
+            self.state.clone(),
+        ));
+        let control_ch = consume_conn.create_channel().await?;
+        let control_consumer = replica.attach(&control_ch, &publisher).await?;
+        let mut control_task = {
+            let replica = replica.clone();
+            let publisher = publisher.clone();
+            tokio::spawn(async move { replica.listen(control_consumer, publisher).await })
+        };
+
+        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default()).await?;
+        let mut mode = self.state.gate.watch();
+        let mut commands = CommandConsumer::new(ch.clone(), s.topology.commands_queue.clone(), self.instance.clone());
+        if self.state.gate.mode() == Mode::Running {
+            commands.start().await?;
+        } else {
+            tracing::warn!(mode = self.state.gate.mode().as_str(), "not consuming: the system is paused or halted");
+        }
         self.state.connected.store(true, Ordering::SeqCst);
-        tracing::info!(queue = %s.topology.commands_queue, prefetch = s.processing.max_in_flight, "consuming");
 
         let broken = CancellationToken::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -311,8 +361,20 @@ impl Poller {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
+                ended = &mut control_task => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
+                changed = mode.changed() => {
+                    if changed.is_err() { continue; }
+                    let now = *mode.borrow_and_update();
+                    if now == Mode::Running {
+                        commands.start().await?;
+                        tracing::info!("resumed: consuming commands");
+                    } else {
+                        commands.cancel().await?;
+                        tracing::warn!(mode = now.as_str(), in_flight = tasks.len(), "stopped consuming; in-flight commands that have not reached the bridge go back to the queue");
+                    }
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                next = consumer.next() => match next {
+                next = commands.next() => match next {
                     Some(Ok(delivery)) => {
                         *consumed_any = true;
                         tasks.spawn(self.handle(delivery, publisher.clone(), broken.clone()));
@@ -322,25 +384,18 @@ impl Poller {
                 }
             }
         };
+        control_task.abort();
         if outcome.is_ok() {
             // Drain: stop deliveries, let in-flight commands finish within the drain timeout.
-            let _ = ch
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            let _ = commands.cancel().await;
             let drain = Duration::from_secs(s.processing.drain_timeout_secs);
-            tracing::info!(
-                in_flight = tasks.len(),
-                timeout_s = drain.as_secs(),
-                "draining"
-            );
-            let drained =
-                tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
-                    .await;
+            tracing::info!(in_flight = tasks.len(), timeout_s = drain.as_secs(), "draining");
+            let drained = tokio::time::timeout(drain, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
             if drained.is_err() {
-                tracing::warn!(
-                    left = tasks.len(),
-                    "drain timeout; unfinished commands go back to the queue"
-                );
+                tracing::warn!(left = tasks.len(), "drain timeout; unfinished commands go back to the queue");
             }
         }
         // Lost session or drain timeout: whatever is unfinished is requeued when the channel
@@ -359,6 +414,7 @@ impl Poller {
         let pipeline = self.pipeline.clone();
         let settings = self.settings.clone();
         let state = self.state.clone();
+        let instance = self.instance.clone();
         async move {
             state.in_flight.fetch_add(1, Ordering::SeqCst);
             let _guard = Decrement(&state.in_flight);
@@ -372,9 +428,23 @@ impl Poller {
                 redelivered: delivery.redelivered,
             };
             let disposition = pipeline.process(&inbound).await;
+            if disposition.deferred.is_some() {
+                // Paused or halted before judges or bridge: back to the queue, unprocessed.
+                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
+                    tracing::warn!("requeue not sent (channel gone); the broker requeues it on close");
+                }
+                return;
+            }
             match carry_out(&publisher, &settings, &inbound, &disposition).await {
                 Ok(()) => {
                     state.processed.fetch_add(1, Ordering::SeqCst);
+                    if let Some(r) = &disposition.result {
+                        state.record(r.action_id.as_deref(), r.status);
+                        if let Err(e) = report_unapproved(&publisher, &settings, &instance, r).await {
+                            tracing::warn!(error = %e, "could not report the unapproved attempt to the trip");
+                        }
+                    }
                     match delivery.acker.ack(BasicAckOptions::default()).await {
                         Ok(true) => {}
                         Ok(false) => {
@@ -404,6 +474,100 @@ impl Poller {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Shares an unapproved attempt (NEEDS_APPROVAL or BLOCKED) of a watched type with every
+/// replica, so the trip counts attempts across all of them.
+async fn report_unapproved(publisher: &Publisher, settings: &Settings, instance: &str, r: &ResultMessage) -> Result<(), BrokerError> {
+    if !matches!(r.status, Status::NeedsApproval | Status::Blocked) {
+        return Ok(());
+    }
+    let (Some(t), Some(agent), Some(action_id)) = (
+        r.command_type.as_deref().and_then(CommandType::parse),
+        r.agent.as_ref(),
+        r.action_id.as_ref(),
+    ) else {
+        return Ok(());
+    };
+    if !settings.control.trips.iter().any(|rule| rule.command_type == t) {
+        return Ok(());
+    }
+    let attempt = UnapprovedAttempt {
+        agent: agent.id.clone(),
+        command_type: t,
+        action_id: action_id.clone(),
+        status: r.status,
+        at: time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64,
+        instance: instance.to_owned(),
+    };
+    publisher
+        .publish(&Outgoing {
+            exchange: settings.control.exchange.clone(),
+            routing_key: "attempt.unapproved".into(),
+            body: serde_json::to_vec(&attempt).expect("serializes"),
+            message_type: "attempt",
+            user_id: Some(settings.poller_user()),
+            ..Default::default()
+        })
+        .await
+}
+
+/// The commands consumer, cancelled on pause and started again on resume. After a cancel it
+/// keeps yielding what was already delivered (those deliveries are requeued by the pipeline's
+/// gate) until the stream ends.
+struct CommandConsumer {
+    ch: lapin::Channel,
+    queue: String,
+    instance: String,
+    active: Option<(String, lapin::Consumer)>,
+    draining: Vec<lapin::Consumer>,
+}
+
+impl CommandConsumer {
+    fn new(ch: lapin::Channel, queue: String, instance: String) -> Self {
+        Self { ch, queue, instance, active: None, draining: Vec::new() }
+    }
+
+    async fn start(&mut self) -> Result<(), lapin::Error> {
+        if self.active.is_some() {
+            return Ok(());
+        }
+        let tag = format!("{}-{}", self.instance, uuid::Uuid::new_v4().simple());
+        let c = self
+            .ch
+            .basic_consume(self.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        self.active = Some((tag, c));
+        Ok(())
+    }
+
+    async fn cancel(&mut self) -> Result<(), lapin::Error> {
+        if let Some((tag, c)) = self.active.take() {
+            self.ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await?;
+            self.draining.push(c);
+        }
+        Ok(())
+    }
+
+    /// The next delivery: first what cancelled consumers still hold, then the active one.
+    /// Pending (never ready) when neither has anything, e.g. while paused.
+    async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        loop {
+            if let Some(c) = self.draining.first_mut() {
+                match c.next().await {
+                    Some(d) => return Some(d),
+                    None => {
+                        self.draining.remove(0);
+                        continue;
+                    }
+                }
+            }
+            return match &mut self.active {
+                Some((_, c)) => c.next().await,
+                None => futures::future::pending().await,
+            };
         }
     }
 }
@@ -477,6 +641,7 @@ pub async fn carry_out(
                 correlation_id: None,
                 message_type: "dead_letter",
                 headers: Some(headers),
+                ..Default::default()
             })
             .await?;
     }
@@ -489,7 +654,7 @@ pub async fn carry_out(
                 body: body.clone(),
                 correlation_id: result.action_id.clone(),
                 message_type: "result",
-                headers: None,
+                ..Default::default()
             })
             .await?;
         if let Some(queue) = d.reply.routing_key() {
@@ -499,7 +664,7 @@ pub async fn carry_out(
                 body,
                 correlation_id: result.action_id.clone(),
                 message_type: "result",
-                headers: None,
+                ..Default::default()
             };
             if let Err(e) = publisher.publish(&reply).await {
                 if e.is_connection() {
@@ -521,7 +686,7 @@ pub async fn carry_out(
                 body: serde_json::to_vec(alert).expect("alert serializes"),
                 correlation_id: alert.action_id.clone(),
                 message_type: "alert",
-                headers: None,
+                ..Default::default()
             })
             .await?;
     }

@@ -22,6 +22,7 @@ pub struct Settings {
     pub bridge: BridgeSettings,
     pub logging: LoggingSettings,
     pub health: HealthSettings,
+    pub control: ControlSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -211,6 +212,23 @@ pub struct LoggingSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// Topic exchange operators publish pause/resume/halt/status to; every replica listens.
+    pub exchange: String,
+    /// Durable queue of length 1 holding the last control state, read by every replica at
+    /// start and after every reconnect, before it consumes anything.
+    pub state_queue: String,
+    /// Durable queue collecting control events (`event.#`): who changed what, when, why.
+    pub events_queue: String,
+    /// Broker users allowed to pull the levers (checked against the AMQP user_id).
+    pub operators: Vec<String>,
+    /// Automatic trips (Emergency-INT-E01), per command type.
+    #[serde(default)]
+    pub trips: Vec<crate::control::trip::TripRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     /// Address of the health endpoint (/healthz, /readyz, /status); port 0 picks a free one.
     pub listen: std::net::SocketAddr,
@@ -276,6 +294,11 @@ impl Settings {
                 ));
             }
         }
+        for (i, t) in self.control.trips.iter().enumerate() {
+            if t.count == 0 || t.window_secs == 0 {
+                return bad(format!("control.trips[{i}]: count and window_secs must be at least 1"));
+            }
+        }
         if self.panel.quorum > self.panel.judges.len() {
             return bad(format!(
                 "panel.quorum: {} is more than the {} configured judges",
@@ -284,6 +307,15 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The broker user the poller connects as (its own control messages carry it).
+    pub fn poller_user(&self) -> String {
+        url::Url::parse(&self.amqp.url)
+            .ok()
+            .map(|u| percent_encoding::percent_decode_str(u.username()).decode_utf8_lossy().into_owned())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "guest".into())
     }
 
     pub fn instance(&self) -> String {

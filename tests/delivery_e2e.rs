@@ -225,7 +225,6 @@ async fn bridge_connection_refused_is_retried_then_failed() {
             retry_budget: Duration::from_secs(1),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
-            max_concurrency: 4,
         })
         .unwrap(),
     );

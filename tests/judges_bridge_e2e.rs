@@ -170,7 +170,7 @@ async fn bridge_html_error_page_fails_with_the_page_message_and_alerts_ops() {
         })
         .await;
     assert_eq!(alert.0.routing_key, "ops.normal");
-    assert_eq!(alert.1.status, Status::Failed);
+    assert_eq!(alert.1.status, Some(Status::Failed));
 }
 
 #[tokio::test]

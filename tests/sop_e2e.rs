@@ -105,7 +105,7 @@ async fn sop_int_02_refresh_token_not_approved_needs_approval_and_alerts_ops() {
         .await;
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].0.routing_key, "ops.normal");
-    assert_eq!(alerts[0].1.status, Status::NeedsApproval);
+    assert_eq!(alerts[0].1.status, Some(Status::NeedsApproval));
     assert!(alerts[0].1.summary.contains("guest"));
     assert!(!alerts[0].1.action_required.is_empty());
     assert_eq!(

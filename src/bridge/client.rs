@@ -12,7 +12,6 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use reqwest::{redirect, StatusCode};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone)]
 pub struct BridgeClientConfig {
@@ -24,15 +23,13 @@ pub struct BridgeClientConfig {
     pub retry_budget: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
-    /// Calls in flight at once; below Apps Script's 30 simultaneous executions per user so a
-    /// burst queues here instead of failing at Google.
-    pub max_concurrency: usize,
 }
 
+/// The client. Concurrency is limited by the pipeline (which also checks the operator gate
+/// after a slot frees up), not here.
 pub struct AppsScriptBridge {
     http: reqwest::Client,
     cfg: BridgeClientConfig,
-    limit: Semaphore,
 }
 
 /// What one POST (and its GET) produced.
@@ -45,8 +42,7 @@ impl AppsScriptBridge {
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout.min(Duration::from_secs(10)))
             .build()?;
-        let limit = Semaphore::new(cfg.max_concurrency.max(1));
-        Ok(Self { http, cfg, limit })
+        Ok(Self { http, cfg })
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
@@ -75,7 +71,6 @@ impl AppsScriptBridge {
     }
 
     async fn call(&self, req: &BridgeRequest) -> Result<BridgeAnswer, BridgeError> {
-        let _permit = self.limit.acquire().await.expect("semaphore never closed");
         let body = serde_json::to_vec(req).expect("request serializes");
         let started = Instant::now();
         let mut backoff = self.backoff();

@@ -8,7 +8,7 @@ use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
 
 /// One message to publish.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Outgoing {
     pub exchange: String,
     pub routing_key: String,
@@ -16,6 +16,9 @@ pub struct Outgoing {
     pub correlation_id: Option<String>,
     pub message_type: &'static str,
     pub headers: Option<FieldTable>,
+    /// Must equal the connection's user (the broker checks it).
+    pub user_id: Option<String>,
+    pub reply_to: Option<String>,
 }
 
 /// A confirm-mode channel on its own connection, so broker flow control on publishing can't
@@ -50,6 +53,12 @@ impl Publisher {
         }
         if let Some(h) = &msg.headers {
             props = props.with_headers(h.clone());
+        }
+        if let Some(u) = &msg.user_id {
+            props = props.with_user_id(u.as_str().into());
+        }
+        if let Some(r) = &msg.reply_to {
+            props = props.with_reply_to(r.as_str().into());
         }
         let confirm = self
             .channel

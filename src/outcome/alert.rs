@@ -13,7 +13,8 @@ pub struct Alert {
     pub command_type: Option<String>,
     pub service: Option<String>,
     pub agent: Option<AgentView>,
-    pub status: Status,
+    /// The command's status; absent for control alerts (halt, refused lever, trip).
+    pub status: Option<Status>,
     /// What happened, in one sentence.
     pub summary: String,
     pub rationale: String,
@@ -75,7 +76,7 @@ pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
             command_type: result.command_type.clone(),
             service: result.service.clone(),
             agent: result.agent.clone(),
-            status: result.status,
+            status: Some(result.status),
             summary: summary.clone(),
             rationale: result.rationale.clone(),
             action_required: action_required(result.status).to_owned(),

@@ -39,6 +39,9 @@ pub fn test_settings(sfx: &str) -> Settings {
     t.results_exchange = format!("t.{sfx}.results");
     t.alerts_exchange = format!("t.{sfx}.alerts");
     t.results_queue = format!("t.{sfx}.results");
+    s.control.exchange = format!("t.{sfx}.control");
+    s.control.state_queue = format!("t.{sfx}.control.state");
+    s.control.events_queue = format!("t.{sfx}.control.events");
     s.amqp.connection_name = format!("poller-{sfx}");
     s.amqp.reconnect_min_ms = 50;
     s.amqp.reconnect_max_ms = 500;
@@ -70,6 +73,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         t.dead_letter_exchange.clone(),
         t.results_exchange.clone(),
         t.alerts_exchange.clone(),
+        c.exchange.clone(),
     ];
     (queues, exchanges)
 }
@@ -244,7 +248,6 @@ pub fn bridge_client(
             retry_budget: Duration::from_secs(b.retry_budget_secs),
             min_backoff: Duration::from_millis(b.min_backoff_ms),
             max_backoff: Duration::from_millis(b.max_backoff_ms),
-            max_concurrency: b.max_concurrency,
         })
         .unwrap(),
     )

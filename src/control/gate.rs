@@ -1,0 +1,108 @@
+//! The gate: the one place the pipeline asks "may I judge / may I call the bridge now?".
+//!
+//! A pause is acknowledged only after the state flip is under the same lock that admits bridge
+//! calls, so once it returns no new bridge call can start. Calls already admitted finish.
+
+use super::{ControlState, Mode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+pub struct Gate {
+    state: Mutex<ControlState>,
+    mode_tx: watch::Sender<Mode>,
+    at_bridge: Arc<AtomicUsize>,
+}
+
+/// Held for the duration of one bridge call.
+pub struct BridgeTicket(Arc<AtomicUsize>);
+
+impl Drop for BridgeTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new(ControlState::initial())
+    }
+}
+
+impl Gate {
+    pub fn new(initial: ControlState) -> Self {
+        let (mode_tx, _) = watch::channel(initial.mode);
+        Self {
+            state: Mutex::new(initial),
+            mode_tx,
+            at_bridge: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> ControlState {
+        self.lock().clone()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    /// Mode changes, for the consumer loop (cancel on pause, consume on resume).
+    pub fn watch(&self) -> watch::Receiver<Mode> {
+        self.mode_tx.subscribe()
+    }
+
+    /// Sets the state; when this returns, the gate admits according to it.
+    pub fn set(&self, new: ControlState) {
+        let mode = new.mode;
+        *self.lock() = new;
+        self.mode_tx.send_replace(mode);
+    }
+
+    /// Judges are not consulted while halted (the master shut-off stops all actions).
+    pub fn may_judge(&self) -> bool {
+        self.lock().mode != Mode::Halted
+    }
+
+    /// Admits one bridge call if running.
+    pub fn begin_bridge(&self) -> Option<BridgeTicket> {
+        let s = self.lock();
+        if s.mode != Mode::Running {
+            return None;
+        }
+        self.at_bridge.fetch_add(1, Ordering::SeqCst);
+        Some(BridgeTicket(self.at_bridge.clone()))
+    }
+
+    /// Bridge calls admitted and not yet finished.
+    pub fn at_bridge(&self) -> usize {
+        self.at_bridge.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_admitted_after_a_pause() {
+        let g = Gate::default();
+        let t = g.begin_bridge().expect("running admits");
+        assert_eq!(g.at_bridge(), 1);
+        g.set(ControlState { mode: Mode::Paused, ..ControlState::initial() });
+        assert!(g.begin_bridge().is_none());
+        assert!(g.may_judge());
+        drop(t);
+        assert_eq!(g.at_bridge(), 0);
+        g.set(ControlState { mode: Mode::Halted, ..ControlState::initial() });
+        assert!(!g.may_judge());
+        let mut w = g.watch();
+        g.set(ControlState::initial());
+        assert!(w.has_changed().unwrap());
+        assert_eq!(*w.borrow_and_update(), Mode::Running);
+    }
+}

@@ -1,0 +1,161 @@
+//! The operator's side: `pause`, `resume`, `halt` and `status` from any machine that reaches
+//! the broker.
+//!
+//! In: the operator's broker URL (its user is the `user_id` replicas check) and a command.
+//! Out: the stored state updated (so replicas starting later obey it) and every live replica's
+//! answer, collected over direct reply-to for a short while.
+
+use super::replica::{declare_control, read_state, store_state, ReplicaReply};
+use super::{transition, Actor, ControlCommand, ControlState};
+use crate::broker::{self, BrokerError, Outgoing, Publisher};
+use crate::settings::Settings;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// What an operator command reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub request_id: String,
+    /// The stored state after the command (for `status`: as read).
+    pub stored_state: Option<ControlState>,
+    /// Writer of the stored state.
+    pub stored_by: Option<String>,
+    pub replicas: Vec<ReplicaReply>,
+    /// Commands waiting in the commands queue.
+    pub queue_depth: Option<u32>,
+    pub note: Option<String>,
+}
+
+pub struct Operator<'a> {
+    pub settings: &'a Settings,
+    /// The operator's broker URL; its user must be in `control.operators`.
+    pub amqp_url: &'a str,
+    /// How long to collect replica answers.
+    pub wait: Duration,
+}
+
+fn user_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .map(|u| percent_encoding::percent_decode_str(u.username()).decode_utf8_lossy().into_owned())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
+impl Operator<'_> {
+    pub async fn run(&self, cmd: ControlCommand) -> Result<Report, OperatorError> {
+        let c = &self.settings.control;
+        let user = user_of(self.amqp_url);
+        let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
+        let ch = conn.create_channel().await?;
+        declare_control(&ch, c).await?;
+        let publisher = Publisher::open(&conn).await?;
+        let stored = read_state(&ch, &c.state_queue).await?;
+        let current = stored
+            .as_ref()
+            .and_then(|s| s.state.clone())
+            .unwrap_or_else(ControlState::initial);
+
+        let mut note = None;
+        let mut stored_state = stored.as_ref().and_then(|s| s.state.clone());
+        let mut stored_by = stored.as_ref().and_then(|s| s.writer.clone());
+        if !matches!(cmd, ControlCommand::Status { .. }) {
+            // Checked here for a clear error; every replica checks again.
+            let new = transition(&current, &cmd, &Actor::Operator(user.clone()))
+                .map_err(|r| OperatorError::Refused(r.to_string()))?;
+            if !c.operators.iter().any(|o| o == &user) {
+                return Err(OperatorError::Refused(format!(
+                    "{user} is not in control.operators; replicas would refuse it"
+                )));
+            }
+            store_state(&publisher, c, &new, &user).await?;
+            stored_state = Some(new);
+            stored_by = Some(user.clone());
+        }
+
+        // Direct reply-to: consume the pseudo-queue before publishing on the same channel.
+        let mut replies = publisher
+            .channel()
+            .basic_consume(
+                "amq.rabbitmq.reply-to".into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let sent = publisher
+            .publish(&Outgoing {
+                exchange: c.exchange.clone(),
+                routing_key: cmd.routing_key().into(),
+                body: serde_json::to_vec(&cmd).expect("serializes"),
+                message_type: "control",
+                user_id: Some(user.clone()),
+                reply_to: Some("amq.rabbitmq.reply-to".into()),
+                ..Default::default()
+            })
+            .await;
+        match sent {
+            Ok(()) => {}
+            Err(BrokerError::Unroutable { .. }) => {
+                note = Some("no live replica is listening; the stored state applies when replicas start".into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut replicas = Vec::new();
+        if note.is_none() {
+            let deadline = Instant::now() + self.wait;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, replies.next()).await {
+                    Ok(Some(Ok(d))) => {
+                        if let Ok(r) = serde_json::from_slice::<ReplicaReply>(&d.data) {
+                            if r.request_id == cmd.request_id() {
+                                replicas.push(r);
+                            }
+                        }
+                    }
+                    Ok(_) | Err(_) => break,
+                }
+            }
+        }
+        let depth = ch
+            .queue_declare(
+                self.settings.topology.commands_queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        let _ = conn.close(200, "done".into()).await;
+        replicas.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(Report {
+            request_id: cmd.request_id().to_owned(),
+            stored_state,
+            stored_by,
+            replicas,
+            queue_depth: depth,
+            note,
+        })
+    }
+}
+
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -1,0 +1,132 @@
+//! The automatic trip of Emergency-INT-E01: N unapproved attempts of a command type by one
+//! agent within a window pause the system. Pure: fed attempts, answers whether this one trips.
+
+use crate::intake::CommandType;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+
+/// One trip rule from config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TripRule {
+    pub command_type: CommandType,
+    /// Unapproved attempts (NEEDS_APPROVAL or BLOCKED) that trip.
+    pub count: usize,
+    pub window_secs: u64,
+}
+
+/// An unapproved attempt, as replicas share it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnapprovedAttempt {
+    pub agent: String,
+    pub command_type: CommandType,
+    pub action_id: String,
+    pub status: crate::outcome::Status,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The replica that processed it.
+    pub instance: String,
+}
+
+/// The decision to trip, with the evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trip {
+    pub agent: String,
+    pub command_type: CommandType,
+    pub attempts: Vec<UnapprovedAttempt>,
+    pub rule: TripRule,
+}
+
+impl Trip {
+    pub fn reason(&self) -> String {
+        let ids: Vec<&str> = self.attempts.iter().map(|a| a.action_id.as_str()).collect();
+        format!(
+            "automatic trip (Emergency-INT-E01): agent {} made {} unapproved {} attempts within {} s: {}",
+            self.agent,
+            self.attempts.len(),
+            self.command_type,
+            self.rule.window_secs,
+            ids.join(", ")
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TripWire {
+    rules: Vec<TripRule>,
+    seen: HashMap<(String, CommandType), VecDeque<UnapprovedAttempt>>,
+}
+
+impl TripWire {
+    pub fn new(rules: Vec<TripRule>) -> Self {
+        Self { rules, seen: HashMap::new() }
+    }
+
+    pub fn watches(&self, t: CommandType) -> bool {
+        self.rules.iter().any(|r| r.command_type == t)
+    }
+
+    /// Records one attempt; returns the trip when this attempt is exactly the Nth within the
+    /// window (so each burst trips once, on the attempt that crossed the line).
+    pub fn record(&mut self, a: UnapprovedAttempt) -> Option<Trip> {
+        let rule = self.rules.iter().find(|r| r.command_type == a.command_type)?.clone();
+        let q = self.seen.entry((a.agent.clone(), a.command_type)).or_default();
+        if q.iter().any(|s| s.action_id == a.action_id) {
+            return None; // the same attempt seen twice (a redelivery) counts once
+        }
+        let cutoff = a.at.saturating_sub(rule.window_secs);
+        q.retain(|s| s.at >= cutoff);
+        q.push_back(a.clone());
+        (q.len() == rule.count).then(|| Trip {
+            agent: a.agent.clone(),
+            command_type: a.command_type,
+            attempts: q.iter().cloned().collect(),
+            rule,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Status;
+
+    fn attempt(agent: &str, id: &str, at: u64) -> UnapprovedAttempt {
+        UnapprovedAttempt {
+            agent: agent.into(),
+            command_type: CommandType::RefreshToken,
+            action_id: id.into(),
+            status: Status::NeedsApproval,
+            at,
+            instance: "r1".into(),
+        }
+    }
+
+    fn wire() -> TripWire {
+        TripWire::new(vec![TripRule { command_type: CommandType::RefreshToken, count: 3, window_secs: 600 }])
+    }
+
+    #[test]
+    fn trips_on_the_nth_and_not_before() {
+        let mut w = wire();
+        assert!(w.record(attempt("a", "1", 100)).is_none());
+        assert!(w.record(attempt("a", "2", 200)).is_none());
+        assert!(w.record(attempt("b", "x", 250)).is_none(), "another agent");
+        let t = w.record(attempt("a", "3", 300)).expect("third trips");
+        assert_eq!(t.attempts.len(), 3);
+        assert!(t.reason().contains("agent a made 3 unapproved REFRESH_TOKEN attempts"));
+        assert!(w.record(attempt("a", "4", 310)).is_none(), "trips once per burst");
+    }
+
+    #[test]
+    fn the_window_slides_and_duplicates_count_once() {
+        let mut w = wire();
+        w.record(attempt("a", "1", 0));
+        w.record(attempt("a", "2", 10));
+        assert!(w.record(attempt("a", "2", 11)).is_none());
+        assert!(w.record(attempt("a", "3", 700)).is_none(), "1 and 2 are outside the window");
+        let mut other = wire();
+        other.rules.clear();
+        assert!(other.record(attempt("a", "1", 0)).is_none(), "no rule, no trip");
+    }
+}
