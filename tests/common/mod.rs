@@ -58,10 +58,13 @@ pub fn test_settings(sfx: &str) -> Settings {
 /// Every queue and exchange name a settings value uses.
 fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
     let t = &s.topology;
+    let c = &s.control;
     let mut queues = vec![
         t.commands_queue.clone(),
         t.dead_letter_queue.clone(),
         t.results_queue.clone(),
+        c.state_queue.clone(),
+        c.events_queue.clone(),
     ];
     queues.extend(
         t.alert_teams
