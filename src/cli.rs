@@ -217,19 +217,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pause { reason, op } => {
-            let cmd = ControlCommand::Pause { reason, request_id: new_request_id() };
+            let cmd = ControlCommand::Pause {
+                reason,
+                request_id: new_request_id(),
+            };
             operate(&settings, op, cmd).await
         }
-        Command::Resume { reason, lift_halt, op } => {
-            let cmd = ControlCommand::Resume { reason, lift_halt, request_id: new_request_id() };
+        Command::Resume {
+            reason,
+            lift_halt,
+            op,
+        } => {
+            let cmd = ControlCommand::Resume {
+                reason,
+                lift_halt,
+                request_id: new_request_id(),
+            };
             operate(&settings, op, cmd).await
         }
         Command::Halt { reason, op } => {
-            let cmd = ControlCommand::Halt { reason, request_id: new_request_id() };
+            let cmd = ControlCommand::Halt {
+                reason,
+                request_id: new_request_id(),
+            };
             operate(&settings, op, cmd).await
         }
         Command::Status { op } => {
-            let cmd = ControlCommand::Status { request_id: new_request_id() };
+            let cmd = ControlCommand::Status {
+                request_id: new_request_id(),
+            };
             operate(&settings, op, cmd).await
         }
         Command::CheckConfig => {
@@ -247,13 +263,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn operate(settings: &Settings, op: OperatorArgs, cmd: ControlCommand) -> anyhow::Result<ExitCode> {
+async fn operate(
+    settings: &Settings,
+    op: OperatorArgs,
+    cmd: ControlCommand,
+) -> anyhow::Result<ExitCode> {
     let url = op.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
-    let operator = Operator { settings, amqp_url: &url, wait: Duration::from_millis(op.wait_ms) };
+    let operator = Operator {
+        settings,
+        amqp_url: &url,
+        wait: Duration::from_millis(op.wait_ms),
+    };
     let report = operator.run(cmd).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     let refused = report.replicas.iter().any(|r| !r.accepted);
-    Ok(if refused { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if refused {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

@@ -47,7 +47,10 @@ pub async fn serve(
 
 async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
     if !c.state.connected.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the broker",
+        )
     } else if c.state.gate.mode() == Mode::Halted {
         (StatusCode::SERVICE_UNAVAILABLE, "halted (master shut-off)")
     } else {

@@ -6,6 +6,7 @@
 //! carries the disposition out and only then acks.
 
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
+use crate::control::gate::Gate;
 use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
     ReplyTarget,
@@ -16,7 +17,6 @@ use crate::outcome::{
     alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
 use crate::policy::{Decision, Handling, Policy};
-use crate::control::gate::Gate;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;

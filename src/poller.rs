@@ -15,11 +15,11 @@ use crate::control::replica::{Replica, ReplicaStats};
 use crate::control::trip::UnapprovedAttempt;
 use crate::control::Mode;
 use crate::intake::CommandType;
-use crate::outcome::{ResultMessage, Status};
 use crate::intake::{DecodeLimits, ReplyTarget};
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
+use crate::outcome::{ResultMessage, Status};
 use crate::pipeline::{Disposition, Inbound, Pipeline};
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, JudgeSettings, Settings};
@@ -30,8 +30,8 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -80,7 +80,12 @@ impl ReplicaStats for PollerState {
         self.processed.load(Ordering::SeqCst)
     }
     fn recent_results(&self) -> Vec<(String, Status)> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -345,13 +350,21 @@ impl Poller {
             tokio::spawn(async move { replica.listen(control_consumer, publisher).await })
         };
 
-        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default()).await?;
+        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
+            .await?;
         let mut mode = self.state.gate.watch();
-        let mut commands = CommandConsumer::new(ch.clone(), s.topology.commands_queue.clone(), self.instance.clone());
+        let mut commands = CommandConsumer::new(
+            ch.clone(),
+            s.topology.commands_queue.clone(),
+            self.instance.clone(),
+        );
         if self.state.gate.mode() == Mode::Running {
             commands.start().await?;
         } else {
-            tracing::warn!(mode = self.state.gate.mode().as_str(), "not consuming: the system is paused or halted");
+            tracing::warn!(
+                mode = self.state.gate.mode().as_str(),
+                "not consuming: the system is paused or halted"
+            );
         }
         self.state.connected.store(true, Ordering::SeqCst);
 
@@ -389,13 +402,19 @@ impl Poller {
             // Drain: stop deliveries, let in-flight commands finish within the drain timeout.
             let _ = commands.cancel().await;
             let drain = Duration::from_secs(s.processing.drain_timeout_secs);
-            tracing::info!(in_flight = tasks.len(), timeout_s = drain.as_secs(), "draining");
-            let drained = tokio::time::timeout(drain, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
+            tracing::info!(
+                in_flight = tasks.len(),
+                timeout_s = drain.as_secs(),
+                "draining"
+            );
+            let drained =
+                tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+                    .await;
             if drained.is_err() {
-                tracing::warn!(left = tasks.len(), "drain timeout; unfinished commands go back to the queue");
+                tracing::warn!(
+                    left = tasks.len(),
+                    "drain timeout; unfinished commands go back to the queue"
+                );
             }
         }
         // Lost session or drain timeout: whatever is unfinished is requeued when the channel
@@ -430,9 +449,14 @@ impl Poller {
             let disposition = pipeline.process(&inbound).await;
             if disposition.deferred.is_some() {
                 // Paused or halted before judges or bridge: back to the queue, unprocessed.
-                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
                 if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
-                    tracing::warn!("requeue not sent (channel gone); the broker requeues it on close");
+                    tracing::warn!(
+                        "requeue not sent (channel gone); the broker requeues it on close"
+                    );
                 }
                 return;
             }
@@ -441,7 +465,8 @@ impl Poller {
                     state.processed.fetch_add(1, Ordering::SeqCst);
                     if let Some(r) = &disposition.result {
                         state.record(r.action_id.as_deref(), r.status);
-                        if let Err(e) = report_unapproved(&publisher, &settings, &instance, r).await {
+                        if let Err(e) = report_unapproved(&publisher, &settings, &instance, r).await
+                        {
                             tracing::warn!(error = %e, "could not report the unapproved attempt to the trip");
                         }
                     }
@@ -480,7 +505,12 @@ impl Poller {
 
 /// Shares an unapproved attempt (NEEDS_APPROVAL or BLOCKED) of a watched type with every
 /// replica, so the trip counts attempts across all of them.
-async fn report_unapproved(publisher: &Publisher, settings: &Settings, instance: &str, r: &ResultMessage) -> Result<(), BrokerError> {
+async fn report_unapproved(
+    publisher: &Publisher,
+    settings: &Settings,
+    instance: &str,
+    r: &ResultMessage,
+) -> Result<(), BrokerError> {
     if !matches!(r.status, Status::NeedsApproval | Status::Blocked) {
         return Ok(());
     }
@@ -491,7 +521,12 @@ async fn report_unapproved(publisher: &Publisher, settings: &Settings, instance:
     ) else {
         return Ok(());
     };
-    if !settings.control.trips.iter().any(|rule| rule.command_type == t) {
+    if !settings
+        .control
+        .trips
+        .iter()
+        .any(|rule| rule.command_type == t)
+    {
         return Ok(());
     }
     let attempt = UnapprovedAttempt {
@@ -527,7 +562,13 @@ struct CommandConsumer {
 
 impl CommandConsumer {
     fn new(ch: lapin::Channel, queue: String, instance: String) -> Self {
-        Self { ch, queue, instance, active: None, draining: Vec::new() }
+        Self {
+            ch,
+            queue,
+            instance,
+            active: None,
+            draining: Vec::new(),
+        }
     }
 
     async fn start(&mut self) -> Result<(), lapin::Error> {
@@ -537,7 +578,12 @@ impl CommandConsumer {
         let tag = format!("{}-{}", self.instance, uuid::Uuid::new_v4().simple());
         let c = self
             .ch
-            .basic_consume(self.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         self.active = Some((tag, c));
         Ok(())
@@ -545,7 +591,9 @@ impl CommandConsumer {
 
     async fn cancel(&mut self) -> Result<(), lapin::Error> {
         if let Some((tag, c)) = self.active.take() {
-            self.ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await?;
+            self.ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
             self.draining.push(c);
         }
         Ok(())

@@ -296,7 +296,9 @@ impl Settings {
         }
         for (i, t) in self.control.trips.iter().enumerate() {
             if t.count == 0 || t.window_secs == 0 {
-                return bad(format!("control.trips[{i}]: count and window_secs must be at least 1"));
+                return bad(format!(
+                    "control.trips[{i}]: count and window_secs must be at least 1"
+                ));
             }
         }
         if self.panel.quorum > self.panel.judges.len() {
@@ -313,7 +315,11 @@ impl Settings {
     pub fn poller_user(&self) -> String {
         url::Url::parse(&self.amqp.url)
             .ok()
-            .map(|u| percent_encoding::percent_decode_str(u.username()).decode_utf8_lossy().into_owned())
+            .map(|u| {
+                percent_encoding::percent_decode_str(u.username())
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| "guest".into())
     }

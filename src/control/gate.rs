@@ -93,12 +93,18 @@ mod tests {
         let g = Gate::default();
         let t = g.begin_bridge().expect("running admits");
         assert_eq!(g.at_bridge(), 1);
-        g.set(ControlState { mode: Mode::Paused, ..ControlState::initial() });
+        g.set(ControlState {
+            mode: Mode::Paused,
+            ..ControlState::initial()
+        });
         assert!(g.begin_bridge().is_none());
         assert!(g.may_judge());
         drop(t);
         assert_eq!(g.at_bridge(), 0);
-        g.set(ControlState { mode: Mode::Halted, ..ControlState::initial() });
+        g.set(ControlState {
+            mode: Mode::Halted,
+            ..ControlState::initial()
+        });
         assert!(!g.may_judge());
         let mut w = g.watch();
         g.set(ControlState::initial());

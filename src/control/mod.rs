@@ -61,8 +61,14 @@ impl ControlState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlCommand {
-    Pause { reason: String, request_id: String },
-    Halt { reason: String, request_id: String },
+    Pause {
+        reason: String,
+        request_id: String,
+    },
+    Halt {
+        reason: String,
+        request_id: String,
+    },
     /// `lift_halt` is the explicit confirmation a halt needs to be lifted.
     Resume {
         #[serde(default)]
@@ -71,7 +77,9 @@ pub enum ControlCommand {
         lift_halt: bool,
         request_id: String,
     },
-    Status { request_id: String },
+    Status {
+        request_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -148,10 +156,23 @@ pub fn now() -> String {
 }
 
 /// The new state after `cmd` from `actor`, or why it is refused. `Status` never changes state.
-pub fn transition(current: &ControlState, cmd: &ControlCommand, actor: &Actor) -> Result<ControlState, Refusal> {
+pub fn transition(
+    current: &ControlState,
+    cmd: &ControlCommand,
+    actor: &Actor,
+) -> Result<ControlState, Refusal> {
     let by = match actor {
-        Actor::Other(u) => return Err(Refusal::NotOperator(u.clone().unwrap_or_else(|| "(no user_id)".into()))),
-        Actor::Poller(_) if !matches!(cmd, ControlCommand::Pause { .. } | ControlCommand::Status { .. }) => {
+        Actor::Other(u) => {
+            return Err(Refusal::NotOperator(
+                u.clone().unwrap_or_else(|| "(no user_id)".into()),
+            ))
+        }
+        Actor::Poller(_)
+            if !matches!(
+                cmd,
+                ControlCommand::Pause { .. } | ControlCommand::Status { .. }
+            ) =>
+        {
             return Err(Refusal::PollerMayOnlyPause)
         }
         a => a.name(),
@@ -172,10 +193,15 @@ pub fn transition(current: &ControlState, cmd: &ControlCommand, actor: &Actor) -
             Mode::Paused => Ok(current.clone()),
             Mode::Running => Ok(set(Mode::Paused, reason)),
         },
-        ControlCommand::Resume { reason, lift_halt, .. } => match current.mode {
+        ControlCommand::Resume {
+            reason, lift_halt, ..
+        } => match current.mode {
             Mode::Halted if !lift_halt => Err(Refusal::HaltNeedsConfirmation),
             Mode::Running => Ok(current.clone()),
-            _ => Ok(set(Mode::Running, if reason.is_empty() { "resumed" } else { reason })),
+            _ => Ok(set(
+                Mode::Running,
+                if reason.is_empty() { "resumed" } else { reason },
+            )),
         },
     }
 }
@@ -188,16 +214,29 @@ mod tests {
         Actor::Operator("ops".into())
     }
     fn pause() -> ControlCommand {
-        ControlCommand::Pause { reason: "E01".into(), request_id: "r1".into() }
+        ControlCommand::Pause {
+            reason: "E01".into(),
+            request_id: "r1".into(),
+        }
     }
     fn halt() -> ControlCommand {
-        ControlCommand::Halt { reason: "E02".into(), request_id: "r2".into() }
+        ControlCommand::Halt {
+            reason: "E02".into(),
+            request_id: "r2".into(),
+        }
     }
     fn resume(lift: bool) -> ControlCommand {
-        ControlCommand::Resume { reason: String::new(), lift_halt: lift, request_id: "r3".into() }
+        ControlCommand::Resume {
+            reason: String::new(),
+            lift_halt: lift,
+            request_id: "r3".into(),
+        }
     }
     fn state(mode: Mode) -> ControlState {
-        ControlState { mode, ..ControlState::initial() }
+        ControlState {
+            mode,
+            ..ControlState::initial()
+        }
     }
 
     #[test]
@@ -206,7 +245,10 @@ mod tests {
         assert_eq!(s.mode, Mode::Paused);
         assert_eq!(s.by, "ops");
         assert_eq!(s.reason, "E01");
-        assert_eq!(transition(&s, &resume(false), &op()).unwrap().mode, Mode::Running);
+        assert_eq!(
+            transition(&s, &resume(false), &op()).unwrap().mode,
+            Mode::Running
+        );
         let h = transition(&s, &halt(), &op()).unwrap();
         assert_eq!(h.mode, Mode::Halted);
     }
@@ -214,30 +256,61 @@ mod tests {
     #[test]
     fn a_halt_needs_the_confirmation_to_lift() {
         let h = state(Mode::Halted);
-        assert_eq!(transition(&h, &resume(false), &op()), Err(Refusal::HaltNeedsConfirmation));
-        assert_eq!(transition(&h, &resume(true), &op()).unwrap().mode, Mode::Running);
+        assert_eq!(
+            transition(&h, &resume(false), &op()),
+            Err(Refusal::HaltNeedsConfirmation)
+        );
+        assert_eq!(
+            transition(&h, &resume(true), &op()).unwrap().mode,
+            Mode::Running
+        );
         assert_eq!(transition(&h, &pause(), &op()), Err(Refusal::AlreadyHalted));
     }
 
     #[test]
     fn nobody_else_can() {
         for cmd in [pause(), halt(), resume(true)] {
-            let e = transition(&state(Mode::Paused), &cmd, &Actor::Other(Some("agent-7".into()))).unwrap_err();
+            let e = transition(
+                &state(Mode::Paused),
+                &cmd,
+                &Actor::Other(Some("agent-7".into())),
+            )
+            .unwrap_err();
             assert!(e.is_security_relevant());
             assert!(transition(&state(Mode::Paused), &cmd, &Actor::Other(None)).is_err());
         }
         let poller = Actor::Poller("poller".into());
-        assert_eq!(transition(&state(Mode::Running), &pause(), &poller).unwrap().mode, Mode::Paused);
-        assert_eq!(transition(&state(Mode::Paused), &resume(false), &poller), Err(Refusal::PollerMayOnlyPause));
-        assert_eq!(transition(&state(Mode::Running), &halt(), &poller), Err(Refusal::PollerMayOnlyPause));
+        assert_eq!(
+            transition(&state(Mode::Running), &pause(), &poller)
+                .unwrap()
+                .mode,
+            Mode::Paused
+        );
+        assert_eq!(
+            transition(&state(Mode::Paused), &resume(false), &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        assert_eq!(
+            transition(&state(Mode::Running), &halt(), &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
     }
 
     #[test]
     fn classify_by_user_id() {
         let ops = vec!["ops".to_string()];
-        assert_eq!(Actor::classify(Some("ops"), &ops, "poller"), Actor::Operator("ops".into()));
-        assert_eq!(Actor::classify(Some("poller"), &ops, "poller"), Actor::Poller("poller".into()));
-        assert_eq!(Actor::classify(Some("x"), &ops, "poller"), Actor::Other(Some("x".into())));
+        assert_eq!(
+            Actor::classify(Some("ops"), &ops, "poller"),
+            Actor::Operator("ops".into())
+        );
+        assert_eq!(
+            Actor::classify(Some("poller"), &ops, "poller"),
+            Actor::Poller("poller".into())
+        );
+        assert_eq!(
+            Actor::classify(Some("x"), &ops, "poller"),
+            Actor::Other(Some("x".into()))
+        );
         assert_eq!(Actor::classify(None, &ops, "poller"), Actor::Other(None));
     }
 }

@@ -50,7 +50,11 @@ pub struct Operator<'a> {
 fn user_of(url: &str) -> String {
     url::Url::parse(url)
         .ok()
-        .map(|u| percent_encoding::percent_decode_str(u.username()).decode_utf8_lossy().into_owned())
+        .map(|u| {
+            percent_encoding::percent_decode_str(u.username())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "guest".into())
 }
@@ -92,7 +96,10 @@ impl Operator<'_> {
             .basic_consume(
                 "amq.rabbitmq.reply-to".into(),
                 "".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -110,7 +117,10 @@ impl Operator<'_> {
         match sent {
             Ok(()) => {}
             Err(BrokerError::Unroutable { .. }) => {
-                note = Some("no live replica is listening; the stored state applies when replicas start".into());
+                note = Some(
+                    "no live replica is listening; the stored state applies when replicas start"
+                        .into(),
+                );
             }
             Err(e) => return Err(e.into()),
         }
@@ -137,7 +147,10 @@ impl Operator<'_> {
         let depth = ch
             .queue_declare(
                 self.settings.topology.commands_queue.as_str().into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await

@@ -14,8 +14,8 @@ use crate::outcome::{Alert, Priority, Status};
 use crate::settings::{ControlSettings, Settings};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
@@ -32,7 +32,10 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
     ch.exchange_declare(
         c.exchange.as_str().into(),
         ExchangeKind::Topic,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await?;
@@ -41,7 +44,10 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
     args.insert("x-max-length".into(), AMQPValue::LongInt(1));
     ch.queue_declare(
         c.state_queue.as_str().into(),
-        QueueDeclareOptions { durable: true, ..Default::default() },
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         args,
     )
     .await?;
@@ -49,7 +55,10 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
     args.insert("x-queue-type".into(), text("quorum"));
     ch.queue_declare(
         c.events_queue.as_str().into(),
-        QueueDeclareOptions { durable: true, ..Default::default() },
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         args,
     )
     .await?;
@@ -75,13 +84,22 @@ pub struct StoredState {
 /// read again a few times, since another reader may hold the message for a moment.
 pub async fn read_state(ch: &Channel, queue: &str) -> Result<Option<StoredState>, BrokerError> {
     for attempt in 0..4 {
-        if let Some(m) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await? {
+        if let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
             let d = m.delivery;
             let stored = StoredState {
                 state: serde_json::from_slice(&d.data).ok(),
                 writer: d.properties.user_id().as_ref().map(|u| u.to_string()),
             };
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
             return Ok(Some(stored));
         }
         if attempt < 3 {
@@ -92,7 +110,12 @@ pub async fn read_state(ch: &Channel, queue: &str) -> Result<Option<StoredState>
 }
 
 /// Replaces the stored state (persistent, confirmed). `user` must be the connection's user.
-pub async fn store_state(publisher: &Publisher, c: &ControlSettings, state: &ControlState, user: &str) -> Result<(), BrokerError> {
+pub async fn store_state(
+    publisher: &Publisher,
+    c: &ControlSettings,
+    state: &ControlState,
+    user: &str,
+) -> Result<(), BrokerError> {
     publisher
         .publish(&Outgoing {
             exchange: String::new(),
@@ -151,10 +174,22 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(settings: Arc<Settings>, gate: Arc<Gate>, instance: String, stats: Arc<dyn ReplicaStats>) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        gate: Arc<Gate>,
+        instance: String,
+        stats: Arc<dyn ReplicaStats>,
+    ) -> Self {
         let poller_user = settings.poller_user();
         let trip = Mutex::new(TripWire::new(settings.control.trips.clone()));
-        Self { settings, gate, instance, poller_user, trip, stats }
+        Self {
+            settings,
+            gate,
+            instance,
+            poller_user,
+            trip,
+            stats,
+        }
     }
 
     fn control(&self) -> &ControlSettings {
@@ -163,29 +198,49 @@ impl Replica {
 
     /// Declares, subscribes, then applies the stored state. Returns the consumer of this
     /// replica's control queue; nothing else is consumed before this returns.
-    pub async fn attach(&self, ch: &Channel, publisher: &Publisher) -> Result<lapin::Consumer, BrokerError> {
+    pub async fn attach(
+        &self,
+        ch: &Channel,
+        publisher: &Publisher,
+    ) -> Result<lapin::Consumer, BrokerError> {
         let c = self.control();
         declare_control(ch, c).await?;
         let q = ch
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
         for key in ["control.#", "attempt.#"] {
-            ch.queue_bind(q.name().clone(), c.exchange.as_str().into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-                .await?;
+            ch.queue_bind(
+                q.name().clone(),
+                c.exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
         // Subscribe before reading the state, so a change in between is not missed.
         let consumer = ch
-            .basic_consume(q.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                q.name().clone(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         match read_state(ch, &c.state_queue).await? {
             None => {}
-            Some(StoredState { state: Some(state), writer })
-                if writer.as_deref().is_some_and(|w| self.trusted_writer(w)) =>
-            {
+            Some(StoredState {
+                state: Some(state),
+                writer,
+            }) if writer.as_deref().is_some_and(|w| self.trusted_writer(w)) => {
                 if state.mode != self.gate.mode() {
                     tracing::warn!(mode = state.mode.as_str(), by = %state.by, reason = %state.reason, "applying the stored control state");
                 }
@@ -218,7 +273,11 @@ impl Replica {
     }
 
     /// Handles control deliveries until the consumer ends.
-    pub async fn listen(&self, mut consumer: lapin::Consumer, publisher: Publisher) -> Result<(), BrokerError> {
+    pub async fn listen(
+        &self,
+        mut consumer: lapin::Consumer,
+        publisher: Publisher,
+    ) -> Result<(), BrokerError> {
         while let Some(d) = consumer.next().await {
             let d = d?;
             let user = d.properties.user_id().as_ref().map(|u| u.to_string());
@@ -227,7 +286,8 @@ impl Replica {
             let outcome = if key.starts_with("attempt.") {
                 self.on_attempt(&d.data, user.as_deref(), &publisher).await
             } else {
-                self.on_control(&d.data, user.as_deref(), reply_to.as_deref(), &publisher).await
+                self.on_control(&d.data, user.as_deref(), reply_to.as_deref(), &publisher)
+                    .await
             };
             if let Err(e) = outcome {
                 if e.is_connection() {
@@ -254,14 +314,27 @@ impl Replica {
         }
     }
 
-    async fn on_control(&self, body: &[u8], user: Option<&str>, reply_to: Option<&str>, publisher: &Publisher) -> Result<(), BrokerError> {
+    async fn on_control(
+        &self,
+        body: &[u8],
+        user: Option<&str>,
+        reply_to: Option<&str>,
+        publisher: &Publisher,
+    ) -> Result<(), BrokerError> {
         let actor = Actor::classify(user, &self.control().operators, &self.poller_user);
         let cmd: ControlCommand = match serde_json::from_slice(body) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(actor = %actor.name(), error = %e, "unreadable control message refused");
                 if matches!(actor, Actor::Other(_)) {
-                    self.refused(publisher, &actor, "", &format!("unreadable control message: {e}"), true).await?;
+                    self.refused(
+                        publisher,
+                        &actor,
+                        "",
+                        &format!("unreadable control message: {e}"),
+                        true,
+                    )
+                    .await?;
                 }
                 return Ok(());
             }
@@ -270,10 +343,19 @@ impl Replica {
         if matches!(cmd, ControlCommand::Status { .. }) {
             if !matches!(actor, Actor::Operator(_)) {
                 let r = Refusal::NotOperator(actor.name());
-                self.refused(publisher, &actor, &request_id, &r.to_string(), true).await?;
-                return self.answer(publisher, reply_to, self.reply(&request_id, false, Some(r.to_string()))).await;
+                self.refused(publisher, &actor, &request_id, &r.to_string(), true)
+                    .await?;
+                return self
+                    .answer(
+                        publisher,
+                        reply_to,
+                        self.reply(&request_id, false, Some(r.to_string())),
+                    )
+                    .await;
             }
-            return self.answer(publisher, reply_to, self.reply(&request_id, true, None)).await;
+            return self
+                .answer(publisher, reply_to, self.reply(&request_id, true, None))
+                .await;
         }
         let current = self.gate.state();
         match transition(&current, &cmd, &actor) {
@@ -283,25 +365,55 @@ impl Replica {
                 self.gate.set(new.clone());
                 if changed {
                     tracing::warn!(mode = new.mode.as_str(), by = %new.by, reason = %new.reason, "control state changed");
-                    self.event(publisher, new.mode.as_str().to_ascii_lowercase().as_str(), &actor, &request_id, None).await?;
+                    self.event(
+                        publisher,
+                        new.mode.as_str().to_ascii_lowercase().as_str(),
+                        &actor,
+                        &request_id,
+                        None,
+                    )
+                    .await?;
                     if new.mode == Mode::Halted {
-                        let what = format!("MASTER SHUT-OFF: replica {} halted by {}: {}", self.instance, new.by, new.reason);
+                        let what = format!(
+                            "MASTER SHUT-OFF: replica {} halted by {}: {}",
+                            self.instance, new.by, new.reason
+                        );
                         let todo = "Emergency-INT-E02: disconnect the unauthorized integration at the provider, audit logs, deployment history and policy files, hold a post-mortem; lift with `command-poller resume --lift-halt` only afterwards.";
-                        self.alert(publisher, "security", Priority::High, &what, todo).await?;
-                        self.alert(publisher, "engineering", Priority::High, &what, todo).await?;
+                        self.alert(publisher, "security", Priority::High, &what, todo)
+                            .await?;
+                        self.alert(publisher, "engineering", Priority::High, &what, todo)
+                            .await?;
                     }
                 }
-                self.answer(publisher, reply_to, self.reply(&request_id, true, None)).await
+                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                    .await
             }
             Err(refusal) => {
                 tracing::warn!(actor = %actor.name(), refusal = %refusal, "control message refused");
-                self.refused(publisher, &actor, &request_id, &refusal.to_string(), refusal.is_security_relevant()).await?;
-                self.answer(publisher, reply_to, self.reply(&request_id, false, Some(refusal.to_string()))).await
+                self.refused(
+                    publisher,
+                    &actor,
+                    &request_id,
+                    &refusal.to_string(),
+                    refusal.is_security_relevant(),
+                )
+                .await?;
+                self.answer(
+                    publisher,
+                    reply_to,
+                    self.reply(&request_id, false, Some(refusal.to_string())),
+                )
+                .await
             }
         }
     }
 
-    async fn on_attempt(&self, body: &[u8], user: Option<&str>, publisher: &Publisher) -> Result<(), BrokerError> {
+    async fn on_attempt(
+        &self,
+        body: &[u8],
+        user: Option<&str>,
+        publisher: &Publisher,
+    ) -> Result<(), BrokerError> {
         // Only replicas report attempts.
         if user != Some(self.poller_user.as_str()) {
             tracing::warn!(user = ?user, "attempt report from a user that is not the poller; ignored");
@@ -311,7 +423,11 @@ impl Replica {
             return Ok(());
         };
         let own = attempt.instance == self.instance;
-        let trip = self.trip.lock().unwrap_or_else(|p| p.into_inner()).record(attempt);
+        let trip = self
+            .trip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(attempt);
         match trip {
             Some(t) if own => self.trip(publisher, t).await,
             _ => Ok(()),
@@ -322,7 +438,10 @@ impl Replica {
     async fn trip(&self, publisher: &Publisher, t: Trip) -> Result<(), BrokerError> {
         let reason = t.reason();
         let request_id = uuid::Uuid::new_v4().to_string();
-        let cmd = ControlCommand::Pause { reason: reason.clone(), request_id: request_id.clone() };
+        let cmd = ControlCommand::Pause {
+            reason: reason.clone(),
+            request_id: request_id.clone(),
+        };
         let actor = Actor::Poller(self.poller_user.clone());
         let Ok(new) = transition(&self.gate.state(), &cmd, &actor) else {
             return Ok(()); // halted already
@@ -340,8 +459,19 @@ impl Replica {
                 ..Default::default()
             })
             .await?;
-        self.event(publisher, "tripped", &actor, &request_id, Some(reason.clone())).await?;
-        let attempts: Vec<String> = t.attempts.iter().map(|a| format!("{} ({}, {})", a.action_id, a.status, a.instance)).collect();
+        self.event(
+            publisher,
+            "tripped",
+            &actor,
+            &request_id,
+            Some(reason.clone()),
+        )
+        .await?;
+        let attempts: Vec<String> = t
+            .attempts
+            .iter()
+            .map(|a| format!("{} ({}, {})", a.action_id, a.status, a.instance))
+            .collect();
         let what = format!(
             "Poller paused automatically: agent {} made {} unapproved {} attempts within {} s: {}",
             t.agent,
@@ -360,16 +490,41 @@ impl Replica {
         .await
     }
 
-    async fn refused(&self, publisher: &Publisher, actor: &Actor, request_id: &str, why: &str, alert: bool) -> Result<(), BrokerError> {
-        self.event(publisher, "refused", actor, request_id, Some(why.to_owned())).await?;
+    async fn refused(
+        &self,
+        publisher: &Publisher,
+        actor: &Actor,
+        request_id: &str,
+        why: &str,
+        alert: bool,
+    ) -> Result<(), BrokerError> {
+        self.event(
+            publisher,
+            "refused",
+            actor,
+            request_id,
+            Some(why.to_owned()),
+        )
+        .await?;
         if alert {
-            let what = format!("Refused a control message from {} on replica {}: {why}", actor.name(), self.instance);
+            let what = format!(
+                "Refused a control message from {} on replica {}: {why}",
+                actor.name(),
+                self.instance
+            );
             self.alert(publisher, "security", Priority::High, &what, "Find out who holds that broker user's credentials and why it tried to pull an operator lever; only operators may.").await?;
         }
         Ok(())
     }
 
-    async fn event(&self, publisher: &Publisher, kind: &str, actor: &Actor, request_id: &str, detail: Option<String>) -> Result<(), BrokerError> {
+    async fn event(
+        &self,
+        publisher: &Publisher,
+        kind: &str,
+        actor: &Actor,
+        request_id: &str,
+        detail: Option<String>,
+    ) -> Result<(), BrokerError> {
         let e = ControlEvent {
             kind: kind.to_owned(),
             instance: self.instance.clone(),
@@ -390,7 +545,12 @@ impl Replica {
             .await
     }
 
-    async fn answer(&self, publisher: &Publisher, reply_to: Option<&str>, reply: ReplicaReply) -> Result<(), BrokerError> {
+    async fn answer(
+        &self,
+        publisher: &Publisher,
+        reply_to: Option<&str>,
+        reply: ReplicaReply,
+    ) -> Result<(), BrokerError> {
         let Some(rt) = reply_to.filter(|r| r.starts_with("amq.rabbitmq.reply-to")) else {
             return Ok(());
         };
@@ -413,7 +573,14 @@ impl Replica {
         }
     }
 
-    async fn alert(&self, publisher: &Publisher, team: &str, priority: Priority, what: &str, todo: &str) -> Result<(), BrokerError> {
+    async fn alert(
+        &self,
+        publisher: &Publisher,
+        team: &str,
+        priority: Priority,
+        what: &str,
+        todo: &str,
+    ) -> Result<(), BrokerError> {
         let state = self.gate.state();
         let a = Alert {
             alert_id: uuid::Uuid::new_v4().to_string(),

@@ -59,7 +59,10 @@ pub struct TripWire {
 
 impl TripWire {
     pub fn new(rules: Vec<TripRule>) -> Self {
-        Self { rules, seen: HashMap::new() }
+        Self {
+            rules,
+            seen: HashMap::new(),
+        }
     }
 
     pub fn watches(&self, t: CommandType) -> bool {
@@ -69,8 +72,15 @@ impl TripWire {
     /// Records one attempt; returns the trip when this attempt is exactly the Nth within the
     /// window (so each burst trips once, on the attempt that crossed the line).
     pub fn record(&mut self, a: UnapprovedAttempt) -> Option<Trip> {
-        let rule = self.rules.iter().find(|r| r.command_type == a.command_type)?.clone();
-        let q = self.seen.entry((a.agent.clone(), a.command_type)).or_default();
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.command_type == a.command_type)?
+            .clone();
+        let q = self
+            .seen
+            .entry((a.agent.clone(), a.command_type))
+            .or_default();
         if q.iter().any(|s| s.action_id == a.action_id) {
             return None; // the same attempt seen twice (a redelivery) counts once
         }
@@ -103,7 +113,11 @@ mod tests {
     }
 
     fn wire() -> TripWire {
-        TripWire::new(vec![TripRule { command_type: CommandType::RefreshToken, count: 3, window_secs: 600 }])
+        TripWire::new(vec![TripRule {
+            command_type: CommandType::RefreshToken,
+            count: 3,
+            window_secs: 600,
+        }])
     }
 
     #[test]
@@ -114,8 +128,13 @@ mod tests {
         assert!(w.record(attempt("b", "x", 250)).is_none(), "another agent");
         let t = w.record(attempt("a", "3", 300)).expect("third trips");
         assert_eq!(t.attempts.len(), 3);
-        assert!(t.reason().contains("agent a made 3 unapproved REFRESH_TOKEN attempts"));
-        assert!(w.record(attempt("a", "4", 310)).is_none(), "trips once per burst");
+        assert!(t
+            .reason()
+            .contains("agent a made 3 unapproved REFRESH_TOKEN attempts"));
+        assert!(
+            w.record(attempt("a", "4", 310)).is_none(),
+            "trips once per burst"
+        );
     }
 
     #[test]
@@ -124,9 +143,15 @@ mod tests {
         w.record(attempt("a", "1", 0));
         w.record(attempt("a", "2", 10));
         assert!(w.record(attempt("a", "2", 11)).is_none());
-        assert!(w.record(attempt("a", "3", 700)).is_none(), "1 and 2 are outside the window");
+        assert!(
+            w.record(attempt("a", "3", 700)).is_none(),
+            "1 and 2 are outside the window"
+        );
         let mut other = wire();
         other.rules.clear();
-        assert!(other.record(attempt("a", "1", 0)).is_none(), "no rule, no trip");
+        assert!(
+            other.record(attempt("a", "1", 0)).is_none(),
+            "no rule, no trip"
+        );
     }
 }

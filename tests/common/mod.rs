@@ -525,3 +525,64 @@ pub fn cmd(
 pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
+
+/// Another replica of the poller in this process, with its own instance id.
+pub struct ReplicaHandle {
+    pub state: Arc<command_poller::poller::PollerState>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+    pub instance: String,
+}
+
+impl ReplicaHandle {
+    pub fn mode(&self) -> command_poller::control::Mode {
+        self.state.gate.mode()
+    }
+    pub fn connected(&self) -> bool {
+        self.state
+            .connected
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+impl Harness {
+    pub fn spawn_replica(&self, name: &str, panel: Option<Panel>) -> ReplicaHandle {
+        let mut settings = self.settings.clone();
+        settings.instance_id = format!("{}-{name}", self.settings.instance_id);
+        let policy = Arc::new(Policy::load(&settings.policy.file).unwrap());
+        let panel = panel.unwrap_or_else(|| build_panel(&settings).expect("panel builds"));
+        let bridge = bridge_client(&settings, &self.sim, self.secret.clone());
+        let poller = Poller::new(settings.clone(), policy, panel, bridge, None);
+        let state = poller.state();
+        let shutdown = self.shutdown.child_token();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { poller.run(token).await });
+        ReplicaHandle {
+            state,
+            shutdown,
+            task,
+            instance: settings.instance_id,
+        }
+    }
+
+    pub fn operator(&self) -> command_poller::control::operator::Operator<'_> {
+        command_poller::control::operator::Operator {
+            settings: &self.settings,
+            amqp_url: AMQP,
+            wait: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Polls `f` until it holds, or panics after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

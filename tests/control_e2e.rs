@@ -1,0 +1,427 @@
+//! Operator control with two replicas against the real broker: pause, resume, halt, the stored
+//! state, who may pull the levers, and the automatic trip of Emergency-INT-E01.
+
+mod common;
+
+use command_poller::control::operator::new_request_id;
+use command_poller::control::{ControlCommand, Mode};
+use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
+use command_poller::outcome::{Priority, Status};
+use common::*;
+use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn check(id: &str) -> serde_json::Value {
+    cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")
+}
+
+async fn both_ready(a: &ReplicaHandle, b: &ReplicaHandle) {
+    eventually("both replicas connected", Duration::from_secs(15), || {
+        a.connected() && b.connected()
+    })
+    .await;
+}
+
+fn pause(reason: &str) -> ControlCommand {
+    ControlCommand::Pause {
+        reason: reason.into(),
+        request_id: new_request_id(),
+    }
+}
+
+fn resume(lift_halt: bool) -> ControlCommand {
+    ControlCommand::Resume {
+        reason: "incident over".into(),
+        lift_halt,
+        request_id: new_request_id(),
+    }
+}
+
+#[tokio::test]
+async fn pause_stops_bridge_calls_on_both_replicas_and_resume_drains_everything_once() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        sim_latency: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let r1 = h.spawn_replica("r1", None);
+    let r2 = h.spawn_replica("r2", None);
+    both_ready(&r1, &r2).await;
+    for i in 0..20 {
+        h.send(&check(&format!("pr-{i}"))).await;
+    }
+    h.wait_until("some results", Duration::from_secs(20), |i| {
+        (i.results.len() >= 4).then_some(())
+    })
+    .await;
+
+    let report = h
+        .operator()
+        .run(pause("Emergency-INT-E01 drill"))
+        .await
+        .unwrap();
+    assert_eq!(report.replicas.len(), 2, "{report:?}");
+    assert!(report
+        .replicas
+        .iter()
+        .all(|r| r.accepted && r.state.mode == Mode::Paused));
+    assert_eq!(report.stored_state.as_ref().unwrap().mode, Mode::Paused);
+    assert_eq!(report.stored_state.as_ref().unwrap().by, "guest");
+    // Calls admitted before the acknowledgement finish; after that, none starts.
+    eventually(
+        "calls at the bridge to finish",
+        Duration::from_secs(10),
+        || r1.state.gate.at_bridge() == 0 && r2.state.gate.at_bridge() == 0,
+    )
+    .await;
+    let posts_at_pause = h.sim.calls().posts.values().sum::<u32>();
+    for i in 20..30 {
+        h.send(&check(&format!("pr-{i}"))).await;
+    }
+    settle().await;
+    settle().await;
+    assert_eq!(
+        h.sim.calls().posts.values().sum::<u32>(),
+        posts_at_pause,
+        "a bridge call started after the pause"
+    );
+    let done = h.inbox.lock().unwrap().results.len();
+    assert!(
+        h.queue_depth().await as usize >= 30 - done - 2,
+        "commands stay queued"
+    );
+    assert!(done < 30);
+
+    let report = h.operator().run(resume(false)).await.unwrap();
+    assert!(report
+        .replicas
+        .iter()
+        .all(|r| r.accepted && r.state.mode == Mode::Running));
+    h.wait_until("all 30 results", Duration::from_secs(30), |i| {
+        (i.results.len() >= 30).then_some(())
+    })
+    .await;
+    settle().await;
+    for i in 0..30 {
+        let id = format!("pr-{i}");
+        assert_eq!(h.results_for(&id), 1, "{id}");
+        assert_eq!(h.sim.executions(&id), 1, "{id}");
+    }
+    assert_eq!(h.queue_depth().await, 0);
+    r1.stop().await;
+    r2.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_started_while_paused_consumes_nothing() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    // Nobody is running: the pause is stored for replicas that start later.
+    let report = h.operator().run(pause("maintenance")).await.unwrap();
+    assert!(report.replicas.is_empty());
+    assert!(report.note.unwrap().contains("no live replica"));
+    let r = h.spawn_replica("late", None);
+    eventually("the replica to connect", Duration::from_secs(15), || {
+        r.connected()
+    })
+    .await;
+    assert_eq!(r.mode(), Mode::Paused);
+    for i in 0..3 {
+        h.send(&check(&format!("late-{i}"))).await;
+    }
+    settle().await;
+    assert_eq!(h.queue_depth().await, 3);
+    assert!(h.inbox.lock().unwrap().results.is_empty());
+    let status = h
+        .operator()
+        .run(ControlCommand::Status {
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.replicas.len(), 1);
+    let s = &status.replicas[0];
+    assert_eq!(s.state.mode, Mode::Paused);
+    assert_eq!(s.state.reason, "maintenance");
+    assert_eq!(s.state.by, "guest");
+    assert_eq!(status.queue_depth, Some(3));
+    h.operator().run(resume(false)).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(h.result(&format!("late-{i}")).await.status, Status::Success);
+    }
+    let status = h
+        .operator()
+        .run(ControlCommand::Status {
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.replicas[0].recent_results.len(), 3);
+    r.stop().await;
+}
+
+struct CountingJudge(Arc<AtomicUsize>);
+impl Judge for CountingJudge {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async {
+            Ok(Verdict::Approve {
+                reason: "ok".into(),
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn halt_stops_judges_and_bridge_alerts_and_needs_the_confirmation_to_lift() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let panel = Panel::new(
+        vec![(
+            Arc::new(CountingJudge(calls.clone())) as Arc<dyn Judge>,
+            Duration::from_secs(2),
+        )],
+        1,
+    );
+    let r = h.spawn_replica("h", Some(panel));
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+
+    let report = h
+        .operator()
+        .run(ControlCommand::Halt {
+            reason: "policy bypass suspected".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.replicas[0].state.mode, Mode::Halted);
+    let alerts = h
+        .wait_until("halt alerts", Duration::from_secs(10), |i| {
+            let a: Vec<_> = i
+                .alerts
+                .iter()
+                .filter(|(_, a)| a.summary.contains("MASTER SHUT-OFF"))
+                .cloned()
+                .collect();
+            (a.len() >= 2).then_some(a)
+        })
+        .await;
+    let mut keys: Vec<_> = alerts
+        .iter()
+        .map(|(rx, _)| rx.routing_key.clone())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["engineering.high", "security.high"]);
+    assert!(alerts
+        .iter()
+        .all(|(_, a)| a.priority == Priority::High && a.status.is_none()));
+
+    h.send(&cmd("halted-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    settle().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a judge was consulted while halted"
+    );
+    assert_eq!(h.sim.calls().posts.len(), 0);
+
+    // A plain resume is refused, by the CLI and by the replica.
+    let err = h.operator().run(resume(false)).await.unwrap_err();
+    assert!(err.to_string().contains("lift-halt"), "{err}");
+    let raw = serde_json::to_vec(&resume(false)).unwrap();
+    publish_control(&h, AMQP, "guest", "control.resume", &raw).await;
+    settle().await;
+    assert_eq!(r.mode(), Mode::Halted);
+
+    let report = h.operator().run(resume(true)).await.unwrap();
+    assert_eq!(report.replicas[0].state.mode, Mode::Running);
+    assert_eq!(h.result("halted-1").await.status, Status::Success);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+async fn publish_control(h: &Harness, url: &str, user: &str, key: &str, body: &[u8]) {
+    let conn = lapin::Connection::connect(url, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        h.settings.control.exchange.as_str().into(),
+        key.into(),
+        Default::default(),
+        body,
+        lapin::BasicProperties::default().with_user_id(user.into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+/// A throwaway broker user (an "agent"), deleted on drop.
+struct BrokerUser(String);
+impl BrokerUser {
+    fn create() -> Self {
+        let name = format!("t-agent-{}", suffix());
+        let run = |args: &[&str]| {
+            assert!(
+                std::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success(),
+                "{args:?}"
+            )
+        };
+        run(&["add_user", &name, "agent-pass"]);
+        run(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        Self(name)
+    }
+    fn url(&self) -> String {
+        format!("amqp://{}:agent-pass@127.0.0.1:5672/%2f", self.0)
+    }
+}
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_control_message_from_a_non_operator_is_refused_and_alerted() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("x", None);
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+    h.operator().run(pause("investigating")).await.unwrap();
+    let agent = tokio::task::spawn_blocking(BrokerUser::create)
+        .await
+        .unwrap();
+    // The agent tries to resume the paused poller with a well-formed control message.
+    let body = serde_json::to_vec(&resume(true)).unwrap();
+    publish_control(&h, &agent.url(), &agent.0, "control.resume", &body).await;
+    let alert = h
+        .wait_until("security alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("Refused a control message"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "security.high");
+    assert!(alert.1.summary.contains(&agent.0), "{}", alert.1.summary);
+    assert!(alert.1.summary.contains("not an operator"));
+    assert_eq!(r.mode(), Mode::Paused, "an agent resumed the poller");
+    // The CLI as that user is refused too, before anything is sent.
+    let s = h.settings.clone();
+    let op = command_poller::control::operator::Operator {
+        settings: &s,
+        amqp_url: &agent.url(),
+        wait: Duration::from_millis(500),
+    };
+    assert!(op.run(resume(false)).await.is_err());
+    assert_eq!(r.mode(), Mode::Paused);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn the_automatic_trip_fires_on_the_nth_unapproved_refresh_and_not_before() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let r1 = h.spawn_replica("t1", None);
+    let r2 = h.spawn_replica("t2", None);
+    both_ready(&r1, &r2).await;
+    // salesforce is not an approved integration: every refresh is NEEDS_APPROVAL.
+    for i in 1..=2 {
+        let id = format!("trip-{i}");
+        h.send(&cmd(&id, "REFRESH_TOKEN", "salesforce", "MEDIUM"))
+            .await;
+        assert_eq!(h.result(&id).await.status, Status::NeedsApproval);
+    }
+    settle().await;
+    assert_eq!(
+        (r1.mode(), r2.mode()),
+        (Mode::Running, Mode::Running),
+        "tripped before the third attempt"
+    );
+    h.send(&cmd("trip-3", "REFRESH_TOKEN", "salesforce", "MEDIUM"))
+        .await;
+    assert_eq!(h.result("trip-3").await.status, Status::NeedsApproval);
+    eventually("both replicas paused", Duration::from_secs(10), || {
+        r1.mode() == Mode::Paused && r2.mode() == Mode::Paused
+    })
+    .await;
+    let alert = h
+        .wait_until("trip alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("paused automatically"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "security.high");
+    for needle in ["agent guest", "trip-1", "trip-2", "trip-3", "REFRESH_TOKEN"] {
+        assert!(
+            alert.1.summary.contains(needle),
+            "{needle} missing from: {}",
+            alert.1.summary
+        );
+    }
+    // Exactly one replica tripped, so one alert.
+    settle().await;
+    let trips = h
+        .inbox
+        .lock()
+        .unwrap()
+        .alerts
+        .iter()
+        .filter(|(_, a)| a.summary.contains("paused automatically"))
+        .count();
+    assert_eq!(trips, 1);
+    // Recorded: the stored state says why, and new commands wait.
+    let status = h
+        .operator()
+        .run(ControlCommand::Status {
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    let stored = status.stored_state.unwrap();
+    assert_eq!(stored.mode, Mode::Paused);
+    assert!(
+        stored.reason.contains("automatic trip"),
+        "{}",
+        stored.reason
+    );
+    h.send(&check("after-trip-1")).await;
+    settle().await;
+    assert_eq!(h.results_for("after-trip-1"), 0);
+    assert_eq!(h.queue_depth().await, 1);
+    r1.stop().await;
+    r2.stop().await;
+}
