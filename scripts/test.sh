@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
 cargo test --all-targets "$@"
-if [ -d deploy/apps-script/test ]; then
-  node --test deploy/apps-script/test/
+# The Apps Script web app under Node (no npm packages needed).
+if ! command -v node >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs >/dev/null
 fi
+node --test deploy/apps-script/test/bridge.test.js

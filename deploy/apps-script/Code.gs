@@ -1,0 +1,388 @@
+/**
+ * MCP Orchestrator bridge: the Apps Script web app that command-poller calls.
+ *
+ * In:  POST /exec?ts=<unix seconds>&sig=<hex HMAC-SHA256(secret, ts + "." + body)> with JSON
+ *      {"action_id","command_type","params":{"service"},"agent","requested_at"}.
+ * Out: JSON {"status":"success", ...tool fields} or {"status":"error","error","retryable"}.
+ *      Apps Script serves it through a 302 to an echo URL, which the poller fetches with GET.
+ *
+ * Credentials live in Script Properties and never leave the script: answers carry statuses and
+ * expiry times, never a token. A repeated action_id is answered as it was the first time,
+ * without acting again.
+ */
+
+/**
+ * The one table to edit to add a service: its kind (how it is checked and refreshed), its
+ * endpoints, and the Script Properties that hold its credentials.
+ */
+var SERVICES = {
+  mailchimp: {
+    kind: 'api_key_ping',
+    // {dc} is the data center suffix of the API key (e.g. "us21" in "xxxx-us21").
+    pingUrl: 'https://{dc}.api.mailchimp.com/3.0/ping',
+    apiKeyProperty: 'MAILCHIMP_API_KEY'
+  },
+  meta: {
+    kind: 'meta_long_lived',
+    debugTokenUrl: 'https://graph.facebook.com/v19.0/debug_token',
+    exchangeUrl: 'https://graph.facebook.com/v19.0/oauth/access_token',
+    accessTokenProperty: 'META_ACCESS_TOKEN',
+    appIdProperty: 'META_APP_ID',
+    appSecretProperty: 'META_APP_SECRET',
+    expiresAtProperty: 'META_ACCESS_TOKEN_EXPIRES_AT'
+  },
+  google: {
+    kind: 'oauth2_refresh',
+    tokenUrl: 'https://oauth2.googleapis.com/token',
+    tokenInfoUrl: 'https://oauth2.googleapis.com/tokeninfo',
+    clientIdProperty: 'GOOGLE_CLIENT_ID',
+    clientSecretProperty: 'GOOGLE_CLIENT_SECRET',
+    refreshTokenProperty: 'GOOGLE_REFRESH_TOKEN',
+    accessTokenProperty: 'GOOGLE_ACCESS_TOKEN',
+    expiresAtProperty: 'GOOGLE_ACCESS_TOKEN_EXPIRES_AT'
+  }
+};
+
+/** Requests older or newer than this are refused (replays outside the window). */
+var MAX_SKEW_SECONDS = 300;
+/** How long answers are remembered for dedup (CacheService's maximum is 6 hours). */
+var ANSWER_TTL_SECONDS = 21600;
+/** How long a claim on an action_id holds while it executes (above the 6-minute cap). */
+var CLAIM_TTL_SECONDS = 420;
+var SECRET_PROPERTY = 'BRIDGE_SECRET';
+var COMMAND_TYPES = ['CHECK_INTEGRATION_STATUS', 'REFRESH_TOKEN', 'CONNECT_INTEGRATION'];
+
+function doPost(e) {
+  return json_(handle_(e));
+}
+
+/** A GET on /exec is not part of the contract. */
+function doGet() {
+  return json_(error_('this web app only answers POST requests from command-poller', false));
+}
+
+function json_(obj) {
+  return ContentService.createTextOutput(JSON.stringify(obj)).setMimeType(ContentService.MimeType.JSON);
+}
+
+function error_(message, retryable) {
+  return { status: 'error', error: message, retryable: !!retryable };
+}
+
+/** The whole request, as a pure-ish function of e (testable without ContentService). */
+function handle_(e) {
+  try {
+    var props = PropertiesService.getScriptProperties();
+    var secret = props.getProperty(SECRET_PROPERTY);
+    if (!secret) {
+      return error_('bridge not configured: Script Property ' + SECRET_PROPERTY + ' is not set', false);
+    }
+    var params = (e && e.parameter) || {};
+    var body = e && e.postData && typeof e.postData.contents === 'string' ? e.postData.contents : '';
+    var ts = parseInt(params.ts, 10);
+    if (!params.ts || isNaN(ts) || String(ts) !== String(params.ts)) {
+      return error_('missing or malformed ts', false);
+    }
+    var now = Math.floor(Date.now() / 1000);
+    if (Math.abs(now - ts) > MAX_SKEW_SECONDS) {
+      return error_('request timestamp outside the accepted window of ' + MAX_SKEW_SECONDS + ' s', false);
+    }
+    if (!verify_(secret, ts, body, params.sig)) {
+      return error_('bad signature', false);
+    }
+    var req;
+    try {
+      req = JSON.parse(body);
+    } catch (err) {
+      return error_('body is not JSON', false);
+    }
+    var invalid = validate_(req);
+    if (invalid) {
+      return error_(invalid, false);
+    }
+    return once_(req.action_id, function () {
+      return act_(req, props);
+    });
+  } catch (err) {
+    return error_('bridge internal error: ' + safeMessage_(err), isTransient_(err));
+  }
+}
+
+function validate_(req) {
+  if (!req || typeof req !== 'object' || Array.isArray(req)) return 'body must be a JSON object';
+  if (typeof req.action_id !== 'string' || !/^[A-Za-z0-9._:-]{1,128}$/.test(req.action_id)) return 'action_id: invalid';
+  if (COMMAND_TYPES.indexOf(req.command_type) < 0) return 'command_type: invalid';
+  if (!req.params || typeof req.params.service !== 'string' || !/^[a-z0-9]([a-z0-9_-]{0,62}[a-z0-9])?$/.test(req.params.service)) {
+    return 'params.service: invalid';
+  }
+  if (typeof req.agent !== 'string' || req.agent.length === 0 || req.agent.length > 64) return 'agent: invalid';
+  return null;
+}
+
+/** Lower-hex HMAC-SHA256 of ts + "." + body, compared in constant time. */
+function verify_(secret, ts, body, sig) {
+  if (typeof sig !== 'string' || !/^[0-9a-f]{64}$/.test(sig)) return false;
+  var expected = hex_(Utilities.computeHmacSha256Signature(ts + '.' + body, secret));
+  var diff = 0;
+  for (var i = 0; i < expected.length; i++) {
+    diff |= expected.charCodeAt(i) ^ sig.charCodeAt(i);
+  }
+  return diff === 0;
+}
+
+function hex_(bytes) {
+  var out = '';
+  for (var i = 0; i < bytes.length; i++) {
+    var b = (bytes[i] + 256) % 256;
+    out += (b < 16 ? '0' : '') + b.toString(16);
+  }
+  return out;
+}
+
+/**
+ * Runs fn at most once per action_id. The answer is remembered (unless it is a retryable
+ * error, so a retry can succeed); a duplicate gets the remembered answer. The script lock only
+ * guards the claim, so executions of different actions run concurrently.
+ */
+function once_(actionId, fn) {
+  var cache = CacheService.getScriptCache();
+  var doneKey = 'done:' + actionId;
+  var claimKey = 'claim:' + actionId;
+  var done = cache.get(doneKey);
+  if (done) return JSON.parse(done);
+  var lock = LockService.getScriptLock();
+  if (!lock.tryLock(10000)) {
+    return error_('bridge busy (lock timeout); retry', true);
+  }
+  try {
+    done = cache.get(doneKey);
+    if (done) return JSON.parse(done);
+    if (cache.get(claimKey)) {
+      return error_('action ' + actionId + ' is already being executed; retry for its answer', true);
+    }
+    cache.put(claimKey, '1', CLAIM_TTL_SECONDS);
+  } finally {
+    lock.releaseLock();
+  }
+  var answer;
+  try {
+    answer = fn();
+  } catch (err) {
+    answer = error_('bridge internal error: ' + safeMessage_(err), isTransient_(err));
+  }
+  if (!(answer.status === 'error' && answer.retryable)) {
+    cache.put(doneKey, JSON.stringify(answer), ANSWER_TTL_SECONDS);
+  }
+  cache.remove(claimKey);
+  return answer;
+}
+
+function act_(req, props) {
+  var service = req.params.service;
+  if (req.command_type === 'CONNECT_INTEGRATION') {
+    // Defence in depth for Emergency-INT-E02: whatever the poller sends.
+    return error_(
+      'CONNECT_INTEGRATION refused by bridge policy: new integrations require manual security and permissions review (runbook SOP-INT-03)',
+      false
+    );
+  }
+  var spec = SERVICES[service];
+  if (!spec) {
+    return error_('service ' + service + ' is not configured in the bridge', false);
+  }
+  var kind = KINDS[spec.kind];
+  if (req.command_type === 'CHECK_INTEGRATION_STATUS') return kind.check(service, spec, props);
+  return kind.refresh(service, spec, props);
+}
+
+function nowIso_() {
+  return new Date().toISOString();
+}
+
+function need_(props, name) {
+  var v = props.getProperty(name);
+  if (!v) throw new ConfigError_('Script Property ' + name + ' is not set');
+  return v;
+}
+
+function ConfigError_(message) {
+  this.message = message;
+  this.config = true;
+}
+
+/** Fetch that never throws on HTTP status, and turns transport failures into errors. */
+function fetch_(url, options) {
+  options = options || {};
+  options.muteHttpExceptions = true;
+  options.followRedirects = false;
+  try {
+    return UrlFetchApp.fetch(url, options);
+  } catch (err) {
+    throw new FetchError_(err);
+  }
+}
+
+function FetchError_(cause) {
+  this.message = 'request to the service failed: ' + safeMessage_(cause);
+  this.transient = true;
+}
+
+/** An answer for a service HTTP failure: 429 and 5xx are retryable, others are not. */
+function httpError_(service, what, resp) {
+  var code = resp.getResponseCode();
+  var detail = '';
+  try {
+    var j = JSON.parse(resp.getContentText());
+    // Only error codes and descriptions: never echo a body that could hold a credential.
+    var parts = [j.error && (j.error.type || j.error.code || j.error), j.error_description, j.title, j.detail,
+      j.error && j.error.message];
+    detail = parts.filter(function (p) { return typeof p === 'string' || typeof p === 'number'; }).join(': ');
+  } catch (err) {
+    detail = '';
+  }
+  return error_(service + ' ' + what + ' failed with HTTP ' + code + (detail ? ' (' + detail + ')' : ''),
+    code === 429 || code >= 500);
+}
+
+function safeMessage_(err) {
+  var m = err && err.message ? String(err.message) : String(err);
+  // UrlFetchApp messages quote the URL; strip query strings, which can carry tokens.
+  return m.replace(/\?[^\s"']*/g, '?…').slice(0, 300);
+}
+
+function isTransient_(err) {
+  if (err && err.config) return false;
+  if (err && err.transient) return true;
+  var m = safeMessage_(err);
+  return /too many times|timeout|timed out|address unavailable|temporarily|try again/i.test(m);
+}
+
+function form_(obj) {
+  return Object.keys(obj).map(function (k) {
+    return encodeURIComponent(k) + '=' + encodeURIComponent(obj[k]);
+  }).join('&');
+}
+
+/** How each kind of service is checked and refreshed. */
+var KINDS = {
+  api_key_ping: {
+    check: function (service, spec, props) {
+      var r = pingMailchimp_(service, spec, props);
+      if (r.status === 'error') return r;
+      return { status: 'success', integration_status: 'CONNECTED', last_checked: nowIso_() };
+    },
+    refresh: function (service, spec, props) {
+      // API keys don't expire: there is nothing to refresh, so confirm the key still works.
+      var r = pingMailchimp_(service, spec, props);
+      if (r.status === 'error') return r;
+      return {
+        status: 'success',
+        message: 'Token for ' + service + ' does not expire; verified it still works.',
+        new_token_expires_in: null
+      };
+    }
+  },
+  meta_long_lived: {
+    check: function (service, spec, props) {
+      var token;
+      try {
+        token = need_(props, spec.accessTokenProperty);
+        var appToken = need_(props, spec.appIdProperty) + '|' + need_(props, spec.appSecretProperty);
+      } catch (err) {
+        return error_(service + ': ' + err.message, false);
+      }
+      var resp = fetch_(spec.debugTokenUrl + '?' + form_({ input_token: token, access_token: appToken }), { method: 'get' });
+      if (resp.getResponseCode() !== 200) return httpError_(service, 'token check', resp);
+      var data = (JSON.parse(resp.getContentText()) || {}).data || {};
+      var status = data.is_valid ? 'CONNECTED' : 'TOKEN_INVALID';
+      var out = { status: 'success', integration_status: status, last_checked: nowIso_() };
+      if (data.expires_at) out.token_expires_at = new Date(data.expires_at * 1000).toISOString();
+      return out;
+    },
+    refresh: function (service, spec, props) {
+      var params;
+      try {
+        params = {
+          grant_type: 'fb_exchange_token',
+          client_id: need_(props, spec.appIdProperty),
+          client_secret: need_(props, spec.appSecretProperty),
+          fb_exchange_token: need_(props, spec.accessTokenProperty)
+        };
+      } catch (err) {
+        return error_(service + ': ' + err.message, false);
+      }
+      var resp = fetch_(spec.exchangeUrl + '?' + form_(params), { method: 'get' });
+      if (resp.getResponseCode() !== 200) return httpError_(service, 'token exchange', resp);
+      var j = JSON.parse(resp.getContentText());
+      if (!j.access_token) return error_(service + ' token exchange returned no token', false);
+      var expiresIn = j.expires_in || null;
+      var update = {};
+      update[spec.accessTokenProperty] = j.access_token;
+      if (expiresIn) update[spec.expiresAtProperty] = String(Math.floor(Date.now() / 1000) + expiresIn);
+      props.setProperties(update);
+      return { status: 'success', message: 'Token for ' + service + ' refreshed successfully.', new_token_expires_in: expiresIn };
+    }
+  },
+  oauth2_refresh: {
+    check: function (service, spec, props) {
+      var token = props.getProperty(spec.accessTokenProperty);
+      if (!props.getProperty(spec.refreshTokenProperty)) {
+        return { status: 'success', integration_status: 'NOT_CONNECTED', last_checked: nowIso_() };
+      }
+      if (!token) {
+        return { status: 'success', integration_status: 'TOKEN_EXPIRED', last_checked: nowIso_() };
+      }
+      var resp = fetch_(spec.tokenInfoUrl + '?' + form_({ access_token: token }), { method: 'get' });
+      var code = resp.getResponseCode();
+      if (code === 400 || code === 401) {
+        return { status: 'success', integration_status: 'TOKEN_EXPIRED', last_checked: nowIso_() };
+      }
+      if (code !== 200) return httpError_(service, 'token check', resp);
+      return { status: 'success', integration_status: 'CONNECTED', last_checked: nowIso_() };
+    },
+    refresh: function (service, spec, props) {
+      var payload;
+      try {
+        payload = {
+          grant_type: 'refresh_token',
+          client_id: need_(props, spec.clientIdProperty),
+          client_secret: need_(props, spec.clientSecretProperty),
+          refresh_token: need_(props, spec.refreshTokenProperty)
+        };
+      } catch (err) {
+        return error_(service + ': ' + err.message, false);
+      }
+      var resp = fetch_(spec.tokenUrl, {
+        method: 'post',
+        contentType: 'application/x-www-form-urlencoded',
+        payload: form_(payload)
+      });
+      if (resp.getResponseCode() !== 200) return httpError_(service, 'token refresh', resp);
+      var j = JSON.parse(resp.getContentText());
+      if (!j.access_token || !j.expires_in) return error_(service + ' token refresh returned no token', false);
+      var update = {};
+      update[spec.accessTokenProperty] = j.access_token;
+      update[spec.expiresAtProperty] = String(Math.floor(Date.now() / 1000) + j.expires_in);
+      if (j.refresh_token) update[spec.refreshTokenProperty] = j.refresh_token;
+      props.setProperties(update);
+      return { status: 'success', message: 'Token for ' + service + ' refreshed successfully.', new_token_expires_in: j.expires_in };
+    }
+  }
+};
+
+function pingMailchimp_(service, spec, props) {
+  var key;
+  try {
+    key = need_(props, spec.apiKeyProperty);
+  } catch (err) {
+    return error_(service + ': ' + err.message, false);
+  }
+  var dc = key.slice(key.lastIndexOf('-') + 1);
+  if (key.indexOf('-') < 0 || !/^[a-z]+[0-9]+$/.test(dc)) return error_(service + ': the API key has no data center suffix (xxxx-us21)', false);
+  var resp = fetch_(spec.pingUrl.replace('{dc}', dc), {
+    method: 'get',
+    headers: { Authorization: 'Basic ' + Utilities.base64Encode('anystring:' + key) }
+  });
+  if (resp.getResponseCode() !== 200) return httpError_(service, 'ping', resp);
+  return { status: 'success' };
+}

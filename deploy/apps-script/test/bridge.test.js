@@ -1,0 +1,209 @@
+// The Apps Script web app (Code.gs) under Node, with stand-ins for the Apps Script globals and a
+// local server playing Mailchimp, Meta and Google. Run: node --test deploy/apps-script/test/
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const { Worker } = require('node:worker_threads');
+const { load, event } = require('./support/gas');
+
+const SECRET = 'test-bridge-secret';
+const CREDS = {
+  BRIDGE_SECRET: SECRET,
+  MAILCHIMP_API_KEY: 'mc-secret-key-us21',
+  META_ACCESS_TOKEN: 'EAAG-old-token',
+  META_APP_ID: '1234',
+  META_APP_SECRET: 'meta-app-secret',
+  GOOGLE_CLIENT_ID: 'client-id.apps.googleusercontent.com',
+  GOOGLE_CLIENT_SECRET: 'google-client-secret',
+  GOOGLE_REFRESH_TOKEN: '1//refresh-token-value',
+  GOOGLE_ACCESS_TOKEN: 'ya29.old-access-token',
+};
+const SECRET_VALUES = ['mc-secret-key', 'EAAG-old-token', 'EAAG-new-long-lived-token', 'meta-app-secret', 'google-client-secret', '1//refresh-token-value', 'ya29.', SECRET];
+
+let worker;
+let port;
+test.before(async () => {
+  worker = new Worker(path.join(__dirname, 'support', 'fake-services.js'));
+  port = await new Promise((resolve) => worker.once('message', resolve));
+});
+test.after(() => worker.terminate());
+test.beforeEach(async () => {
+  await fetch(`http://127.0.0.1:${port}/_reset`, { method: 'POST' });
+});
+
+async function mode(service, m) {
+  await fetch(`http://127.0.0.1:${port}/_mode`, { method: 'POST', body: JSON.stringify({ service, mode: m }) });
+}
+async function calls() {
+  return (await (await fetch(`http://127.0.0.1:${port}/_calls`)).json());
+}
+function totalCalls(c, service) {
+  return Object.entries(c.calls).filter(([k]) => k.startsWith(service + ' ')).reduce((n, [, v]) => n + v, 0);
+}
+
+let seq = 0;
+function cmd(command_type, service, action_id) {
+  return { action_id: action_id || `act-${++seq}`, command_type, params: { service }, agent: 'agent-7', requested_at: new Date().toISOString() };
+}
+function post(env, body, opts) {
+  const out = env.gs.doPost(event(SECRET, body, opts));
+  assert.equal(out.mime, 'application/json', 'answers with ContentService JSON');
+  return JSON.parse(out.getContent());
+}
+function noSecrets(answer) {
+  const text = JSON.stringify(answer);
+  for (const s of SECRET_VALUES) assert.ok(!text.includes(s), `answer leaks ${s}: ${text}`);
+}
+
+test('CHECK_INTEGRATION_STATUS for each service', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  for (const service of ['mailchimp', 'meta', 'google']) {
+    const a = post(env, cmd('CHECK_INTEGRATION_STATUS', service));
+    assert.equal(a.status, 'success', JSON.stringify(a));
+    assert.equal(a.integration_status, 'CONNECTED');
+    assert.ok(!Number.isNaN(Date.parse(a.last_checked)));
+    noSecrets(a);
+  }
+  const c = await calls();
+  assert.equal(c.calls['mailchimp GET /3.0/ping'], 1);
+  assert.equal(c.seen.mailchimp, 'Basic ' + Buffer.from('anystring:mc-secret-key-us21').toString('base64'));
+  assert.equal(c.calls['meta GET /v19.0/debug_token'], 1);
+  assert.equal(c.calls['google GET /tokeninfo'], 1);
+  assert.ok(env.fetchLog.some((f) => f.url.startsWith('https://us21.api.mailchimp.com/3.0/ping')));
+});
+
+test('REFRESH_TOKEN for each service; Google stores the new token and expiry, results carry none', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const g = post(env, cmd('REFRESH_TOKEN', 'google'));
+  assert.deepEqual(g, { status: 'success', message: 'Token for google refreshed successfully.', new_token_expires_in: 3599 });
+  assert.equal(env.props.store.GOOGLE_ACCESS_TOKEN, 'ya29.fresh-access-token');
+  const expiresAt = Number(env.props.store.GOOGLE_ACCESS_TOKEN_EXPIRES_AT);
+  assert.ok(Math.abs(expiresAt - (Date.now() / 1000 + 3599)) < 5);
+  assert.equal((await calls()).seen.google, '1//refresh-token-value');
+
+  const m = post(env, cmd('REFRESH_TOKEN', 'meta'));
+  assert.equal(m.status, 'success');
+  assert.equal(m.new_token_expires_in, 5183944);
+  assert.equal(env.props.store.META_ACCESS_TOKEN, 'EAAG-new-long-lived-token');
+
+  const mc = post(env, cmd('REFRESH_TOKEN', 'mailchimp'));
+  assert.equal(mc.status, 'success');
+  assert.equal(mc.new_token_expires_in, null);
+  for (const a of [g, m, mc]) noSecrets(a);
+});
+
+test('a bad, missing or stale signature is refused and nothing is called', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const body = cmd('REFRESH_TOKEN', 'google');
+  const bad = post(env, body, { sig: 'f'.repeat(64) });
+  assert.deepEqual(bad, { status: 'error', error: 'bad signature', retryable: false });
+  const garbage = post(env, body, { sig: 'not-hex' });
+  assert.equal(garbage.error, 'bad signature');
+  const stale = post(env, body, { ts: Math.floor(Date.now() / 1000) - 301 });
+  assert.match(stale.error, /outside the accepted window/);
+  assert.equal(stale.retryable, false);
+  const future = post(env, body, { ts: Math.floor(Date.now() / 1000) + 400 });
+  assert.match(future.error, /outside the accepted window/);
+  const missing = JSON.parse(env.gs.doPost({ parameter: {}, postData: { contents: JSON.stringify(body) } }).getContent());
+  assert.match(missing.error, /ts/);
+  // A body changed after signing.
+  const e = event(SECRET, body);
+  e.postData.contents = JSON.stringify(Object.assign({}, body, { params: { service: 'meta' } }));
+  assert.equal(JSON.parse(env.gs.doPost(e).getContent()).error, 'bad signature');
+  assert.equal(Object.keys((await calls()).calls).length, 0);
+});
+
+test('a replayed request returns the first answer without acting again', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const e = event(SECRET, cmd('REFRESH_TOKEN', 'google', 'replay-1'));
+  const first = JSON.parse(env.gs.doPost(e).getContent());
+  const again = JSON.parse(env.gs.doPost(e).getContent());
+  assert.deepEqual(again, first);
+  assert.equal(totalCalls(await calls(), 'google'), 1);
+});
+
+test('a duplicate action_id is answered as the first time; the service is called once', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const first = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'dup-1'));
+  // A new, validly signed request (the poller's retry) with the same action_id.
+  const second = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'dup-1'));
+  assert.deepEqual(second, first);
+  assert.equal(totalCalls(await calls(), 'mailchimp'), 1);
+  // While a first call is still executing, a duplicate is told to retry, never run in parallel.
+  env.cache.put('claim:dup-2', '1', 60);
+  const busy = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'dup-2'));
+  assert.equal(busy.status, 'error');
+  assert.equal(busy.retryable, true);
+  assert.match(busy.error, /already being executed/);
+  assert.equal(totalCalls(await calls(), 'mailchimp'), 1);
+});
+
+test('CONNECT_INTEGRATION is refused by the bridge, naming the policy', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const a = post(env, cmd('CONNECT_INTEGRATION', 'salesforce'));
+  assert.equal(a.status, 'error');
+  assert.equal(a.retryable, false);
+  assert.match(a.error, /CONNECT_INTEGRATION refused by bridge policy/);
+  assert.match(a.error, /manual security and permissions review/);
+  const known = post(env, cmd('CONNECT_INTEGRATION', 'google'));
+  assert.match(known.error, /refused by bridge policy/);
+  assert.equal(Object.keys((await calls()).calls).length, 0);
+});
+
+test('service failures give a clear error with the right retryable', async () => {
+  const env = load({ props: CREDS, servicePort: port, fetchTimeoutMs: 700 });
+  await mode('google', '401');
+  const denied = post(env, cmd('REFRESH_TOKEN', 'google'));
+  assert.equal(denied.status, 'error');
+  assert.equal(denied.retryable, false);
+  assert.match(denied.error, /google token refresh failed with HTTP 401 \(invalid_grant: Token has been expired or revoked\.\)/);
+  assert.equal(env.props.store.GOOGLE_ACCESS_TOKEN, 'ya29.old-access-token', 'nothing stored on failure');
+
+  await mode('mailchimp', '500');
+  const down = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'mc-500'));
+  assert.equal(down.retryable, true);
+  assert.match(down.error, /mailchimp ping failed with HTTP 500/);
+
+  await mode('meta', 'hang');
+  const slow = post(env, cmd('CHECK_INTEGRATION_STATUS', 'meta'));
+  assert.equal(slow.status, 'error');
+  assert.equal(slow.retryable, true);
+  assert.match(slow.error, /request to the service failed: Timeout/);
+  assert.ok(!slow.error.includes('EAAG'), 'the query string (with the token) is not echoed');
+
+  // A retryable failure is not remembered: once the service is back, the same action runs.
+  await mode('mailchimp', 'ok');
+  const back = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'mc-500'));
+  assert.equal(back.status, 'success');
+  // A non-retryable one is: the same action_id gets the same refusal without a new call.
+  const before = totalCalls(await calls(), 'google');
+  const denied2 = post(env, cmd('REFRESH_TOKEN', 'google', 'g-401'));
+  assert.equal(denied2.status, 'error');
+  assert.equal(totalCalls(await calls(), 'google'), before + 1);
+  const denied3 = post(env, cmd('REFRESH_TOKEN', 'google', 'g-401'));
+  assert.deepEqual(denied3, denied2);
+  assert.equal(totalCalls(await calls(), 'google'), before + 1);
+});
+
+test('missing configuration and bad bodies are clear, non-retryable errors', async () => {
+  const env = load({ props: { BRIDGE_SECRET: SECRET }, servicePort: port });
+  const a = post(env, cmd('REFRESH_TOKEN', 'google'));
+  assert.equal(a.retryable, false);
+  assert.match(a.error, /Script Property GOOGLE_CLIENT_ID is not set/);
+  const unknown = post(env, cmd('CHECK_INTEGRATION_STATUS', 'hubspot'));
+  assert.match(unknown.error, /service hubspot is not configured/);
+  assert.match(post(env, 'not json').error, /not JSON/);
+  assert.match(post(env, { action_id: 'x y', command_type: 'REFRESH_TOKEN', params: { service: 'google' }, agent: 'a' }).error, /action_id/);
+  const unconfigured = load({ props: {}, servicePort: port });
+  const u = JSON.parse(unconfigured.gs.doPost(event(SECRET, cmd('REFRESH_TOKEN', 'google'))).getContent());
+  assert.match(u.error, /BRIDGE_SECRET is not set/);
+  assert.equal(JSON.parse(env.gs.doGet().getContent()).status, 'error');
+});
+
+test('the signature matches the poller\'s: HMAC-SHA256 over ts + "." + body, lower hex', () => {
+  // The same vector as the Rust unit test in src/bridge/signing.rs.
+  const env = load({ props: CREDS, servicePort: port });
+  assert.equal(env.gs.verify_('k', 1, 'x', '976cb87e4f568d1c0f03f32859e90af8597cf00b978ba37c229c97d3a15b8449'), true);
+  assert.equal(env.gs.verify_('k', 1, 'y', '976cb87e4f568d1c0f03f32859e90af8597cf00b978ba37c229c97d3a15b8449'), false);
+});

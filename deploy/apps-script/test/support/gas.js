@@ -1,0 +1,114 @@
+// Small stand-ins for the Apps Script globals Code.gs uses, and a loader that runs Code.gs in a
+// fresh context with them. UrlFetchApp does real HTTP (synchronously, through a child process),
+// with https://<host>/<path> rewritten to the local fake services.
+'use strict';
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const vm = require('node:vm');
+const { execFileSync } = require('node:child_process');
+
+const CODE = fs.readFileSync(path.join(__dirname, '..', '..', 'Code.gs'), 'utf8');
+const FETCH = path.join(__dirname, 'fetch-sync.js');
+
+function properties(initial) {
+  const store = Object.assign({}, initial);
+  return {
+    store,
+    getProperty: (k) => (k in store ? store[k] : null),
+    setProperty: (k, v) => { store[k] = String(v); },
+    setProperties: (o) => { for (const k of Object.keys(o)) store[k] = String(o[k]); },
+  };
+}
+
+function cache() {
+  const store = new Map();
+  return {
+    store,
+    get: (k) => {
+      const e = store.get(k);
+      return e && e.until > Date.now() ? e.value : null;
+    },
+    put: (k, v, ttl) => {
+      if (typeof v !== 'string') throw new Error('cache values are strings');
+      store.set(k, { value: v, until: Date.now() + (ttl || 600) * 1000 });
+    },
+    remove: (k) => store.delete(k),
+  };
+}
+
+function lock() {
+  let held = false;
+  return {
+    tryLock: () => (held ? false : (held = true)),
+    releaseLock: () => { held = false; },
+    hasLock: () => held,
+  };
+}
+
+function urlFetchApp(servicePort, log, timeoutMs) {
+  return {
+    fetch(url, params) {
+      params = params || {};
+      const u = new URL(url);
+      const local = `http://127.0.0.1:${servicePort}/${u.host}${u.pathname}${u.search}`;
+      const headers = Object.assign({}, params.headers || {});
+      if (params.contentType) headers['content-type'] = params.contentType;
+      const req = { url: local, method: (params.method || 'get').toUpperCase(), headers, body: params.payload, timeoutMs };
+      log.push({ url, method: req.method });
+      const out = JSON.parse(execFileSync(process.execPath, [FETCH], { input: JSON.stringify(req) }).toString());
+      if (out.error) throw new Error(out.error);
+      if (!params.muteHttpExceptions && out.status >= 400) throw new Error('Request failed for ' + url + ' returned code ' + out.status);
+      return {
+        getResponseCode: () => out.status,
+        getContentText: () => out.body,
+        getHeaders: () => out.headers,
+      };
+    },
+  };
+}
+
+/** Loads Code.gs with fresh stand-ins. Returns the context (doPost, handle_...) and the stand-ins. */
+function load({ props = {}, servicePort, fetchTimeoutMs = 1500 } = {}) {
+  const scriptProps = properties(props);
+  const scriptCache = cache();
+  const scriptLock = lock();
+  const fetchLog = [];
+  const sandbox = {
+    PropertiesService: { getScriptProperties: () => scriptProps },
+    CacheService: { getScriptCache: () => scriptCache },
+    LockService: { getScriptLock: () => scriptLock },
+    UrlFetchApp: urlFetchApp(servicePort, fetchLog, fetchTimeoutMs),
+    Utilities: {
+      computeHmacSha256Signature: (value, key) =>
+        Array.from(crypto.createHmac('sha256', key).update(value, 'utf8').digest()).map((b) => (b > 127 ? b - 256 : b)),
+      base64Encode: (s) => Buffer.from(s, 'utf8').toString('base64'),
+    },
+    ContentService: {
+      MimeType: { JSON: 'application/json' },
+      createTextOutput: (text) => ({
+        text,
+        mime: null,
+        setMimeType(m) { this.mime = m; return this; },
+        getContent() { return this.text; },
+      }),
+    },
+    Logger: { log: () => {} },
+    console,
+    Date,
+    JSON,
+    Math,
+  };
+  vm.createContext(sandbox);
+  vm.runInContext(CODE, sandbox, { filename: 'Code.gs' });
+  return { gs: sandbox, props: scriptProps, cache: scriptCache, lock: scriptLock, fetchLog };
+}
+
+/** A signed doPost event, as Apps Script builds it. */
+function event(secret, body, { ts = Math.floor(Date.now() / 1000), sig } = {}) {
+  const contents = typeof body === 'string' ? body : JSON.stringify(body);
+  const s = sig || crypto.createHmac('sha256', secret).update(`${ts}.${contents}`).digest('hex');
+  return { parameter: { ts: String(ts), sig: s }, postData: { contents, type: 'application/json' } };
+}
+
+module.exports = { load, event };
