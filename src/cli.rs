@@ -92,6 +92,33 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// The audit trail: sink, verify, show.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Consume the audit queue and append to a hash-chained JSON-lines file (one writer).
+    Sink {
+        #[arg(long, default_value = "audit.jsonl")]
+        file: PathBuf,
+    },
+    /// Check the chain (and the head file); report the first bad record.
+    Verify { file: PathBuf },
+    /// Print the records of one action, or of one agent since a time.
+    Show {
+        file: PathBuf,
+        #[arg(long)]
+        action_id: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// RFC 3339, e.g. 2026-11-24T00:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -248,6 +275,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             operate(&settings, op, cmd).await
         }
+        Command::Audit { command } => audit(&settings, command).await,
         Command::CheckConfig => {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
             println!(
@@ -258,6 +286,57 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 settings.policy.file.display(),
                 policy.digest()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    use crate::audit::chain;
+    match cmd {
+        AuditCommand::Sink { file } => {
+            let stop = CancellationToken::new();
+            tokio::spawn(watch_signals(stop.clone()));
+            let n = crate::audit::sink::run(settings, &file, stop).await?;
+            tracing::info!(appended = n, "audit sink stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { file } => {
+            let report = chain::verify(&file)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        AuditCommand::Show {
+            file,
+            action_id,
+            agent,
+            since,
+        } => {
+            if action_id.is_none() && agent.is_none() {
+                anyhow::bail!("give --action-id, or --agent (with --since if you like)");
+            }
+            let since = since
+                .map(|s| {
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                })
+                .transpose()
+                .context("--since must be RFC 3339, e.g. 2026-11-24T00:00:00Z")?;
+            let rows = chain::select(&file, |r| {
+                let at = r["at"].as_str().and_then(|a| {
+                    time::OffsetDateTime::parse(a, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+                action_id.as_deref().is_none_or(|a| r["action_id"] == a)
+                    && agent.as_deref().is_none_or(|a| r["agent"] == a)
+                    && since.is_none_or(|s| at.is_some_and(|at| at >= s))
+            })?;
+            for row in rows {
+                println!("{}", serde_json::to_string(&row)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! In: the poller's live [`PollerState`]. Out: `/healthz` (the process is alive), `/readyz`
 //! (connected, topology declared, control state applied, and not halted: 200, else 503) and
-//! `/status` (JSON).
+//! `/status` (JSON) and `/metrics` (Prometheus).
 
 use crate::control::replica::ReplicaStats;
 use crate::control::Mode;
@@ -35,6 +35,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(Ctx { state, instance });
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
@@ -56,6 +57,20 @@ async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::OK, "ready")
     }
+}
+
+async fn metrics(State(c): State<Ctx>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let body = c.state.metrics.render(
+        c.state.in_flight.load(Ordering::SeqCst),
+        c.state.gate.mode(),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {

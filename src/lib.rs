@@ -7,6 +7,7 @@
 //! RabbitMQ boundary.
 
 pub mod agent;
+pub mod audit;
 pub mod bridge;
 pub mod broker;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod control;
 pub mod health;
 pub mod intake;
 pub mod judging;
+pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod policy;

@@ -5,6 +5,7 @@
 //! message must be copied to the dead-letter queue. No broker I/O happens here; the poller
 //! carries the disposition out and only then acks.
 
+use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
 use crate::control::gate::Gate;
 use crate::intake::{
@@ -17,6 +18,7 @@ use crate::outcome::{
     alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
 use crate::policy::{Decision, Handling, Policy};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -41,7 +43,7 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
-/// Everything to publish for one command, in order: dead letter, result, reply, alerts; or,
+/// Everything to publish for one command, in order: dead letter, result, reply, alerts, audit; or,
 /// when `deferred`, nothing: the command goes back to the queue unprocessed.
 #[derive(Debug, Clone)]
 pub struct Disposition {
@@ -53,6 +55,8 @@ pub struct Disposition {
     pub reply: ReplyTarget,
     pub alerts: Vec<Alert>,
     pub dead_letter: Option<DeadLetter>,
+    /// What happened, for the audit record (the poller adds what it publishes).
+    pub audit: Vec<AuditEvent>,
 }
 
 pub struct Pipeline {
@@ -134,6 +138,13 @@ impl Pipeline {
 
     async fn process_inner(&self, msg: &Inbound) -> Disposition {
         let span = tracing::Span::current();
+        let mut trail = vec![AuditEvent::Received {
+            at: now_rfc3339(),
+            payload_sha256: hex::encode(Sha256::digest(&msg.payload)),
+            payload_bytes: msg.payload.len(),
+            routing_key: msg.routing_key.clone(),
+            redelivered: msg.redelivered,
+        }];
         let mut draft = Draft {
             received_at: now_rfc3339(),
             instance: self.instance.clone(),
@@ -169,6 +180,7 @@ impl Pipeline {
                     .action_id
                     .is_some()
                     .then(|| draft.rejected(e.field(), e.to_string()));
+                trail.push(rejected_event(e.field(), &e.to_string()));
                 return Disposition {
                     deferred: None,
                     result,
@@ -178,6 +190,7 @@ impl Pipeline {
                         field: e.field().to_owned(),
                         reason: e.to_string(),
                     }),
+                    audit: trail,
                 };
             }
         };
@@ -196,7 +209,8 @@ impl Pipeline {
             Err(e) => {
                 tracing::warn!(error = %e, "command refused: identity");
                 let reply = lenient_reply(msg.reply_to.as_deref(), broker_agent.as_ref());
-                return self.conclude(draft.rejected(e.field(), e.to_string()), reply);
+                trail.push(rejected_event(e.field(), &e.to_string()));
+                return self.conclude(draft.rejected(e.field(), e.to_string()), reply, trail);
             }
         };
         span.record("agent", agent.id.as_str());
@@ -206,7 +220,12 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "command refused: reply_to");
-                return self.conclude(draft.rejected("reply_to", e.to_string()), ReplyTarget::None);
+                trail.push(rejected_event("reply_to", &e.to_string()));
+                return self.conclude(
+                    draft.rejected("reply_to", e.to_string()),
+                    ReplyTarget::None,
+                    trail,
+                );
             }
         };
 
@@ -224,6 +243,15 @@ impl Pipeline {
             );
         }
         tracing::info!(handling = ?decision.handling, "policy decided");
+        trail.push(AuditEvent::PolicyDecision {
+            at: now_rfc3339(),
+            handling: format!("{:?}", decision.handling).to_ascii_uppercase(),
+            declared_severity: decision.declared_severity.to_string(),
+            effective_severity: decision.effective_severity.to_string(),
+            severity_mismatch: decision.severity_mismatch,
+            rationale: decision.rationale.clone(),
+            policy_sha256: self.policy.digest().to_owned(),
+        });
 
         let result = match decision.handling {
             Handling::Block => Ok(draft.finish(Status::Blocked, decision.rationale.clone())),
@@ -246,6 +274,7 @@ impl Pipeline {
                     reply: ReplyTarget::None,
                     alerts: Vec::new(),
                     dead_letter: None,
+                    audit: trail,
                 };
             }
         };
@@ -255,18 +284,54 @@ impl Pipeline {
             cmd.action_id.as_str(),
             result.status,
         );
-        self.conclude(result, reply)
+        self.conclude(result, reply, trail)
     }
 
-    fn conclude(&self, result: ResultMessage, reply: ReplyTarget) -> Disposition {
+    fn conclude(
+        &self,
+        result: ResultMessage,
+        reply: ReplyTarget,
+        mut trail: Vec<AuditEvent>,
+    ) -> Disposition {
         let alerts = alerts_for(&self.policy, &result);
         tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
+        for j in &result.judges {
+            trail.push(AuditEvent::JudgeVerdict {
+                at: now_rfc3339(),
+                judge: j.name.clone(),
+                verdict: format!("{:?}", j.verdict).to_ascii_lowercase(),
+                reason: j.reason.clone(),
+                ms: j.ms,
+                cause: j.cause.clone(),
+            });
+        }
+        if let Some(b) = &result.bridge {
+            trail.push(AuditEvent::BridgeCall {
+                at: now_rfc3339(),
+                attempts: b.attempts,
+                ms: b.ms,
+                outcome: if b.error.is_none() {
+                    "success"
+                } else {
+                    "error"
+                }
+                .into(),
+                error: b.error.clone(),
+                integration_status: result
+                    .tool_result
+                    .as_ref()
+                    .and_then(|t| t.get("integration_status"))
+                    .and_then(|s| s.as_str())
+                    .map(str::to_owned),
+            });
+        }
         Disposition {
             deferred: None,
             result: Some(result),
             reply,
             alerts,
             dead_letter: None,
+            audit: trail,
         }
     }
 
@@ -367,6 +432,14 @@ impl Pipeline {
                 Ok(r)
             }
         }
+    }
+}
+
+fn rejected_event(field: &str, reason: &str) -> AuditEvent {
+    AuditEvent::Rejected {
+        at: now_rfc3339(),
+        field: field.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! in-flight commands on shutdown. Anything unacked when a connection goes away is requeued by
 //! the broker; the bridge's dedup by action_id makes a re-run after a lost ack safe.
 
+use crate::audit::{self, AuditEvent, AuditRecord};
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
@@ -19,6 +20,7 @@ use crate::intake::{DecodeLimits, ReplyTarget};
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
+use crate::metrics::Metrics;
 use crate::outcome::{ResultMessage, Status};
 use crate::pipeline::{Disposition, Inbound, Pipeline};
 use crate::policy::Policy;
@@ -57,6 +59,7 @@ pub struct PollerState {
     pub processed: AtomicUsize,
     /// The operator gate (running / paused / halted).
     pub gate: Arc<Gate>,
+    pub metrics: Metrics,
     recent: Mutex<VecDeque<(String, Status)>>,
 }
 
@@ -334,6 +337,7 @@ impl Poller {
         let publisher = Publisher::open(publish_conn).await?;
         let ch = consume_conn.create_channel().await?;
         broker::declare(&ch, &s.topology).await?;
+        broker::declare_audit(&ch, &s.audit).await?;
 
         // Control first: the stored state is applied before any command is consumed.
         let replica = Arc::new(Replica::new(
@@ -448,6 +452,7 @@ impl Poller {
             };
             let disposition = pipeline.process(&inbound).await;
             if disposition.deferred.is_some() {
+                state.metrics.observe(&disposition);
                 // Paused or halted before judges or bridge: back to the queue, unprocessed.
                 let requeue = BasicNackOptions {
                     requeue: true,
@@ -460,9 +465,10 @@ impl Poller {
                 }
                 return;
             }
-            match carry_out(&publisher, &settings, &inbound, &disposition).await {
+            match carry_out(&publisher, &settings, &instance, &inbound, &disposition).await {
                 Ok(()) => {
                     state.processed.fetch_add(1, Ordering::SeqCst);
+                    state.metrics.observe(&disposition);
                     if let Some(r) = &disposition.result {
                         state.record(r.action_id.as_deref(), r.status);
                         if let Err(e) = report_unapproved(&publisher, &settings, &instance, r).await
@@ -479,6 +485,7 @@ impl Poller {
                     }
                 }
                 Err(e) => {
+                    state.metrics.publish_failed();
                     tracing::error!(error = %e, "could not publish the outcome; the command is not acked");
                     if e.is_connection() {
                         broken.cancel();
@@ -660,15 +667,12 @@ fn header(v: &str) -> AMQPValue {
 pub async fn carry_out(
     publisher: &Publisher,
     settings: &Settings,
+    instance: &str,
     inbound: &Inbound,
     d: &Disposition,
 ) -> Result<(), BrokerError> {
     let t = &settings.topology;
-    let instance = d
-        .result
-        .as_ref()
-        .map(|r| r.poller_instance.clone())
-        .unwrap_or_default();
+    let mut trail = d.audit.clone();
     if let Some(dl) = &d.dead_letter {
         let mut headers = FieldTable::default();
         headers.insert("x-poller-reason".into(), header(&dl.reason));
@@ -680,7 +684,7 @@ pub async fn carry_out(
         if let Some(u) = &inbound.user_id {
             headers.insert("x-original-user-id".into(), header(u));
         }
-        headers.insert("x-poller-instance".into(), header(&instance));
+        headers.insert("x-poller-instance".into(), header(instance));
         publisher
             .publish(&Outgoing {
                 exchange: t.dead_letter_exchange.clone(),
@@ -692,6 +696,10 @@ pub async fn carry_out(
                 ..Default::default()
             })
             .await?;
+        trail.push(AuditEvent::DeadLettered {
+            at: audit::now(),
+            reason: dl.reason.clone(),
+        });
     }
     if let Some(result) = &d.result {
         let body = serde_json::to_vec(result).expect("result serializes");
@@ -705,6 +713,12 @@ pub async fn carry_out(
                 ..Default::default()
             })
             .await?;
+        trail.push(AuditEvent::ResultPublished {
+            at: audit::now(),
+            status: result.status.to_string(),
+            routing_key: result.status.routing_key(),
+            rationale: result.rationale.clone(),
+        });
         if let Some(queue) = d.reply.routing_key() {
             let reply = Outgoing {
                 exchange: String::new(),
@@ -737,6 +751,33 @@ pub async fn carry_out(
                 ..Default::default()
             })
             .await?;
+        trail.push(AuditEvent::AlertSent {
+            at: audit::now(),
+            team: alert.team.clone(),
+            priority: alert.priority.as_str().to_owned(),
+        });
     }
-    Ok(())
+    // The command's events together, confirmed before the command is acked.
+    let record = AuditRecord {
+        kind: "command".into(),
+        action_id: d.result.as_ref().and_then(|r| r.action_id.clone()),
+        agent: d
+            .result
+            .as_ref()
+            .and_then(|r| r.agent.as_ref().map(|a| a.id.clone()))
+            .or_else(|| inbound.user_id.clone()),
+        instance: instance.to_owned(),
+        at: audit::now(),
+        events: trail,
+    };
+    publisher
+        .publish(&Outgoing {
+            exchange: settings.audit.exchange.clone(),
+            routing_key: "audit.command".into(),
+            body: serde_json::to_vec(&record).expect("serializes"),
+            correlation_id: record.action_id.clone(),
+            message_type: "audit",
+            ..Default::default()
+        })
+        .await
 }

@@ -23,6 +23,7 @@ pub struct Settings {
     pub logging: LoggingSettings,
     pub health: HealthSettings,
     pub control: ControlSettings,
+    pub audit: AuditSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -225,6 +226,15 @@ pub struct ControlSettings {
     /// Automatic trips (Emergency-INT-E01), per command type.
     #[serde(default)]
     pub trips: Vec<crate::control::trip::TripRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Topic exchange audit records are published to (`audit.command`, `audit.control`).
+    pub exchange: String,
+    /// Durable queue bound `audit.#`, consumed by `command-poller audit sink`.
+    pub queue: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

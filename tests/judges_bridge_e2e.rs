@@ -268,16 +268,41 @@ async fn the_bridge_refuses_a_bad_signature() {
 async fn an_apps_script_quota_page_is_retried_and_reported() {
     let h = Harness::start(Options::default()).await;
     let quota = "Service invoked too many times for one day: urlfetch.";
-    h.sim.fail_next_posts([Fault::Html { message: quota.into() }]);
-    h.send(&cmd("quota-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    h.sim.fail_next_posts([Fault::Html {
+        message: quota.into(),
+    }]);
+    h.send(&cmd(
+        "quota-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h.result("quota-1").await;
-    assert_eq!(r.status, Status::Success, "a quota page is retryable: {}", r.rationale);
+    assert_eq!(
+        r.status,
+        Status::Success,
+        "a quota page is retryable: {}",
+        r.rationale
+    );
     assert_eq!(r.bridge.unwrap().attempts, 2);
     assert_eq!(h.sim.executions("quota-1"), 1);
     // When it persists past the budget, the page's message is in the result.
-    let h2 = Harness::start(Options { tweak: Box::new(|s| s.bridge.retry_budget_secs = 1), ..Default::default() }).await;
-    h2.sim.fail_next_posts((0..100).map(|_| Fault::Html { message: quota.into() }));
-    h2.send(&cmd("quota-2", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")).await;
+    let h2 = Harness::start(Options {
+        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        ..Default::default()
+    })
+    .await;
+    h2.sim.fail_next_posts((0..100).map(|_| Fault::Html {
+        message: quota.into(),
+    }));
+    h2.send(&cmd(
+        "quota-2",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
     let r = h2.result("quota-2").await;
     assert_eq!(r.status, Status::Failed);
     assert!(r.rationale.contains(quota), "{}", r.rationale);

@@ -8,7 +8,7 @@ mod publisher;
 mod topology;
 
 pub use publisher::{Outgoing, Publisher};
-pub use topology::{declare, Topology};
+pub use topology::{declare, declare_audit, Topology};
 
 use lapin::{Connection, ConnectionProperties};
 

@@ -123,3 +123,18 @@ async fn bound_queue(
     .await?;
     Ok(())
 }
+
+/// Declares the audit exchange and the durable queue the audit sink consumes.
+pub async fn declare_audit(
+    ch: &Channel,
+    a: &crate::settings::AuditSettings,
+) -> Result<(), BrokerError> {
+    ch.exchange_declare(
+        a.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    bound_queue(ch, &a.queue, &a.exchange, "audit.#").await
+}

@@ -9,6 +9,7 @@
 use super::gate::Gate;
 use super::trip::{Trip, TripWire, UnapprovedAttempt};
 use super::{transition, Actor, ControlCommand, ControlState, Mode, Refusal};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::broker::{BrokerError, Outgoing, Publisher};
 use crate::outcome::{Alert, Priority, Status};
 use crate::settings::{ControlSettings, Settings};
@@ -540,6 +541,32 @@ impl Replica {
                 routing_key: format!("event.{kind}"),
                 body: serde_json::to_vec(&e).expect("serializes"),
                 message_type: "control_event",
+                ..Default::default()
+            })
+            .await?;
+        // One audit record per control change.
+        let record = AuditRecord {
+            kind: "control".into(),
+            action_id: None,
+            agent: None,
+            instance: self.instance.clone(),
+            at: e.at.clone(),
+            events: vec![AuditEvent::ControlChange {
+                at: e.at.clone(),
+                kind: e.kind.clone(),
+                actor: e.actor.clone(),
+                request_id: e.request_id.clone(),
+                mode: e.state.mode.as_str().to_owned(),
+                reason: e.state.reason.clone(),
+                detail: e.detail.clone(),
+            }],
+        };
+        publisher
+            .publish(&Outgoing {
+                exchange: self.settings.audit.exchange.clone(),
+                routing_key: "audit.control".into(),
+                body: serde_json::to_vec(&record).expect("serializes"),
+                message_type: "audit",
                 ..Default::default()
             })
             .await

@@ -42,6 +42,8 @@ pub fn test_settings(sfx: &str) -> Settings {
     s.control.exchange = format!("t.{sfx}.control");
     s.control.state_queue = format!("t.{sfx}.control.state");
     s.control.events_queue = format!("t.{sfx}.control.events");
+    s.audit.exchange = format!("t.{sfx}.audit");
+    s.audit.queue = format!("t.{sfx}.audit");
     s.amqp.connection_name = format!("poller-{sfx}");
     s.amqp.reconnect_min_ms = 50;
     s.amqp.reconnect_max_ms = 500;
@@ -65,6 +67,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         t.results_queue.clone(),
         c.state_queue.clone(),
         c.events_queue.clone(),
+        s.audit.queue.clone(),
     ];
     queues.extend(
         t.alert_teams
@@ -77,6 +80,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         t.results_exchange.clone(),
         t.alerts_exchange.clone(),
         c.exchange.clone(),
+        s.audit.exchange.clone(),
     ];
     (queues, exchanges)
 }
@@ -315,6 +319,7 @@ impl Harness {
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         broker::declare(&ch, &settings.topology).await.unwrap();
+        broker::declare_audit(&ch, &settings.audit).await.unwrap();
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let t = &settings.topology;
         tokio::spawn(collect(

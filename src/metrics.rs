@@ -1,0 +1,230 @@
+//! Prometheus metrics, served on the health port at `/metrics`.
+//!
+//! In: each command's disposition, and the live state at scrape time. Out: the text exposition
+//! format. Names follow Prometheus conventions (`command_poller_` prefix, `_total` counters,
+//! `_seconds` histograms).
+
+use crate::control::Mode;
+use crate::outcome::Vote;
+use crate::pipeline::Disposition;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    command_type: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    judge: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JudgeLabels {
+    judge: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    team: String,
+    priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    commands: Family<CommandLabels, Counter>,
+    dead_letters: Counter,
+    deferred: Counter,
+    judge_verdicts: Family<VerdictLabels, Counter>,
+    judge_latency: HistogramFamily<JudgeLabels>,
+    bridge_latency: Histogram,
+    bridge_retries: Counter,
+    bridge_errors: Counter,
+    alerts: Family<AlertLabels, Counter>,
+    publish_failures: Counter,
+    in_flight: Gauge,
+    control_mode: Family<ModeLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("command_poller");
+        let m = Self {
+            commands: Family::default(),
+            dead_letters: Counter::default(),
+            deferred: Counter::default(),
+            judge_verdicts: Family::default(),
+            judge_latency: Family::new_with_constructor(latency_histogram),
+            bridge_latency: latency_histogram(),
+            bridge_retries: Counter::default(),
+            bridge_errors: Counter::default(),
+            alerts: Family::default(),
+            publish_failures: Counter::default(),
+            in_flight: Gauge::default(),
+            control_mode: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "commands",
+            "Commands concluded, by type and final status",
+            m.commands.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Undecodable commands copied to the dead-letter queue",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "deferred",
+            "Commands sent back to the queue because the system was paused or halted",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "judge_verdicts",
+            "Judge verdicts, by judge and verdict",
+            m.judge_verdicts.clone(),
+        );
+        registry.register(
+            "judge_latency_seconds",
+            "Time each judge took to answer",
+            m.judge_latency.clone(),
+        );
+        registry.register(
+            "bridge_latency_seconds",
+            "Time of bridge calls, retries included",
+            m.bridge_latency.clone(),
+        );
+        registry.register(
+            "bridge_retries",
+            "Bridge POSTs beyond the first",
+            m.bridge_retries.clone(),
+        );
+        registry.register(
+            "bridge_errors",
+            "Bridge calls that ended in failure",
+            m.bridge_errors.clone(),
+        );
+        registry.register(
+            "alerts",
+            "Alerts published, by team and priority",
+            m.alerts.clone(),
+        );
+        registry.register(
+            "publish_failures",
+            "Dispositions that could not be published (the command was not acked)",
+            m.publish_failures.clone(),
+        );
+        registry.register(
+            "in_flight_commands",
+            "Commands being processed",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "control_mode",
+            "1 for the current control mode (RUNNING, PAUSED, HALTED)",
+            m.control_mode.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Records a published disposition.
+    pub fn observe(&self, d: &Disposition) {
+        if d.deferred.is_some() {
+            self.deferred.inc();
+            return;
+        }
+        if d.dead_letter.is_some() {
+            self.dead_letters.inc();
+        }
+        if let Some(r) = &d.result {
+            self.commands
+                .get_or_create(&CommandLabels {
+                    command_type: r.command_type.clone().unwrap_or_else(|| "UNKNOWN".into()),
+                    status: r.status.to_string(),
+                })
+                .inc();
+            for j in &r.judges {
+                let verdict = match j.verdict {
+                    Vote::Approve => "approve",
+                    Vote::Deny => "deny",
+                    Vote::Unavailable => "unavailable",
+                    Vote::Skipped => "skipped",
+                };
+                self.judge_verdicts
+                    .get_or_create(&VerdictLabels {
+                        judge: j.name.clone(),
+                        verdict: verdict.into(),
+                    })
+                    .inc();
+                if j.verdict != Vote::Skipped {
+                    self.judge_latency
+                        .get_or_create(&JudgeLabels {
+                            judge: j.name.clone(),
+                        })
+                        .observe(j.ms as f64 / 1000.0);
+                }
+            }
+            if let Some(b) = &r.bridge {
+                self.bridge_latency.observe(b.ms as f64 / 1000.0);
+                self.bridge_retries
+                    .inc_by(u64::from(b.attempts.saturating_sub(1)));
+                if b.error.is_some() {
+                    self.bridge_errors.inc();
+                }
+            }
+        }
+        for a in &d.alerts {
+            self.alerts
+                .get_or_create(&AlertLabels {
+                    team: a.team.clone(),
+                    priority: a.priority.as_str().into(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn publish_failed(&self) {
+        self.publish_failures.inc();
+    }
+
+    /// The exposition text, with the gauges set from the live state.
+    pub fn render(&self, in_flight: usize, mode: Mode) -> String {
+        self.in_flight.set(in_flight as i64);
+        for m in [Mode::Running, Mode::Paused, Mode::Halted] {
+            self.control_mode
+                .get_or_create(&ModeLabels {
+                    mode: m.as_str().into(),
+                })
+                .set(i64::from(m == mode));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}

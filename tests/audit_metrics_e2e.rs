@@ -1,0 +1,315 @@
+//! The audit trail end to end (poller → audit exchange → sink → hash-chained file → verify and
+//! show), and the Prometheus metrics scraped over HTTP.
+
+mod common;
+
+use command_poller::audit::chain;
+use command_poller::control::operator::new_request_id;
+use command_poller::control::ControlCommand;
+use command_poller::outcome::Status;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn temp_file() -> PathBuf {
+    std::env::temp_dir().join(format!("audit-e2e-{}.jsonl", suffix()))
+}
+
+fn records(file: &PathBuf) -> Vec<serde_json::Value> {
+    chain::select(file, |_| true)
+        .unwrap()
+        .into_iter()
+        .map(|l| l["record"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_decision_is_audited_chained_verifiable_and_queryable() {
+    let h = Harness::start(Options::default()).await;
+    let file = temp_file();
+    let stop = CancellationToken::new();
+    let sink = {
+        let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
+        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+    };
+    let check = cmd(
+        "audit-check-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    );
+    h.send(&check).await;
+    h.send(&cmd("audit-refresh-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    h.send(&cmd(
+        "audit-connect-1",
+        "CONNECT_INTEGRATION",
+        "salesforce",
+        "LOW",
+    ))
+    .await;
+    h.publish(
+        br#"{"action_id":"audit-bad-1","command_type":"NOPE"}"#,
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await;
+    for id in [
+        "audit-check-1",
+        "audit-refresh-1",
+        "audit-connect-1",
+        "audit-bad-1",
+    ] {
+        h.result(id).await;
+    }
+    h.operator()
+        .run(ControlCommand::Pause {
+            reason: "audit drill".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    eventually("5 audit records on disk", Duration::from_secs(15), || {
+        file.exists()
+            && chain::verify(&file)
+                .map(|r| r.records >= 5)
+                .unwrap_or(false)
+    })
+    .await;
+    stop.cancel();
+    sink.await.unwrap().unwrap();
+
+    let recs = records(&file);
+    let by_id = |id: &str| {
+        recs.iter()
+            .find(|r| r["action_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no record for {id}"))
+    };
+    let types = |r: &serde_json::Value| {
+        r["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    let c = by_id("audit-check-1");
+    assert_eq!(c["agent"], "guest");
+    assert_eq!(c["instance"], h.settings.instance_id.as_str());
+    assert_eq!(
+        types(&c),
+        [
+            "received",
+            "policy_decision",
+            "bridge_call",
+            "result_published"
+        ]
+    );
+    let received = &c["events"][0];
+    assert_eq!(
+        received["payload_sha256"],
+        hex::encode(Sha256::digest(check.to_string().as_bytes()))
+    );
+    let policy = &c["events"][1];
+    let policy_file = std::fs::read("config/policy.toml").unwrap();
+    assert_eq!(
+        policy["policy_sha256"],
+        hex::encode(Sha256::digest(&policy_file)),
+        "names the policy that decided"
+    );
+    assert_eq!(c["events"][2]["integration_status"], "CONNECTED");
+    assert_eq!(c["events"][3]["status"], "SUCCESS");
+
+    let r = by_id("audit-refresh-1");
+    let t = types(&r);
+    assert!(
+        t.iter().filter(|x| *x == "judge_verdict").count() == 3,
+        "{t:?}"
+    );
+    assert!(t.contains(&"bridge_call".to_string()));
+
+    let b = by_id("audit-connect-1");
+    assert_eq!(
+        types(&b),
+        [
+            "received",
+            "policy_decision",
+            "result_published",
+            "alert_sent",
+            "alert_sent"
+        ]
+    );
+    assert_eq!(b["events"][1]["severity_mismatch"], true);
+
+    let bad = by_id("audit-bad-1");
+    assert_eq!(
+        types(&bad),
+        ["received", "rejected", "dead_lettered", "result_published"]
+    );
+
+    let control = recs
+        .iter()
+        .find(|r| r["kind"] == "control")
+        .expect("a control record");
+    assert_eq!(control["events"][0]["kind"], "paused");
+    assert_eq!(control["events"][0]["actor"], "guest");
+    assert_eq!(control["events"][0]["reason"], "audit drill");
+
+    // No secret anywhere in the trail.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains(&format!("test-secret-")),
+        "the bridge secret is in the audit file"
+    );
+    assert!(!text.contains("guest:guest"));
+
+    // The chain verifies; `audit show` answers per action and per agent.
+    let bin = env!("CARGO_BIN_EXE_command-poller");
+    let out = std::process::Command::new(bin)
+        .args(["audit", "verify"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["audit", "show"])
+        .arg(&file)
+        .args(["--action-id", "audit-refresh-1"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(shown.lines().count(), 1);
+    assert!(shown.contains("judge_verdict"));
+    let out = std::process::Command::new(bin)
+        .args(["audit", "show"])
+        .arg(&file)
+        .args(["--agent", "guest", "--since", "2000-01-01T00:00:00Z"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+    let out = std::process::Command::new(bin)
+        .args(["audit", "show"])
+        .arg(&file)
+        .args(["--agent", "guest", "--since", "2999-01-01T00:00:00Z"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 0);
+
+    // A tampered record is reported, as is a cut tail.
+    let original = text.clone();
+    std::fs::write(
+        &file,
+        original.replacen("\"status\":\"BLOCKED\"", "\"status\":\"SUCCESS\"", 1),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["audit", "verify"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["first_bad"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("altered"),
+        "{report}"
+    );
+    let kept: Vec<&str> = original.lines().take(2).collect();
+    std::fs::write(&file, format!("{}\n", kept.join("\n"))).unwrap();
+    let report = chain::verify(&file).unwrap();
+    assert!(report.first_bad.unwrap().why.contains("cut off"));
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(chain::head_path(&file));
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_from_the_health_port() {
+    let h = Harness::start(Options::default()).await;
+    let stop = CancellationToken::new();
+    let addr = command_poller::health::serve(
+        ([127, 0, 0, 1], 0).into(),
+        h.poller_state.clone(),
+        "m".into(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    h.send(&cmd(
+        "m-check-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
+    h.send(&cmd("m-refresh-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    h.send(&cmd(
+        "m-connect-1",
+        "CONNECT_INTEGRATION",
+        "salesforce",
+        "HIGH",
+    ))
+    .await;
+    h.publish(
+        b"junk",
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await;
+    assert_eq!(h.result("m-connect-1").await.status, Status::Blocked);
+    h.result("m-check-1").await;
+    h.result("m-refresh-1").await;
+    h.wait_until("dead letter", Duration::from_secs(10), |i| {
+        (!i.dead.is_empty()).then_some(())
+    })
+    .await;
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = scrape(addr).await;
+        if body.contains("command_poller_dead_letters_total 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    for line in [
+        r#"command_poller_commands_total{command_type="CHECK_INTEGRATION_STATUS",status="SUCCESS"} 1"#,
+        r#"command_poller_commands_total{command_type="REFRESH_TOKEN",status="SUCCESS"} 1"#,
+        r#"command_poller_commands_total{command_type="CONNECT_INTEGRATION",status="BLOCKED"} 1"#,
+        r#"command_poller_judge_verdicts_total{judge="security",verdict="approve"} 1"#,
+        r#"command_poller_alerts_total{team="security",priority="high"} 1"#,
+        r#"command_poller_alerts_total{team="engineering",priority="high"} 1"#,
+        "command_poller_dead_letters_total 1",
+        "command_poller_bridge_latency_seconds_count 2",
+        "command_poller_bridge_retries_total 0",
+        "command_poller_in_flight_commands 0",
+        r#"command_poller_control_mode{mode="RUNNING"} 1"#,
+        r#"command_poller_control_mode{mode="PAUSED"} 0"#,
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    assert!(body.contains("# TYPE command_poller_judge_latency_seconds histogram"));
+    stop.cancel();
+}
