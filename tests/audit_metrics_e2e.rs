@@ -17,7 +17,7 @@ fn temp_file() -> PathBuf {
     std::env::temp_dir().join(format!("audit-e2e-{}.jsonl", suffix()))
 }
 
-fn records(file: &PathBuf) -> Vec<serde_json::Value> {
+fn records(file: &std::path::Path) -> Vec<serde_json::Value> {
     chain::select(file, |_| true)
         .unwrap()
         .into_iter()
@@ -161,7 +161,7 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
     // No secret anywhere in the trail.
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(
-        !text.contains(&format!("test-secret-")),
+        !text.contains("test-secret-"),
         "the bridge secret is in the audit file"
     );
     assert!(!text.contains("guest:guest"));
