@@ -20,7 +20,11 @@ struct Imported {
 
 fn ctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().unwrap();
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Imported {
@@ -66,26 +70,53 @@ impl Imported {
     }
 
     fn user(&self, user: &str) -> String {
-        self.users.iter().find(|n| n.ends_with(user)).unwrap().clone()
+        self.users
+            .iter()
+            .find(|n| n.ends_with(user))
+            .unwrap()
+            .clone()
     }
 }
 
 impl Drop for Imported {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.vhost])
+            .output();
         for u in &self.users {
-            let _ = Command::new("rabbitmqctl").args(["delete_user", u]).output();
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_user", u])
+                .output();
         }
     }
 }
 
 /// Publishes with confirms on a fresh channel; Err when the broker refuses.
-async fn try_publish(conn: &Connection, exchange: &str, key: &str, user: &str) -> Result<(), String> {
+async fn try_publish(
+    conn: &Connection,
+    exchange: &str,
+    key: &str,
+    user: &str,
+) -> Result<(), String> {
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
-    let body = cmd(&format!("perm-{}", suffix()), "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW").to_string();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = cmd(
+        &format!("perm-{}", suffix()),
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    )
+    .to_string();
     let c = ch
-        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default().with_user_id(user.into()))
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_user_id(user.into()),
+        )
         .await
         .map_err(|e| e.to_string())?
         .await
@@ -94,12 +125,17 @@ async fn try_publish(conn: &Connection, exchange: &str, key: &str, user: &str) -
         return Err(format!("{c:?}"));
     }
     // A refusal closes the channel asynchronously; a round trip makes it show.
-    ch.basic_qos(1, BasicQosOptions::default()).await.map_err(|e| e.to_string())
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn try_read(conn: &Connection, queue: &str) -> Result<(), String> {
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-    ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map(|_| ()).map_err(|e| e.to_string())
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test]
@@ -112,49 +148,118 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     .await
     .unwrap();
     let agent_user = defs.user("agent-marketing");
-    let agent = Connection::connect(&defs.url("agent-marketing"), Default::default()).await.unwrap();
+    let agent = Connection::connect(&defs.url("agent-marketing"), Default::default())
+        .await
+        .unwrap();
 
     // An agent may publish commands…
-    try_publish(&agent, "mcp.commands", "command.check_integration_status", &agent_user).await.expect("agent publishes a command");
+    try_publish(
+        &agent,
+        "mcp.commands",
+        "command.check_integration_status",
+        &agent_user,
+    )
+    .await
+    .expect("agent publishes a command");
     // …and nothing else: not control, results or alerts, nor straight into a queue.
-    for (exchange, key) in [("mcp.control", "control.resume"), ("mcp.results", "result.success"), ("mcp.alerts", "security.high"), ("mcp.audit", "audit.command"), ("", "mcp.commands")] {
-        let e = try_publish(&agent, exchange, key, &agent_user).await.expect_err(&format!("agent published to {exchange:?}"));
-        assert!(e.contains("ACCESS_REFUSED") || e.contains("access to"), "{exchange}: {e}");
+    for (exchange, key) in [
+        ("mcp.control", "control.resume"),
+        ("mcp.results", "result.success"),
+        ("mcp.alerts", "security.high"),
+        ("mcp.audit", "audit.command"),
+        ("", "mcp.commands"),
+    ] {
+        let e = try_publish(&agent, exchange, key, &agent_user)
+            .await
+            .expect_err(&format!("agent published to {exchange:?}"));
+        assert!(
+            e.contains("ACCESS_REFUSED") || e.contains("access to"),
+            "{exchange}: {e}"
+        );
     }
     // It reads only its own reply queues.
-    for queue in ["mcp.commands", "mcp.results", "mcp.alerts.security", "mcp.control.state", "mcp.audit", "mcp.commands.dead"] {
-        let e = try_read(&agent, queue).await.expect_err(&format!("agent read {queue}"));
-        assert!(e.contains("ACCESS_REFUSED") || e.contains("access to"), "{queue}: {e}");
+    for queue in [
+        "mcp.commands",
+        "mcp.results",
+        "mcp.alerts.security",
+        "mcp.control.state",
+        "mcp.audit",
+        "mcp.commands.dead",
+    ] {
+        let e = try_read(&agent, queue)
+            .await
+            .expect_err(&format!("agent read {queue}"));
+        assert!(
+            e.contains("ACCESS_REFUSED") || e.contains("access to"),
+            "{queue}: {e}"
+        );
     }
     let ch = agent.create_channel().await.unwrap();
     let own = format!("reply.{agent_user}.inbox");
-    ch.queue_declare(own.as_str().into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("agent declares its own reply queue");
+    ch.queue_declare(
+        own.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("agent declares its own reply queue");
     let other = agent.create_channel().await.unwrap();
-    assert!(other.queue_declare("reply.someone-else.inbox".into(), QueueDeclareOptions::default(), FieldTable::default()).await.is_err());
+    assert!(other
+        .queue_declare(
+            "reply.someone-else.inbox".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default()
+        )
+        .await
+        .is_err());
 
     // The operator may pull the levers.
-    let ops = Connection::connect(&defs.url("ops-admin"), Default::default()).await.unwrap();
-    try_publish(&ops, "mcp.control", "control.status", &defs.user("ops-admin")).await.expect("operator publishes control");
-    assert!(try_publish(&ops, "mcp.commands", "command.x", &defs.user("ops-admin")).await.is_err(), "an operator is not an agent");
+    let ops = Connection::connect(&defs.url("ops-admin"), Default::default())
+        .await
+        .unwrap();
+    try_publish(
+        &ops,
+        "mcp.control",
+        "control.status",
+        &defs.user("ops-admin"),
+    )
+    .await
+    .expect("operator publishes control");
+    assert!(
+        try_publish(&ops, "mcp.commands", "command.x", &defs.user("ops-admin"))
+            .await
+            .is_err(),
+        "an operator is not an agent"
+    );
 
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.
     let mut settings = test_settings(&sfx);
-    let defaults = command_poller::settings::Settings::load(std::path::Path::new("config")).unwrap();
+    let defaults =
+        command_poller::settings::Settings::load(std::path::Path::new("config")).unwrap();
     settings.topology = defaults.topology.clone();
     settings.control = defaults.control.clone();
     settings.audit = defaults.audit.clone();
     settings.amqp.url = defs.url("command-poller");
-    let sim = Arc::new(command_poller::bridge::simulator::start(
-        command_poller::bridge::simulator::SimulatorConfig::new(command_poller::bridge::signing::Secret::new("defs")),
-        ([127, 0, 0, 1], 0).into(),
-    )
-    .await
-    .unwrap());
+    let sim = Arc::new(
+        command_poller::bridge::simulator::start(
+            command_poller::bridge::simulator::SimulatorConfig::new(
+                command_poller::bridge::signing::Secret::new("defs"),
+            ),
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .await
+        .unwrap(),
+    );
     let policy = Arc::new(command_poller::policy::Policy::load(&settings.policy.file).unwrap());
-    let bridge = bridge_client(&settings, &sim, command_poller::bridge::signing::Secret::new("defs"));
+    let bridge = bridge_client(
+        &settings,
+        &sim,
+        command_poller::bridge::signing::Secret::new("defs"),
+    );
     let panel = command_poller::poller::build_panel(&settings).unwrap();
     let poller = command_poller::poller::Poller::new(settings, policy, panel, bridge, None);
     let state = poller.state();
@@ -163,17 +268,37 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         let stop = stop.clone();
         async move { poller.run(stop).await }
     });
-    eventually("the poller connected on its own user", Duration::from_secs(15), || state.connected.load(std::sync::atomic::Ordering::SeqCst)).await;
+    eventually(
+        "the poller connected on its own user",
+        Duration::from_secs(15),
+        || state.connected.load(std::sync::atomic::Ordering::SeqCst),
+    )
+    .await;
     // The agent sends a command with a reply queue of its own.
-    let mut replies = ch.basic_consume(own.as_str().into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let mut replies = ch
+        .basic_consume(
+            own.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let pch = agent.create_channel().await.unwrap();
     pch.confirm_select(Default::default()).await.unwrap();
     pch.basic_publish(
         "mcp.commands".into(),
         "command.check_integration_status".into(),
         Default::default(),
-        cmd("defs-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW").to_string().as_bytes(),
-        BasicProperties::default().with_user_id(agent_user.as_str().into()).with_reply_to(own.as_str().into()),
+        cmd("defs-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")
+            .to_string()
+            .as_bytes(),
+        BasicProperties::default()
+            .with_user_id(agent_user.as_str().into())
+            .with_reply_to(own.as_str().into()),
     )
     .await
     .unwrap()
@@ -181,7 +306,11 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     .unwrap();
     // Earlier permission probes left a command in the queue too; find ours.
     let r = loop {
-        let d = tokio::time::timeout(Duration::from_secs(15), replies.next()).await.expect("a reply").unwrap().unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(15), replies.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
         let r: command_poller::outcome::ResultMessage = serde_json::from_slice(&d.data).unwrap();
         if r.action_id.as_deref() == Some("defs-1") {
             break r;

@@ -1,0 +1,103 @@
+//! Every deployment manifest parses, and the parts that must agree with the code do.
+
+use std::path::Path;
+
+fn docs(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split("\n---")
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .map(|d| {
+            serde_norway::from_str::<serde_json::Value>(d)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir("deploy/k8s").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            for d in docs(&path) {
+                assert!(
+                    d["apiVersion"].is_string() && d["metadata"]["name"].is_string(),
+                    "{}",
+                    path.display()
+                );
+                kinds.push(d["kind"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "Secret",
+            "Service",
+            "TriggerAuthentication"
+        ]
+    );
+}
+
+#[test]
+fn the_deployment_matches_the_poller() {
+    let d = &docs(Path::new("deploy/k8s/deployment.yaml"))[0];
+    let pod = &d["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(
+        c["resources"]["limits"]["memory"].is_string()
+            && c["resources"]["requests"]["cpu"].is_string()
+    );
+    let settings = command_poller::settings::Settings::load(Path::new("config")).unwrap();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > settings.processing.drain_timeout_secs,
+        "graceful termination must outlast the drain"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(port, u64::from(settings.health.listen.port()));
+    let keda = docs(Path::new("deploy/k8s/keda-scaledobject.yaml"));
+    let so = keda.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    assert_eq!(
+        so["spec"]["triggers"][0]["metadata"]["queueName"],
+        settings.topology.commands_queue.as_str()
+    );
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"], d["metadata"]["name"]);
+}
+
+#[test]
+fn compose_and_definitions_parse() {
+    let compose = &docs(Path::new("docker-compose.yml"))[0];
+    for svc in ["rabbitmq", "poller", "bridge", "audit-sink"] {
+        assert!(compose["services"][svc].is_object(), "compose has no {svc}");
+    }
+    let defs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("deploy/rabbitmq/definitions.json").unwrap())
+            .unwrap();
+    let queues: Vec<&str> = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    let settings = command_poller::settings::Settings::load(Path::new("config")).unwrap();
+    for q in [
+        &settings.topology.commands_queue,
+        &settings.topology.dead_letter_queue,
+        &settings.audit.queue,
+        &settings.control.state_queue,
+    ] {
+        assert!(queues.contains(&q.as_str()), "definitions lack {q}");
+    }
+}
