@@ -13,6 +13,7 @@ pub mod broker;
 pub mod cli;
 pub mod control;
 pub mod health;
+pub mod idempotency;
 pub mod intake;
 pub mod judging;
 pub mod metrics;

@@ -8,6 +8,7 @@
 use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
 use crate::control::gate::Gate;
+use crate::idempotency::{Claim, ResultStore};
 use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
     ReplyTarget,
@@ -20,7 +21,7 @@ use crate::outcome::{
 use crate::policy::{Decision, Handling, Policy};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -57,6 +58,9 @@ pub struct Disposition {
     pub dead_letter: Option<DeadLetter>,
     /// What happened, for the audit record (the poller adds what it publishes).
     pub audit: Vec<AuditEvent>,
+    /// The idempotency key this replica claimed: the poller stores the result under it before
+    /// publishing, or releases it when the command is deferred.
+    pub claimed: Option<String>,
 }
 
 pub struct Pipeline {
@@ -73,6 +77,10 @@ pub struct Pipeline {
     /// Bridge calls at once (below Apps Script's 30 simultaneous executions per user); the
     /// gate is checked after a slot is taken, so a pause also holds back queued calls.
     pub bridge_slots: Semaphore,
+    /// Final results by `<agent>/<action_id>`.
+    pub store: Arc<dyn ResultStore>,
+    pub claim_ttl: Duration,
+    pub wait_for_in_flight: Duration,
 }
 
 /// Why a command went back to the queue.
@@ -113,6 +121,7 @@ impl Draft {
             received_at: self.received_at,
             completed_at: now_rfc3339(),
             poller_instance: self.instance,
+            replay: false,
         }
     }
 
@@ -191,6 +200,7 @@ impl Pipeline {
                         reason: e.to_string(),
                     }),
                     audit: trail,
+                    claimed: None,
                 };
             }
         };
@@ -228,6 +238,25 @@ impl Pipeline {
                 );
             }
         };
+
+        // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
+        let key = format!("{}/{}", agent.id, cmd.action_id);
+        match self.claim(&key).await {
+            Ok(Claim::Mine) => {}
+            Ok(Claim::Done(stored)) => return self.replay(&stored, reply, trail),
+            Ok(Claim::Busy(owner)) => {
+                return deferred(
+                    format!("a duplicate of an action in flight on {owner}"),
+                    trail,
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "idempotency store unavailable; not processing (fail closed)");
+                // Don't spin on a store that is down: the requeue costs a delivery.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return deferred(e.to_string(), trail);
+            }
+        }
 
         let decision = self.policy.decide(&cmd);
         draft.severity = Some(SeverityView {
@@ -267,15 +296,9 @@ impl Pipeline {
         let result = match result {
             Ok(r) => r,
             Err(Deferred(why)) => {
-                tracing::info!(why = %why, "deferred: back to the queue unprocessed");
-                return Disposition {
-                    deferred: Some(why),
-                    result: None,
-                    reply: ReplyTarget::None,
-                    alerts: Vec::new(),
-                    dead_letter: None,
-                    audit: trail,
-                };
+                let mut d = deferred(why, trail);
+                d.claimed = Some(key);
+                return d;
             }
         };
         self.history.record(
@@ -284,7 +307,55 @@ impl Pipeline {
             cmd.action_id.as_str(),
             result.status,
         );
-        self.conclude(result, reply, trail)
+        let mut d = self.conclude(result, reply, trail);
+        d.claimed = Some(key);
+        d
+    }
+
+    /// Claims `key`, waiting a while for an in-flight duplicate to conclude.
+    async fn claim(&self, key: &str) -> Result<Claim, crate::idempotency::StoreError> {
+        let deadline = Instant::now() + self.wait_for_in_flight;
+        loop {
+            match self
+                .store
+                .claim(key, &self.instance, self.claim_ttl)
+                .await?
+            {
+                Claim::Busy(owner) if Instant::now() < deadline => {
+                    tracing::info!(owner = %owner, "duplicate of an action in flight; waiting for its result");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// A duplicate of a concluded action: republish its stored result, marked as a replay.
+    fn replay(&self, stored: &str, reply: ReplyTarget, mut trail: Vec<AuditEvent>) -> Disposition {
+        let mut result: ResultMessage = match serde_json::from_str(stored) {
+            Ok(r) => r,
+            Err(e) => {
+                // Never execute on doubt: an unreadable stored result is reported, not redone.
+                tracing::error!(error = %e, "stored result unreadable");
+                return deferred(format!("stored result unreadable: {e}"), trail);
+            }
+        };
+        tracing::info!(status = %result.status, "duplicate action: replaying the stored result");
+        result.replay = true;
+        trail.push(AuditEvent::Replayed {
+            at: now_rfc3339(),
+            original_completed_at: result.completed_at.clone(),
+            original_instance: result.poller_instance.clone(),
+        });
+        Disposition {
+            deferred: None,
+            result: Some(result),
+            reply,
+            alerts: Vec::new(),
+            dead_letter: None,
+            audit: trail,
+            claimed: None,
+        }
     }
 
     fn conclude(
@@ -332,6 +403,7 @@ impl Pipeline {
             alerts,
             dead_letter: None,
             audit: trail,
+            claimed: None,
         }
     }
 
@@ -432,6 +504,19 @@ impl Pipeline {
                 Ok(r)
             }
         }
+    }
+}
+
+fn deferred(why: String, audit: Vec<AuditEvent>) -> Disposition {
+    tracing::info!(why = %why, "deferred: back to the queue unprocessed");
+    Disposition {
+        deferred: Some(why),
+        result: None,
+        reply: ReplyTarget::None,
+        alerts: Vec::new(),
+        dead_letter: None,
+        audit,
+        claimed: None,
     }
 }
 

@@ -15,6 +15,7 @@ use crate::control::gate::Gate;
 use crate::control::replica::{Replica, ReplicaStats};
 use crate::control::trip::UnapprovedAttempt;
 use crate::control::Mode;
+use crate::idempotency::ResultStore;
 use crate::intake::CommandType;
 use crate::intake::{DecodeLimits, ReplyTarget};
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
@@ -48,6 +49,8 @@ pub enum StartError {
     Bridge(String),
     #[error("panel: {0}")]
     Judge(String),
+    #[error(transparent)]
+    Store(#[from] crate::idempotency::StoreError),
 }
 
 /// Live state, for health, status and the control plane.
@@ -214,7 +217,15 @@ impl Poller {
         let policy = Policy::load(&settings.policy.file)?;
         let panel = build_panel(&settings)?;
         let (bridge, sim) = build_bridge(&settings).await?;
-        Ok(Self::new(settings, Arc::new(policy), panel, bridge, sim))
+        let store = crate::idempotency::open(&settings.idempotency).await?;
+        Ok(Self::new(
+            settings,
+            Arc::new(policy),
+            panel,
+            bridge,
+            store,
+            sim,
+        ))
     }
 
     /// Builds the poller from parts (tests inject judges and bridges here).
@@ -223,6 +234,7 @@ impl Poller {
         policy: Arc<Policy>,
         panel: Panel,
         bridge: Arc<dyn Bridge>,
+        store: Arc<dyn ResultStore>,
         simulator: Option<SimulatorHandle>,
     ) -> Self {
         let instance = settings.instance();
@@ -239,6 +251,9 @@ impl Poller {
             history: Default::default(),
             gate: state.gate.clone(),
             bridge_slots: Semaphore::new(settings.bridge.max_concurrency),
+            store,
+            claim_ttl: Duration::from_secs(settings.idempotency.claim_ttl_secs),
+            wait_for_in_flight: Duration::from_millis(settings.idempotency.wait_for_in_flight_ms),
         };
         Self {
             settings: Arc::new(settings),
@@ -453,6 +468,11 @@ impl Poller {
             let disposition = pipeline.process(&inbound).await;
             if disposition.deferred.is_some() {
                 state.metrics.observe(&disposition);
+                if let Some(key) = &disposition.claimed {
+                    if let Err(e) = pipeline.store.release(key, &instance).await {
+                        tracing::warn!(error = %e, "could not release the idempotency claim; it expires on its own");
+                    }
+                }
                 // Paused or halted before judges or bridge: back to the queue, unprocessed.
                 let requeue = BasicNackOptions {
                     requeue: true,
@@ -462,6 +482,35 @@ impl Poller {
                     tracing::warn!(
                         "requeue not sent (channel gone); the broker requeues it on close"
                     );
+                }
+                return;
+            }
+            // Stored before it is published: a crash in between replays it instead of redoing it.
+            let stored = match (&disposition.claimed, &disposition.result) {
+                (Some(key), Some(r)) => {
+                    let json = serde_json::to_string(r).expect("result serializes");
+                    let retention = Duration::from_secs(settings.idempotency.retention_secs);
+                    pipeline
+                        .store
+                        .complete(key, &instance, &json, retention)
+                        .await
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = stored {
+                // Unpublished and unstored: requeue it; the claim is ours, so the re-run proceeds.
+                tracing::error!(error = %e, "could not store the result; not publishing it, requeueing");
+                state.metrics.publish_failed();
+                tokio::time::sleep(Duration::from_millis(
+                    settings.processing.publish_failure_pause_ms,
+                ))
+                .await;
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
+                    broken.cancel();
                 }
                 return;
             }

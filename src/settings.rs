@@ -24,6 +24,7 @@ pub struct Settings {
     pub health: HealthSettings,
     pub control: ControlSettings,
     pub audit: AuditSettings,
+    pub idempotency: crate::idempotency::IdempotencySettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -310,6 +311,16 @@ impl Settings {
                     "control.trips[{i}]: count and window_secs must be at least 1"
                 ));
             }
+        }
+        let i = &self.idempotency;
+        if i.backend != crate::idempotency::Backend::Embedded && i.url.is_empty() {
+            return bad("idempotency.url: required with the redis and postgres backends".into());
+        }
+        if i.claim_ttl_secs <= self.bridge.retry_budget_secs {
+            return bad(format!(
+                "idempotency.claim_ttl_secs: {} must exceed bridge.retry_budget_secs ({}), or a slow command's claim expires mid-flight",
+                i.claim_ttl_secs, self.bridge.retry_budget_secs
+            ));
         }
         if self.panel.quorum > self.panel.judges.len() {
             return bad(format!(

@@ -282,16 +282,7 @@ async fn metrics_are_scraped_from_the_health_port() {
         (!i.dead.is_empty()).then_some(())
     })
     .await;
-    let mut body = String::new();
-    for _ in 0..100 {
-        body = scrape(addr).await;
-        if body.contains("command_poller_dead_letters_total 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
-    for line in [
+    let expected = [
         r#"command_poller_commands_total{command_type="CHECK_INTEGRATION_STATUS",status="SUCCESS"} 1"#,
         r#"command_poller_commands_total{command_type="REFRESH_TOKEN",status="SUCCESS"} 1"#,
         r#"command_poller_commands_total{command_type="CONNECT_INTEGRATION",status="BLOCKED"} 1"#,
@@ -304,12 +295,25 @@ async fn metrics_are_scraped_from_the_health_port() {
         "command_poller_in_flight_commands 0",
         r#"command_poller_control_mode{mode="RUNNING"} 1"#,
         r#"command_poller_control_mode{mode="PAUSED"} 0"#,
-    ] {
+    ];
+    // Counters move just after the result is published: poll until all are there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape(addr).await;
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|l| !body.lines().any(|b| b == **l))
+            .collect();
+        if missing.is_empty() {
+            break body;
+        }
         assert!(
-            body.lines().any(|l| l == line),
-            "missing {line:?} in:\n{body}"
+            std::time::Instant::now() < deadline,
+            "missing {missing:?} in:\n{body}"
         );
-    }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(body.contains("# TYPE command_poller_judge_latency_seconds histogram"));
     stop.cancel();
 }

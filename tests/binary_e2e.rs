@@ -47,6 +47,10 @@ fn env_for(sfx: &str) -> Vec<(String, String)> {
         ),
         ("POLLER__INSTANCE_ID".into(), s.instance_id.clone()),
         ("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")),
+        (
+            "POLLER__IDEMPOTENCY__PATH".into(),
+            s.idempotency.path.display().to_string(),
+        ),
     ]
 }
 

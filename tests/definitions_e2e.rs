@@ -261,7 +261,11 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         command_poller::bridge::signing::Secret::new("defs"),
     );
     let panel = command_poller::poller::build_panel(&settings).unwrap();
-    let poller = command_poller::poller::Poller::new(settings, policy, panel, bridge, None);
+    let store = command_poller::idempotency::open(&settings.idempotency)
+        .await
+        .unwrap();
+    let store_path = settings.idempotency.path.clone();
+    let poller = command_poller::poller::Poller::new(settings, policy, panel, bridge, store, None);
     let state = poller.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn({
@@ -320,4 +324,5 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     assert_eq!(r.agent.unwrap().id, agent_user);
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    let _ = std::fs::remove_file(store_path);
 }

@@ -233,6 +233,7 @@ async fn bridge_connection_refused_is_retried_then_failed() {
         policy,
         command_poller::poller::build_panel(&h.settings).unwrap(),
         bridge,
+        h.store.clone(),
         None,
     );
     let token = h.shutdown.clone();

@@ -61,6 +61,12 @@ pub enum AuditEvent {
         at: String,
         reason: String,
     },
+    /// A duplicate: the stored result was republished, nothing was judged or executed.
+    Replayed {
+        at: String,
+        original_completed_at: String,
+        original_instance: String,
+    },
     DeadLettered {
         at: String,
         reason: String,

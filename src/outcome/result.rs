@@ -62,4 +62,8 @@ pub struct ResultMessage {
     pub received_at: String,
     pub completed_at: String,
     pub poller_instance: String,
+    /// True when this is the stored result of an action already concluded, republished for a
+    /// duplicate command (nothing was judged or executed again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
 }

@@ -50,6 +50,7 @@ pub fn test_settings(sfx: &str) -> Settings {
     s.instance_id = format!("test-{sfx}");
     s.processing.publish_failure_pause_ms = 50;
     s.processing.drain_timeout_secs = 10;
+    s.idempotency.path = std::env::temp_dir().join(format!("poller-store-{sfx}.redb"));
     s.bridge.min_backoff_ms = 20;
     s.bridge.max_backoff_ms = 200;
     s.bridge.retry_budget_secs = 5;
@@ -90,6 +91,7 @@ pub struct Cleanup(pub Settings);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0.idempotency.path);
         let (queues, exchanges) = names(&self.0);
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -220,6 +222,8 @@ pub struct Harness {
     pub poller_task: Option<tokio::task::JoinHandle<()>>,
     pub poller_state: Arc<command_poller::poller::PollerState>,
     pub secret: Secret,
+    /// Shared by this harness's replicas (as Redis or PostgreSQL would be).
+    pub store: Arc<dyn command_poller::idempotency::ResultStore>,
     _cleanup: Cleanup,
 }
 
@@ -350,6 +354,7 @@ impl Harness {
             .await
             .unwrap();
 
+        let settings_for_store = settings.idempotency.clone();
         let mut h = Harness {
             settings,
             sim,
@@ -360,6 +365,9 @@ impl Harness {
             poller_task: None,
             poller_state: Arc::new(Default::default()),
             secret: secret.clone(),
+            store: command_poller::idempotency::open(&settings_for_store)
+                .await
+                .expect("store opens"),
             _cleanup: cleanup,
         };
         if opts.start_poller {
@@ -372,7 +380,14 @@ impl Harness {
         let policy = Arc::new(Policy::load(&self.settings.policy.file).unwrap());
         let panel = panel.unwrap_or_else(|| build_panel(&self.settings).expect("panel builds"));
         let bridge = bridge_client(&self.settings, &self.sim, secret);
-        Poller::new(self.settings.clone(), policy, panel, bridge, None)
+        Poller::new(
+            self.settings.clone(),
+            policy,
+            panel,
+            bridge,
+            self.store.clone(),
+            None,
+        )
     }
 
     pub async fn start_poller(&mut self, panel: Option<Panel>, secret: Secret) {
@@ -561,7 +576,14 @@ impl Harness {
         let policy = Arc::new(Policy::load(&settings.policy.file).unwrap());
         let panel = panel.unwrap_or_else(|| build_panel(&settings).expect("panel builds"));
         let bridge = bridge_client(&settings, &self.sim, self.secret.clone());
-        let poller = Poller::new(settings.clone(), policy, panel, bridge, None);
+        let poller = Poller::new(
+            settings.clone(),
+            policy,
+            panel,
+            bridge,
+            self.store.clone(),
+            None,
+        );
         let state = poller.state();
         let shutdown = self.shutdown.child_token();
         let token = shutdown.clone();

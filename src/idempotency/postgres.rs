@@ -1,0 +1,162 @@
+//! The PostgreSQL store, shared by replicas: table `command_poller_results` (result, expiry)
+//! and `command_poller_claims` (owner, expiry), created if missing. A claim is an upsert that
+//! only takes over an expired or own row.
+
+use super::{Claim, ResultStore, StoreError};
+use futures::future::BoxFuture;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+pub struct PostgresStore {
+    client: Client,
+    prefix: String,
+}
+
+fn err(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(err)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::error!(error = %e, "postgres idempotency store connection ended");
+            }
+        });
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS command_poller_results (
+                     key text PRIMARY KEY, result text NOT NULL, expires_at timestamptz NOT NULL);
+                 CREATE TABLE IF NOT EXISTS command_poller_claims (
+                     key text PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL);",
+            )
+            .await
+            .map_err(err)?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}/{key}", self.prefix)
+    }
+
+    async fn done(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT result FROM command_poller_results WHERE key = $1 AND expires_at > now()",
+                &[&key],
+            )
+            .await
+            .map_err(err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+}
+
+impl ResultStore for PostgresStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            if let Some(r) = self.done(&key).await? {
+                return Ok(Claim::Done(r));
+            }
+            let ms = ttl.as_millis() as f64;
+            let taken = self
+                .client
+                .query_opt(
+                    "INSERT INTO command_poller_claims (key, owner, expires_at)
+                     VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                     ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                       WHERE command_poller_claims.expires_at < now() OR command_poller_claims.owner = EXCLUDED.owner
+                     RETURNING owner",
+                    &[&key, &owner, &ms],
+                )
+                .await
+                .map_err(err)?;
+            if taken.is_none() {
+                let holder = self
+                    .client
+                    .query_opt(
+                        "SELECT owner FROM command_poller_claims WHERE key = $1",
+                        &[&key],
+                    )
+                    .await
+                    .map_err(err)?
+                    .map(|r| r.get::<_, String>(0))
+                    .unwrap_or_default();
+                return Ok(Claim::Busy(holder));
+            }
+            if let Some(r) = self.done(&key).await? {
+                self.client
+                    .execute(
+                        "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
+                        &[&key, &owner],
+                    )
+                    .await
+                    .map_err(err)?;
+                return Ok(Claim::Done(r));
+            }
+            Ok(Claim::Mine)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        result_json: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            let secs = retention.as_secs() as f64;
+            self.client
+                .execute(
+                    "INSERT INTO command_poller_results (key, result, expires_at) VALUES ($1, $2, now() + $3 * interval '1 second')
+                     ON CONFLICT (key) DO UPDATE SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at",
+                    &[&key, &result_json, &secs],
+                )
+                .await
+                .map_err(err)?;
+            self.client
+                .execute(
+                    "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
+                    &[&key, &owner],
+                )
+                .await
+                .map_err(err)?;
+            // Expired rows go lazily, a few at a time.
+            self.client
+                .execute("DELETE FROM command_poller_results WHERE key IN (SELECT key FROM command_poller_results WHERE expires_at < now() LIMIT 100)", &[])
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            self.client
+                .execute(
+                    "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
+                    &[&key, &owner],
+                )
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+}

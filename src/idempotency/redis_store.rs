@@ -1,0 +1,125 @@
+//! The Redis store, shared by replicas: `<prefix>:done:<key>` holds the result (EX retention),
+//! `<prefix>:claim:<key>` the owner (SET NX PX ttl). A claim is re-checked against the result
+//! after it is taken, so a result written in between is never missed.
+
+use super::{Claim, ResultStore, StoreError};
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use std::time::Duration;
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+fn err(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(err)?;
+        let conn = ConnectionManager::new(client).await.map_err(err)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn done(&self, key: &str) -> String {
+        format!("{}:done:{key}", self.prefix)
+    }
+
+    fn claim_key(&self, key: &str) -> String {
+        format!("{}:claim:{key}", self.prefix)
+    }
+}
+
+impl ResultStore for RedisStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            if let Some(r) = c
+                .get::<_, Option<String>>(self.done(key))
+                .await
+                .map_err(err)?
+            {
+                return Ok(Claim::Done(r));
+            }
+            let ck = self.claim_key(key);
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&ck)
+                .arg(owner)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            if set.is_none() {
+                let holder: Option<String> = c.get(&ck).await.map_err(err)?;
+                match holder {
+                    Some(h) if h != owner => return Ok(Claim::Busy(h)),
+                    _ => {
+                        let _: () = c
+                            .pset_ex(&ck, owner, ttl.as_millis() as u64)
+                            .await
+                            .map_err(err)?;
+                    }
+                }
+            }
+            if let Some(r) = c
+                .get::<_, Option<String>>(self.done(key))
+                .await
+                .map_err(err)?
+            {
+                let _: () = c.del(&ck).await.map_err(err)?;
+                return Ok(Claim::Done(r));
+            }
+            Ok(Claim::Mine)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        _owner: &'a str,
+        result_json: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let _: () = c
+                .set_ex(self.done(key), result_json, retention.as_secs().max(1))
+                .await
+                .map_err(err)?;
+            let _: () = c.del(self.claim_key(key)).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            // Only our own claim: compare and delete atomically.
+            let script = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end");
+            let _: i64 = script
+                .key(self.claim_key(key))
+                .arg(owner)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+}
