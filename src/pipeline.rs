@@ -58,9 +58,17 @@ pub struct Disposition {
     pub dead_letter: Option<DeadLetter>,
     /// What happened, for the audit record (the poller adds what it publishes).
     pub audit: Vec<AuditEvent>,
-    /// The idempotency key this replica claimed: the poller stores the result under it before
+    /// The idempotency claim this delivery holds: the poller stores the result under it before
     /// publishing, or releases it when the command is deferred.
-    pub claimed: Option<String>,
+    pub claimed: Option<Claimed>,
+}
+
+/// An idempotency claim: the key and this delivery's owner token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub key: String,
+    /// Unique per delivery (not per replica), so two copies on one replica can't both hold it.
+    pub owner: String,
 }
 
 pub struct Pipeline {
@@ -240,8 +248,11 @@ impl Pipeline {
         };
 
         // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
-        let key = format!("{}/{}", agent.id, cmd.action_id);
-        match self.claim(&key).await {
+        let claimed = Claimed {
+            key: format!("{}/{}", agent.id, cmd.action_id),
+            owner: format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple()),
+        };
+        match self.claim(&claimed).await {
             Ok(Claim::Mine) => {}
             Ok(Claim::Done(stored)) => return self.replay(&stored, reply, trail),
             Ok(Claim::Busy(owner)) => {
@@ -297,7 +308,7 @@ impl Pipeline {
             Ok(r) => r,
             Err(Deferred(why)) => {
                 let mut d = deferred(why, trail);
-                d.claimed = Some(key);
+                d.claimed = Some(claimed);
                 return d;
             }
         };
@@ -308,19 +319,15 @@ impl Pipeline {
             result.status,
         );
         let mut d = self.conclude(result, reply, trail);
-        d.claimed = Some(key);
+        d.claimed = Some(claimed);
         d
     }
 
     /// Claims `key`, waiting a while for an in-flight duplicate to conclude.
-    async fn claim(&self, key: &str) -> Result<Claim, crate::idempotency::StoreError> {
+    async fn claim(&self, c: &Claimed) -> Result<Claim, crate::idempotency::StoreError> {
         let deadline = Instant::now() + self.wait_for_in_flight;
         loop {
-            match self
-                .store
-                .claim(key, &self.instance, self.claim_ttl)
-                .await?
-            {
+            match self.store.claim(&c.key, &c.owner, self.claim_ttl).await? {
                 Claim::Busy(owner) if Instant::now() < deadline => {
                     tracing::info!(owner = %owner, "duplicate of an action in flight; waiting for its result");
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -468,8 +468,8 @@ impl Poller {
             let disposition = pipeline.process(&inbound).await;
             if disposition.deferred.is_some() {
                 state.metrics.observe(&disposition);
-                if let Some(key) = &disposition.claimed {
-                    if let Err(e) = pipeline.store.release(key, &instance).await {
+                if let Some(c) = &disposition.claimed {
+                    if let Err(e) = pipeline.store.release(&c.key, &c.owner).await {
                         tracing::warn!(error = %e, "could not release the idempotency claim; it expires on its own");
                     }
                 }
@@ -487,12 +487,12 @@ impl Poller {
             }
             // Stored before it is published: a crash in between replays it instead of redoing it.
             let stored = match (&disposition.claimed, &disposition.result) {
-                (Some(key), Some(r)) => {
+                (Some(c), Some(r)) => {
                     let json = serde_json::to_string(r).expect("result serializes");
                     let retention = Duration::from_secs(settings.idempotency.retention_secs);
                     pipeline
                         .store
-                        .complete(key, &instance, &json, retention)
+                        .complete(&c.key, &c.owner, &json, retention)
                         .await
                 }
                 _ => Ok(()),

@@ -228,6 +228,8 @@ pub struct Harness {
 }
 
 pub struct Options {
+    /// The idempotency store; default: an embedded store in a temp file.
+    pub store: Option<Arc<dyn command_poller::idempotency::ResultStore>>,
     pub panel: Option<Panel>,
     pub sim_latency: Duration,
     pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
@@ -237,6 +239,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            store: None,
             panel: None,
             sim_latency: Duration::ZERO,
             tweak: Box::new(|_| {}),

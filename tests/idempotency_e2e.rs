@@ -1,0 +1,269 @@
+//! Idempotency, the same tests against each store: embedded (redb), Redis (127.0.0.1:6379) and
+//! PostgreSQL (127.0.0.1:5432, database test).
+
+mod common;
+
+use command_poller::idempotency::{self, Backend, Claim, IdempotencySettings, ResultStore};
+use command_poller::outcome::Status;
+use common::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn settings(backend: Backend) -> IdempotencySettings {
+    let sfx = suffix();
+    IdempotencySettings {
+        backend,
+        path: std::env::temp_dir().join(format!("idem-{sfx}.redb")),
+        url: match backend {
+            Backend::Embedded => String::new(),
+            Backend::Redis => REDIS.into(),
+            Backend::Postgres => POSTGRES.into(),
+        },
+        key_prefix: format!("t-{sfx}"),
+        retention_secs: 60,
+        claim_ttl_secs: 120,
+        wait_for_in_flight_ms: 10_000,
+    }
+}
+
+async fn store(backend: Backend) -> (Arc<dyn ResultStore>, IdempotencySettings) {
+    let s = settings(backend);
+    (
+        idempotency::open(&s)
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: {e}")),
+        s,
+    )
+}
+
+const ALL: [Backend; 3] = [Backend::Embedded, Backend::Redis, Backend::Postgres];
+
+#[tokio::test]
+async fn the_store_contract_holds_for_every_backend() {
+    for backend in ALL {
+        let (s, cfg) = store(backend).await;
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            s.claim("agent/a1", "r1", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}"
+        );
+        assert_eq!(
+            s.claim("agent/a1", "r1", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}: own claim again"
+        );
+        assert_eq!(
+            s.claim("agent/a1", "r2", ttl).await.unwrap(),
+            Claim::Busy("r1".into()),
+            "{backend:?}"
+        );
+        // Another agent's same action_id is a different key.
+        assert_eq!(
+            s.claim("other/a1", "r2", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}"
+        );
+        // Releasing someone else's claim does nothing; one's own frees it.
+        s.release("agent/a1", "r2").await.unwrap();
+        assert_eq!(
+            s.claim("agent/a1", "r2", ttl).await.unwrap(),
+            Claim::Busy("r1".into()),
+            "{backend:?}"
+        );
+        s.release("agent/a1", "r1").await.unwrap();
+        assert_eq!(
+            s.claim("agent/a1", "r2", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}"
+        );
+        s.complete(
+            "agent/a1",
+            "r2",
+            r#"{"status":"SUCCESS"}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.claim("agent/a1", "r3", ttl).await.unwrap(),
+            Claim::Done(r#"{"status":"SUCCESS"}"#.into()),
+            "{backend:?}"
+        );
+        // A crashed replica's claim expires.
+        assert_eq!(
+            s.claim("agent/a2", "dead", Duration::from_millis(200))
+                .await
+                .unwrap(),
+            Claim::Mine
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            s.claim("agent/a2", "r1", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}: expired claim"
+        );
+        // Results expire after the retention.
+        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(
+            s.claim("agent/a3", "r1", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}: retention"
+        );
+        let _ = std::fs::remove_file(&cfg.path);
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_store_survives_a_restart() {
+    let cfg = settings(Backend::Embedded);
+    {
+        let s = idempotency::open(&cfg).await.unwrap();
+        s.claim("agent/x", "old-process", Duration::from_secs(600))
+            .await
+            .unwrap();
+        s.claim("agent/y", "old-process", Duration::from_secs(600))
+            .await
+            .unwrap();
+        s.complete(
+            "agent/y",
+            "old-process",
+            r#"{"kept":true}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    let s = idempotency::open(&cfg).await.unwrap();
+    assert_eq!(
+        s.claim("agent/y", "new", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        Claim::Done(r#"{"kept":true}"#.into())
+    );
+    // The dead process's claim does not block the redelivery.
+    assert_eq!(
+        s.claim("agent/x", "new", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        Claim::Mine
+    );
+    let _ = std::fs::remove_file(&cfg.path);
+}
+
+#[tokio::test]
+async fn a_concluded_action_is_replayed_not_redone_with_every_backend() {
+    for backend in ALL {
+        let (s, cfg) = store(backend).await;
+        let h = Harness::start(Options {
+            store: Some(s),
+            ..Default::default()
+        })
+        .await;
+        h.send(&cmd("idem-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+            .await;
+        let first = h.result("idem-1").await;
+        assert_eq!(first.status, Status::Success);
+        assert!(!first.replay);
+        h.send(&cmd("idem-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+            .await;
+        h.wait_until("the replay", Duration::from_secs(15), |i| {
+            (i.results
+                .iter()
+                .filter(|(_, r)| r.action_id.as_deref() == Some("idem-1"))
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .await;
+        let all: Vec<_> = h
+            .inbox
+            .lock()
+            .unwrap()
+            .results
+            .iter()
+            .filter(|(_, r)| r.action_id.as_deref() == Some("idem-1"))
+            .map(|(_, r)| r.clone())
+            .collect();
+        let replay = all.iter().find(|r| r.replay).expect("a replay");
+        assert_eq!(replay.status, Status::Success, "{backend:?}");
+        assert_eq!(replay.tool_result, first.tool_result);
+        assert_eq!(
+            h.sim.posts("idem-1"),
+            1,
+            "{backend:?}: judged and executed once"
+        );
+        // Not alerted twice, and the queue is empty (the duplicate was acked).
+        assert_eq!(h.queue_depth().await, 0);
+        let _ = std::fs::remove_file(&cfg.path);
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_in_flight_waits_and_never_runs_in_parallel_with_every_backend() {
+    for backend in ALL {
+        let (s, cfg) = store(backend).await;
+        let h = Harness::start(Options {
+            store: Some(s),
+            start_poller: false,
+            sim_latency: Duration::from_millis(600),
+            ..Default::default()
+        })
+        .await;
+        let r1 = h.spawn_replica("a", None);
+        let r2 = h.spawn_replica("b", None);
+        eventually("replicas", Duration::from_secs(15), || {
+            r1.connected() && r2.connected()
+        })
+        .await;
+        // With prefetch 1 each, the two copies go to different replicas.
+        h.send(&cmd(
+            "twin-1",
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
+        h.send(&cmd(
+            "twin-1",
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
+        h.wait_until("two results", Duration::from_secs(20), |i| {
+            (i.results
+                .iter()
+                .filter(|(_, r)| r.action_id.as_deref() == Some("twin-1"))
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .await;
+        let replays = h
+            .inbox
+            .lock()
+            .unwrap()
+            .results
+            .iter()
+            .filter(|(_, r)| r.replay)
+            .count();
+        assert_eq!(replays, 1, "{backend:?}");
+        let calls = h.sim.calls();
+        assert_eq!(
+            calls.posts.get("twin-1"),
+            Some(&1),
+            "{backend:?}: the duplicate never reached the bridge"
+        );
+        assert_eq!(calls.max_concurrent, 1);
+        r1.stop().await;
+        r2.stop().await;
+        let _ = std::fs::remove_file(&cfg.path);
+    }
+}
