@@ -61,6 +61,16 @@ pub struct Disposition {
     /// The idempotency claim this delivery holds: the poller stores the result under it before
     /// publishing, or releases it when the command is deferred.
     pub claimed: Option<Claimed>,
+    /// The result is already in the store (a replay); only its publication is recorded.
+    pub stored: bool,
+}
+
+/// What the idempotency store keeps per action: the result, and whether it was confirmed
+/// published (with its alerts). An unpublished one is published in full on the next delivery.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredOutcome {
+    pub published: bool,
+    pub result: ResultMessage,
 }
 
 /// An idempotency claim: the key and this delivery's owner token.
@@ -209,6 +219,7 @@ impl Pipeline {
                     }),
                     audit: trail,
                     claimed: None,
+                    stored: false,
                 };
             }
         };
@@ -254,7 +265,7 @@ impl Pipeline {
         };
         match self.claim(&claimed).await {
             Ok(Claim::Mine) => {}
-            Ok(Claim::Done(stored)) => return self.replay(&stored, reply, trail),
+            Ok(Claim::Done(stored)) => return self.replay(claimed.key, &stored, reply, trail),
             Ok(Claim::Busy(owner)) => {
                 return deferred(
                     format!("a duplicate of an action in flight on {owner}"),
@@ -338,8 +349,14 @@ impl Pipeline {
     }
 
     /// A duplicate of a concluded action: republish its stored result, marked as a replay.
-    fn replay(&self, stored: &str, reply: ReplyTarget, mut trail: Vec<AuditEvent>) -> Disposition {
-        let mut result: ResultMessage = match serde_json::from_str(stored) {
+    fn replay(
+        &self,
+        key: String,
+        stored: &str,
+        reply: ReplyTarget,
+        mut trail: Vec<AuditEvent>,
+    ) -> Disposition {
+        let stored: StoredOutcome = match serde_json::from_str(stored) {
             Ok(r) => r,
             Err(e) => {
                 // Never execute on doubt: an unreadable stored result is reported, not redone.
@@ -347,21 +364,40 @@ impl Pipeline {
                 return deferred(format!("stored result unreadable: {e}"), trail);
             }
         };
-        tracing::info!(status = %result.status, "duplicate action: replaying the stored result");
-        result.replay = true;
+        let mut result = stored.result;
         trail.push(AuditEvent::Replayed {
             at: now_rfc3339(),
             original_completed_at: result.completed_at.clone(),
             original_instance: result.poller_instance.clone(),
         });
+        let owner = format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple());
+        if stored.published {
+            tracing::info!(status = %result.status, "duplicate action: replaying the stored result");
+            result.replay = true;
+            return Disposition {
+                deferred: None,
+                result: Some(result),
+                reply,
+                alerts: Vec::new(),
+                dead_letter: None,
+                audit: trail,
+                claimed: None,
+                stored: true,
+            };
+        }
+        // Concluded but never confirmed published (a crash or a refused publish in between):
+        // publish it in full now, alerts included, then mark it published.
+        tracing::warn!(status = %result.status, "concluded earlier but not published; publishing it now");
+        let alerts = alerts_for(&self.policy, &result);
         Disposition {
             deferred: None,
             result: Some(result),
             reply,
-            alerts: Vec::new(),
+            alerts,
             dead_letter: None,
             audit: trail,
-            claimed: None,
+            claimed: Some(Claimed { key, owner }),
+            stored: true,
         }
     }
 
@@ -411,6 +447,7 @@ impl Pipeline {
             dead_letter: None,
             audit: trail,
             claimed: None,
+            stored: false,
         }
     }
 
@@ -524,6 +561,7 @@ fn deferred(why: String, audit: Vec<AuditEvent>) -> Disposition {
         dead_letter: None,
         audit,
         claimed: None,
+        stored: false,
     }
 }
 

@@ -23,7 +23,7 @@ use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
 use crate::metrics::Metrics;
 use crate::outcome::{ResultMessage, Status};
-use crate::pipeline::{Disposition, Inbound, Pipeline};
+use crate::pipeline::{Disposition, Inbound, Pipeline, StoredOutcome};
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, JudgeSettings, Settings};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -485,17 +485,33 @@ impl Poller {
                 }
                 return;
             }
-            // Stored before it is published: a crash in between replays it instead of redoing it.
-            let stored = match (&disposition.claimed, &disposition.result) {
-                (Some(c), Some(r)) => {
-                    let json = serde_json::to_string(r).expect("result serializes");
-                    let retention = Duration::from_secs(settings.idempotency.retention_secs);
-                    pipeline
-                        .store
-                        .complete(&c.key, &c.owner, &json, retention)
-                        .await
+            // Stored (unpublished) before it is published: a crash in between publishes the
+            // stored outcome instead of redoing the action.
+            let retention = Duration::from_secs(settings.idempotency.retention_secs);
+            let store_outcome = |published: bool| {
+                let pipeline = pipeline.clone();
+                let d = &disposition;
+                async move {
+                    match (&d.claimed, &d.result) {
+                        (Some(c), Some(r)) => {
+                            let json = serde_json::to_string(&StoredOutcome {
+                                published,
+                                result: r.clone(),
+                            })
+                            .expect("result serializes");
+                            pipeline
+                                .store
+                                .complete(&c.key, &c.owner, &json, retention)
+                                .await
+                        }
+                        _ => Ok(()),
+                    }
                 }
-                _ => Ok(()),
+            };
+            let stored = if disposition.stored {
+                Ok(())
+            } else {
+                store_outcome(false).await
             };
             if let Err(e) = stored {
                 // Unpublished and unstored: requeue it; the claim is ours, so the re-run proceeds.
@@ -516,6 +532,10 @@ impl Poller {
             }
             match carry_out(&publisher, &settings, &instance, &inbound, &disposition).await {
                 Ok(()) => {
+                    if let Err(e) = store_outcome(true).await {
+                        // Harmless: a later duplicate would publish it again, alerts included.
+                        tracing::warn!(error = %e, "could not mark the result published");
+                    }
                     state.processed.fetch_add(1, Ordering::SeqCst);
                     state.metrics.observe(&disposition);
                     if let Some(r) = &disposition.result {

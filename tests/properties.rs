@@ -16,13 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn valid_action_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
 }
 
 fn valid_service(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -52,7 +56,11 @@ fn hostile_json() -> impl Strategy<Value = String> {
         Just("null".to_string()),
         Just("true".to_string()),
         (1usize..300).prop_map(|d| format!("{}1{}", "[".repeat(d), "]".repeat(d))),
-        (1usize..300).prop_map(|d| format!("{}{}", "{\"a\":".repeat(d), "}".repeat(d).replacen('}', "1}", 1))),
+        (1usize..300).prop_map(|d| format!(
+            "{}{}",
+            "{\"a\":".repeat(d),
+            "}".repeat(d).replacen('}', "1}", 1)
+        )),
         "\"[ -~]{0,40}\"",
         "\"[a-z0-9._:-]{0,140}\"",
         Just("\"\\u0000\\ud800\"".to_string()),
@@ -87,10 +95,18 @@ proptest! {
 
 struct Recording(AtomicUsize);
 impl Bridge for Recording {
-    fn execute<'a>(&'a self, r: &'a BridgeRequest) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
+    fn execute<'a>(
+        &'a self,
+        r: &'a BridgeRequest,
+    ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         let _ = r;
-        Box::pin(async { Ok(BridgeAnswer { tool_result: serde_json::json!({"status":"success"}), attempts: 1 }) })
+        Box::pin(async {
+            Ok(BridgeAnswer {
+                tool_result: serde_json::json!({"status":"success"}),
+                attempts: 1,
+            })
+        })
     }
 }
 
@@ -100,25 +116,37 @@ impl Judge for Yes {
         "yes"
     }
     fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
-        Box::pin(async { Ok(Verdict::Approve { reason: "always".into() }) })
+        Box::pin(async {
+            Ok(Verdict::Approve {
+                reason: "always".into(),
+            })
+        })
     }
 }
 
 fn policy_text(actions: [&str; 3]) -> String {
-    let types = ["CHECK_INTEGRATION_STATUS", "REFRESH_TOKEN", "CONNECT_INTEGRATION"];
+    let types = [
+        "CHECK_INTEGRATION_STATUS",
+        "REFRESH_TOKEN",
+        "CONNECT_INTEGRATION",
+    ];
     let mut s = String::from("judge_allowed_at = \"MEDIUM\"\n");
     for (t, a) in types.iter().zip(actions) {
-        s.push_str(&format!("[commands.{t}]\naction = \"{a}\"\nfloor_severity = \"LOW\"\nrationale = \"r\"\n"));
+        s.push_str(&format!(
+            "[commands.{t}]\naction = \"{a}\"\nfloor_severity = \"LOW\"\nrationale = \"r\"\n"
+        ));
     }
     s
 }
 
 /// One store for the whole test process (action_ids are unique per case).
 fn store() -> Arc<command_poller::idempotency::EmbeddedStore> {
-    static STORE: std::sync::OnceLock<Arc<command_poller::idempotency::EmbeddedStore>> = std::sync::OnceLock::new();
+    static STORE: std::sync::OnceLock<Arc<command_poller::idempotency::EmbeddedStore>> =
+        std::sync::OnceLock::new();
     STORE
         .get_or_init(|| {
-            let path = std::env::temp_dir().join(format!("poller-props-{}.redb", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("poller-props-{}.redb", std::process::id()));
             Arc::new(command_poller::idempotency::EmbeddedStore::open(&path, "p").unwrap())
         })
         .clone()
@@ -130,7 +158,10 @@ fn pipeline(policy: Policy, bridge: Arc<Recording>, allow_unverified: bool) -> P
         limits: DecodeLimits::default(),
         allow_unverified,
         policy: Arc::new(policy),
-        panel: Panel::new(vec![(Arc::new(Yes) as Arc<dyn Judge>, Duration::from_secs(1))], 1),
+        panel: Panel::new(
+            vec![(Arc::new(Yes) as Arc<dyn Judge>, Duration::from_secs(1))],
+            1,
+        ),
         bridge,
         instance: "prop".into(),
         history: Default::default(),
@@ -143,7 +174,10 @@ fn pipeline(policy: Policy, bridge: Arc<Recording>, allow_unverified: bool) -> P
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 proptest! {

@@ -1,0 +1,783 @@
+//! The fault suite: real processes (the poller and bridge simulator binaries), the real broker,
+//! real signals. Each scenario runs hundreds of commands, then checks per action_id: a final
+//! result, at most one non-replay result, and at most one bridge execution (the simulator's
+//! call log), and prints the counts (docs/RELIABILITY.md quotes them).
+//!
+//! These restart the broker and kill processes, so they are `#[ignore]`d in the parallel suite
+//! and run one at a time by `scripts/test.sh`:
+//!   cargo test --test faults -- --ignored --test-threads=1 --nocapture
+
+mod common;
+
+use command_poller::outcome::ResultMessage;
+use common::{cmd, suffix, test_settings, Cleanup, AMQP};
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One scenario's world: names, processes, the simulator behind a switchable proxy.
+struct World {
+    name: &'static str,
+    sfx: String,
+    settings: command_poller::settings::Settings,
+    secret: String,
+    sim_port: u16,
+    proxy_port: u16,
+    proxy_up: Arc<AtomicBool>,
+    sim: Child,
+    pollers: Vec<Child>,
+    results: Arc<Mutex<Vec<ResultMessage>>>,
+    extra_env: Vec<(String, String)>,
+    config_dir: std::path::PathBuf,
+    _cleanup: Cleanup,
+}
+
+/// The shipped config for a fault world: no automatic trips (the mixed load would trip them:
+/// that feature has its own tests) and no compliance rate limit (one broker user sends all).
+fn fault_config(edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fault-config-{}", suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = std::fs::read_to_string("config/default.toml").unwrap();
+    let trips = text.find("# Automatic trip (Emergency-INT-E01)").unwrap();
+    let audit = text.find("[audit]").unwrap();
+    text.replace_range(trips..audit, "");
+    let text = text.replace(
+        "max_per_agent = { count = 5, window_secs = 3600 }",
+        "max_per_agent = { count = 100000, window_secs = 3600 }",
+    );
+    std::fs::write(dir.join("default.toml"), edit(text)).unwrap();
+    dir
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+        for p in &mut self.pollers {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = self.sim.kill();
+        let _ = self.sim.wait();
+    }
+}
+
+/// A TCP proxy in front of the simulator: while down, nothing listens (connection refused).
+async fn proxy(port: u16, target: u16, up: Arc<AtomicBool>) {
+    loop {
+        while !up.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        while up.load(Ordering::SeqCst) {
+            let Ok(Ok((mut inbound, _))) =
+                tokio::time::timeout(Duration::from_millis(50), listener.accept()).await
+            else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+        drop(listener);
+    }
+}
+
+/// Collects results from the results queue, reconnecting across broker restarts.
+async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
+    loop {
+        let Ok(conn) = Connection::connect(AMQP, Default::default()).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        let Ok(mut c) = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Some(Ok(d)) = c.next().await {
+            if let Ok(r) = serde_json::from_slice::<ResultMessage>(&d.data) {
+                into.lock().unwrap().push(r);
+            }
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl World {
+    async fn new(name: &'static str) -> World {
+        let sfx = suffix();
+        let mut settings = test_settings(&sfx);
+        settings.topology.delivery_limit = 10;
+        let cleanup = Cleanup(settings.clone());
+        // Declare the topology first (the results queue must exist before results flow).
+        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        command_poller::broker::declare(&ch, &settings.topology)
+            .await
+            .unwrap();
+        command_poller::broker::declare_audit(&ch, &settings.audit)
+            .await
+            .unwrap();
+        let _ = conn.close(200, "ok".into()).await;
+        let secret = format!("fault-secret-{sfx}");
+        let sim_port = free_port();
+        let sim = Command::new(BIN)
+            .args([
+                "bridge-simulator",
+                "--listen",
+                &format!("127.0.0.1:{sim_port}"),
+                "--latency-ms",
+                "30",
+            ])
+            .env("BRIDGE_SECRET", &secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let proxy_port = free_port();
+        let proxy_up = Arc::new(AtomicBool::new(true));
+        tokio::spawn(proxy(proxy_port, sim_port, proxy_up.clone()));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(collect(
+            settings.topology.results_queue.clone(),
+            results.clone(),
+        ));
+        let config_dir = fault_config(|t| t);
+        let w = World {
+            name,
+            sfx,
+            settings,
+            secret,
+            sim_port,
+            proxy_port,
+            proxy_up,
+            sim,
+            pollers: Vec::new(),
+            results,
+            extra_env: Vec::new(),
+            config_dir,
+            _cleanup: cleanup,
+        };
+        w.wait_http(sim_port, "/_sim/calls").await;
+        w
+    }
+
+    fn env(&self, replica: &str) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let t = &s.topology;
+        let mut v: Vec<(String, String)> = vec![
+            (
+                "POLLER__TOPOLOGY__COMMANDS_EXCHANGE",
+                t.commands_exchange.clone(),
+            ),
+            ("POLLER__TOPOLOGY__COMMANDS_QUEUE", t.commands_queue.clone()),
+            (
+                "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE",
+                t.dead_letter_exchange.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE",
+                t.dead_letter_queue.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__RESULTS_EXCHANGE",
+                t.results_exchange.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__ALERTS_EXCHANGE",
+                t.alerts_exchange.clone(),
+            ),
+            ("POLLER__TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
+            (
+                "POLLER__TOPOLOGY__DELIVERY_LIMIT",
+                t.delivery_limit.to_string(),
+            ),
+            ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
+            (
+                "POLLER__CONTROL__STATE_QUEUE",
+                s.control.state_queue.clone(),
+            ),
+            (
+                "POLLER__CONTROL__EVENTS_QUEUE",
+                s.control.events_queue.clone(),
+            ),
+            ("POLLER__AUDIT__EXCHANGE", s.audit.exchange.clone()),
+            ("POLLER__AUDIT__QUEUE", s.audit.queue.clone()),
+            (
+                "POLLER__AMQP__CONNECTION_NAME",
+                format!("fault-{}", self.sfx),
+            ),
+            ("POLLER__AMQP__RECONNECT_MAX_MS", "1000".into()),
+            ("POLLER__INSTANCE_ID", format!("{}-{replica}", self.name)),
+            (
+                "POLLER__IDEMPOTENCY__PATH",
+                s.idempotency.path.display().to_string(),
+            ),
+            ("POLLER__BRIDGE__MODE", "apps_script".into()),
+            (
+                "POLLER__BRIDGE__URL",
+                format!("http://127.0.0.1:{}/exec", self.proxy_port),
+            ),
+            ("POLLER__BRIDGE__RETRY_BUDGET_SECS", "60".into()),
+            ("POLLER__BRIDGE__REQUEST_TIMEOUT_SECS", "5".into()),
+            ("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "90".into()),
+            ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
+            ("POLLER__PROCESSING__MAX_IN_FLIGHT", "32".into()),
+            ("BRIDGE_SECRET", self.secret.clone()),
+            ("POLLER_CONFIG_DIR", self.config_dir.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        v.extend(self.extra_env.iter().cloned());
+        v
+    }
+
+    fn spawn_poller(&mut self, replica: &str) -> usize {
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("fault-{}-{}-{replica}.log", self.name, self.sfx)),
+        )
+        .unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .envs(self.env(replica))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.pollers.push(child);
+        self.pollers.len() - 1
+    }
+
+    fn kill9(&mut self, i: usize) {
+        let pid = self.pollers[i].id().to_string();
+        assert!(Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let _ = self.pollers[i].wait();
+    }
+
+    async fn wait_http(&self, port: u16, path: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(port, path).await.is_none() {
+            assert!(Instant::now() < deadline, "nothing answers on {port}{path}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn publish(&self, bodies: &[Vec<u8>]) {
+        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let mut confirms = Vec::new();
+        for b in bodies {
+            confirms.push(
+                ch.basic_publish(
+                    self.settings.topology.commands_exchange.as_str().into(),
+                    command_poller::agent::routing_key_for(b).as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    b,
+                    BasicProperties::default()
+                        .with_user_id("guest".into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        for c in confirms {
+            assert!(c.await.unwrap().is_ack());
+        }
+        let _ = conn.close(200, "ok".into()).await;
+    }
+
+    fn distinct_results(&self) -> usize {
+        let r = self.results.lock().unwrap();
+        let mut ids: Vec<&str> = r.iter().filter_map(|r| r.action_id.as_deref()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    }
+
+    async fn wait_results(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.distinct_results() < n {
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every one of `ids` has a result.
+    async fn wait_ids(&self, ids: &[String], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have: std::collections::HashSet<String> = self
+                .results
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r.action_id.clone())
+                .collect();
+            if ids.iter().all(|id| have.contains(id)) || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn sim_calls(&self) -> command_poller::bridge::simulator::CallLog {
+        let body = http_get(self.sim_port, "/_sim/calls")
+            .await
+            .expect("simulator answers");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn sim_faults(&self, json: serde_json::Value) {
+        http_post(self.sim_port, "/_sim/faults", &json.to_string()).await;
+    }
+
+    /// Checks and prints: every id has a result, at most one non-replay result each, at most
+    /// one bridge execution each.
+    async fn report(&self, ids: &[String]) -> Row {
+        let results = self.results.lock().unwrap().clone();
+        let calls = self.sim_calls().await;
+        let mut non_replay: HashMap<&str, usize> = HashMap::new();
+        let mut any: HashMap<&str, usize> = HashMap::new();
+        let mut replays = 0;
+        let sent: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        for r in &results {
+            let Some(id) = r.action_id.as_deref().filter(|id| sent.contains(id)) else {
+                continue;
+            };
+            *any.entry(id).or_default() += 1;
+            if r.replay {
+                replays += 1;
+            } else {
+                *non_replay.entry(id).or_default() += 1;
+            }
+        }
+        let lost: Vec<&String> = ids
+            .iter()
+            .filter(|id| !any.contains_key(id.as_str()))
+            .collect();
+        let duplicate_results = non_replay.values().filter(|n| **n > 1).count();
+        let duplicate_executions = calls.executions.values().filter(|n| **n > 1).count();
+        let row = Row {
+            scenario: self.name,
+            sent: ids.len(),
+            with_result: ids.len() - lost.len(),
+            replays,
+            duplicate_results,
+            duplicate_executions,
+            lost: lost.len(),
+        };
+        println!(
+            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {}",
+            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost
+        );
+        assert!(
+            lost.is_empty(),
+            "{}: lost {:?}",
+            self.name,
+            &lost[..lost.len().min(10)]
+        );
+        assert_eq!(
+            duplicate_executions, 0,
+            "{}: an action executed twice",
+            self.name
+        );
+        assert_eq!(
+            duplicate_results, 0,
+            "{}: an action got two non-replay results",
+            self.name
+        );
+        row
+    }
+}
+
+struct Row {
+    scenario: &'static str,
+    sent: usize,
+    with_result: usize,
+    replays: usize,
+    duplicate_results: usize,
+    duplicate_executions: usize,
+    lost: usize,
+}
+
+async fn http(port: u16, req: String) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.contains(" 2").then(|| body.to_owned())
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    http(port, format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")).await
+}
+
+async fn http_post(port: u16, path: &str, body: &str) {
+    http(port, format!("POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
+}
+
+fn load(prefix: &str, n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let bodies = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (t, svc, sev) = match i % 10 {
+                0 => ("REFRESH_TOKEN", "google", "MEDIUM"),
+                1 => ("CONNECT_INTEGRATION", "salesforce", "HIGH"),
+                _ => ("CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"),
+            };
+            cmd(id, t, svc, sev).to_string().into_bytes()
+        })
+        .collect();
+    (ids, bodies)
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn poller_killed_with_sigkill_mid_load_and_restarted() {
+    let mut w = World::new("sigkill").await;
+    let (ids, bodies) = load("kill", 400);
+    w.publish(&bodies).await;
+    let mut p = w.spawn_poller("a");
+    for round in 1..=3 {
+        w.wait_results(round * 80, Duration::from_secs(60)).await;
+        w.kill9(p);
+        p = w.spawn_poller("a");
+    }
+    w.wait_ids(&ids, Duration::from_secs(120)).await;
+    w.report(&ids).await;
+}
+
+/// Restores the broker even if the test fails midway.
+struct BrokerGuard;
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn broker_restarted_mid_load() {
+    let mut w = World::new("broker-restart").await;
+    let (ids, bodies) = load("brk", 300);
+    w.publish(&bodies).await;
+    w.spawn_poller("a");
+    w.wait_results(60, Duration::from_secs(60)).await;
+    let _guard = BrokerGuard;
+    assert!(Command::new("rabbitmqctl")
+        .arg("stop_app")
+        .output()
+        .unwrap()
+        .status
+        .success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(Command::new("rabbitmqctl")
+        .arg("start_app")
+        .output()
+        .unwrap()
+        .status
+        .success());
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn bridge_down_refused_then_500s_then_html_then_back() {
+    let mut w = World::new("bridge-down").await;
+    let (ids, bodies) = load("brg", 300);
+    w.spawn_poller("a");
+    w.publish(&bodies[..50]).await;
+    w.wait_results(30, Duration::from_secs(60)).await;
+    // Connection refused for 3 s while commands keep coming.
+    w.proxy_up.store(false, Ordering::SeqCst);
+    w.publish(&bodies[50..150]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Back up, but answering 500s, then Apps Script HTML error pages.
+    w.sim_faults(serde_json::json!({"post": (0..40).map(|_| serde_json::json!({"kind": "status", "code": 500})).collect::<Vec<_>>()})).await;
+    w.proxy_up.store(true, Ordering::SeqCst);
+    w.sim_faults(serde_json::json!({"post": (0..20).map(|_| serde_json::json!({"kind": "html", "message": "Service invoked too many times in a short time: exec. Try Utilities.sleep(1000) between calls."})).collect::<Vec<_>>()})).await;
+    w.publish(&bodies[150..]).await;
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn a_judge_hanging_then_failing_then_back() {
+    use axum::routing::post;
+    // An LLM judge that hangs, then errors, then approves.
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post({
+            let phase = phase.clone();
+            move || {
+                let phase = phase.clone();
+                async move {
+                    match phase.load(Ordering::SeqCst) {
+                        0 => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            (axum::http::StatusCode::OK, String::new())
+                        }
+                        1 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string()),
+                        _ => (
+                            axum::http::StatusCode::OK,
+                            serde_json::json!({"choices":[{"message":{"content":"{\"decision\":\"approve\",\"reason\":\"ok\"}"}}]}).to_string(),
+                        ),
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let llm = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let judge = format!(
+        "[[panel.judges]]\nname = \"business\"\nkind = \"llm\"\ntimeout_ms = 1500\nbase_url = \"http://{llm}/v1\"\nmodel = \"m\"\nprompt_file = \"config/prompts/business.md\"\n\n"
+    );
+    let dir = fault_config(move |text| {
+        let cut = text.find("[[panel.judges]]\nname = \"business\"").unwrap();
+        let end = cut + text[cut..].find("[bridge]").unwrap();
+        // Quorum 3: the LLM judge's answer always matters.
+        format!("{}{}{}", &text[..cut], judge, &text[end..]).replace("quorum = 2", "quorum = 3")
+    });
+    let mut w = World::new("judge-hang").await;
+    std::fs::remove_dir_all(&w.config_dir).unwrap();
+    w.config_dir = dir;
+    w.spawn_poller("a");
+    let ids: Vec<String> = (0..200).map(|i| format!("jdg-{i}")).collect();
+    // HIGH severity sends these status checks to the judges.
+    let bodies: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| {
+            cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "HIGH")
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    w.publish(&bodies[..70]).await;
+    w.wait_results(20, Duration::from_secs(60)).await;
+    phase.store(1, Ordering::SeqCst);
+    w.publish(&bodies[70..140]).await;
+    w.wait_results(90, Duration::from_secs(60)).await;
+    phase.store(2, Ordering::SeqCst);
+    w.publish(&bodies[140..]).await;
+    w.wait_ids(&ids, Duration::from_secs(120)).await;
+    let row = w.report(&ids).await;
+    // Fail closed: nothing the hanging or failing judge touched was executed.
+    let results = w.results.lock().unwrap().clone();
+    let executed = w.sim_calls().await.executions.len();
+    let success = results
+        .iter()
+        .filter(|r| r.status == command_poller::outcome::Status::Success)
+        .count();
+    assert_eq!(
+        executed, success,
+        "only approved commands reached the bridge"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|r| r.status == command_poller::outcome::Status::NeedsApproval),
+        "the hanging judge blocked approvals"
+    );
+    assert!(success > 0, "approvals came back with the judge");
+    let _ = row;
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn two_replicas_consuming_one_killed() {
+    let mut w = World::new("two-replicas").await;
+    // Two processes share the Redis store (an embedded file can't be shared).
+    w.extra_env
+        .push(("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()));
+    w.extra_env.push((
+        "POLLER__IDEMPOTENCY__URL".into(),
+        "redis://127.0.0.1:6379".into(),
+    ));
+    w.extra_env.push((
+        "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
+        format!("fault-{}", w.sfx),
+    ));
+    let (ids, bodies) = load("two", 400);
+    w.publish(&bodies).await;
+    let a = w.spawn_poller("a");
+    w.spawn_poller("b");
+    w.wait_results(120, Duration::from_secs(60)).await;
+    w.kill9(a);
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
+    // CONNECT commands alert a team with no queue: their outcome can never be published, every
+    // time. They must end in the dead-letter queue after the delivery limit, the rest flowing.
+    let dir = std::env::temp_dir().join(format!("fault-poison-{}", suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = std::fs::read_to_string("config/policy.toml")
+        .unwrap()
+        .replace(
+            "teams = [\"security\", \"engineering\"]",
+            "teams = [\"nobody-listens\"]",
+        );
+    std::fs::write(dir.join("policy.toml"), policy).unwrap();
+    let mut w = World::new("poison").await;
+    w.extra_env.push((
+        "POLLER__POLICY__FILE".into(),
+        dir.join("policy.toml").display().to_string(),
+    ));
+    w.extra_env
+        .push(("POLLER__TOPOLOGY__DELIVERY_LIMIT".into(), "3".into()));
+    w.extra_env.push((
+        "POLLER__PROCESSING__PUBLISH_FAILURE_PAUSE_MS".into(),
+        "100".into(),
+    ));
+    // The queue already exists with delivery limit 10: use fresh names for this world's queue.
+    let sfx2 = suffix();
+    let q = format!("t.{sfx2}.poison-commands");
+    w.extra_env
+        .push(("POLLER__TOPOLOGY__COMMANDS_QUEUE".into(), q.clone()));
+    w.spawn_poller("a");
+    // Wait for the poller to declare its queue, then send.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let poison = cmd("poison-1", "CONNECT_INTEGRATION", "salesforce", "HIGH")
+        .to_string()
+        .into_bytes();
+    let (_, mut bodies) = load("flow", 200);
+    bodies.retain(|b| !String::from_utf8_lossy(b).contains("CONNECT_INTEGRATION"));
+    let keep: Vec<String> = bodies
+        .iter()
+        .map(|b| {
+            serde_json::from_slice::<serde_json::Value>(b).unwrap()["action_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    w.publish(std::slice::from_ref(&poison)).await;
+    w.publish(&bodies).await;
+    w.wait_ids(&keep, Duration::from_secs(120)).await;
+    // The poison message is in the dead-letter queue with the reason.
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        if let Some(m) = ch
+            .basic_get(
+                w.settings.topology.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the poison message never reached the dead-letter queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.delivery.data, poison);
+    let reason = dead.delivery.properties.headers().as_ref().and_then(|h| {
+        h.inner()
+            .iter()
+            .find(|(k, _)| k.as_str() == "x-first-death-reason")
+            .map(|(_, v)| match v {
+                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            })
+    });
+    assert_eq!(reason.as_deref(), Some("delivery_limit"));
+    w.report(&keep).await;
+    println!("RELIABILITY | poison | poison message dead-lettered with x-first-death-reason = delivery_limit");
+    let _ = conn.close(200, "ok".into()).await;
+    let _ = std::fs::remove_dir_all(dir);
+    // Clean up the extra queue.
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn a_flood_of_junk_leaves_the_poller_running_and_responsive() {
+    let mut w = World::new("junk-flood").await;
+    w.spawn_poller("a");
+    let (ids, good) = load("good", 200);
+    let mut bodies = Vec::new();
+    for (i, g) in good.into_iter().enumerate() {
+        bodies.push(g);
+        for j in 0..5 {
+            bodies.push(match (i + j) % 4 {
+                0 => vec![0xff; 70 * 1024],
+                1 => b"not json at all".to_vec(),
+                2 => format!("{}1{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+                _ => br#"{"action_id":"x","command_type":"REFRESH_TOKEN","command_type":"CONNECT_INTEGRATION"}"#.to_vec(),
+            });
+        }
+    }
+    w.publish(&bodies).await;
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+    println!(
+        "RELIABILITY | junk-flood | {} junk messages interleaved",
+        bodies.len() - ids.len()
+    );
+}
