@@ -385,9 +385,11 @@ impl Pipeline {
                 stored: true,
             };
         }
-        // Concluded but never confirmed published (a crash or a refused publish in between):
-        // publish it in full now, alerts included, then mark it published.
-        tracing::warn!(status = %result.status, "concluded earlier but not published; publishing it now");
+        // Concluded but not confirmed published (a crash or a refused publish in between): it
+        // may or may not have gone out, so publish it in full, alerts included (a duplicate alert
+        // beats a lost one), marked as a replay, then mark it published.
+        tracing::warn!(status = %result.status, "concluded earlier, publication unconfirmed; publishing it again");
+        result.replay = true;
         let alerts = alerts_for(&self.policy, &result);
         Disposition {
             deferred: None,

@@ -65,6 +65,8 @@ pub struct CallLog {
     pub gets: u32,
     pub max_concurrent: usize,
     pub rejected_signatures: u32,
+    /// When the latest POST arrived (Unix milliseconds): when the last bridge call started.
+    pub last_post_at_ms: u64,
 }
 
 impl CallLog {
@@ -141,6 +143,11 @@ impl SimulatorHandle {
 
     pub fn fail_next_gets(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).get.extend(faults);
+    }
+
+    /// Forgets the call log (not the dedup memory), between benchmark phases.
+    pub fn reset_log(&self) {
+        *lock(&self.state.log) = CallLog::default();
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -226,6 +233,8 @@ async fn exec(
     {
         let mut log = lock(&st.log);
         log.max_concurrent = log.max_concurrent.max(now);
+        log.last_post_at_ms =
+            time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
         if let Some(r) = &parsed {
             *log.posts.entry(r.action_id.clone()).or_default() += 1;
         }

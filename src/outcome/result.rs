@@ -62,8 +62,9 @@ pub struct ResultMessage {
     pub received_at: String,
     pub completed_at: String,
     pub poller_instance: String,
-    /// True when this is the stored result of an action already concluded, republished for a
-    /// duplicate command (nothing was judged or executed again).
+    /// True when this delivery judged and executed nothing: the action had already concluded,
+    /// and this is its stored result, republished (for a duplicate command, or after a crash
+    /// between concluding and confirming publication, when it may already have gone out).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay: bool,
 }

@@ -1,0 +1,717 @@
+//! Benchmarks against the real broker on 127.0.0.1:5672, side by side with the raw broker
+//! ceiling in the same run. `cargo bench --bench pipeline` (docs/PERFORMANCE.md).
+//! Each figure is the median of REPEATS runs; ratios are taken within one run.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use command_poller::bridge::signing::Secret;
+use command_poller::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
+use command_poller::control::operator::{new_request_id, Operator};
+use command_poller::control::ControlCommand;
+use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
+use command_poller::outcome::ResultMessage;
+use command_poller::policy::Policy;
+use command_poller::poller::{build_panel, Poller};
+use common::{bridge_client, cmd, suffix, test_settings, Cleanup, AMQP};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const REPEATS: usize = 3;
+const PREFETCH: u16 = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Arrival times at an output queue, per correlation id.
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<Vec<(Instant, Option<ResultMessage>)>>>);
+
+impl Arrivals {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    async fn wait(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} arrived",
+                self.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    /// Messages per second between the first and the last arrival.
+    fn rate(&self) -> f64 {
+        let v = self.0.lock().unwrap();
+        let (first, last) = (v.first().unwrap().0, v.last().unwrap().0);
+        (v.len() - 1) as f64 / (last - first).as_secs_f64()
+    }
+}
+
+async fn collect(queue: String, parse: bool) -> Arrivals {
+    let a = Arrivals::default();
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut c = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = a.clone();
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(Ok(d)) = c.next().await {
+            let r = if parse {
+                serde_json::from_slice::<ResultMessage>(&d.data).ok()
+            } else {
+                None
+            };
+            out.0.lock().unwrap().push((Instant::now(), r));
+        }
+    });
+    a
+}
+
+async fn preload(exchange: &str, bodies: &[Vec<u8>]) {
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    for chunk in bodies.chunks(500) {
+        let mut confirms = Vec::new();
+        for b in chunk {
+            confirms.push(
+                ch.basic_publish(
+                    exchange.into(),
+                    command_poller::agent::routing_key_for(b).as_str().into(),
+                    BasicPublishOptions::default(),
+                    b,
+                    BasicProperties::default()
+                        .with_user_id("guest".into())
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        for c in confirms {
+            c.await.unwrap();
+        }
+    }
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+fn checks(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            cmd(
+                &format!("{prefix}-{i}"),
+                "CHECK_INTEGRATION_STATUS",
+                "mailchimp",
+                "LOW",
+            )
+            .to_string()
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// A world: suffixed names declared, a simulator, and pollers on demand.
+struct World {
+    settings: command_poller::settings::Settings,
+    sim: Arc<SimulatorHandle>,
+    secret: Secret,
+    stop: CancellationToken,
+    states: Vec<Arc<command_poller::poller::PollerState>>,
+    store_dir: std::path::PathBuf,
+    _cleanup: Cleanup,
+}
+
+impl World {
+    async fn new(
+        tweak: impl FnOnce(&mut command_poller::settings::Settings),
+        latency: Duration,
+    ) -> World {
+        let sfx = suffix();
+        let mut settings = test_settings(&sfx);
+        settings.processing.max_in_flight = PREFETCH;
+        // The benchmark measures the pipeline, not the trip (one broker user sends everything).
+        settings.control.trips.clear();
+        settings.panel.judges.retain(|j| j.name() != "compliance");
+        settings.panel.quorum = 2;
+        tweak(&mut settings);
+        let cleanup = Cleanup(settings.clone());
+        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        command_poller::broker::declare(&ch, &settings.topology)
+            .await
+            .unwrap();
+        command_poller::broker::declare_audit(&ch, &settings.audit)
+            .await
+            .unwrap();
+        let _ = conn.close(200, "ok".into()).await;
+        let secret = Secret::new(format!("bench-{sfx}"));
+        let mut cfg = SimulatorConfig::new(secret.clone());
+        cfg.latency = latency;
+        let sim = Arc::new(
+            simulator::start(cfg, ([127, 0, 0, 1], 0).into())
+                .await
+                .unwrap(),
+        );
+        let store_dir = std::env::temp_dir().join(format!("bench-{sfx}"));
+        World {
+            settings,
+            sim,
+            secret,
+            stop: CancellationToken::new(),
+            states: Vec::new(),
+            store_dir,
+            _cleanup: cleanup,
+        }
+    }
+
+    async fn start_poller(&mut self, name: &str, panel: Option<Panel>) {
+        let mut s = self.settings.clone();
+        s.instance_id = format!("bench-{name}");
+        s.idempotency.path = self.store_dir.join(format!("{name}.redb"));
+        let policy = Arc::new(Policy::load(&s.policy.file).unwrap());
+        let panel = panel.unwrap_or_else(|| build_panel(&s).unwrap());
+        let store = command_poller::idempotency::open(&s.idempotency)
+            .await
+            .unwrap();
+        let poller = Poller::new(
+            s,
+            policy,
+            panel,
+            bridge_client(&self.settings, &self.sim, self.secret.clone()),
+            store,
+            None,
+        );
+        let state = poller.state();
+        let stop = self.stop.clone();
+        tokio::spawn(async move { poller.run(stop).await });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !state.connected.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.states.push(state);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
+}
+
+/// 1. The ceiling: a raw lapin relay, consume → publish persistent confirmed (mandatory) → ack
+/// after the confirm, at the same prefetch, publishing result-sized messages.
+async fn ceiling(n: usize) -> f64 {
+    let sfx = suffix();
+    let (input, out) = (format!("bench.{sfx}.in"), format!("bench.{sfx}.out"));
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+    );
+    for q in [&input, &out] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    preload("", &checks("relay", n).into_iter().collect::<Vec<_>>()).await;
+    // The preload above used the default exchange with routing keys command.*: route to input.
+    let pub_ch = conn.create_channel().await.unwrap();
+    pub_ch.confirm_select(Default::default()).await.unwrap();
+    for b in checks("relay", n) {
+        pub_ch
+            .basic_publish(
+                "".into(),
+                input.as_str().into(),
+                Default::default(),
+                &b,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+    }
+    pub_ch.wait_for_confirms().await.unwrap();
+    let arrivals = collect(out.clone(), false).await;
+    let relay_conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let relay_pub = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let cch = relay_conn.create_channel().await.unwrap();
+    cch.basic_qos(PREFETCH, Default::default()).await.unwrap();
+    let pch = relay_pub.create_channel().await.unwrap();
+    pch.confirm_select(Default::default()).await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            input.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let body = vec![b'x'; 700];
+    let relay = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let (pch, body, out) = (pch.clone(), body.clone(), out.clone());
+            tokio::spawn(async move {
+                let c = pch
+                    .basic_publish(
+                        "".into(),
+                        out.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(c.is_ack());
+                d.acker.ack(Default::default()).await.unwrap();
+            });
+        }
+    });
+    arrivals.wait(n, Duration::from_secs(120)).await;
+    relay.abort();
+    for q in [&input, &format!("bench.{sfx}.out")] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    arrivals.rate()
+}
+
+/// 2. The poller on preloaded CHECK commands, bridge at zero latency.
+async fn overhead(n: usize) -> f64 {
+    let mut w = World::new(|_| {}, Duration::ZERO).await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("ovh", n),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    w.start_poller("a", None).await;
+    arrivals.wait(n, Duration::from_secs(180)).await;
+    arrivals.rate()
+}
+
+/// 3. A slow bridge: 200 ms, concurrency limit 25. Returns (commands/s, simulator peak).
+async fn slow_bridge(n: usize) -> (f64, usize) {
+    let mut w = World::new(
+        |s| s.bridge.max_concurrency = 25,
+        Duration::from_millis(200),
+    )
+    .await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("slow", n),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    w.start_poller("a", None).await;
+    arrivals.wait(n, Duration::from_secs(120)).await;
+    (arrivals.rate(), w.sim.calls().max_concurrent)
+}
+
+struct Timed(&'static str, Duration);
+impl Judge for Timed {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.1).await;
+            Ok(Verdict::Approve {
+                reason: "ok".into(),
+            })
+        })
+    }
+}
+
+/// 4. REFRESH_TOKEN with judges at 50 ms, 50 ms and 2 s: p50 of the panel's decision time
+/// (command published → result received, minus the bridge time).
+async fn judges(n: usize) -> f64 {
+    let mut w = World::new(|_| {}, Duration::ZERO).await;
+    let panel = Panel::new(
+        vec![
+            (
+                Arc::new(Timed("a", Duration::from_millis(50))) as Arc<dyn Judge>,
+                Duration::from_secs(5),
+            ),
+            (
+                Arc::new(Timed("b", Duration::from_millis(50))) as Arc<dyn Judge>,
+                Duration::from_secs(5),
+            ),
+            (
+                Arc::new(Timed("c", Duration::from_secs(2))) as Arc<dyn Judge>,
+                Duration::from_secs(5),
+            ),
+        ],
+        2,
+    );
+    let arrivals = collect(w.settings.topology.results_queue.clone(), true).await;
+    w.start_poller("a", Some(panel)).await;
+    let mut sent = HashMap::new();
+    let exchange = w.settings.topology.commands_exchange.clone();
+    for i in 0..n {
+        let id = format!("jdg-{i}");
+        let b = cmd(&id, "REFRESH_TOKEN", "google", "MEDIUM")
+            .to_string()
+            .into_bytes();
+        sent.insert(id, Instant::now());
+        preload(&exchange, &[b]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    arrivals.wait(n, Duration::from_secs(60)).await;
+    let v = arrivals.0.lock().unwrap();
+    median(
+        v.iter()
+            .filter_map(|(at, r)| {
+                let r = r.as_ref()?;
+                let bridge = r.bridge.as_ref().map(|b| b.ms).unwrap_or(0) as f64;
+                Some((*at - sent[r.action_id.as_deref()?]).as_secs_f64() * 1000.0 - bridge)
+            })
+            .collect(),
+    )
+}
+
+/// 5. Latency at half the measured capacity: p50 and p99 of (result received − command
+/// published) minus the simulated bridge time (10 ms here).
+async fn latency(capacity: f64, seconds: f64) -> (f64, f64) {
+    let mut w = World::new(|_| {}, Duration::from_millis(10)).await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), true).await;
+    w.start_poller("a", None).await;
+    let rate = capacity / 2.0;
+    let n = (rate * seconds) as usize;
+    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut sent = HashMap::new();
+    let t0 = Instant::now();
+    for i in 0..n {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("lat-{i}");
+        let b = cmd(&id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")
+            .to_string()
+            .into_bytes();
+        sent.insert(id, Instant::now());
+        ch.basic_publish(
+            w.settings.topology.commands_exchange.as_str().into(),
+            "command.check_integration_status".into(),
+            Default::default(),
+            &b,
+            BasicProperties::default()
+                .with_user_id("guest".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    arrivals.wait(n, Duration::from_secs(60)).await;
+    let v = arrivals.0.lock().unwrap();
+    let lat: Vec<f64> = v
+        .iter()
+        .filter_map(|(at, r)| {
+            let r = r.as_ref()?;
+            Some((*at - sent[r.action_id.as_deref()?]).as_secs_f64() * 1000.0 - 10.0)
+        })
+        .collect();
+    (percentile(lat.clone(), 0.5), percentile(lat, 0.99))
+}
+
+/// 6. Peak RSS of the real binary with max_in_flight 256 under load.
+async fn memory(n: usize) -> f64 {
+    let w = World::new(
+        |s| s.processing.max_in_flight = 256,
+        Duration::from_millis(5),
+    )
+    .await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("mem", n),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    let s = &w.settings;
+    let t = &s.topology;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_command-poller"))
+        .arg("run")
+        .envs([
+            (
+                "POLLER__TOPOLOGY__COMMANDS_EXCHANGE",
+                t.commands_exchange.clone(),
+            ),
+            ("POLLER__TOPOLOGY__COMMANDS_QUEUE", t.commands_queue.clone()),
+            (
+                "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE",
+                t.dead_letter_exchange.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE",
+                t.dead_letter_queue.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__RESULTS_EXCHANGE",
+                t.results_exchange.clone(),
+            ),
+            (
+                "POLLER__TOPOLOGY__ALERTS_EXCHANGE",
+                t.alerts_exchange.clone(),
+            ),
+            ("POLLER__TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
+            ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
+            (
+                "POLLER__CONTROL__STATE_QUEUE",
+                s.control.state_queue.clone(),
+            ),
+            (
+                "POLLER__CONTROL__EVENTS_QUEUE",
+                s.control.events_queue.clone(),
+            ),
+            ("POLLER__AUDIT__EXCHANGE", s.audit.exchange.clone()),
+            ("POLLER__AUDIT__QUEUE", s.audit.queue.clone()),
+            ("POLLER__PROCESSING__MAX_IN_FLIGHT", "256".into()),
+            (
+                "POLLER__IDEMPOTENCY__PATH",
+                w.store_dir.join("mem.redb").display().to_string(),
+            ),
+            ("POLLER__BRIDGE__MODE", "apps_script".into()),
+            ("POLLER__BRIDGE__URL", w.sim.url().to_string()),
+            ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
+            ("POLLER__LOGGING__FILTER", "warn".into()),
+            (
+                "BRIDGE_SECRET",
+                format!(
+                    "bench-{}",
+                    t.commands_queue
+                        .trim_start_matches("t.")
+                        .trim_end_matches(".commands")
+                ),
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    arrivals.wait(n, Duration::from_secs(180)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb / 1024.0
+}
+
+/// 7. Pause with two replicas under load: ms from sending `pause` to the last bridge call
+/// starting (the simulator's last POST).
+async fn pause() -> f64 {
+    let mut w = World::new(|_| {}, Duration::from_millis(50)).await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("pause", 3000),
+    )
+    .await;
+    w.start_poller("a", None).await;
+    w.start_poller("b", None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
+    let op = Operator {
+        settings: &w.settings,
+        amqp_url: AMQP,
+        wait: Duration::from_millis(500),
+    };
+    let report = op
+        .run(ControlCommand::Pause {
+            reason: "bench".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.replicas.len(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = w.sim.calls().last_post_at_ms;
+    last.saturating_sub(sent_ms) as f64
+}
+
+/// 8. Scale: one replica, then two, each with bridge concurrency 25, bridge 200 ms.
+async fn scale(n: usize, replicas: usize) -> f64 {
+    let mut w = World::new(
+        |s| s.bridge.max_concurrency = 25,
+        Duration::from_millis(200),
+    )
+    .await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("scale", n),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    for r in 0..replicas {
+        w.start_poller(&format!("r{r}"), None).await;
+    }
+    arrivals.wait(n, Duration::from_secs(120)).await;
+    arrivals.rate()
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+    );
+    println!("commands per throughput run: {n}; repeats: {REPEATS}; prefetch: {PREFETCH}");
+    let mut ceil = Vec::new();
+    let mut ovh = Vec::new();
+    let mut ratio = Vec::new();
+    for _ in 0..REPEATS {
+        let c = ceiling(n).await;
+        let o = overhead(n).await;
+        println!(
+            "  run: ceiling {c:.0}/s, poller {o:.0}/s, ratio {:.2}",
+            o / c
+        );
+        ceil.push(c);
+        ovh.push(o);
+        ratio.push(o / c);
+    }
+    let capacity = median(ovh.clone());
+    let mut slow = Vec::new();
+    let mut peak = 0;
+    for _ in 0..REPEATS {
+        let (r, p) = slow_bridge(1000).await;
+        println!("  run: slow bridge {r:.1}/s, simulator peak {p}");
+        slow.push(r);
+        peak = peak.max(p);
+    }
+    let mut jud = Vec::new();
+    for _ in 0..REPEATS {
+        let j = judges(30).await;
+        println!("  run: panel p50 {j:.1} ms");
+        jud.push(j);
+    }
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for _ in 0..REPEATS {
+        let (p50, p99) = latency(capacity, 5.0).await;
+        println!(
+            "  run: latency overhead p50 {p50:.2} ms, p99 {p99:.2} ms at {:.0}/s",
+            capacity / 2.0
+        );
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    let mut mem = Vec::new();
+    for _ in 0..REPEATS {
+        let m = memory(n).await;
+        println!("  run: peak RSS {m:.1} MiB");
+        mem.push(m);
+    }
+    let mut pauses = Vec::new();
+    for _ in 0..REPEATS {
+        let p = pause().await;
+        println!("  run: pause → last bridge call {p:.0} ms");
+        pauses.push(p);
+    }
+    let mut scales = Vec::new();
+    for _ in 0..REPEATS {
+        let one = scale(1500, 1).await;
+        let two = scale(1500, 2).await;
+        println!(
+            "  run: one replica {one:.1}/s, two {two:.1}/s, x{:.2}",
+            two / one
+        );
+        scales.push(two / one);
+    }
+    println!();
+    println!("| figure | median | target |");
+    println!("| --- | --- | --- |");
+    println!("| ceiling: raw lapin relay | {:.0} msg/s | |", median(ceil));
+    println!("| poller, ALLOW, bridge 0 ms | {:.0} cmd/s | |", capacity);
+    println!(
+        "| overhead ratio (same run) | {:.2} | >= 0.5 |",
+        median(ratio)
+    );
+    println!("| slow bridge (200 ms, limit 25) | {:.1} cmd/s ({:.0}% of 125), simulator peak {peak} | >= 90%, peak <= 25 |", median(slow.clone()), median(slow) / 125.0 * 100.0);
+    println!(
+        "| judges 50/50/2000 ms: panel p50 | {:.1} ms | < 100 ms |",
+        median(jud)
+    );
+    println!(
+        "| latency overhead at half capacity | p50 {:.2} ms, p99 {:.2} ms | p99 < 10 ms |",
+        median(p50s),
+        median(p99s)
+    );
+    println!(
+        "| peak RSS, max_in_flight 256 | {:.1} MiB | < 64 MiB |",
+        median(mem)
+    );
+    println!(
+        "| pause → last bridge call, 2 replicas | {:.0} ms | < 100 ms |",
+        median(pauses)
+    );
+    println!(
+        "| scale: 2 replicas / 1 | x{:.2} | >= 1.8 |",
+        median(scales)
+    );
+}
