@@ -3,7 +3,6 @@
 //! Each figure is the median of REPEATS runs; ratios are taken within one run.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use command_poller::bridge::signing::Secret;
@@ -38,9 +37,11 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Arrival times at an output queue, per correlation id.
+type Arrival = (Instant, Option<ResultMessage>);
+
+/// Arrival times at an output queue (with the result, when parsed).
 #[derive(Clone, Default)]
-struct Arrivals(Arc<Mutex<Vec<(Instant, Option<ResultMessage>)>>>);
+struct Arrivals(Arc<Mutex<Vec<Arrival>>>);
 
 impl Arrivals {
     fn len(&self) -> usize {
@@ -145,6 +146,7 @@ struct World {
     settings: command_poller::settings::Settings,
     sim: Arc<SimulatorHandle>,
     secret: Secret,
+    secret_text: String,
     stop: CancellationToken,
     states: Vec<Arc<command_poller::poller::PollerState>>,
     store_dir: std::path::PathBuf,
@@ -174,7 +176,8 @@ impl World {
             .await
             .unwrap();
         let _ = conn.close(200, "ok".into()).await;
-        let secret = Secret::new(format!("bench-{sfx}"));
+        let secret_text = format!("bench-{sfx}");
+        let secret = Secret::new(secret_text.clone());
         let mut cfg = SimulatorConfig::new(secret.clone());
         cfg.latency = latency;
         let sim = Arc::new(
@@ -230,7 +233,7 @@ impl Drop for World {
     }
 }
 
-/// 1. The ceiling: a raw lapin relay, consume → publish persistent confirmed (mandatory) → ack
+/// Benchmark 1: The ceiling: a raw lapin relay, consume → publish persistent confirmed (mandatory) → ack
 /// after the confirm, at the same prefetch, publishing result-sized messages.
 async fn ceiling(n: usize) -> f64 {
     let sfx = suffix();
@@ -254,8 +257,6 @@ async fn ceiling(n: usize) -> f64 {
         .await
         .unwrap();
     }
-    preload("", &checks("relay", n).into_iter().collect::<Vec<_>>()).await;
-    // The preload above used the default exchange with routing keys command.*: route to input.
     let pub_ch = conn.create_channel().await.unwrap();
     pub_ch.confirm_select(Default::default()).await.unwrap();
     for b in checks("relay", n) {
@@ -320,7 +321,7 @@ async fn ceiling(n: usize) -> f64 {
     arrivals.rate()
 }
 
-/// 2. The poller on preloaded CHECK commands, bridge at zero latency.
+/// Benchmark 2: The poller on preloaded CHECK commands, bridge at zero latency.
 async fn overhead(n: usize) -> f64 {
     let mut w = World::new(|_| {}, Duration::ZERO).await;
     preload(
@@ -334,7 +335,7 @@ async fn overhead(n: usize) -> f64 {
     arrivals.rate()
 }
 
-/// 3. A slow bridge: 200 ms, concurrency limit 25. Returns (commands/s, simulator peak).
+/// Benchmark 3: A slow bridge: 200 ms, concurrency limit 25. Returns (commands/s, simulator peak).
 async fn slow_bridge(n: usize) -> (f64, usize) {
     let mut w = World::new(
         |s| s.bridge.max_concurrency = 25,
@@ -367,7 +368,7 @@ impl Judge for Timed {
     }
 }
 
-/// 4. REFRESH_TOKEN with judges at 50 ms, 50 ms and 2 s: p50 of the panel's decision time
+/// Benchmark 4: REFRESH_TOKEN with judges at 50 ms, 50 ms and 2 s: p50 of the panel's decision time
 /// (command published → result received, minus the bridge time).
 async fn judges(n: usize) -> f64 {
     let mut w = World::new(|_| {}, Duration::ZERO).await;
@@ -414,7 +415,7 @@ async fn judges(n: usize) -> f64 {
     )
 }
 
-/// 5. Latency at half the measured capacity: p50 and p99 of (result received − command
+/// Benchmark 5: Latency at half the measured capacity: p50 and p99 of (result received − command
 /// published) minus the simulated bridge time (10 ms here).
 async fn latency(capacity: f64, seconds: f64) -> (f64, f64) {
     let mut w = World::new(|_| {}, Duration::from_millis(10)).await;
@@ -458,7 +459,7 @@ async fn latency(capacity: f64, seconds: f64) -> (f64, f64) {
     (percentile(lat.clone(), 0.5), percentile(lat, 0.99))
 }
 
-/// 6. Peak RSS of the real binary with max_in_flight 256 under load.
+/// Benchmark 6: Peak RSS of the real binary with max_in_flight 256 under load.
 async fn memory(n: usize) -> f64 {
     let w = World::new(
         |s| s.processing.max_in_flight = 256,
@@ -548,7 +549,7 @@ async fn memory(n: usize) -> f64 {
     kb / 1024.0
 }
 
-/// 7. Pause with two replicas under load: ms from sending `pause` to the last bridge call
+/// Benchmark 7: Pause with two replicas under load: ms from sending `pause` to the last bridge call
 /// starting (the simulator's last POST).
 async fn pause() -> f64 {
     let mut w = World::new(|_| {}, Duration::from_millis(50)).await;
@@ -579,7 +580,7 @@ async fn pause() -> f64 {
     last.saturating_sub(sent_ms) as f64
 }
 
-/// 8. Scale: one replica, then two, each with bridge concurrency 25, bridge 200 ms.
+/// Benchmark 8: Scale: one replica, then two, each with bridge concurrency 25, bridge 200 ms.
 async fn scale(n: usize, replicas: usize) -> f64 {
     let mut w = World::new(
         |s| s.bridge.max_concurrency = 25,
