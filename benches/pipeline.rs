@@ -190,6 +190,7 @@ impl World {
             settings,
             sim,
             secret,
+            secret_text,
             stop: CancellationToken::new(),
             states: Vec::new(),
             store_dir,
