@@ -520,15 +520,7 @@ async fn memory(n: usize) -> f64 {
             ("POLLER__BRIDGE__URL", w.sim.url().to_string()),
             ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
             ("POLLER__LOGGING__FILTER", "warn".into()),
-            (
-                "BRIDGE_SECRET",
-                format!(
-                    "bench-{}",
-                    t.commands_queue
-                        .trim_start_matches("t.")
-                        .trim_end_matches(".commands")
-                ),
-            ),
+            ("BRIDGE_SECRET", w.secret_text.clone()),
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
