@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: makes sure RabbitMQ is up, then runs every unit, integration and
-# Node test. Usage: scripts/test.sh [extra cargo test args]
+# The whole test suite: makes sure RabbitMQ, Redis and PostgreSQL are up, then runs every unit,
+# integration and property test, the fault suite, and the Node tests of the Apps Script bridge.
+# Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
+scripts/ensure-stores.sh
 cargo test --all-targets "$@"
 # The fault suite restarts the broker and kills processes: one scenario at a time, after the
 # parallel suite. It prints a RELIABILITY line per scenario (docs/RELIABILITY.md).
