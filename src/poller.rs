@@ -501,7 +501,9 @@ impl Poller {
                             .expect("result serializes");
                             pipeline
                                 .store
-                                .complete(&c.key, &c.owner, &json, retention)
+                                // Durable before publishing; the "published" mark may be lost
+                                // in a crash at the cost of a replay.
+                                .complete(&c.key, &c.owner, &json, retention, !published)
                                 .await
                         }
                         _ => Ok(()),
@@ -517,17 +519,7 @@ impl Poller {
                 // Unpublished and unstored: requeue it; the claim is ours, so the re-run proceeds.
                 tracing::error!(error = %e, "could not store the result; not publishing it, requeueing");
                 state.metrics.publish_failed();
-                tokio::time::sleep(Duration::from_millis(
-                    settings.processing.publish_failure_pause_ms,
-                ))
-                .await;
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
-                    broken.cancel();
-                }
+                requeue_after_pause(&delivery, &settings, &broken).await;
                 return;
             }
             match carry_out(&publisher, &settings, &instance, &inbound, &disposition).await {
@@ -562,20 +554,27 @@ impl Poller {
                     }
                     // Message-level refusal (unroutable, nacked): retry later; the queue's
                     // delivery limit dead-letters it if it never succeeds.
-                    tokio::time::sleep(Duration::from_millis(
-                        settings.processing.publish_failure_pause_ms,
-                    ))
-                    .await;
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
-                        broken.cancel();
-                    }
+                    requeue_after_pause(&delivery, &settings, &broken).await;
                 }
             }
         }
+    }
+}
+
+/// Sends a delivery back to the queue after `publish_failure_pause_ms` (each requeue costs one
+/// of the queue's delivery limit, so never in a tight loop). A requeue that can't be sent means
+/// the channel is gone: the session is restarted and the broker requeues it.
+async fn requeue_after_pause(delivery: &Delivery, settings: &Settings, broken: &CancellationToken) {
+    tokio::time::sleep(Duration::from_millis(
+        settings.processing.publish_failure_pause_ms,
+    ))
+    .await;
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if !matches!(delivery.acker.nack(requeue).await, Ok(true)) {
+        broken.cancel();
     }
 }
 

@@ -10,48 +10,9 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
 
 fn env_for(sfx: &str) -> Vec<(String, String)> {
-    let s = test_settings(sfx);
-    let t = &s.topology;
-    vec![
-        (
-            "POLLER__TOPOLOGY__COMMANDS_EXCHANGE".into(),
-            t.commands_exchange.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__COMMANDS_QUEUE".into(),
-            t.commands_queue.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE".into(),
-            t.dead_letter_exchange.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE".into(),
-            t.dead_letter_queue.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__RESULTS_EXCHANGE".into(),
-            t.results_exchange.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__ALERTS_EXCHANGE".into(),
-            t.alerts_exchange.clone(),
-        ),
-        (
-            "POLLER__TOPOLOGY__RESULTS_QUEUE".into(),
-            t.results_queue.clone(),
-        ),
-        (
-            "POLLER__AMQP__CONNECTION_NAME".into(),
-            s.amqp.connection_name.clone(),
-        ),
-        ("POLLER__INSTANCE_ID".into(), s.instance_id.clone()),
-        ("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")),
-        (
-            "POLLER__IDEMPOTENCY__PATH".into(),
-            s.idempotency.path.display().to_string(),
-        ),
-    ]
+    let mut env = common::poller_env(&test_settings(sfx));
+    env.push(("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")));
+    env
 }
 
 fn free_port() -> u16 {

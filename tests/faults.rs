@@ -198,71 +198,31 @@ impl World {
 
     fn env(&self, replica: &str) -> Vec<(String, String)> {
         let s = &self.settings;
-        let t = &s.topology;
-        let mut v: Vec<(String, String)> = vec![
-            (
-                "POLLER__TOPOLOGY__COMMANDS_EXCHANGE",
-                t.commands_exchange.clone(),
-            ),
-            ("POLLER__TOPOLOGY__COMMANDS_QUEUE", t.commands_queue.clone()),
-            (
-                "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE",
-                t.dead_letter_exchange.clone(),
-            ),
-            (
-                "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE",
-                t.dead_letter_queue.clone(),
-            ),
-            (
-                "POLLER__TOPOLOGY__RESULTS_EXCHANGE",
-                t.results_exchange.clone(),
-            ),
-            (
-                "POLLER__TOPOLOGY__ALERTS_EXCHANGE",
-                t.alerts_exchange.clone(),
-            ),
-            ("POLLER__TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
-            (
-                "POLLER__TOPOLOGY__DELIVERY_LIMIT",
-                t.delivery_limit.to_string(),
-            ),
-            ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
-            (
-                "POLLER__CONTROL__STATE_QUEUE",
-                s.control.state_queue.clone(),
-            ),
-            (
-                "POLLER__CONTROL__EVENTS_QUEUE",
-                s.control.events_queue.clone(),
-            ),
-            ("POLLER__AUDIT__EXCHANGE", s.audit.exchange.clone()),
-            ("POLLER__AUDIT__QUEUE", s.audit.queue.clone()),
-            (
-                "POLLER__AMQP__CONNECTION_NAME",
-                format!("fault-{}", self.sfx),
-            ),
-            ("POLLER__AMQP__RECONNECT_MAX_MS", "1000".into()),
-            ("POLLER__INSTANCE_ID", format!("{}-{replica}", self.name)),
-            (
-                "POLLER__IDEMPOTENCY__PATH",
-                s.idempotency.path.display().to_string(),
-            ),
-            ("POLLER__BRIDGE__MODE", "apps_script".into()),
-            (
-                "POLLER__BRIDGE__URL",
-                format!("http://127.0.0.1:{}/exec", self.proxy_port),
-            ),
-            ("POLLER__BRIDGE__RETRY_BUDGET_SECS", "60".into()),
-            ("POLLER__BRIDGE__REQUEST_TIMEOUT_SECS", "5".into()),
-            ("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "90".into()),
-            ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
-            ("POLLER__PROCESSING__MAX_IN_FLIGHT", "32".into()),
-            ("BRIDGE_SECRET", self.secret.clone()),
-            ("POLLER_CONFIG_DIR", self.config_dir.display().to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut v = common::poller_env(s);
+        v.extend(
+            [
+                (
+                    "POLLER__AMQP__CONNECTION_NAME",
+                    format!("fault-{}", self.sfx),
+                ),
+                ("POLLER__AMQP__RECONNECT_MAX_MS", "1000".into()),
+                ("POLLER__INSTANCE_ID", format!("{}-{replica}", self.name)),
+                ("POLLER__BRIDGE__MODE", "apps_script".into()),
+                (
+                    "POLLER__BRIDGE__URL",
+                    format!("http://127.0.0.1:{}/exec", self.proxy_port),
+                ),
+                ("POLLER__BRIDGE__RETRY_BUDGET_SECS", "60".into()),
+                ("POLLER__BRIDGE__REQUEST_TIMEOUT_SECS", "5".into()),
+                ("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "90".into()),
+                ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
+                ("POLLER__PROCESSING__MAX_IN_FLIGHT", "32".into()),
+                ("BRIDGE_SECRET", self.secret.clone()),
+                ("POLLER_CONFIG_DIR", self.config_dir.display().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        );
         v.extend(self.extra_env.iter().cloned());
         v
     }

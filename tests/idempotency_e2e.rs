@@ -85,6 +85,7 @@ async fn the_store_contract_holds_for_every_backend() {
             "r2",
             r#"{"status":"SUCCESS"}"#,
             Duration::from_secs(60),
+            true,
         )
         .await
         .unwrap();
@@ -107,7 +108,7 @@ async fn the_store_contract_holds_for_every_backend() {
             "{backend:?}: expired claim"
         );
         // Results expire after the retention.
-        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1))
+        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1), true)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -136,6 +137,7 @@ async fn the_embedded_store_survives_a_restart() {
             "old-process",
             r#"{"kept":true}"#,
             Duration::from_secs(60),
+            true,
         )
         .await
         .unwrap();

@@ -84,7 +84,7 @@ pub struct StoredState {
 /// Reads the last stored state without consuming it (get, then requeue). An empty queue is
 /// read again a few times, since another reader may hold the message for a moment.
 pub async fn read_state(ch: &Channel, queue: &str) -> Result<Option<StoredState>, BrokerError> {
-    for attempt in 0..4 {
+    for attempt in 0..5 {
         if let Some(m) = ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?
@@ -103,8 +103,8 @@ pub async fn read_state(ch: &Channel, queue: &str) -> Result<Option<StoredState>
                 .await?;
             return Ok(Some(stored));
         }
-        if attempt < 3 {
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        if attempt < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     Ok(None)

@@ -3,7 +3,9 @@
 
 use super::{now_millis, now_secs, Claim, ResultStore, StoreError};
 use futures::future::BoxFuture;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +56,9 @@ impl EmbeddedStore {
 
     fn claim_sync(&self, key: &str, owner: &str, ttl: Duration) -> Result<Claim, StoreError> {
         let key = self.key(key);
-        let tx = self.db.begin_write().map_err(err)?;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        // Claims live only as long as this process (they are dropped at open): no fsync.
+        tx.set_durability(Durability::None).map_err(err)?;
         let outcome = {
             let results = tx.open_table(RESULTS).map_err(err)?;
             let mut claims = tx.open_table(CLAIMS).map_err(err)?;
@@ -90,9 +94,13 @@ impl EmbeddedStore {
         key: &str,
         result: &str,
         retention: Duration,
+        durable: bool,
     ) -> Result<(), StoreError> {
         let key = self.key(key);
-        let tx = self.db.begin_write().map_err(err)?;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        if !durable {
+            tx.set_durability(Durability::None).map_err(err)?;
+        }
         {
             let mut results = tx.open_table(RESULTS).map_err(err)?;
             results
@@ -106,7 +114,8 @@ impl EmbeddedStore {
 
     fn release_sync(&self, key: &str, owner: &str) -> Result<(), StoreError> {
         let key = self.key(key);
-        let tx = self.db.begin_write().map_err(err)?;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(Durability::None).map_err(err)?;
         {
             let mut claims = tx.open_table(CLAIMS).map_err(err)?;
             let mine = claims
@@ -154,12 +163,15 @@ impl ResultStore for EmbeddedStore {
         _owner: &'a str,
         result_json: &'a str,
         retention: Duration,
+        durable: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let (this, key, result) = (self.clone_handle(), key.to_owned(), result_json.to_owned());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || this.complete_sync(&key, &result, retention))
-                .await
-                .map_err(err)?
+            tokio::task::spawn_blocking(move || {
+                this.complete_sync(&key, &result, retention, durable)
+            })
+            .await
+            .map_err(err)?
         })
     }
 

@@ -45,13 +45,16 @@ pub trait ResultStore: Send + Sync {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
-    /// Stores the final result (kept for `retention`) and drops the claim.
+    /// Stores the final result (kept for `retention`) and drops the claim. `durable`: on disk
+    /// before returning (the embedded store skips the fsync otherwise; shared stores always
+    /// persist).
     fn complete<'a>(
         &'a self,
         key: &'a str,
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
+        durable: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Drops `owner`'s claim without a result (the command went back to the queue).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)

@@ -114,6 +114,7 @@ impl ResultStore for PostgresStore {
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
+        _durable: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let key = self.key(key);

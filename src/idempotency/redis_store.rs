@@ -92,6 +92,7 @@ impl ResultStore for RedisStore {
         _owner: &'a str,
         result_json: &'a str,
         retention: Duration,
+        _durable: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();

@@ -616,3 +616,60 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Environment overrides that point a `command-poller` process at `s`'s broker names, instance
+/// and store (for tests and benchmarks that run the binary).
+pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
+    let t = &s.topology;
+    [
+        (
+            "POLLER__TOPOLOGY__COMMANDS_EXCHANGE",
+            t.commands_exchange.clone(),
+        ),
+        ("POLLER__TOPOLOGY__COMMANDS_QUEUE", t.commands_queue.clone()),
+        (
+            "POLLER__TOPOLOGY__DEAD_LETTER_EXCHANGE",
+            t.dead_letter_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__DEAD_LETTER_QUEUE",
+            t.dead_letter_queue.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__RESULTS_EXCHANGE",
+            t.results_exchange.clone(),
+        ),
+        (
+            "POLLER__TOPOLOGY__ALERTS_EXCHANGE",
+            t.alerts_exchange.clone(),
+        ),
+        ("POLLER__TOPOLOGY__RESULTS_QUEUE", t.results_queue.clone()),
+        (
+            "POLLER__TOPOLOGY__DELIVERY_LIMIT",
+            t.delivery_limit.to_string(),
+        ),
+        ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
+        (
+            "POLLER__CONTROL__STATE_QUEUE",
+            s.control.state_queue.clone(),
+        ),
+        (
+            "POLLER__CONTROL__EVENTS_QUEUE",
+            s.control.events_queue.clone(),
+        ),
+        ("POLLER__AUDIT__EXCHANGE", s.audit.exchange.clone()),
+        ("POLLER__AUDIT__QUEUE", s.audit.queue.clone()),
+        (
+            "POLLER__AMQP__CONNECTION_NAME",
+            s.amqp.connection_name.clone(),
+        ),
+        ("POLLER__INSTANCE_ID", s.instance_id.clone()),
+        (
+            "POLLER__IDEMPOTENCY__PATH",
+            s.idempotency.path.display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
