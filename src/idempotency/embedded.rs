@@ -1,27 +1,65 @@
 //! The embedded store: a redb file, for one poller (redb locks the file). Claims in the file
 //! when it is opened belong to a process that is gone, so they are dropped at open.
+//!
+//! Group commit: one writer thread takes every operation waiting, applies them in order in one
+//! transaction, and syncs once if any of them must be durable. Under load that turns one fsync
+//! per command into one per batch.
 
 use super::{now_millis, now_secs, Claim, ResultStore, StoreError};
 use futures::future::BoxFuture;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use std::path::Path;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// key → (expires_at seconds, result JSON)
 const RESULTS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("results");
 /// key → (expires_at milliseconds, owner)
 const CLAIMS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("claims");
 
-pub struct EmbeddedStore {
-    db: Arc<Database>,
-    prefix: String,
-}
+/// Operations in one batch, at most.
+const MAX_BATCH: usize = 256;
 
 fn err<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+enum Op {
+    Claim {
+        key: String,
+        owner: String,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<Claim, StoreError>>,
+    },
+    Complete {
+        key: String,
+        result: String,
+        retention: Duration,
+        durable: bool,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Release {
+        key: String,
+        owner: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Op {
+    fn durable(&self) -> bool {
+        matches!(self, Op::Complete { durable: true, .. })
+    }
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    prefix: String,
+    ops: mpsc::Sender<Op>,
 }
 
 impl EmbeddedStore {
@@ -30,8 +68,18 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
         }
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        // A store dropped a moment ago may still be closing on its writer thread: retry briefly.
+        let mut tries = 0;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::Backend(format!("{}: {e}", path.display()))),
+            }
+        };
         let tx = db.begin_write().map_err(err)?;
         {
             // Claims left by a previous process are stale; expired results go too.
@@ -44,89 +92,22 @@ impl EmbeddedStore {
                 .map_err(err)?;
         }
         tx.commit().map_err(err)?;
+        let db = Arc::new(db);
+        let (ops, rx) = mpsc::channel();
+        let writer = db.clone();
+        std::thread::Builder::new()
+            .name("idempotency-writer".into())
+            .spawn(move || write_loop(&writer, rx))
+            .map_err(err)?;
         Ok(Self {
-            db: Arc::new(db),
+            db,
             prefix: prefix.to_owned(),
+            ops,
         })
     }
 
     fn key(&self, key: &str) -> String {
         format!("{}/{key}", self.prefix)
-    }
-
-    fn claim_sync(&self, key: &str, owner: &str, ttl: Duration) -> Result<Claim, StoreError> {
-        let key = self.key(key);
-        let mut tx = self.db.begin_write().map_err(err)?;
-        // Claims live only as long as this process (they are dropped at open): no fsync.
-        tx.set_durability(Durability::None).map_err(err)?;
-        let outcome = {
-            let results = tx.open_table(RESULTS).map_err(err)?;
-            let mut claims = tx.open_table(CLAIMS).map_err(err)?;
-            let done = results.get(key.as_str()).map_err(err)?.and_then(|v| {
-                let (exp, r) = v.value();
-                (exp > now_secs()).then(|| r.to_owned())
-            });
-            if let Some(r) = done {
-                Claim::Done(r)
-            } else {
-                let live = claims
-                    .get(key.as_str())
-                    .map_err(err)?
-                    .map(|v| (v.value().0, v.value().1.to_owned()))
-                    .filter(|(exp, o)| *exp > now_millis() && o != owner);
-                match live {
-                    Some((_, other)) => Claim::Busy(other),
-                    None => {
-                        claims
-                            .insert(key.as_str(), (now_millis() + ttl.as_millis() as u64, owner))
-                            .map_err(err)?;
-                        Claim::Mine
-                    }
-                }
-            }
-        };
-        tx.commit().map_err(err)?;
-        Ok(outcome)
-    }
-
-    fn complete_sync(
-        &self,
-        key: &str,
-        result: &str,
-        retention: Duration,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let key = self.key(key);
-        let mut tx = self.db.begin_write().map_err(err)?;
-        if !durable {
-            tx.set_durability(Durability::None).map_err(err)?;
-        }
-        {
-            let mut results = tx.open_table(RESULTS).map_err(err)?;
-            results
-                .insert(key.as_str(), (now_secs() + retention.as_secs(), result))
-                .map_err(err)?;
-            let mut claims = tx.open_table(CLAIMS).map_err(err)?;
-            claims.remove(key.as_str()).map_err(err)?;
-        }
-        tx.commit().map_err(err)
-    }
-
-    fn release_sync(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        let key = self.key(key);
-        let mut tx = self.db.begin_write().map_err(err)?;
-        tx.set_durability(Durability::None).map_err(err)?;
-        {
-            let mut claims = tx.open_table(CLAIMS).map_err(err)?;
-            let mine = claims
-                .get(key.as_str())
-                .map_err(err)?
-                .is_some_and(|v| v.value().1 == owner);
-            if mine {
-                claims.remove(key.as_str()).map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)
     }
 
     /// Number of stored results (for tests and status).
@@ -139,6 +120,123 @@ impl EmbeddedStore {
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         self.len().map(|n| n == 0)
     }
+
+    async fn send<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.ops
+            .send(op)
+            .map_err(|_| StoreError::Backend("the store's writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the store's writer dropped the request".into()))?
+    }
+}
+
+fn write_loop(db: &Database, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(Op::durable);
+        let outcome = apply(db, &batch, durable);
+        for (op, result) in batch.into_iter().zip(outcome) {
+            match op {
+                Op::Claim { reply, .. } => {
+                    let _ = reply.send(result);
+                }
+                Op::Complete { reply, .. } | Op::Release { reply, .. } => {
+                    let _ = reply.send(result.map(|_| ()));
+                }
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction; every operation gets the commit's outcome.
+fn apply(db: &Database, batch: &[Op], durable: bool) -> Vec<Result<Claim, StoreError>> {
+    let run = || -> Result<Vec<Claim>, StoreError> {
+        let mut tx = db.begin_write().map_err(err)?;
+        if !durable {
+            tx.set_durability(Durability::None).map_err(err)?;
+        }
+        let claims = batch
+            .iter()
+            .map(|op| apply_one(&tx, op))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().map_err(err)?;
+        Ok(claims)
+    };
+    match run() {
+        Ok(claims) => claims.into_iter().map(Ok).collect(),
+        Err(e) => batch
+            .iter()
+            .map(|_| Err(StoreError::Backend(e.to_string())))
+            .collect(),
+    }
+}
+
+fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Claim, StoreError> {
+    let mut results = tx.open_table(RESULTS).map_err(err)?;
+    let mut claims = tx.open_table(CLAIMS).map_err(err)?;
+    match op {
+        Op::Claim {
+            key, owner, ttl, ..
+        } => {
+            let done = results.get(key.as_str()).map_err(err)?.and_then(|v| {
+                let (exp, r) = v.value();
+                (exp > now_secs()).then(|| r.to_owned())
+            });
+            if let Some(r) = done {
+                return Ok(Claim::Done(r));
+            }
+            let live = claims
+                .get(key.as_str())
+                .map_err(err)?
+                .map(|v| (v.value().0, v.value().1.to_owned()))
+                .filter(|(exp, o)| *exp > now_millis() && o != owner);
+            if let Some((_, other)) = live {
+                return Ok(Claim::Busy(other));
+            }
+            claims
+                .insert(
+                    key.as_str(),
+                    (now_millis() + ttl.as_millis() as u64, owner.as_str()),
+                )
+                .map_err(err)?;
+            Ok(Claim::Mine)
+        }
+        Op::Complete {
+            key,
+            result,
+            retention,
+            ..
+        } => {
+            results
+                .insert(
+                    key.as_str(),
+                    (now_secs() + retention.as_secs(), result.as_str()),
+                )
+                .map_err(err)?;
+            claims.remove(key.as_str()).map_err(err)?;
+            Ok(Claim::Mine)
+        }
+        Op::Release { key, owner, .. } => {
+            let mine = claims
+                .get(key.as_str())
+                .map_err(err)?
+                .is_some_and(|v| v.value().1 == owner.as_str());
+            if mine {
+                claims.remove(key.as_str()).map_err(err)?;
+            }
+            Ok(Claim::Mine)
+        }
+    }
 }
 
 impl ResultStore for EmbeddedStore {
@@ -148,12 +246,18 @@ impl ResultStore for EmbeddedStore {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        // redb is synchronous and fsyncs on commit: keep it off the async workers.
-        let (this, key, owner) = (self.clone_handle(), key.to_owned(), owner.to_owned());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || this.claim_sync(&key, &owner, ttl))
-                .await
-                .map_err(err)?
+            let (reply, rx) = oneshot::channel();
+            self.send(
+                Op::Claim {
+                    key: self.key(key),
+                    owner: owner.to_owned(),
+                    ttl,
+                    reply,
+                },
+                rx,
+            )
+            .await
         })
     }
 
@@ -165,13 +269,16 @@ impl ResultStore for EmbeddedStore {
         retention: Duration,
         durable: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (this, key, result) = (self.clone_handle(), key.to_owned(), result_json.to_owned());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                this.complete_sync(&key, &result, retention, durable)
-            })
-            .await
-            .map_err(err)?
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Complete {
+                key: self.key(key),
+                result: result_json.to_owned(),
+                retention,
+                durable,
+                reply,
+            };
+            self.send(op, rx).await
         })
     }
 
@@ -180,20 +287,17 @@ impl ResultStore for EmbeddedStore {
         key: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (this, key, owner) = (self.clone_handle(), key.to_owned(), owner.to_owned());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || this.release_sync(&key, &owner))
-                .await
-                .map_err(err)?
+            let (reply, rx) = oneshot::channel();
+            self.send(
+                Op::Release {
+                    key: self.key(key),
+                    owner: owner.to_owned(),
+                    reply,
+                },
+                rx,
+            )
+            .await
         })
-    }
-}
-
-impl EmbeddedStore {
-    fn clone_handle(&self) -> EmbeddedStore {
-        EmbeddedStore {
-            db: self.db.clone(),
-            prefix: self.prefix.clone(),
-        }
     }
 }
