@@ -185,6 +185,25 @@ impl command_poller::idempotency::ResultStore for MemStore {
     }
 }
 
+/// A bridge that answers at once without HTTP, only to measure what the HTTP exchange costs.
+struct StubBridge;
+impl command_poller::bridge::Bridge for StubBridge {
+    fn execute<'a>(
+        &'a self,
+        _r: &'a command_poller::bridge::BridgeRequest,
+    ) -> BoxFuture<
+        'a,
+        Result<command_poller::bridge::BridgeAnswer, command_poller::bridge::BridgeError>,
+    > {
+        Box::pin(async {
+            Ok(command_poller::bridge::BridgeAnswer {
+                tool_result: serde_json::json!({"status": "success", "integration_status": "CONNECTED"}),
+                attempts: 1,
+            })
+        })
+    }
+}
+
 /// A world: suffixed names declared, a simulator, and pollers on demand.
 struct World {
     settings: command_poller::settings::Settings,
@@ -243,7 +262,7 @@ impl World {
     }
 
     async fn start_poller(&mut self, name: &str, panel: Option<Panel>) {
-        self.start_poller_with(name, panel, None).await
+        self.start_poller_with(name, panel, None, None).await
     }
 
     async fn start_poller_with(
@@ -251,6 +270,7 @@ impl World {
         name: &str,
         panel: Option<Panel>,
         store: Option<Arc<dyn command_poller::idempotency::ResultStore>>,
+        bridge: Option<Arc<dyn command_poller::bridge::Bridge>>,
     ) {
         let mut s = self.settings.clone();
         s.instance_id = format!("bench-{name}");
@@ -267,7 +287,7 @@ impl World {
             s,
             policy,
             panel,
-            bridge_client(&self.settings, &self.sim, self.secret.clone()),
+            bridge.unwrap_or_else(|| bridge_client(&self.settings, &self.sim, self.secret.clone())),
             store,
             None,
         );
@@ -393,7 +413,7 @@ async fn ceiling(n: usize, publishes: usize) -> f64 {
 
 /// Benchmark 2: The poller on preloaded CHECK commands, bridge at zero latency. With
 /// `in_memory`, the idempotency store is a map (to measure the embedded store's share).
-async fn overhead(n: usize, in_memory: bool) -> f64 {
+async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
     let mut w = World::new(|_| {}, Duration::ZERO).await;
     preload(
         &w.settings.topology.commands_exchange.clone(),
@@ -404,7 +424,9 @@ async fn overhead(n: usize, in_memory: bool) -> f64 {
     let store = in_memory.then(|| {
         Arc::new(MemStore::default()) as Arc<dyn command_poller::idempotency::ResultStore>
     });
-    w.start_poller_with("a", None, store).await;
+    let bridge =
+        stub_bridge.then(|| Arc::new(StubBridge) as Arc<dyn command_poller::bridge::Bridge>);
+    w.start_poller_with("a", None, store, bridge).await;
     arrivals.wait(n, Duration::from_secs(180)).await;
     arrivals.rate()
 }
@@ -667,14 +689,17 @@ async fn main() {
     let mut capacity = 700.0;
     if wanted("overhead") {
         let mut ceil2 = vec![];
+        let mut stub = vec![];
         let (mut ceil, mut ovh, mut ratio, mut mem_ovh, mut mem_ratio) =
             (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPEATS {
             let c = ceiling(n, 1).await;
             let c2 = ceiling(n, 2).await;
-            let o = overhead(n, false).await;
-            let m = overhead(n, true).await;
-            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), poller with an in-memory store {m:.0}/s (ratio {:.2})", o / c, m / c);
+            let o = overhead(n, false, false).await;
+            let m = overhead(n, true, false).await;
+            let b = overhead(n, true, true).await;
+            stub.push(b);
+            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), poller with an in-memory store {m:.0}/s (ratio {:.2}), and no bridge HTTP {b:.0}/s", o / c, m / c);
             ceil2.push(c2);
             ceil.push(c);
             ovh.push(o);
