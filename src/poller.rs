@@ -100,6 +100,8 @@ pub struct Poller {
     pipeline: Arc<Pipeline>,
     state: Arc<PollerState>,
     instance: String,
+    /// The broker user the poller connects as (its own attempt reports carry it).
+    poller_user: String,
     /// Keeps the embedded bridge simulator running, when it is the configured bridge.
     _simulator: Option<SimulatorHandle>,
 }
@@ -238,6 +240,7 @@ impl Poller {
         simulator: Option<SimulatorHandle>,
     ) -> Self {
         let instance = settings.instance();
+        let settings_poller_user = settings.poller_user();
         let state = Arc::new(PollerState::default());
         let pipeline = Pipeline {
             limits: DecodeLimits {
@@ -260,6 +263,7 @@ impl Poller {
             pipeline: Arc::new(pipeline),
             state,
             instance,
+            poller_user: settings_poller_user,
             _simulator: simulator,
         }
     }
@@ -309,7 +313,6 @@ impl Poller {
         consumed_any: &mut bool,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
-        let t = &s.topology;
         let consume_conn =
             broker::connect(&s.amqp.url, &format!("{}-consume", s.amqp.connection_name)).await?;
         let publish_conn = match broker::connect(
@@ -337,7 +340,6 @@ impl Poller {
         let _ = publish_conn
             .close(200, "command-poller session end".into())
             .await;
-        let _ = t;
         result
     }
 
@@ -453,6 +455,7 @@ impl Poller {
         let settings = self.settings.clone();
         let state = self.state.clone();
         let instance = self.instance.clone();
+        let poller_user = self.poller_user.clone();
         async move {
             state.in_flight.fetch_add(1, Ordering::SeqCst);
             let _guard = Decrement(&state.in_flight);
@@ -532,7 +535,9 @@ impl Poller {
                     state.metrics.observe(&disposition);
                     if let Some(r) = &disposition.result {
                         state.record(r.action_id.as_deref(), r.status);
-                        if let Err(e) = report_unapproved(&publisher, &settings, &instance, r).await
+                        if let Err(e) =
+                            report_unapproved(&publisher, &settings, &instance, &poller_user, r)
+                                .await
                         {
                             tracing::warn!(error = %e, "could not report the unapproved attempt to the trip");
                         }
@@ -584,6 +589,7 @@ async fn report_unapproved(
     publisher: &Publisher,
     settings: &Settings,
     instance: &str,
+    poller_user: &str,
     r: &ResultMessage,
 ) -> Result<(), BrokerError> {
     if !matches!(r.status, Status::NeedsApproval | Status::Blocked) {
@@ -618,7 +624,7 @@ async fn report_unapproved(
             routing_key: "attempt.unapproved".into(),
             body: serde_json::to_vec(&attempt).expect("serializes"),
             message_type: "attempt",
-            user_id: Some(settings.poller_user()),
+            user_id: Some(poller_user.to_owned()),
             ..Default::default()
         })
         .await

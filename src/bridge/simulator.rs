@@ -144,15 +144,6 @@ impl SimulatorHandle {
     pub fn fail_next_gets(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).get.extend(faults);
     }
-
-    /// Forgets the call log (not the dedup memory), between benchmark phases.
-    pub fn reset_log(&self) {
-        *lock(&self.state.log) = CallLog::default();
-    }
-
-    pub fn set_latency(&self, latency: Duration) {
-        lock(&self.state.cfg).latency = latency;
-    }
 }
 
 /// Starts the simulator on `addr` (use port 0 for any free port).

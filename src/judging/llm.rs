@@ -187,7 +187,7 @@ impl LlmJudge {
                 }
             };
             // Transient: retry inside the deadline.
-            if started.elapsed() + backoff >= deadline {
+            if !e.is_transient() || started.elapsed() + backoff >= deadline {
                 return Err(e);
             }
             tracing::warn!(judge = %self.cfg.name, error = %e, "judge call failed; retrying within its deadline");
