@@ -101,6 +101,15 @@ pub struct Pipeline {
     pub wait_for_in_flight: Duration,
 }
 
+/// Aborts a background task when dropped (the claim renewal ends with the command).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a command went back to the queue.
 struct Deferred(String);
 
@@ -263,8 +272,8 @@ impl Pipeline {
             key: format!("{}/{}", agent.id, cmd.action_id),
             owner: format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple()),
         };
-        match self.claim(&claimed).await {
-            Ok(Claim::Mine) => {}
+        let _renewal = match self.claim(&claimed).await {
+            Ok(Claim::Mine) => self.keep_claim(&claimed),
             Ok(Claim::Done(stored)) => return self.replay(claimed.key, &stored, reply, trail),
             Ok(Claim::Busy(owner)) => {
                 return deferred(
@@ -278,7 +287,7 @@ impl Pipeline {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 return deferred(e.to_string(), trail);
             }
-        }
+        };
 
         let decision = self.policy.decide(&cmd);
         draft.severity = Some(SeverityView {
@@ -337,15 +346,45 @@ impl Pipeline {
     /// Claims `key`, waiting a while for an in-flight duplicate to conclude.
     async fn claim(&self, c: &Claimed) -> Result<Claim, crate::idempotency::StoreError> {
         let deadline = Instant::now() + self.wait_for_in_flight;
+        let mut logged = false;
         loop {
             match self.store.claim(&c.key, &c.owner, self.claim_ttl).await? {
                 Claim::Busy(owner) if Instant::now() < deadline => {
-                    tracing::info!(owner = %owner, "duplicate of an action in flight; waiting for its result");
+                    if !logged {
+                        tracing::info!(owner = %owner, "duplicate of an action in flight; waiting for its result");
+                        logged = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Renews `c` every third of the claim TTL until the returned guard is dropped, so a
+    /// command that waits long for a bridge slot or retries keeps its claim, and a short TTL
+    /// only ever expires a crashed replica's claims.
+    fn keep_claim(&self, c: &Claimed) -> AbortOnDrop {
+        let store = self.store.clone();
+        let (key, owner, ttl) = (c.key.clone(), c.owner.clone(), self.claim_ttl);
+        let span = tracing::Span::current();
+        AbortOnDrop(tokio::spawn(async move {
+            let every = ttl / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                match store.claim(&key, &owner, ttl).await {
+                    Ok(Claim::Mine) => {}
+                    // Someone else holds it now (our renewals failed for a whole TTL): carry on;
+                    // the bridge's action_id dedup keeps a parallel run from acting twice.
+                    Ok(other) => {
+                        tracing::warn!(parent: &span, now = ?other, "idempotency claim lost while in flight")
+                    }
+                    Err(e) => {
+                        tracing::warn!(parent: &span, error = %e, "could not renew the idempotency claim; retrying")
+                    }
+                }
+            }
+        }))
     }
 
     /// A duplicate of a concluded action: republish its stored result, marked as a replay.

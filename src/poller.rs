@@ -281,13 +281,17 @@ impl Poller {
         let a = &self.settings.amqp;
         let mut backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
         tracing::info!(instance = %self.instance, broker = %crate::settings::redact_url(&a.url), "poller starting");
+        // In-flight commands outlive a lost session: they finish, store their outcome and
+        // settle their idempotency claim, so the redelivered copies replay it at once instead of
+        // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
+        let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
             if shutdown.is_cancelled() {
-                return;
+                break;
             }
             let mut consumed_any = false;
-            match self.session(&shutdown, &mut consumed_any).await {
-                Ok(()) => return,
+            match self.session(&shutdown, &mut consumed_any, &mut tasks).await {
+                Ok(()) => break,
                 Err(e) => {
                     self.state.connected.store(false, Ordering::SeqCst);
                     if consumed_any {
@@ -297,13 +301,43 @@ impl Poller {
                         .next()
                         .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session ended; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = &mut sleep => break,
+                            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        }
                     }
                 }
             }
         }
+        self.drain(&mut tasks).await;
+    }
+
+    /// Lets in-flight commands finish within the drain timeout; the rest are aborted (their
+    /// deliveries go back to the queue when the channel closes, and their claims expire).
+    async fn drain(&self, tasks: &mut JoinSet<()>) {
+        if tasks.is_empty() {
+            return;
+        }
+        let drain = Duration::from_secs(self.settings.processing.drain_timeout_secs);
+        tracing::info!(
+            in_flight = tasks.len(),
+            timeout_s = drain.as_secs(),
+            "draining"
+        );
+        let drained =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "drain timeout; unfinished commands go back to the queue"
+            );
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 
     /// One connected session. `Ok` means an orderly shutdown; `Err` means reconnect.
@@ -311,6 +345,7 @@ impl Poller {
         &self,
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
+        tasks: &mut JoinSet<()>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
         let consume_conn =
@@ -330,7 +365,7 @@ impl Poller {
             }
         };
         let result = self
-            .consume(&consume_conn, &publish_conn, shutdown, consumed_any)
+            .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
             .await;
         self.state.connected.store(false, Ordering::SeqCst);
         // Closing requeues whatever is still unacked.
@@ -349,6 +384,7 @@ impl Poller {
         publish_conn: &lapin::Connection,
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
+        tasks: &mut JoinSet<()>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
         let publisher = Publisher::open(publish_conn).await?;
@@ -390,7 +426,6 @@ impl Poller {
         self.state.connected.store(true, Ordering::SeqCst);
 
         let broken = CancellationToken::new();
-        let mut tasks: JoinSet<()> = JoinSet::new();
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -420,28 +455,12 @@ impl Poller {
         };
         control_task.abort();
         if outcome.is_ok() {
-            // Drain: stop deliveries, let in-flight commands finish within the drain timeout.
+            // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
+            // while the connections are still open, so results and acks go out.
             let _ = commands.cancel().await;
-            let drain = Duration::from_secs(s.processing.drain_timeout_secs);
-            tracing::info!(
-                in_flight = tasks.len(),
-                timeout_s = drain.as_secs(),
-                "draining"
-            );
-            let drained =
-                tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
-                    .await;
-            if drained.is_err() {
-                tracing::warn!(
-                    left = tasks.len(),
-                    "drain timeout; unfinished commands go back to the queue"
-                );
-            }
+            self.drain(tasks).await;
         }
-        // Lost session or drain timeout: whatever is unfinished is requeued when the channel
-        // closes; the bridge's action_id dedup makes the re-run safe.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        // A lost session leaves its tasks running: see `run`.
         outcome
     }
 

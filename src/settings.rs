@@ -316,10 +316,16 @@ impl Settings {
         if i.backend != crate::idempotency::Backend::Embedded && i.url.is_empty() {
             return bad("idempotency.url: required with the redis and postgres backends".into());
         }
-        if i.claim_ttl_secs <= self.bridge.retry_budget_secs {
+        if i.claim_ttl_secs < 3 {
             return bad(format!(
-                "idempotency.claim_ttl_secs: {} must exceed bridge.retry_budget_secs ({}), or a slow command's claim expires mid-flight",
-                i.claim_ttl_secs, self.bridge.retry_budget_secs
+                "idempotency.claim_ttl_secs: {} is below 3 (a live claim is renewed every third of it)",
+                i.claim_ttl_secs
+            ));
+        }
+        if i.wait_for_in_flight_ms <= i.claim_ttl_secs * 1000 {
+            return bad(format!(
+                "idempotency.wait_for_in_flight_ms: {} must exceed claim_ttl_secs ({} s), or a duplicate of a crashed replica's command goes back to the queue before the dead claim expires, spending its delivery limit",
+                i.wait_for_in_flight_ms, i.claim_ttl_secs
             ));
         }
         if self.panel.quorum > self.panel.judges.len() {

@@ -175,3 +175,28 @@ fn an_unknown_config_key_is_refused() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[test]
+fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
+    // A duplicate must outwait a crashed replica's claim, or it goes back to the queue (one
+    // delivery each time) before the dead claim expires.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "30")
+        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "10000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wait_for_in_flight_ms") && err.contains("claim_ttl_secs"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("claim_ttl_secs"));
+}

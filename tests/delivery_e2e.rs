@@ -106,6 +106,51 @@ async fn the_poller_reconnects_after_the_broker_drops_its_connections() {
 }
 
 #[tokio::test]
+async fn commands_at_the_bridge_when_the_connection_drops_finish_and_are_not_redone() {
+    // Claims that outlive the test: a command whose claim were orphaned by the lost session
+    // would wait minutes for it to expire, and this test would time out.
+    let h = Harness::start(Options {
+        sim_latency: Duration::from_millis(4000),
+        tweak: Box::new(|s| {
+            s.idempotency.claim_ttl_secs = 300;
+            s.idempotency.wait_for_in_flight_ms = 301_000;
+            s.bridge.request_timeout_secs = 10;
+            s.bridge.retry_budget_secs = 20;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<String> = (0..3).map(|i| format!("at-bridge-{i}")).collect();
+    for id in &ids {
+        h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"))
+            .await;
+    }
+    h.wait_until("the bridge calls to start", Duration::from_secs(10), |_| {
+        ids.iter().all(|id| h.sim.posts(id) == 1).then_some(())
+    })
+    .await;
+    let name = h.settings.amqp.connection_name.clone();
+    let closed = tokio::task::spawn_blocking(move || close_connections(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 2, "consume and publish connections");
+    // The calls finish on the old session; the redelivered copies find their stored outcome.
+    for id in &ids {
+        assert_eq!(h.result(id).await.status, Status::Success);
+    }
+    eventually("the reconnect", Duration::from_secs(20), || {
+        h.poller_state
+            .connected
+            .load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(h.sim.posts(id), 1, "{id} reached the bridge once");
+        assert_eq!(h.sim.executions(id), 1, "{id} executed once");
+    }
+}
+
+#[tokio::test]
 async fn shutdown_drains_in_flight_commands() {
     let mut h = Harness::start(Options {
         sim_latency: Duration::from_millis(1500),

@@ -45,6 +45,7 @@ struct World {
     results: Arc<Mutex<Vec<ResultMessage>>>,
     extra_env: Vec<(String, String)>,
     config_dir: std::path::PathBuf,
+    logs: Vec<std::path::PathBuf>,
     _cleanup: Cleanup,
 }
 
@@ -74,6 +75,11 @@ impl Drop for World {
         }
         let _ = self.sim.kill();
         let _ = self.sim.wait();
+        if !std::thread::panicking() {
+            for l in &self.logs {
+                let _ = std::fs::remove_file(l);
+            }
+        }
     }
 }
 
@@ -105,8 +111,11 @@ async fn proxy(port: u16, target: u16, up: Arc<AtomicBool>) {
     }
 }
 
-/// Collects results from the results queue, reconnecting across broker restarts.
+/// Collects results from the results queue, reconnecting across broker restarts. Delivery to
+/// this consumer is at least once too (an ack lost in a restart redelivers the message), so a
+/// result is counted once per `message_id`, as a real consumer would.
 async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
+    let mut seen = std::collections::HashSet::new();
     loop {
         let Ok(conn) = Connection::connect(AMQP, Default::default()).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -127,12 +136,29 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        while let Some(Ok(d)) = c.next().await {
-            if let Ok(r) = serde_json::from_slice::<ResultMessage>(&d.data) {
-                into.lock().unwrap().push(r);
+        loop {
+            // Don't rely on the stream ending when the broker goes away: check the connection.
+            let next = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+            let d = match next {
+                Ok(Some(Ok(d))) => d,
+                Ok(_) => break,
+                Err(_) if conn.status().connected() => continue,
+                Err(_) => break,
+            };
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .expect("the poller gives every result a message_id");
+            if seen.insert(id) {
+                if let Ok(r) = serde_json::from_slice::<ResultMessage>(&d.data) {
+                    into.lock().unwrap().push(r);
+                }
             }
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
+        let _ = conn.close(200, "reconnecting".into()).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -140,8 +166,8 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
 impl World {
     async fn new(name: &'static str) -> World {
         let sfx = suffix();
-        let mut settings = test_settings(&sfx);
-        settings.topology.delivery_limit = 10;
+        // The shipped delivery limit and claim timings: crashes must not dead-letter commands.
+        let settings = test_settings(&sfx);
         let cleanup = Cleanup(settings.clone());
         // Declare the topology first (the results queue must exist before results flow).
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
@@ -190,6 +216,7 @@ impl World {
             results,
             extra_env: Vec::new(),
             config_dir,
+            logs: Vec::new(),
             _cleanup: cleanup,
         };
         w.wait_http(sim_port, "/_sim/calls").await;
@@ -214,7 +241,6 @@ impl World {
                 ),
                 ("POLLER__BRIDGE__RETRY_BUDGET_SECS", "60".into()),
                 ("POLLER__BRIDGE__REQUEST_TIMEOUT_SECS", "5".into()),
-                ("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "90".into()),
                 ("POLLER__HEALTH__LISTEN", "127.0.0.1:0".into()),
                 ("POLLER__PROCESSING__MAX_IN_FLIGHT", "32".into()),
                 ("BRIDGE_SECRET", self.secret.clone()),
@@ -228,10 +254,14 @@ impl World {
     }
 
     fn spawn_poller(&mut self, replica: &str) -> usize {
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("fault-{}-{}-{replica}.log", self.name, self.sfx)),
-        )
-        .unwrap();
+        let path =
+            std::env::temp_dir().join(format!("fault-{}-{}-{replica}.log", self.name, self.sfx));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        self.logs.push(path);
         let child = Command::new(BIN)
             .arg("run")
             .envs(self.env(replica))
@@ -376,6 +406,9 @@ impl World {
             "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {}",
             row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost
         );
+        if row.lost + row.duplicate_results + row.duplicate_executions > 0 {
+            self.print_log_warnings();
+        }
         assert!(
             lost.is_empty(),
             "{}: lost {:?}",
@@ -393,6 +426,31 @@ impl World {
             self.name
         );
         row
+    }
+}
+
+impl World {
+    /// What the pollers warned about, for a failed run (CI keeps no temp files).
+    fn print_log_warnings(&self) {
+        let mut seen = std::collections::HashSet::new();
+        for path in &self.logs {
+            if !seen.insert(path) {
+                continue;
+            }
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            eprintln!(
+                "--- {} ({} warnings and errors, the last 40):",
+                path.display(),
+                lines.len()
+            );
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

@@ -224,7 +224,7 @@ async fn a_duplicate_in_flight_waits_and_never_runs_in_parallel_with_every_backe
             r1.connected() && r2.connected()
         })
         .await;
-        // With prefetch 1 each, the two copies go to different replicas.
+        // Each copy is its own delivery with its own claim, whichever replica takes it.
         h.send(&cmd(
             "twin-1",
             "CHECK_INTEGRATION_STATUS",
@@ -264,6 +264,68 @@ async fn a_duplicate_in_flight_waits_and_never_runs_in_parallel_with_every_backe
             "{backend:?}: the duplicate never reached the bridge"
         );
         assert_eq!(calls.max_concurrent, 1);
+        r1.stop().await;
+        r2.stop().await;
+        let _ = std::fs::remove_file(&cfg.path);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_command_keeps_its_claim_past_the_ttl_with_every_backend() {
+    for backend in ALL {
+        let (s, cfg) = store(backend).await;
+        // The bridge takes more than twice the claim TTL: only renewals keep the duplicate out.
+        let h = Harness::start(Options {
+            store: Some(s),
+            start_poller: false,
+            sim_latency: Duration::from_millis(7000),
+            tweak: Box::new(|s| {
+                s.idempotency.claim_ttl_secs = 3;
+                s.idempotency.wait_for_in_flight_ms = 3500;
+                s.bridge.request_timeout_secs = 15;
+                s.bridge.retry_budget_secs = 20;
+            }),
+            ..Default::default()
+        })
+        .await;
+        let r1 = h.spawn_replica("a", None);
+        let r2 = h.spawn_replica("b", None);
+        eventually("replicas", Duration::from_secs(15), || {
+            r1.connected() && r2.connected()
+        })
+        .await;
+        let twin = cmd("slow-twin", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW");
+        h.send(&twin).await;
+        h.wait_until("the bridge call", Duration::from_secs(10), |_| {
+            (h.sim.posts("slow-twin") == 1).then_some(())
+        })
+        .await;
+        h.send(&twin).await;
+        h.wait_until("two results", Duration::from_secs(30), |i| {
+            (i.results
+                .iter()
+                .filter(|(_, r)| r.action_id.as_deref() == Some("slow-twin"))
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .await;
+        let calls = h.sim.calls();
+        assert_eq!(
+            calls.posts.get("slow-twin"),
+            Some(&1),
+            "{backend:?}: the duplicate waited for the renewed claim"
+        );
+        assert_eq!(calls.max_concurrent, 1, "{backend:?}");
+        let replays = h
+            .inbox
+            .lock()
+            .unwrap()
+            .results
+            .iter()
+            .filter(|(_, r)| r.replay)
+            .count();
+        assert_eq!(replays, 1, "{backend:?}");
         r1.stop().await;
         r2.stop().await;
         let _ = std::fs::remove_file(&cfg.path);

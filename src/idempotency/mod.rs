@@ -39,6 +39,7 @@ pub enum StoreError {
 /// The boundary to wherever final results are kept.
 pub trait ResultStore: Send + Sync {
     /// Claims `key` for `owner` for `ttl`, unless a result or another live claim exists.
+    /// Claiming again with the same owner renews the claim for another `ttl`.
     fn claim<'a>(
         &'a self,
         key: &'a str,
@@ -83,9 +84,11 @@ pub struct IdempotencySettings {
     pub key_prefix: String,
     /// How long final results are kept and replayed.
     pub retention_secs: u64,
-    /// How long a claim holds without a result (a crashed replica's claim expires after this).
+    /// How long a claim holds without being renewed; the working replica renews it every third
+    /// of this, so only a crashed replica's claim expires. At least 3.
     pub claim_ttl_secs: u64,
-    /// How long a duplicate waits for the in-flight original before going back to the queue.
+    /// How long a duplicate waits for the in-flight original before going back to the queue;
+    /// more than `claim_ttl_secs`, so a dead claim expires within one wait.
     pub wait_for_in_flight_ms: u64,
 }
 
