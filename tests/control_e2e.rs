@@ -422,6 +422,32 @@ async fn the_automatic_trip_fires_on_the_nth_unapproved_refresh_and_not_before()
     settle().await;
     assert_eq!(h.results_for("after-trip-1"), 0);
     assert_eq!(h.queue_depth().await, 1);
+
+    // Re-armed: after the operator resumes, three more unapproved attempts in the same window
+    // trip again (the old wire tripped only at exactly the Nth and never after).
+    h.operator().run(resume(false)).await.unwrap();
+    assert_eq!(h.result("after-trip-1").await.status, Status::Success);
+    for i in 4..=6 {
+        let id = format!("trip-{i}");
+        h.send(&cmd(&id, "REFRESH_TOKEN", "salesforce", "MEDIUM"))
+            .await;
+        assert_eq!(h.result(&id).await.status, Status::NeedsApproval);
+    }
+    eventually(
+        "both replicas paused again",
+        Duration::from_secs(10),
+        || r1.mode() == Mode::Paused && r2.mode() == Mode::Paused,
+    )
+    .await;
+    h.wait_until("a second trip alert", Duration::from_secs(10), |i| {
+        let n = i
+            .alerts
+            .iter()
+            .filter(|(_, a)| a.summary.contains("paused automatically"))
+            .count();
+        (n == 2).then_some(())
+    })
+    .await;
     r1.stop().await;
     r2.stop().await;
 }

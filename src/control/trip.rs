@@ -55,6 +55,8 @@ impl Trip {
 pub struct TripWire {
     rules: Vec<TripRule>,
     seen: HashMap<(String, CommandType), VecDeque<UnapprovedAttempt>>,
+    /// Attempts that already tripped, by action_id and time, within the window.
+    spent: HashMap<(String, CommandType), Vec<(String, u64)>>,
 }
 
 impl TripWire {
@@ -62,6 +64,7 @@ impl TripWire {
         Self {
             rules,
             seen: HashMap::new(),
+            spent: HashMap::new(),
         }
     }
 
@@ -69,8 +72,9 @@ impl TripWire {
         self.rules.iter().any(|r| r.command_type == t)
     }
 
-    /// Records one attempt; returns the trip when this attempt is exactly the Nth within the
-    /// window (so each burst trips once, on the attempt that crossed the line).
+    /// Records one attempt; returns the trip when the attempts in the window reach N. The
+    /// attempts that tripped are then spent: the wire re-arms, and the next N within a window
+    /// (after an operator resumes, say) trip again, however many trips came before.
     pub fn record(&mut self, a: UnapprovedAttempt) -> Option<Trip> {
         let rule = self
             .rules
@@ -81,16 +85,32 @@ impl TripWire {
             .seen
             .entry((a.agent.clone(), a.command_type))
             .or_default();
-        if q.iter().any(|s| s.action_id == a.action_id) {
+        let cutoff = a.at.saturating_sub(rule.window_secs);
+        let spent = self
+            .spent
+            .entry((a.agent.clone(), a.command_type))
+            .or_default();
+        spent.retain(|(_, at)| *at >= cutoff);
+        if q.iter().any(|s| s.action_id == a.action_id)
+            || spent.iter().any(|(id, _)| *id == a.action_id)
+        {
             return None; // the same attempt seen twice (a redelivery) counts once
         }
-        let cutoff = a.at.saturating_sub(rule.window_secs);
         q.retain(|s| s.at >= cutoff);
         q.push_back(a.clone());
-        (q.len() == rule.count).then(|| Trip {
+        if q.len() < rule.count.max(1) {
+            return None;
+        }
+        // Spent, but remembered by id so a redelivered copy of one of them can't count again.
+        let attempts: Vec<UnapprovedAttempt> = q.drain(..).collect();
+        self.spent
+            .entry((a.agent.clone(), a.command_type))
+            .or_default()
+            .extend(attempts.iter().map(|s| (s.action_id.clone(), s.at)));
+        Some(Trip {
             agent: a.agent.clone(),
             command_type: a.command_type,
-            attempts: q.iter().cloned().collect(),
+            attempts,
             rule,
         })
     }
@@ -132,9 +152,29 @@ mod tests {
             .reason()
             .contains("agent a made 3 unapproved REFRESH_TOKEN attempts"));
         assert!(
-            w.record(attempt("a", "4", 310)).is_none(),
-            "trips once per burst"
+            w.record(attempt("a", "3", 305)).is_none(),
+            "a redelivered copy of a spent attempt counts once"
         );
+        assert!(w.record(attempt("a", "4", 310)).is_none());
+        assert!(w.record(attempt("a", "5", 320)).is_none());
+        assert!(
+            w.record(attempt("a", "6", 330)).is_some(),
+            "re-armed: the next three trip again"
+        );
+    }
+
+    #[test]
+    fn keeps_tripping_after_every_resume() {
+        // The attack: after an operator resumes, ten more unapproved attempts in the same
+        // window must not go unnoticed.
+        let mut w = wire();
+        let trips = (0..13)
+            .filter(|i| {
+                w.record(attempt("a", &format!("id-{i}"), 100 + i))
+                    .is_some()
+            })
+            .count();
+        assert_eq!(trips, 4, "3 + 10 attempts: a trip at every third");
     }
 
     #[test]
