@@ -172,6 +172,7 @@ impl Metrics {
                 let verdict = match j.verdict {
                     Vote::Approve => "approve",
                     Vote::Deny => "deny",
+                    Vote::Veto => "veto",
                     Vote::Unavailable => "unavailable",
                     Vote::Skipped => "skipped",
                 };

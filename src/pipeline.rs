@@ -515,15 +515,21 @@ impl Pipeline {
         let report = self.panel.convene(&request).await;
         draft.judges = report.votes;
         let majority = report.panel_size / 2 + 1;
-        match report.outcome {
-            PanelOutcome::NotApproved => Ok(draft.finish(
+        match (report.outcome, &report.veto) {
+            (PanelOutcome::NotApproved, Some((judge, rule, reason))) => Ok(draft.finish(
+                Status::NeedsApproval,
+                format!(
+                    "Vetoed by the {judge} judge's hard rule {rule} ({reason}); a veto is not outvoted: a human must approve this action."
+                ),
+            )),
+            (PanelOutcome::NotApproved, None) => Ok(draft.finish(
                 Status::NeedsApproval,
                 format!(
                     "Not approved by the judges ({} of {} approved; {} needed): a human must approve this action.",
                     report.approvals, report.panel_size, majority
                 ),
             )),
-            PanelOutcome::Approved => {
+            (PanelOutcome::Approved, _) => {
                 let rationale = format!(
                     "Approved by the judges ({} of {}).",
                     report.approvals, report.panel_size

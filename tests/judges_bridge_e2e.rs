@@ -307,3 +307,30 @@ async fn an_apps_script_quota_page_is_retried_and_reported() {
     assert_eq!(r.status, Status::Failed);
     assert!(r.rationale.contains(quota), "{}", r.rationale);
 }
+
+#[tokio::test]
+async fn a_rate_limit_is_a_veto_not_a_vote() {
+    // The default panel: compliance allows 5 refreshes per agent per hour. Security and business
+    // approve every refresh of google; before vetoes they outvoted compliance 2-1, and all 9
+    // refreshes ran.
+    let h = Harness::start(Options::default()).await;
+    for i in 1..=9 {
+        h.send(&refresh(&format!("rate-{i}"))).await;
+        let r = h.result(&format!("rate-{i}")).await;
+        if i <= 5 {
+            assert_eq!(r.status, Status::Success, "{i}: {r:?}");
+            continue;
+        }
+        assert_eq!(r.status, Status::NeedsApproval, "{i}: {r:?}");
+        let compliance = r.judges.iter().find(|j| j.name == "compliance").unwrap();
+        assert_eq!(compliance.verdict, Vote::Veto);
+        assert_eq!(compliance.rule.as_deref(), Some("max_per_agent"));
+        assert!(
+            r.rationale.contains("compliance") && r.rationale.contains("max_per_agent"),
+            "{}",
+            r.rationale
+        );
+    }
+    let calls = h.sim.calls();
+    assert_eq!(calls.total_executions(), 5, "{calls:?}");
+}

@@ -242,23 +242,32 @@ proptest! {
     }
 
     #[test]
-    fn the_panel_never_approves_without_a_majority_and_a_quorum(
-        votes in prop::collection::vec(prop_oneof![Just(Vote::Approve), Just(Vote::Deny), Just(Vote::Unavailable)], 0..9),
+    fn the_panel_never_approves_without_a_majority_a_quorum_and_no_veto(
+        votes in prop::collection::vec(prop_oneof![Just(Vote::Approve), Just(Vote::Deny), Just(Vote::Unavailable), Just(Vote::Veto)], 0..9),
         extra in 0usize..4,
         quorum in 0usize..9,
+        vetoers_pending in 0usize..3,
+        vetoer_unavailable in any::<bool>(),
     ) {
         let n = votes.len() + extra;
         let quorum = quorum.min(n);
+        let vetoers_pending = vetoers_pending.min(extra);
         let approvals = votes.iter().filter(|v| **v == Vote::Approve).count();
         let answered = votes.iter().filter(|v| matches!(v, Vote::Approve | Vote::Deny)).count();
-        if tally(n, quorum, &votes) == Some(PanelOutcome::Approved) {
+        let outcome = tally(n, quorum, &votes, vetoers_pending, vetoer_unavailable);
+        if outcome == Some(PanelOutcome::Approved) {
             prop_assert!(approvals > n / 2 && answered >= quorum);
+            prop_assert!(!votes.contains(&Vote::Veto), "a veto is never outvoted");
+            prop_assert!(vetoers_pending == 0 && !vetoer_unavailable, "every hard rule was checked");
+        }
+        if votes.contains(&Vote::Veto) || vetoer_unavailable {
+            prop_assert_eq!(outcome, Some(PanelOutcome::NotApproved));
         }
         if extra == 0 {
-            prop_assert!(tally(n, quorum, &votes).is_some(), "every vote is in: settled");
+            prop_assert!(tally(n, quorum, &votes, 0, vetoer_unavailable).is_some(), "every vote is in: settled");
         }
         // Unavailable judges are never approvals.
         let all_down = vec![Vote::Unavailable; n];
-        prop_assert_ne!(tally(n, quorum, &all_down), Some(PanelOutcome::Approved));
+        prop_assert_ne!(tally(n, quorum, &all_down, 0, false), Some(PanelOutcome::Approved));
     }
 }

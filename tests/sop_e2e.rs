@@ -85,13 +85,19 @@ async fn sop_int_02_refresh_token_not_approved_needs_approval_and_alerts_ops() {
     assert_eq!(r.status, Status::NeedsApproval);
     assert!(r.tool_result.is_none());
     assert!(r.rationale.contains("human"), "{}", r.rationale);
-    let denied: Vec<_> = r
+    // The rule judges' service lists are hard rules: the first one vetoes and settles it.
+    let vetoed: Vec<_> = r
         .judges
         .iter()
-        .filter(|j| j.verdict == Vote::Deny)
-        .map(|j| j.name.as_str())
+        .filter(|j| j.verdict == Vote::Veto)
+        .map(|j| (j.name.as_str(), j.rule.as_deref()))
         .collect();
-    assert_eq!(denied, ["security", "business"]);
+    assert!(
+        vetoed.contains(&("security", Some("allowed_services")))
+            || vetoed.contains(&("business", Some("allowed_services"))),
+        "{vetoed:?}"
+    );
+    assert!(r.rationale.contains("allowed_services"), "{}", r.rationale);
     let alerts = h
         .wait_until("ops alert", Duration::from_secs(10), |i| {
             let a: Vec<_> = i
@@ -244,20 +250,28 @@ async fn missing_user_id_allowed_by_config_is_marked_unverified() {
     let a = r.agent.unwrap();
     assert_eq!(a.id, "marketing-bot");
     assert!(!a.verified);
-    // The default security judge refuses unverified agents; a majority still decides.
+    // The default security judge requires a verified agent: a hard rule, a veto. The other two
+    // judges approving can't outvote it (they did, 2-1, before vetoes).
     let mut c = cmd("unverified-2", "REFRESH_TOKEN", "google", "MEDIUM");
     c["agent_id"] = "marketing-bot".into();
     h.publish(c.to_string().as_bytes(), BasicProperties::default())
         .await;
     let r = h.result("unverified-2").await;
     let security = r.judges.iter().find(|j| j.name == "security").unwrap();
-    assert_eq!(security.verdict, Vote::Deny);
+    assert_eq!(security.verdict, Vote::Veto);
+    assert_eq!(security.rule.as_deref(), Some("require_verified_agent"));
     assert!(
         security.reason.contains("not verified"),
         "{}",
         security.reason
     );
-    assert_eq!(r.status, Status::Success);
+    assert_eq!(r.status, Status::NeedsApproval);
+    assert!(
+        r.rationale.contains("require_verified_agent"),
+        "{}",
+        r.rationale
+    );
+    assert_eq!(h.sim.executions("unverified-2"), 0);
     // Alerts say the agent is unverified.
     let mut c = cmd("unverified-3", "REFRESH_TOKEN", "salesforce", "MEDIUM");
     c["agent_id"] = "marketing-bot".into();

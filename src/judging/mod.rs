@@ -32,8 +32,18 @@ pub struct JudgeRequest {
 /// A judge's clear answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Approve { reason: String },
-    Deny { reason: String },
+    Approve {
+        reason: String,
+    },
+    Deny {
+        reason: String,
+    },
+    /// A hard rule failed (rate limit, verified agent required, denied agent, type or service):
+    /// the command is not approved whatever the other judges say. `rule` names it.
+    Veto {
+        rule: &'static str,
+        reason: String,
+    },
 }
 
 /// A judge that could not give a clear verdict. Counts as not approving.
@@ -57,6 +67,11 @@ impl JudgeError {
 /// The boundary to anything that votes on a command.
 pub trait Judge: Send + Sync {
     fn name(&self) -> &str;
+    /// Whether this judge applies hard rules that veto. The panel never approves before every
+    /// such judge has answered, and a vetoing judge that can't answer fails closed.
+    fn can_veto(&self) -> bool {
+        false
+    }
     fn evaluate<'a>(
         &'a self,
         request: &'a JudgeRequest,

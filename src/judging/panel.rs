@@ -20,11 +20,25 @@ pub struct PanelReport {
     pub panel_size: usize,
     /// One per configured judge, in configuration order.
     pub votes: Vec<JudgeVote>,
+    /// The veto that decided, if one did: (judge, rule, reason).
+    pub veto: Option<(String, String, String)>,
 }
 
-/// Counts votes. Approval needs a strict majority of the whole panel, and at least `quorum`
-/// judges that actually answered; returns `None` while the outcome could still go either way.
-pub fn tally(panel_size: usize, quorum: usize, votes: &[Vote]) -> Option<PanelOutcome> {
+/// Counts votes. Approval needs a strict majority of the whole panel, at least `quorum`
+/// judges that actually answered, no veto, and an answer from every judge that can veto
+/// (`vetoers_pending` of them have not answered yet); a vetoing judge that was unavailable
+/// fails closed, as its hard rules went unchecked (`vetoer_unavailable`). Returns `None` while
+/// the outcome could still go either way.
+pub fn tally(
+    panel_size: usize,
+    quorum: usize,
+    votes: &[Vote],
+    vetoers_pending: usize,
+    vetoer_unavailable: bool,
+) -> Option<PanelOutcome> {
+    if vetoer_unavailable || votes.contains(&Vote::Veto) {
+        return Some(PanelOutcome::NotApproved);
+    }
     let approvals = votes.iter().filter(|v| **v == Vote::Approve).count();
     let answered = votes
         .iter()
@@ -33,7 +47,7 @@ pub fn tally(panel_size: usize, quorum: usize, votes: &[Vote]) -> Option<PanelOu
     let pending = panel_size.saturating_sub(votes.len());
     let majority = panel_size / 2 + 1;
     if approvals >= majority && answered >= quorum {
-        return Some(PanelOutcome::Approved);
+        return (vetoers_pending == 0).then_some(PanelOutcome::Approved);
     }
     let approvals_possible = approvals + pending >= majority;
     let quorum_possible = answered + pending >= quorum;
@@ -88,12 +102,20 @@ impl Panel {
             })
             .collect();
 
-        let mut outcome = tally(n, self.quorum, &cast);
+        let mut vetoers_pending = self.judges.iter().filter(|(j, _)| j.can_veto()).count();
+        let mut vetoer_unavailable = false;
+        let mut veto = None;
+        let mut outcome = tally(n, self.quorum, &cast, vetoers_pending, vetoer_unavailable);
         while outcome.is_none() {
             let Some((i, answer, took)) = running.next().await else {
                 break;
             };
             let name = self.judges[i].0.name().to_owned();
+            let can_veto = self.judges[i].0.can_veto();
+            if can_veto {
+                vetoers_pending -= 1;
+                vetoer_unavailable |= answer.is_err();
+            }
             let ms = took.as_millis() as u64;
             let vote = match answer {
                 Ok(Verdict::Approve { reason }) => JudgeVote {
@@ -102,6 +124,7 @@ impl Panel {
                     reason,
                     ms,
                     cause: None,
+                    rule: None,
                 },
                 Ok(Verdict::Deny { reason }) => JudgeVote {
                     name,
@@ -109,21 +132,39 @@ impl Panel {
                     reason,
                     ms,
                     cause: None,
+                    rule: None,
                 },
+                Ok(Verdict::Veto { rule, reason }) => {
+                    tracing::info!(judge = %name, rule, "vetoed by a hard rule");
+                    veto.get_or_insert((name.clone(), rule.to_owned(), reason.clone()));
+                    JudgeVote {
+                        name,
+                        verdict: Vote::Veto,
+                        reason,
+                        ms,
+                        cause: None,
+                        rule: Some(rule.to_owned()),
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(judge = %name, cause = %e, "judge unavailable; counted as not approving");
                     JudgeVote {
                         name,
                         verdict: Vote::Unavailable,
-                        reason: "no verdict (counted as not approving)".into(),
+                        reason: if can_veto {
+                            "no verdict: its hard rules went unchecked (not approved)".into()
+                        } else {
+                            "no verdict (counted as not approving)".into()
+                        },
                         ms,
                         cause: Some(e.to_string()),
+                        rule: None,
                     }
                 }
             };
             cast.push(vote.verdict);
             votes[i] = Some(vote);
-            outcome = tally(n, self.quorum, &cast);
+            outcome = tally(n, self.quorum, &cast, vetoers_pending, vetoer_unavailable);
         }
         // Dropping `running` cancels the judges still deliberating.
         drop(running);
@@ -138,6 +179,7 @@ impl Panel {
                     reason: "outcome already settled; not waited for".into(),
                     ms: settled_ms,
                     cause: None,
+                    rule: None,
                 })
             })
             .collect();
@@ -146,6 +188,7 @@ impl Panel {
             approvals: cast.iter().filter(|v| **v == Vote::Approve).count(),
             panel_size: n,
             votes,
+            veto,
         }
     }
 }
@@ -158,38 +201,63 @@ mod tests {
     #[test]
     fn strict_majority_of_the_configured_panel() {
         assert_eq!(
-            tally(3, 2, &[Approve, Approve]),
+            tally(3, 2, &[Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(3, 2, &[Approve]), None);
+        assert_eq!(tally(3, 2, &[Approve], 0, false), None);
         assert_eq!(
-            tally(3, 2, &[Deny, Unavailable]),
+            tally(3, 2, &[Deny, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(3, 2, &[Approve, Deny]), None);
+        assert_eq!(tally(3, 2, &[Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(3, 2, &[Approve, Deny, Unavailable]),
+            tally(3, 2, &[Approve, Deny, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(4, 3, &[Approve, Approve]), None);
+        assert_eq!(tally(4, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(4, 3, &[Approve, Approve, Approve]),
+            tally(4, 3, &[Approve, Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(4, 3, &[Approve, Approve, Deny]), None);
+        assert_eq!(tally(4, 3, &[Approve, Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(4, 3, &[Approve, Approve, Deny, Approve]),
+            tally(4, 3, &[Approve, Approve, Deny, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(0, 0, &[]), Some(PanelOutcome::NotApproved));
+        assert_eq!(tally(0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
     }
 
     #[test]
     fn quorum_blocks_thin_approvals() {
         // 3 of 3 must answer: one unavailable sinks it even with two approvals.
-        assert_eq!(tally(3, 3, &[Approve, Approve]), None);
+        assert_eq!(tally(3, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(3, 3, &[Approve, Unavailable]),
+            tally(3, 3, &[Approve, Unavailable], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
+    }
+
+    #[test]
+    fn a_veto_is_not_a_vote() {
+        // The attack: compliance's rate limit denies and is outvoted 2-1.
+        assert_eq!(
+            tally(3, 2, &[Approve, Approve, Veto], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
+        assert_eq!(
+            tally(3, 2, &[Veto], 2, false),
+            Some(PanelOutcome::NotApproved),
+            "settled at the first veto"
+        );
+        // Two approvals, but a judge that can veto hasn't answered: wait for it.
+        assert_eq!(tally(3, 2, &[Approve, Approve], 1, false), None);
+        assert_eq!(
+            tally(3, 2, &[Approve, Approve, Approve], 0, false),
+            Some(PanelOutcome::Approved)
+        );
+        // A vetoing judge that couldn't answer: its hard rules went unchecked.
+        assert_eq!(
+            tally(3, 2, &[Approve, Approve, Unavailable], 0, true),
             Some(PanelOutcome::NotApproved)
         );
     }
@@ -198,7 +266,7 @@ mod tests {
     fn unavailable_never_approves() {
         for n in 1..6 {
             let all = vec![Unavailable; n];
-            assert_eq!(tally(n, 1, &all), Some(PanelOutcome::NotApproved));
+            assert_eq!(tally(n, 1, &all, 0, false), Some(PanelOutcome::NotApproved));
         }
     }
 }

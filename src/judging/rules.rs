@@ -56,12 +56,13 @@ impl RuleJudge {
     }
 
     fn decide(&self, r: &JudgeRequest) -> Verdict {
-        let deny = |reason: String| Verdict::Deny { reason };
+        // Every rule here is a hard rule: a failure vetoes, it is not one vote among others.
+        let veto = |rule: &'static str, reason: String| Verdict::Veto { rule, reason };
         if self.rules.require_verified_agent && !r.agent.verified {
-            return deny(format!(
-                "agent {} is not verified by the broker",
-                r.agent.id
-            ));
+            return veto(
+                "require_verified_agent",
+                format!("agent {} is not verified by the broker", r.agent.id),
+            );
         }
         if self
             .rules
@@ -69,18 +70,27 @@ impl RuleJudge {
             .iter()
             .any(|a| a == r.agent.id.as_str())
         {
-            return deny(format!("agent {} is on the deny list", r.agent.id));
+            return veto(
+                "denied_agents",
+                format!("agent {} is on the deny list", r.agent.id),
+            );
         }
         if self.rules.denied_command_types.contains(&r.command_type) {
-            return deny(format!("{} is not allowed by this judge", r.command_type));
+            return veto(
+                "denied_command_types",
+                format!("{} is not allowed by this judge", r.command_type),
+            );
         }
         if let Some(allowed) = &self.rules.allowed_services {
             if !allowed.iter().any(|s| s == r.service.as_str()) {
-                return deny(format!(
-                    "service {} is not an approved integration ({})",
-                    r.service,
-                    allowed.join(", ")
-                ));
+                return veto(
+                    "allowed_services",
+                    format!(
+                        "service {} is not an approved integration ({})",
+                        r.service,
+                        allowed.join(", ")
+                    ),
+                );
             }
         }
         if let Some(rate) = &self.rules.max_per_agent {
@@ -94,14 +104,17 @@ impl RuleJudge {
                 q.pop_front();
             }
             if q.len() >= rate.count {
-                return deny(format!(
-                    "agent {} already made {} {} requests in the last {} s (limit {})",
-                    r.agent.id,
-                    q.len(),
-                    r.command_type,
-                    rate.window_secs,
-                    rate.count
-                ));
+                return veto(
+                    "max_per_agent",
+                    format!(
+                        "agent {} already made {} {} requests in the last {} s (limit {})",
+                        r.agent.id,
+                        q.len(),
+                        r.command_type,
+                        rate.window_secs,
+                        rate.count
+                    ),
+                );
             }
             q.push_back(now);
         }
@@ -114,6 +127,10 @@ impl RuleJudge {
 impl Judge for RuleJudge {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn can_veto(&self) -> bool {
+        true
     }
 
     fn evaluate<'a>(
@@ -165,18 +182,27 @@ mod tests {
         ));
         assert!(matches!(
             j.decide(&req("salesforce", true)),
-            Verdict::Deny { .. }
+            Verdict::Veto {
+                rule: "allowed_services",
+                ..
+            }
         ));
         assert!(matches!(
             j.decide(&req("google", false)),
-            Verdict::Deny { .. }
+            Verdict::Veto {
+                rule: "require_verified_agent",
+                ..
+            }
         ));
         assert!(matches!(
             j.decide(&req("google", true)),
             Verdict::Approve { .. }
         ));
         match j.decide(&req("google", true)) {
-            Verdict::Deny { reason } => assert!(reason.contains("limit 2"), "{reason}"),
+            Verdict::Veto {
+                rule: "max_per_agent",
+                reason,
+            } => assert!(reason.contains("limit 2"), "{reason}"),
             v => panic!("{v:?}"),
         }
     }

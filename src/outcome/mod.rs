@@ -102,6 +102,8 @@ impl<'de> Deserialize<'de> for Team {
 pub enum Vote {
     Approve,
     Deny,
+    /// A hard rule failed: not approved, whatever the other judges say.
+    Veto,
     /// Errored, timed out or gave no clear verdict: counts as not approving.
     Unavailable,
     /// Not waited for: the panel's outcome was already settled.
@@ -118,4 +120,7 @@ pub struct JudgeVote {
     /// For `unavailable`: what went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// For `veto`: the hard rule that vetoed (`max_per_agent`, `require_verified_agent`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
