@@ -200,3 +200,111 @@ fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("claim_ttl_secs"));
 }
+
+/// Every message waiting in `queue`, taken off it.
+fn drain_queue(queue: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use lapin::options::BasicGetOptions;
+        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    })
+}
+
+#[test]
+fn no_bridge_url_or_signature_leaves_the_process() {
+    // The web app's URL carries the deployment id (kept in a Secret) and every request's ts and
+    // sig. A transport error used to quote it in the result, the agent's reply, the ops alert,
+    // the audit record and the logs.
+    let sfx = suffix();
+    let settings = test_settings(&sfx);
+    let _cleanup = Cleanup(settings.clone());
+    let deployment = format!("AKfycbDEPLOYMENT{sfx}");
+    let secret = format!("binary-test-{sfx}");
+    // Nobody listens there: every POST is a transport error.
+    let port = free_port();
+    let mut envs = env_for(&sfx);
+    let health = free_port();
+    envs.extend([
+        (
+            "POLLER__HEALTH__LISTEN".into(),
+            format!("127.0.0.1:{health}"),
+        ),
+        ("POLLER__BRIDGE__MODE".into(), "apps_script".into()),
+        (
+            "POLLER__BRIDGE__URL".into(),
+            format!("http://127.0.0.1:{port}/macros/s/{deployment}/exec"),
+        ),
+        ("POLLER__BRIDGE__RETRY_BUDGET_SECS".into(), "1".into()),
+        ("POLLER__BRIDGE__MIN_BACKOFF_MS".into(), "50".into()),
+        ("POLLER__BRIDGE__MAX_BACKOFF_MS".into(), "100".into()),
+    ]);
+    let mut poller = Command::new(BIN)
+        .args(["run", "--log-format", "json"])
+        .envs(envs.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(health);
+    let reply = send(&envs, "examples/commands/sop-int-01-check-status.json");
+    assert_eq!(reply["status"], "FAILED", "{reply}");
+    assert!(
+        reply["rationale"]
+            .as_str()
+            .unwrap()
+            .contains("transport error"),
+        "{reply}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &poller.id().to_string()])
+        .status();
+    let _ = poller.wait();
+    let mut logs = String::new();
+    std::io::Read::read_to_string(poller.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("bridge call failed"), "{logs}");
+
+    let results = drain_queue(&settings.topology.results_queue);
+    let alerts = drain_queue(&format!("{}.ops", settings.topology.alerts_exchange));
+    let audit = drain_queue(&settings.audit.queue);
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(!audit.is_empty());
+    let channels = [
+        ("reply", vec![reply.to_string()]),
+        ("result", results),
+        ("alert", alerts),
+        ("audit", audit),
+        ("log", vec![logs]),
+    ];
+    for (channel, texts) in &channels {
+        for text in texts {
+            for leak in [
+                deployment.as_str(),
+                "sig=",
+                "ts=",
+                "/macros/s/",
+                secret.as_str(),
+            ] {
+                assert!(
+                    !text.contains(leak),
+                    "{leak} leaked into the {channel}: {text}"
+                );
+            }
+        }
+    }
+}

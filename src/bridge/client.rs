@@ -115,7 +115,7 @@ impl AppsScriptBridge {
             .await
             .map_err(|e| BridgeError::Transport {
                 leg: Leg::Post,
-                message: describe(&e),
+                message: self.describe(e),
             })?;
         let status = resp.status();
         if status.is_redirection() {
@@ -134,7 +134,7 @@ impl AppsScriptBridge {
                 retryable: true,
             });
         }
-        read_answer(resp, Leg::Post).await
+        self.read_answer(resp, Leg::Post).await
     }
 
     /// The GET leg: doPost already ran, so only this request is ever repeated.
@@ -153,12 +153,12 @@ impl AppsScriptBridge {
                             retryable: true,
                         }
                     } else {
-                        return read_answer(resp, Leg::Get).await;
+                        return self.read_answer(resp, Leg::Get).await;
                     }
                 }
                 Err(e) => BridgeError::Transport {
                     leg: Leg::Get,
-                    message: describe(&e),
+                    message: self.describe(e),
                 },
             };
             tracing::warn!(try_ = tries, error = %failure, "bridge echo GET failed; retrying the GET only");
@@ -172,53 +172,81 @@ impl AppsScriptBridge {
             }
         }
     }
-}
 
-async fn read_answer(resp: reqwest::Response, leg: Leg) -> LegResult {
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = resp.text().await.map_err(|e| BridgeError::Transport {
-        leg,
-        message: describe(&e),
-    })?;
-    if status.is_success() {
-        return interpret_body(status.as_u16(), content_type.as_deref(), &text);
-    }
-    // A non-2xx that carries contract JSON or an HTML page says more than its status.
-    match interpret_body(status.as_u16(), content_type.as_deref(), &text) {
-        Err(e @ BridgeError::Remote { .. }) => Err(e),
-        Err(BridgeError::Malformed {
-            message, retryable, ..
-        }) if text.trim_start().starts_with('<') => Err(BridgeError::Malformed {
-            status: status.as_u16(),
-            message,
-            retryable,
-        }),
-        _ => Err(BridgeError::Http {
+    async fn read_answer(&self, resp: reqwest::Response, leg: Leg) -> LegResult {
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = resp.text().await.map_err(|e| BridgeError::Transport {
             leg,
-            status: status.as_u16(),
-            retryable: false,
-        }),
+            message: self.describe(e),
+        })?;
+        if status.is_success() {
+            return interpret_body(status.as_u16(), content_type.as_deref(), &text);
+        }
+        // A non-2xx that carries contract JSON or an HTML page says more than its status.
+        match interpret_body(status.as_u16(), content_type.as_deref(), &text) {
+            Err(e @ BridgeError::Remote { .. }) => Err(e),
+            Err(BridgeError::Malformed {
+                message, retryable, ..
+            }) if text.trim_start().starts_with('<') => Err(BridgeError::Malformed {
+                status: status.as_u16(),
+                message,
+                retryable,
+            }),
+            _ => Err(BridgeError::Http {
+                leg,
+                status: status.as_u16(),
+                retryable: false,
+            }),
+        }
+    }
+
+    /// What went wrong, for the result, alerts, audit and logs: reqwest's message and its
+    /// cause chain (its Display omits the causes), never the URL. The web app's URL holds the
+    /// deployment id and every request's `ts` and `sig`, and an error leaves the process in
+    /// results, replies, alerts, audit records and logs. Any trace of the configured URL that a
+    /// cause might still quote is masked as well.
+    fn describe(&self, e: reqwest::Error) -> String {
+        let timeout = e.is_timeout();
+        let e = e.without_url();
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(cause) = src {
+            s.push_str(": ");
+            s.push_str(&cause.to_string());
+            src = cause.source();
+        }
+        if timeout {
+            s.push_str(" (timeout)");
+        }
+        scrub(&s, &self.cfg.url)
     }
 }
 
-/// reqwest's Display omits the cause chain ("error sending request"); include it.
-fn describe(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
+/// Masks the configured URL's path and query (the deployment id), and any `sig`/`ts`
+/// parameter, wherever they appear in `text`.
+pub(crate) fn scrub(text: &str, url: &url::Url) -> String {
+    let mut out = text.to_owned();
+    let path = url.path();
+    if path.len() > 1 {
+        out = out.replace(path, "/<bridge path>");
     }
-    if e.is_timeout() {
-        s.push_str(" (timeout)");
+    if let Some(q) = url.query().filter(|q| !q.is_empty()) {
+        out = out.replace(q, "<query>");
     }
-    s
+    for key in ["sig=", "ts="] {
+        while let Some(i) = out.find(key) {
+            let end = out[i..]
+                .find(|c: char| c == '&' || c == ')' || c == ' ' || c == '"')
+                .map_or(out.len(), |j| i + j);
+            out.replace_range(i..end, "<redacted>");
+        }
+    }
+    out
 }
 
 impl super::Bridge for AppsScriptBridge {
@@ -227,5 +255,58 @@ impl super::Bridge for AppsScriptBridge {
         request: &'a BridgeRequest,
     ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
         Box::pin(self.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_masks_the_deployment_and_the_signature() {
+        let url = url::Url::parse("https://script.google.com/macros/s/AKfycbDEPLOY/exec").unwrap();
+        let msg = "error sending request for url (https://script.google.com/macros/s/AKfycbDEPLOY/exec?ts=1700000000&sig=abcdef0123): connection refused";
+        let s = scrub(msg, &url);
+        assert!(!s.contains("AKfycbDEPLOY"), "{s}");
+        assert!(!s.contains("abcdef0123"), "{s}");
+        assert!(!s.contains("1700000000"), "{s}");
+        assert!(s.contains("connection refused"), "{s}");
+    }
+
+    #[tokio::test]
+    async fn transport_errors_name_no_url() {
+        // A port nobody listens on: connection refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = url::Url::parse(&format!(
+            "http://127.0.0.1:{port}/macros/s/AKfycbDEPLOY/exec"
+        ))
+        .unwrap();
+        let client = AppsScriptBridge::new(BridgeClientConfig {
+            url,
+            secret: Secret::new("s3cret"),
+            request_timeout: Duration::from_secs(2),
+            retry_budget: Duration::from_millis(1),
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        })
+        .unwrap();
+        let req = super::super::BridgeRequest {
+            action_id: "a".into(),
+            command_type: crate::intake::CommandType::CheckIntegrationStatus,
+            params: super::super::BridgeParams {
+                service: "google".into(),
+            },
+            agent: "bot".into(),
+            requested_at: "now".into(),
+        };
+        let e = client.call(&req).await.unwrap_err().to_string();
+        assert!(e.contains("transport error"), "{e}");
+        for leak in ["AKfycbDEPLOY", "sig=", "ts=", "127.0.0.1"] {
+            assert!(!e.contains(leak), "{leak} in {e}");
+        }
     }
 }
