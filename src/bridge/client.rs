@@ -241,7 +241,7 @@ pub(crate) fn scrub(text: &str, url: &url::Url) -> String {
     for key in ["sig=", "ts="] {
         while let Some(i) = out.find(key) {
             let end = out[i..]
-                .find(|c: char| c == '&' || c == ')' || c == ' ' || c == '"')
+                .find(['&', ')', ' ', '"'])
                 .map_or(out.len(), |j| i + j);
             out.replace_range(i..end, "<redacted>");
         }
