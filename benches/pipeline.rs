@@ -191,6 +191,7 @@ impl command_poller::bridge::Bridge for StubBridge {
     fn execute<'a>(
         &'a self,
         _r: &'a command_poller::bridge::BridgeRequest,
+        _admission: &'a dyn command_poller::bridge::Admission,
     ) -> BoxFuture<
         'a,
         Result<command_poller::bridge::BridgeAnswer, command_poller::bridge::BridgeError>,

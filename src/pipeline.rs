@@ -563,7 +563,7 @@ impl Pipeline {
             requested_at: now_rfc3339(),
         };
         let started = Instant::now();
-        let answer = self.bridge.execute(&request).await;
+        let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
         let ms = started.elapsed().as_millis() as u64;
         match answer {
             Ok(a) => {
@@ -577,6 +577,9 @@ impl Pipeline {
                 });
                 Ok(r)
             }
+            Err(crate::bridge::BridgeError::Held { attempts, why }) => Err(Deferred(format!(
+                "{why} (after {attempts} attempt(s) that did not complete)"
+            ))),
             Err(e) => {
                 tracing::warn!(error = %e, ms, "bridge call failed");
                 let attempts = match &e {

@@ -451,3 +451,63 @@ async fn the_automatic_trip_fires_on_the_nth_unapproved_refresh_and_not_before()
     r1.stop().await;
     r2.stop().await;
 }
+
+#[tokio::test]
+async fn a_halt_during_bridge_retries_stops_the_next_post() {
+    // The bridge fails with 503 (retryable) over and over: the command sits in the client's
+    // retry loop. The gate used to be asked once, before the first POST, so an action could run
+    // seconds after its replica acknowledged a HALT.
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| {
+            s.bridge.min_backoff_ms = 100;
+            s.bridge.max_backoff_ms = 200;
+            s.bridge.retry_budget_secs = 30;
+        }),
+        ..Default::default()
+    })
+    .await;
+    h.sim.fail_next_posts(
+        std::iter::repeat_n(
+            command_poller::bridge::simulator::Fault::Status { code: 503 },
+            1000,
+        )
+        .collect::<Vec<_>>(),
+    );
+    h.send(&check("halt-retry-1")).await;
+    eventually("two failed POSTs", Duration::from_secs(10), || {
+        h.sim.posts("halt-retry-1") >= 2
+    })
+    .await;
+    let ack = h
+        .operator()
+        .run(ControlCommand::Halt {
+            reason: "E02 drill".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    let acked_at_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
+    let posts_at_ack = h.sim.posts("halt-retry-1");
+    // The command goes back to the queue, unfinished and unexecuted; no result is published.
+    eventually("in flight drops to 0", Duration::from_secs(10), || {
+        h.poller_state
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+    })
+    .await;
+    assert_eq!(h.queue_depth().await, 1);
+    let calls = h.sim.calls();
+    assert!(
+        h.sim.posts("halt-retry-1") <= posts_at_ack + 1
+            && calls.last_post_at_ms <= acked_at_ms + 5,
+        "a POST after the halt was acknowledged: {} POSTs at the ack, {} now; last POST at {} ms, ack at {} ms",
+        posts_at_ack,
+        h.sim.posts("halt-retry-1"),
+        calls.last_post_at_ms,
+        acked_at_ms
+    );
+    assert_eq!(h.sim.executions("halt-retry-1"), 0);
+    assert_eq!(h.results_for("halt-retry-1"), 0);
+}

@@ -98,6 +98,7 @@ impl Bridge for Recording {
     fn execute<'a>(
         &'a self,
         r: &'a BridgeRequest,
+        _admission: &'a dyn command_poller::bridge::Admission,
     ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         let _ = r;

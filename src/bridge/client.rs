@@ -7,7 +7,7 @@
 //! with exponential backoff inside a time budget.
 
 use super::signing::{sign, Secret};
-use super::{interpret_body, BridgeAnswer, BridgeError, BridgeRequest, Leg};
+use super::{interpret_body, Admission, BridgeAnswer, BridgeError, BridgeRequest, Leg};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use reqwest::{redirect, StatusCode};
@@ -70,12 +70,24 @@ impl AppsScriptBridge {
         true
     }
 
-    async fn call(&self, req: &BridgeRequest) -> Result<BridgeAnswer, BridgeError> {
+    async fn call(
+        &self,
+        req: &BridgeRequest,
+        admission: &dyn Admission,
+    ) -> Result<BridgeAnswer, BridgeError> {
         let body = serde_json::to_vec(req).expect("request serializes");
         let started = Instant::now();
         let mut backoff = self.backoff();
         let mut attempts = 0u32;
         loop {
+            if attempts > 0 {
+                // The gate was checked before the first POST by whoever admitted the call;
+                // every retry asks again.
+                if let Err(why) = admission.admit() {
+                    tracing::warn!(attempts, why = %why, "bridge retry held by the operator gate");
+                    return Err(BridgeError::Held { attempts, why });
+                }
+            }
             attempts += 1;
             match self.post_once(&body, started).await {
                 Ok(tool_result) => {
@@ -253,8 +265,9 @@ impl super::Bridge for AppsScriptBridge {
     fn execute<'a>(
         &'a self,
         request: &'a BridgeRequest,
+        admission: &'a dyn Admission,
     ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
-        Box::pin(self.call(request))
+        Box::pin(self.call(request, admission))
     }
 }
 
@@ -303,7 +316,11 @@ mod tests {
             agent: "bot".into(),
             requested_at: "now".into(),
         };
-        let e = client.call(&req).await.unwrap_err().to_string();
+        let e = client
+            .call(&req, &super::super::AlwaysAdmit)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("transport error"), "{e}");
         for leak in ["AKfycbDEPLOY", "sig=", "ts=", "127.0.0.1"] {
             assert!(!e.contains(leak), "{leak} in {e}");

@@ -64,6 +64,11 @@ pub enum BridgeError {
     Transport { leg: Leg, message: String },
     #[error("302 from the bridge without a usable Location header")]
     BadRedirect,
+    /// The operator gate closed (pause or halt) between attempts: no further POST was sent.
+    /// Nothing ran on this attempt; the command goes back to the queue and, once resumed,
+    /// asks the bridge again (which answers a repeated request as it did the first time).
+    #[error("held by the operator gate after {attempts} attempt(s): {why}")]
+    Held { attempts: u32, why: String },
     /// Retries used up; `last` is the final cause.
     #[error("gave up after {attempts} attempt(s) in {elapsed_ms} ms: {last}")]
     Exhausted {
@@ -97,16 +102,37 @@ impl BridgeError {
             | BridgeError::Malformed { retryable, .. }
             | BridgeError::Http { retryable, .. } => *retryable,
             BridgeError::Transport { .. } => true,
-            BridgeError::BadRedirect | BridgeError::Exhausted { .. } => false,
+            BridgeError::BadRedirect | BridgeError::Exhausted { .. } | BridgeError::Held { .. } => {
+                false
+            }
         }
+    }
+}
+
+/// Asked before every POST, the first and each retry: may another attempt start now? The
+/// operator gate answers it, so a pause or halt acknowledged during a retry's backoff stops
+/// the next POST, not only the first.
+pub trait Admission: Send + Sync {
+    /// `Err(why)` when no attempt may start.
+    fn admit(&self) -> Result<(), String>;
+}
+
+/// Admits everything (for tools that run outside the poller's gate).
+pub struct AlwaysAdmit;
+
+impl Admission for AlwaysAdmit {
+    fn admit(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
 /// The boundary to whatever executes approved actions.
 pub trait Bridge: Send + Sync {
+    /// Executes `request`, asking `admission` before every POST.
     fn execute<'a>(
         &'a self,
         request: &'a BridgeRequest,
+        admission: &'a dyn Admission,
     ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>>;
 }
 

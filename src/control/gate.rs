@@ -78,9 +78,26 @@ impl Gate {
         Some(BridgeTicket(self.at_bridge.clone()))
     }
 
+    /// Whether a bridge call already admitted may make another attempt (a retry) now.
+    pub fn may_retry(&self) -> Result<(), String> {
+        match self.lock().mode {
+            Mode::Running => Ok(()),
+            other => Err(format!(
+                "{} during the bridge call's retries",
+                other.as_str().to_ascii_lowercase()
+            )),
+        }
+    }
+
     /// Bridge calls admitted and not yet finished.
     pub fn at_bridge(&self) -> usize {
         self.at_bridge.load(Ordering::SeqCst)
+    }
+}
+
+impl crate::bridge::Admission for Gate {
+    fn admit(&self) -> Result<(), String> {
+        self.may_retry()
     }
 }
 
