@@ -71,6 +71,10 @@ pub struct Disposition {
 pub struct StoredOutcome {
     pub published: bool,
     pub result: ResultMessage,
+    /// The digest of the command that produced it ([`crate::idempotency::command_digest`]):
+    /// a reused action_id with a different command is refused, never answered with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_digest: Option<String>,
 }
 
 /// An idempotency claim: the key and this delivery's owner token.
@@ -79,6 +83,8 @@ pub struct Claimed {
     pub key: String,
     /// Unique per delivery (not per replica), so two copies on one replica can't both hold it.
     pub owner: String,
+    /// The command's digest, stored with its result.
+    pub command_digest: Option<String>,
 }
 
 pub struct Pipeline {
@@ -268,13 +274,18 @@ impl Pipeline {
         };
 
         // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
+        // Unverified agents (where allowed) have a key space of their own.
+        let digest = crate::idempotency::command_digest(&agent, &cmd);
         let claimed = Claimed {
-            key: format!("{}/{}", agent.id, cmd.action_id),
+            key: crate::idempotency::action_key(&agent, &cmd.action_id),
             owner: format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple()),
+            command_digest: Some(digest.clone()),
         };
         let _renewal = match self.claim(&claimed).await {
             Ok(Claim::Mine) => self.keep_claim(&claimed),
-            Ok(Claim::Done(stored)) => return self.replay(claimed.key, &stored, reply, trail),
+            Ok(Claim::Done(stored)) => {
+                return self.replay(claimed, &digest, &stored, reply, trail, draft)
+            }
             Ok(Claim::Busy(owner)) => {
                 return deferred(
                     format!("a duplicate of an action in flight on {owner}"),
@@ -387,14 +398,18 @@ impl Pipeline {
         }))
     }
 
-    /// A duplicate of a concluded action: republish its stored result, marked as a replay.
+    /// A duplicate of a concluded action: republish its stored result, marked as a replay;
+    /// or, when the action_id was used for a different command, refuse the new one.
     fn replay(
         &self,
-        key: String,
+        claimed: Claimed,
+        digest: &str,
         stored: &str,
         reply: ReplyTarget,
         mut trail: Vec<AuditEvent>,
+        draft: Draft,
     ) -> Disposition {
+        let key = claimed.key;
         let stored: StoredOutcome = match serde_json::from_str(stored) {
             Ok(r) => r,
             Err(e) => {
@@ -403,6 +418,23 @@ impl Pipeline {
                 return deferred(format!("stored result unreadable: {e}"), trail);
             }
         };
+        if stored
+            .command_digest
+            .as_deref()
+            .is_some_and(|d| d != digest)
+        {
+            // The same agent reused an action_id for another command: answering with the
+            // stored result would report the other command's outcome as this one's.
+            let why = format!(
+                "action_id {} was already used by this agent for a different command (concluded {} at {}); send a new action_id",
+                draft.action_id.as_deref().unwrap_or("-"),
+                stored.result.status,
+                stored.result.completed_at,
+            );
+            tracing::warn!("{why}");
+            trail.push(rejected_event("action_id", &why));
+            return self.conclude(draft.rejected("action_id", why), reply, trail);
+        }
         let mut result = stored.result;
         trail.push(AuditEvent::Replayed {
             at: now_rfc3339(),
@@ -437,7 +469,11 @@ impl Pipeline {
             alerts,
             dead_letter: None,
             audit: trail,
-            claimed: Some(Claimed { key, owner }),
+            claimed: Some(Claimed {
+                key,
+                owner,
+                command_digest: stored.command_digest,
+            }),
             stored: true,
         }
     }
@@ -560,6 +596,7 @@ impl Pipeline {
                 service: cmd.service.to_string(),
             },
             agent: agent.id.to_string(),
+            agent_verified: agent.verified,
             requested_at: now_rfc3339(),
         };
         let started = Instant::now();

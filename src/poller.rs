@@ -519,6 +519,7 @@ impl Poller {
                             let json = serde_json::to_string(&StoredOutcome {
                                 published,
                                 result: r.clone(),
+                                command_digest: c.command_digest.clone(),
                             })
                             .expect("result serializes");
                             pipeline

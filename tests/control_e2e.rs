@@ -274,38 +274,6 @@ async fn publish_control(h: &Harness, url: &str, user: &str, key: &str, body: &[
     let _ = conn.close(200, "ok".into()).await;
 }
 
-/// A throwaway broker user (an "agent"), deleted on drop.
-struct BrokerUser(String);
-impl BrokerUser {
-    fn create() -> Self {
-        let name = format!("t-agent-{}", suffix());
-        let run = |args: &[&str]| {
-            assert!(
-                std::process::Command::new("rabbitmqctl")
-                    .args(args)
-                    .output()
-                    .unwrap()
-                    .status
-                    .success(),
-                "{args:?}"
-            )
-        };
-        run(&["add_user", &name, "agent-pass"]);
-        run(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
-        Self(name)
-    }
-    fn url(&self) -> String {
-        format!("amqp://{}:agent-pass@127.0.0.1:5672/%2f", self.0)
-    }
-}
-impl Drop for BrokerUser {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.0])
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn a_control_message_from_a_non_operator_is_refused_and_alerted() {
     let h = Harness::start(Options {

@@ -2,13 +2,15 @@
  * MCP Orchestrator bridge: the Apps Script web app that command-poller calls.
  *
  * In:  POST /exec?ts=<unix seconds>&sig=<hex HMAC-SHA256(secret, ts + "." + body)> with JSON
- *      {"action_id","command_type","params":{"service"},"agent","requested_at"}.
+ *      {"action_id","command_type","params":{"service"},"agent","agent_verified","requested_at"}.
  * Out: JSON {"status":"success", ...tool fields} or {"status":"error","error","retryable"}.
  *      Apps Script serves it through a 302 to an echo URL, which the poller fetches with GET.
  *
  * Credentials live in Script Properties and never leave the script: answers carry statuses and
- * expiry times, never a token. A repeated action_id is answered as it was the first time,
- * without acting again.
+ * expiry times, never a token. Requests are deduplicated per agent (verified or not) and
+ * action_id, as the poller keys its results: a repeated request is answered as it was the first
+ * time, without acting again, and a reused action_id with a different request (another
+ * command type or service) is refused, never answered with the other request's answer.
  */
 
 /**
@@ -100,7 +102,7 @@ function handle_(e) {
     if (invalid) {
       return error_(invalid, false);
     }
-    return once_(req.action_id, function () {
+    return once_(dedupKey_(req), requestDigest_(req), function () {
       return act_(req, props);
     });
   } catch (err) {
@@ -115,8 +117,23 @@ function validate_(req) {
   if (!req.params || typeof req.params.service !== 'string' || !/^[a-z0-9]([a-z0-9_-]{0,62}[a-z0-9])?$/.test(req.params.service)) {
     return 'params.service: invalid';
   }
-  if (typeof req.agent !== 'string' || req.agent.length === 0 || req.agent.length > 64) return 'agent: invalid';
+  if (typeof req.agent !== 'string' || !/^[A-Za-z0-9_@:-]{1,64}$/.test(req.agent)) return 'agent: invalid';
+  if (typeof req.agent_verified !== 'boolean') return 'agent_verified: must be true or false';
   return null;
+}
+
+/** The dedup key: agent (verified or not) and action_id, as the poller keys its results. */
+function dedupKey_(req) {
+  return (req.agent_verified ? 'v:' : 'u:') + req.agent + '/' + req.action_id;
+}
+
+/**
+ * SHA-256 (lower hex) of what this web app acts on, the same as BridgeRequest::digest in the
+ * poller: compact JSON of ["bridge/v1", agent, agent_verified, action_id, command_type, service].
+ */
+function requestDigest_(req) {
+  var canonical = JSON.stringify(['bridge/v1', req.agent, req.agent_verified, req.action_id, req.command_type, req.params.service]);
+  return hex_(Utilities.computeDigest(Utilities.DigestAlgorithm.SHA_256, canonical, Utilities.Charset.UTF_8));
 }
 
 /** Lower-hex HMAC-SHA256 of ts + "." + body, compared in constant time. */
@@ -140,38 +157,48 @@ function hex_(bytes) {
 }
 
 /**
- * Runs fn at most once per action_id. The answer is remembered (unless it is a retryable
- * error, so a retry can succeed); a duplicate gets the remembered answer. The script lock only
- * guards the claim, so executions of different actions run concurrently.
+ * Runs fn at most once per key (agent and action_id). The answer is remembered with the
+ * request's digest (unless it is a retryable error, so a retry can succeed); a repeat of the
+ * same request gets the remembered answer, and a different request under the same key is
+ * refused. The script lock only guards the claim, so executions of different actions run
+ * concurrently.
  */
-function once_(actionId, fn) {
+function once_(key, digest, fn) {
   var cache = CacheService.getScriptCache();
-  var doneKey = 'done:' + actionId;
-  var claimKey = 'claim:' + actionId;
-  var done = cache.get(doneKey);
-  if (done) return JSON.parse(done);
+  var doneKey = 'done:' + key;
+  var claimKey = 'claim:' + key;
+  var reused = error_('action_id already used by this agent for a different request; refused (use a new action_id)', false);
+  var remembered = function () {
+    var done = cache.get(doneKey);
+    if (!done) return null;
+    var entry = JSON.parse(done);
+    return entry.digest === digest ? entry.answer : reused;
+  };
+  var answer = remembered();
+  if (answer) return answer;
   var lock = LockService.getScriptLock();
   if (!lock.tryLock(10000)) {
     return error_('bridge busy (lock timeout); retry', true);
   }
   try {
-    done = cache.get(doneKey);
-    if (done) return JSON.parse(done);
-    if (cache.get(claimKey)) {
-      return error_('action ' + actionId + ' is already being executed; retry for its answer', true);
+    answer = remembered();
+    if (answer) return answer;
+    var claim = cache.get(claimKey);
+    if (claim) {
+      if (claim !== digest) return reused;
+      return error_('action ' + key + ' is already being executed; retry for its answer', true);
     }
-    cache.put(claimKey, '1', CLAIM_TTL_SECONDS);
+    cache.put(claimKey, digest, CLAIM_TTL_SECONDS);
   } finally {
     lock.releaseLock();
   }
-  var answer;
   try {
     answer = fn();
   } catch (err) {
     answer = error_('bridge internal error: ' + safeMessage_(err), isTransient_(err));
   }
   if (!(answer.status === 'error' && answer.retryable)) {
-    cache.put(doneKey, JSON.stringify(answer), ANSWER_TTL_SECONDS);
+    cache.put(doneKey, JSON.stringify({ digest: digest, answer: answer }), ANSWER_TTL_SECONDS);
   }
   cache.remove(claimKey);
   return answer;

@@ -314,6 +314,7 @@ mod tests {
                 service: "google".into(),
             },
             agent: "bot".into(),
+            agent_verified: true,
             requested_at: "now".into(),
         };
         let e = client

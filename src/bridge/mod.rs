@@ -22,8 +22,36 @@ pub struct BridgeRequest {
     pub command_type: CommandType,
     pub params: BridgeParams,
     pub agent: String,
+    /// Whether the broker verified `agent` (an unverified name is another agent to the bridge).
+    pub agent_verified: bool,
     /// RFC 3339.
     pub requested_at: String,
+}
+
+impl BridgeRequest {
+    /// The bridge's dedup key: the agent (verified or not) and the action_id, as the poller
+    /// keys results, so one agent's id can never answer another agent's action.
+    pub fn dedup_key(&self) -> String {
+        let prefix = if self.agent_verified { "v" } else { "u" };
+        format!("{prefix}:{}/{}", self.agent, self.action_id)
+    }
+
+    /// SHA-256 (hex) over what the bridge acts on: `["bridge/v1", agent, agent_verified,
+    /// action_id, command_type, service]` as compact JSON (`requested_at` left out: it changes
+    /// on every retry). The web app computes the same; a repeated key with another digest is a
+    /// reused action_id, refused rather than answered with the other request's answer.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!([
+            "bridge/v1",
+            self.agent,
+            self.agent_verified,
+            self.action_id,
+            self.command_type,
+            self.params.service,
+        ]);
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +275,44 @@ fn utf8_len(first: u8) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_is_the_one_the_web_app_computes() {
+        let r = BridgeRequest {
+            action_id: "token-refresh-google-456".into(),
+            command_type: CommandType::RefreshToken,
+            params: BridgeParams {
+                service: "google".into(),
+            },
+            agent: "agent-7".into(),
+            agent_verified: true,
+            requested_at: "2026-11-27T12:00:00Z".into(),
+        };
+        // The same vector is checked in deploy/apps-script/test/bridge.test.js.
+        assert_eq!(
+            serde_json::json!([
+                "bridge/v1",
+                "agent-7",
+                true,
+                "token-refresh-google-456",
+                CommandType::RefreshToken,
+                "google"
+            ])
+            .to_string(),
+            r#"["bridge/v1","agent-7",true,"token-refresh-google-456","REFRESH_TOKEN","google"]"#
+        );
+        assert_eq!(
+            r.digest(),
+            "6ef5b0535d1af4c4f15f1e645dd40591241418d9ab6084f4e732e0e1abff853f"
+        );
+        let mut later = r.clone();
+        later.requested_at = "2026-11-27T12:00:05Z".into();
+        assert_eq!(later.digest(), r.digest(), "a retry is the same request");
+        let mut other = r.clone();
+        other.command_type = CommandType::CheckIntegrationStatus;
+        assert_ne!(other.digest(), r.digest());
+        assert_eq!(r.dedup_key(), "v:agent-7/token-refresh-google-456");
+    }
 
     #[test]
     fn contract_json() {

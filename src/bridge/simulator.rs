@@ -1,5 +1,6 @@
 //! A local stand-in for the Apps Script web app, with the same contract and the same quirks:
-//! POST `/exec` checks `ts`/`sig`, acts once per action_id, and answers 302 to `/echo`, which
+//! POST `/exec` checks `ts`/`sig`, acts once per agent and action_id (refusing a reused id with
+//! a different request), and answers 302 to `/echo`, which
 //! must be fetched with GET (POST there is 405). Latency and faults are configurable, and a call
 //! log (`GET /_sim/calls`) tells tests how many times each action really executed.
 //!
@@ -67,6 +68,9 @@ pub struct CallLog {
     pub rejected_signatures: u32,
     /// When the latest POST arrived (Unix milliseconds): when the last bridge call started.
     pub last_post_at_ms: u64,
+    /// Requests refused because their agent's action_id had answered a different request.
+    #[serde(default)]
+    pub reused_ids: u32,
 }
 
 impl CallLog {
@@ -84,7 +88,8 @@ struct Faults {
 struct SimState {
     cfg: Mutex<SimulatorConfig>,
     log: Mutex<CallLog>,
-    answers: Mutex<HashMap<String, serde_json::Value>>,
+    /// By dedup key (agent and action_id): the request's digest and the answer given.
+    answers: Mutex<HashMap<String, (String, serde_json::Value)>>,
     echoes: Mutex<HashMap<String, serde_json::Value>>,
     faults: Mutex<Faults>,
     in_flight: AtomicUsize,
@@ -254,17 +259,18 @@ async fn exec(
         let Some(req) = parsed else {
             break 'answer error_json("body is not a bridge request", false);
         };
-        if let Some(previous) = lock(&st.answers).get(&req.action_id) {
-            break 'answer previous.clone();
+        let (key, digest) = (req.dedup_key(), req.digest());
+        if let Some(previous) = remembered(&st, &key, &digest) {
+            break 'answer previous;
         }
         if !cfg.latency.is_zero() {
             tokio::time::sleep(cfg.latency).await;
         }
         // Re-check after the wait: a concurrent duplicate may have acted meanwhile.
-        let mut answers = lock(&st.answers);
-        if let Some(previous) = answers.get(&req.action_id) {
-            break 'answer previous.clone();
+        if let Some(previous) = remembered(&st, &key, &digest) {
+            break 'answer previous;
         }
+        let mut answers = lock(&st.answers);
         let a = act(&cfg, &req);
         *lock(&st.log)
             .executions
@@ -275,7 +281,7 @@ async fn exec(
             .and_then(|r| r.as_bool())
             .unwrap_or(false);
         if !retryable {
-            answers.insert(req.action_id.clone(), a.clone());
+            answers.insert(key, (digest, a.clone()));
         }
         a
     };
@@ -286,6 +292,21 @@ async fn exec(
         [(header::LOCATION, format!("/echo?user_content_key={key}"))],
     )
         .into_response()
+}
+
+/// The answer remembered for `key`; a refusal when it was given to a different request (a
+/// reused action_id), so one request's answer never answers another.
+fn remembered(st: &SimState, key: &str, digest: &str) -> Option<serde_json::Value> {
+    let answers = lock(&st.answers);
+    let (d, answer) = answers.get(key)?;
+    if d == digest {
+        return Some(answer.clone());
+    }
+    lock(&st.log).reused_ids += 1;
+    Some(error_json(
+        "action_id already used by this agent for a different request; refused (use a new action_id)",
+        false,
+    ))
 }
 
 fn act(cfg: &SimulatorConfig, req: &BridgeRequest) -> serde_json::Value {

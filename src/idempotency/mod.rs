@@ -101,6 +101,36 @@ pub async fn open(s: &IdempotencySettings) -> Result<Arc<dyn ResultStore>, Store
     })
 }
 
+/// The store key of an action: `<agent>/<action_id>` for broker-verified agents, and
+/// `~unverified/<agent>/<action_id>` for agents that only claimed a name (where config allows
+/// them), so an unverified sender can neither read a verified agent's results nor pre-empt its
+/// ids. No verified key can look like that: `~` and `/` are not allowed in agent names.
+pub fn action_key(agent: &crate::intake::Agent, action_id: &crate::intake::ActionId) -> String {
+    if agent.verified {
+        format!("{}/{}", agent.id, action_id)
+    } else {
+        format!("~unverified/{}/{}", agent.id, action_id)
+    }
+}
+
+/// SHA-256 (hex) over the canonical command as this agent sent it: agent (and whether the
+/// broker verified it), action_id, command type, service and declared severity. Stored with the
+/// result, so a reused action_id with a different command is refused instead of replaying
+/// another command's result.
+pub fn command_digest(agent: &crate::intake::Agent, cmd: &crate::intake::Command) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::json!([
+        "command/v1",
+        agent.id.as_str(),
+        agent.verified,
+        cmd.action_id.as_str(),
+        cmd.command_type,
+        cmd.service.as_str(),
+        cmd.severity,
+    ]);
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -113,4 +143,31 @@ pub(crate) fn now_millis() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::{ActionId, Agent, AgentId};
+
+    #[test]
+    fn unverified_agents_have_a_key_space_of_their_own() {
+        let id = ActionId::parse("token-refresh-google-456").unwrap();
+        let verified = Agent {
+            id: AgentId::parse("agent-7").unwrap(),
+            verified: true,
+        };
+        let claimed = Agent {
+            verified: false,
+            ..verified.clone()
+        };
+        assert_eq!(
+            action_key(&verified, &id),
+            "agent-7/token-refresh-google-456"
+        );
+        assert_ne!(action_key(&verified, &id), action_key(&claimed, &id));
+        // A verified agent can't be named so that its key looks unverified.
+        assert!(AgentId::parse("~unverified").is_err());
+        assert!(AgentId::parse("a/b").is_err());
+    }
 }

@@ -474,6 +474,24 @@ impl Harness {
         .await
     }
 
+    /// The first result for `agent`'s `action_id` (other agents may use the same id).
+    pub async fn result_of(&self, agent: &str, action_id: &str) -> ResultMessage {
+        self.wait_until(
+            &format!("result of {agent}/{action_id}"),
+            Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .find(|(_, r)| {
+                        r.action_id.as_deref() == Some(action_id)
+                            && r.agent.as_ref().is_some_and(|a| a.id == agent)
+                    })
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await
+    }
+
     pub fn results_for(&self, action_id: &str) -> usize {
         self.inbox
             .lock()
@@ -672,4 +690,69 @@ pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// A throwaway broker user (an "agent"), deleted on drop.
+pub struct BrokerUser(pub String);
+impl BrokerUser {
+    pub fn create() -> Self {
+        let name = format!("t-agent-{}", suffix());
+        let run = |args: &[&str]| {
+            assert!(
+                std::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success(),
+                "{args:?}"
+            )
+        };
+        run(&["add_user", &name, "agent-pass"]);
+        run(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        Self(name)
+    }
+    pub fn url(&self) -> String {
+        format!("amqp://{}:agent-pass@127.0.0.1:5672/%2f", self.0)
+    }
+}
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+impl BrokerUser {
+    /// Publishes `payload` to the harness's commands exchange as this user (broker-checked
+    /// `user_id`), with a confirm.
+    pub async fn send(&self, h: &Harness, payload: &serde_json::Value) {
+        let conn = Connection::connect(&self.url(), Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let key = format!(
+            "command.{}",
+            payload["command_type"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_ascii_lowercase()
+        );
+        ch.basic_publish(
+            h.settings.topology.commands_exchange.as_str().into(),
+            key.as_str().into(),
+            Default::default(),
+            payload.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_user_id(self.0.as_str().into())
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "sent".into()).await;
+    }
 }

@@ -43,8 +43,8 @@ function totalCalls(c, service) {
 }
 
 let seq = 0;
-function cmd(command_type, service, action_id) {
-  return { action_id: action_id || `act-${++seq}`, command_type, params: { service }, agent: 'agent-7', requested_at: new Date().toISOString() };
+function cmd(command_type, service, action_id, agent) {
+  return { action_id: action_id || `act-${++seq}`, command_type, params: { service }, agent: agent || 'agent-7', agent_verified: true, requested_at: new Date().toISOString() };
 }
 function post(env, body, opts) {
   const out = env.gs.doPost(event(SECRET, body, opts));
@@ -131,8 +131,9 @@ test('a duplicate action_id is answered as the first time; the service is called
   assert.deepEqual(second, first);
   assert.equal(totalCalls(await calls(), 'mailchimp'), 1);
   // While a first call is still executing, a duplicate is told to retry, never run in parallel.
-  env.cache.put('claim:dup-2', '1', 60);
-  const busy = post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'dup-2'));
+  const dup2 = cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'dup-2');
+  env.cache.put('claim:v:agent-7/dup-2', env.gs.requestDigest_(dup2), 60);
+  const busy = post(env, dup2);
   assert.equal(busy.status, 'error');
   assert.equal(busy.retryable, true);
   assert.match(busy.error, /already being executed/);
@@ -206,4 +207,67 @@ test('the signature matches the poller\'s: HMAC-SHA256 over ts + "." + body, low
   const env = load({ props: CREDS, servicePort: port });
   assert.equal(env.gs.verify_('k', 1, 'x', '976cb87e4f568d1c0f03f32859e90af8597cf00b978ba37c229c97d3a15b8449'), true);
   assert.equal(env.gs.verify_('k', 1, 'y', '976cb87e4f568d1c0f03f32859e90af8597cf00b978ba37c229c97d3a15b8449'), false);
+});
+
+test('the request digest matches the poller\'s', () => {
+  // The same vector as the Rust unit test in src/bridge/mod.rs.
+  const env = load({ props: CREDS, servicePort: port });
+  const r = { action_id: 'token-refresh-google-456', command_type: 'REFRESH_TOKEN', params: { service: 'google' }, agent: 'agent-7', agent_verified: true };
+  assert.equal(env.gs.requestDigest_(r), '6ef5b0535d1af4c4f15f1e645dd40591241418d9ab6084f4e732e0e1abff853f');
+  assert.equal(env.gs.dedupKey_(r), 'v:agent-7/token-refresh-google-456');
+});
+
+test('another agent\'s request under the same action_id is its own action', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const id = 'token-refresh-google-456';
+  // Agent B plants a status check under the id agent A is about to use for a refresh.
+  const planted = post(env, cmd('CHECK_INTEGRATION_STATUS', 'google', id, 'agent-b'));
+  assert.equal(planted.integration_status, 'CONNECTED');
+  const refresh = post(env, cmd('REFRESH_TOKEN', 'google', id, 'agent-7'));
+  assert.equal(refresh.status, 'success', JSON.stringify(refresh));
+  assert.equal(refresh.message, 'Token for google refreshed successfully.');
+  assert.equal(env.props.store.GOOGLE_ACCESS_TOKEN, 'ya29.fresh-access-token', 'the token endpoint was called');
+  // B reusing an id A already ran is B's own request, executed for B, not A's answer.
+  const c0 = totalCalls(await calls(), 'mailchimp');
+  post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'mc-read', 'agent-7'));
+  post(env, cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'mc-read', 'agent-b'));
+  assert.equal(totalCalls(await calls(), 'mailchimp'), c0 + 2);
+  // An unverified name is another agent too.
+  const unverified = Object.assign(cmd('CHECK_INTEGRATION_STATUS', 'mailchimp', 'mc-read', 'agent-7'), { agent_verified: false });
+  assert.equal(post(env, unverified).status, 'success');
+  assert.equal(totalCalls(await calls(), 'mailchimp'), c0 + 3);
+});
+
+test('a non-retryable error planted by another agent doesn\'t fail this agent\'s action', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const id = 'planted-err';
+  const planted = post(env, cmd('CHECK_INTEGRATION_STATUS', 'hubspot', id, 'agent-b'));
+  assert.equal(planted.retryable, false);
+  const mine = post(env, cmd('REFRESH_TOKEN', 'google', id, 'agent-7'));
+  assert.equal(mine.status, 'success', JSON.stringify(mine));
+});
+
+test('the same agent reusing an action_id for a different request is refused', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const first = post(env, cmd('CHECK_INTEGRATION_STATUS', 'google', 'reuse-1'));
+  assert.equal(first.status, 'success');
+  const before = totalCalls(await calls(), 'google');
+  const other = post(env, cmd('REFRESH_TOKEN', 'google', 'reuse-1'));
+  assert.equal(other.status, 'error');
+  assert.equal(other.retryable, false);
+  assert.match(other.error, /already used by this agent for a different request/);
+  assert.equal(totalCalls(await calls(), 'google'), before, 'nothing executed');
+  // While the first is still executing, too.
+  const inFlight = cmd('CHECK_INTEGRATION_STATUS', 'meta', 'reuse-2');
+  env.cache.put('claim:v:agent-7/reuse-2', env.gs.requestDigest_(inFlight), 60);
+  assert.match(post(env, cmd('REFRESH_TOKEN', 'meta', 'reuse-2')).error, /different request/);
+  // The same request again is answered as the first time.
+  assert.deepEqual(post(env, cmd('CHECK_INTEGRATION_STATUS', 'google', 'reuse-1')), first);
+});
+
+test('agent_verified is required', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const c = cmd('CHECK_INTEGRATION_STATUS', 'google');
+  delete c.agent_verified;
+  assert.match(post(env, c).error, /agent_verified/);
 });

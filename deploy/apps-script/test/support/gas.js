@@ -83,6 +83,12 @@ function load({ props = {}, servicePort, fetchTimeoutMs = 1500 } = {}) {
       computeHmacSha256Signature: (value, key) =>
         Array.from(crypto.createHmac('sha256', key).update(value, 'utf8').digest()).map((b) => (b > 127 ? b - 256 : b)),
       base64Encode: (s) => Buffer.from(s, 'utf8').toString('base64'),
+      DigestAlgorithm: { SHA_256: 'SHA_256' },
+      Charset: { UTF_8: 'UTF_8' },
+      computeDigest: (algorithm, value, charset) => {
+        if (algorithm !== 'SHA_256' || charset !== 'UTF_8') throw new Error('unsupported digest in the stand-in');
+        return Array.from(crypto.createHash('sha256').update(value, 'utf8').digest()).map((b) => (b > 127 ? b - 256 : b));
+      },
     },
     ContentService: {
       MimeType: { JSON: 'application/json' },

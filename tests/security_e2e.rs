@@ -1,0 +1,213 @@
+//! The guarantees under attack: what a hostile or buggy agent, a careless operator or bad luck
+//! would try, each against the real broker, the real poller and the bridge simulator. Each
+//! test names the finding it closes (docs/RELIABILITY.md, "Hostile inputs and abuse").
+
+mod common;
+
+use command_poller::outcome::Status;
+use common::*;
+
+/// Finding 1a: agent B plants a status check under the id agent A is about to use for a token
+/// refresh. A's refresh used to be answered SUCCESS with B's cached status check, and the
+/// token endpoint was never called.
+#[tokio::test]
+async fn another_agents_id_never_answers_this_agents_action() {
+    let h = Harness::start(Options::default()).await;
+    let b = BrokerUser::create();
+    let id = "token-refresh-google-456";
+    b.send(&h, &cmd(id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+        .await;
+    let rb = h.result_of(&b.0, id).await;
+    assert_eq!(rb.status, Status::Success);
+    assert_eq!(
+        rb.tool_result.as_ref().unwrap()["integration_status"],
+        "CONNECTED"
+    );
+    h.send(&cmd(id, "REFRESH_TOKEN", "google", "MEDIUM")).await;
+    let ra = h.result_of("guest", id).await;
+    assert_eq!(ra.status, Status::Success, "{ra:?}");
+    assert_eq!(
+        ra.tool_result.as_ref().unwrap()["message"],
+        "Token for google refreshed successfully.",
+        "A got another request's answer: {ra:?}"
+    );
+    assert_eq!(h.sim.executions(id), 2, "both actions ran, each once");
+}
+
+/// Finding 1b: B plants a non-retryable bridge error under A's id, so that A's action fails.
+#[tokio::test]
+async fn another_agent_cant_plant_a_failure_under_this_agents_id() {
+    let h = Harness::start(Options::default()).await;
+    let b = BrokerUser::create();
+    let id = "refresh-planted-1";
+    // ALLOW goes straight to the bridge, which refuses an unconfigured service for good.
+    b.send(
+        &h,
+        &cmd(id, "CHECK_INTEGRATION_STATUS", "salesforce", "LOW"),
+    )
+    .await;
+    assert_eq!(h.result_of(&b.0, id).await.status, Status::Failed);
+    h.send(&cmd(id, "REFRESH_TOKEN", "google", "MEDIUM")).await;
+    let ra = h.result_of("guest", id).await;
+    assert_eq!(ra.status, Status::Success, "{ra:?}");
+}
+
+/// Finding 1c: B reuses an id A already ran, to read A's bridge answer without acting.
+#[tokio::test]
+async fn another_agent_cant_read_this_agents_bridge_answer() {
+    let h = Harness::start(Options::default()).await;
+    let b = BrokerUser::create();
+    let id = "status-read-1";
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "meta", "LOW"))
+        .await;
+    let ra = h.result_of("guest", id).await;
+    assert_eq!(ra.status, Status::Success);
+    b.send(&h, &cmd(id, "CHECK_INTEGRATION_STATUS", "meta", "LOW"))
+        .await;
+    let rb = h.result_of(&b.0, id).await;
+    assert_eq!(rb.status, Status::Success);
+    assert!(!rb.replay, "B's command is its own, not a replay of A's");
+    assert_eq!(
+        h.sim.executions(id),
+        2,
+        "B's request was executed for B, not answered from A's"
+    );
+}
+
+/// Low finding: the same agent reuses an action_id for a different command. The stored result
+/// of the first used to be replayed as SUCCESS for the second.
+#[tokio::test]
+async fn a_reused_id_with_a_different_command_is_rejected_naming_the_reuse() {
+    let h = Harness::start(Options::default()).await;
+    let id = "reused-1";
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+        .await;
+    assert_eq!(h.result(id).await.status, Status::Success);
+    h.send(&cmd(id, "REFRESH_TOKEN", "google", "MEDIUM")).await;
+    let second = h
+        .wait_until(
+            "the second result",
+            std::time::Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .filter(|(_, r)| r.action_id.as_deref() == Some(id))
+                    .nth(1)
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await;
+    assert_eq!(second.status, Status::Rejected, "{second:?}");
+    assert_eq!(second.error_field.as_deref(), Some("action_id"));
+    assert!(
+        second.rationale.contains("already used") && second.rationale.contains("different command"),
+        "{}",
+        second.rationale
+    );
+    assert_eq!(
+        h.sim.executions(id),
+        1,
+        "the refresh never reached the bridge"
+    );
+    // The same command again is still a plain replay.
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+        .await;
+    let third = h
+        .wait_until(
+            "the third result",
+            std::time::Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .filter(|(_, r)| r.action_id.as_deref() == Some(id))
+                    .nth(2)
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await;
+    assert_eq!(third.status, Status::Success);
+    assert!(third.replay);
+}
+
+/// Finding 11: with `allow_unverified_agents` on, a claimed `agent_id` shared the verified
+/// agent's key space: an unverified sender read a verified agent's stored results and pre-empted
+/// its ids, and refreshes under invented names passed 2 of 3 although security denied.
+#[tokio::test]
+async fn unverified_agents_are_kept_apart() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| s.intake.allow_unverified_agents = true),
+        ..Default::default()
+    })
+    .await;
+    let id = "kept-apart-1";
+    // The verified agent (guest) runs a check; an unverified sender claiming "guest" sends the
+    // same id and gets its own, separate action, not guest's stored result.
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+        .await;
+    assert_eq!(h.result(id).await.status, Status::Success);
+    let mut claimed = cmd(id, "CHECK_INTEGRATION_STATUS", "google", "LOW");
+    claimed["agent_id"] = "guest".into();
+    h.publish(
+        claimed.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    let second = h
+        .wait_until(
+            "the unverified result",
+            std::time::Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .find(|(_, r)| {
+                        r.action_id.as_deref() == Some(id)
+                            && r.agent.as_ref().is_some_and(|a| !a.verified)
+                    })
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await;
+    assert!(
+        !second.replay,
+        "read the verified agent's stored result: {second:?}"
+    );
+    assert_eq!(h.sim.executions(id), 2);
+
+    // Pre-empting: an unverified sender goes first with a refresh under the verified agent's
+    // next id; the verified agent's refresh still runs as its own.
+    let next = "kept-apart-2";
+    let mut pre = cmd(next, "REFRESH_TOKEN", "google", "MEDIUM");
+    pre["agent_id"] = "guest".into();
+    h.publish(
+        pre.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    let r = h.result(next).await;
+    // "Unverified" vetoes REFRESH_TOKEN (the security judge's require_verified_agent).
+    assert_eq!(r.status, Status::NeedsApproval, "{r:?}");
+    assert!(
+        r.rationale.contains("require_verified_agent"),
+        "{}",
+        r.rationale
+    );
+    h.send(&cmd(next, "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    let verified = h
+        .wait_until(
+            "the verified refresh",
+            std::time::Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .find(|(_, r)| {
+                        r.action_id.as_deref() == Some(next)
+                            && r.agent.as_ref().is_some_and(|a| a.verified)
+                    })
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await;
+    assert_eq!(verified.status, Status::Success, "{verified:?}");
+    assert!(!verified.replay);
+}
