@@ -61,6 +61,7 @@ pub struct Metrics {
     bridge_errors: Counter,
     alerts: Family<AlertLabels, Counter>,
     publish_failures: Counter,
+    audit_diverted: Counter,
     in_flight: Gauge,
     control_mode: Family<ModeLabels, Gauge>,
 }
@@ -85,6 +86,7 @@ impl Metrics {
             bridge_errors: Counter::default(),
             alerts: Family::default(),
             publish_failures: Counter::default(),
+            audit_diverted: Counter::default(),
             in_flight: Gauge::default(),
             control_mode: Family::default(),
             registry: Registry::default(),
@@ -133,6 +135,11 @@ impl Metrics {
             "alerts",
             "Alerts published, by team and priority",
             m.alerts.clone(),
+        );
+        registry.register(
+            "audit_diverted",
+            "Audit records the audit exchange refused twice: dead-lettered (or, failing that, logged) instead",
+            m.audit_diverted.clone(),
         );
         registry.register(
             "publish_failures",
@@ -207,6 +214,11 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// An audit record the audit exchange refused (dead-lettered or logged instead).
+    pub fn audit_diverted(&self) {
+        self.audit_diverted.inc();
     }
 
     pub fn publish_failed(&self) {

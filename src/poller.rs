@@ -79,6 +79,9 @@ impl PollerState {
 }
 
 impl ReplicaStats for PollerState {
+    fn audit_diverted(&self) {
+        self.metrics.audit_diverted();
+    }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
@@ -546,7 +549,10 @@ impl Poller {
                 return;
             }
             match carry_out(&publisher, &settings, &instance, &inbound, &disposition).await {
-                Ok(()) => {
+                Ok(audited) => {
+                    if audited != audit::AuditOutcome::Delivered {
+                        state.metrics.audit_diverted();
+                    }
                     if let Err(e) = store_outcome(true).await {
                         // Harmless: a later duplicate would publish it again, alerts included.
                         tracing::warn!(error = %e, "could not mark the result published");
@@ -764,7 +770,7 @@ pub async fn carry_out(
     instance: &str,
     inbound: &Inbound,
     d: &Disposition,
-) -> Result<(), BrokerError> {
+) -> Result<audit::AuditOutcome, BrokerError> {
     let t = &settings.topology;
     let mut trail = d.audit.clone();
     if let Some(dl) = &d.dead_letter {
@@ -864,14 +870,14 @@ pub async fn carry_out(
         at: audit::now(),
         events: trail,
     };
-    publisher
-        .publish(&Outgoing {
-            exchange: settings.audit.exchange.clone(),
-            routing_key: "audit.command".into(),
-            body: serde_json::to_vec(&record).expect("serializes"),
-            correlation_id: record.action_id.clone(),
-            message_type: "audit",
-            ..Default::default()
-        })
-        .await
+    // After the result and alerts: an audit exchange that refuses the record can't hold them
+    // back (the record is retried, then dead-lettered on its own).
+    audit::publish_record(
+        publisher,
+        &settings.audit.exchange,
+        "audit.command",
+        &t.dead_letter_exchange,
+        &record,
+    )
+    .await
 }

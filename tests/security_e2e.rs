@@ -211,3 +211,103 @@ async fn unverified_agents_are_kept_apart() {
     assert_eq!(verified.status, Status::Success, "{verified:?}");
     assert!(!verified.replay);
 }
+
+/// Finding 12: with the audit queue gone (the audit-sink user could delete it), every command
+/// produced 6 results and 6 alerts and was then dead-lettered, and a HALT's shut-off alerts were
+/// never sent: alerts waited on the audit publish.
+#[tokio::test]
+async fn alerts_and_results_dont_wait_on_the_audit() {
+    use command_poller::control::{operator::new_request_id, ControlCommand};
+    use lapin::options::QueueDeleteOptions;
+    let h = Harness::start(Options::default()).await;
+    // After the poller declared its topology, so the queue stays gone.
+    eventually(
+        "the poller connected",
+        std::time::Duration::from_secs(15),
+        || {
+            h.poller_state
+                .connected
+                .load(std::sync::atomic::Ordering::SeqCst)
+        },
+    )
+    .await;
+    let ch = h.agent_conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        h.settings.audit.queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    h.send(&cmd(
+        "connect-no-audit",
+        "CONNECT_INTEGRATION",
+        "salesforce",
+        "HIGH",
+    ))
+    .await;
+    assert_eq!(h.result("connect-no-audit").await.status, Status::Blocked);
+    // Its audit record is dead-lettered on its own, with the reason.
+    let dead = h
+        .wait_until(
+            "the audit record dead-lettered",
+            std::time::Duration::from_secs(10),
+            |i| {
+                i.dead
+                    .iter()
+                    .find(|d| {
+                        d.header("x-poller-reason")
+                            .is_some_and(|r| r.contains("audit record"))
+                    })
+                    .cloned()
+            },
+        )
+        .await;
+    let record: serde_json::Value = serde_json::from_slice(&dead.body).unwrap();
+    assert_eq!(record["action_id"], "connect-no-audit");
+    h.send(&cmd(
+        "check-no-audit",
+        "CHECK_INTEGRATION_STATUS",
+        "google",
+        "LOW",
+    ))
+    .await;
+    assert_eq!(h.result("check-no-audit").await.status, Status::Success);
+    settle().await;
+    assert_eq!(h.results_for("connect-no-audit"), 1);
+    assert_eq!(
+        h.alerts_for("connect-no-audit").len(),
+        2,
+        "security and engineering, once"
+    );
+    assert_eq!(h.results_for("check-no-audit"), 1);
+    assert!(
+        h.inbox
+            .lock()
+            .unwrap()
+            .dead
+            .iter()
+            .all(|d| d.header("x-poller-reason").is_some()),
+        "no command was dead-lettered by the delivery limit"
+    );
+    // A halt's shut-off alerts go out although its audit record can't.
+    h.operator()
+        .run(ControlCommand::Halt {
+            reason: "E02 drill without an audit queue".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    h.wait_until(
+        "both shut-off alerts",
+        std::time::Duration::from_secs(10),
+        |i| {
+            let n = i
+                .alerts
+                .iter()
+                .filter(|(_, a)| a.summary.contains("MASTER SHUT-OFF"))
+                .count();
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+}

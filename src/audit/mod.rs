@@ -106,6 +106,75 @@ pub struct AuditRecord {
     pub events: Vec<AuditEvent>,
 }
 
+/// Where an audit record ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOutcome {
+    /// Confirmed on the audit exchange.
+    Delivered,
+    /// The audit exchange refused it twice (unroutable: its queue gone, or nacked): it went to
+    /// the dead-letter exchange with the reason, for a human to replay into the chain.
+    DeadLettered,
+    /// Refused there too: written to the log in full at error level, the last place left.
+    Logged,
+}
+
+/// Publishes an audit record without letting a refusal hold back what it records: results and
+/// alerts are already out when this runs, and the command is acked whatever the audit exchange
+/// says. A refused record is tried once more, then dead-lettered on its own; only a lost
+/// connection is an error (the session restarts and the command is redelivered).
+pub async fn publish_record(
+    publisher: &crate::broker::Publisher,
+    exchange: &str,
+    routing_key: &str,
+    dead_letter_exchange: &str,
+    record: &AuditRecord,
+) -> Result<AuditOutcome, crate::broker::BrokerError> {
+    use crate::broker::Outgoing;
+    let body = serde_json::to_vec(record).expect("audit record serializes");
+    let msg = Outgoing {
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        body: body.clone(),
+        correlation_id: record.action_id.clone(),
+        message_type: "audit",
+        ..Default::default()
+    };
+    let mut tries = 0;
+    let last = loop {
+        tries += 1;
+        match publisher.publish(&msg).await {
+            Ok(()) => return Ok(AuditOutcome::Delivered),
+            Err(e) if e.is_connection() => return Err(e),
+            Err(e) if tries >= 2 => break e,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    tracing::error!(error = %last, "audit record refused twice; dead-lettering it on its own");
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-poller-reason".into(),
+        lapin::types::AMQPValue::LongString(
+            format!("audit record not accepted by {exchange}: {last}")
+                .into_bytes()
+                .into(),
+        ),
+    );
+    let dead = Outgoing {
+        exchange: dead_letter_exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        headers: Some(headers),
+        ..msg
+    };
+    match publisher.publish(&dead).await {
+        Ok(()) => Ok(AuditOutcome::DeadLettered),
+        Err(e) if e.is_connection() => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, record = %String::from_utf8_lossy(&body), "audit record could not be dead-lettered either; here it is");
+            Ok(AuditOutcome::Logged)
+        }
+    }
+}
+
 pub fn now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -160,6 +160,8 @@ pub struct ControlEvent {
 
 /// What the replica reports about itself.
 pub trait ReplicaStats: Send + Sync {
+    /// Counts an audit record the audit exchange refused.
+    fn audit_diverted(&self) {}
     fn in_flight(&self) -> usize;
     fn processed(&self) -> usize;
     fn recent_results(&self) -> Vec<(String, Status)>;
@@ -561,15 +563,19 @@ impl Replica {
                 detail: e.detail.clone(),
             }],
         };
-        publisher
-            .publish(&Outgoing {
-                exchange: self.settings.audit.exchange.clone(),
-                routing_key: "audit.control".into(),
-                body: serde_json::to_vec(&record).expect("serializes"),
-                message_type: "audit",
-                ..Default::default()
-            })
-            .await
+        // A refused audit record must not hold back what follows (a halt's shut-off alerts).
+        let audited = crate::audit::publish_record(
+            publisher,
+            &self.settings.audit.exchange,
+            "audit.control",
+            &self.settings.topology.dead_letter_exchange,
+            &record,
+        )
+        .await?;
+        if audited != crate::audit::AuditOutcome::Delivered {
+            self.stats.audit_diverted();
+        }
+        Ok(())
     }
 
     async fn answer(
