@@ -403,11 +403,17 @@ impl Poller {
             self.state.clone(),
         ));
         let control_ch = consume_conn.create_channel().await?;
-        let control_consumer = replica.attach(&control_ch, &publisher).await?;
+        let state_ch = consume_conn.create_channel().await?;
+        let (control_consumer, state_reader) =
+            replica.attach(&control_ch, &state_ch, &publisher).await?;
         let mut control_task = {
             let replica = replica.clone();
             let publisher = publisher.clone();
-            tokio::spawn(async move { replica.listen(control_consumer, publisher).await })
+            tokio::spawn(async move {
+                replica
+                    .listen(control_consumer, state_reader, publisher)
+                    .await
+            })
         };
 
         ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())

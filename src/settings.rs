@@ -217,8 +217,11 @@ pub struct LoggingSettings {
 pub struct ControlSettings {
     /// Topic exchange operators publish pause/resume/halt/status to; every replica listens.
     pub exchange: String,
-    /// Durable queue of length 1 holding the last control state, read by every replica at
-    /// start and after every reconnect, before it consumes anything.
+    /// Fanout exchange the stored control state is written through (operators and the
+    /// poller's trip), feeding `state_queue`.
+    pub state_exchange: String,
+    /// Stream holding the control state's history: every replica folds it at start and after
+    /// every reconnect, before it consumes anything, and follows it while running.
     pub state_queue: String,
     /// Durable queue collecting control events (`event.#`): who changed what, when, why.
     pub events_queue: String,

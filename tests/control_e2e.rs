@@ -479,3 +479,148 @@ async fn a_halt_during_bridge_retries_stops_the_next_post() {
     assert_eq!(h.sim.executions("halt-retry-1"), 0);
     assert_eq!(h.results_for("halt-retry-1"), 0);
 }
+
+fn halt(reason: &str) -> ControlCommand {
+    ControlCommand::Halt {
+        reason: reason.into(),
+        request_id: new_request_id(),
+    }
+}
+
+#[tokio::test]
+async fn a_replica_started_while_someone_holds_the_stored_state_still_comes_up_halted() {
+    // Finding 3: every reader did get-then-requeue on a length-1 queue, so a replica starting
+    // while another reader held the message (an operator user can hold it on purpose) read an
+    // empty queue as RUNNING and executed commands during a HALT.
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    h.operator().run(halt("E02: policy bypass")).await.unwrap();
+    // Someone consumes the stored state and never acks what they got.
+    let holder = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .unwrap();
+    let ch = holder.create_channel().await.unwrap();
+    ch.basic_qos(10, Default::default()).await.unwrap();
+    let _held = ch
+        .basic_consume(
+            h.settings.control.state_queue.as_str().into(),
+            "holder".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    settle().await;
+    let r = h.spawn_replica("while-held", None);
+    eventually("the replica to connect", Duration::from_secs(15), || {
+        r.connected()
+    })
+    .await;
+    assert_eq!(r.mode(), Mode::Halted);
+    h.send(&check("during-halt-1")).await;
+    settle().await;
+    assert_eq!(h.results_for("during-halt-1"), 0);
+    assert_eq!(h.queue_depth().await, 1);
+    let _ = holder.close(200, "done".into()).await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_stored_state_brings_a_replica_up_paused_and_alerts() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    // An operator's tooling writes garbage into the state stream.
+    publish_state(&h, b"{\"kind\":\"state\",\"oops\":1}").await;
+    let r = h.spawn_replica("garbage", None);
+    eventually("the replica to connect", Duration::from_secs(15), || {
+        r.connected()
+    })
+    .await;
+    assert_eq!(r.mode(), Mode::Paused);
+    let alert = h
+        .wait_until("the fail-closed alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("untrusted"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "security.high");
+    h.send(&check("while-untrusted-1")).await;
+    settle().await;
+    assert_eq!(h.results_for("while-untrusted-1"), 0);
+    // An operator decides: the replica follows.
+    h.operator().run(resume(false)).await.unwrap();
+    assert_eq!(h.result("while-untrusted-1").await.status, Status::Success);
+    assert_eq!(r.mode(), Mode::Running);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_pause_decided_before_a_halt_never_downgrades_it() {
+    // Low finding: a trip's PAUSED written just after an operator's HALTED replaced it (last
+    // writer wins), and a plain `resume` then lifted the halt.
+    let h = Harness::start(Options::default()).await;
+    let before = h
+        .operator()
+        .run(ControlCommand::Status {
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    let base = before.stored_state.map_or(0, |s| s.seq);
+    h.operator().run(halt("E02")).await.unwrap();
+    // The stale pause, decided on the state before the halt.
+    let stale = command_poller::control::state_log::Entry::State {
+        base,
+        state: command_poller::control::ControlState {
+            mode: Mode::Paused,
+            reason: "automatic trip".into(),
+            seq: base + 1,
+            ..command_poller::control::ControlState::initial()
+        },
+    };
+    publish_state(&h, &serde_json::to_vec(&stale).unwrap()).await;
+    let status = h
+        .operator()
+        .run(ControlCommand::Status {
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.stored_state.unwrap().mode, Mode::Halted);
+    assert!(status.replicas.iter().all(|r| r.state.mode == Mode::Halted));
+    let e = h.operator().run(resume(false)).await.unwrap_err();
+    assert!(e.to_string().contains("lift-halt"), "{e}");
+}
+
+/// Appends `body` to the stored-state stream as the operator (guest).
+async fn publish_state(h: &Harness, body: &[u8]) {
+    let conn = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // Declared as the poller would, in case nothing ran yet.
+    command_poller::control::replica::declare_control(&ch, &h.settings.control)
+        .await
+        .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        h.settings.control.state_exchange.as_str().into(),
+        "".into(),
+        Default::default(),
+        body,
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+}

@@ -182,7 +182,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         "mcp.commands",
         "mcp.results",
         "mcp.alerts.security",
-        "mcp.control.state",
+        "mcp.control.state.log",
         "mcp.audit",
         "mcp.commands.dead",
     ] {

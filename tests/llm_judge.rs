@@ -420,57 +420,46 @@ async fn a_mixed_llm_and_rule_panel_runs_in_the_poller_from_config_alone() {
     let loaded = command_poller::settings::Settings::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // Quorum 3: every judge's answer counts, so the LLM is always asked.
     let h = Harness::start(Options {
-        tweak: Box::new(move |s| s.panel = loaded.panel.clone()),
+        tweak: Box::new(move |s| {
+            s.panel = loaded.panel.clone();
+            s.panel.quorum = 3;
+        }),
         ..Default::default()
     })
     .await;
-    // security approves, compliance approves, the LLM business judge denies: 2 of 3.
+    use command_poller::outcome::{Status, Vote};
+    let business = |r: &command_poller::outcome::ResultMessage| {
+        r.judges
+            .iter()
+            .find(|j| j.name == "business")
+            .unwrap()
+            .verdict
+    };
+    // security and compliance approve, the LLM business judge denies: 2 of 3, a vote.
     h.send(&cmd("mixed-1", "REFRESH_TOKEN", "google", "MEDIUM"))
         .await;
     let r = h.result("mixed-1").await;
-    assert_eq!(r.status, command_poller::outcome::Status::Success, "{r:?}");
-    let business = r.judges.iter().find(|j| j.name == "business").unwrap();
-    // The business judge may be skipped once two rule judges approved; when it answered, it denied.
-    assert!(matches!(
-        business.verdict,
-        command_poller::outcome::Vote::Deny | command_poller::outcome::Vote::Skipped
-    ));
-    // salesforce: the security rule denies, compliance approves, so the LLM decides.
-    use command_poller::outcome::{Status, Vote};
-    fake.default("gpt-test", completion(DENY));
-    h.send(&cmd("mixed-2", "REFRESH_TOKEN", "salesforce", "MEDIUM"))
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert_eq!(business(&r), Vote::Deny);
+    let (headers, _) = fake.requests().pop().unwrap();
+    assert_eq!(headers.get("authorization").unwrap(), "Bearer sk-from-env");
+    fake.default("gpt-test", completion(APPROVE));
+    h.send(&cmd("mixed-2", "REFRESH_TOKEN", "google", "MEDIUM"))
         .await;
     let r = h.result("mixed-2").await;
-    assert_eq!(r.status, Status::NeedsApproval);
-    assert_eq!(
-        r.judges
-            .iter()
-            .find(|j| j.name == "business")
-            .unwrap()
-            .verdict,
-        Vote::Deny
-    );
-    fake.default("gpt-test", completion(APPROVE));
-    h.send(&cmd("mixed-3", "REFRESH_TOKEN", "salesforce", "MEDIUM"))
-        .await;
-    let r = h.result("mixed-3").await;
     assert!(
-        r.rationale.starts_with("Approved by the judges (2 of 3)"),
+        r.rationale.starts_with("Approved by the judges (3 of 3)"),
         "{}",
         r.rationale
     );
-    assert_eq!(
-        r.judges
-            .iter()
-            .find(|j| j.name == "business")
-            .unwrap()
-            .verdict,
-        Vote::Approve
-    );
-    // Approved, it reached the bridge, which has no credentials for salesforce.
-    assert_eq!(r.status, Status::Failed);
-    assert_eq!(h.sim.executions("mixed-3"), 1);
-    let (headers, _) = fake.requests().pop().unwrap();
-    assert_eq!(headers.get("authorization").unwrap(), "Bearer sk-from-env");
+    // salesforce: the security rule judge's service list is a hard rule. The LLM approving
+    // (and compliance too) can't outvote it.
+    h.send(&cmd("mixed-3", "REFRESH_TOKEN", "salesforce", "MEDIUM"))
+        .await;
+    let r = h.result("mixed-3").await;
+    assert_eq!(r.status, Status::NeedsApproval, "{r:?}");
+    assert!(r.rationale.contains("allowed_services"), "{}", r.rationale);
+    assert_eq!(h.sim.executions("mixed-3"), 0);
 }

@@ -9,6 +9,7 @@
 pub mod gate;
 pub mod operator;
 pub mod replica;
+pub mod state_log;
 pub mod trip;
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,10 @@ pub struct ControlState {
     pub reason: String,
     /// The control request that set it.
     pub request_id: String,
+    /// Its place in the stored state's history: every change is one more (see
+    /// [`state_log`]).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl ControlState {
@@ -53,6 +58,7 @@ impl ControlState {
             by: "(start)".into(),
             reason: "no control state stored".into(),
             request_id: String::new(),
+            seq: 0,
         }
     }
 }
@@ -183,6 +189,7 @@ pub fn transition(
         by: by.clone(),
         reason: reason.to_owned(),
         request_id: cmd.request_id().to_owned(),
+        seq: current.seq + 1,
     };
     match cmd {
         ControlCommand::Status { .. } => Ok(current.clone()),

@@ -5,8 +5,9 @@
 //! Out: the stored state updated (so replicas starting later obey it) and every live replica's
 //! answer, collected over direct reply-to for a short while.
 
-use super::replica::{declare_control, read_state, store_state, ReplicaReply};
-use super::{transition, Actor, ControlCommand, ControlState};
+use super::replica::{declare_control, state_writer, ReplicaReply};
+use super::state_log::{self, Folded, StateReader};
+use super::{transition, Actor, ControlCommand, ControlState, Mode};
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::settings::Settings;
 use futures::StreamExt;
@@ -23,6 +24,8 @@ pub enum OperatorError {
     Amqp(#[from] lapin::Error),
     #[error("refused: {0}")]
     Refused(String),
+    #[error("the stored control state: {0}")]
+    State(String),
 }
 
 /// What an operator command reports.
@@ -67,15 +70,35 @@ impl Operator<'_> {
         let ch = conn.create_channel().await?;
         declare_control(&ch, c).await?;
         let publisher = Publisher::open(&conn).await?;
-        let stored = read_state(&ch, &c.state_queue).await?;
-        let current = stored
-            .as_ref()
-            .and_then(|s| s.state.clone())
-            .unwrap_or_else(ControlState::initial);
-
+        let state_ch = conn.create_channel().await?;
+        let classify = state_writer(&c.operators, &self.settings.poller_user());
+        let reader = StateReader::open(&state_ch, &publisher, c, &user, classify)
+            .await
+            .map_err(|e| OperatorError::State(e.to_string()))?;
+        let folded = reader.state().clone();
+        drop(reader);
+        let _ = state_ch.close(200, "read".into()).await;
         let mut note = None;
-        let mut stored_state = stored.as_ref().and_then(|s| s.state.clone());
-        let mut stored_by = stored.as_ref().and_then(|s| s.writer.clone());
+        // What the replicas see: an untrusted state holds them paused.
+        let current = match &folded {
+            Folded::Empty => ControlState::initial(),
+            Folded::State(s) => s.clone(),
+            Folded::Untrusted(why) => {
+                note = Some(format!(
+                    "the stored state is untrusted ({why}): replicas hold paused until an operator decides"
+                ));
+                ControlState {
+                    mode: Mode::Paused,
+                    reason: why.clone(),
+                    ..ControlState::initial()
+                }
+            }
+        };
+        let mut stored_state = match &folded {
+            Folded::State(s) => Some(s.clone()),
+            _ => None,
+        };
+        let mut stored_by = stored_state.as_ref().map(|s| s.by.clone());
         if !matches!(cmd, ControlCommand::Status { .. }) {
             // Checked here for a clear error; every replica checks again.
             let new = transition(&current, &cmd, &Actor::Operator(user.clone()))
@@ -85,7 +108,9 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            store_state(&publisher, c, &new, &user).await?;
+            // Decided on the sequence read: if another change landed in between, the fold lets
+            // this one apply only if it is stricter (compare-and-set).
+            state_log::write(&publisher, c, current.seq, &new, &user).await?;
             stored_state = Some(new);
             stored_by = Some(user.clone());
         }

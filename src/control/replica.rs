@@ -7,6 +7,7 @@
 //! `control.pause` for the other replicas.
 
 use super::gate::Gate;
+use super::state_log::{self, Folded, StateReader};
 use super::trip::{Trip, TripWire, UnapprovedAttempt};
 use super::{transition, Actor, ControlCommand, ControlState, Mode, Refusal};
 use crate::audit::{AuditEvent, AuditRecord};
@@ -15,20 +16,19 @@ use crate::outcome::{Alert, Priority, Status};
 use crate::settings::{ControlSettings, Settings};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Declares the control exchange, the state queue (length 1, durable) and the events queue.
+/// Declares the control exchange, the state exchange and stream, and the events queue.
 pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
     ch.exchange_declare(
         c.exchange.as_str().into(),
@@ -40,18 +40,7 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
         FieldTable::default(),
     )
     .await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("classic"));
-    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
-    ch.queue_declare(
-        c.state_queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
+    state_log::declare(ch, c).await?;
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
     ch.queue_declare(
@@ -74,59 +63,18 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
     Ok(())
 }
 
-/// The stored state as read from the state queue, with its writer.
-#[derive(Debug, Clone)]
-pub struct StoredState {
-    pub state: Option<ControlState>,
-    pub writer: Option<String>,
-}
-
-/// Reads the last stored state without consuming it (get, then requeue). An empty queue is
-/// read again a few times, since another reader may hold the message for a moment.
-pub async fn read_state(ch: &Channel, queue: &str) -> Result<Option<StoredState>, BrokerError> {
-    for attempt in 0..5 {
-        if let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
-            let d = m.delivery;
-            let stored = StoredState {
-                state: serde_json::from_slice(&d.data).ok(),
-                writer: d.properties.user_id().as_ref().map(|u| u.to_string()),
-            };
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
-            return Ok(Some(stored));
-        }
-        if attempt < 4 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+/// Who may write the stored state, by broker user: operators and the poller's own user.
+pub fn state_writer(
+    operators: &[String],
+    poller_user: &str,
+) -> impl Fn(Option<&str>) -> state_log::Writer + Send + Sync + 'static {
+    let operators = operators.to_vec();
+    let poller_user = poller_user.to_owned();
+    move |user| match user {
+        Some(u) if operators.iter().any(|o| o == u) => state_log::Writer::Operator,
+        Some(u) if u == poller_user => state_log::Writer::Poller,
+        _ => state_log::Writer::Untrusted,
     }
-    Ok(None)
-}
-
-/// Replaces the stored state (persistent, confirmed). `user` must be the connection's user.
-pub async fn store_state(
-    publisher: &Publisher,
-    c: &ControlSettings,
-    state: &ControlState,
-    user: &str,
-) -> Result<(), BrokerError> {
-    publisher
-        .publish(&Outgoing {
-            exchange: String::new(),
-            routing_key: c.state_queue.clone(),
-            body: serde_json::to_vec(state).expect("serializes"),
-            message_type: "control_state",
-            user_id: Some(user.to_owned()),
-            ..Default::default()
-        })
-        .await
 }
 
 /// A replica's answer to a control message.
@@ -199,13 +147,16 @@ impl Replica {
         &self.settings.control
     }
 
-    /// Declares, subscribes, then applies the stored state. Returns the consumer of this
-    /// replica's control queue; nothing else is consumed before this returns.
+    /// Declares, subscribes, then applies the stored state (folded from the state stream on
+    /// `state_ch`, a channel for that alone). Returns the consumer of this replica's control
+    /// queue and the state reader to follow; nothing else is consumed before this returns. A
+    /// state that can't be read or trusted brings the replica up paused, with an alert.
     pub async fn attach(
         &self,
         ch: &Channel,
+        state_ch: &Channel,
         publisher: &Publisher,
-    ) -> Result<lapin::Consumer, BrokerError> {
+    ) -> Result<(lapin::Consumer, Option<StateReader>), BrokerError> {
         let c = self.control();
         declare_control(ch, c).await?;
         let q = ch
@@ -238,50 +189,133 @@ impl Replica {
                 FieldTable::default(),
             )
             .await?;
-        match read_state(ch, &c.state_queue).await? {
-            None => {}
-            Some(StoredState {
-                state: Some(state),
-                writer,
-            }) if writer.as_deref().is_some_and(|w| self.trusted_writer(w)) => {
-                if state.mode != self.gate.mode() {
-                    tracing::warn!(mode = state.mode.as_str(), by = %state.by, reason = %state.reason, "applying the stored control state");
-                }
-                self.gate.set(state);
+        let classify = state_writer(&c.operators, &self.poller_user);
+        match StateReader::open(state_ch, publisher, c, &self.poller_user, classify).await {
+            Ok(reader) => {
+                let folded = reader.state().clone();
+                self.apply_stored(publisher, folded, false).await?;
+                Ok((consumer, Some(reader)))
             }
-            Some(bad) => {
-                // Unreadable, or written by someone who may not: fail closed.
-                let why = format!(
-                    "the stored control state is {} (writer {:?}); coming up paused until an operator resumes",
-                    if bad.state.is_some() { "from an untrusted writer" } else { "unreadable" },
-                    bad.writer
-                );
-                tracing::error!("{why}");
-                let state = ControlState {
-                    mode: Mode::Paused,
-                    since: super::now(),
-                    by: self.instance.clone(),
-                    reason: why.clone(),
-                    request_id: String::new(),
-                };
-                self.gate.set(state.clone());
-                self.alert(publisher, "security", Priority::High, &why, "Inspect the control state queue and who can write to it, then resume with `command-poller resume` as an operator.").await?;
+            Err(state_log::ReadError::Broker(e)) if e.is_connection() => Err(e),
+            Err(e) => {
+                // Can't read it: never assume RUNNING.
+                self.fail_closed(publisher, format!("could not be read ({e})"))
+                    .await?;
+                Ok((consumer, None))
             }
         }
-        Ok(consumer)
     }
 
-    fn trusted_writer(&self, user: &str) -> bool {
-        user == self.poller_user || self.control().operators.iter().any(|o| o == user)
+    /// Applies a folded stored state to the gate; `announce`s a mode change when it comes
+    /// from following the stream (not when read at start).
+    async fn apply_stored(
+        &self,
+        publisher: &Publisher,
+        folded: Folded,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        match folded {
+            // A new system: nothing was ever stored.
+            Folded::Empty => Ok(()),
+            Folded::State(state) => {
+                let mode_changed = state.mode != self.gate.mode();
+                if state != self.gate.state() {
+                    self.gate.set(state.clone());
+                }
+                if mode_changed {
+                    if announce {
+                        self.mode_changed(publisher, &state).await?;
+                    } else {
+                        tracing::warn!(mode = state.mode.as_str(), by = %state.by, reason = %state.reason, seq = state.seq, "applying the stored control state");
+                    }
+                }
+                Ok(())
+            }
+            Folded::Untrusted(why) => self.fail_closed(publisher, why).await,
+        }
     }
 
-    /// Handles control deliveries until the consumer ends.
+    /// Announces a mode change this replica made: the event, and for a halt the shut-off alerts.
+    /// Whichever path brings the change (the control message or the state stream) announces it;
+    /// the other then finds the mode unchanged.
+    async fn mode_changed(
+        &self,
+        publisher: &Publisher,
+        new: &ControlState,
+    ) -> Result<(), BrokerError> {
+        tracing::warn!(mode = new.mode.as_str(), by = %new.by, reason = %new.reason, seq = new.seq, "control state changed");
+        self.event(
+            publisher,
+            new.mode.as_str().to_ascii_lowercase().as_str(),
+            &new.by,
+            &new.request_id,
+            None,
+        )
+        .await?;
+        if new.mode == Mode::Halted {
+            let what = format!(
+                "MASTER SHUT-OFF: replica {} halted by {}: {}",
+                self.instance, new.by, new.reason
+            );
+            let todo = "Emergency-INT-E02: disconnect the unauthorized integration at the provider, audit logs, deployment history and policy files, hold a post-mortem; lift with `command-poller resume --lift-halt` only afterwards.";
+            self.alert(publisher, "security", Priority::High, &what, todo)
+                .await?;
+            self.alert(publisher, "engineering", Priority::High, &what, todo)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Comes up (or goes) paused and alerts security: the stored state can't be trusted.
+    async fn fail_closed(&self, publisher: &Publisher, why: String) -> Result<(), BrokerError> {
+        let why = format!(
+            "the stored control state is untrusted: {why}; paused until an operator decides"
+        );
+        tracing::error!("{why}");
+        if self.gate.mode() != Mode::Halted {
+            let current = self.gate.state();
+            self.gate.set(ControlState {
+                mode: Mode::Paused,
+                since: super::now(),
+                by: self.instance.clone(),
+                reason: why.clone(),
+                request_id: String::new(),
+                seq: current.seq,
+            });
+        }
+        self.alert(publisher, "security", Priority::High, &why, "Inspect the control state stream and who can write to it (control.state_exchange), then decide with `command-poller resume` (or `halt`) as an operator.").await
+    }
+
+    /// Handles control deliveries and follows the stored state until either ends.
     pub async fn listen(
         &self,
         mut consumer: lapin::Consumer,
+        mut state: Option<StateReader>,
         publisher: Publisher,
     ) -> Result<(), BrokerError> {
-        while let Some(d) = consumer.next().await {
+        loop {
+            let changed = async {
+                match state.as_mut() {
+                    Some(r) => r.changed().await,
+                    None => futures::future::pending().await,
+                }
+            };
+            let d = tokio::select! {
+                d = consumer.next() => d,
+                folded = changed => {
+                    match folded {
+                        Ok(f) => self.apply_stored(&publisher, f, true).await?,
+                        Err(state_log::ReadError::Broker(e)) => return Err(e),
+                        Err(e) => {
+                            // The stream consumer is gone: restart the session (and re-read).
+                            tracing::warn!(error = %e, "stopped following the control state");
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(d) = d else { return Ok(()) };
             let d = d?;
             let user = d.properties.user_id().as_ref().map(|u| u.to_string());
             let reply_to = d.properties.reply_to().as_ref().map(|u| u.to_string());
@@ -300,7 +334,6 @@ impl Replica {
             }
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
-        Ok(())
     }
 
     fn reply(&self, request_id: &str, accepted: bool, refusal: Option<String>) -> ReplicaReply {
@@ -363,30 +396,10 @@ impl Replica {
         let current = self.gate.state();
         match transition(&current, &cmd, &actor) {
             Ok(new) => {
-                let changed = new.mode != current.mode;
-                // The gate flip is the acknowledgement: from here no bridge call starts.
-                self.gate.set(new.clone());
-                if changed {
-                    tracing::warn!(mode = new.mode.as_str(), by = %new.by, reason = %new.reason, "control state changed");
-                    self.event(
-                        publisher,
-                        new.mode.as_str().to_ascii_lowercase().as_str(),
-                        &actor,
-                        &request_id,
-                        None,
-                    )
-                    .await?;
-                    if new.mode == Mode::Halted {
-                        let what = format!(
-                            "MASTER SHUT-OFF: replica {} halted by {}: {}",
-                            self.instance, new.by, new.reason
-                        );
-                        let todo = "Emergency-INT-E02: disconnect the unauthorized integration at the provider, audit logs, deployment history and policy files, hold a post-mortem; lift with `command-poller resume --lift-halt` only afterwards.";
-                        self.alert(publisher, "security", Priority::High, &what, todo)
-                            .await?;
-                        self.alert(publisher, "engineering", Priority::High, &what, todo)
-                            .await?;
-                    }
+                if new.mode != current.mode {
+                    // The gate flip is the acknowledgement: from here no bridge call starts.
+                    self.gate.set(new.clone());
+                    self.mode_changed(publisher, &new).await?;
                 }
                 self.answer(publisher, reply_to, self.reply(&request_id, true, None))
                     .await
@@ -446,12 +459,20 @@ impl Replica {
             request_id: request_id.clone(),
         };
         let actor = Actor::Poller(self.poller_user.clone());
-        let Ok(new) = transition(&self.gate.state(), &cmd, &actor) else {
+        let current = self.gate.state();
+        let Ok(new) = transition(&current, &cmd, &actor) else {
             return Ok(()); // halted already
         };
         self.gate.set(new.clone());
         tracing::error!(agent = %t.agent, "{reason}");
-        store_state(publisher, self.control(), &new, &self.poller_user).await?;
+        state_log::write(
+            publisher,
+            self.control(),
+            current.seq,
+            &new,
+            &self.poller_user,
+        )
+        .await?;
         publisher
             .publish(&Outgoing {
                 exchange: self.control().exchange.clone(),
@@ -465,7 +486,7 @@ impl Replica {
         self.event(
             publisher,
             "tripped",
-            &actor,
+            &actor.name(),
             &request_id,
             Some(reason.clone()),
         )
@@ -504,7 +525,7 @@ impl Replica {
         self.event(
             publisher,
             "refused",
-            actor,
+            &actor.name(),
             request_id,
             Some(why.to_owned()),
         )
@@ -524,14 +545,14 @@ impl Replica {
         &self,
         publisher: &Publisher,
         kind: &str,
-        actor: &Actor,
+        actor: &str,
         request_id: &str,
         detail: Option<String>,
     ) -> Result<(), BrokerError> {
         let e = ControlEvent {
             kind: kind.to_owned(),
             instance: self.instance.clone(),
-            actor: actor.name(),
+            actor: actor.to_owned(),
             request_id: request_id.to_owned(),
             state: self.gate.state(),
             detail,

@@ -40,7 +40,8 @@ pub fn test_settings(sfx: &str) -> Settings {
     t.alerts_exchange = format!("t.{sfx}.alerts");
     t.results_queue = format!("t.{sfx}.results");
     s.control.exchange = format!("t.{sfx}.control");
-    s.control.state_queue = format!("t.{sfx}.control.state");
+    s.control.state_exchange = format!("t.{sfx}.control.state");
+    s.control.state_queue = format!("t.{sfx}.control.state.log");
     s.control.events_queue = format!("t.{sfx}.control.events");
     s.audit.exchange = format!("t.{sfx}.audit");
     s.audit.queue = format!("t.{sfx}.audit");
@@ -81,6 +82,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         t.results_exchange.clone(),
         t.alerts_exchange.clone(),
         c.exchange.clone(),
+        c.state_exchange.clone(),
         s.audit.exchange.clone(),
     ];
     (queues, exchanges)
@@ -667,6 +669,10 @@ pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
             t.delivery_limit.to_string(),
         ),
         ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
+        (
+            "POLLER__CONTROL__STATE_EXCHANGE",
+            s.control.state_exchange.clone(),
+        ),
         (
             "POLLER__CONTROL__STATE_QUEUE",
             s.control.state_queue.clone(),
