@@ -120,7 +120,15 @@ pub async fn send(
                 opts.exchange
             )))
         }
-        other => return Err(SendError::NotAccepted(format!("{other:?}"))),
+        Confirmation::Nack(_) => {
+            return Err(SendError::NotAccepted(
+                "refused by the broker (nack): the commands queue is full (topology.max_length or max_length_bytes reached); retry later with backoff"
+                    .into(),
+            ))
+        }
+        Confirmation::NotRequested => {
+            return Err(SendError::NotAccepted("publisher confirms were not enabled".into()))
+        }
     }
     let result = match (opts.wait, replies.as_mut()) {
         (Some(wait), Some(replies)) => {

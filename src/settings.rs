@@ -76,6 +76,11 @@ pub struct TopologySettings {
     pub dead_letter_queue: String,
     /// Deliveries of one command before the broker dead-letters it (x-delivery-limit).
     pub delivery_limit: u32,
+    /// Most commands the queue holds (x-max-length); past it the broker refuses (nacks) the
+    /// publish, so one agent's flood can't fill the broker's memory and block every publisher.
+    pub max_length: u32,
+    /// Most bytes of command bodies the queue holds (x-max-length-bytes), refused likewise.
+    pub max_length_bytes: u64,
     /// Topic exchange for results, routing key `result.<status>`.
     pub results_exchange: String,
     /// Topic exchange for alerts, routing key `<team>.<priority>`.

@@ -311,3 +311,87 @@ async fn alerts_and_results_dont_wait_on_the_audit() {
     )
     .await;
 }
+
+/// Finding 8: `reject-publish` without a length limit never refused anything, so one agent's
+/// flood grew until the broker's memory alarm blocked every publisher, the operator's `halt`
+/// included. Now the commands queue is bounded: the flood is refused at publish time (a nack),
+/// and the levers, on their own exchange and queues, still go through.
+#[tokio::test]
+async fn a_flood_is_refused_at_publish_and_the_levers_still_work() {
+    use command_poller::control::{operator::new_request_id, ControlCommand, Mode};
+    let h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(|s| {
+            s.topology.max_length = 20;
+            s.topology.max_length_bytes = 1_000_000;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let replica = h.spawn_replica("flooded", None);
+    // Paused, so the flood stays queued.
+    h.operator()
+        .run(ControlCommand::Pause {
+            reason: "flood drill".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    eventually("paused", std::time::Duration::from_secs(10), || {
+        replica.mode() == Mode::Paused
+    })
+    .await;
+    let flooder = BrokerUser::create();
+    let conn = lapin::Connection::connect(&flooder.url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let (mut acked, mut nacked) = (0, 0);
+    for i in 0..30 {
+        let body = cmd(
+            &format!("flood-{i}"),
+            "CHECK_INTEGRATION_STATUS",
+            "google",
+            "LOW",
+        );
+        let confirm = ch
+            .basic_publish(
+                h.settings.topology.commands_exchange.as_str().into(),
+                "command.check_integration_status".into(),
+                Default::default(),
+                body.to_string().as_bytes(),
+                lapin::BasicProperties::default().with_user_id(flooder.0.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        match confirm {
+            lapin::Confirmation::Ack(None) => acked += 1,
+            lapin::Confirmation::Nack(_) => nacked += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // A quorum queue applies the limit as it commits, so one publish past it can slip in.
+    assert!(
+        (20..=21).contains(&acked) && acked + nacked == 30,
+        "the queue holds about 20 and refuses the rest: {acked} acked, {nacked} nacked"
+    );
+    assert_eq!(h.queue_depth().await, acked);
+    // The levers go through while the commands queue is full.
+    let report = h
+        .operator()
+        .run(ControlCommand::Halt {
+            reason: "E02 during a flood".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert!(report
+        .replicas
+        .iter()
+        .all(|r| r.accepted && r.state.mode == Mode::Halted));
+    let _ = conn.close(200, "done".into()).await;
+    replica.stop().await;
+}

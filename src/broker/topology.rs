@@ -82,7 +82,17 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
         text(&t.dead_letter_exchange),
     );
     args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    // Bounded, so reject-publish really refuses: a flood is nacked at the publisher instead of
+    // growing until the broker's memory alarm blocks every publisher (the operator's halt too).
     args.insert("x-overflow".into(), text("reject-publish"));
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(t.max_length)),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(t.max_length_bytes).unwrap_or(i64::MAX)),
+    );
     ch.queue_declare(t.commands_queue.as_str().into(), durable_queue(), args)
         .await?;
     ch.queue_bind(

@@ -668,6 +668,11 @@ pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
             "POLLER__TOPOLOGY__DELIVERY_LIMIT",
             t.delivery_limit.to_string(),
         ),
+        ("POLLER__TOPOLOGY__MAX_LENGTH", t.max_length.to_string()),
+        (
+            "POLLER__TOPOLOGY__MAX_LENGTH_BYTES",
+            t.max_length_bytes.to_string(),
+        ),
         ("POLLER__CONTROL__EXCHANGE", s.control.exchange.clone()),
         (
             "POLLER__CONTROL__STATE_EXCHANGE",
