@@ -598,6 +598,7 @@ impl Pipeline {
             agent: agent.id.to_string(),
             agent_verified: agent.verified,
             requested_at: now_rfc3339(),
+            lookup: false,
         };
         let started = Instant::now();
         let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
@@ -617,6 +618,19 @@ impl Pipeline {
             Err(crate::bridge::BridgeError::Held { attempts, why }) => Err(Deferred(format!(
                 "{why} (after {attempts} attempt(s) that did not complete)"
             ))),
+            Err(e @ crate::bridge::BridgeError::UnknownOutcome { .. }) => {
+                tracing::error!(error = %e, ms, "bridge outcome unknown");
+                let mut r = draft.finish(
+                    Status::UnknownOutcome,
+                    format!("{rationale} The bridge ran the action, but its answer was lost and it remembered none: whether it took effect is unknown. A human must check the service; it is not retried."),
+                );
+                r.bridge = Some(BridgeSummary {
+                    attempts: 1,
+                    ms,
+                    error: Some(e.to_string()),
+                });
+                Ok(r)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, ms, "bridge call failed");
                 let attempts = match &e {

@@ -338,3 +338,92 @@ async fn a_rate_limit_is_a_veto_not_a_vote() {
     let calls = h.sim.calls();
     assert_eq!(calls.total_executions(), 5, "{calls:?}");
 }
+
+fn check(id: &str) -> serde_json::Value {
+    cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")
+}
+
+#[tokio::test]
+async fn an_html_page_on_the_get_asks_for_the_remembered_answer_and_never_reposts() {
+    // Finding 9: doPost ran, then the echo GET got an HTML page. The result said FAILED, "the
+    // action did not complete and the agent may retry it": untrue, and a retry risked a second
+    // execution once the bridge forgot it.
+    let h = Harness::start(Options::default()).await;
+    h.sim.fail_next_gets([Fault::Html {
+        message: "Sorry, unable to open the file at this time.".into(),
+    }]);
+    h.send(&check("html-get-1")).await;
+    let r = h.result("html-get-1").await;
+    assert_eq!(r.status, Status::Success, "{}", r.rationale);
+    assert_eq!(r.tool_result.unwrap()["integration_status"], "CONNECTED");
+    assert_eq!(h.sim.posts("html-get-1"), 1, "the POST is never repeated");
+    assert_eq!(
+        h.sim.lookups("html-get-1"),
+        1,
+        "the remembered answer was asked for"
+    );
+    assert_eq!(h.sim.executions("html-get-1"), 1);
+}
+
+#[tokio::test]
+async fn a_quota_page_on_the_get_retries_the_get_not_the_post() {
+    // Finding 9: a quota page on the GET made the client re-POST.
+    let h = Harness::start(Options::default()).await;
+    h.sim.fail_next_gets([Fault::Html {
+        message: "Service invoked too many times for one day: urlfetch.".into(),
+    }]);
+    h.send(&check("quota-get-1")).await;
+    let r = h.result("quota-get-1").await;
+    assert_eq!(r.status, Status::Success, "{}", r.rationale);
+    assert_eq!(h.sim.posts("quota-get-1"), 1);
+    assert_eq!(h.sim.calls().gets, 2);
+    assert_eq!(h.sim.executions("quota-get-1"), 1);
+}
+
+#[tokio::test]
+async fn an_answer_lost_for_good_is_an_unknown_outcome_for_a_human() {
+    let h = Harness::start(Options::default()).await;
+    // Every GET fails: the action's and every lookup's.
+    h.sim.fail_next_gets((0..50).map(|_| Fault::Html {
+        message: "Sorry, unable to open the file at this time.".into(),
+    }));
+    h.send(&check("lost-1")).await;
+    let r = h.result("lost-1").await;
+    assert_eq!(r.status, Status::UnknownOutcome, "{r:?}");
+    assert!(
+        r.rationale.contains("unknown") && !r.rationale.contains("may retry"),
+        "{}",
+        r.rationale
+    );
+    assert_eq!(h.sim.posts("lost-1"), 1, "the POST is never repeated");
+    assert_eq!(h.sim.executions("lost-1"), 1);
+    let alert = h
+        .wait_until("the alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.action_id.as_deref() == Some("lost-1"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "ops.high");
+    assert!(
+        alert.1.action_required.contains("Do not retry"),
+        "{}",
+        alert.1.action_required
+    );
+    assert!(!alert.1.action_required.contains("may retry"));
+    // The agent retrying gets the same answer, nothing is executed again.
+    h.send(&check("lost-1")).await;
+    let replay = h
+        .wait_until("the replay", Duration::from_secs(10), |i| {
+            i.results
+                .iter()
+                .filter(|(_, r)| r.action_id.as_deref() == Some("lost-1"))
+                .nth(1)
+                .map(|(_, r)| r.clone())
+        })
+        .await;
+    assert_eq!(replay.status, Status::UnknownOutcome);
+    assert!(replay.replay);
+    assert_eq!(h.sim.executions("lost-1"), 1);
+}

@@ -102,6 +102,9 @@ function handle_(e) {
     if (invalid) {
       return error_(invalid, false);
     }
+    if (req.lookup === true) {
+      return lookup_(dedupKey_(req), requestDigest_(req));
+    }
     return once_(dedupKey_(req), requestDigest_(req), function () {
       return act_(req, props);
     });
@@ -119,6 +122,7 @@ function validate_(req) {
   }
   if (typeof req.agent !== 'string' || !/^[A-Za-z0-9_@:-]{1,64}$/.test(req.agent)) return 'agent: invalid';
   if (typeof req.agent_verified !== 'boolean') return 'agent_verified: must be true or false';
+  if (req.lookup !== undefined && typeof req.lookup !== 'boolean') return 'lookup: must be true or false';
   return null;
 }
 
@@ -202,6 +206,27 @@ function once_(key, digest, fn) {
   }
   cache.remove(claimKey);
   return answer;
+}
+
+/**
+ * The remembered answer to a request, without ever acting: what the poller asks when the
+ * answer to a request that ran was lost on the way back. "remembered": false means there is
+ * none (it did not complete, or the cache forgot it), so the outcome is unknown.
+ */
+function lookup_(key, digest) {
+  var cache = CacheService.getScriptCache();
+  var done = cache.get('done:' + key);
+  if (done) {
+    var entry = JSON.parse(done);
+    if (entry.digest === digest) return entry.answer;
+    return error_('action_id already used by this agent for a different request; refused (use a new action_id)', false);
+  }
+  if (cache.get('claim:' + key)) {
+    return error_('action ' + key + ' is still being executed; ask again for its answer', true);
+  }
+  var none = error_('no answer remembered for this request; whether it ran is unknown', false);
+  none.remembered = false;
+  return none;
 }
 
 function act_(req, props) {

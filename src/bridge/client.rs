@@ -2,9 +2,11 @@
 //!
 //! POST `{url}?ts&sig` runs doPost and answers 302 to an echo URL that must be fetched with GET.
 //! Redirects are followed here, not by reqwest, so we know which leg failed: after a 302 the
-//! action has happened, so only the GET is retried. Before it, transport errors, 429 and 5xx
-//! retry the POST (safe: the bridge answers a repeated action_id as it did the first time),
-//! with exponential backoff inside a time budget.
+//! action has happened, so the POST is never repeated: the GET is retried, and when the answer
+//! is still lost the bridge is asked (with `lookup`) for the answer it remembers, which never
+//! acts; without one the outcome is [`BridgeError::UnknownOutcome`]. Before the 302, transport
+//! errors, 429 and 5xx retry the POST (safe: the bridge answers a repeated request as it did the
+//! first time), with exponential backoff inside a time budget.
 
 use super::signing::{sign, Secret};
 use super::{interpret_body, Admission, BridgeAnswer, BridgeError, BridgeRequest, Leg};
@@ -34,6 +36,16 @@ pub struct AppsScriptBridge {
 
 /// What one POST (and its GET) produced.
 type LegResult = Result<serde_json::Value, BridgeError>;
+
+/// One POST-then-GET exchange, by whether the bridge ran the request.
+enum Exchange {
+    Answer(serde_json::Value),
+    /// Failed before doPost ran (or the bridge answered with an error of its own): a transient
+    /// failure may be retried with a new POST.
+    BeforeRun(BridgeError),
+    /// doPost ran (the 302 came back) and its answer was lost on the way.
+    AfterRun(BridgeError),
+}
 
 impl AppsScriptBridge {
     pub fn new(cfg: BridgeClientConfig) -> Result<Self, reqwest::Error> {
@@ -89,14 +101,24 @@ impl AppsScriptBridge {
                 }
             }
             attempts += 1;
-            match self.post_once(&body, started).await {
-                Ok(tool_result) => {
+            match self.exchange(&body, started).await {
+                Exchange::Answer(tool_result) => {
                     return Ok(BridgeAnswer {
                         tool_result,
                         attempts,
                     })
                 }
-                Err(e) if e.is_transient() => {
+                // doPost ran: the POST is never repeated. Ask for the remembered answer.
+                Exchange::AfterRun(lost) => {
+                    return self
+                        .look_up(req, started, lost)
+                        .await
+                        .map(|tool_result| BridgeAnswer {
+                            tool_result,
+                            attempts,
+                        })
+                }
+                Exchange::BeforeRun(e) if e.is_transient() => {
                     tracing::warn!(attempt = attempts, error = %e, "bridge call failed; will retry if the budget allows");
                     if !self.wait_next(&mut backoff, started).await {
                         return Err(BridgeError::Exhausted {
@@ -106,47 +128,105 @@ impl AppsScriptBridge {
                         });
                     }
                 }
-                Err(e) => return Err(e),
+                Exchange::BeforeRun(e) => return Err(e),
             }
         }
     }
 
-    async fn post_once(&self, body: &[u8], started: Instant) -> LegResult {
+    /// After an executed request's answer was lost: asks the bridge (within what is left of
+    /// the budget) for the answer it remembers for this request, with `lookup` set, so the
+    /// bridge never acts again. Without it, the outcome is unknown.
+    async fn look_up(
+        &self,
+        req: &BridgeRequest,
+        started: Instant,
+        lost: BridgeError,
+    ) -> Result<serde_json::Value, BridgeError> {
+        tracing::warn!(error = %lost, "the bridge ran the action but its answer was lost; asking for the remembered answer");
+        let body = serde_json::to_vec(&BridgeRequest {
+            lookup: true,
+            ..req.clone()
+        })
+        .expect("request serializes");
+        let mut backoff = self.backoff();
+        let last = loop {
+            match self.exchange(&body, started).await {
+                Exchange::Answer(v) => return Ok(v),
+                // The remembered answer is an error: the action's real (failed) outcome.
+                Exchange::BeforeRun(
+                    e @ BridgeError::Remote {
+                        retryable: false, ..
+                    },
+                )
+                | Exchange::AfterRun(
+                    e @ BridgeError::Remote {
+                        retryable: false, ..
+                    },
+                ) => return Err(e),
+                Exchange::BeforeRun(e) | Exchange::AfterRun(e) => {
+                    if !e.is_transient() || !self.wait_next(&mut backoff, started).await {
+                        break e;
+                    }
+                }
+            }
+        };
+        Err(BridgeError::UnknownOutcome {
+            cause: format!("{lost}; then, asking for the remembered answer: {last}"),
+        })
+    }
+
+    /// One POST and, after a 302, its GET.
+    async fn exchange(&self, body: &[u8], started: Instant) -> Exchange {
         let ts = time::OffsetDateTime::now_utc().unix_timestamp();
         let sig = sign(&self.cfg.secret, ts, body);
         let mut url = self.cfg.url.clone();
         url.query_pairs_mut()
             .append_pair("ts", &ts.to_string())
             .append_pair("sig", &sig);
-        let resp = self
+        let resp = match self
             .http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| BridgeError::Transport {
-                leg: Leg::Post,
-                message: self.describe(e),
-            })?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Exchange::BeforeRun(BridgeError::Transport {
+                    leg: Leg::Post,
+                    message: self.describe(e),
+                })
+            }
+        };
         let status = resp.status();
         if status.is_redirection() {
-            let location = resp
+            let Some(location) = resp
                 .headers()
                 .get(reqwest::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| self.cfg.url.join(l).ok())
-                .ok_or(BridgeError::BadRedirect)?;
-            return self.get_echo(location, started).await;
+            else {
+                return Exchange::AfterRun(BridgeError::BadRedirect);
+            };
+            return match self.get_echo(location, started).await {
+                Ok(v) => Exchange::Answer(v),
+                // The bridge's own answer, which happens to be an error: a real outcome.
+                Err(e @ BridgeError::Remote { .. }) => Exchange::BeforeRun(e),
+                Err(e) => Exchange::AfterRun(e),
+            };
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            return Err(BridgeError::Http {
+            return Exchange::BeforeRun(BridgeError::Http {
                 leg: Leg::Post,
                 status: status.as_u16(),
                 retryable: true,
             });
         }
-        self.read_answer(resp, Leg::Post).await
+        match self.read_answer(resp, Leg::Post).await {
+            Ok(v) => Exchange::Answer(v),
+            Err(e) => Exchange::BeforeRun(e),
+        }
     }
 
     /// The GET leg: doPost already ran, so only this request is ever repeated.
@@ -165,7 +245,15 @@ impl AppsScriptBridge {
                             retryable: true,
                         }
                     } else {
-                        return self.read_answer(resp, Leg::Get).await;
+                        match self.read_answer(resp, Leg::Get).await {
+                            // A quota page on the GET: the GET (only) is worth another try.
+                            Err(
+                                e @ BridgeError::Malformed {
+                                    retryable: true, ..
+                                },
+                            ) => e,
+                            other => return other,
+                        }
                     }
                 }
                 Err(e) => BridgeError::Transport {
@@ -316,6 +404,7 @@ mod tests {
             agent: "bot".into(),
             agent_verified: true,
             requested_at: "now".into(),
+            lookup: false,
         };
         let e = client
             .call(&req, &super::super::AlwaysAdmit)

@@ -26,6 +26,10 @@ pub struct BridgeRequest {
     pub agent_verified: bool,
     /// RFC 3339.
     pub requested_at: String,
+    /// Ask only for the answer the bridge remembers for this request; never act. Sent after
+    /// the answer to an executed request was lost (its 302 came back, its GET failed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lookup: bool,
 }
 
 impl BridgeRequest {
@@ -92,6 +96,14 @@ pub enum BridgeError {
     Transport { leg: Leg, message: String },
     #[error("302 from the bridge without a usable Location header")]
     BadRedirect,
+    /// Asked for its remembered answer (`lookup`), the bridge has none for this request.
+    #[error("the bridge remembers no answer for this request: {error}")]
+    NotRemembered { error: String },
+    /// The bridge ran the request (it answered 302) but its answer was lost, and asking the
+    /// bridge for its remembered answer didn't give it either. Whether the action succeeded is
+    /// unknown: never retried, a human checks the service.
+    #[error("the bridge ran the action but its answer was lost: {cause}")]
+    UnknownOutcome { cause: String },
     /// The operator gate closed (pause or halt) between attempts: no further POST was sent.
     /// Nothing ran on this attempt; the command goes back to the queue and, once resumed,
     /// asks the bridge again (which answers a repeated request as it did the first time).
@@ -130,9 +142,11 @@ impl BridgeError {
             | BridgeError::Malformed { retryable, .. }
             | BridgeError::Http { retryable, .. } => *retryable,
             BridgeError::Transport { .. } => true,
-            BridgeError::BadRedirect | BridgeError::Exhausted { .. } | BridgeError::Held { .. } => {
-                false
-            }
+            BridgeError::BadRedirect
+            | BridgeError::Exhausted { .. }
+            | BridgeError::UnknownOutcome { .. }
+            | BridgeError::NotRemembered { .. }
+            | BridgeError::Held { .. } => false,
         }
     }
 }
@@ -176,6 +190,14 @@ pub fn interpret_body(
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
             match v.get("status").and_then(|s| s.as_str()) {
                 Some("success") => return Ok(v),
+                Some("error") if v.get("remembered") == Some(&serde_json::Value::Bool(false)) => {
+                    let error = v
+                        .get("error")
+                        .and_then(|e| e.as_str())
+                        .unwrap_or("no answer remembered")
+                        .to_owned();
+                    return Err(BridgeError::NotRemembered { error });
+                }
                 Some("error") => {
                     let error = v
                         .get("error")
@@ -287,6 +309,7 @@ mod tests {
             agent: "agent-7".into(),
             agent_verified: true,
             requested_at: "2026-11-27T12:00:00Z".into(),
+            lookup: false,
         };
         // The same vector is checked in deploy/apps-script/test/bridge.test.js.
         assert_eq!(
@@ -307,7 +330,12 @@ mod tests {
         );
         let mut later = r.clone();
         later.requested_at = "2026-11-27T12:00:05Z".into();
-        assert_eq!(later.digest(), r.digest(), "a retry is the same request");
+        later.lookup = true;
+        assert_eq!(
+            later.digest(),
+            r.digest(),
+            "a retry, or a lookup, is the same request"
+        );
         let mut other = r.clone();
         other.command_type = CommandType::CheckIntegrationStatus;
         assert_ne!(other.digest(), r.digest());
@@ -330,6 +358,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.is_transient());
+        let e = interpret_body(
+            200,
+            None,
+            r#"{"status":"error","error":"no answer remembered","retryable":false,"remembered":false}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, BridgeError::NotRemembered { .. }), "{e:?}");
+        assert!(!e.is_transient());
         let e = interpret_body(200, None, r#"{"status":"weird"}"#).unwrap_err();
         assert!(matches!(e, BridgeError::Malformed { .. }));
         assert!(!e.is_transient());

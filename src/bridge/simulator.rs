@@ -61,7 +61,11 @@ impl SimulatorConfig {
 /// What the simulator saw. `executions` counts real side effects per action_id.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CallLog {
+    /// POSTs that asked the bridge to act (lookups not included).
     pub posts: HashMap<String, u32>,
+    /// POSTs that only asked for a remembered answer (`lookup`).
+    #[serde(default)]
+    pub lookups: HashMap<String, u32>,
     pub executions: HashMap<String, u32>,
     pub gets: u32,
     pub max_concurrent: usize,
@@ -137,6 +141,14 @@ impl SimulatorHandle {
     pub fn posts(&self, action_id: &str) -> u32 {
         lock(&self.state.log)
             .posts
+            .get(action_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn lookups(&self, action_id: &str) -> u32 {
+        lock(&self.state.log)
+            .lookups
             .get(action_id)
             .copied()
             .unwrap_or(0)
@@ -231,8 +243,10 @@ async fn exec(
         log.max_concurrent = log.max_concurrent.max(now);
         log.last_post_at_ms =
             time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
-        if let Some(r) = &parsed {
-            *log.posts.entry(r.action_id.clone()).or_default() += 1;
+        match &parsed {
+            Some(r) if r.lookup => *log.lookups.entry(r.action_id.clone()).or_default() += 1,
+            Some(r) => *log.posts.entry(r.action_id.clone()).or_default() += 1,
+            None => {}
         }
     }
     // A fault on the POST leg strikes before doPost runs: nothing executes.
@@ -262,6 +276,15 @@ async fn exec(
         let (key, digest) = (req.dedup_key(), req.digest());
         if let Some(previous) = remembered(&st, &key, &digest) {
             break 'answer previous;
+        }
+        if req.lookup {
+            // Never acts: only what it remembers.
+            break 'answer serde_json::json!({
+                "status": "error",
+                "error": "no answer remembered for this request; whether it ran is unknown",
+                "retryable": false,
+                "remembered": false,
+            });
         }
         if !cfg.latency.is_zero() {
             tokio::time::sleep(cfg.latency).await;

@@ -35,6 +35,7 @@ fn action_required(status: Status) -> &'static str {
         Status::Blocked => "Review the request manually: confirm with the agent's owner whether this integration is wanted, and follow the security and permissions review before connecting anything. If the service appears connected anyway, follow Emergency-INT-E02 (master shut-off).",
         Status::NeedsApproval => "Review the judges' reasons and approve or deny the action manually. Repeated unapproved REFRESH_TOKEN attempts from one agent: follow Emergency-INT-E01 (pause the poller).",
         Status::Failed => "Check the Apps Script bridge and the target service; the action did not complete and the agent may retry it.",
+        Status::UnknownOutcome => "Check the target service (and the Apps Script executions log) to find out whether this action took effect: the bridge ran it but its answer was lost. Do not retry it until you know; send it again under a new action_id only if it did not happen.",
         Status::Success | Status::Rejected => "No action required.",
     }
 }
@@ -65,10 +66,22 @@ pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
         "{t} for service {service} by agent {agent} (action {action}) ended {}",
         result.status
     );
-    policy
+    let mut routes: Vec<(Team, Priority)> = policy
         .alerts_for(t, result.status)
-        .flat_map(|route| route.teams.iter().map(move |team| (team, route.priority)))
-        .map(|(team, priority): (&Team, Priority)| Alert {
+        .flat_map(|route| {
+            route
+                .teams
+                .iter()
+                .map(move |team| (team.clone(), route.priority))
+        })
+        .collect();
+    // An unknown outcome always reaches a human, whatever the policy routes.
+    if routes.is_empty() && result.status == Status::UnknownOutcome {
+        routes.push((Team::parse("ops").expect("valid"), Priority::High));
+    }
+    routes
+        .into_iter()
+        .map(|(team, priority)| Alert {
             alert_id: uuid::Uuid::new_v4().to_string(),
             team: team.as_str().to_owned(),
             priority,

@@ -22,6 +22,9 @@ pub enum Status {
     Blocked,
     Failed,
     Rejected,
+    /// The bridge ran the action but its answer was lost (and it remembered none): whether it
+    /// succeeded is unknown. Never retried automatically; a human checks the service.
+    UnknownOutcome,
 }
 
 impl Status {
@@ -32,6 +35,7 @@ impl Status {
             Status::Blocked => "BLOCKED",
             Status::Failed => "FAILED",
             Status::Rejected => "REJECTED",
+            Status::UnknownOutcome => "UNKNOWN_OUTCOME",
         }
     }
 

@@ -271,3 +271,26 @@ test('agent_verified is required', async () => {
   delete c.agent_verified;
   assert.match(post(env, c).error, /agent_verified/);
 });
+
+test('a lookup returns the remembered answer and never acts', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const first = post(env, cmd('REFRESH_TOKEN', 'google', 'look-1'));
+  assert.equal(first.status, 'success');
+  const before = totalCalls(await calls(), 'google');
+  const again = post(env, Object.assign(cmd('REFRESH_TOKEN', 'google', 'look-1'), { lookup: true }));
+  assert.deepEqual(again, first);
+  // Nothing remembered: an explicit "don't know", and no call to the service.
+  const none = post(env, Object.assign(cmd('REFRESH_TOKEN', 'google', 'look-2'), { lookup: true }));
+  assert.equal(none.status, 'error');
+  assert.equal(none.retryable, false);
+  assert.equal(none.remembered, false);
+  assert.equal(totalCalls(await calls(), 'google'), before, 'a lookup never acts');
+  // Still executing: ask again.
+  const running = cmd('CHECK_INTEGRATION_STATUS', 'meta', 'look-3');
+  env.cache.put('claim:v:agent-7/look-3', env.gs.requestDigest_(running), 60);
+  const busy = post(env, Object.assign(running, { lookup: true }));
+  assert.equal(busy.retryable, true);
+  // Another request's answer is not given out.
+  const other = post(env, Object.assign(cmd('CHECK_INTEGRATION_STATUS', 'google', 'look-1'), { lookup: true }));
+  assert.match(other.error, /different request/);
+});
