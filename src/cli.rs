@@ -175,6 +175,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let listen = settings.health.listen;
+            let status_listen = settings.health.status_listen.clone();
             let poller = crate::poller::Poller::from_settings(settings).await?;
             let shutdown = CancellationToken::new();
             let health = crate::health::serve(
@@ -186,6 +187,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding the health endpoint on {listen}"))?;
             tracing::info!(addr = %health, "health endpoint listening");
+            if let Ok(addr) = status_listen.parse::<std::net::SocketAddr>() {
+                let status = crate::health::serve_status(
+                    addr,
+                    poller.state(),
+                    poller.instance().to_owned(),
+                    shutdown.clone(),
+                )
+                .await
+                .with_context(|| format!("binding the status endpoint on {addr}"))?;
+                tracing::info!(addr = %status, "status endpoint listening (loopback only)");
+            }
             tokio::spawn(watch_signals(shutdown.clone()));
             poller.run(shutdown).await;
             tracing::info!("poller stopped");

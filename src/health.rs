@@ -1,8 +1,9 @@
 //! Health endpoint for orchestrators and operators.
 //!
-//! In: the poller's live [`PollerState`]. Out: `/healthz` (the process is alive), `/readyz`
-//! (connected, topology declared, control state applied, and not halted: 200, else 503) and
-//! `/status` (JSON) and `/metrics` (Prometheus).
+//! In: the poller's live [`PollerState`]. Out: on the pod's port, `/healthz` (the process is
+//! alive), `/readyz` (connected, topology declared, control state applied, and not halted: 200,
+//! else 503) and `/metrics` (Prometheus); on a loopback port of its own, `/status` (JSON: the
+//! control state, recent action ids and statuses), which is for the operator on the machine.
 
 use crate::control::replica::ReplicaStats;
 use crate::control::Mode;
@@ -34,13 +35,33 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(Ctx { state, instance });
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "health endpoint stopped");
+        }
+    });
+    Ok(bound)
+}
+
+/// Serves `/status` alone on `addr` (the settings refuse a non-loopback one) until `stop`.
+pub async fn serve_status(
+    addr: SocketAddr,
+    state: Arc<PollerState>,
+    instance: String,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/status", get(status))
+        .with_state(Ctx { state, instance });
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "status endpoint stopped");
         }
     });
     Ok(bound)
@@ -83,4 +104,39 @@ async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {
         "at_bridge": c.state.gate.at_bridge(),
         "recent_results": c.state.recent_results(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_status(addr: SocketAddr, path: &str) -> u16 {
+        reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn status_is_not_served_on_the_pods_port() {
+        let state = Arc::new(PollerState::default());
+        let stop = CancellationToken::new();
+        let pod = serve(
+            ([127, 0, 0, 1], 0).into(),
+            state.clone(),
+            "i".into(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(get_status(pod, "/healthz").await, 200);
+        assert_eq!(get_status(pod, "/metrics").await, 200);
+        assert_eq!(get_status(pod, "/status").await, 404);
+        let local = serve_status(([127, 0, 0, 1], 0).into(), state, "i".into(), stop.clone())
+            .await
+            .unwrap();
+        assert_eq!(get_status(local, "/status").await, 200);
+        stop.cancel();
+    }
 }

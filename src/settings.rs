@@ -249,8 +249,11 @@ pub struct AuditSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
-    /// Address of the health endpoint (/healthz, /readyz, /status); port 0 picks a free one.
+    /// Address of the health endpoint (/healthz, /readyz, /metrics); port 0 picks a free one.
     pub listen: std::net::SocketAddr,
+    /// Address of `/status` (recent action ids, who paused and why): loopback only, so it is
+    /// never served on the pod's port. Empty: not served.
+    pub status_listen: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,10 +264,21 @@ pub enum SettingsError {
     Invalid(String),
 }
 
+/// The environment when `APP_ENVIRONMENT` is unset.
+pub const DEFAULT_ENVIRONMENT: &str = "production";
+
 impl Settings {
     /// Loads `dir/default.toml`, `dir/<APP_ENVIRONMENT>.toml` and `POLLER__*` overrides.
+    /// `APP_ENVIRONMENT` defaults to `production`: the local development conveniences of
+    /// `config/local.toml` (guest as an operator) must be asked for.
     pub fn load(dir: &Path) -> Result<Self, SettingsError> {
-        let env = std::env::var("APP_ENVIRONMENT").unwrap_or_else(|_| "local".into());
+        let env = std::env::var("APP_ENVIRONMENT").unwrap_or_else(|_| DEFAULT_ENVIRONMENT.into());
+        Self::load_environment(dir, &env)
+    }
+
+    /// Loads `dir/default.toml`, `dir/<environment>.toml` and `POLLER__*` overrides.
+    pub fn load_environment(dir: &Path, environment: &str) -> Result<Self, SettingsError> {
+        let env = environment;
         let s: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
             .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))
@@ -282,6 +296,22 @@ impl Settings {
 
     fn check(&self) -> Result<(), SettingsError> {
         let bad = |m: String| Err(SettingsError::Invalid(m));
+        if !self.health.status_listen.is_empty() {
+            match self.health.status_listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(a) => {
+                    return bad(format!(
+                        "health.status_listen: {a} is not a loopback address; /status shows recent action ids and who paused the system, so it is served on loopback only (empty turns it off)"
+                    ))
+                }
+                Err(e) => {
+                    return bad(format!(
+                        "health.status_listen: {:?}: {e}",
+                        self.health.status_listen
+                    ))
+                }
+            }
+        }
         if self.processing.max_in_flight == 0 {
             return bad(
                 "processing.max_in_flight: must be at least 1 (0 would mean unlimited prefetch)"

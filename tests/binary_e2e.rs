@@ -177,6 +177,39 @@ fn an_unknown_config_key_is_refused() {
 }
 
 #[test]
+fn status_is_never_served_beyond_loopback() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__HEALTH__STATUS_LISTEN", "0.0.0.0:9465")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("health.status_listen") && err.contains("loopback"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unset_app_environment_means_production_and_guest_is_no_operator() {
+    // Low finding: APP_ENVIRONMENT defaulted to local, which made guest an operator.
+    let settings = command_poller::settings::Settings::load_environment(
+        std::path::Path::new("config"),
+        command_poller::settings::DEFAULT_ENVIRONMENT,
+    )
+    .unwrap();
+    assert_eq!(command_poller::settings::DEFAULT_ENVIRONMENT, "production");
+    assert!(!settings.control.operators.iter().any(|o| o == "guest"));
+    let local = command_poller::settings::Settings::load_environment(
+        std::path::Path::new("config"),
+        "local",
+    )
+    .unwrap();
+    assert!(local.control.operators.iter().any(|o| o == "guest"));
+}
+
+#[test]
 fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     // A duplicate must outwait a crashed replica's claim, or it goes back to the queue (one
     // delivery each time) before the dead claim expires.

@@ -238,8 +238,11 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.
     let mut settings = test_settings(&sfx);
-    let defaults =
-        command_poller::settings::Settings::load(std::path::Path::new("config")).unwrap();
+    let defaults = command_poller::settings::Settings::load_environment(
+        std::path::Path::new("config"),
+        "production",
+    )
+    .unwrap();
     settings.topology = defaults.topology.clone();
     settings.control = defaults.control.clone();
     settings.audit = defaults.audit.clone();

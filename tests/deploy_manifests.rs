@@ -58,7 +58,9 @@ fn the_deployment_matches_the_poller() {
         c["resources"]["limits"]["memory"].is_string()
             && c["resources"]["requests"]["cpu"].is_string()
     );
-    let settings = command_poller::settings::Settings::load(Path::new("config")).unwrap();
+    let settings =
+        command_poller::settings::Settings::load_environment(Path::new("config"), "production")
+            .unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         grace > settings.processing.drain_timeout_secs,
@@ -91,7 +93,9 @@ fn compose_and_definitions_parse() {
         .iter()
         .map(|q| q["name"].as_str().unwrap())
         .collect();
-    let settings = command_poller::settings::Settings::load(Path::new("config")).unwrap();
+    let settings =
+        command_poller::settings::Settings::load_environment(Path::new("config"), "production")
+            .unwrap();
     for q in [
         &settings.topology.commands_queue,
         &settings.topology.dead_letter_queue,

@@ -31,6 +31,14 @@ pub struct LlmJudgeConfig {
     pub deadline: Duration,
 }
 
+/// `sha256:` and the first 16 hex digits of the action_id's SHA-256: enough to tell attempts
+/// apart, nothing an agent can write instructions in.
+pub fn action_ref(action_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = hex::encode(Sha256::digest(action_id.as_bytes()));
+    format!("sha256:{}", &d[..16])
+}
+
 impl std::fmt::Debug for LlmJudgeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LlmJudgeConfig")
@@ -76,11 +84,24 @@ impl LlmJudge {
         )
     }
 
-    /// The user message: the request as JSON data.
+    /// The user message: the request as JSON data. Agent text a judge has no use for (the
+    /// action_id, here and in the history) is replaced by a short digest, so it can't carry
+    /// instructions to the model; the service is validated as a slug.
     pub fn user_message(r: &JudgeRequest) -> String {
+        let history: Vec<serde_json::Value> = r
+            .recent_attempts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "action_ref": action_ref(&a.action_id),
+                    "status": a.status,
+                    "at": a.at,
+                })
+            })
+            .collect();
         let doc = serde_json::json!({
             "request": {
-                "action_id": r.action_id,
+                "action_ref": action_ref(&r.action_id),
                 "command_type": r.command_type,
                 "service": r.service,
                 "agent": {"id": r.agent.id, "verified_by_broker": r.agent.verified},
@@ -89,7 +110,7 @@ impl LlmJudge {
             },
             "policy": r.policy_rationale,
             "context": {
-                "recent_attempts_by_this_agent_of_this_type": r.recent_attempts,
+                "recent_attempts_by_this_agent_of_this_type": history,
             },
         });
         serde_json::to_string_pretty(&doc).expect("serializes")

@@ -30,7 +30,8 @@ pub fn suffix() -> String {
 
 /// Default settings with every broker name made unique to this test.
 pub fn test_settings(sfx: &str) -> Settings {
-    let mut s = Settings::load(Path::new("config")).expect("config/default.toml loads");
+    let mut s = Settings::load_environment(Path::new("config"), "local")
+        .expect("config/default.toml loads");
     let t = &mut s.topology;
     t.commands_exchange = format!("t.{sfx}.commands");
     t.commands_queue = format!("t.{sfx}.commands");
@@ -642,6 +643,10 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
 pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
     let t = &s.topology;
     [
+        // The test broker's guest user is an operator only in config/local.toml.
+        ("APP_ENVIRONMENT", "local".to_owned()),
+        // Many pollers at once on this machine: any free loopback port.
+        ("POLLER__HEALTH__STATUS_LISTEN", "127.0.0.1:0".to_owned()),
         (
             "POLLER__TOPOLOGY__COMMANDS_EXCHANGE",
             t.commands_exchange.clone(),
