@@ -17,6 +17,12 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   echo "rabbitmq: not installed; installing Debian's rabbitmq-server"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rabbitmq-server >/dev/null
+  # A broker this script installed is configured like the shipped one: messages over 1 MiB
+  # are refused at the publisher (deploy/rabbitmq/rabbitmq.conf). A broker that was already
+  # there is left as its owner configured it.
+  $SUDO mkdir -p /etc/rabbitmq/conf.d
+  echo "max_message_size = 1048576" | $SUDO tee /etc/rabbitmq/conf.d/20-command-poller.conf >/dev/null
+  $SUDO rabbitmqctl -q stop >/dev/null 2>&1 || true
 fi
 
 if ! port_open; then

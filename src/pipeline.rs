@@ -42,6 +42,16 @@ pub struct Inbound {
 pub struct DeadLetter {
     pub field: String,
     pub reason: String,
+    pub body: DeadLetterBody,
+}
+
+/// What the dead letter carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterBody {
+    /// The original payload (within the size limit), for a human to inspect.
+    Original,
+    /// Over the size limit: never copied or re-published; its digest and size instead.
+    Withheld { sha256: String, bytes: usize },
 }
 
 /// Everything to publish for one command, in order: dead letter, result, reply, alerts, audit; or,
@@ -208,6 +218,36 @@ impl Pipeline {
             draft.agent = Some(AgentView::from(a));
         }
 
+        if msg.payload.len() > self.limits.max_payload_bytes {
+            // Not parsed, not copied, not re-published: its digest and size are its trace.
+            let reason = format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                msg.payload.len(),
+                self.limits.max_payload_bytes
+            );
+            tracing::warn!(
+                bytes = msg.payload.len(),
+                "oversized command; dead-lettering its digest, not its body"
+            );
+            trail.push(rejected_event("payload", &reason));
+            return Disposition {
+                deferred: None,
+                result: None,
+                reply: ReplyTarget::None,
+                alerts: Vec::new(),
+                dead_letter: Some(DeadLetter {
+                    field: "payload".into(),
+                    reason,
+                    body: DeadLetterBody::Withheld {
+                        sha256: hex::encode(Sha256::digest(&msg.payload)),
+                        bytes: msg.payload.len(),
+                    },
+                }),
+                audit: trail,
+                claimed: None,
+                stored: false,
+            };
+        }
         let cmd = match decode(&msg.payload, msg.content_type.as_deref(), self.limits) {
             Ok(c) => c,
             Err(e) => {
@@ -231,6 +271,7 @@ impl Pipeline {
                     dead_letter: Some(DeadLetter {
                         field: e.field().to_owned(),
                         reason: e.to_string(),
+                        body: DeadLetterBody::Original,
                     }),
                     audit: trail,
                     claimed: None,

@@ -23,7 +23,7 @@ use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
 use crate::metrics::Metrics;
 use crate::outcome::{ResultMessage, Status};
-use crate::pipeline::{Disposition, Inbound, Pipeline, StoredOutcome};
+use crate::pipeline::{DeadLetterBody, Disposition, Inbound, Pipeline, StoredOutcome};
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, JudgeSettings, Settings};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -475,7 +475,7 @@ impl Poller {
 
     fn handle(
         &self,
-        delivery: Delivery,
+        mut delivery: Delivery,
         publisher: Publisher,
         broken: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -489,14 +489,23 @@ impl Poller {
             let _guard = Decrement(&state.in_flight);
             let props = &delivery.properties;
             let inbound = Inbound {
-                payload: delivery.data.clone(),
+                // Moved, not copied: the delivery's body is held once.
+                payload: std::mem::take(&mut delivery.data),
                 user_id: props.user_id().as_ref().map(|u| u.to_string()),
                 reply_to: props.reply_to().as_ref().map(|u| u.to_string()),
                 content_type: props.content_type().as_ref().map(|u| u.to_string()),
                 routing_key: delivery.routing_key.to_string(),
                 redelivered: delivery.redelivered,
             };
+            let mut inbound = inbound;
             let disposition = pipeline.process(&inbound).await;
+            if matches!(
+                disposition.dead_letter.as_ref().map(|d| &d.body),
+                Some(DeadLetterBody::Withheld { .. })
+            ) {
+                // An oversized body is released at once; only its digest goes on.
+                inbound.payload = Vec::new();
+            }
             if disposition.deferred.is_some() {
                 state.metrics.observe(&disposition);
                 if let Some(c) = &disposition.claimed {
@@ -791,11 +800,22 @@ pub async fn carry_out(
             headers.insert("x-original-user-id".into(), header(u));
         }
         headers.insert("x-poller-instance".into(), header(instance));
+        let body = match &dl.body {
+            DeadLetterBody::Original => inbound.payload.clone(),
+            DeadLetterBody::Withheld { sha256, bytes } => {
+                headers.insert("x-poller-payload-sha256".into(), header(sha256));
+                headers.insert(
+                    "x-poller-payload-bytes".into(),
+                    AMQPValue::LongLongInt(i64::try_from(*bytes).unwrap_or(i64::MAX)),
+                );
+                Vec::new()
+            }
+        };
         publisher
             .publish(&Outgoing {
                 exchange: t.dead_letter_exchange.clone(),
                 routing_key: inbound.routing_key.clone(),
-                body: inbound.payload.clone(),
+                body,
                 correlation_id: None,
                 message_type: "dead_letter",
                 headers: Some(headers),

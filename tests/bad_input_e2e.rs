@@ -3,6 +3,8 @@
 
 mod common;
 
+use sha2::Digest;
+
 use command_poller::outcome::Status;
 use common::*;
 use lapin::BasicProperties;
@@ -106,11 +108,24 @@ async fn oversized_non_json_and_wrong_content_type_end_in_the_dead_letter_queue(
         "{fields:?}"
     );
     assert!(fields.contains(&"content_type".to_string()));
-    let big_dead = dead.iter().find(|d| d.body.len() > 70 * 1024).unwrap();
+    // The oversized body is not re-published: its digest and size are.
+    let big_dead = dead
+        .iter()
+        .find(|d| d.header("x-poller-payload-sha256").is_some())
+        .unwrap();
+    assert!(big_dead.body.is_empty());
     assert!(big_dead
         .header("x-poller-reason")
         .unwrap()
         .contains("exceeds the limit"));
+    assert_eq!(
+        big_dead.header("x-poller-payload-sha256").unwrap(),
+        hex::encode(sha2::Sha256::digest(big.as_bytes()))
+    );
+    assert_eq!(
+        big_dead.header("x-poller-payload-bytes").unwrap(),
+        format!("LongLongInt({})", big.len())
+    );
     // An oversized payload is not parsed at all, so it gets no result; the wrong content type
     // still names its action.
     let r = h.result("ctype-1").await;

@@ -341,3 +341,128 @@ fn no_bridge_url_or_signature_leaves_the_process() {
         }
     }
 }
+
+/// The peak resident set (VmHWM) of `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn huge_messages_are_refused_without_being_copied() {
+    // Finding 2: the 64 KiB check ran after the whole body was in memory, and the full body was
+    // re-published as a dead letter: six 48 MiB messages took a replica from 28 MiB to a 1.0 GiB
+    // peak. The bound that holds whatever arrives is the broker's max_message_size
+    // (deploy/rabbitmq/rabbitmq.conf); this shows what the poller itself adds: one copy of each
+    // body held while it is refused, none re-published.
+    let sfx = suffix();
+    let settings = test_settings(&sfx);
+    let _cleanup = Cleanup(settings.clone());
+    let mut envs = env_for(&sfx);
+    let health = free_port();
+    envs.push((
+        "POLLER__HEALTH__LISTEN".into(),
+        format!("127.0.0.1:{health}"),
+    ));
+    let mut poller = Command::new(BIN)
+        .args(["run", "--log-format", "json"])
+        .envs(envs.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(health);
+    let before = peak_rss_kib(poller.id());
+    const HUGE: usize = 48 * 1024 * 1024;
+    const COUNT: usize = 6;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let body = vec![b'x'; HUGE];
+        for _ in 0..COUNT {
+            ch.basic_publish(
+                settings.topology.commands_exchange.as_str().into(),
+                "command.refresh_token".into(),
+                Default::default(),
+                &body,
+                lapin::BasicProperties::default().with_user_id("guest".into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let _ = conn.close(200, "done".into()).await;
+    });
+    // Every one dead-lettered: digest and size, no body.
+    let t0 = Instant::now();
+    let dead = loop {
+        let dead = drain_queue_messages(&settings.topology.dead_letter_queue);
+        if !dead.is_empty() || t0.elapsed() > Duration::from_secs(60) {
+            break dead;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut dead = dead;
+    while dead.len() < COUNT && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+        dead.extend(drain_queue_messages(&settings.topology.dead_letter_queue));
+    }
+    assert_eq!(dead.len(), COUNT);
+    assert!(dead.iter().all(|(body_len, _)| *body_len == 0));
+    let after = peak_rss_kib(poller.id());
+    let _ = Command::new("kill")
+        .args(["-TERM", &poller.id().to_string()])
+        .status();
+    let _ = poller.wait();
+    let grew_mib = (after.saturating_sub(before)) / 1024;
+    println!(
+        "BOUNDED: peak RSS {} MiB before, {} MiB after {COUNT} x 48 MiB (+{grew_mib} MiB)",
+        before / 1024,
+        after / 1024
+    );
+    // Before: +1,000 MiB. The broker hands the poller up to `max_in_flight` messages at once,
+    // and each is held once while it is refused.
+    assert!(
+        grew_mib < (COUNT * 48 + 64) as u64,
+        "peak RSS grew by {grew_mib} MiB for {COUNT} x 48 MiB"
+    );
+}
+
+/// Every message waiting in `queue`, taken off it: (body length, headers as text).
+fn drain_queue_messages(queue: &str) -> Vec<(usize, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use lapin::options::BasicGetOptions;
+        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            out.push((
+                m.delivery.data.len(),
+                format!("{:?}", m.delivery.properties.headers()),
+            ));
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    })
+}
