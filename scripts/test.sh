@@ -1,19 +1,49 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure RabbitMQ, Redis and PostgreSQL are up, then runs every unit,
 # integration and property test, the fault suite, and the Node tests of the Apps Script bridge.
+# Every step runs even when an earlier one failed; the summary at the end names the failures,
+# and the exit status is non-zero if any step failed.
 # Usage: scripts/test.sh [extra cargo test args]
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
+set -e
 scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
-cargo test --all-targets "$@"
-# The fault suite restarts the broker and kills processes: one scenario at a time, after the
-# parallel suite. It prints a RELIABILITY line per scenario (docs/RELIABILITY.md).
-cargo test --test faults -- --ignored --test-threads=1 --nocapture 2>&1 | tee target/faults.log | grep -E "^RELIABILITY|^test |test result"
-test "${PIPESTATUS[0]}" -eq 0
-# The Apps Script web app under Node (no npm packages needed).
 if ! command -v node >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "node: not installed; installing Debian's nodejs"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs >/dev/null
 fi
-node --test deploy/apps-script/test/bridge.test.js
+set +e
+mkdir -p target
+failed=()
+
+step() {
+  local name=$1; shift
+  echo "==> $name"
+  if "$@"; then echo "<== $name: passed"; else echo "<== $name: FAILED"; failed+=("$name"); fi
+}
+
+faults() {
+  # The fault suite restarts the broker and kills processes: one scenario at a time, after the
+  # parallel suite. Its RELIABILITY lines (docs/RELIABILITY.md) and, on failure, every failing
+  # scenario's output are shown; the full log is target/faults.log.
+  cargo test --test faults -- --ignored --test-threads=1 --nocapture >target/faults.log 2>&1
+  local rc=$?
+  grep -E "^RELIABILITY|^test |test result" target/faults.log
+  if [ $rc -ne 0 ]; then
+    echo "---- fault suite failures (from target/faults.log) ----"
+    sed -n '/^failures:$/,$p' target/faults.log
+  fi
+  return $rc
+}
+
+step "unit, integration and property tests" cargo test --all-targets "$@"
+step "fault suite" faults
+step "Apps Script web app (Node)" node --test deploy/apps-script/test/bridge.test.js
+
+if [ ${#failed[@]} -ne 0 ]; then
+  echo "FAILED steps: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"

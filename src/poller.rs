@@ -435,8 +435,26 @@ impl Poller {
         self.state.connected.store(true, Ordering::SeqCst);
 
         let broken = CancellationToken::new();
+        // A consumer the broker stopped feeding without the stream ending or the connection
+        // reporting it: checked while running and quiet (see `consumer_stalled`).
+        let watch_ch = consume_conn.create_channel().await?;
+        let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_delivery = std::time::Instant::now();
         let outcome = loop {
             tokio::select! {
+                _ = stall_check.tick() => {
+                    if self.state.gate.mode() != Mode::Running
+                        || !commands.is_active()
+                        || last_delivery.elapsed() < STALL_CHECK_EVERY
+                    {
+                        continue;
+                    }
+                    if let Some(why) = consumer_stalled(&watch_ch, &s.topology.commands_queue).await {
+                        tracing::warn!(why = %why, "the commands consumer stalled; reconnecting");
+                        break Err(SessionError::Lost(why));
+                    }
+                }
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
                 ended = &mut control_task => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
@@ -455,6 +473,7 @@ impl Poller {
                 next = commands.next() => match next {
                     Some(Ok(delivery)) => {
                         *consumed_any = true;
+                        last_delivery = std::time::Instant::now();
                         tasks.spawn(self.handle(delivery, publisher.clone(), broken.clone()));
                     }
                     Some(Err(e)) => break Err(SessionError::Broker(e.into())),
@@ -721,6 +740,10 @@ impl CommandConsumer {
         Ok(())
     }
 
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
     /// The next delivery: first what cancelled consumers still hold, then the active one.
     /// Pending (never ready) when neither has anything, e.g. while paused.
     async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
@@ -739,6 +762,33 @@ impl CommandConsumer {
                 None => futures::future::pending().await,
             };
         }
+    }
+}
+
+/// How often a quiet, running session checks that its commands consumer still receives.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Why the consumer on `queue` looks dead: commands wait and nobody consumes them (while this
+/// session believes it does), or the broker doesn't answer the check. `None` when all is well.
+/// A broker can cancel a consumer, or a connection can go quiet, without the consumer stream
+/// ending; this catches it instead of waiting forever.
+async fn consumer_stalled(ch: &lapin::Channel, queue: &str) -> Option<String> {
+    let check = ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    match tokio::time::timeout(STALL_CHECK_EVERY, check).await {
+        Ok(Ok(q)) if q.message_count() > 0 && q.consumer_count() == 0 => Some(format!(
+            "{} commands wait in {queue} with no consumer attached",
+            q.message_count()
+        )),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("the stall check failed: {e}")),
+        Err(_) => Some("the broker did not answer the stall check".into()),
     }
 }
 

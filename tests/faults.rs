@@ -136,15 +136,45 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        let Ok(watch) = conn.create_channel().await else {
+            continue;
+        };
+        let mut quiet_since = Instant::now();
         loop {
-            // Don't rely on the stream ending when the broker goes away: check the connection.
+            // Don't rely on the stream ending when the broker goes away: check the connection,
+            // and that a quiet consumer is still attached (a consumer can stop receiving
+            // without its stream ending or the connection noticing: results then sit in the
+            // queue with no consumer).
             let next = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
             let d = match next {
                 Ok(Some(Ok(d))) => d,
                 Ok(_) => break,
-                Err(_) if conn.status().connected() => continue,
-                Err(_) => break,
+                Err(_) if !conn.status().connected() => break,
+                Err(_) if quiet_since.elapsed() < Duration::from_secs(2) => continue,
+                Err(_) => {
+                    quiet_since = Instant::now();
+                    let check = watch.queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    );
+                    match tokio::time::timeout(Duration::from_secs(2), check).await {
+                        Ok(Ok(q)) if q.message_count() > 0 && q.consumer_count() == 0 => {
+                            eprintln!(
+                                "collector: {} results wait with no consumer: re-attaching",
+                                q.message_count()
+                            );
+                            break;
+                        }
+                        Ok(Ok(_)) => continue,
+                        _ => break,
+                    }
+                }
             };
+            quiet_since = Instant::now();
             let id = d
                 .properties
                 .message_id()
@@ -402,9 +432,16 @@ impl World {
             duplicate_executions,
             lost: lost.len(),
         };
+        // How often a poller found its commands consumer stalled and re-attached.
+        let stalls: usize = self
+            .logs
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .map(|l| l.matches("the commands consumer stalled").count())
+            .sum();
         println!(
-            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {}",
-            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost
+            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {} | stall re-attachments {}",
+            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost, stalls
         );
         if row.lost + row.duplicate_results + row.duplicate_executions > 0 {
             self.print_log_warnings();
@@ -547,6 +584,53 @@ async fn broker_restarted_mid_load() {
         .unwrap()
         .status
         .success());
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+}
+
+/// Stops and starts the broker's application (the BrokerGuard restores it on a panic).
+fn restart_broker() {
+    assert!(Command::new("rabbitmqctl")
+        .arg("stop_app")
+        .output()
+        .unwrap()
+        .status
+        .success());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(Command::new("rabbitmqctl")
+        .arg("start_app")
+        .output()
+        .unwrap()
+        .status
+        .success());
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn broker_restarted_five_times_mid_load() {
+    // Could the poller's consumers stall silently the way the test collector's did (stream
+    // neither ending nor erroring, connection "connected", messages waiting with no consumer)?
+    // Five restarts, each once results flow again: every command must still end with a result.
+    let mut w = World::new("broker-restart-x5").await;
+    // Slower, so five restarts land in the middle of the load.
+    w.extra_env.extend([
+        ("POLLER__PROCESSING__MAX_IN_FLIGHT".into(), "8".into()),
+        ("POLLER__BRIDGE__MAX_CONCURRENCY".into(), "4".into()),
+    ]);
+    let (ids, bodies) = load("brk5", 1000);
+    w.publish(&bodies).await;
+    w.spawn_poller("a");
+    let _guard = BrokerGuard;
+    let mut seen = 0;
+    for round in 1..=5 {
+        w.wait_results(seen + 30, Duration::from_secs(90)).await;
+        seen = w.distinct_results();
+        assert!(
+            seen < ids.len(),
+            "round {round}: the load finished before the restart"
+        );
+        restart_broker();
+    }
     w.wait_ids(&ids, Duration::from_secs(180)).await;
     w.report(&ids).await;
 }
