@@ -115,6 +115,8 @@ pub struct Pipeline {
     pub store: Arc<dyn ResultStore>,
     pub claim_ttl: Duration,
     pub wait_for_in_flight: Duration,
+    /// Seals stored outcomes (HMAC), so a planted value is refused, not replayed.
+    pub store_key: crate::bridge::signing::Secret,
 }
 
 /// Aborts a background task when dropped (the claim renewal ends with the command).
@@ -451,7 +453,11 @@ impl Pipeline {
         draft: Draft,
     ) -> Disposition {
         let key = claimed.key;
-        let stored: StoredOutcome = match serde_json::from_str(stored) {
+        let stored = match crate::idempotency::unseal(&self.store_key, stored) {
+            Ok(json) => json,
+            Err(why) => return self.tampered(why, reply, trail, draft),
+        };
+        let stored: StoredOutcome = match serde_json::from_str(&stored) {
             Ok(r) => r,
             Err(e) => {
                 // Never execute on doubt: an unreadable stored result is reported, not redone.
@@ -517,6 +523,36 @@ impl Pipeline {
             }),
             stored: true,
         }
+    }
+
+    /// A stored outcome that fails its integrity check: never replayed (it may be planted),
+    /// never executed again (the original may have run). A human checks; security is told.
+    fn tampered(
+        &self,
+        why: String,
+        reply: ReplyTarget,
+        mut trail: Vec<AuditEvent>,
+        draft: Draft,
+    ) -> Disposition {
+        let why = format!("the stored outcome of this action failed its integrity check ({why})");
+        tracing::error!("{why}; neither replayed nor executed");
+        trail.push(rejected_event("idempotency_store", &why));
+        let result = draft.finish(
+            Status::UnknownOutcome,
+            format!("{why}: it was neither replayed nor executed again, so whether the action took effect is unknown. A human must check the service and the idempotency store."),
+        );
+        let mut d = self.conclude(result, reply, trail);
+        let mut security = d
+            .alerts
+            .first()
+            .cloned()
+            .expect("an unknown outcome always alerts");
+        security.alert_id = uuid::Uuid::new_v4().to_string();
+        security.team = "security".into();
+        security.priority = crate::outcome::Priority::High;
+        security.action_required = "Someone may have written to the idempotency store without the store key (idempotency.key_env): find who can write there and what else they changed.".into();
+        d.alerts.push(security);
+        d
     }
 
     fn conclude(

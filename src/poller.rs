@@ -107,6 +107,9 @@ pub struct Poller {
     poller_user: String,
     /// Keeps the embedded bridge simulator running, when it is the configured bridge.
     _simulator: Option<SimulatorHandle>,
+    /// The current session's publisher (None between sessions): a command whose session was
+    /// lost while it was in flight publishes its outcome on the next one.
+    publishers: Arc<tokio::sync::watch::Sender<Option<Publisher>>>,
 }
 
 /// Builds the judges of the configured panel. Fails when a prompt file or an API key named in
@@ -223,6 +226,7 @@ impl Poller {
         let panel = build_panel(&settings)?;
         let (bridge, sim) = build_bridge(&settings).await?;
         let store = crate::idempotency::open(&settings.idempotency).await?;
+        crate::idempotency::store_key(&settings.idempotency)?;
         Ok(Self::new(
             settings,
             Arc::new(policy),
@@ -245,6 +249,9 @@ impl Poller {
         let instance = settings.instance();
         let settings_poller_user = settings.poller_user();
         let state = Arc::new(PollerState::default());
+        // `from_settings` has checked it can be had; tests use the embedded store's key file.
+        let store_key = crate::idempotency::store_key(&settings.idempotency)
+            .expect("the idempotency store key (checked at start)");
         let pipeline = Pipeline {
             limits: DecodeLimits {
                 max_payload_bytes: settings.intake.max_payload_bytes,
@@ -260,6 +267,7 @@ impl Poller {
             store,
             claim_ttl: Duration::from_secs(settings.idempotency.claim_ttl_secs),
             wait_for_in_flight: Duration::from_millis(settings.idempotency.wait_for_in_flight_ms),
+            store_key,
         };
         Self {
             settings: Arc::new(settings),
@@ -268,6 +276,7 @@ impl Poller {
             instance,
             poller_user: settings_poller_user,
             _simulator: simulator,
+            publishers: Arc::new(tokio::sync::watch::channel(None).0),
         }
     }
 
@@ -361,9 +370,7 @@ impl Poller {
         {
             Ok(c) => c,
             Err(e) => {
-                let _ = consume_conn
-                    .close(200, "publisher connection failed".into())
-                    .await;
+                broker::close(&consume_conn, "publisher connection failed").await;
                 return Err(e.into());
             }
         };
@@ -371,13 +378,11 @@ impl Poller {
             .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
             .await;
         self.state.connected.store(false, Ordering::SeqCst);
-        // Closing requeues whatever is still unacked.
-        let _ = consume_conn
-            .close(200, "command-poller session end".into())
-            .await;
-        let _ = publish_conn
-            .close(200, "command-poller session end".into())
-            .await;
+        self.publishers.send_replace(None);
+        // Closing requeues whatever is still unacked. A dead connection never answers close-ok:
+        // bounded, so the reconnect loop can't stall here.
+        broker::close(&consume_conn, "command-poller session end").await;
+        broker::close(&publish_conn, "command-poller session end").await;
         result
     }
 
@@ -390,22 +395,62 @@ impl Poller {
         tasks: &mut JoinSet<()>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
-        let publisher = Publisher::open(publish_conn).await?;
-        let ch = consume_conn.create_channel().await?;
-        broker::declare(&ch, &s.topology).await?;
-        broker::declare_audit(&ch, &s.audit).await?;
+        // Setting up is bounded: a broker half-way through a restart can leave a call without
+        // an answer, and the session must then start over rather than wait forever.
+        let setup = async {
+            let publisher = Publisher::open(publish_conn).await?;
+            self.publishers.send_replace(Some(publisher.clone()));
+            let ch = consume_conn.create_channel().await?;
+            broker::declare(&ch, &s.topology).await?;
+            broker::declare_audit(&ch, &s.audit).await?;
 
-        // Control first: the stored state is applied before any command is consumed.
-        let replica = Arc::new(Replica::new(
-            self.settings.clone(),
-            self.state.gate.clone(),
-            self.instance.clone(),
-            self.state.clone(),
-        ));
-        let control_ch = consume_conn.create_channel().await?;
-        let state_ch = consume_conn.create_channel().await?;
-        let (control_consumer, state_reader) =
-            replica.attach(&control_ch, &state_ch, &publisher).await?;
+            // Control first: the stored state is applied before any command is consumed.
+            let replica = Arc::new(Replica::new(
+                self.settings.clone(),
+                self.state.gate.clone(),
+                self.instance.clone(),
+                self.state.clone(),
+            ));
+            let control_ch = consume_conn.create_channel().await?;
+            let state_ch = consume_conn.create_channel().await?;
+            let (control_consumer, state_reader) =
+                replica.attach(&control_ch, &state_ch, &publisher).await?;
+            ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
+                .await?;
+            // A consumer the broker stopped feeding without the stream ending or the
+            // connection reporting it: checked while running and quiet (`consumer_stalled`).
+            let watch_ch = consume_conn.create_channel().await?;
+            let mut commands = CommandConsumer::new(
+                ch.clone(),
+                s.topology.commands_queue.clone(),
+                self.instance.clone(),
+            );
+            if self.state.gate.mode() == Mode::Running {
+                commands.start().await?;
+            } else {
+                tracing::warn!(
+                    mode = self.state.gate.mode().as_str(),
+                    "not consuming: the system is paused or halted"
+                );
+            }
+            Ok::<_, SessionError>((
+                publisher,
+                replica,
+                control_consumer,
+                state_reader,
+                commands,
+                watch_ch,
+            ))
+        };
+        let (publisher, replica, control_consumer, state_reader, mut commands, watch_ch) =
+            match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+                Ok(parts) => parts?,
+                Err(_) => {
+                    return Err(SessionError::Lost(format!(
+                        "setting up the session took longer than {SETUP_TIMEOUT:?}"
+                    )))
+                }
+            };
         let mut control_task = {
             let replica = replica.clone();
             let publisher = publisher.clone();
@@ -415,29 +460,10 @@ impl Poller {
                     .await
             })
         };
-
-        ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
-            .await?;
         let mut mode = self.state.gate.watch();
-        let mut commands = CommandConsumer::new(
-            ch.clone(),
-            s.topology.commands_queue.clone(),
-            self.instance.clone(),
-        );
-        if self.state.gate.mode() == Mode::Running {
-            commands.start().await?;
-        } else {
-            tracing::warn!(
-                mode = self.state.gate.mode().as_str(),
-                "not consuming: the system is paused or halted"
-            );
-        }
         self.state.connected.store(true, Ordering::SeqCst);
 
         let broken = CancellationToken::new();
-        // A consumer the broker stopped feeding without the stream ending or the connection
-        // reporting it: checked while running and quiet (see `consumer_stalled`).
-        let watch_ch = consume_conn.create_channel().await?;
         let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
         stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_delivery = std::time::Instant::now();
@@ -503,6 +529,7 @@ impl Poller {
         let state = self.state.clone();
         let instance = self.instance.clone();
         let poller_user = self.poller_user.clone();
+        let mut next_publisher = self.publishers.subscribe();
         async move {
             state.in_flight.fetch_add(1, Ordering::SeqCst);
             let _guard = Decrement(&state.in_flight);
@@ -559,6 +586,7 @@ impl Poller {
                                 command_digest: c.command_digest.clone(),
                             })
                             .expect("result serializes");
+                            let json = crate::idempotency::seal(&pipeline.store_key, &json);
                             pipeline
                                 .store
                                 // Durable before publishing; the "published" mark may be lost
@@ -615,6 +643,28 @@ impl Poller {
                     tracing::error!(error = %e, "could not publish the outcome; the command is not acked");
                     if e.is_connection() {
                         broken.cancel();
+                        // The broker requeues this delivery, but its copy may wait on our claim
+                        // until it is dead-lettered: publish the outcome on the next session's
+                        // channel, marked as a replay (part of it may have gone out).
+                        let Some(next) = await_next_publisher(&mut next_publisher).await else {
+                            tracing::error!("no new broker session to publish the outcome on; a redelivered copy publishes it from the store");
+                            return;
+                        };
+                        let mut again = disposition.clone();
+                        if let Some(r) = again.result.as_mut() {
+                            r.replay = true;
+                        }
+                        match carry_out(&next, &settings, &instance, &inbound, &again).await {
+                            Ok(_) => {
+                                tracing::info!("outcome published on the new session");
+                                if let Err(e) = store_outcome(true).await {
+                                    tracing::warn!(error = %e, "could not mark the result published");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not publish on the new session either; a redelivered copy publishes it from the store")
+                            }
+                        }
                         return;
                     }
                     // Message-level refusal (unroutable, nacked): retry later; the queue's
@@ -624,6 +674,26 @@ impl Poller {
             }
         }
     }
+}
+
+/// How long a command whose session was lost waits for the next one to publish on.
+const REPUBLISH_WAIT: Duration = Duration::from_secs(120);
+
+/// The publisher of the next session after the one that failed, within [`REPUBLISH_WAIT`].
+async fn await_next_publisher(
+    rx: &mut tokio::sync::watch::Receiver<Option<Publisher>>,
+) -> Option<Publisher> {
+    tokio::time::timeout(REPUBLISH_WAIT, async {
+        loop {
+            rx.changed().await.ok()?;
+            if let Some(p) = rx.borrow_and_update().clone() {
+                return Some(p);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Sends a delivery back to the queue after `publish_failure_pause_ms` (each requeue costs one
@@ -764,6 +834,10 @@ impl CommandConsumer {
         }
     }
 }
+
+/// How long setting up a session (channels, topology, the control state, the consumer) may
+/// take before the session starts over.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often a quiet, running session checks that its commands consumer still receives.
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(5);

@@ -264,6 +264,10 @@ pub enum SettingsError {
     Invalid(String),
 }
 
+/// The longest a duplicate may wait for its in-flight original: below RabbitMQ's default
+/// `consumer_timeout` of 30 minutes, with room to spare.
+pub const MAX_WAIT_FOR_IN_FLIGHT_MS: u64 = 25 * 60 * 1000;
+
 /// The environment when `APP_ENVIRONMENT` is unset.
 pub const DEFAULT_ENVIRONMENT: &str = "production";
 
@@ -364,6 +368,27 @@ impl Settings {
             return bad(format!(
                 "idempotency.wait_for_in_flight_ms: {} must exceed claim_ttl_secs ({} s), or a duplicate of a crashed replica's command goes back to the queue before the dead claim expires, spending its delivery limit",
                 i.wait_for_in_flight_ms, i.claim_ttl_secs
+            ));
+        }
+        // A duplicate waits for a live original instead of going back to the queue (each
+        // requeue spends one of the command's deliveries): long enough for the longest the
+        // original can take, its wait for a bridge slot included, and below the broker's
+        // consumer_timeout (30 minutes), which would close the channel.
+        let b = &self.bridge;
+        let longest_call_ms = (b.retry_budget_secs + 2 * b.request_timeout_secs) * 1000;
+        let rounds =
+            1 + (self.processing.max_in_flight as u64).div_ceil(b.max_concurrency.max(1) as u64);
+        let needed_ms = rounds * longest_call_ms;
+        if i.wait_for_in_flight_ms < needed_ms {
+            return bad(format!(
+                "idempotency.wait_for_in_flight_ms: {} is shorter than the longest a live command can take ({needed_ms} ms: {rounds} rounds of bridge.retry_budget_secs {} s + 2 x bridge.request_timeout_secs {} s, as processing.max_in_flight {} commands share bridge.max_concurrency {} slots); a duplicate would go back to the queue while its original still runs, spending its delivery limit until it is dead-lettered",
+                i.wait_for_in_flight_ms, b.retry_budget_secs, b.request_timeout_secs, self.processing.max_in_flight, b.max_concurrency
+            ));
+        }
+        if i.wait_for_in_flight_ms > MAX_WAIT_FOR_IN_FLIGHT_MS {
+            return bad(format!(
+                "idempotency.wait_for_in_flight_ms: {} is over {MAX_WAIT_FOR_IN_FLIGHT_MS} ms; RabbitMQ's consumer_timeout (30 minutes) would close the channel under a waiting duplicate",
+                i.wait_for_in_flight_ms
             ));
         }
         if self.panel.quorum > self.panel.judges.len() {

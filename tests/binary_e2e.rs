@@ -225,6 +225,26 @@ fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
         err.contains("wait_for_in_flight_ms") && err.contains("claim_ttl_secs"),
         "{err}"
     );
+    // Finding 10: the old default (20 s) let a duplicate of a long bridge call go back to the
+    // queue five times while the original still ran, until it was dead-lettered.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "20000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wait_for_in_flight_ms") && err.contains("retry_budget_secs"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "1800000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("consumer_timeout"));
     let out = Command::new(BIN)
         .arg("check-config")
         .env("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "2")

@@ -151,6 +151,41 @@ async fn commands_at_the_bridge_when_the_connection_drops_finish_and_are_not_red
 }
 
 #[tokio::test]
+async fn a_slow_bridge_call_across_a_connection_drop_still_ends_with_one_result() {
+    // Finding 10: the connection drops during a long bridge call. The redelivered copy waits on
+    // the live claim and goes back to the queue until its delivery limit dead-letters it; the
+    // original then finishes but could not publish on its closed channel: no result, ever. (These
+    // timings are ones check-config now refuses; the original must publish on the new session.)
+    let h = Harness::start(Options {
+        sim_latency: Duration::from_millis(6000),
+        tweak: Box::new(|s| {
+            s.topology.delivery_limit = 2;
+            s.idempotency.claim_ttl_secs = 300;
+            s.idempotency.wait_for_in_flight_ms = 1000;
+            s.bridge.request_timeout_secs = 20;
+            s.bridge.retry_budget_secs = 20;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let id = "slow-across-drop-1";
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"))
+        .await;
+    h.wait_until("the bridge call to start", Duration::from_secs(10), |_| {
+        (h.sim.posts(id) == 1).then_some(())
+    })
+    .await;
+    let name = h.settings.amqp.connection_name.clone();
+    let closed = tokio::task::spawn_blocking(move || close_connections(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 2, "consume and publish connections");
+    let r = h.result(id).await;
+    assert_eq!(r.status, Status::Success);
+    assert_eq!(h.sim.executions(id), 1);
+}
+
+#[tokio::test]
 async fn shutdown_drains_in_flight_commands() {
     let mut h = Harness::start(Options {
         sim_latency: Duration::from_millis(1500),

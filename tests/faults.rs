@@ -115,28 +115,34 @@ async fn proxy(port: u16, target: u16, up: Arc<AtomicBool>) {
 /// this consumer is at least once too (an ack lost in a restart redelivers the message), so a
 /// result is counted once per `message_id`, as a real consumer would.
 async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
+    // Every broker call has a deadline: a call that never answers (a connection half-dead
+    // across a broker restart) must not stall the collector silently.
+    const STEP: Duration = Duration::from_secs(5);
+    async fn step<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> Option<T> {
+        tokio::time::timeout(STEP, f).await.ok()?.ok()
+    }
     let mut seen = std::collections::HashSet::new();
     loop {
-        let Ok(conn) = Connection::connect(AMQP, Default::default()).await else {
+        let Some(conn) = step(Connection::connect(AMQP, Default::default())).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok(ch) = conn.create_channel().await else {
-            continue;
-        };
-        let Ok(mut c) = ch
-            .basic_consume(
+        let attached = async {
+            let ch = step(conn.create_channel()).await?;
+            let watch = step(conn.create_channel()).await?;
+            let c = step(ch.basic_consume(
                 queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-        else {
+            ))
+            .await?;
+            Some((c, watch))
+        }
+        .await;
+        let Some((mut c, watch)) = attached else {
+            let _ = tokio::time::timeout(STEP, conn.close(200, "retrying".into())).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let Ok(watch) = conn.create_channel().await else {
             continue;
         };
         let mut quiet_since = Instant::now();
@@ -161,16 +167,19 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
                         },
                         FieldTable::default(),
                     );
-                    match tokio::time::timeout(Duration::from_secs(2), check).await {
-                        Ok(Ok(q)) if q.message_count() > 0 && q.consumer_count() == 0 => {
+                    match step(check).await {
+                        Some(q) if q.message_count() > 0 && q.consumer_count() == 0 => {
                             eprintln!(
                                 "collector: {} results wait with no consumer: re-attaching",
                                 q.message_count()
                             );
                             break;
                         }
-                        Ok(Ok(_)) => continue,
-                        _ => break,
+                        Some(_) => continue,
+                        None => {
+                            eprintln!("collector: the broker did not answer a check: reconnecting");
+                            break;
+                        }
                     }
                 }
             };
@@ -186,9 +195,14 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
                     into.lock().unwrap().push(r);
                 }
             }
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            if step(d.acker.ack(BasicAckOptions::default()))
+                .await
+                .is_none()
+            {
+                break;
+            }
         }
-        let _ = conn.close(200, "reconnecting".into()).await;
+        let _ = tokio::time::timeout(STEP, conn.close(200, "reconnecting".into())).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -754,6 +768,11 @@ async fn two_replicas_consuming_one_killed() {
     w.extra_env.push((
         "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
         format!("fault-{}", w.sfx),
+    ));
+    // A shared store needs the same sealing key on every replica.
+    w.extra_env.push((
+        "POLLER_STORE_KEY".into(),
+        format!("fault-store-key-{}", w.sfx),
     ));
     let (ids, bodies) = load("two", 400);
     w.publish(&bodies).await;

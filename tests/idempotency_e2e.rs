@@ -23,6 +23,7 @@ fn settings(backend: Backend) -> IdempotencySettings {
             Backend::Postgres => POSTGRES.into(),
         },
         key_prefix: format!("t-{sfx}"),
+        key_env: "POLLER_STORE_KEY_UNSET_IN_TESTS".into(),
         retention_secs: 60,
         claim_ttl_secs: 120,
         wait_for_in_flight_ms: 10_000,

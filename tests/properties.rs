@@ -171,6 +171,7 @@ fn pipeline(policy: Policy, bridge: Arc<Recording>, allow_unverified: bool) -> P
         store,
         claim_ttl: Duration::from_secs(60),
         wait_for_in_flight: Duration::from_millis(10),
+        store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
     }
 }
 

@@ -34,6 +34,23 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// `hex(HMAC-SHA256(secret, data))`.
+pub fn mac(secret: &Secret, data: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(&secret.0).expect("HMAC takes any key length");
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Constant-time check of [`mac`].
+pub fn verify_mac(secret: &Secret, data: &[u8], mac_hex: &str) -> bool {
+    let Ok(tag) = hex::decode(mac_hex) else {
+        return false;
+    };
+    let mut mac = HmacSha256::new_from_slice(&secret.0).expect("HMAC takes any key length");
+    mac.update(data);
+    mac.verify_slice(&tag).is_ok()
+}
+
 pub fn sign(secret: &Secret, ts: i64, body: &[u8]) -> String {
     let mut mac = HmacSha256::new_from_slice(&secret.0).expect("HMAC takes any key length");
     mac.update(ts.to_string().as_bytes());

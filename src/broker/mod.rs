@@ -28,17 +28,35 @@ pub enum BrokerError {
     },
     #[error("publisher confirms are not enabled on this channel")]
     ConfirmsOff,
+    #[error("broker: {0} took longer than {1:?}")]
+    Timeout(&'static str, std::time::Duration),
 }
 
 impl BrokerError {
     /// Connection-level trouble (reconnect), as opposed to a message-level refusal.
     pub fn is_connection(&self) -> bool {
-        matches!(self, BrokerError::Amqp(_))
+        matches!(self, BrokerError::Amqp(_) | BrokerError::Timeout(..))
     }
 }
 
-/// Opens a connection named `name` (shown in the broker's connection list).
+/// How long opening a connection (TCP, TLS, AMQP handshake) may take before it counts as
+/// failed: a broker half-way through a restart can accept a socket and never answer.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long closing a connection may take: a dead connection never answers close-ok.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens a connection named `name` (shown in the broker's connection list), within
+/// [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(c) => Ok(c?),
+        Err(_) => Err(BrokerError::Timeout("connecting", CONNECT_TIMEOUT)),
+    }
+}
+
+/// Closes `conn`, giving up after [`CLOSE_TIMEOUT`] (the broker requeues whatever it had
+/// delivered either way).
+pub async fn close(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }

@@ -82,6 +82,9 @@ pub struct IdempotencySettings {
     pub url: String,
     /// Prefix of every key (lets several systems share one Redis or table).
     pub key_prefix: String,
+    /// Environment variable holding the key that seals stored outcomes (HMAC); required with
+    /// the shared backends, the same on every replica. Never logged.
+    pub key_env: String,
     /// How long final results are kept and replayed.
     pub retention_secs: u64,
     /// How long a claim holds without being renewed; the working replica renews it every third
@@ -131,6 +134,96 @@ pub fn command_digest(agent: &crate::intake::Agent, cmd: &crate::intake::Command
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
+/// A stored outcome as kept in the store: the outcome's JSON and an HMAC over it with the
+/// store key, so a value planted in Redis or PostgreSQL by someone without the key is refused
+/// instead of replayed as a result.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sealed {
+    mac: String,
+    outcome: String,
+}
+
+/// Seals `outcome_json` for the store.
+pub fn seal(key: &crate::bridge::signing::Secret, outcome_json: &str) -> String {
+    serde_json::to_string(&Sealed {
+        mac: crate::bridge::signing::mac(key, outcome_json.as_bytes()),
+        outcome: outcome_json.to_owned(),
+    })
+    .expect("serializes")
+}
+
+/// The outcome JSON of a stored value, if its HMAC holds.
+pub fn unseal(key: &crate::bridge::signing::Secret, stored: &str) -> Result<String, String> {
+    let sealed: Sealed = serde_json::from_str(stored)
+        .map_err(|e| format!("not a sealed outcome ({e}): written by something other than a poller with the store key"))?;
+    if crate::bridge::signing::verify_mac(key, sealed.outcome.as_bytes(), &sealed.mac) {
+        Ok(sealed.outcome)
+    } else {
+        Err("its HMAC does not match: altered, or written without the store key".into())
+    }
+}
+
+/// The key that seals stored outcomes: the environment variable `idempotency.key_env` names
+/// (the same on every replica sharing a store). Without it, the embedded store (one poller per
+/// file) keeps a random key in `<path>.key` (mode 0600); the shared stores refuse to start, as a
+/// planted value could otherwise be replayed as a result.
+pub fn store_key(s: &IdempotencySettings) -> Result<crate::bridge::signing::Secret, StoreError> {
+    use crate::bridge::signing::Secret;
+    if let Some(v) = std::env::var(&s.key_env).ok().filter(|v| !v.is_empty()) {
+        return Ok(Secret::new(v));
+    }
+    if s.backend != Backend::Embedded {
+        return Err(StoreError::Backend(format!(
+            "idempotency.key_env: the environment variable {} is not set; the {:?} store is shared, so every replica needs the same key to seal and check stored outcomes",
+            s.key_env, s.backend
+        )));
+    }
+    let path = {
+        let mut p = s.path.clone().into_os_string();
+        p.push(".key");
+        std::path::PathBuf::from(p)
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(k) if !k.trim().is_empty() => return Ok(Secret::new(k.trim().to_owned())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StoreError::Backend(format!(
+                "idempotency store key {}: {e}",
+                path.display()
+            )))
+        }
+    }
+    let key = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    match opts.open(&path) {
+        Ok(mut f) => {
+            std::io::Write::write_all(&mut f, key.as_bytes())
+                .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+            Ok(Secret::new(key))
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let k = std::fs::read_to_string(&path)
+                .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+            Ok(Secret::new(k.trim().to_owned()))
+        }
+        Err(e) => Err(StoreError::Backend(format!("{}: {e}", path.display()))),
+    }
+}
+
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -148,7 +241,20 @@ pub(crate) fn now_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bridge::signing::Secret;
     use crate::intake::{ActionId, Agent, AgentId};
+
+    #[test]
+    fn a_planted_or_altered_outcome_is_refused() {
+        let key = Secret::new("k");
+        let sealed = seal(&key, r#"{"published":true}"#);
+        assert_eq!(unseal(&key, &sealed).unwrap(), r#"{"published":true}"#);
+        assert!(unseal(&Secret::new("other"), &sealed).is_err());
+        let altered = sealed.replace("true", "false");
+        assert!(unseal(&key, &altered).is_err());
+        // What someone with write access to Redis would plant: a bare outcome.
+        assert!(unseal(&key, r#"{"published":true,"result":{}}"#).is_err());
+    }
 
     #[test]
     fn unverified_agents_have_a_key_space_of_their_own() {
