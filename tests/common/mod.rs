@@ -371,9 +371,13 @@ impl Harness {
             poller_task: None,
             poller_state: Arc::new(Default::default()),
             secret: secret.clone(),
-            store: command_poller::idempotency::open(&settings_for_store)
-                .await
-                .expect("store opens"),
+            // The store a test asks for (Redis, PostgreSQL), or an embedded one of its own.
+            store: match opts.store {
+                Some(store) => store,
+                None => command_poller::idempotency::open(&settings_for_store)
+                    .await
+                    .expect("store opens"),
+            },
             _cleanup: cleanup,
         };
         if opts.start_poller {
