@@ -317,3 +317,62 @@ async fn metrics_are_scraped_from_the_health_port() {
     assert!(body.contains("# TYPE command_poller_judge_latency_seconds histogram"));
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_restarted_sink_resumes_after_its_last_record() {
+    // The audit queue is a stream (nothing can purge it, and reading takes nothing off it): the
+    // sink resumes from the offset kept with its last record, so nothing is missed or doubled.
+    let h = Harness::start(Options::default()).await;
+    let file = temp_file();
+    let run_sink = |stop: CancellationToken| {
+        let (s, f) = (h.settings.clone(), file.clone());
+        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+    };
+    let stop = CancellationToken::new();
+    let sink = run_sink(stop.clone());
+    for i in 0..3 {
+        let id = format!("resume-{i}");
+        h.send(&cmd(&id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+            .await;
+        h.result(&id).await;
+    }
+    eventually("3 records", Duration::from_secs(15), || {
+        file.exists()
+            && chain::verify(&file)
+                .map(|r| r.records == 3)
+                .unwrap_or(false)
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(sink.await.unwrap().unwrap(), 3);
+    // While the sink is down, records wait in the stream.
+    for i in 3..5 {
+        let id = format!("resume-{i}");
+        h.send(&cmd(&id, "CHECK_INTEGRATION_STATUS", "google", "LOW"))
+            .await;
+        h.result(&id).await;
+    }
+    let stop = CancellationToken::new();
+    let sink = run_sink(stop.clone());
+    eventually("5 records", Duration::from_secs(15), || {
+        chain::verify(&file)
+            .map(|r| r.records >= 5)
+            .unwrap_or(false)
+    })
+    .await;
+    settle().await;
+    stop.cancel();
+    assert_eq!(sink.await.unwrap().unwrap(), 2, "only the two new records");
+    let ids: Vec<String> = records(&file)
+        .iter()
+        .map(|r| r["action_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["resume-0", "resume-1", "resume-2", "resume-3", "resume-4"],
+        "each once, in order"
+    );
+    let report = chain::verify(&file).unwrap();
+    assert!(report.first_bad.is_none());
+    let _ = std::fs::remove_file(&file);
+}

@@ -183,7 +183,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         "mcp.results",
         "mcp.alerts.security",
         "mcp.control.state.log",
-        "mcp.audit",
+        "mcp.audit.log",
         "mcp.commands.dead",
     ] {
         let e = try_read(&agent, queue)
@@ -234,6 +234,43 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
             .is_err(),
         "an operator is not an agent"
     );
+
+    // The audit sink may read the audit stream, and can't erase it: no delete (no configure
+    // right), and a stream can't be purged (finding 12: the sink's user could delete its queue).
+    let sink = Connection::connect(&defs.url("audit-sink"), Default::default())
+        .await
+        .unwrap();
+    let sink_ch = sink.create_channel().await.unwrap();
+    sink_ch
+        .queue_declare(
+            "mcp.audit.log".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the sink sees its stream");
+    let e = sink
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_delete("mcp.audit.log".into(), QueueDeleteOptions::default())
+        .await
+        .expect_err("the sink deleted the audit stream");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    let sink = Connection::connect(&defs.url("audit-sink"), Default::default())
+        .await
+        .unwrap();
+    let e = sink
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_purge("mcp.audit.log".into(), QueuePurgeOptions::default())
+        .await
+        .expect_err("the sink purged the audit stream");
+    assert!(e.to_string().contains("not supported"), "{e}");
 
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.

@@ -37,6 +37,10 @@ pub enum ChainError {
 pub struct Head {
     pub seq: u64,
     pub hash: String,
+    /// Where the last record was read in the audit stream (for the sink to resume after it).
+    /// Not part of the chain's integrity: a record is proven by its hash link, not by this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +48,8 @@ struct LineOut<'a> {
     seq: u64,
     prev: &'a str,
     hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
     record: &'a RawValue,
 }
 
@@ -52,6 +58,8 @@ struct LineIn<'a> {
     seq: u64,
     prev: String,
     hash: String,
+    #[serde(default)]
+    offset: Option<u64>,
     #[serde(borrow)]
     record: &'a RawValue,
 }
@@ -114,6 +122,7 @@ impl ChainWriter {
         let head = report.last.unwrap_or(Head {
             seq: 0,
             hash: GENESIS.into(),
+            offset: None,
         });
         Ok(Self {
             path: path.to_owned(),
@@ -128,6 +137,16 @@ impl ChainWriter {
 
     /// Appends one record and makes it durable (file, then head) before returning.
     pub fn append(&mut self, record_json: &str) -> Result<Head, ChainError> {
+        self.append_at(record_json, None)
+    }
+
+    /// Appends one record read at `offset` of the audit stream (kept with it, so the sink
+    /// resumes after the last record it holds).
+    pub fn append_at(
+        &mut self,
+        record_json: &str,
+        offset: Option<u64>,
+    ) -> Result<Head, ChainError> {
         let raw: &RawValue =
             serde_json::from_str(record_json).map_err(|e| ChainError::Corrupt {
                 path: self.path.display().to_string(),
@@ -140,6 +159,7 @@ impl ChainWriter {
             seq,
             prev: &self.head.hash,
             hash: &hash,
+            offset,
             record: raw,
         })
         .expect("serializes");
@@ -147,7 +167,7 @@ impl ChainWriter {
         self.file.write_all(line.as_bytes()).map_err(io(&p))?;
         self.file.write_all(b"\n").map_err(io(&p))?;
         self.file.sync_data().map_err(io(&p))?;
-        let head = Head { seq, hash };
+        let head = Head { seq, hash, offset };
         let hp = head_path(&self.path);
         let tmp = hp.with_extension("head.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&head).expect("serializes")).map_err(io(&tmp))?;
@@ -223,6 +243,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ChainError> {
         last = Some(Head {
             seq: parsed.seq,
             hash: parsed.hash,
+            offset: parsed.offset,
         });
     }
     let head_file = std::fs::read(head_path(path))

@@ -1,12 +1,15 @@
-//! `command-poller audit sink`: consumes the audit queue and appends each record to the
-//! hash-chained file, acking only after the append is on disk.
+//! `command-poller audit sink`: reads the audit stream and appends each record to the
+//! hash-chained file, with its stream offset, so a restarted sink resumes after the last record
+//! it holds. The stream keeps records whether or not the sink runs (it can't be purged, and the
+//! sink's user may not delete it).
 
 use super::chain::{ChainError, ChainWriter};
 use crate::broker::{self, BrokerError};
+
 use crate::settings::Settings;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
@@ -30,14 +33,34 @@ pub async fn run(
     tracing::info!(file = %file.display(), seq = writer.head().seq, "audit sink: chain verified, appending");
     let conn = broker::connect(&settings.amqp.url, "command-poller-audit-sink").await?;
     let ch = conn.create_channel().await?;
-    broker::declare_audit(&ch, &settings.audit).await?;
+    // Passive: the sink's user may only read the audit stream (the poller declares it), so it
+    // can't delete it; a stream can't be purged at all.
+    ch.queue_declare(
+        settings.audit.queue.as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
     ch.basic_qos(64, BasicQosOptions::default()).await?;
+    // Reading a stream takes nothing off it: resume after the last record the chain holds.
+    let after = writer.head().offset;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        match after {
+            Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
+            None => AMQPValue::LongString(LongString::from(b"first".to_vec())),
+        },
+    );
     let mut consumer = ch
         .basic_consume(
             settings.audit.queue.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            args,
         )
         .await?;
     let mut appended = 0u64;
@@ -49,6 +72,14 @@ pub async fn run(
                 None => break,
             }
         };
+        let offset = stream_offset(&d);
+        // A consumer attached at an offset may be handed earlier records of the same chunk.
+        if let (Some(o), Some(last)) = (offset, after) {
+            if o <= last {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                continue;
+            }
+        }
         // Anything that isn't JSON is still kept, as evidence, in a JSON wrapper.
         let text = match std::str::from_utf8(&d.data)
             .ok()
@@ -58,10 +89,21 @@ pub async fn run(
             None => serde_json::json!({"kind": "unreadable", "bytes_hex": hex::encode(&d.data)})
                 .to_string(),
         };
-        writer.append(&text)?;
+        writer.append_at(&text, offset)?;
         appended += 1;
         d.acker.ack(BasicAckOptions::default()).await?;
     }
     let _ = conn.close(200, "audit sink stopping".into()).await;
     Ok(appended)
+}
+
+/// The record's position in the audit stream (the broker's `x-stream-offset` header).
+fn stream_offset(d: &lapin::message::Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+        _ => None,
+    }
 }

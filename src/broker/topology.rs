@@ -146,5 +146,38 @@ pub async fn declare_audit(
         FieldTable::default(),
     )
     .await?;
-    bound_queue(ch, &a.queue, &a.exchange, "audit.#").await
+    // A stream: the sink reads it without taking records off it (it resumes from its own
+    // offset), and a stream can't be purged, so whoever may read it can't erase it.
+    ch.queue_declare(
+        a.queue.as_str().into(),
+        durable_queue(),
+        audit_stream_arguments(),
+    )
+    .await?;
+    ch.queue_bind(
+        a.queue.as_str().into(),
+        a.exchange.as_str().into(),
+        "audit.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// How long the audit stream keeps records (the sink copies them into the chain file well
+/// before), and its segment size: retention drops whole segments.
+pub const AUDIT_MAX_AGE: &str = "90D";
+pub const AUDIT_SEGMENT_BYTES: i64 = 16_000_000;
+
+/// The audit stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
+pub fn audit_stream_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("stream"));
+    args.insert("x-max-age".into(), text(AUDIT_MAX_AGE));
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(AUDIT_SEGMENT_BYTES),
+    );
+    args
 }
