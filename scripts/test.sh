@@ -40,7 +40,7 @@ faults() {
 
 step "unit, integration and property tests" cargo test --all-targets "$@"
 step "fault suite" faults
-step "Apps Script web app (Node)" node --test deploy/apps-script/test/bridge.test.js
+step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
 
 if [ ${#failed[@]} -ne 0 ]; then
   echo "FAILED steps: ${failed[*]}"

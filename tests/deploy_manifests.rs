@@ -105,3 +105,32 @@ fn compose_and_definitions_parse() {
         assert!(queues.contains(&q.as_str()), "definitions lack {q}");
     }
 }
+
+#[test]
+fn clasp_pushes_only_the_web_app() {
+    // clasp pushes every .gs, .js, .html and .json file under its rootDir (the Node tests,
+    // with their top-level require, used to be pushed as server code).
+    fn pushable(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                pushable(&p, out);
+            } else if matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("gs" | "js" | "html" | "json")
+            ) {
+                out.push(p.strip_prefix("deploy/apps-script").unwrap().display().to_string());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    pushable(Path::new("deploy/apps-script"), &mut files);
+    files.sort();
+    assert_eq!(files, ["Code.gs", "appsscript.json"]);
+}
+
+#[test]
+fn the_disruption_budget_never_blocks_a_drain_during_a_halt() {
+    let pdb = docs(Path::new("deploy/k8s/pdb.yaml"));
+    assert_eq!(pdb[0]["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+}

@@ -8,7 +8,7 @@ const path = require('node:path');
 const vm = require('node:vm');
 const { execFileSync } = require('node:child_process');
 
-const CODE = fs.readFileSync(path.join(__dirname, '..', '..', 'Code.gs'), 'utf8');
+const CODE = fs.readFileSync(path.join(__dirname, '..', '..', '..', 'deploy', 'apps-script', 'Code.gs'), 'utf8');
 const FETCH = path.join(__dirname, 'fetch-sync.js');
 
 function properties(initial) {

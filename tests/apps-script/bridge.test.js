@@ -1,5 +1,5 @@
 // The Apps Script web app (Code.gs) under Node, with stand-ins for the Apps Script globals and a
-// local server playing Mailchimp, Meta and Google. Run: node --test deploy/apps-script/test/
+// local server playing Mailchimp, Meta and Google. Run: node --test tests/apps-script/
 'use strict';
 const test = require('node:test');
 const assert = require('node:assert/strict');
