@@ -14,6 +14,11 @@ if ! command -v node >/dev/null 2>&1; then
   echo "node: not installed; installing Debian's nodejs"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs >/dev/null
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "promtool: not installed; installing Debian's prometheus (the /metrics lint test uses it)"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+fi
 set +e
 mkdir -p target
 failed=()

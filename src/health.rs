@@ -80,18 +80,37 @@ async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics(State(c): State<Ctx>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+/// OpenMetrics to a scraper that asks for it (Prometheus does), the classic text format to one
+/// that doesn't; each labelled with its own content type, so the scraper parses it right.
+async fn metrics(
+    State(c): State<Ctx>,
+    headers: axum::http::HeaderMap,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let body = c.state.metrics.render(
         c.state.in_flight.load(Ordering::SeqCst),
         c.state.gate.mode(),
     );
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
+    let wants_openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::OPENMETRICS_CONTENT_TYPE,
+            )],
+            body,
+        )
+    } else {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CLASSIC_CONTENT_TYPE,
+            )],
+            crate::metrics::classic_text(&body),
+        )
+    }
 }
 
 async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {

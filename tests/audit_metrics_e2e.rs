@@ -315,6 +315,48 @@ async fn metrics_are_scraped_from_the_health_port() {
     };
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(body.contains("# TYPE command_poller_judge_latency_seconds histogram"));
+    // Without an Accept for OpenMetrics: the classic text format, labelled as such, and clean by
+    // promtool's lint (it used to report "command_poller_commands_total no help text": OpenMetrics
+    // text labelled text/plain 0.0.4). scripts/test.sh installs Debian's prometheus for promtool.
+    let (head, text) = body.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(!text.contains("# EOF"));
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Asked for OpenMetrics (as Prometheus asks): OpenMetrics, labelled as such.
+    let om = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf
+    };
+    assert!(
+        om.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{om}"
+    );
+    assert!(om.trim_end().ends_with("# EOF"));
     stop.cancel();
 }
 

@@ -119,7 +119,12 @@ fn clasp_pushes_only_the_web_app() {
                 p.extension().and_then(|x| x.to_str()),
                 Some("gs" | "js" | "html" | "json")
             ) {
-                out.push(p.strip_prefix("deploy/apps-script").unwrap().display().to_string());
+                out.push(
+                    p.strip_prefix("deploy/apps-script")
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                );
             }
         }
     }

@@ -311,7 +311,7 @@ mod tests {
             requested_at: "2026-11-27T12:00:00Z".into(),
             lookup: false,
         };
-        // The same vector is checked in deploy/apps-script/test/bridge.test.js.
+        // The same vector is checked in tests/apps-script/bridge.test.js.
         assert_eq!(
             serde_json::json!([
                 "bridge/v1",
