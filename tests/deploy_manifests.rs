@@ -38,10 +38,13 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
         [
             "ConfigMap",
             "Deployment",
+            "Namespace",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "ScaledObject",
             "Secret",
             "Service",
+            "ServiceAccount",
             "TriggerAuthentication"
         ]
     );
@@ -138,4 +141,44 @@ fn clasp_pushes_only_the_web_app() {
 fn the_disruption_budget_never_blocks_a_drain_during_a_halt() {
     let pdb = docs(Path::new("deploy/k8s/pdb.yaml"));
     assert_eq!(pdb[0]["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+}
+
+#[test]
+fn everything_lives_in_its_namespace_without_an_api_token() {
+    let ns = docs(Path::new("deploy/k8s/namespace.yaml"))[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for entry in std::fs::read_dir("deploy/k8s").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for d in docs(&path) {
+            if d["kind"] != "Namespace" {
+                assert_eq!(d["metadata"]["namespace"], ns.as_str(), "{}", path.display());
+            }
+        }
+    }
+    let dep = &docs(Path::new("deploy/k8s/deployment.yaml"))[0]["spec"]["template"]["spec"];
+    let sa = &docs(Path::new("deploy/k8s/serviceaccount.yaml"))[0];
+    assert_eq!(dep["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(dep["automountServiceAccountToken"], false);
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    let np = &docs(Path::new("deploy/k8s/networkpolicy.yaml"))[0]["spec"];
+    assert_eq!(
+        np["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "command-poller"
+    );
+    assert_eq!(np["ingress"][0]["ports"][0]["port"], 9464, "only the health port");
+    let egress: Vec<u64> = np["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().unwrap().iter())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    for port in [53, 5672, 443] {
+        assert!(egress.contains(&port), "egress to {port}");
+    }
 }
