@@ -56,8 +56,10 @@ pub enum Command {
     },
     /// Run the bridge simulator as a standalone HTTP server (secret from bridge.secret_env).
     BridgeSimulator {
+        /// Address to serve the web app's contract on (POST /exec, GET /echo, GET /_sim/calls).
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: std::net::SocketAddr,
+        /// Simulated execution time of each action, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
@@ -65,6 +67,7 @@ pub enum Command {
     CheckConfig,
     /// Pause every replica (Emergency-INT-E01): no new commands, no bridge call starts.
     Pause {
+        /// Why (recorded in the stored state, the events and the audit trail).
         #[arg(long)]
         reason: String,
         #[command(flatten)]
@@ -72,6 +75,7 @@ pub enum Command {
     },
     /// Resume every replica. A halt is lifted only with --lift-halt.
     Resume {
+        /// Why (recorded in the stored state, the events and the audit trail).
         #[arg(long, default_value = "")]
         reason: String,
         /// Explicit confirmation that the master shut-off may be lifted.
@@ -82,6 +86,7 @@ pub enum Command {
     },
     /// The master shut-off (Emergency-INT-E02): no bridge calls, no judge calls, everywhere.
     Halt {
+        /// Why (recorded in the stored state, the events and the audit trail).
         #[arg(long)]
         reason: String,
         #[command(flatten)]
@@ -101,18 +106,25 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Consume the audit queue and append to a hash-chained JSON-lines file (one writer).
+    /// Read the audit stream and append to a hash-chained JSON-lines file (one writer).
     Sink {
+        /// The chain file (created if missing; its head goes to <file>.head).
         #[arg(long, default_value = "audit.jsonl")]
         file: PathBuf,
     },
     /// Check the chain (and the head file); report the first bad record.
-    Verify { file: PathBuf },
+    Verify {
+        /// The chain file to check.
+        file: PathBuf,
+    },
     /// Print the records of one action, or of one agent since a time.
     Show {
+        /// The chain file to read.
         file: PathBuf,
+        /// Only the records of this action_id.
         #[arg(long)]
         action_id: Option<String>,
+        /// Only the records of this agent.
         #[arg(long)]
         agent: Option<String>,
         /// RFC 3339, e.g. 2026-11-24T00:00:00Z.

@@ -546,3 +546,53 @@ fn drain_queue_messages(queue: &str) -> Vec<(usize, String)> {
         out
     })
 }
+
+#[test]
+fn every_subcommand_and_flag_says_what_it_is_for() {
+    let subcommands: &[&[&str]] = &[
+        &[],
+        &["run"],
+        &["send"],
+        &["bridge-simulator"],
+        &["check-config"],
+        &["pause"],
+        &["resume"],
+        &["halt"],
+        &["status"],
+        &["audit"],
+        &["audit", "sink"],
+        &["audit", "verify"],
+        &["audit", "show"],
+    ];
+    for sub in subcommands {
+        let out = Command::new(BIN).args(*sub).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{sub:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let mut section = "";
+        for line in help.lines() {
+            if !line.starts_with(' ') {
+                section = line;
+                continue;
+            }
+            if !matches!(section, "Options:" | "Arguments:" | "Commands:") {
+                continue;
+            }
+            // "  --flag <VALUE>   Description"; a continuation line is indented further.
+            let entry = line.trim_start();
+            if !(entry.starts_with('-') || entry.starts_with('<') || section == "Commands:") {
+                continue;
+            }
+            // What follows the flag column, without clap's "[default: …]" and "[env: …]".
+            let text: String = line
+                .trim()
+                .split("  ")
+                .filter(|p| !p.trim().is_empty())
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let words = text.split('[').next().unwrap_or("").trim().to_owned();
+            let described = !words.is_empty();
+            assert!(described, "{sub:?}: no help text for {:?}", line.trim());
+        }
+    }
+}

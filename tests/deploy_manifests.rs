@@ -156,7 +156,12 @@ fn everything_lives_in_its_namespace_without_an_api_token() {
         }
         for d in docs(&path) {
             if d["kind"] != "Namespace" {
-                assert_eq!(d["metadata"]["namespace"], ns.as_str(), "{}", path.display());
+                assert_eq!(
+                    d["metadata"]["namespace"],
+                    ns.as_str(),
+                    "{}",
+                    path.display()
+                );
             }
         }
     }
@@ -170,7 +175,10 @@ fn everything_lives_in_its_namespace_without_an_api_token() {
         np["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
         "command-poller"
     );
-    assert_eq!(np["ingress"][0]["ports"][0]["port"], 9464, "only the health port");
+    assert_eq!(
+        np["ingress"][0]["ports"][0]["port"], 9464,
+        "only the health port"
+    );
     let egress: Vec<u64> = np["egress"]
         .as_array()
         .unwrap()
