@@ -23,24 +23,35 @@ struct Ctx {
     instance: String,
 }
 
-/// Binds `addr` and serves until `stop` is cancelled. Returns the bound address.
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until `stop` is cancelled.
+/// Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<PollerState>,
     instance: String,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(Ctx { state, instance });
+    bind_and_serve(addr, app, stop, "health endpoint").await
+}
+
+/// Serves `app` on `addr` in the background until `stop`; returns the bound address.
+async fn bind_and_serve(
+    addr: SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+    what: &'static str,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
-            tracing::error!(error = %e, "health endpoint stopped");
+            tracing::error!(error = %e, "{what} stopped");
         }
     });
     Ok(bound)
@@ -53,18 +64,10 @@ pub async fn serve_status(
     instance: String,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/status", get(status))
         .with_state(Ctx { state, instance });
-    tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "status endpoint stopped");
-        }
-    });
-    Ok(bound)
+    bind_and_serve(addr, app, stop, "status endpoint").await
 }
 
 async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {

@@ -254,28 +254,12 @@ fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("claim_ttl_secs"));
 }
 
-/// Every message waiting in `queue`, taken off it.
+/// Every message body waiting in `queue`, taken off it, as text.
 fn drain_queue(queue: &str) -> Vec<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use lapin::options::BasicGetOptions;
-        let conn = lapin::Connection::connect(common::AMQP, Default::default())
-            .await
-            .unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        let mut out = Vec::new();
-        while let Ok(Some(m)) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-        {
-            out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
-        }
-        let _ = conn.close(200, "done".into()).await;
-        out
-    })
+    drain_queue_messages(queue)
+        .into_iter()
+        .map(|(body, _)| String::from_utf8_lossy(&body).into_owned())
+        .collect()
 }
 
 /// The records of the stream `queue` from its start up to the first one that mentions `until`.
@@ -500,7 +484,7 @@ fn huge_messages_are_refused_without_being_copied() {
         dead.extend(drain_queue_messages(&settings.topology.dead_letter_queue));
     }
     assert_eq!(dead.len(), COUNT);
-    assert!(dead.iter().all(|(body_len, _)| *body_len == 0));
+    assert!(dead.iter().all(|(body, _)| body.is_empty()));
     let after = peak_rss_kib(poller.id());
     let _ = Command::new("kill")
         .args(["-TERM", &poller.id().to_string()])
@@ -520,8 +504,8 @@ fn huge_messages_are_refused_without_being_copied() {
     );
 }
 
-/// Every message waiting in `queue`, taken off it: (body length, headers as text).
-fn drain_queue_messages(queue: &str) -> Vec<(usize, String)> {
+/// Every message waiting in `queue`, taken off it: (body, headers as text).
+fn drain_queue_messages(queue: &str) -> Vec<(Vec<u8>, String)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -538,7 +522,7 @@ fn drain_queue_messages(queue: &str) -> Vec<(usize, String)> {
             .await
         {
             out.push((
-                m.delivery.data.len(),
+                m.delivery.data.clone(),
                 format!("{:?}", m.delivery.properties.headers()),
             ));
         }

@@ -585,24 +585,13 @@ async fn broker_restarted_mid_load() {
     w.spawn_poller("a");
     w.wait_results(60, Duration::from_secs(60)).await;
     let _guard = BrokerGuard;
-    assert!(Command::new("rabbitmqctl")
-        .arg("stop_app")
-        .output()
-        .unwrap()
-        .status
-        .success());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(Command::new("rabbitmqctl")
-        .arg("start_app")
-        .output()
-        .unwrap()
-        .status
-        .success());
+    restart_broker();
     w.wait_ids(&ids, Duration::from_secs(180)).await;
     w.report(&ids).await;
 }
 
-/// Stops and starts the broker's application (the BrokerGuard restores it on a panic).
+/// Stops the broker's application for 2 s and starts it again (the BrokerGuard restores it on a
+/// panic).
 fn restart_broker() {
     assert!(Command::new("rabbitmqctl")
         .arg("stop_app")
@@ -610,7 +599,7 @@ fn restart_broker() {
         .unwrap()
         .status
         .success());
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
     assert!(Command::new("rabbitmqctl")
         .arg("start_app")
         .output()
