@@ -418,3 +418,52 @@ async fn a_restarted_sink_resumes_after_its_last_record() {
     assert!(report.first_bad.is_none());
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test]
+async fn the_sink_reconnects_when_its_connection_drops() {
+    // A workload, not a one-shot: it used to exit when its connection ended, so after a broker
+    // restart the audit trail stopped growing.
+    let h = Harness::start(Options::default()).await;
+    let file = temp_file();
+    let stop = CancellationToken::new();
+    let sink = {
+        let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
+        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+    };
+    h.send(&cmd(
+        "sink-drop-1",
+        "CHECK_INTEGRATION_STATUS",
+        "google",
+        "LOW",
+    ))
+    .await;
+    eventually("the first record", Duration::from_secs(15), || {
+        file.exists()
+            && chain::verify(&file)
+                .map(|r| r.records == 1)
+                .unwrap_or(false)
+    })
+    .await;
+    let name = format!("{}-audit-sink", h.settings.amqp.connection_name);
+    let closed = tokio::task::spawn_blocking(move || close_connections(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "the sink's connection");
+    h.send(&cmd(
+        "sink-drop-2",
+        "CHECK_INTEGRATION_STATUS",
+        "google",
+        "LOW",
+    ))
+    .await;
+    eventually("the second record", Duration::from_secs(20), || {
+        chain::verify(&file)
+            .map(|r| r.records == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(!sink.is_finished(), "the sink kept running");
+    stop.cancel();
+    assert_eq!(sink.await.unwrap().unwrap(), 2);
+    let _ = std::fs::remove_file(&file);
+}

@@ -45,28 +45,6 @@ async fn commands_are_processed_concurrently_up_to_max_in_flight() {
     }
 }
 
-/// Closes this test's poller connections from the broker side, as a broker restart would.
-fn close_connections(name_prefix: &str) -> usize {
-    let out = Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut closed = 0;
-    for line in text.lines() {
-        if line.contains(&format!("\"connection_name\",\"{name_prefix}")) {
-            let pid = line.split('\t').next().unwrap();
-            let st = Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "test: simulated broker failure"])
-                .status()
-                .unwrap();
-            assert!(st.success());
-            closed += 1;
-        }
-    }
-    closed
-}
-
 #[tokio::test]
 async fn the_poller_reconnects_after_the_broker_drops_its_connections() {
     let h = Harness::start(Options::default()).await;

@@ -43,8 +43,10 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "PodDisruptionBudget",
             "ScaledObject",
             "Secret",
+            "Secret",
             "Service",
             "ServiceAccount",
+            "StatefulSet",
             "TriggerAuthentication"
         ]
     );
@@ -188,5 +190,36 @@ fn everything_lives_in_its_namespace_without_an_api_token() {
         .collect();
     for port in [53, 5672, 443] {
         assert!(egress.contains(&port), "egress to {port}");
+    }
+}
+
+#[test]
+fn the_audit_sink_is_a_workload_of_one_writer_with_its_own_volume() {
+    let sts = &docs(Path::new("deploy/k8s/audit-sink.yaml"))[0];
+    assert_eq!(sts["kind"], "StatefulSet");
+    assert_eq!(
+        sts["spec"]["replicas"], 1,
+        "one writer, so the chain can't fork"
+    );
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["args"][0], "audit");
+    assert_eq!(c["args"][1], "sink");
+    assert!(c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "/data/audit.jsonl"));
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/data");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        c["volumeMounts"][0]["name"]
+    );
+    // Compose restarts what stops.
+    let compose: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
+    for (name, svc) in compose["services"].as_object().unwrap() {
+        assert_eq!(svc["restart"], "unless-stopped", "{name}");
     }
 }

@@ -7,10 +7,12 @@ use super::chain::{ChainError, ChainWriter};
 use crate::broker::{self, BrokerError};
 
 use crate::settings::Settings;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::path::Path;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +25,9 @@ pub enum SinkError {
     Amqp(#[from] lapin::Error),
 }
 
-/// Runs until `stop` is cancelled or the broker connection ends. Returns records appended.
+/// Runs until `stop` is cancelled, reconnecting (with backoff, forever) when the broker
+/// connection ends or fails, like the poller. Returns the records appended. Only a chain that
+/// can't be written or doesn't verify stops it with an error.
 pub async fn run(
     settings: &Settings,
     file: &Path,
@@ -31,7 +35,66 @@ pub async fn run(
 ) -> Result<u64, SinkError> {
     let mut writer = ChainWriter::open(file)?;
     tracing::info!(file = %file.display(), seq = writer.head().seq, "audit sink: chain verified, appending");
-    let conn = broker::connect(&settings.amqp.url, "command-poller-audit-sink").await?;
+    let a = &settings.amqp;
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(a.reconnect_min_ms))
+            .with_max_delay(Duration::from_millis(a.reconnect_max_ms))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    let mut appended = 0u64;
+    while !stop.is_cancelled() {
+        let before = appended;
+        let ended = session(settings, &mut writer, &stop, &mut appended).await;
+        if stop.is_cancelled() {
+            break;
+        }
+        match ended {
+            Err(SinkError::Chain(e)) => return Err(SinkError::Chain(e)),
+            Err(e) => tracing::warn!(error = %e, "audit sink: broker session ended; reconnecting"),
+            Ok(()) => tracing::warn!("audit sink: the broker ended the consumer; reconnecting"),
+        }
+        if appended > before {
+            delays = backoff();
+        }
+        let delay = delays
+            .next()
+            .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    Ok(appended)
+}
+
+/// One connected session: reads the stream after the chain's last offset and appends.
+async fn session(
+    settings: &Settings,
+    writer: &mut ChainWriter,
+    stop: &CancellationToken,
+    appended: &mut u64,
+) -> Result<(), SinkError> {
+    let conn = broker::connect(
+        &settings.amqp.url,
+        &format!("{}-audit-sink", settings.amqp.connection_name),
+    )
+    .await?;
+    let result = consume(settings, &conn, writer, stop, appended).await;
+    broker::close(&conn, "audit sink session end").await;
+    result
+}
+
+async fn consume(
+    settings: &Settings,
+    conn: &lapin::Connection,
+    writer: &mut ChainWriter,
+    stop: &CancellationToken,
+    appended: &mut u64,
+) -> Result<(), SinkError> {
     let ch = conn.create_channel().await?;
     // Passive: the sink's user may only read the audit stream (the poller declares it), so it
     // can't delete it; a stream can't be purged at all.
@@ -63,7 +126,6 @@ pub async fn run(
             args,
         )
         .await?;
-    let mut appended = 0u64;
     loop {
         let d = tokio::select! {
             _ = stop.cancelled() => break,
@@ -90,11 +152,10 @@ pub async fn run(
                 .to_string(),
         };
         writer.append_at(&text, offset)?;
-        appended += 1;
+        *appended += 1;
         d.acker.ack(BasicAckOptions::default()).await?;
     }
-    let _ = conn.close(200, "audit sink stopping".into()).await;
-    Ok(appended)
+    Ok(())
 }
 
 /// The record's position in the audit stream (the broker's `x-stream-offset` header).

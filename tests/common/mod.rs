@@ -776,3 +776,26 @@ impl BrokerUser {
         let _ = conn.close(200, "sent".into()).await;
     }
 }
+
+/// Closes the broker connections whose name starts with `name_prefix` (a simulated failure);
+/// returns how many.
+pub fn close_connections(name_prefix: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines() {
+        if line.contains(&format!("\"connection_name\",\"{name_prefix}")) {
+            let pid = line.split('\t').next().unwrap();
+            let st = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test: simulated broker failure"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            closed += 1;
+        }
+    }
+    closed
+}
