@@ -6,7 +6,6 @@ mod common;
 
 use command_poller::outcome::Status;
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
