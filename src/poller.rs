@@ -4,7 +4,7 @@
 //! In: settings and a pipeline. Out: results, alerts and dead letters on the broker. Rides out
 //! broker restarts (a plain reconnect loop: new connections, topology, consumer) and drains
 //! in-flight commands on shutdown. Anything unacked when a connection goes away is requeued by
-//! the broker; the bridge's dedup by action_id makes a re-run after a lost ack safe.
+//! the broker; the bridge's dedup (per agent and action_id) makes a re-run after a lost ack safe.
 
 use crate::audit::{self, AuditEvent, AuditRecord};
 use crate::bridge::signing::Secret;

@@ -135,7 +135,8 @@ impl std::fmt::Display for Leg {
 }
 
 impl BridgeError {
-    /// Worth another try: the bridge's dedup by action_id makes a repeated POST safe.
+    /// Worth another try before the action ran: the bridge's dedup (per agent and action_id, with
+    /// the request digest) makes a repeated POST safe.
     pub fn is_transient(&self) -> bool {
         match self {
             BridgeError::Remote { retryable, .. }
