@@ -402,7 +402,7 @@ impl Poller {
             self.publishers.send_replace(Some(publisher.clone()));
             let ch = consume_conn.create_channel().await?;
             broker::declare(&ch, &s.topology).await?;
-            broker::declare_audit(&ch, &s.audit).await?;
+            broker::declare_audit(consume_conn, &s.audit).await?;
 
             // Control first: the stored state is applied before any command is consumed.
             let replica = Arc::new(Replica::new(
@@ -1028,6 +1028,7 @@ pub async fn carry_out(
         "audit.command",
         &t.dead_letter_exchange,
         &record,
+        &settings.poller_user(),
     )
     .await
 }

@@ -242,8 +242,11 @@ pub struct ControlSettings {
 pub struct AuditSettings {
     /// Topic exchange audit records are published to (`audit.command`, `audit.control`).
     pub exchange: String,
-    /// Durable queue bound `audit.#`, consumed by `command-poller audit sink`.
+    /// The stream bound `audit.#`, read by `command-poller audit sink`.
     pub queue: String,
+    /// Broker users whose records the sink accepts (the poller's); a record published by anyone
+    /// else (checked `user_id`) is refused: dead-lettered with the reason, not appended.
+    pub publishers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -467,3 +467,82 @@ async fn the_sink_reconnects_when_its_connection_drops() {
     assert_eq!(sink.await.unwrap().unwrap(), 2);
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test]
+async fn the_sink_refuses_records_not_published_by_the_poller() {
+    // Anyone who can publish to the audit exchange could forge records; the poller sets its
+    // (broker-checked) user_id on every record and the sink keeps only those.
+    let h = Harness::start(Options::default()).await;
+    let forger = BrokerUser::create();
+    let conn = lapin::Connection::connect(&forger.url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let forged = serde_json::json!({"kind": "command", "action_id": "forged-1", "agent": "x",
+        "instance": "x", "at": "x", "events": []});
+    ch.basic_publish(
+        h.settings.audit.exchange.as_str().into(),
+        "audit.command".into(),
+        Default::default(),
+        forged.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_user_id(forger.0.as_str().into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    h.send(&cmd(
+        "genuine-audit-1",
+        "CHECK_INTEGRATION_STATUS",
+        "google",
+        "LOW",
+    ))
+    .await;
+    h.result("genuine-audit-1").await;
+    let file = temp_file();
+    let stop = CancellationToken::new();
+    let sink = {
+        let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
+        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+    };
+    eventually("the genuine record", Duration::from_secs(15), || {
+        file.exists()
+            && chain::verify(&file)
+                .map(|r| r.records >= 1)
+                .unwrap_or(false)
+    })
+    .await;
+    let refused = h
+        .wait_until(
+            "the forged record dead-lettered",
+            Duration::from_secs(10),
+            |i| {
+                i.dead
+                    .iter()
+                    .find(|d| {
+                        d.header("x-poller-reason")
+                            .is_some_and(|r| r.contains("refused"))
+                    })
+                    .cloned()
+            },
+        )
+        .await;
+    assert!(refused
+        .header("x-poller-reason")
+        .unwrap()
+        .contains(&forger.0));
+    stop.cancel();
+    sink.await.unwrap().unwrap();
+    let ids: Vec<String> = records(&file)
+        .iter()
+        .map(|r| r["action_id"].as_str().unwrap_or("-").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["genuine-audit-1"],
+        "the forged record is not in the chain"
+    );
+    let _ = std::fs::remove_file(&file);
+}

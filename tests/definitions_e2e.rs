@@ -272,6 +272,105 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         .expect_err("the sink purged the audit stream");
     assert!(e.to_string().contains("not supported"), "{e}");
 
+    // The operator: levers only. Not the default exchange (no stored state through it, no
+    // commands, alerts or audit records), not the commands queue's contents, not the event queue.
+    let ops_user = defs.user("ops-admin");
+    let ops = Connection::connect(&defs.url("ops-admin"), Default::default())
+        .await
+        .unwrap();
+    for queue in [
+        "mcp.commands",
+        "mcp.audit.log",
+        "mcp.alerts.security",
+        "mcp.control.state.log",
+    ] {
+        let e = try_publish(&ops, "", queue, &ops_user)
+            .await
+            .expect_err(&format!(
+                "the operator published to {queue} through the default exchange"
+            ));
+        assert!(e.contains("ACCESS_REFUSED"), "{queue}: {e}");
+    }
+    let e = try_read(&ops, "mcp.commands")
+        .await
+        .expect_err("the operator read the commands queue");
+    assert!(e.contains("ACCESS_REFUSED"), "{e}");
+    for probe in ["purge", "delete-events"] {
+        let ch = ops.create_channel().await.unwrap();
+        let e = match probe {
+            "purge" => ch
+                .queue_purge("mcp.commands".into(), QueuePurgeOptions::default())
+                .await
+                .map(|_| ()),
+            _ => ch
+                .queue_delete("mcp.control.events".into(), QueueDeleteOptions::default())
+                .await
+                .map(|_| ()),
+        }
+        .expect_err(probe)
+        .to_string();
+        assert!(e.contains("ACCESS_REFUSED"), "{probe}: {e}");
+    }
+    // …while the queue depth (a passive declare) stays visible.
+    ops.create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            "mcp.commands".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the operator sees the queue depth");
+
+    // KEDA: no permissions at all, and the queue length still readable.
+    let keda = Connection::connect(&defs.url("keda"), Default::default())
+        .await
+        .unwrap();
+    let depth = keda
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            "mcp.commands".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("KEDA reads the queue length");
+    let _ = depth.message_count();
+    assert!(try_read(&keda, "mcp.commands").await.is_err());
+    assert!(
+        try_publish(&keda, "mcp.commands", "command.x", &defs.user("keda"))
+            .await
+            .is_err()
+    );
+
+    // The poller publishes audit records but can't read, purge or delete the audit stream (the
+    // audited process can't erase its own records).
+    let poller_conn = Connection::connect(&defs.url("command-poller"), Default::default())
+        .await
+        .unwrap();
+    let e = try_read(&poller_conn, "mcp.audit.log")
+        .await
+        .expect_err("the poller read the audit stream");
+    assert!(e.contains("ACCESS_REFUSED"), "{e}");
+    let e = poller_conn
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_delete("mcp.audit.log".into(), QueueDeleteOptions::default())
+        .await
+        .expect_err("the poller deleted the audit stream")
+        .to_string();
+    assert!(e.contains("ACCESS_REFUSED"), "{e}");
+
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.
     let mut settings = test_settings(&sfx);
@@ -282,6 +381,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     .unwrap();
     settings.topology = defaults.topology.clone();
     settings.control = defaults.control.clone();
+    settings.control.operators = vec![defs.user("ops-admin")];
     settings.audit = defaults.audit.clone();
     settings.amqp.url = defs.url("command-poller");
     let sim = Arc::new(
@@ -362,6 +462,25 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     };
     assert_eq!(r.status, Status::Success, "{r:?}");
     assert_eq!(r.agent.unwrap().id, agent_user);
+    // The operator's own tools work on those rights: status reaches the running replica.
+    let mut op_settings = test_settings(&sfx);
+    op_settings.topology = defaults.topology.clone();
+    op_settings.control = defaults.control.clone();
+    op_settings.control.operators = vec![ops_user.clone()];
+    let ops_url = defs.url("ops-admin");
+    let report = command_poller::control::operator::Operator {
+        settings: &op_settings,
+        amqp_url: &ops_url,
+        wait: Duration::from_millis(1500),
+    }
+    .run(command_poller::control::ControlCommand::Status {
+        request_id: command_poller::control::operator::new_request_id(),
+    })
+    .await
+    .expect("status as the least-privileged operator");
+    assert_eq!(report.replicas.len(), 1, "{report:?}");
+    assert!(report.replicas[0].accepted, "{report:?}");
+    assert!(report.queue_depth.is_some());
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
     let _ = std::fs::remove_file(store_path);

@@ -44,6 +44,7 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "ScaledObject",
             "Secret",
             "Secret",
+            "Secret",
             "Service",
             "ServiceAccount",
             "StatefulSet",

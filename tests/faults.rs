@@ -219,7 +219,7 @@ impl World {
         command_poller::broker::declare(&ch, &settings.topology)
             .await
             .unwrap();
-        command_poller::broker::declare_audit(&ch, &settings.audit)
+        command_poller::broker::declare_audit(&conn, &settings.audit)
             .await
             .unwrap();
         let _ = conn.close(200, "ok".into()).await;

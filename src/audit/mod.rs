@@ -128,6 +128,7 @@ pub async fn publish_record(
     routing_key: &str,
     dead_letter_exchange: &str,
     record: &AuditRecord,
+    user: &str,
 ) -> Result<AuditOutcome, crate::broker::BrokerError> {
     use crate::broker::Outgoing;
     let body = serde_json::to_vec(record).expect("audit record serializes");
@@ -137,6 +138,8 @@ pub async fn publish_record(
         body: body.clone(),
         correlation_id: record.action_id.clone(),
         message_type: "audit",
+        // Broker-checked: the sink accepts records from the poller's user only.
+        user_id: Some(user.to_owned()),
         ..Default::default()
     };
     let mut tries = 0;

@@ -135,6 +135,23 @@ async fn consume(
             }
         };
         let offset = stream_offset(&d);
+        let publisher = d.properties.user_id().as_ref().map(|u| u.to_string());
+        if !publisher
+            .as_deref()
+            .is_some_and(|u| settings.audit.publishers.iter().any(|p| p == u))
+        {
+            // Not the poller's: never part of the chain. It stays in the stream as evidence;
+            // a copy goes to the dead-letter queue with the reason, for a human.
+            let why = format!(
+                "audit record published by {}, not by an audit publisher ({}); refused",
+                publisher.as_deref().unwrap_or("(no user_id)"),
+                settings.audit.publishers.join(", ")
+            );
+            tracing::error!(offset = ?offset, "{why}");
+            refuse(conn, settings, &d.data, &why).await;
+            d.acker.ack(BasicAckOptions::default()).await?;
+            continue;
+        }
         // A consumer attached at an offset may be handed earlier records of the same chunk.
         if let (Some(o), Some(last)) = (offset, after) {
             if o <= last {
@@ -156,6 +173,32 @@ async fn consume(
         d.acker.ack(BasicAckOptions::default()).await?;
     }
     Ok(())
+}
+
+/// Dead-letters a refused record with the reason (the sink's user may publish there and
+/// nowhere else); logged when even that is refused.
+async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why: &str) {
+    let sent = async {
+        let p = broker::Publisher::open(conn).await?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-poller-reason".into(),
+            AMQPValue::LongString(LongString::from(why.as_bytes().to_vec())),
+        );
+        p.publish(&broker::Outgoing {
+            exchange: settings.topology.dead_letter_exchange.clone(),
+            routing_key: "audit.refused".into(),
+            body: body.to_vec(),
+            message_type: "audit_refused",
+            headers: Some(headers),
+            ..Default::default()
+        })
+        .await
+    }
+    .await;
+    if let Err(e) = sent {
+        tracing::error!(error = %e, "could not dead-letter the refused audit record; it stays in the audit stream");
+    }
 }
 
 /// The record's position in the audit stream (the broker's `x-stream-offset` header).

@@ -33,6 +33,11 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// The broker refused an operation for lack of permission.
+    pub fn is_access_refused(&self) -> bool {
+        matches!(self, BrokerError::Amqp(e) if e.to_string().contains("ACCESS_REFUSED"))
+    }
+
     /// Connection-level trouble (reconnect), as opposed to a message-level refusal.
     pub fn is_connection(&self) -> bool {
         matches!(self, BrokerError::Amqp(_) | BrokerError::Timeout(..))

@@ -134,8 +134,50 @@ async fn bound_queue(
     Ok(())
 }
 
-/// Declares the audit exchange and the durable queue the audit sink consumes.
+/// Declares the audit exchange and the stream the audit sink reads, on channels of their own. A
+/// user that may not configure the stream (least privilege: the poller may publish audit
+/// records, never delete them; `deploy/rabbitmq/definitions.json` creates it) checks instead
+/// that both exist.
 pub async fn declare_audit(
+    conn: &lapin::Connection,
+    a: &crate::settings::AuditSettings,
+) -> Result<(), BrokerError> {
+    let ch = conn.create_channel().await?;
+    match declare_audit_on(&ch, a).await {
+        Ok(()) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) if e.is_access_refused() => {
+            let ch = conn.create_channel().await?;
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            ch.exchange_declare(
+                a.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_declare(
+                a.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn declare_audit_on(
     ch: &Channel,
     a: &crate::settings::AuditSettings,
 ) -> Result<(), BrokerError> {

@@ -67,8 +67,15 @@ impl Operator<'_> {
         let c = &self.settings.control;
         let user = user_of(self.amqp_url);
         let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
+        // An operator may not configure anything (least privilege): where the declare is
+        // refused, the control topology (the replicas declare it) must simply exist.
+        let declared = conn.create_channel().await?;
+        match declare_control(&declared, c).await {
+            Ok(()) => {}
+            Err(e) if e.is_access_refused() => expect_control(&conn, c).await?,
+            Err(e) => return Err(e.into()),
+        }
         let ch = conn.create_channel().await?;
-        declare_control(&ch, c).await?;
         let publisher = Publisher::open(&conn).await?;
         let state_ch = conn.create_channel().await?;
         let classify = state_writer(&c.operators, &self.settings.poller_user());
@@ -192,6 +199,45 @@ impl Operator<'_> {
             note,
         })
     }
+}
+
+/// Checks, without configuring anything, that the control exchanges and the state stream exist.
+async fn expect_control(
+    conn: &lapin::Connection,
+    c: &crate::settings::ControlSettings,
+) -> Result<(), OperatorError> {
+    let ch = conn.create_channel().await?;
+    for (exchange, kind) in [
+        (&c.exchange, lapin::ExchangeKind::Topic),
+        (&c.state_exchange, lapin::ExchangeKind::Fanout),
+    ] {
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            kind,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            OperatorError::Refused(format!(
+                "the control exchange {exchange} is missing (no replica has declared it yet?): {e}"
+            ))
+        })?;
+    }
+    ch.queue_declare(
+        c.state_queue.as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let _ = ch.close(200, "checked".into()).await;
+    Ok(())
 }
 
 pub fn new_request_id() -> String {

@@ -591,6 +591,7 @@ impl Replica {
             "audit.control",
             &self.settings.topology.dead_letter_exchange,
             &record,
+            &self.poller_user,
         )
         .await?;
         if audited != crate::audit::AuditOutcome::Delivered {

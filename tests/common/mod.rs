@@ -329,7 +329,7 @@ impl Harness {
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         broker::declare(&ch, &settings.topology).await.unwrap();
-        broker::declare_audit(&ch, &settings.audit).await.unwrap();
+        broker::declare_audit(&conn, &settings.audit).await.unwrap();
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let t = &settings.topology;
         tokio::spawn(collect(
