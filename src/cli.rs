@@ -64,7 +64,13 @@ pub enum Command {
         latency_ms: u64,
     },
     /// Load and check the configuration and the policy file, then exit.
-    CheckConfig,
+    CheckConfig {
+        /// Also check what `run` would trip on: prompt files, API-key and bridge-secret
+        /// variables, the idempotency store (reachable, writable), the broker (reachable as the
+        /// configured user, the exchanges and queues in place). Each problem names its key.
+        #[arg(long)]
+        online: bool,
+    },
     /// Pause every replica (Emergency-INT-E01): no new commands, no bridge call starts.
     Pause {
         /// Why (recorded in the stored state, the events and the audit trail).
@@ -300,8 +306,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             operate(&settings, op, cmd).await
         }
         Command::Audit { command } => audit(&settings, command).await,
-        Command::CheckConfig => {
+        Command::CheckConfig { online } => {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
+            if online {
+                let findings = crate::preflight::check(&settings).await;
+                for f in &findings {
+                    let mark = if f.ok { "ok     " } else { "PROBLEM" };
+                    println!("{mark} {}: {}", f.key, f.detail);
+                }
+                let problems = findings.iter().filter(|f| !f.ok).count();
+                if problems > 0 {
+                    eprintln!("check-config --online: {problems} problem(s); `run` would fail or misbehave");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             println!(
                 "configuration OK: {} judge(s), quorum {}, bridge {:?}, policy {} (sha256 {})",
                 settings.panel.judges.len(),

@@ -21,4 +21,5 @@ pub mod outcome;
 pub mod pipeline;
 pub mod policy;
 pub mod poller;
+pub mod preflight;
 pub mod settings;

@@ -580,3 +580,93 @@ fn every_subcommand_and_flag_says_what_it_is_for() {
         }
     }
 }
+
+#[test]
+fn check_config_online_names_each_problem_run_would_trip_on() {
+    let sfx = suffix();
+    let settings = test_settings(&sfx);
+    let _cleanup = Cleanup(settings.clone());
+    // The poller's topology in place, as a first run (or the shipped definitions) leaves it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        command_poller::broker::declare(&ch, &settings.topology)
+            .await
+            .unwrap();
+        command_poller::broker::declare_audit(&conn, &settings.audit)
+            .await
+            .unwrap();
+        command_poller::control::replica::declare_control(&ch, &settings.control)
+            .await
+            .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+    });
+    let envs = env_for(&sfx);
+    let good = Command::new(BIN)
+        .args(["check-config", "--online"])
+        .envs(envs.iter().cloned())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    for key in [
+        "panel.judges",
+        "idempotency.path",
+        "amqp.url",
+        "topology.commands_queue",
+        "control.state_queue",
+        "audit.queue",
+    ] {
+        assert!(out.contains(&format!("ok      {key}")), "{key}: {out}");
+    }
+
+    // Everything `run` would trip on, at once, each named by its key; no secret printed.
+    let bad = Command::new(BIN)
+        .args(["check-config", "--online"])
+        .envs(envs.iter().cloned())
+        .env(
+            "POLLER__AMQP__URL",
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+        )
+        .env("POLLER__BRIDGE__MODE", "apps_script")
+        .env(
+            "POLLER__BRIDGE__URL",
+            "https://script.google.com/macros/s/x/exec",
+        )
+        .env(
+            "POLLER__BRIDGE__SECRET_ENV",
+            format!("UNSET_BRIDGE_SECRET_{sfx}"),
+        )
+        .env("POLLER__IDEMPOTENCY__BACKEND", "postgres")
+        .env(
+            "POLLER__IDEMPOTENCY__URL",
+            "postgres://postgres@127.0.0.1:1/test",
+        )
+        .env(
+            "POLLER__IDEMPOTENCY__KEY_ENV",
+            format!("UNSET_STORE_KEY_{sfx}"),
+        )
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let out = String::from_utf8_lossy(&bad.stdout);
+    for key in [
+        "bridge.secret_env",
+        "idempotency.key_env",
+        "idempotency.url",
+        "amqp.url",
+    ] {
+        assert!(out.contains(&format!("PROBLEM {key}")), "{key}: {out}");
+    }
+    assert!(!out.contains("not-the-password"), "{out}");
+}
