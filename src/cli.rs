@@ -173,8 +173,11 @@ pub fn main() -> ExitCode {
 fn init_logging(settings: &Settings, flag: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.logging.filter));
+    // Colours only for a person at a terminal: never escape codes in a log file or a pipe.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match flag.unwrap_or(settings.logging.format) {
         LogFormat::Json => builder

@@ -755,6 +755,9 @@ async fn report_unapproved(
             body: serde_json::to_vec(&attempt).expect("serializes"),
             message_type: "attempt",
             user_id: Some(poller_user.to_owned()),
+            // Counting for the trip; no replica listening (the last one shutting down) is not
+            // a failure of the command.
+            best_effort: true,
             ..Default::default()
         })
         .await
@@ -976,6 +979,7 @@ pub async fn carry_out(
                 body,
                 correlation_id: result.action_id.clone(),
                 message_type: "result",
+                best_effort: matches!(d.reply, ReplyTarget::DirectReplyTo(_)),
                 ..Default::default()
             };
             if let Err(e) = publisher.publish(&reply).await {

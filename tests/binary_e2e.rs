@@ -133,6 +133,12 @@ fn run_send_and_sigterm() {
         !logs.contains("guest:guest"),
         "the broker password leaked into the logs"
     );
+    // Quiet when all went well: direct reply-to replies used to be published mandatory, which
+    // RabbitMQ returns as unroutable although it delivered them ("reply not delivered" and a
+    // dump of the returned message, for every reply).
+    for noise in ["reply not delivered", "returned us a message"] {
+        assert!(!logs.contains(noise), "{noise}: {logs}");
+    }
 }
 
 #[test]
@@ -659,6 +665,11 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a piped log: {err}"
+    );
     let out = String::from_utf8_lossy(&bad.stdout);
     for key in [
         "bridge.secret_env",

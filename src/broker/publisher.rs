@@ -18,6 +18,9 @@ pub struct Outgoing {
     pub headers: Option<FieldTable>,
     /// Must equal the connection's user (the broker checks it).
     pub user_id: Option<String>,
+    /// Not `mandatory`: for direct reply-to, which RabbitMQ returns as unroutable even when it
+    /// delivered it (so a return would be a false failure); everything else is mandatory.
+    pub best_effort: bool,
     pub reply_to: Option<String>,
 }
 
@@ -66,7 +69,7 @@ impl Publisher {
                 msg.exchange.as_str().into(),
                 msg.routing_key.as_str().into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory: !msg.best_effort,
                     ..Default::default()
                 },
                 &msg.body,

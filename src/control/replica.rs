@@ -615,6 +615,7 @@ impl Replica {
                 routing_key: rt.to_owned(),
                 body: serde_json::to_vec(&reply).expect("serializes"),
                 message_type: "control_reply",
+                best_effort: true,
                 ..Default::default()
             })
             .await;
