@@ -1,8 +1,8 @@
 //! Health endpoint for orchestrators and operators.
 //!
 //! In: the poller's live [`PollerState`]. Out: on the pod's port, `/healthz` (the process is
-//! alive), `/readyz` (connected, topology declared, control state applied, and not halted: 200,
-//! else 503) and `/metrics` (Prometheus); on a loopback port of its own, `/status` (JSON: the
+//! alive), `/readyz` (connected, topology declared, control state applied, the idempotency
+//! store answering, and not halted: 200, else 503) and `/metrics` (Prometheus); on a loopback port of its own, `/status` (JSON: the
 //! control state, recent action ids and statuses), which is for the operator on the machine.
 
 use crate::control::replica::ReplicaStats;
@@ -75,6 +75,11 @@ async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not connected to the broker",
+        )
+    } else if !c.state.store_ok.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the idempotency store is unreachable",
         )
     } else if c.state.gate.mode() == Mode::Halted {
         (StatusCode::SERVICE_UNAVAILABLE, "halted (master shut-off)")

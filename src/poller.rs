@@ -59,6 +59,9 @@ pub struct PollerState {
     pub in_flight: AtomicUsize,
     /// Connected, topology declared, control state applied, consumer attached.
     pub connected: AtomicBool,
+    /// The idempotency store answered the last probe (a claim and its release): without it no
+    /// command is processed (fail closed), so the replica is not ready either.
+    pub store_ok: AtomicBool,
     pub processed: AtomicUsize,
     /// The operator gate (running / paused / halted).
     pub gate: Arc<Gate>,
@@ -297,6 +300,11 @@ impl Poller {
         // settle their idempotency claim, so the redelivered copies replay it at once instead of
         // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let store_watch = tokio::spawn(watch_store(
+            self.pipeline.store.clone(),
+            self.state.clone(),
+            shutdown.clone(),
+        ));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -326,6 +334,7 @@ impl Poller {
             }
         }
         self.drain(&mut tasks).await;
+        store_watch.abort();
     }
 
     /// Lets in-flight commands finish within the drain timeout; the rest are aborted (their
@@ -671,6 +680,46 @@ impl Poller {
                     // delivery limit dead-letters it if it never succeeds.
                     requeue_after_pause(&delivery, &settings, &broken).await;
                 }
+            }
+        }
+    }
+}
+
+/// How often the idempotency store is probed for `/readyz`.
+const STORE_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Probes the store (a claim and its release under a key no command can have) every
+/// [`STORE_CHECK_EVERY`], recording whether it answered within that time.
+async fn watch_store(
+    store: Arc<dyn ResultStore>,
+    state: Arc<PollerState>,
+    stop: CancellationToken,
+) {
+    let key = format!("~readiness/{}", uuid::Uuid::new_v4().simple());
+    let owner = "readiness-probe";
+    let mut every = tokio::time::interval(STORE_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let probe = async {
+            store.claim(&key, owner, STORE_CHECK_EVERY * 5).await?;
+            store.release(&key, owner).await
+        };
+        let ok = matches!(
+            tokio::time::timeout(STORE_CHECK_EVERY, probe).await,
+            Ok(Ok(()))
+        );
+        let was = state.store_ok.swap(ok, Ordering::SeqCst);
+        if was != ok {
+            if ok {
+                tracing::info!("idempotency store reachable again");
+            } else {
+                tracing::error!(
+                    "idempotency store unreachable: not ready (commands wait, fail closed)"
+                );
             }
         }
     }

@@ -414,3 +414,97 @@ async fn a_value_planted_in_the_store_is_refused_not_replayed_with_every_backend
         assert_eq!(h.sim.executions("genuine-1"), 1);
     }
 }
+
+/// A TCP relay to `target` that can be cut: while down it refuses new connections and has
+/// dropped the ones it carried.
+struct Relay {
+    port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                            _ = cut.notified() => {}
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, up, cut }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.notify_waiters();
+        }
+    }
+}
+
+#[tokio::test]
+async fn readyz_says_not_ready_while_the_store_is_unreachable() {
+    let relay = Relay::start(6379).await;
+    let mut s = settings(Backend::Redis);
+    s.url = format!("redis://127.0.0.1:{}", relay.port);
+    let store = idempotency::open(&s).await.unwrap();
+    let h = Harness::start(Options {
+        store: Some(store),
+        ..Default::default()
+    })
+    .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let addr = command_poller::health::serve(
+        ([127, 0, 0, 1], 0).into(),
+        h.poller_state.clone(),
+        "r".into(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let readyz = || async move {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let wait_for = |want: u16| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = readyz().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "readyz {got}, wanted {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for(200).await;
+    relay.set(false);
+    wait_for(503).await;
+    relay.set(true);
+    wait_for(200).await;
+    stop.cancel();
+}
