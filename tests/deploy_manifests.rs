@@ -217,6 +217,9 @@ fn the_audit_sink_is_a_workload_of_one_writer_with_its_own_volume() {
         sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
         c["volumeMounts"][0]["name"]
     );
+    // Compose restarts what stops.
+    let compose: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
     assert!(
         compose["services"]["rabbitmq"]["image"]
             .as_str()
@@ -224,9 +227,6 @@ fn the_audit_sink_is_a_workload_of_one_writer_with_its_own_volume() {
             .starts_with("rabbitmq:4."),
         "a supported RabbitMQ release line"
     );
-    // Compose restarts what stops.
-    let compose: serde_json::Value =
-        serde_norway::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
     for (name, svc) in compose["services"].as_object().unwrap() {
         assert_eq!(svc["restart"], "unless-stopped", "{name}");
     }
