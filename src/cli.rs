@@ -347,7 +347,7 @@ async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify { file } => {
-            let report = chain::verify(&file)?;
+            let report = chain::verify_with(&file, settings.audit.chain_key().as_ref())?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.ok() {
                 ExitCode::SUCCESS

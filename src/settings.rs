@@ -247,6 +247,9 @@ pub struct AuditSettings {
     /// Broker users whose records the sink accepts (the poller's); a record published by anyone
     /// else (checked `user_id`) is refused: dead-lettered with the reason, not appended.
     pub publishers: Vec<String>,
+    /// Environment variable holding the chain key: with it the chain's links are HMACs, so
+    /// rewriting the file needs the key; `audit verify` reads the same variable. Never logged.
+    pub chain_key_env: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +276,16 @@ pub const MAX_WAIT_FOR_IN_FLIGHT_MS: u64 = 25 * 60 * 1000;
 
 /// The environment when `APP_ENVIRONMENT` is unset.
 pub const DEFAULT_ENVIRONMENT: &str = "production";
+
+impl AuditSettings {
+    /// The chain key, when its environment variable is set.
+    pub fn chain_key(&self) -> Option<crate::bridge::signing::Secret> {
+        std::env::var(&self.chain_key_env)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .map(crate::bridge::signing::Secret::new)
+    }
+}
 
 impl Settings {
     /// Loads `dir/default.toml`, `dir/<APP_ENVIRONMENT>.toml` and `POLLER__*` overrides.

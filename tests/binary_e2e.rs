@@ -681,3 +681,33 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
     }
     assert!(!out.contains("not-the-password"), "{out}");
 }
+
+#[test]
+fn audit_verify_takes_the_chain_key() {
+    let file = std::env::temp_dir().join(format!("keyed-{}.jsonl", suffix()));
+    let key = command_poller::bridge::signing::Secret::new("binary-chain-key");
+    let mut w = command_poller::audit::chain::ChainWriter::open_keyed(&file, Some(key)).unwrap();
+    w.append(r#"{"kind":"command","action_id":"k-1"}"#).unwrap();
+    drop(w);
+    let without = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&file)
+        .env_remove("AUDIT_CHAIN_KEY")
+        .output()
+        .unwrap();
+    assert!(!without.status.success());
+    assert!(String::from_utf8_lossy(&without.stdout).contains("needs the chain key"));
+    let with = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&file)
+        .env("AUDIT_CHAIN_KEY", "binary-chain-key")
+        .output()
+        .unwrap();
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stdout)
+    );
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
+}

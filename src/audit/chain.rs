@@ -5,6 +5,10 @@
 //! removing or reordering a line breaks the chain from there. The head (last seq and hash) is
 //! also written to `<file>.head` after every append, so a file cut short is detectable too. One
 //! writer holds an exclusive lock on the file, so the chain can't fork.
+//!
+//! Keyed: with a chain key (`audit.chain_key_env`), each hash is an HMAC-SHA256 with that key
+//! instead, and the line says `"keyed":true`, so rewriting the file and recomputing every link
+//! needs the key too; verifying a keyed chain needs it, and with a key every line must be keyed.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -12,6 +16,8 @@ use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+
+use crate::bridge::signing::Secret;
 
 /// The hash before the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -48,6 +54,8 @@ struct LineOut<'a> {
     seq: u64,
     prev: &'a str,
     hash: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    keyed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<u64>,
     record: &'a RawValue,
@@ -59,9 +67,23 @@ struct LineIn<'a> {
     prev: String,
     hash: String,
     #[serde(default)]
+    keyed: bool,
+    #[serde(default)]
     offset: Option<u64>,
     #[serde(borrow)]
     record: &'a RawValue,
+}
+
+/// The link of a keyed chain: HMAC-SHA256 with the chain key over the same text.
+pub fn keyed_link_hash(key: &Secret, seq: u64, prev: &str, record_json: &str) -> String {
+    crate::bridge::signing::mac(key, format!("{seq}\n{prev}\n{record_json}").as_bytes())
+}
+
+fn link(key: Option<&Secret>, seq: u64, prev: &str, record_json: &str) -> String {
+    match key {
+        Some(k) => keyed_link_hash(k, seq, prev, record_json),
+        None => link_hash(seq, prev, record_json),
+    }
 }
 
 pub fn link_hash(seq: u64, prev: &str, record_json: &str) -> String {
@@ -85,6 +107,7 @@ pub struct ChainWriter {
     path: PathBuf,
     file: File,
     head: Head,
+    key: Option<Secret>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ChainError + '_ {
@@ -98,6 +121,11 @@ impl ChainWriter {
     /// Opens (or creates) `path`, takes the writer lock, and checks the existing chain so a
     /// damaged file is never extended.
     pub fn open(path: &Path) -> Result<Self, ChainError> {
+        Self::open_keyed(path, None)
+    }
+
+    /// Opens (verified with `key`) a chain whose new links are keyed with `key`.
+    pub fn open_keyed(path: &Path, key: Option<Secret>) -> Result<Self, ChainError> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -111,7 +139,7 @@ impl ChainWriter {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(path)(e)),
         }
-        let report = verify(path)?;
+        let report = verify_with(path, key.as_ref())?;
         if let Some(bad) = report.first_bad {
             return Err(ChainError::Corrupt {
                 path: path.display().to_string(),
@@ -128,6 +156,7 @@ impl ChainWriter {
             path: path.to_owned(),
             file,
             head,
+            key,
         })
     }
 
@@ -154,11 +183,12 @@ impl ChainWriter {
                 why: format!("record is not JSON: {e}"),
             })?;
         let seq = self.head.seq + 1;
-        let hash = link_hash(seq, &self.head.hash, raw.get());
+        let hash = link(self.key.as_ref(), seq, &self.head.hash, raw.get());
         let line = serde_json::to_string(&LineOut {
             seq,
             prev: &self.head.hash,
             hash: &hash,
+            keyed: self.key.is_some(),
             offset,
             record: raw,
         })
@@ -203,8 +233,14 @@ impl VerifyReport {
     }
 }
 
-/// Checks every link, then the file's end against the head file.
+/// Checks every link, then the file's end against the head file (an unkeyed chain).
 pub fn verify(path: &Path) -> Result<VerifyReport, ChainError> {
+    verify_with(path, None)
+}
+
+/// Checks every link with the chain key (every line must then be keyed), or without one (a
+/// keyed line is then reported as needing the key), then the file's end against the head file.
+pub fn verify_with(path: &Path, key: Option<&Secret>) -> Result<VerifyReport, ChainError> {
     let f = File::open(path).map_err(io(path))?;
     let mut prev = GENESIS.to_owned();
     let mut records = 0u64;
@@ -233,7 +269,21 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ChainError> {
             first_bad = bad("prev does not match the previous record's hash".into());
             break;
         }
-        let h = link_hash(parsed.seq, &parsed.prev, parsed.record.get());
+        match (key.is_some(), parsed.keyed) {
+            (true, false) => {
+                first_bad =
+                    bad("an unkeyed record in a keyed chain (rewritten without the key?)".into());
+                break;
+            }
+            (false, true) => {
+                first_bad = bad(
+                    "a keyed record: verifying it needs the chain key (audit.chain_key_env)".into(),
+                );
+                break;
+            }
+            _ => {}
+        }
+        let h = link(key, parsed.seq, &parsed.prev, parsed.record.get());
         if h != parsed.hash {
             first_bad = bad("hash does not match the record (the record was altered)".into());
             break;
@@ -338,6 +388,47 @@ mod tests {
         w.append(r#"{"kind":"control"}"#).unwrap();
         drop(w);
         assert_eq!(verify(&p).unwrap().records, 6);
+        cleanup(&p);
+    }
+
+    #[test]
+    fn a_keyed_chain_needs_the_key_to_verify_and_to_forge() {
+        let p = tmp();
+        let key = Secret::new("chain-key");
+        let mut w = ChainWriter::open_keyed(&p, Some(key.clone())).unwrap();
+        w.append(r#"{"n":1}"#).unwrap();
+        w.append(r#"{"n":2}"#).unwrap();
+        drop(w);
+        assert!(verify_with(&p, Some(&key)).unwrap().ok());
+        let without = verify(&p).unwrap();
+        assert!(without
+            .first_bad
+            .unwrap()
+            .why
+            .contains("needs the chain key"));
+        assert!(!verify_with(&p, Some(&Secret::new("other"))).unwrap().ok());
+        // A forger without the key rewrites a record and recomputes every link with SHA-256.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut prev = GENESIS.to_owned();
+        let mut forged = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let record = if i == 0 { r#"{"n":100}"# } else { r#"{"n":2}"# };
+            let seq = i as u64 + 1;
+            let hash = link_hash(seq, &prev, record);
+            forged.push_str(&format!(
+                "{{\"seq\":{seq},\"prev\":\"{prev}\",\"hash\":\"{hash}\",\"keyed\":true,\"record\":{record}}}\n"
+            ));
+            let _ = line;
+            prev = hash;
+        }
+        std::fs::write(&p, forged).unwrap();
+        let _ = std::fs::remove_file(head_path(&p));
+        let r = verify_with(&p, Some(&key)).unwrap();
+        assert_eq!(
+            r.first_bad.unwrap().line,
+            1,
+            "the forgery is found at its first line"
+        );
         cleanup(&p);
     }
 

@@ -33,7 +33,14 @@ pub async fn run(
     file: &Path,
     stop: CancellationToken,
 ) -> Result<u64, SinkError> {
-    let mut writer = ChainWriter::open(file)?;
+    let key = settings.audit.chain_key();
+    if key.is_none() {
+        tracing::warn!(
+            variable = %settings.audit.chain_key_env,
+            "no audit chain key: the chain's links are plain SHA-256, so whoever can rewrite the file can recompute them"
+        );
+    }
+    let mut writer = ChainWriter::open_keyed(file, key)?;
     tracing::info!(file = %file.display(), seq = writer.head().seq, "audit sink: chain verified, appending");
     let a = &settings.amqp;
     let backoff = || {
