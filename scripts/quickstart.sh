@@ -13,7 +13,9 @@ PORT=${QUICKSTART_HEALTH_PORT:-9464}
 # A fresh idempotency store each run, so the examples run again rather than replay.
 STORE=target/quickstart-results.redb
 rm -f "$STORE"
-POLLER__IDEMPOTENCY__PATH="$STORE" POLLER__HEALTH__LISTEN="127.0.0.1:${PORT}" "$BIN" run >"$LOG" 2>&1 &
+# APP_ENVIRONMENT=local: one poller on an embedded store (production refuses it) and guest as
+# operator (config/local.toml).
+APP_ENVIRONMENT=local POLLER__IDEMPOTENCY__PATH="$STORE" POLLER__HEALTH__LISTEN="127.0.0.1:${PORT}" "$BIN" run >"$LOG" 2>&1 &
 POLLER_PID=$!
 trap 'kill -TERM $POLLER_PID 2>/dev/null || true; wait $POLLER_PID 2>/dev/null || true' EXIT
 

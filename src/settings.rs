@@ -13,6 +13,9 @@ pub struct Settings {
     /// This replica's name in results and logs; empty means `<hostname>-<pid>`.
     #[serde(default)]
     pub instance_id: String,
+    /// The `APP_ENVIRONMENT` these settings were loaded for (not a configuration key).
+    #[serde(skip)]
+    pub environment: String,
     pub amqp: AmqpSettings,
     pub topology: TopologySettings,
     pub intake: IntakeSettings,
@@ -299,7 +302,7 @@ impl Settings {
     /// Loads `dir/default.toml`, `dir/<environment>.toml` and `POLLER__*` overrides.
     pub fn load_environment(dir: &Path, environment: &str) -> Result<Self, SettingsError> {
         let env = environment;
-        let s: Settings = config::Config::builder()
+        let mut s: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
             .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))
             .add_source(
@@ -310,6 +313,7 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
+        s.environment = env.to_owned();
         s.check()?;
         Ok(s)
     }

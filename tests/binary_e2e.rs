@@ -711,3 +711,22 @@ fn audit_verify_takes_the_chain_key() {
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
 }
+
+#[test]
+fn production_refuses_the_embedded_store_unless_allowed() {
+    let sfx = suffix();
+    let mut envs = env_for(&sfx);
+    envs.retain(|(k, _)| k != "APP_ENVIRONMENT");
+    let out = Command::new(BIN)
+        .arg("run")
+        .envs(envs.iter().cloned())
+        .env("APP_ENVIRONMENT", "production")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("idempotency.backend") && err.contains("allow_embedded_in_production"),
+        "{err}"
+    );
+}

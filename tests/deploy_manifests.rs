@@ -46,7 +46,9 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "Secret",
             "Secret",
             "Service",
+            "Service",
             "ServiceAccount",
+            "StatefulSet",
             "StatefulSet",
             "TriggerAuthentication"
         ]
@@ -230,4 +232,28 @@ fn the_audit_sink_is_a_workload_of_one_writer_with_its_own_volume() {
     for (name, svc) in compose["services"].as_object().unwrap() {
         assert_eq!(svc["restart"], "unless-stopped", "{name}");
     }
+}
+
+#[test]
+fn more_than_one_replica_always_shares_a_store() {
+    // Production refuses the embedded store (one poller per file): compose and the ConfigMap
+    // configure Redis, and each ships one.
+    let cm = &docs(Path::new("deploy/k8s/configmap.yaml"))[0];
+    let prod: toml::Value =
+        toml::from_str(cm["data"]["production.toml"].as_str().unwrap()).unwrap();
+    assert_eq!(prod["idempotency"]["backend"].as_str(), Some("redis"));
+    let redis = docs(Path::new("deploy/k8s/redis.yaml"));
+    assert!(redis.iter().any(|d| d["kind"] == "StatefulSet"));
+    let secret = &docs(Path::new("deploy/k8s/secret.yaml"))[0]["stringData"];
+    assert!(secret["POLLER__IDEMPOTENCY__URL"]
+        .as_str()
+        .unwrap()
+        .contains("command-poller-redis"));
+    assert!(secret["POLLER_STORE_KEY"].is_string());
+    let compose: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
+    let env = &compose["services"]["poller"]["environment"];
+    assert_eq!(env["POLLER__IDEMPOTENCY__BACKEND"], "redis");
+    assert_eq!(env["POLLER__IDEMPOTENCY__URL"], "redis://redis:6379");
+    assert!(compose["services"]["redis"].is_object());
 }

@@ -85,6 +85,10 @@ pub struct IdempotencySettings {
     /// Environment variable holding the key that seals stored outcomes (HMAC); required with
     /// the shared backends, the same on every replica. Never logged.
     pub key_env: String,
+    /// Let `run` use the embedded store under `APP_ENVIRONMENT=production` (one poller per
+    /// file: only for a single replica on a volume of its own).
+    #[serde(default)]
+    pub allow_embedded_in_production: bool,
     /// How long final results are kept and replayed.
     pub retention_secs: u64,
     /// How long a claim holds without being renewed; the working replica renews it every third
