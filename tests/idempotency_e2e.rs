@@ -24,6 +24,7 @@ fn settings(backend: Backend) -> IdempotencySettings {
         },
         key_prefix: format!("t-{sfx}"),
         key_env: "POLLER_STORE_KEY_UNSET_IN_TESTS".into(),
+        allow_embedded_in_production: false,
         retention_secs: 60,
         claim_ttl_secs: 120,
         wait_for_in_flight_ms: 10_000,
