@@ -43,6 +43,8 @@ faults() {
   return $rc
 }
 
+# tests/runs_as_shipped.rs runs the release binary the way the image does.
+step "release binary" cargo build --release --locked --bin command-poller
 step "unit, integration and property tests" cargo test --all-targets "$@"
 step "fault suite" faults
 step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
