@@ -1,39 +1,65 @@
 #!/usr/bin/env bash
-# Makes sure Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres without a
-# password, database "test") answer, for the shared idempotency store tests: starts the installed
-# servers, or installs Debian's packages where they are missing. Idempotent.
+# Private Redis (127.0.0.1:6390) and PostgreSQL (127.0.0.1:5440, user postgres, database test) for
+# the shared idempotency store tests: instances of their own, with their data in
+# target/test-stores/, on their own ports. The machine's own Redis and PostgreSQL (if any) are
+# neither used nor reconfigured. Installs Debian's redis-server and postgresql packages when the
+# binaries are missing. Idempotent; scripts/stop-stores.sh stops them.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+REDIS_PORT=6390
+PG_PORT=5440
+DIR="$(pwd)/target/test-stores"
 open_port() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 installed_apt=0
 apt_install() {
+  echo "stores: installing Debian's $* (this takes a minute)"
   if [ "$installed_apt" -eq 0 ]; then $SUDO apt-get update -qq; installed_apt=1; fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
+mkdir -p "$DIR"
 
-if ! open_port 6379; then
-  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
-  $SUDO mkdir -p /var/lib/redis /var/log/redis
-  $SUDO redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-    --dir /var/lib/redis --logfile /var/log/redis/ci.log
-fi
-for _ in $(seq 1 50); do open_port 6379 && break; sleep 0.2; done
-open_port 6379 || { echo "redis: not reachable on 127.0.0.1:6379" >&2; exit 1; }
-echo "redis: running"
-
-if ! open_port 5432; then
-  command -v pg_ctlcluster >/dev/null 2>&1 || apt_install postgresql
-  ver=$(ls /etc/postgresql | sort -n | tail -1)
-  hba="/etc/postgresql/$ver/main/pg_hba.conf"
-  # Loopback connections without a password, as the tests expect.
-  if ! grep -q "command-poller tests" "$hba"; then
-    $SUDO sed -i '1i host all all 127.0.0.1/32 trust # command-poller tests' "$hba"
+# An earlier version of this script added a `trust` line to the machine's pg_hba.conf: take it out.
+for hba in /etc/postgresql/*/main/pg_hba.conf; do
+  if [ -f "$hba" ] && grep -q "command-poller tests" "$hba"; then
+    echo "stores: removing the old 'trust' line this script once added to $hba"
+    $SUDO sed -i '/# command-poller tests$/d' "$hba"
+    ver=$(basename "$(dirname "$(dirname "$hba")")")
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main reload >/dev/null 2>&1 || true
   fi
-  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+done
+
+if ! open_port "$REDIS_PORT"; then
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  echo "stores: starting a private Redis on 127.0.0.1:$REDIS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$DIR" --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log"
 fi
-for _ in $(seq 1 50); do open_port 5432 && break; sleep 0.2; done
-open_port 5432 || { echo "postgres: not reachable on 127.0.0.1:5432" >&2; exit 1; }
-if ! psql "postgres://postgres@127.0.0.1:5432/test" -c 'select 1' >/dev/null 2>&1; then
-  psql "postgres://postgres@127.0.0.1:5432/postgres" -c 'create database test' >/dev/null
+for _ in $(seq 1 50); do open_port "$REDIS_PORT" && break; sleep 0.2; done
+open_port "$REDIS_PORT" || { echo "redis: not reachable on 127.0.0.1:$REDIS_PORT" >&2; exit 1; }
+echo "redis: running (private, 127.0.0.1:$REDIS_PORT)"
+
+if ! open_port "$PG_PORT"; then
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  pgdir="$DIR/postgres"
+  # PostgreSQL refuses to run as root: the cluster belongs to the postgres user (or to us).
+  as=()
+  if [ "$(id -u)" -eq 0 ]; then as=(runuser -u postgres --); fi
+  if [ ! -f "$pgdir/PG_VERSION" ]; then
+    echo "stores: creating a private PostgreSQL cluster in $pgdir"
+    mkdir -p "$pgdir"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$pgdir"; chmod 700 "$pgdir"; fi
+    # trust is for this private cluster only: it listens on loopback, on its own port.
+    "${as[@]}" "$bin/initdb" -D "$pgdir" -U postgres --auth=trust >/dev/null
+  fi
+  echo "stores: starting the private PostgreSQL on 127.0.0.1:$PG_PORT"
+  "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -l "$pgdir/server.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $pgdir" start >/dev/null
 fi
-echo "postgres: running"
+for _ in $(seq 1 50); do open_port "$PG_PORT" && break; sleep 0.2; done
+open_port "$PG_PORT" || { echo "postgres: not reachable on 127.0.0.1:$PG_PORT" >&2; exit 1; }
+if ! psql "postgres://postgres@127.0.0.1:$PG_PORT/test" -c 'select 1' >/dev/null 2>&1; then
+  psql "postgres://postgres@127.0.0.1:$PG_PORT/postgres" -c 'create database test' >/dev/null
+fi
+echo "postgres: running (private, 127.0.0.1:$PG_PORT)"

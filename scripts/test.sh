@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 set -e
 scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
+trap 'scripts/stop-stores.sh' EXIT
 if ! command -v node >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "node: not installed; installing Debian's nodejs"

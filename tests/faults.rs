@@ -750,10 +750,8 @@ async fn two_replicas_consuming_one_killed() {
     // Two processes share the Redis store (an embedded file can't be shared).
     w.extra_env
         .push(("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()));
-    w.extra_env.push((
-        "POLLER__IDEMPOTENCY__URL".into(),
-        "redis://127.0.0.1:6379".into(),
-    ));
+    w.extra_env
+        .push(("POLLER__IDEMPOTENCY__URL".into(), common::REDIS.into()));
     w.extra_env.push((
         "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
         format!("fault-{}", w.sfx),

@@ -1,5 +1,5 @@
-//! Idempotency, the same tests against each store: embedded (redb), Redis (127.0.0.1:6379) and
-//! PostgreSQL (127.0.0.1:5432, database test).
+//! Idempotency, the same tests against each store: embedded (redb), Redis and PostgreSQL (the
+//! private instances `scripts/ensure-stores.sh` starts).
 
 mod common;
 
@@ -8,9 +8,6 @@ use command_poller::outcome::Status;
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;
-
-pub const REDIS: &str = "redis://127.0.0.1:6379";
-pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn settings(backend: Backend) -> IdempotencySettings {
     let sfx = suffix();
@@ -464,7 +461,7 @@ impl Relay {
 
 #[tokio::test]
 async fn readyz_says_not_ready_while_the_store_is_unreachable() {
-    let relay = Relay::start(6379).await;
+    let relay = Relay::start(common::REDIS_PORT).await;
     let mut s = settings(Backend::Redis);
     s.url = format!("redis://127.0.0.1:{}", relay.port);
     let store = idempotency::open(&s).await.unwrap();

@@ -151,7 +151,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
             "POLLER__AMQP__URL" => common::AMQP.to_owned(),
             "POLLER__BRIDGE__URL" => format!("http://127.0.0.1:{sim_port}/exec"),
             "BRIDGE_SECRET" => secret.clone(),
-            "POLLER__IDEMPOTENCY__URL" => "redis://127.0.0.1:6379".to_owned(),
+            "POLLER__IDEMPOTENCY__URL" => common::REDIS.to_owned(),
             "POLLER_STORE_KEY" => format!("store-key-{sfx}"),
             _ => String::new(),
         };

@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The private test instances `scripts/ensure-stores.sh` starts (never the machine's own).
+pub const REDIS_PORT: u16 = 6390;
+pub const REDIS: &str = "redis://127.0.0.1:6390";
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5440/test";
 
 pub fn suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
