@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
+echo "quickstart: building the poller (the first build takes a few minutes)"
 cargo build --quiet
 BIN=target/debug/command-poller
 LOG=target/quickstart-poller.log
