@@ -533,6 +533,15 @@ async fn the_sink_refuses_records_not_published_by_the_poller() {
         .header("x-poller-reason")
         .unwrap()
         .contains(&forger.0));
+    let alert = h
+        .wait_until("the security alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("audit sink refused"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "security.high");
     stop.cancel();
     sink.await.unwrap().unwrap();
     let ids: Vec<String> = records(&file)

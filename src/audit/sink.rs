@@ -182,11 +182,34 @@ async fn consume(
     Ok(())
 }
 
-/// Dead-letters a refused record with the reason (the sink's user may publish there and
-/// nowhere else); logged when even that is refused.
+/// Dead-letters a refused record with the reason and alerts security (the sink's user may
+/// publish there and nowhere else); logged when even that is refused.
 async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why: &str) {
     let sent = async {
         let p = broker::Publisher::open(conn).await?;
+        let alert = crate::outcome::Alert {
+            alert_id: uuid::Uuid::new_v4().to_string(),
+            team: "security".into(),
+            priority: crate::outcome::Priority::High,
+            action_id: None,
+            command_type: None,
+            service: None,
+            agent: None,
+            status: None,
+            summary: format!("The audit sink refused a record: {why}"),
+            rationale: why.to_owned(),
+            action_required: "Someone published to the audit exchange who is not the poller: find who holds those broker credentials and why; the record is in the dead-letter queue and still in the audit stream.".into(),
+            poller_instance: "audit-sink".into(),
+            at: crate::audit::now(),
+        };
+        p.publish(&broker::Outgoing {
+            exchange: settings.topology.alerts_exchange.clone(),
+            routing_key: alert.routing_key(),
+            body: serde_json::to_vec(&alert).expect("alert serializes"),
+            message_type: "alert",
+            ..Default::default()
+        })
+        .await?;
         let mut headers = FieldTable::default();
         headers.insert(
             "x-poller-reason".into(),
