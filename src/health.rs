@@ -138,6 +138,7 @@ mod tests {
     use super::*;
 
     async fn get_status(addr: SocketAddr, path: &str) -> u16 {
+        crate::tls::ensure_crypto_provider();
         reqwest::get(format!("http://{addr}{path}"))
             .await
             .unwrap()

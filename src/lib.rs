@@ -23,3 +23,4 @@ pub mod policy;
 pub mod poller;
 pub mod preflight;
 pub mod settings;
+pub mod tls;

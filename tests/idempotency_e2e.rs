@@ -479,6 +479,7 @@ async fn readyz_says_not_ready_while_the_store_is_unreachable() {
     )
     .await
     .unwrap();
+    command_poller::tls::ensure_crypto_provider();
     let readyz = || async move {
         reqwest::get(format!("http://{addr}/readyz"))
             .await

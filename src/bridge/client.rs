@@ -49,6 +49,7 @@ enum Exchange {
 
 impl AppsScriptBridge {
     pub fn new(cfg: BridgeClientConfig) -> Result<Self, reqwest::Error> {
+        crate::tls::ensure_crypto_provider();
         let http = reqwest::Client::builder()
             .redirect(redirect::Policy::none())
             .timeout(cfg.request_timeout)

@@ -73,6 +73,7 @@ enum Format {
 
 impl LlmJudge {
     pub fn new(cfg: LlmJudgeConfig) -> Result<Self, reqwest::Error> {
+        crate::tls::ensure_crypto_provider();
         let http = reqwest::Client::builder().build()?;
         Ok(Self { cfg, http })
     }
