@@ -257,3 +257,36 @@ fn more_than_one_replica_always_shares_a_store() {
     assert_eq!(env["POLLER__IDEMPOTENCY__URL"], "redis://redis:6379");
     assert!(compose["services"]["redis"].is_object());
 }
+
+#[test]
+fn the_readme_users_table_matches_the_definitions() {
+    let defs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("deploy/rabbitmq/definitions.json").unwrap())
+            .unwrap();
+    let mut users: Vec<String> = defs["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_owned())
+        .collect();
+    users.sort();
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let start = readme
+        .find("The users in the definitions:")
+        .expect("the users table");
+    let mut table: Vec<String> = readme[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with("| user"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cell = l.split('|').nth(1).unwrap().trim();
+            cell.split('`').nth(1).unwrap().to_owned()
+        })
+        .collect();
+    table.sort();
+    assert_eq!(
+        table, users,
+        "README users table vs deploy/rabbitmq/definitions.json"
+    );
+}
