@@ -2,8 +2,10 @@
 # Private Redis (127.0.0.1:6390) and PostgreSQL (127.0.0.1:5440, user postgres, database test) for
 # the shared idempotency store tests: instances of their own, with their data in
 # target/test-stores/, on their own ports. The machine's own Redis and PostgreSQL (if any) are
-# neither used nor reconfigured. Installs Debian's redis-server and postgresql packages when the
-# binaries are missing. Idempotent; scripts/stop-stores.sh stops them.
+# neither used nor reconfigured (as root, PostgreSQL's data lives in
+# /var/tmp/command-poller-test-stores, where its own user can reach it). Installs Debian's
+# redis-server and postgresql packages when the binaries are missing. Idempotent;
+# scripts/stop-stores.sh stops them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -43,19 +45,25 @@ if ! open_port "$PG_PORT"; then
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
   bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
   pgdir="$DIR/postgres"
-  # PostgreSQL refuses to run as root: the cluster belongs to the postgres user (or to us).
+  # PostgreSQL refuses to run as root: the cluster then belongs to the postgres user, in a
+  # directory it can reach whatever the checkout's path (commands run from /, for the same reason).
   as=()
-  if [ "$(id -u)" -eq 0 ]; then as=(runuser -u postgres --); fi
+  if [ "$(id -u)" -eq 0 ]; then
+    as=(runuser -u postgres --)
+    pgdir=/var/tmp/command-poller-test-stores/postgres
+    mkdir -p /var/tmp/command-poller-test-stores
+    chmod 755 /var/tmp/command-poller-test-stores
+  fi
   if [ ! -f "$pgdir/PG_VERSION" ]; then
     echo "stores: creating a private PostgreSQL cluster in $pgdir"
     mkdir -p "$pgdir"
     if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$pgdir"; chmod 700 "$pgdir"; fi
     # trust is for this private cluster only: it listens on loopback, on its own port.
-    "${as[@]}" "$bin/initdb" -D "$pgdir" -U postgres --auth=trust >/dev/null
+    (cd / && "${as[@]}" "$bin/initdb" -D "$pgdir" -U postgres --auth=trust >/dev/null)
   fi
   echo "stores: starting the private PostgreSQL on 127.0.0.1:$PG_PORT"
-  "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -l "$pgdir/server.log" -w \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $pgdir" start >/dev/null
+  (cd / && "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -l "$pgdir/server.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $pgdir" start >/dev/null)
 fi
 for _ in $(seq 1 50); do open_port "$PG_PORT" && break; sleep 0.2; done
 open_port "$PG_PORT" || { echo "postgres: not reachable on 127.0.0.1:$PG_PORT" >&2; exit 1; }

@@ -10,7 +10,7 @@ if open_port 5440; then
   bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
   if [ -n "$pgdir" ] && [ -n "$bin" ]; then
     as=(); [ "$(id -u)" -eq 0 ] && as=(runuser -u postgres --)
-    "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -m fast -w stop >/dev/null 2>&1 || true
+    (cd / && "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -m fast -w stop >/dev/null 2>&1) || true
   fi
 fi
 echo "stores: private instances stopped"
