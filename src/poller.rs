@@ -628,7 +628,16 @@ impl Poller {
                 requeue_after_pause(&delivery, &settings, &broken).await;
                 return;
             }
-            match carry_out(&publisher, &settings, &instance, &inbound, &disposition).await {
+            match carry_out(
+                &publisher,
+                &settings,
+                &instance,
+                &poller_user,
+                &inbound,
+                &disposition,
+            )
+            .await
+            {
                 Ok(audited) => {
                     if audited != audit::AuditOutcome::Delivered {
                         state.metrics.audit_diverted();
@@ -672,7 +681,9 @@ impl Poller {
                         if let Some(r) = again.result.as_mut() {
                             r.replay = true;
                         }
-                        match carry_out(&next, &settings, &instance, &inbound, &again).await {
+                        match carry_out(&next, &settings, &instance, &poller_user, &inbound, &again)
+                            .await
+                        {
                             Ok(_) => {
                                 tracing::info!("outcome published on the new session");
                                 if let Err(e) = store_outcome(true).await {
@@ -968,6 +979,7 @@ pub async fn carry_out(
     publisher: &Publisher,
     settings: &Settings,
     instance: &str,
+    poller_user: &str,
     inbound: &Inbound,
     d: &Disposition,
 ) -> Result<audit::AuditOutcome, BrokerError> {
@@ -1090,7 +1102,7 @@ pub async fn carry_out(
         "audit.command",
         &t.dead_letter_exchange,
         &record,
-        &settings.poller_user(),
+        poller_user,
     )
     .await
 }
