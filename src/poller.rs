@@ -228,13 +228,9 @@ impl Poller {
         let policy = Policy::load(&settings.policy.file)?;
         let panel = build_panel(&settings)?;
         let (bridge, sim) = build_bridge(&settings).await?;
-        let i = &settings.idempotency;
-        if settings.environment == crate::settings::DEFAULT_ENVIRONMENT
-            && i.backend == crate::idempotency::Backend::Embedded
-            && !i.allow_embedded_in_production
-        {
+        if let Some(why) = settings.embedded_store_refused() {
             return Err(StartError::Store(crate::idempotency::StoreError::Backend(
-                "idempotency.backend: \"embedded\" keeps results in one poller's file, and production runs several replicas; configure redis or postgres (idempotency.url), or set idempotency.allow_embedded_in_production = true for a single replica on a volume of its own".into(),
+                format!("idempotency.backend: {why}"),
             )));
         }
         let store = crate::idempotency::open(&settings.idempotency).await?;

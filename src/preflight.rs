@@ -82,14 +82,10 @@ fn bridge(s: &Settings) -> Finding {
 
 async fn store(s: &Settings) -> Vec<Finding> {
     let mut out = Vec::new();
-    let i = &s.idempotency;
-    if s.environment == crate::settings::DEFAULT_ENVIRONMENT
-        && i.backend == crate::idempotency::Backend::Embedded
-        && !i.allow_embedded_in_production
-    {
+    if let Some(why) = s.embedded_store_refused() {
         out.push(Finding::problem(
             "idempotency.backend",
-            "embedded under production: `run` refuses it (replicas must share results); configure redis or postgres, or allow_embedded_in_production for a single replica",
+            format!("`run` refuses it: {why}"),
         ));
     }
     match crate::idempotency::store_key(&s.idempotency) {

@@ -280,6 +280,18 @@ pub const MAX_WAIT_FOR_IN_FLIGHT_MS: u64 = 25 * 60 * 1000;
 /// The environment when `APP_ENVIRONMENT` is unset.
 pub const DEFAULT_ENVIRONMENT: &str = "production";
 
+impl Settings {
+    /// Why `run` refuses this configuration's idempotency store, if it does: the embedded store
+    /// (one poller per file) under production, unless explicitly allowed.
+    pub fn embedded_store_refused(&self) -> Option<&'static str> {
+        let i = &self.idempotency;
+        (self.environment == DEFAULT_ENVIRONMENT
+            && i.backend == crate::idempotency::Backend::Embedded
+            && !i.allow_embedded_in_production)
+            .then_some("\"embedded\" keeps results in one poller's file, and production runs several replicas; configure redis or postgres (idempotency.url), or set idempotency.allow_embedded_in_production = true for a single replica on a volume of its own")
+    }
+}
+
 impl AuditSettings {
     /// The chain key, when its environment variable is set.
     pub fn chain_key(&self) -> Option<crate::bridge::signing::Secret> {
