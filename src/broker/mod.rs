@@ -8,7 +8,7 @@ mod publisher;
 mod topology;
 
 pub use publisher::{Outgoing, Publisher};
-pub use topology::{declare, declare_audit, Topology};
+pub use topology::{declare, declare_audit, expect_exist, Topology};
 
 use lapin::{Connection, ConnectionProperties};
 

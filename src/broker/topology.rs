@@ -149,32 +149,44 @@ pub async fn declare_audit(
             Ok(())
         }
         Err(e) if e.is_access_refused() => {
-            let ch = conn.create_channel().await?;
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            ch.exchange_declare(
-                a.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                passive,
-                FieldTable::default(),
-            )
-            .await?;
-            ch.queue_declare(
-                a.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-            let _ = ch.close(200, "checked".into()).await;
-            Ok(())
+            expect_exist(conn, &[a.exchange.as_str()], &[a.queue.as_str()]).await
         }
         Err(e) => Err(e),
     }
+}
+
+/// Checks, configuring nothing (passive declares need no permission), that these exchanges and
+/// queues exist: for users that may not declare what they use.
+pub async fn expect_exist(
+    conn: &lapin::Connection,
+    exchanges: &[&str],
+    queues: &[&str],
+) -> Result<(), BrokerError> {
+    let ch = conn.create_channel().await?;
+    for e in exchanges {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        // A passive declare doesn't check the kind.
+        ch.exchange_declare(
+            (*e).into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    for q in queues {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare((*q).into(), passive, FieldTable::default())
+            .await?;
+    }
+    let _ = ch.close(200, "checked".into()).await;
+    Ok(())
 }
 
 async fn declare_audit_on(

@@ -206,38 +206,17 @@ async fn expect_control(
     conn: &lapin::Connection,
     c: &crate::settings::ControlSettings,
 ) -> Result<(), OperatorError> {
-    let ch = conn.create_channel().await?;
-    for (exchange, kind) in [
-        (&c.exchange, lapin::ExchangeKind::Topic),
-        (&c.state_exchange, lapin::ExchangeKind::Fanout),
-    ] {
-        ch.exchange_declare(
-            exchange.as_str().into(),
-            kind,
-            lapin::options::ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| {
-            OperatorError::Refused(format!(
-                "the control exchange {exchange} is missing (no replica has declared it yet?): {e}"
-            ))
-        })?;
-    }
-    ch.queue_declare(
-        c.state_queue.as_str().into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
+    broker::expect_exist(
+        conn,
+        &[c.exchange.as_str(), c.state_exchange.as_str()],
+        &[c.state_queue.as_str()],
     )
-    .await?;
-    let _ = ch.close(200, "checked".into()).await;
-    Ok(())
+    .await
+    .map_err(|e| {
+        OperatorError::Refused(format!(
+            "the control topology is missing (no replica has declared it yet?): {e}"
+        ))
+    })
 }
 
 pub fn new_request_id() -> String {
