@@ -23,6 +23,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `check-config` with these environment overrides.
+fn check_config(env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("check-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 /// Polls /readyz until the poller is consuming.
 fn wait_ready(port: u16) {
     let t0 = Instant::now();
@@ -172,11 +181,7 @@ fn an_invalid_policy_stops_the_poller_at_start_naming_the_key() {
 
 #[test]
 fn an_unknown_config_key_is_refused() {
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__PROCESSING__MAX_INFLIGHT", "3")
-        .output()
-        .unwrap();
+    let out = check_config(&[("POLLER__PROCESSING__MAX_INFLIGHT", "3")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_inflight"), "{err}");
@@ -190,11 +195,7 @@ fn an_unknown_config_key_is_refused() {
 
 #[test]
 fn status_is_never_served_beyond_loopback() {
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__HEALTH__STATUS_LISTEN", "0.0.0.0:9465")
-        .output()
-        .unwrap();
+    let out = check_config(&[("POLLER__HEALTH__STATUS_LISTEN", "0.0.0.0:9465")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -225,12 +226,10 @@ fn unset_app_environment_means_production_and_guest_is_no_operator() {
 fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     // A duplicate must outwait a crashed replica's claim, or it goes back to the queue (one
     // delivery each time) before the dead claim expires.
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "30")
-        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "10000")
-        .output()
-        .unwrap();
+    let out = check_config(&[
+        ("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "30"),
+        ("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "10000"),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -239,29 +238,17 @@ fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     );
     // Finding 10: the old default (20 s) let a duplicate of a long bridge call go back to the
     // queue five times while the original still ran, until it was dead-lettered.
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "20000")
-        .output()
-        .unwrap();
+    let out = check_config(&[("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "20000")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("wait_for_in_flight_ms") && err.contains("retry_budget_secs"),
         "{err}"
     );
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "1800000")
-        .output()
-        .unwrap();
+    let out = check_config(&[("POLLER__IDEMPOTENCY__WAIT_FOR_IN_FLIGHT_MS", "1800000")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("consumer_timeout"));
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "2")
-        .output()
-        .unwrap();
+    let out = check_config(&[("POLLER__IDEMPOTENCY__CLAIM_TTL_SECS", "2")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("claim_ttl_secs"));
 }
