@@ -232,8 +232,8 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     let r3 = send("examples/commands/sop-int-03-connect-integration.json");
     assert_eq!(r3["status"], "BLOCKED", "{r3}");
 
-    // It wrote nothing outside /data (the rest is read-only to it anyway): no file appeared in
-    // the layout besides what was copied in.
+    // The layout is read-only to uid 10001, so anything it tried to write outside /data would
+    // have failed: nothing in its log says so, and the secret is not in it.
     drop(poller);
     let logs = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!logs.contains("Permission denied"), "{logs}");
