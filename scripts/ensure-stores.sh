@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Private Redis (127.0.0.1:6390) and PostgreSQL (127.0.0.1:5440, user postgres, database test) for
 # the shared idempotency store tests: instances of their own, with their data in
-# target/test-stores/, on their own ports. The machine's own Redis and PostgreSQL (if any) are
+# target/test-stores/, on their own ports (TEST_REDIS_PORT and TEST_POSTGRES_PORT choose others). The machine's own Redis and PostgreSQL (if any) are
 # neither used nor reconfigured (as root, PostgreSQL's data lives in
 # /var/tmp/command-poller-test-stores, where its own user can reach it). Installs Debian's
 # redis-server and postgresql packages when the binaries are missing. Idempotent;
 # scripts/stop-stores.sh stops them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Root runs everything itself; anyone else needs sudo, and only to install packages.
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-REDIS_PORT=6390
-PG_PORT=5440
+REDIS_PORT=${TEST_REDIS_PORT:-6390}
+PG_PORT=${TEST_POSTGRES_PORT:-5440}
 DIR="$(pwd)/target/test-stores"
 open_port() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 installed_apt=0
@@ -35,7 +36,7 @@ if ! open_port "$REDIS_PORT"; then
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
   echo "stores: starting a private Redis on 127.0.0.1:$REDIS_PORT"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-    --dir "$DIR" --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log"
+    --dir "$DIR" --pidfile "$DIR/redis-$REDIS_PORT.pid" --logfile "$DIR/redis-$REDIS_PORT.log"
 fi
 for _ in $(seq 1 50); do open_port "$REDIS_PORT" && break; sleep 0.2; done
 open_port "$REDIS_PORT" || { echo "redis: not reachable on 127.0.0.1:$REDIS_PORT" >&2; exit 1; }
@@ -44,13 +45,13 @@ echo "redis: running (private, 127.0.0.1:$REDIS_PORT)"
 if ! open_port "$PG_PORT"; then
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
   bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-  pgdir="$DIR/postgres"
+  pgdir="$DIR/postgres-$PG_PORT"
   # PostgreSQL refuses to run as root: the cluster then belongs to the postgres user, in a
   # directory it can reach whatever the checkout's path (commands run from /, for the same reason).
   as=()
   if [ "$(id -u)" -eq 0 ]; then
     as=(runuser -u postgres --)
-    pgdir=/var/tmp/command-poller-test-stores/postgres
+    pgdir=/var/tmp/command-poller-test-stores/postgres-$PG_PORT
     mkdir -p /var/tmp/command-poller-test-stores
     chmod 755 /var/tmp/command-poller-test-stores
   fi

@@ -20,6 +20,10 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "promtool: not installed; installing Debian's prometheus (the /metrics lint test uses it)"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
 fi
+if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  echo "sudo: not installed; installing Debian's sudo (tests/scripts_e2e.rs runs the scripts as a user with sudo)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null
+fi
 set +e
 mkdir -p target
 failed=()
