@@ -12,7 +12,7 @@ use command_poller::control::ControlCommand;
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::ResultMessage;
 use command_poller::policy::Policy;
-use command_poller::poller::{build_panel, Poller};
+use command_poller::worker::{build_panel, Poller};
 use common::{bridge_client, cmd, suffix, test_settings, Cleanup, AMQP};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -169,12 +169,24 @@ impl command_poller::idempotency::ResultStore for MemStore {
         json: &'a str,
         _r: Duration,
         _d: bool,
+        _keep: bool,
     ) -> BoxFuture<'a, Result<(), command_poller::idempotency::StoreError>> {
         self.0
             .lock()
             .unwrap()
             .insert(key.to_owned(), json.to_owned());
         Box::pin(async { Ok(()) })
+    }
+    fn hold<'a>(
+        &'a self,
+        _k: &'a str,
+        _o: &'a str,
+        _t: Duration,
+    ) -> BoxFuture<
+        'a,
+        Result<command_poller::idempotency::Claim, command_poller::idempotency::StoreError>,
+    > {
+        Box::pin(async { Ok(command_poller::idempotency::Claim::Mine) })
     }
     fn release<'a>(
         &'a self,
@@ -212,7 +224,7 @@ struct World {
     secret: Secret,
     secret_text: String,
     stop: CancellationToken,
-    states: Vec<Arc<command_poller::poller::PollerState>>,
+    states: Vec<Arc<command_poller::worker::PollerState>>,
     store_dir: std::path::PathBuf,
     _cleanup: Cleanup,
 }

@@ -72,7 +72,7 @@ pub async fn send(
     let mut replies = match opts.wait {
         Some(_) => Some(
             ch.basic_consume(
-                "amq.rabbitmq.reply-to".into(),
+                crate::broker::names::DIRECT_REPLY_TO.into(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -97,7 +97,7 @@ pub async fn send(
         props = props.with_correlation_id(a.as_str().into());
     }
     if replies.is_some() {
-        props = props.with_reply_to("amq.rabbitmq.reply-to".into());
+        props = props.with_reply_to(crate::broker::names::DIRECT_REPLY_TO.into());
     }
     let confirm = ch
         .basic_publish(

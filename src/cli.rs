@@ -197,7 +197,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let listen = settings.health.listen;
             let status_listen = settings.health.status_listen.clone();
-            let poller = crate::poller::Poller::from_settings(settings).await?;
+            let poller = crate::worker::Poller::from_settings(settings).await?;
             let shutdown = CancellationToken::new();
             let health = crate::health::serve(
                 listen,

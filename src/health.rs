@@ -7,7 +7,7 @@
 
 use crate::control::replica::ReplicaStats;
 use crate::control::Mode;
-use crate::poller::PollerState;
+use crate::worker::PollerState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;

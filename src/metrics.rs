@@ -5,7 +5,7 @@
 //! `_seconds` histograms).
 
 use crate::control::Mode;
-use crate::outcome::Vote;
+use crate::outcome::{Alert, ResultMessage, Vote};
 use crate::pipeline::Disposition;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -159,54 +159,76 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Records a published disposition.
+    /// Records a settled disposition: one `match`, so a new kind of disposition can't go
+    /// uncounted. A replay counts as a command and its alerts, never again in the judge and
+    /// bridge figures (its judges and bridge call happened, and were counted, the first time).
     pub fn observe(&self, d: &Disposition) {
-        if d.deferred.is_some() {
-            self.deferred.inc();
-            return;
+        match d {
+            Disposition::Defer { .. } => {
+                self.deferred.inc();
+            }
+            Disposition::DeadLetter { result, .. } => {
+                self.dead_letters.inc();
+                if let Some(r) = result {
+                    self.command(r);
+                }
+            }
+            Disposition::Conclude { outcome, .. } => {
+                self.command(&outcome.result);
+                self.judges_and_bridge(&outcome.result);
+                self.alerts(&outcome.alerts);
+            }
+            Disposition::Replay { outcome, .. } => {
+                self.command(&outcome.result);
+                self.alerts(&outcome.alerts);
+            }
         }
-        if d.dead_letter.is_some() {
-            self.dead_letters.inc();
-        }
-        if let Some(r) = &d.result {
-            self.commands
-                .get_or_create(&CommandLabels {
-                    command_type: r.command_type.clone().unwrap_or_else(|| "UNKNOWN".into()),
-                    status: r.status.to_string(),
+    }
+
+    fn command(&self, r: &ResultMessage) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                command_type: r.command_type.clone().unwrap_or_else(|| "UNKNOWN".into()),
+                status: r.status.to_string(),
+            })
+            .inc();
+    }
+
+    fn judges_and_bridge(&self, r: &ResultMessage) {
+        for j in &r.judges {
+            let verdict = match j.verdict {
+                Vote::Approve => "approve",
+                Vote::Deny => "deny",
+                Vote::Veto => "veto",
+                Vote::Unavailable => "unavailable",
+                Vote::Skipped => "skipped",
+            };
+            self.judge_verdicts
+                .get_or_create(&VerdictLabels {
+                    judge: j.name.clone(),
+                    verdict: verdict.into(),
                 })
                 .inc();
-            for j in &r.judges {
-                let verdict = match j.verdict {
-                    Vote::Approve => "approve",
-                    Vote::Deny => "deny",
-                    Vote::Veto => "veto",
-                    Vote::Unavailable => "unavailable",
-                    Vote::Skipped => "skipped",
-                };
-                self.judge_verdicts
-                    .get_or_create(&VerdictLabels {
+            if j.verdict != Vote::Skipped {
+                self.judge_latency
+                    .get_or_create(&JudgeLabels {
                         judge: j.name.clone(),
-                        verdict: verdict.into(),
                     })
-                    .inc();
-                if j.verdict != Vote::Skipped {
-                    self.judge_latency
-                        .get_or_create(&JudgeLabels {
-                            judge: j.name.clone(),
-                        })
-                        .observe(j.ms as f64 / 1000.0);
-                }
-            }
-            if let Some(b) = &r.bridge {
-                self.bridge_latency.observe(b.ms as f64 / 1000.0);
-                self.bridge_retries
-                    .inc_by(u64::from(b.attempts.saturating_sub(1)));
-                if b.error.is_some() {
-                    self.bridge_errors.inc();
-                }
+                    .observe(j.ms as f64 / 1000.0);
             }
         }
-        for a in &d.alerts {
+        if let Some(b) = &r.bridge {
+            self.bridge_latency.observe(b.ms as f64 / 1000.0);
+            self.bridge_retries
+                .inc_by(u64::from(b.attempts.saturating_sub(1)));
+            if b.error.is_some() {
+                self.bridge_errors.inc();
+            }
+        }
+    }
+
+    fn alerts(&self, alerts: &[Alert]) {
+        for a in alerts {
             self.alerts
                 .get_or_create(&AlertLabels {
                     team: a.team.clone(),
@@ -278,6 +300,78 @@ pub fn classic_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intake::ReplyTarget;
+    use crate::pipeline::Concluded;
+
+    fn concluded() -> Concluded {
+        let result: ResultMessage = serde_json::from_value(serde_json::json!({
+            "action_id": "a-1", "command_type": "REFRESH_TOKEN", "service": "google",
+            "status": "SUCCESS", "rationale": "approved",
+            "judges": [{"name": "rules", "verdict": "approve", "reason": "ok", "ms": 12}],
+            "bridge": {"attempts": 2, "ms": 340},
+            "received_at": "2026-01-01T00:00:00Z", "completed_at": "2026-01-01T00:00:01Z",
+            "poller_instance": "poller-1"
+        }))
+        .unwrap();
+        Concluded {
+            result,
+            reply: ReplyTarget::None,
+            alerts: Vec::new(),
+            audit: Vec::new(),
+            unapproved: None,
+            command_digest: None,
+        }
+    }
+
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn a_replay_counts_as_a_command_but_never_again_in_the_judge_and_bridge_figures() {
+        let m = Metrics::new();
+        m.observe(&Disposition::Conclude {
+            outcome: concluded(),
+            claim: None,
+        });
+        let mut replayed = concluded();
+        replayed.result.replay = true;
+        m.observe(&Disposition::Replay {
+            outcome: replayed,
+            claim: None,
+        });
+        let text = m.render(0, Mode::Running);
+        assert_eq!(
+            sample(
+                &text,
+                "command_poller_commands_total{command_type=\"REFRESH_TOKEN\",status=\"SUCCESS\"}"
+            ),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "command_poller_judge_latency_seconds_count{judge=\"rules\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "command_poller_judge_verdicts_total{judge=\"rules\",verdict=\"approve\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "command_poller_bridge_latency_seconds_count"),
+            1.0
+        );
+        assert_eq!(sample(&text, "command_poller_bridge_retries_total"), 1.0);
+    }
 
     #[test]
     fn the_classic_text_names_the_total_series_and_drops_openmetrics_lines() {

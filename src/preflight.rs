@@ -42,7 +42,7 @@ impl Finding {
 /// Runs every check; never stops at the first problem.
 pub async fn check(settings: &Settings) -> Vec<Finding> {
     let mut out = Vec::new();
-    match crate::poller::build_panel(settings) {
+    match crate::worker::build_panel(settings) {
         Ok(p) => out.push(Finding::ok(
             "panel.judges",
             format!(

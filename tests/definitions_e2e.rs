@@ -400,12 +400,12 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         &sim,
         command_poller::bridge::signing::Secret::new("defs"),
     );
-    let panel = command_poller::poller::build_panel(&settings).unwrap();
+    let panel = command_poller::worker::build_panel(&settings).unwrap();
     let store = command_poller::idempotency::open(&settings.idempotency)
         .await
         .unwrap();
     let store_path = settings.idempotency.path.clone();
-    let poller = command_poller::poller::Poller::new(settings, policy, panel, bridge, store, None);
+    let poller = command_poller::worker::Poller::new(settings, policy, panel, bridge, store, None);
     let state = poller.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn({

@@ -285,10 +285,10 @@ async fn bridge_connection_refused_is_retried_then_failed() {
         })
         .unwrap(),
     );
-    let poller = command_poller::poller::Poller::new(
+    let poller = command_poller::worker::Poller::new(
         h.settings.clone(),
         policy,
-        command_poller::poller::build_panel(&h.settings).unwrap(),
+        command_poller::worker::build_panel(&h.settings).unwrap(),
         bridge,
         h.store.clone(),
         None,

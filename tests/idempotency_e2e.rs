@@ -3,7 +3,9 @@
 
 mod common;
 
-use command_poller::idempotency::{self, Backend, Claim, IdempotencySettings, ResultStore};
+use command_poller::idempotency::{
+    self, Backend, Claim, IdempotencySettings, ResultStore, StoreError,
+};
 use command_poller::outcome::Status;
 use common::*;
 use std::sync::Arc;
@@ -85,6 +87,7 @@ async fn the_store_contract_holds_for_every_backend() {
             r#"{"status":"SUCCESS"}"#,
             Duration::from_secs(60),
             true,
+            false,
         )
         .await
         .unwrap();
@@ -107,7 +110,8 @@ async fn the_store_contract_holds_for_every_backend() {
             "{backend:?}: expired claim"
         );
         // Results expire after the retention.
-        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1), true)
+        s.claim("agent/a3", "r1", ttl).await.unwrap();
+        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1), true, false)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -115,6 +119,89 @@ async fn the_store_contract_holds_for_every_backend() {
             s.claim("agent/a3", "r1", ttl).await.unwrap(),
             Claim::Mine,
             "{backend:?}: retention"
+        );
+        let _ = std::fs::remove_file(&cfg.path);
+    }
+}
+
+/// A stale owner (its claim expired and someone else took it, or nobody holds it any more) can
+/// neither store a result nor end the new holder's claim; the holder can, keeping or dropping
+/// its claim.
+#[tokio::test]
+async fn every_backend_refuses_a_complete_from_a_stale_owner() {
+    for backend in ALL {
+        let (s, cfg) = store(backend).await;
+        let ttl = Duration::from_secs(60);
+        let keep = Duration::from_secs(60);
+        assert_eq!(
+            s.claim("agent/s1", "old", Duration::from_millis(200))
+                .await
+                .unwrap(),
+            Claim::Mine
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Expired and nobody else holds it: still not the old owner's to complete.
+        let refused = s
+            .complete("agent/s1", "old", "{\"by\":\"old\"}", keep, true, false)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::NotOwner)),
+            "{backend:?}: {refused:?}"
+        );
+        assert_eq!(
+            s.claim("agent/s1", "new", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}"
+        );
+        let refused = s
+            .complete("agent/s1", "old", "{\"by\":\"old\"}", keep, true, false)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::NotOwner)),
+            "{backend:?}: {refused:?}"
+        );
+        assert_eq!(
+            s.claim("agent/s1", "third", ttl).await.unwrap(),
+            Claim::Busy("new".into()),
+            "{backend:?}: the stale complete neither stored a result nor ended the new claim"
+        );
+        // The holder stores and keeps its claim (before publishing), then completes.
+        s.complete(
+            "agent/s1",
+            "new",
+            "{\"by\":\"new\",\"published\":false}",
+            keep,
+            true,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.hold("agent/s1", "third", ttl).await.unwrap(),
+            Claim::Busy("new".into()),
+            "{backend:?}: the claim was kept"
+        );
+        s.complete("agent/s1", "new", "{\"by\":\"new\"}", keep, false, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.claim("agent/s1", "third", ttl).await.unwrap(),
+            Claim::Done("{\"by\":\"new\"}".into()),
+            "{backend:?}"
+        );
+        // Done, but the claim is gone: a stale second complete is refused too.
+        let refused = s
+            .complete("agent/s1", "new", "{}", keep, false, false)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::NotOwner)),
+            "{backend:?}: {refused:?}"
+        );
+        // `hold` takes a free key whatever is stored (to republish an unconfirmed outcome).
+        assert_eq!(
+            s.hold("agent/s1", "third", ttl).await.unwrap(),
+            Claim::Mine,
+            "{backend:?}"
         );
         let _ = std::fs::remove_file(&cfg.path);
     }
@@ -137,6 +224,7 @@ async fn the_embedded_store_survives_a_restart() {
             r#"{"kept":true}"#,
             Duration::from_secs(60),
             true,
+            false,
         )
         .await
         .unwrap();
@@ -362,7 +450,14 @@ async fn a_value_planted_in_the_store_is_refused_not_replayed_with_every_backend
             Claim::Mine
         );
         store
-            .complete(&key, "attacker", &planted, Duration::from_secs(60), true)
+            .complete(
+                &key,
+                "attacker",
+                &planted,
+                Duration::from_secs(60),
+                true,
+                false,
+            )
             .await
             .unwrap();
         h.send(&cmd(id, "REFRESH_TOKEN", "google", "MEDIUM")).await;

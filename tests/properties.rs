@@ -7,7 +7,7 @@ use command_poller::intake::{decode, CommandType, DecodeLimits};
 use command_poller::judging::panel::{tally, PanelOutcome};
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::{Status, Vote};
-use command_poller::pipeline::{Inbound, Pipeline};
+use command_poller::pipeline::{Disposition, Inbound, Pipeline};
 use command_poller::policy::Policy;
 use futures::future::BoxFuture;
 use proptest::prelude::*;
@@ -171,6 +171,7 @@ fn pipeline(policy: Policy, bridge: Arc<Recording>, allow_unverified: bool) -> P
         store,
         claim_ttl: Duration::from_secs(60),
         wait_for_in_flight: Duration::from_millis(10),
+        retention: Duration::from_secs(3600),
         store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
     }
 }
@@ -214,8 +215,9 @@ proptest! {
             prop_assert_eq!(reached, 0, "{} is BLOCK but reached the bridge", types[t]);
         }
         // Every message ends as a result or a dead letter (never silently dropped).
-        prop_assert!(d.result.is_some() || d.dead_letter.is_some());
-        if let Some(r) = &d.result {
+        let dead_lettered = matches!(d, Disposition::DeadLetter { .. });
+        prop_assert!(d.result().is_some() || dead_lettered);
+        if let Some(r) = d.result() {
             prop_assert!(r.status != Status::Success || reached == 1);
         }
     }
@@ -238,7 +240,7 @@ proptest! {
             ..Default::default()
         }));
         prop_assert_eq!(bridge.0.load(Ordering::SeqCst), 0);
-        let r = d.result.unwrap();
+        let r = d.result().unwrap();
         prop_assert!(matches!(r.status, Status::Blocked | Status::Rejected));
         let _ = CommandType::ConnectIntegration;
     }

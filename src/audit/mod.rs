@@ -178,8 +178,4 @@ pub async fn publish_record(
     }
 }
 
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+pub use crate::clock::now_rfc3339 as now;

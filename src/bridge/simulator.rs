@@ -346,9 +346,7 @@ fn act(cfg: &SimulatorConfig, req: &BridgeRequest) -> serde_json::Value {
             false,
         );
     }
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = crate::clock::now_rfc3339();
     match req.command_type {
         CommandType::CheckIntegrationStatus => serde_json::json!({
             "status": "success",

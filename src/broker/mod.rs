@@ -4,6 +4,7 @@
 //! publish is mandatory, persistent and confirmed (an unroutable or nacked message is an
 //! error, never a silent success).
 
+pub mod names;
 mod publisher;
 mod topology;
 

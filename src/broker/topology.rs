@@ -4,7 +4,7 @@
 use super::BrokerError;
 use crate::settings::TopologySettings;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 /// The names in use, from settings.
@@ -24,9 +24,7 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
+use crate::broker::names::text;
 
 /// Declares the topology on `ch`.
 pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {

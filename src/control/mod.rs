@@ -155,11 +155,7 @@ impl Refusal {
     }
 }
 
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+pub use crate::clock::now_rfc3339 as now;
 
 /// The new state after `cmd` from `actor`, or why it is refused. `Status` never changes state.
 pub fn transition(

@@ -126,7 +126,7 @@ impl Operator<'_> {
         let mut replies = publisher
             .channel()
             .basic_consume(
-                "amq.rabbitmq.reply-to".into(),
+                crate::broker::names::DIRECT_REPLY_TO.into(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -142,7 +142,7 @@ impl Operator<'_> {
                 body: serde_json::to_vec(&cmd).expect("serializes"),
                 message_type: "control",
                 user_id: Some(user.clone()),
-                reply_to: Some("amq.rabbitmq.reply-to".into()),
+                reply_to: Some(crate::broker::names::DIRECT_REPLY_TO.into()),
                 ..Default::default()
             })
             .await;

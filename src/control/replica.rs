@@ -19,14 +19,12 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
+use crate::broker::names::text;
 
 /// Declares the control exchange, the state exchange and stream, and the events queue.
 pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
@@ -588,7 +586,7 @@ impl Replica {
         let audited = crate::audit::publish_record(
             publisher,
             &self.settings.audit.exchange,
-            "audit.control",
+            crate::broker::names::routing::AUDIT_CONTROL,
             &self.settings.topology.dead_letter_exchange,
             &record,
             &self.poller_user,
@@ -606,7 +604,7 @@ impl Replica {
         reply_to: Option<&str>,
         reply: ReplicaReply,
     ) -> Result<(), BrokerError> {
-        let Some(rt) = reply_to.filter(|r| r.starts_with("amq.rabbitmq.reply-to")) else {
+        let Some(rt) = reply_to.filter(|r| crate::broker::names::is_direct_reply_to(r)) else {
             return Ok(());
         };
         let r = publisher

@@ -26,7 +26,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -130,9 +130,7 @@ pub fn fold<'a>(entries: impl IntoIterator<Item = (&'a [u8], Writer)>) -> Folded
         })
 }
 
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
+use crate::broker::names::text;
 
 /// Declares the state exchange (fanout, durable) and the stream it feeds.
 pub async fn declare(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {

@@ -51,6 +51,11 @@ impl Trip {
     }
 }
 
+/// Whether any of `rules` counts attempts of type `t` (only those are shared with replicas).
+pub fn watched(rules: &[TripRule], t: CommandType) -> bool {
+    rules.iter().any(|r| r.command_type == t)
+}
+
 #[derive(Debug, Default)]
 pub struct TripWire {
     rules: Vec<TripRule>,
@@ -69,7 +74,7 @@ impl TripWire {
     }
 
     pub fn watches(&self, t: CommandType) -> bool {
-        self.rules.iter().any(|r| r.command_type == t)
+        watched(&self.rules, t)
     }
 
     /// Records one attempt; returns the trip when the attempts in the window reach N. The

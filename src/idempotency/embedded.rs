@@ -36,11 +36,19 @@ enum Op {
         ttl: Duration,
         reply: oneshot::Sender<Result<Claim, StoreError>>,
     },
+    Hold {
+        key: String,
+        owner: String,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<Claim, StoreError>>,
+    },
     Complete {
         key: String,
+        owner: String,
         result: String,
         retention: Duration,
         durable: bool,
+        keep_claim: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Release {
@@ -147,7 +155,7 @@ fn write_loop(db: &Database, rx: mpsc::Receiver<Op>) {
         let outcome = apply(db, &batch, durable);
         for (op, result) in batch.into_iter().zip(outcome) {
             match op {
-                Op::Claim { reply, .. } => {
+                Op::Claim { reply, .. } | Op::Hold { reply, .. } => {
                     let _ = reply.send(result);
                 }
                 Op::Complete { reply, .. } | Op::Release { reply, .. } => {
@@ -158,9 +166,10 @@ fn write_loop(db: &Database, rx: mpsc::Receiver<Op>) {
     }
 }
 
-/// Applies a batch in one transaction; every operation gets the commit's outcome.
+/// Applies a batch in one transaction; every operation gets its own answer if the commit
+/// succeeds (a refused `complete` refuses only itself), or the commit's error.
 fn apply(db: &Database, batch: &[Op], durable: bool) -> Vec<Result<Claim, StoreError>> {
-    let run = || -> Result<Vec<Claim>, StoreError> {
+    let run = || -> Result<Vec<Result<Claim, StoreError>>, StoreError> {
         let mut tx = db.begin_write().map_err(err)?;
         if !durable {
             tx.set_durability(Durability::None).map_err(err)?;
@@ -173,7 +182,7 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Vec<Result<Claim, StoreE
         Ok(claims)
     };
     match run() {
-        Ok(claims) => claims.into_iter().map(Ok).collect(),
+        Ok(answers) => answers,
         Err(e) => batch
             .iter()
             .map(|_| Err(StoreError::Backend(e.to_string())))
@@ -181,9 +190,17 @@ fn apply(db: &Database, batch: &[Op], durable: bool) -> Vec<Result<Claim, StoreE
     }
 }
 
-fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Claim, StoreError> {
+/// One operation: `Err` for the store failing (the batch fails), `Ok(Err)` for a refusal.
+fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Result<Claim, StoreError>, StoreError> {
     let mut results = tx.open_table(RESULTS).map_err(err)?;
     let mut claims = tx.open_table(CLAIMS).map_err(err)?;
+    let holder = |claims: &redb::Table<&str, (u64, &str)>, key: &str| {
+        claims.get(key).map_err(err).map(|v| {
+            v.map(|v| (v.value().0, v.value().1.to_owned()))
+                .filter(|(exp, _)| *exp > now_millis())
+                .map(|(_, o)| o)
+        })
+    };
     match op {
         Op::Claim {
             key, owner, ttl, ..
@@ -193,15 +210,10 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Claim, StoreError> {
                 (exp > now_secs()).then(|| r.to_owned())
             });
             if let Some(r) = done {
-                return Ok(Claim::Done(r));
+                return Ok(Ok(Claim::Done(r)));
             }
-            let live = claims
-                .get(key.as_str())
-                .map_err(err)?
-                .map(|v| (v.value().0, v.value().1.to_owned()))
-                .filter(|(exp, o)| *exp > now_millis() && o != owner);
-            if let Some((_, other)) = live {
-                return Ok(Claim::Busy(other));
+            if let Some(other) = holder(&claims, key)?.filter(|o| o != owner) {
+                return Ok(Ok(Claim::Busy(other)));
             }
             claims
                 .insert(
@@ -209,22 +221,43 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Claim, StoreError> {
                     (now_millis() + ttl.as_millis() as u64, owner.as_str()),
                 )
                 .map_err(err)?;
-            Ok(Claim::Mine)
+            Ok(Ok(Claim::Mine))
+        }
+        Op::Hold {
+            key, owner, ttl, ..
+        } => {
+            if let Some(other) = holder(&claims, key)?.filter(|o| o != owner) {
+                return Ok(Ok(Claim::Busy(other)));
+            }
+            claims
+                .insert(
+                    key.as_str(),
+                    (now_millis() + ttl.as_millis() as u64, owner.as_str()),
+                )
+                .map_err(err)?;
+            Ok(Ok(Claim::Mine))
         }
         Op::Complete {
             key,
+            owner,
             result,
             retention,
+            keep_claim,
             ..
         } => {
+            if holder(&claims, key)?.as_deref() != Some(owner.as_str()) {
+                return Ok(Err(StoreError::NotOwner));
+            }
             results
                 .insert(
                     key.as_str(),
                     (now_secs() + retention.as_secs(), result.as_str()),
                 )
                 .map_err(err)?;
-            claims.remove(key.as_str()).map_err(err)?;
-            Ok(Claim::Mine)
+            if !keep_claim {
+                claims.remove(key.as_str()).map_err(err)?;
+            }
+            Ok(Ok(Claim::Mine))
         }
         Op::Release { key, owner, .. } => {
             let mine = claims
@@ -234,7 +267,7 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Claim, StoreError> {
             if mine {
                 claims.remove(key.as_str()).map_err(err)?;
             }
-            Ok(Claim::Mine)
+            Ok(Ok(Claim::Mine))
         }
     }
 }
@@ -261,21 +294,45 @@ impl ResultStore for EmbeddedStore {
         })
     }
 
+    fn hold<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            self.send(
+                Op::Hold {
+                    key: self.key(key),
+                    owner: owner.to_owned(),
+                    ttl,
+                    reply,
+                },
+                rx,
+            )
+            .await
+        })
+    }
+
     fn complete<'a>(
         &'a self,
         key: &'a str,
-        _owner: &'a str,
+        owner: &'a str,
         result_json: &'a str,
         retention: Duration,
         durable: bool,
+        keep_claim: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let op = Op::Complete {
                 key: self.key(key),
+                owner: owner.to_owned(),
                 result: result_json.to_owned(),
                 retention,
                 durable,
+                keep_claim,
                 reply,
             };
             self.send(op, rx).await

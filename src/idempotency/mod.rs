@@ -6,10 +6,12 @@
 //! backends: embedded (redb, one poller, survives restarts), Redis and PostgreSQL (shared by
 //! replicas). Entries expire after the configured retention.
 
+mod claim;
 mod embedded;
 mod postgres;
 mod redis_store;
 
+pub use claim::{ClaimGuard, StoredOutcome, Taken, Unsealed};
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
 pub use redis_store::RedisStore;
@@ -34,6 +36,10 @@ pub enum Claim {
 pub enum StoreError {
     #[error("idempotency store: {0}")]
     Backend(String),
+    /// A `complete` from an owner whose claim has expired or been taken over: refused, so a
+    /// stale replica can't overwrite what the current holder decides.
+    #[error("idempotency store: the claim on this action is no longer held by this delivery (expired or taken over)")]
+    NotOwner,
 }
 
 /// The boundary to wherever final results are kept.
@@ -46,9 +52,21 @@ pub trait ResultStore: Send + Sync {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
-    /// Stores the final result (kept for `retention`) and drops the claim. `durable`: on disk
-    /// before returning (the embedded store skips the fsync otherwise; shared stores always
-    /// persist).
+    /// Holds `key` for `owner` for another `ttl` (renewing its claim, or taking it when no live
+    /// claim exists), whatever result is stored: [`Claim::Mine`], or [`Claim::Busy`] with the
+    /// live holder. Renews a claim through storing and publishing, and lets a replica republish
+    /// a stored result that was never confirmed published.
+    fn hold<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+    /// Stores the final result (kept for `retention`), only while `owner` holds a live claim on
+    /// `key` ([`StoreError::NotOwner`] otherwise, and nothing is written). `keep_claim`: the
+    /// claim stays (the result is stored before it is published; the claim ends with a second
+    /// `complete` once it is), else it is dropped. `durable`: on disk before returning (the
+    /// embedded store skips the fsync otherwise; shared stores always persist).
     fn complete<'a>(
         &'a self,
         key: &'a str,
@@ -56,6 +74,7 @@ pub trait ResultStore: Send + Sync {
         result_json: &'a str,
         retention: Duration,
         durable: bool,
+        keep_claim: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Drops `owner`'s claim without a result (the command went back to the queue).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)

@@ -56,6 +56,45 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Takes or renews `owner`'s claim on `key` (already prefixed) unless another owner's is
+    /// live.
+    async fn take_or_renew(
+        &self,
+        key: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
+        let ms = ttl.as_millis() as f64;
+        let taken = self
+            .client
+            .query_opt(
+                "INSERT INTO command_poller_claims (key, owner, expires_at)
+                 VALUES ($1, $2, now() + $3 * interval '1 millisecond')
+                 ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                   WHERE command_poller_claims.expires_at < now() OR command_poller_claims.owner = EXCLUDED.owner
+                 RETURNING owner",
+                &[&key, &owner, &ms],
+            )
+            .await
+            .map_err(err)?;
+        if taken.is_some() {
+            return Ok(Claim::Mine);
+        }
+        let holder = self
+            .client
+            .query_opt(
+                "SELECT owner FROM command_poller_claims WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .map_err(err)?
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default();
+        Ok(Claim::Busy(holder))
+    }
+}
+
 impl ResultStore for PostgresStore {
     fn claim<'a>(
         &'a self,
@@ -68,30 +107,7 @@ impl ResultStore for PostgresStore {
             if let Some(r) = self.done(&key).await? {
                 return Ok(Claim::Done(r));
             }
-            let ms = ttl.as_millis() as f64;
-            let taken = self
-                .client
-                .query_opt(
-                    "INSERT INTO command_poller_claims (key, owner, expires_at)
-                     VALUES ($1, $2, now() + $3 * interval '1 millisecond')
-                     ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-                       WHERE command_poller_claims.expires_at < now() OR command_poller_claims.owner = EXCLUDED.owner
-                     RETURNING owner",
-                    &[&key, &owner, &ms],
-                )
-                .await
-                .map_err(err)?;
-            if taken.is_none() {
-                let holder = self
-                    .client
-                    .query_opt(
-                        "SELECT owner FROM command_poller_claims WHERE key = $1",
-                        &[&key],
-                    )
-                    .await
-                    .map_err(err)?
-                    .map(|r| r.get::<_, String>(0))
-                    .unwrap_or_default();
+            if let Claim::Busy(holder) = self.take_or_renew(&key, owner, ttl).await? {
                 return Ok(Claim::Busy(holder));
             }
             if let Some(r) = self.done(&key).await? {
@@ -108,6 +124,18 @@ impl ResultStore for PostgresStore {
         })
     }
 
+    fn hold<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            self.take_or_renew(&key, owner, ttl).await
+        })
+    }
+
     fn complete<'a>(
         &'a self,
         key: &'a str,
@@ -115,25 +143,36 @@ impl ResultStore for PostgresStore {
         result_json: &'a str,
         retention: Duration,
         _durable: bool,
+        keep_claim: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let key = self.key(key);
             let secs = retention.as_secs() as f64;
-            self.client
-                .execute(
-                    "INSERT INTO command_poller_results (key, result, expires_at) VALUES ($1, $2, now() + $3 * interval '1 second')
-                     ON CONFLICT (key) DO UPDATE SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at",
-                    &[&key, &result_json, &secs],
+            // Written only while this owner's claim is live (locked for the statement), and
+            // the claim dropped in the same statement unless it is kept.
+            let written = self
+                .client
+                .query_one(
+                    "WITH mine AS (
+                         SELECT key FROM command_poller_claims
+                         WHERE key = $1 AND owner = $2 AND expires_at > now() FOR UPDATE),
+                     stored AS (
+                         INSERT INTO command_poller_results (key, result, expires_at)
+                         SELECT $1, $3, now() + $4 * interval '1 second' WHERE EXISTS (SELECT 1 FROM mine)
+                         ON CONFLICT (key) DO UPDATE SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at
+                         RETURNING key),
+                     _dropped AS (
+                         DELETE FROM command_poller_claims
+                         WHERE NOT $5 AND key IN (SELECT key FROM stored) AND owner = $2
+                         RETURNING key)
+                     SELECT count(*) FROM stored",
+                    &[&key, &owner, &result_json, &secs, &keep_claim],
                 )
                 .await
                 .map_err(err)?;
-            self.client
-                .execute(
-                    "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
-                    &[&key, &owner],
-                )
-                .await
-                .map_err(err)?;
+            if written.get::<_, i64>(0) == 0 {
+                return Err(StoreError::NotOwner);
+            }
             // Expired rows go lazily, a few at a time.
             self.client
                 .execute("DELETE FROM command_poller_results WHERE key IN (SELECT key FROM command_poller_results WHERE expires_at < now() LIMIT 100)", &[])

@@ -86,22 +86,71 @@ impl ResultStore for RedisStore {
         })
     }
 
+    fn hold<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            // Take or renew, unless another owner's claim is live: atomically.
+            let script = redis::Script::new(
+                "local h = redis.call('GET', KEYS[1])
+                 if h == false or h == ARGV[1] then
+                   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                   return ARGV[1]
+                 end
+                 return h",
+            );
+            let holder: String = script
+                .key(self.claim_key(key))
+                .arg(owner)
+                .arg(ttl.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(if holder == owner {
+                Claim::Mine
+            } else {
+                Claim::Busy(holder)
+            })
+        })
+    }
+
     fn complete<'a>(
         &'a self,
         key: &'a str,
-        _owner: &'a str,
+        owner: &'a str,
         result_json: &'a str,
         retention: Duration,
         _durable: bool,
+        keep_claim: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            let _: () = c
-                .set_ex(self.done(key), result_json, retention.as_secs().max(1))
+            // Only the live claim's owner writes the result: checked and written atomically.
+            let script = redis::Script::new(
+                "if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+                 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+                 if ARGV[4] == '0' then redis.call('DEL', KEYS[2]) end
+                 return 1",
+            );
+            let written: i64 = script
+                .key(self.done(key))
+                .key(self.claim_key(key))
+                .arg(owner)
+                .arg(result_json)
+                .arg(retention.as_secs().max(1))
+                .arg(if keep_claim { "1" } else { "0" })
+                .invoke_async(&mut c)
                 .await
                 .map_err(err)?;
-            let _: () = c.del(self.claim_key(key)).await.map_err(err)?;
-            Ok(())
+            if written == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::NotOwner)
+            }
         })
     }
 

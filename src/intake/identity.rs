@@ -94,8 +94,6 @@ pub struct ReplyToRefused {
     pub reason: String,
 }
 
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
 /// Decides whether the poller may publish to `reply_to`. It only ever publishes through the
 /// default exchange, so the value names a queue; only the agent's own queues qualify.
 pub fn reply_target(reply_to: Option<&str>, agent: &Agent) -> Result<ReplyTarget, ReplyToRefused> {
@@ -109,7 +107,7 @@ pub fn reply_target(reply_to: Option<&str>, agent: &Agent) -> Result<ReplyTarget
     if rt.len() > 255 || rt.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(refuse("not a valid queue name".into()));
     }
-    if rt == DIRECT_REPLY_TO || rt.starts_with("amq.rabbitmq.reply-to.") {
+    if crate::broker::names::is_direct_reply_to(rt) {
         return Ok(ReplyTarget::DirectReplyTo(rt.to_owned()));
     }
     let own_prefix = format!("reply.{}.", agent.id);

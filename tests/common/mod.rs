@@ -10,8 +10,8 @@ use command_poller::broker;
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::{Alert, ResultMessage};
 use command_poller::policy::Policy;
-use command_poller::poller::{build_panel, Poller};
 use command_poller::settings::Settings;
+use command_poller::worker::{build_panel, Poller};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::*;
@@ -227,7 +227,7 @@ pub struct Harness {
     pub agent_conn: Connection,
     pub shutdown: CancellationToken,
     pub poller_task: Option<tokio::task::JoinHandle<()>>,
-    pub poller_state: Arc<command_poller::poller::PollerState>,
+    pub poller_state: Arc<command_poller::worker::PollerState>,
     pub secret: Secret,
     /// Shared by this harness's replicas (as Redis or PostgreSQL would be).
     pub store: Arc<dyn command_poller::idempotency::ResultStore>,
@@ -580,7 +580,7 @@ pub async fn settle() {
 
 /// Another replica of the poller in this process, with its own instance id.
 pub struct ReplicaHandle {
-    pub state: Arc<command_poller::poller::PollerState>,
+    pub state: Arc<command_poller::worker::PollerState>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     pub instance: String,

@@ -1,14 +1,18 @@
 //! The pipeline for one command: intake → policy → judging → bridge → outcome.
 //!
 //! In: an [`Inbound`] message (payload and the AMQP properties that matter). Out: a
-//! [`Disposition`]: the result to publish, where else it goes, the alerts, and whether the raw
-//! message must be copied to the dead-letter queue. No broker I/O happens here; the poller
-//! carries the disposition out and only then acks.
+//! [`Disposition`]: defer it, dead-letter it, conclude it, or replay its stored result. No
+//! broker I/O happens here; the worker carries the disposition out and only then acks.
+
+mod disposition;
+
+pub use disposition::{Concluded, DeadLetter, DeadLetterBody, Disposition, Publication};
 
 use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
 use crate::control::gate::Gate;
-use crate::idempotency::{Claim, ResultStore};
+use crate::control::trip::UnapprovedAttempt;
+use crate::idempotency::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
 use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
     ReplyTarget,
@@ -16,7 +20,7 @@ use crate::intake::{
 use crate::judging::history::AttemptHistory;
 use crate::judging::{JudgeRequest, Panel, PanelOutcome};
 use crate::outcome::{
-    alerts_for, AgentView, Alert, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
+    alerts_for, AgentView, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
 use crate::policy::{Decision, Handling, Policy};
 use sha2::{Digest, Sha256};
@@ -37,66 +41,6 @@ pub struct Inbound {
     pub redelivered: bool,
 }
 
-/// Why a raw message goes to the dead-letter queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    pub field: String,
-    pub reason: String,
-    pub body: DeadLetterBody,
-}
-
-/// What the dead letter carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeadLetterBody {
-    /// The original payload (within the size limit), for a human to inspect.
-    Original,
-    /// Over the size limit: never copied or re-published; its digest and size instead.
-    Withheld { sha256: String, bytes: usize },
-}
-
-/// Everything to publish for one command, in order: dead letter, result, reply, alerts, audit; or,
-/// when `deferred`, nothing: the command goes back to the queue unprocessed.
-#[derive(Debug, Clone)]
-pub struct Disposition {
-    /// Paused or halted before the command reached the judges or the bridge: requeue it.
-    pub deferred: Option<String>,
-    /// None only when the message was undecodable and no action_id could be read from it; the
-    /// dead letter is then its only trace (and it is always present in that case).
-    pub result: Option<ResultMessage>,
-    pub reply: ReplyTarget,
-    pub alerts: Vec<Alert>,
-    pub dead_letter: Option<DeadLetter>,
-    /// What happened, for the audit record (the poller adds what it publishes).
-    pub audit: Vec<AuditEvent>,
-    /// The idempotency claim this delivery holds: the poller stores the result under it before
-    /// publishing, or releases it when the command is deferred.
-    pub claimed: Option<Claimed>,
-    /// The result is already in the store (a replay); only its publication is recorded.
-    pub stored: bool,
-}
-
-/// What the idempotency store keeps per action: the result, and whether it was confirmed
-/// published (with its alerts). An unpublished one is published in full on the next delivery.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StoredOutcome {
-    pub published: bool,
-    pub result: ResultMessage,
-    /// The digest of the command that produced it ([`crate::idempotency::command_digest`]):
-    /// a reused action_id with a different command is refused, never answered with this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command_digest: Option<String>,
-}
-
-/// An idempotency claim: the key and this delivery's owner token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
-    pub key: String,
-    /// Unique per delivery (not per replica), so two copies on one replica can't both hold it.
-    pub owner: String,
-    /// The command's digest, stored with its result.
-    pub command_digest: Option<String>,
-}
-
 pub struct Pipeline {
     pub limits: DecodeLimits,
     pub allow_unverified: bool,
@@ -115,27 +59,16 @@ pub struct Pipeline {
     pub store: Arc<dyn ResultStore>,
     pub claim_ttl: Duration,
     pub wait_for_in_flight: Duration,
+    /// How long final results are kept and replayed.
+    pub retention: Duration,
     /// Seals stored outcomes (HMAC), so a planted value is refused, not replayed.
     pub store_key: crate::bridge::signing::Secret,
-}
-
-/// Aborts a background task when dropped (the claim renewal ends with the command).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Why a command went back to the queue.
 struct Deferred(String);
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+use crate::clock::now_rfc3339;
 
 /// Fields known so far, to build a result at whatever stage the command stops.
 struct Draft {
@@ -232,22 +165,18 @@ impl Pipeline {
                 "oversized command; dead-lettering its digest, not its body"
             );
             trail.push(rejected_event("payload", &reason));
-            return Disposition {
-                deferred: None,
-                result: None,
-                reply: ReplyTarget::None,
-                alerts: Vec::new(),
-                dead_letter: Some(DeadLetter {
+            return Disposition::DeadLetter {
+                letter: DeadLetter {
                     field: "payload".into(),
                     reason,
                     body: DeadLetterBody::Withheld {
                         sha256: hex::encode(Sha256::digest(&msg.payload)),
                         bytes: msg.payload.len(),
                     },
-                }),
+                },
+                result: None,
+                reply: ReplyTarget::None,
                 audit: trail,
-                claimed: None,
-                stored: false,
             };
         }
         let cmd = match decode(&msg.payload, msg.content_type.as_deref(), self.limits) {
@@ -265,19 +194,15 @@ impl Pipeline {
                     .is_some()
                     .then(|| draft.rejected(e.field(), e.to_string()));
                 trail.push(rejected_event(e.field(), &e.to_string()));
-                return Disposition {
-                    deferred: None,
-                    result,
-                    reply,
-                    alerts: Vec::new(),
-                    dead_letter: Some(DeadLetter {
+                return Disposition::DeadLetter {
+                    letter: DeadLetter {
                         field: e.field().to_owned(),
                         reason: e.to_string(),
                         body: DeadLetterBody::Original,
-                    }),
+                    },
+                    result,
+                    reply,
                     audit: trail,
-                    claimed: None,
-                    stored: false,
                 };
             }
         };
@@ -297,7 +222,11 @@ impl Pipeline {
                 tracing::warn!(error = %e, "command refused: identity");
                 let reply = lenient_reply(msg.reply_to.as_deref(), broker_agent.as_ref());
                 trail.push(rejected_event(e.field(), &e.to_string()));
-                return self.conclude(draft.rejected(e.field(), e.to_string()), reply, trail);
+                let result = draft.rejected(e.field(), e.to_string());
+                return Disposition::Conclude {
+                    outcome: self.conclude(result, reply, trail),
+                    claim: None,
+                };
             }
         };
         span.record("agent", agent.id.as_str());
@@ -308,30 +237,38 @@ impl Pipeline {
             Err(e) => {
                 tracing::warn!(error = %e, "command refused: reply_to");
                 trail.push(rejected_event("reply_to", &e.to_string()));
-                return self.conclude(
-                    draft.rejected("reply_to", e.to_string()),
-                    ReplyTarget::None,
-                    trail,
-                );
+                let result = draft.rejected("reply_to", e.to_string());
+                return Disposition::Conclude {
+                    outcome: self.conclude(result, ReplyTarget::None, trail),
+                    claim: None,
+                };
             }
         };
 
         // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
         // Unverified agents (where allowed) have a key space of their own.
         let digest = crate::idempotency::command_digest(&agent, &cmd);
-        let claimed = Claimed {
-            key: crate::idempotency::action_key(&agent, &cmd.action_id),
-            owner: format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple()),
-            command_digest: Some(digest.clone()),
-        };
-        let _renewal = match self.claim(&claimed).await {
-            Ok(Claim::Mine) => self.keep_claim(&claimed),
-            Ok(Claim::Done(stored)) => {
-                return self.replay(claimed, &digest, &stored, reply, trail, draft)
+        let key = crate::idempotency::action_key(&agent, &cmd.action_id);
+        let taken = ClaimGuard::take(
+            self.store.clone(),
+            key.clone(),
+            &self.instance,
+            self.claim_ttl,
+            self.retention,
+            self.wait_for_in_flight,
+        )
+        .await;
+        let claim = match taken {
+            Ok(Taken::Mine(guard)) => guard,
+            Ok(Taken::Done(stored)) => {
+                return self
+                    .replay(key, &digest, &stored, reply, trail, draft)
+                    .await
             }
-            Ok(Claim::Busy(owner)) => {
+            Ok(Taken::Busy(owner)) => {
                 return deferred(
                     format!("a duplicate of an action in flight on {owner}"),
+                    None,
                     trail,
                 );
             }
@@ -339,7 +276,7 @@ impl Pipeline {
                 tracing::error!(error = %e, "idempotency store unavailable; not processing (fail closed)");
                 // Don't spin on a store that is down: the requeue costs a delivery.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                return deferred(e.to_string(), trail);
+                return deferred(e.to_string(), None, trail);
             }
         };
 
@@ -380,11 +317,7 @@ impl Pipeline {
         };
         let result = match result {
             Ok(r) => r,
-            Err(Deferred(why)) => {
-                let mut d = deferred(why, trail);
-                d.claimed = Some(claimed);
-                return d;
-            }
+            Err(Deferred(why)) => return deferred(why, Some(claim), trail),
         };
         self.history.record(
             agent.id.as_str(),
@@ -392,77 +325,44 @@ impl Pipeline {
             cmd.action_id.as_str(),
             result.status,
         );
-        let mut d = self.conclude(result, reply, trail);
-        d.claimed = Some(claimed);
-        d
-    }
-
-    /// Claims `key`, waiting a while for an in-flight duplicate to conclude.
-    async fn claim(&self, c: &Claimed) -> Result<Claim, crate::idempotency::StoreError> {
-        let deadline = Instant::now() + self.wait_for_in_flight;
-        let mut logged = false;
-        loop {
-            match self.store.claim(&c.key, &c.owner, self.claim_ttl).await? {
-                Claim::Busy(owner) if Instant::now() < deadline => {
-                    if !logged {
-                        tracing::info!(owner = %owner, "duplicate of an action in flight; waiting for its result");
-                        logged = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let unapproved =
+            matches!(result.status, Status::NeedsApproval | Status::Blocked).then(|| {
+                UnapprovedAttempt {
+                    agent: agent.id.to_string(),
+                    command_type: cmd.command_type,
+                    action_id: cmd.action_id.to_string(),
+                    status: result.status,
+                    at: crate::clock::unix_now(),
+                    instance: self.instance.clone(),
                 }
-                other => return Ok(other),
-            }
+            });
+        let mut outcome = self.conclude(result, reply, trail);
+        outcome.unapproved = unapproved;
+        outcome.command_digest = Some(digest);
+        Disposition::Conclude {
+            outcome,
+            claim: Some(claim),
         }
-    }
-
-    /// Renews `c` every third of the claim TTL until the returned guard is dropped, so a
-    /// command that waits long for a bridge slot or retries keeps its claim, and a short TTL
-    /// only ever expires a crashed replica's claims.
-    fn keep_claim(&self, c: &Claimed) -> AbortOnDrop {
-        let store = self.store.clone();
-        let (key, owner, ttl) = (c.key.clone(), c.owner.clone(), self.claim_ttl);
-        let span = tracing::Span::current();
-        AbortOnDrop(tokio::spawn(async move {
-            let every = ttl / 3;
-            loop {
-                tokio::time::sleep(every).await;
-                match store.claim(&key, &owner, ttl).await {
-                    Ok(Claim::Mine) => {}
-                    // Someone else holds it now (our renewals failed for a whole TTL): carry on;
-                    // the bridge's action_id dedup keeps a parallel run from acting twice.
-                    Ok(other) => {
-                        tracing::warn!(parent: &span, now = ?other, "idempotency claim lost while in flight")
-                    }
-                    Err(e) => {
-                        tracing::warn!(parent: &span, error = %e, "could not renew the idempotency claim; retrying")
-                    }
-                }
-            }
-        }))
     }
 
     /// A duplicate of a concluded action: republish its stored result, marked as a replay;
     /// or, when the action_id was used for a different command, refuse the new one.
-    fn replay(
+    async fn replay(
         &self,
-        claimed: Claimed,
+        key: String,
         digest: &str,
         stored: &str,
         reply: ReplyTarget,
         mut trail: Vec<AuditEvent>,
         draft: Draft,
     ) -> Disposition {
-        let key = claimed.key;
-        let stored = match crate::idempotency::unseal(&self.store_key, stored) {
-            Ok(json) => json,
-            Err(why) => return self.tampered(why, reply, trail, draft),
-        };
-        let stored: StoredOutcome = match serde_json::from_str(&stored) {
-            Ok(r) => r,
-            Err(e) => {
+        let stored = match StoredOutcome::unseal(&self.store_key, stored) {
+            Ok(s) => s,
+            Err(Unsealed::Tampered(why)) => return self.tampered(why, reply, trail, draft),
+            Err(Unsealed::Unreadable(e)) => {
                 // Never execute on doubt: an unreadable stored result is reported, not redone.
                 tracing::error!(error = %e, "stored result unreadable");
-                return deferred(format!("stored result unreadable: {e}"), trail);
+                return deferred(format!("stored result unreadable: {e}"), None, trail);
             }
         };
         if stored
@@ -480,49 +380,52 @@ impl Pipeline {
             );
             tracing::warn!("{why}");
             trail.push(rejected_event("action_id", &why));
-            return self.conclude(draft.rejected("action_id", why), reply, trail);
+            let result = draft.rejected("action_id", why);
+            return Disposition::Conclude {
+                outcome: self.conclude(result, reply, trail),
+                claim: None,
+            };
         }
         let mut result = stored.result;
+        result.replay = true;
         trail.push(AuditEvent::Replayed {
             at: now_rfc3339(),
             original_completed_at: result.completed_at.clone(),
             original_instance: result.poller_instance.clone(),
         });
-        let owner = format!("{}#{}", self.instance, uuid::Uuid::new_v4().simple());
+        let replayed = |alerts, claim| Disposition::Replay {
+            outcome: Concluded {
+                result: result.clone(),
+                reply: reply.clone(),
+                alerts,
+                audit: trail.clone(),
+                unapproved: None,
+                command_digest: stored.command_digest.clone(),
+            },
+            claim,
+        };
         if stored.published {
             tracing::info!(status = %result.status, "duplicate action: replaying the stored result");
-            result.replay = true;
-            return Disposition {
-                deferred: None,
-                result: Some(result),
-                reply,
-                alerts: Vec::new(),
-                dead_letter: None,
-                audit: trail,
-                claimed: None,
-                stored: true,
-            };
+            return replayed(Vec::new(), None);
         }
         // Concluded but not confirmed published (a crash or a refused publish in between): it
         // may or may not have gone out, so publish it in full, alerts included (a duplicate alert
-        // beats a lost one), marked as a replay, then mark it published.
+        // beats a lost one), marked as a replay, then mark it published: under a claim, so two
+        // copies don't both mark it (a copy that can't hold it publishes without marking).
         tracing::warn!(status = %result.status, "concluded earlier, publication unconfirmed; publishing it again");
-        result.replay = true;
-        let alerts = alerts_for(&self.policy, &result);
-        Disposition {
-            deferred: None,
-            result: Some(result),
-            reply,
-            alerts,
-            dead_letter: None,
-            audit: trail,
-            claimed: Some(Claimed {
-                key,
-                owner,
-                command_digest: stored.command_digest,
-            }),
-            stored: true,
-        }
+        let claim = ClaimGuard::hold(
+            self.store.clone(),
+            key,
+            &self.instance,
+            self.claim_ttl,
+            self.retention,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not hold the claim to mark it published");
+            None
+        });
+        replayed(alerts_for(&self.policy, &result), claim)
     }
 
     /// A stored outcome that fails its integrity check: never replayed (it may be planted),
@@ -541,8 +444,8 @@ impl Pipeline {
             Status::UnknownOutcome,
             format!("{why}: it was neither replayed nor executed again, so whether the action took effect is unknown. A human must check the service and the idempotency store."),
         );
-        let mut d = self.conclude(result, reply, trail);
-        let mut security = d
+        let mut outcome = self.conclude(result, reply, trail);
+        let mut security = outcome
             .alerts
             .first()
             .cloned()
@@ -551,16 +454,20 @@ impl Pipeline {
         security.team = "security".into();
         security.priority = crate::outcome::Priority::High;
         security.action_required = "Someone may have written to the idempotency store without the store key (idempotency.key_env): find who can write there and what else they changed.".into();
-        d.alerts.push(security);
-        d
+        outcome.alerts.push(security);
+        Disposition::Conclude {
+            outcome,
+            claim: None,
+        }
     }
 
+    /// A final result with its alerts and the audit events of how it was reached.
     fn conclude(
         &self,
         result: ResultMessage,
         reply: ReplyTarget,
         mut trail: Vec<AuditEvent>,
-    ) -> Disposition {
+    ) -> Concluded {
         let alerts = alerts_for(&self.policy, &result);
         tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
         for j in &result.judges {
@@ -593,15 +500,13 @@ impl Pipeline {
                     .map(str::to_owned),
             });
         }
-        Disposition {
-            deferred: None,
-            result: Some(result),
+        Concluded {
+            result,
             reply,
             alerts,
-            dead_letter: None,
             audit: trail,
-            claimed: None,
-            stored: false,
+            unapproved: None,
+            command_digest: None,
         }
     }
 
@@ -729,18 +634,9 @@ impl Pipeline {
     }
 }
 
-fn deferred(why: String, audit: Vec<AuditEvent>) -> Disposition {
+fn deferred(why: String, claim: Option<ClaimGuard>, audit: Vec<AuditEvent>) -> Disposition {
     tracing::info!(why = %why, "deferred: back to the queue unprocessed");
-    Disposition {
-        deferred: Some(why),
-        result: None,
-        reply: ReplyTarget::None,
-        alerts: Vec::new(),
-        dead_letter: None,
-        audit,
-        claimed: None,
-        stored: false,
-    }
+    Disposition::Defer { why, claim, audit }
 }
 
 fn rejected_event(field: &str, reason: &str) -> AuditEvent {
@@ -757,7 +653,7 @@ fn lenient_reply(reply_to: Option<&str>, broker_agent: Option<&Agent>) -> ReplyT
     match broker_agent {
         Some(a) => intake::reply_target(reply_to, a).unwrap_or(ReplyTarget::None),
         None => match reply_to {
-            Some(r) if r.starts_with("amq.rabbitmq.reply-to") => {
+            Some(r) if crate::broker::names::is_direct_reply_to(r) => {
                 let anyone = Agent {
                     id: AgentId::parse("unknown").expect("valid"),
                     verified: false,

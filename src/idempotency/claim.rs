@@ -1,0 +1,231 @@
+//! The claim on an action as an owned guard.
+//!
+//! In: a store, an action key and how long to wait for an in-flight duplicate. Out: [`Taken`]:
+//! a [`ClaimGuard`] (this delivery processes the action), the stored outcome (replay it), or the
+//! live holder (defer). The guard renews the claim every third of its TTL for as long as it
+//! lives, through storing and publishing the result, and is finished by [`ClaimGuard::complete`]
+//! or [`ClaimGuard::release`]; dropped unfinished, it stops renewing and releases the claim.
+
+use super::{Claim, ResultStore, StoreError};
+use crate::bridge::signing::Secret;
+use crate::outcome::ResultMessage;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the store keeps per action: the result, and whether it was confirmed published (with
+/// its alerts). An unpublished one is published in full on the next delivery.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredOutcome {
+    pub published: bool,
+    pub result: ResultMessage,
+    /// The digest of the command that produced it ([`super::command_digest`]): a reused
+    /// action_id with a different command is refused, never answered with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_digest: Option<String>,
+}
+
+impl StoredOutcome {
+    /// The sealed JSON the store keeps ([`super::seal`]).
+    pub fn seal(&self, key: &Secret) -> String {
+        let json = serde_json::to_string(self).expect("a stored outcome serializes");
+        super::seal(key, &json)
+    }
+
+    /// The outcome in a stored value: `Err` says why it can't be trusted or read.
+    pub fn unseal(key: &Secret, stored: &str) -> Result<Self, Unsealed> {
+        let json = super::unseal(key, stored).map_err(Unsealed::Tampered)?;
+        serde_json::from_str(&json).map_err(|e| Unsealed::Unreadable(e.to_string()))
+    }
+}
+
+/// Why a stored value can't be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsealed {
+    /// Its HMAC fails: planted or altered.
+    Tampered(String),
+    /// Sealed by a poller, but not an outcome this version reads.
+    Unreadable(String),
+}
+
+/// The answer to taking a claim.
+pub enum Taken {
+    /// This delivery processes the action.
+    Mine(ClaimGuard),
+    /// A final outcome is stored (sealed JSON): replay it.
+    Done(String),
+    /// Another delivery still holds it after the wait (its owner).
+    Busy(String),
+}
+
+/// A live claim on one action, renewed until it is completed, released or dropped.
+pub struct ClaimGuard {
+    store: Arc<dyn ResultStore>,
+    key: String,
+    owner: String,
+    retention: Duration,
+    renewal: tokio::task::JoinHandle<()>,
+    finished: bool,
+}
+
+/// How long [`ClaimGuard::take`] sleeps between asking again while another delivery holds it.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+
+impl ClaimGuard {
+    /// Claims `key` for a fresh owner (`<instance>#<random>`, unique per delivery), waiting up
+    /// to `wait` for an in-flight duplicate to conclude.
+    pub async fn take(
+        store: Arc<dyn ResultStore>,
+        key: String,
+        instance: &str,
+        ttl: Duration,
+        retention: Duration,
+        wait: Duration,
+    ) -> Result<Taken, StoreError> {
+        let owner = new_owner(instance);
+        let deadline = Instant::now() + wait;
+        let mut logged = false;
+        loop {
+            match store.claim(&key, &owner, ttl).await? {
+                Claim::Mine => {
+                    return Ok(Taken::Mine(Self::start(store, key, owner, ttl, retention)))
+                }
+                Claim::Done(stored) => return Ok(Taken::Done(stored)),
+                Claim::Busy(holder) if Instant::now() >= deadline => {
+                    return Ok(Taken::Busy(holder))
+                }
+                Claim::Busy(holder) => {
+                    if !logged {
+                        tracing::info!(owner = %holder, "duplicate of an action in flight; waiting for its result");
+                        logged = true;
+                    }
+                    tokio::time::sleep(BUSY_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// Holds `key` whatever is stored under it (to republish a stored outcome never confirmed
+    /// published); `None` when another delivery holds it.
+    pub async fn hold(
+        store: Arc<dyn ResultStore>,
+        key: String,
+        instance: &str,
+        ttl: Duration,
+        retention: Duration,
+    ) -> Result<Option<Self>, StoreError> {
+        let owner = new_owner(instance);
+        Ok(match store.hold(&key, &owner, ttl).await? {
+            Claim::Mine => Some(Self::start(store, key, owner, ttl, retention)),
+            _ => None,
+        })
+    }
+
+    fn start(
+        store: Arc<dyn ResultStore>,
+        key: String,
+        owner: String,
+        ttl: Duration,
+        retention: Duration,
+    ) -> Self {
+        let renewal = {
+            let (store, key, owner) = (store.clone(), key.clone(), owner.clone());
+            let span = tracing::Span::current();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match store.hold(&key, &owner, ttl).await {
+                        Ok(Claim::Mine) => {}
+                        // Someone else holds it now (renewals failed for a whole TTL): the
+                        // result can't be stored under it; the bridge's dedup keeps a parallel
+                        // run from acting twice.
+                        Ok(other) => {
+                            tracing::warn!(parent: &span, now = ?other, "idempotency claim lost while in flight")
+                        }
+                        Err(e) => {
+                            tracing::warn!(parent: &span, error = %e, "could not renew the idempotency claim; retrying")
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            store,
+            key,
+            owner,
+            retention,
+            renewal,
+            finished: false,
+        }
+    }
+
+    /// The action's store key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Stores `outcome` (sealed) and keeps the claim: done before publishing, durably, so a
+    /// crash in between publishes the stored outcome instead of redoing the action.
+    pub async fn store(&self, outcome: &StoredOutcome, seal: &Secret) -> Result<(), StoreError> {
+        self.store
+            .complete(
+                &self.key,
+                &self.owner,
+                &outcome.seal(seal),
+                self.retention,
+                true,
+                true,
+            )
+            .await
+    }
+
+    /// Stores `outcome` (sealed) and ends the claim. Not made durable at once: losing this write
+    /// in a crash costs a replay, not a redo.
+    pub async fn complete(
+        mut self,
+        outcome: &StoredOutcome,
+        seal: &Secret,
+    ) -> Result<(), StoreError> {
+        self.renewal.abort();
+        let done = self
+            .store
+            .complete(
+                &self.key,
+                &self.owner,
+                &outcome.seal(seal),
+                self.retention,
+                false,
+                false,
+            )
+            .await;
+        self.finished = done.is_ok();
+        done
+    }
+
+    /// Ends the claim without a result (the command goes back to the queue).
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.renewal.abort();
+        self.finished = true;
+        self.store.release(&self.key, &self.owner).await
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        if self.finished {
+            return;
+        }
+        // Unfinished (a task aborted, a failed store): free it rather than let it wait out its
+        // TTL. Best effort; the TTL remains the backstop.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (store, key, owner) = (self.store.clone(), self.key.clone(), self.owner.clone());
+            rt.spawn(async move {
+                let _ = store.release(&key, &owner).await;
+            });
+        }
+    }
+}
+
+fn new_owner(instance: &str) -> String {
+    format!("{instance}#{}", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,231 @@
+//! The composition root: builds a [`Poller`] from settings (policy, judges, bridge, store) or
+//! from parts (tests inject judges and bridges).
+
+use super::render::Names;
+use super::settle::Shell;
+use super::state::PollerState;
+use super::Poller;
+use crate::bridge::signing::Secret;
+use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
+use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
+use crate::idempotency::ResultStore;
+use crate::intake::DecodeLimits;
+use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
+use crate::judging::rules::RuleJudge;
+use crate::judging::{Judge, Panel};
+use crate::pipeline::Pipeline;
+use crate::policy::Policy;
+use crate::settings::{BridgeMode, JudgeSettings, Settings};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("bridge: {0}")]
+    Bridge(String),
+    #[error("panel: {0}")]
+    Judge(String),
+    #[error(transparent)]
+    Store(#[from] crate::idempotency::StoreError),
+}
+
+/// Builds the judges of the configured panel. Fails when a prompt file or an API key named in
+/// config is missing, so a misconfigured panel stops the poller at start.
+pub fn build_panel(settings: &Settings) -> Result<Panel, StartError> {
+    let mut judges: Vec<(Arc<dyn Judge>, Duration)> = Vec::new();
+    for j in &settings.panel.judges {
+        match j {
+            JudgeSettings::Rules {
+                name,
+                timeout_ms,
+                rules,
+            } => judges.push((
+                Arc::new(RuleJudge::new(name.clone(), rules.clone())),
+                Duration::from_millis(*timeout_ms),
+            )),
+            JudgeSettings::Llm {
+                name,
+                timeout_ms,
+                base_url,
+                model,
+                api_key_env,
+                temperature,
+                max_tokens,
+                prompt_file,
+            } => {
+                let system_prompt = std::fs::read_to_string(prompt_file).map_err(|e| {
+                    StartError::Judge(format!(
+                        "judge {name}: prompt_file {}: {e}",
+                        prompt_file.display()
+                    ))
+                })?;
+                let api_key = match api_key_env {
+                    None => None,
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        StartError::Judge(format!(
+                            "judge {name}: the API key variable {var} is not set"
+                        ))
+                    })?),
+                };
+                let deadline = Duration::from_millis(*timeout_ms);
+                let judge = LlmJudge::new(LlmJudgeConfig {
+                    name: name.clone(),
+                    base_url: base_url.clone(),
+                    model: model.clone(),
+                    api_key,
+                    temperature: *temperature,
+                    max_tokens: *max_tokens,
+                    system_prompt,
+                    deadline,
+                })
+                .map_err(|e| StartError::Judge(format!("judge {name}: {e}")))?;
+                judges.push((Arc::new(judge), deadline));
+            }
+        }
+    }
+    Ok(Panel::new(judges, settings.panel.quorum))
+}
+
+fn client_config(settings: &Settings, url: url::Url, secret: Secret) -> BridgeClientConfig {
+    let b = &settings.bridge;
+    BridgeClientConfig {
+        url,
+        secret,
+        request_timeout: Duration::from_secs(b.request_timeout_secs),
+        retry_budget: Duration::from_secs(b.retry_budget_secs),
+        min_backoff: Duration::from_millis(b.min_backoff_ms),
+        max_backoff: Duration::from_millis(b.max_backoff_ms),
+    }
+}
+
+/// Builds the configured bridge: the Apps Script client, or the embedded simulator and a client
+/// for it.
+pub async fn build_bridge(
+    settings: &Settings,
+) -> Result<(Arc<dyn Bridge>, Option<SimulatorHandle>), StartError> {
+    let secret = std::env::var(&settings.bridge.secret_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(Secret::new);
+    match settings.bridge.mode {
+        BridgeMode::AppsScript => {
+            let secret = secret.ok_or_else(|| {
+                StartError::Bridge(format!(
+                    "the bridge secret environment variable {} is not set",
+                    settings.bridge.secret_env
+                ))
+            })?;
+            let url = url::Url::parse(&settings.bridge.url)
+                .map_err(|e| StartError::Bridge(format!("bridge.url: {e}")))?;
+            let client = AppsScriptBridge::new(client_config(settings, url, secret))
+                .map_err(|e| StartError::Bridge(e.to_string()))?;
+            Ok((Arc::new(client), None))
+        }
+        BridgeMode::Simulator => {
+            let secret = secret.unwrap_or_else(Secret::random);
+            let mut cfg = SimulatorConfig::new(secret.clone());
+            cfg.latency = Duration::from_millis(settings.bridge.simulator_latency_ms);
+            let sim = simulator::start(cfg, ([127, 0, 0, 1], 0).into())
+                .await
+                .map_err(|e| StartError::Bridge(format!("simulator: {e}")))?;
+            tracing::info!(addr = %sim.addr(), "embedded bridge simulator listening");
+            let client = AppsScriptBridge::new(client_config(settings, sim.url(), secret))
+                .map_err(|e| StartError::Bridge(e.to_string()))?;
+            Ok((Arc::new(client), Some(sim)))
+        }
+    }
+}
+
+impl Poller {
+    /// Builds the poller from settings alone: policy file, rule judges, configured bridge.
+    pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
+        let policy = Policy::load(&settings.policy.file)?;
+        let panel = build_panel(&settings)?;
+        let (bridge, sim) = build_bridge(&settings).await?;
+        if let Some(why) = settings.embedded_store_refused() {
+            return Err(StartError::Store(crate::idempotency::StoreError::Backend(
+                format!("idempotency.backend: {why}"),
+            )));
+        }
+        let store = crate::idempotency::open(&settings.idempotency).await?;
+        crate::idempotency::store_key(&settings.idempotency)?;
+        Ok(Self::new(
+            settings,
+            Arc::new(policy),
+            panel,
+            bridge,
+            store,
+            sim,
+        ))
+    }
+
+    /// Builds the poller from parts (tests inject judges and bridges here).
+    pub fn new(
+        settings: Settings,
+        policy: Arc<Policy>,
+        panel: Panel,
+        bridge: Arc<dyn Bridge>,
+        store: Arc<dyn ResultStore>,
+        simulator: Option<SimulatorHandle>,
+    ) -> Self {
+        let instance = settings.instance();
+        let state = Arc::new(PollerState::default());
+        // `from_settings` has checked it can be had; tests use the embedded store's key file.
+        let store_key = crate::idempotency::store_key(&settings.idempotency)
+            .expect("the idempotency store key (checked at start)");
+        let pipeline = Pipeline {
+            limits: DecodeLimits {
+                max_payload_bytes: settings.intake.max_payload_bytes,
+            },
+            allow_unverified: settings.intake.allow_unverified_agents,
+            policy,
+            panel,
+            bridge,
+            instance: instance.clone(),
+            history: Default::default(),
+            gate: state.gate.clone(),
+            bridge_slots: Semaphore::new(settings.bridge.max_concurrency),
+            store,
+            claim_ttl: Duration::from_secs(settings.idempotency.claim_ttl_secs),
+            wait_for_in_flight: Duration::from_millis(settings.idempotency.wait_for_in_flight_ms),
+            retention: Duration::from_secs(settings.idempotency.retention_secs),
+            store_key,
+        };
+        let names = Names {
+            results_exchange: settings.topology.results_exchange.clone(),
+            alerts_exchange: settings.topology.alerts_exchange.clone(),
+            dead_letter_exchange: settings.topology.dead_letter_exchange.clone(),
+            audit_exchange: settings.audit.exchange.clone(),
+            control_exchange: settings.control.exchange.clone(),
+            instance: instance.clone(),
+            poller_user: settings.poller_user(),
+        };
+        let shell = Shell {
+            pipeline: Arc::new(pipeline),
+            state,
+            names,
+            trips: settings.control.trips.clone(),
+            publish_failure_pause: Duration::from_millis(
+                settings.processing.publish_failure_pause_ms,
+            ),
+            publishers: Arc::new(tokio::sync::watch::channel(None).0),
+        };
+        Self {
+            settings: Arc::new(settings),
+            shell: Arc::new(shell),
+            instance,
+            _simulator: simulator,
+        }
+    }
+
+    pub fn state(&self) -> Arc<PollerState> {
+        self.shell.state.clone()
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}

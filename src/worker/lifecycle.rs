@@ -1,0 +1,320 @@
+//! The worker's lifecycle: sessions (connect, declare, apply the control state, consume),
+//! reconnecting with backoff after broker failures, pausing and resuming the consumer with the
+//! gate, and draining in-flight commands on shutdown.
+
+use super::consumer::{consumer_stalled, CommandConsumer, SETUP_TIMEOUT, STALL_CHECK_EVERY};
+use super::settle;
+use super::state::PollerState;
+use super::Poller;
+use crate::broker::{self, BrokerError, Publisher};
+use crate::control::replica::Replica;
+use crate::control::Mode;
+use crate::idempotency::ResultStore;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::options::BasicQosOptions;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+impl Poller {
+    /// Runs until `shutdown` is cancelled, reconnecting after broker failures.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let a = &self.settings.amqp;
+        let mut backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+        tracing::info!(instance = %self.instance, broker = %crate::settings::redact_url(&a.url), "poller starting");
+        // In-flight commands outlive a lost session: they finish, store their outcome and
+        // settle their idempotency claim, so the redelivered copies replay it at once instead of
+        // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let store_watch = tokio::spawn(watch_store(
+            self.shell.pipeline.store.clone(),
+            self.shell.state.clone(),
+            shutdown.clone(),
+        ));
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let mut consumed_any = false;
+            match self.session(&shutdown, &mut consumed_any, &mut tasks).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.shell.state.connected.store(false, Ordering::SeqCst);
+                    if consumed_any {
+                        backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+                    }
+                    let delay = backoff
+                        .next()
+                        .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session ended; reconnecting");
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = &mut sleep => break,
+                            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        }
+                    }
+                }
+            }
+        }
+        self.drain(&mut tasks).await;
+        store_watch.abort();
+    }
+
+    /// Lets in-flight commands finish within the drain timeout; the rest are aborted (their
+    /// deliveries go back to the queue when the channel closes, and their claims expire).
+    async fn drain(&self, tasks: &mut JoinSet<()>) {
+        if tasks.is_empty() {
+            return;
+        }
+        let drain = Duration::from_secs(self.settings.processing.drain_timeout_secs);
+        tracing::info!(
+            in_flight = tasks.len(),
+            timeout_s = drain.as_secs(),
+            "draining"
+        );
+        let drained =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "drain timeout; unfinished commands go back to the queue"
+            );
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One connected session. `Ok` means an orderly shutdown; `Err` means reconnect.
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        consumed_any: &mut bool,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), SessionError> {
+        let s = &self.settings;
+        let consume_conn =
+            broker::connect(&s.amqp.url, &format!("{}-consume", s.amqp.connection_name)).await?;
+        let publish_conn = match broker::connect(
+            &s.amqp.url,
+            &format!("{}-publish", s.amqp.connection_name),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                broker::close(&consume_conn, "publisher connection failed").await;
+                return Err(e.into());
+            }
+        };
+        let result = self
+            .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
+            .await;
+        self.shell.state.connected.store(false, Ordering::SeqCst);
+        self.shell.publishers.send_replace(None);
+        // Closing requeues whatever is still unacked. A dead connection never answers close-ok:
+        // bounded, so the reconnect loop can't stall here.
+        broker::close(&consume_conn, "command-poller session end").await;
+        broker::close(&publish_conn, "command-poller session end").await;
+        result
+    }
+
+    async fn consume(
+        &self,
+        consume_conn: &lapin::Connection,
+        publish_conn: &lapin::Connection,
+        shutdown: &CancellationToken,
+        consumed_any: &mut bool,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), SessionError> {
+        let s = &self.settings;
+        // Setting up is bounded: a broker half-way through a restart can leave a call without
+        // an answer, and the session must then start over rather than wait forever.
+        let setup = async {
+            let publisher = Publisher::open(publish_conn).await?;
+            self.shell.publishers.send_replace(Some(publisher.clone()));
+            let ch = consume_conn.create_channel().await?;
+            broker::declare(&ch, &s.topology).await?;
+            broker::declare_audit(consume_conn, &s.audit).await?;
+
+            // Control first: the stored state is applied before any command is consumed.
+            let replica = Arc::new(Replica::new(
+                self.settings.clone(),
+                self.shell.state.gate.clone(),
+                self.instance.clone(),
+                self.shell.state.clone(),
+            ));
+            let control_ch = consume_conn.create_channel().await?;
+            let state_ch = consume_conn.create_channel().await?;
+            let (control_consumer, state_reader) =
+                replica.attach(&control_ch, &state_ch, &publisher).await?;
+            ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
+                .await?;
+            // A consumer the broker stopped feeding without the stream ending or the
+            // connection reporting it: checked while running and quiet (`consumer_stalled`).
+            let watch_ch = consume_conn.create_channel().await?;
+            let mut commands = CommandConsumer::new(
+                ch.clone(),
+                s.topology.commands_queue.clone(),
+                self.instance.clone(),
+            );
+            if self.shell.state.gate.mode() == Mode::Running {
+                commands.start().await?;
+            } else {
+                tracing::warn!(
+                    mode = self.shell.state.gate.mode().as_str(),
+                    "not consuming: the system is paused or halted"
+                );
+            }
+            Ok::<_, SessionError>((
+                publisher,
+                replica,
+                control_consumer,
+                state_reader,
+                commands,
+                watch_ch,
+            ))
+        };
+        let (publisher, replica, control_consumer, state_reader, mut commands, watch_ch) =
+            match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+                Ok(parts) => parts?,
+                Err(_) => {
+                    return Err(SessionError::Lost(format!(
+                        "setting up the session took longer than {SETUP_TIMEOUT:?}"
+                    )))
+                }
+            };
+        let mut control_task = {
+            let replica = replica.clone();
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                replica
+                    .listen(control_consumer, state_reader, publisher)
+                    .await
+            })
+        };
+        let mut mode = self.shell.state.gate.watch();
+        self.shell.state.connected.store(true, Ordering::SeqCst);
+
+        let broken = CancellationToken::new();
+        let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_delivery = std::time::Instant::now();
+        let outcome = loop {
+            tokio::select! {
+                _ = stall_check.tick() => {
+                    if self.shell.state.gate.mode() != Mode::Running
+                        || !commands.is_active()
+                        || last_delivery.elapsed() < STALL_CHECK_EVERY
+                    {
+                        continue;
+                    }
+                    if let Some(why) = consumer_stalled(&watch_ch, &s.topology.commands_queue).await {
+                        tracing::warn!(why = %why, "the commands consumer stalled; reconnecting");
+                        break Err(SessionError::Lost(why));
+                    }
+                }
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
+                ended = &mut control_task => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
+                changed = mode.changed() => {
+                    if changed.is_err() { continue; }
+                    let now = *mode.borrow_and_update();
+                    if now == Mode::Running {
+                        commands.start().await?;
+                        tracing::info!("resumed: consuming commands");
+                    } else {
+                        commands.cancel().await?;
+                        tracing::warn!(mode = now.as_str(), in_flight = tasks.len(), "stopped consuming; in-flight commands that have not reached the bridge go back to the queue");
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = commands.next() => match next {
+                    Some(Ok(delivery)) => {
+                        *consumed_any = true;
+                        last_delivery = std::time::Instant::now();
+                        tasks.spawn(settle::delivery(self.shell.clone(), delivery, publisher.clone(), broken.clone()));
+                    }
+                    Some(Err(e)) => break Err(SessionError::Broker(e.into())),
+                    None => break Err(SessionError::Lost("the broker cancelled the consumer".into())),
+                }
+            }
+        };
+        control_task.abort();
+        if outcome.is_ok() {
+            // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
+            // while the connections are still open, so results and acks go out.
+            let _ = commands.cancel().await;
+            self.drain(tasks).await;
+        }
+        // A lost session leaves its tasks running: see `run`.
+        outcome
+    }
+}
+
+/// How often the idempotency store is probed for `/readyz`.
+const STORE_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Probes the store (a claim and its release under a key no command can have) every
+/// [`STORE_CHECK_EVERY`], recording whether it answered within that time.
+pub(crate) async fn watch_store(
+    store: Arc<dyn ResultStore>,
+    state: Arc<PollerState>,
+    stop: CancellationToken,
+) {
+    let key = format!("~readiness/{}", uuid::Uuid::new_v4().simple());
+    let owner = "readiness-probe";
+    let mut every = tokio::time::interval(STORE_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let probe = async {
+            store.claim(&key, owner, STORE_CHECK_EVERY * 5).await?;
+            store.release(&key, owner).await
+        };
+        let ok = matches!(
+            tokio::time::timeout(STORE_CHECK_EVERY, probe).await,
+            Ok(Ok(()))
+        );
+        let was = state.store_ok.swap(ok, Ordering::SeqCst);
+        if was != ok {
+            if ok {
+                tracing::info!("idempotency store reachable again");
+            } else {
+                tracing::error!(
+                    "idempotency store unreachable: not ready (commands wait, fail closed)"
+                );
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl From<lapin::Error> for SessionError {
+    fn from(e: lapin::Error) -> Self {
+        SessionError::Broker(e.into())
+    }
+}
+
+fn reconnect_backoff(min_ms: u64, max_ms: u64) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(min_ms))
+        .with_max_delay(Duration::from_millis(max_ms))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

@@ -1,0 +1,38 @@
+//! The worker: the I/O shell around the pipeline. It consumes commands, runs each through the
+//! [`Pipeline`](crate::pipeline::Pipeline) concurrently (up to `max_in_flight`), carries each
+//! disposition out (store, publish with confirms) and only then acks.
+//!
+//! In: settings and a pipeline. Out: results, alerts and dead letters on the broker. Rides out
+//! broker restarts (new connections, topology, consumer) and drains in-flight commands on
+//! shutdown. Anything unacked when a connection goes away is requeued by the broker; the
+//! bridge's dedup (per agent and action_id) makes a re-run after a lost ack safe.
+//!
+//! One file per concern: [`compose`] builds the worker from settings, [`lifecycle`] runs
+//! sessions, [`consumer`] manages the commands consumer, [`settle`] settles one delivery,
+//! [`render`] builds every outgoing message (pure), [`publish`] sends them, [`state`] is what
+//! health and status read.
+
+pub mod compose;
+mod consumer;
+mod lifecycle;
+pub mod publish;
+pub mod render;
+mod settle;
+pub mod state;
+
+pub use compose::{build_bridge, build_panel, StartError};
+pub use state::PollerState;
+
+use crate::bridge::simulator::SimulatorHandle;
+use crate::settings::Settings;
+use std::sync::Arc;
+
+/// A poller replica: build it with [`Poller::from_settings`] (or [`Poller::new`] from parts),
+/// then [`Poller::run`] it until shutdown.
+pub struct Poller {
+    settings: Arc<Settings>,
+    shell: Arc<settle::Shell>,
+    instance: String,
+    /// Keeps the embedded bridge simulator running, when it is the configured bridge.
+    _simulator: Option<SimulatorHandle>,
+}

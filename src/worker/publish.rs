@@ -1,0 +1,209 @@
+//! Publishing what [`super::render`] built, each message confirmed, and the delivery-side
+//! moves that go with it (requeue after a pause, the next session's publisher).
+
+use super::render::{Names, Part, Rendered};
+use crate::audit::{self, AuditOutcome};
+use crate::broker::names::routing;
+use crate::broker::{BrokerError, Publisher};
+use lapin::message::Delivery;
+use lapin::options::BasicNackOptions;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The boundary to the broker for the command path: tests record instead of publishing.
+pub trait Publish: Send + Sync {
+    fn publish<'a>(
+        &'a self,
+        msg: &'a crate::broker::Outgoing,
+    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>>;
+}
+
+impl Publish for Publisher {
+    fn publish<'a>(
+        &'a self,
+        msg: &'a crate::broker::Outgoing,
+    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(Publisher::publish(self, msg))
+    }
+}
+
+/// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
+/// delivered is logged, not fatal; anything else that fails stops here (nothing after it goes
+/// out, and the command is not acked).
+pub async fn rendered(
+    publisher: &Publisher,
+    rendered: &Rendered,
+    names: &Names,
+) -> Result<AuditOutcome, BrokerError> {
+    messages(publisher, rendered).await?;
+    // After the result and alerts: an audit exchange that refuses the record can't hold them
+    // back (the record is retried, then dead-lettered on its own).
+    audit::publish_record(
+        publisher,
+        &names.audit_exchange,
+        routing::AUDIT_COMMAND,
+        &names.dead_letter_exchange,
+        &rendered.audit,
+        &names.poller_user,
+    )
+    .await
+}
+
+/// The messages of `rendered` (not its audit record), in order.
+pub async fn messages(publisher: &dyn Publish, rendered: &Rendered) -> Result<(), BrokerError> {
+    for m in &rendered.messages {
+        match (m.part, publisher.publish(&m.outgoing).await) {
+            (_, Ok(())) => {}
+            (Part::Reply, Err(e)) if !e.is_connection() => {
+                let kind = if m.outgoing.best_effort {
+                    "direct reply-to"
+                } else {
+                    "agent reply queue"
+                };
+                tracing::warn!(error = %e, kind, "reply not delivered; the result is on the results exchange");
+            }
+            (_, Err(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How long a command whose session was lost waits for the next one to publish on.
+pub(crate) const REPUBLISH_WAIT: Duration = Duration::from_secs(120);
+
+/// The publisher of the next session after the one that failed, within [`REPUBLISH_WAIT`].
+pub(crate) async fn next_publisher(
+    rx: &mut tokio::sync::watch::Receiver<Option<Publisher>>,
+) -> Option<Publisher> {
+    tokio::time::timeout(REPUBLISH_WAIT, async {
+        loop {
+            rx.changed().await.ok()?;
+            if let Some(p) = rx.borrow_and_update().clone() {
+                return Some(p);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Sends a delivery back to the queue after `pause` (each requeue costs one of the queue's
+/// delivery limit, so never in a tight loop). A requeue that can't be sent means the channel is
+/// gone: the session is restarted and the broker requeues it.
+pub(crate) async fn requeue_after_pause(
+    delivery: &Delivery,
+    pause: Duration,
+    broken: &CancellationToken,
+) {
+    tokio::time::sleep(pause).await;
+    if !requeue(delivery).await {
+        broken.cancel();
+    }
+}
+
+/// Sends a delivery back to the queue at once; false when the channel is gone.
+pub(crate) async fn requeue(delivery: &Delivery) -> bool {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    matches!(delivery.acker.nack(requeue).await, Ok(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditRecord;
+    use crate::broker::Outgoing;
+    use crate::worker::render::Message;
+    use std::sync::Mutex;
+
+    /// Records what is published; refuses the message parts listed in `refuse`.
+    struct Recording {
+        sent: Mutex<Vec<String>>,
+        refuse: Vec<(&'static str, bool)>,
+    }
+
+    impl Publish for Recording {
+        fn publish<'a>(
+            &'a self,
+            msg: &'a Outgoing,
+        ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
+            let refused = self.refuse.iter().find(|(k, _)| *k == msg.routing_key);
+            let answer = match refused {
+                None => {
+                    self.sent.lock().unwrap().push(msg.routing_key.clone());
+                    Ok(())
+                }
+                Some((_, true)) => Err(BrokerError::Timeout("publishing", Duration::ZERO)),
+                Some((k, false)) => Err(BrokerError::Unroutable {
+                    exchange: msg.exchange.clone(),
+                    routing_key: (*k).to_owned(),
+                }),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn rendered() -> Rendered {
+        let m = |part, key: &str| Message {
+            part,
+            outgoing: Outgoing {
+                routing_key: key.into(),
+                ..Default::default()
+            },
+        };
+        Rendered {
+            messages: vec![
+                m(Part::Result, "result"),
+                m(Part::Reply, "reply"),
+                m(Part::Alert, "alert"),
+            ],
+            audit: AuditRecord {
+                kind: "command".into(),
+                action_id: None,
+                agent: None,
+                instance: "i".into(),
+                at: String::new(),
+                events: Vec::new(),
+            },
+        }
+    }
+
+    fn publish_with(refuse: Vec<(&'static str, bool)>) -> (Result<(), BrokerError>, Vec<String>) {
+        let p = Recording {
+            sent: Mutex::default(),
+            refuse,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let r = rt.block_on(messages(&p, &rendered()));
+        (r, p.sent.into_inner().unwrap())
+    }
+
+    #[test]
+    fn everything_goes_out_in_order() {
+        let (r, sent) = publish_with(vec![]);
+        assert!(r.is_ok());
+        assert_eq!(sent, ["result", "reply", "alert"]);
+    }
+
+    #[test]
+    fn a_refused_reply_is_not_fatal_but_a_lost_connection_is() {
+        let (r, sent) = publish_with(vec![("reply", false)]);
+        assert!(r.is_ok(), "the result is on the results exchange");
+        assert_eq!(sent, ["result", "alert"]);
+        let (r, sent) = publish_with(vec![("reply", true)]);
+        assert!(r.unwrap_err().is_connection());
+        assert_eq!(sent, ["result"], "nothing after a lost connection");
+    }
+
+    #[test]
+    fn a_refused_result_stops_everything_after_it() {
+        let (r, sent) = publish_with(vec![("result", false)]);
+        assert!(matches!(r, Err(BrokerError::Unroutable { .. })));
+        assert!(sent.is_empty(), "{sent:?}");
+    }
+}
