@@ -6,8 +6,7 @@
 
 use crate::outcome::ResultMessage;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
 use lapin::Confirmation;
 use std::time::Duration;
@@ -56,10 +55,7 @@ pub async fn send(
     opts: SendOptions<'_>,
 ) -> Result<Option<ResultMessage>, SendError> {
     let url = url::Url::parse(opts.amqp_url).map_err(|e| SendError::Url(e.to_string()))?;
-    let user = match url.username() {
-        "" => "guest".to_owned(),
-        u => percent_decode(u),
-    };
+    let user = crate::broker::user_of(url.as_str());
     let conn = crate::broker::connect(opts.amqp_url, "command-poller-send")
         .await
         .map_err(|e| match e {
@@ -69,21 +65,16 @@ pub async fn send(
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     // Direct reply-to: consume the pseudo-queue (no-ack) before publishing on the same channel.
-    let mut replies = match opts.wait {
-        Some(_) => Some(
-            ch.basic_consume(
-                crate::broker::names::DIRECT_REPLY_TO.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
+    let mut replies =
+        match opts.wait {
+            Some(_) => Some(crate::broker::consume_direct_replies(&ch).await.map_err(
+                |e| match e {
+                    crate::broker::BrokerError::Amqp(e) => SendError::Broker(e),
+                    other => SendError::NotAccepted(other.to_string()),
                 },
-                FieldTable::default(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+            )?),
+            None => None,
+        };
     let action_id = serde_json::from_slice::<serde_json::Value>(payload)
         .ok()
         .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned));
@@ -148,10 +139,4 @@ pub async fn send(
     };
     let _ = conn.close(200, "done".into()).await;
     Ok(result)
-}
-
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
 }

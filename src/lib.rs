@@ -1,10 +1,19 @@
 //! command-poller: the MCP Orchestrator's worker.
 //!
-//! The pipeline, one module per stage: [`intake`] (bytes → validated command and agent),
+//! # Layout
+//!
+//! The pipeline, one module per stage, pure: [`intake`] (bytes → validated command and agent),
 //! [`policy`] (ALLOW / JUDGE / BLOCK), [`judging`] (the judge panel), [`bridge`] (the Apps
-//! Script web app), [`outcome`] (results and alerts). [`pipeline`] strings them together for
-//! one command; [`poller`] consumes, publishes with confirms and acks; [`broker`] is the
-//! RabbitMQ boundary.
+//! Script web app, behind a trait), [`outcome`] (results and alerts). [`pipeline`] strings them
+//! together for one command and returns a [`pipeline::Disposition`]; [`idempotency`] keeps
+//! final results and hands out the claim guard.
+//!
+//! The shell: [`worker`] consumes, settles each disposition in one `match` (store, publish with
+//! confirms, ack), renders every outgoing message in pure functions, and rides out broker
+//! restarts; [`control`] is operator control (levers, the stored state, trips); [`audit`] the
+//! audit records and their sink; [`broker`] the RabbitMQ boundary and its names; [`health`] and
+//! [`metrics`] what orchestrators scrape. [`cli`], [`agent`] and [`preflight`] are the command
+//! line. `docs/ARCHITECTURE.md` follows a command through these files.
 
 pub mod agent;
 pub mod audit;

@@ -435,15 +435,7 @@ impl Settings {
 
     /// The broker user the poller connects as (its own control messages carry it).
     pub fn poller_user(&self) -> String {
-        url::Url::parse(&self.amqp.url)
-            .ok()
-            .map(|u| {
-                percent_encoding::percent_decode_str(u.username())
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "guest".into())
+        crate::broker::user_of(&self.amqp.url)
     }
 
     pub fn instance(&self) -> String {

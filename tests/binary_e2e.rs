@@ -601,7 +601,7 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         command_poller::broker::declare_audit(&conn, &settings.audit)
             .await
             .unwrap();
-        command_poller::control::replica::declare_control(&ch, &settings.control)
+        command_poller::broker::declare_control(&ch, &settings.control)
             .await
             .unwrap();
         let _ = conn.close(200, "done".into()).await;

@@ -607,7 +607,7 @@ async fn publish_state(h: &Harness, body: &[u8]) {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     // Declared as the poller would, in case nothing ran yet.
-    command_poller::control::replica::declare_control(&ch, &h.settings.control)
+    command_poller::broker::declare_control(&ch, &h.settings.control)
         .await
         .unwrap();
     ch.confirm_select(Default::default()).await.unwrap();

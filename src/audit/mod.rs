@@ -137,7 +137,7 @@ pub async fn publish_record(
         routing_key: routing_key.to_owned(),
         body: body.clone(),
         correlation_id: record.action_id.clone(),
-        message_type: "audit",
+        message_type: crate::broker::names::message_type::AUDIT,
         // Broker-checked: the sink accepts records from the poller's user only.
         user_id: Some(user.to_owned()),
         ..Default::default()
@@ -155,12 +155,8 @@ pub async fn publish_record(
     tracing::error!(error = %last, "audit record refused twice; dead-lettering it on its own");
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
-        "x-poller-reason".into(),
-        lapin::types::AMQPValue::LongString(
-            format!("audit record not accepted by {exchange}: {last}")
-                .into_bytes()
-                .into(),
-        ),
+        crate::broker::names::header::REASON.into(),
+        crate::broker::names::text(&format!("audit record not accepted by {exchange}: {last}")),
     );
     let dead = Outgoing {
         exchange: dead_letter_exchange.to_owned(),

@@ -10,7 +10,7 @@ use crate::settings::Settings;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -122,7 +122,7 @@ async fn consume(
         "x-stream-offset".into(),
         match after {
             Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
-            None => AMQPValue::LongString(LongString::from(b"first".to_vec())),
+            None => crate::broker::names::text("first"),
         },
     );
     let mut consumer = ch
@@ -206,20 +206,20 @@ async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why:
             exchange: settings.topology.alerts_exchange.clone(),
             routing_key: alert.routing_key(),
             body: serde_json::to_vec(&alert).expect("alert serializes"),
-            message_type: "alert",
+            message_type: crate::broker::names::message_type::ALERT,
             ..Default::default()
         })
         .await?;
         let mut headers = FieldTable::default();
         headers.insert(
-            "x-poller-reason".into(),
-            AMQPValue::LongString(LongString::from(why.as_bytes().to_vec())),
+            crate::broker::names::header::REASON.into(),
+            crate::broker::names::text(why),
         );
         p.publish(&broker::Outgoing {
             exchange: settings.topology.dead_letter_exchange.clone(),
-            routing_key: "audit.refused".into(),
+            routing_key: crate::broker::names::routing::AUDIT_REFUSED.into(),
             body: body.to_vec(),
-            message_type: "audit_refused",
+            message_type: crate::broker::names::message_type::AUDIT_REFUSED,
             headers: Some(headers),
             ..Default::default()
         })

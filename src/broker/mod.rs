@@ -9,7 +9,9 @@ mod publisher;
 mod topology;
 
 pub use publisher::{Outgoing, Publisher};
-pub use topology::{declare, declare_audit, expect_exist, Topology};
+pub use topology::{
+    declare, declare_audit, declare_control, declare_replica_queue, expect_exist, Topology,
+};
 
 use lapin::{Connection, ConnectionProperties};
 
@@ -65,4 +67,46 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
 /// delivered either way).
 pub async fn close(conn: &Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
+}
+
+/// The user a broker URL connects as (percent-decoded; `guest` when it names none).
+pub fn user_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .map(|u| {
+            percent_encoding::percent_decode_str(u.username())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
+/// Consumes direct reply-to on `ch` (no-ack, as RabbitMQ requires); must start before the
+/// request is published on the same channel.
+pub async fn consume_direct_replies(ch: &lapin::Channel) -> Result<lapin::Consumer, BrokerError> {
+    Ok(ch
+        .basic_consume(
+            names::DIRECT_REPLY_TO.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_user_of_a_url_is_decoded_and_defaults_to_guest() {
+        assert_eq!(
+            super::user_of("amqp://ops%40corp:pw@h:5672/%2f"),
+            "ops@corp"
+        );
+        assert_eq!(super::user_of("amqp://h:5672"), "guest");
+        assert_eq!(super::user_of("not a url"), "guest");
+    }
 }

@@ -20,8 +20,19 @@ pub mod routing {
     pub const AUDIT_COMMAND: &str = "audit.command";
     /// A control change's audit record.
     pub const AUDIT_CONTROL: &str = "audit.control";
+    /// An audit record the sink refused (dead-lettered).
+    pub const AUDIT_REFUSED: &str = "audit.refused";
     /// An unapproved attempt shared with every replica for the trip.
     pub const ATTEMPT_UNAPPROVED: &str = "attempt.unapproved";
+    /// Control events are published as `event.<kind>`.
+    pub const EVENT_PREFIX: &str = "event.";
+    /// Bindings: levers and attempts to each replica's queue, events to the events queue,
+    /// audit records to the audit stream, results to the results queue.
+    pub const CONTROL_BINDING: &str = "control.#";
+    pub const ATTEMPT_BINDING: &str = "attempt.#";
+    pub const EVENT_BINDING: &str = "event.#";
+    pub const AUDIT_BINDING: &str = "audit.#";
+    pub const RESULT_BINDING: &str = "result.#";
 }
 
 /// AMQP `type` property of each kind of message.
@@ -31,6 +42,12 @@ pub mod message_type {
     pub const DEAD_LETTER: &str = "dead_letter";
     pub const AUDIT: &str = "audit";
     pub const ATTEMPT: &str = "attempt";
+    pub const CONTROL: &str = "control";
+    pub const CONTROL_EVENT: &str = "control_event";
+    pub const CONTROL_REPLY: &str = "control_reply";
+    pub const CONTROL_STATE: &str = "control_state";
+    pub const CONTROL_STATE_MARKER: &str = "control_state_marker";
+    pub const AUDIT_REFUSED: &str = "audit_refused";
 }
 
 /// Header names the poller sets on dead letters.

@@ -1,8 +1,9 @@
 //! Declares every exchange, queue and binding the poller uses. Idempotent: re-declaring with
 //! the same arguments is a no-op, so every replica does it at every (re)connect.
 
+use super::names::routing;
 use super::BrokerError;
-use crate::settings::TopologySettings;
+use crate::settings::{ControlSettings, TopologySettings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -102,7 +103,13 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
     )
     .await?;
     if !t.results_queue.is_empty() {
-        bound_queue(ch, &t.results_queue, &t.results_exchange, "result.#").await?;
+        bound_queue(
+            ch,
+            &t.results_queue,
+            &t.results_exchange,
+            routing::RESULT_BINDING,
+        )
+        .await?;
     }
     for team in &t.alert_teams {
         let queue = format!("{}.{team}", t.alerts_exchange);
@@ -209,7 +216,7 @@ async fn declare_audit_on(
     ch.queue_bind(
         a.queue.as_str().into(),
         a.exchange.as_str().into(),
-        "audit.#".into(),
+        routing::AUDIT_BINDING.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -230,6 +237,102 @@ pub fn audit_stream_arguments() -> FieldTable {
     args.insert(
         "x-stream-max-segment-size-bytes".into(),
         AMQPValue::LongLongInt(AUDIT_SEGMENT_BYTES),
+    );
+    args
+}
+
+/// Declares the control topology: the control exchange (topic, levers and attempts), the state
+/// exchange (fanout) and the state stream it feeds, and the events queue (`event.#`).
+pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
+    ch.exchange_declare(
+        c.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        c.state_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        c.state_queue.as_str().into(),
+        durable_queue(),
+        control_state_stream_arguments(),
+    )
+    .await?;
+    ch.queue_bind(
+        c.state_queue.as_str().into(),
+        c.state_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    ch.queue_declare(c.events_queue.as_str().into(), durable_queue(), args)
+        .await?;
+    ch.queue_bind(
+        c.events_queue.as_str().into(),
+        c.exchange.as_str().into(),
+        routing::EVENT_BINDING.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A replica's own control queue (exclusive, gone with its connection), bound to levers and
+/// attempts; returns its name.
+pub async fn declare_replica_queue(
+    ch: &Channel,
+    c: &ControlSettings,
+) -> Result<ShortString, BrokerError> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for key in [routing::CONTROL_BINDING, routing::ATTEMPT_BINDING] {
+        ch.queue_bind(
+            q.name().clone(),
+            c.exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(q.name().clone())
+}
+
+/// Retention of the control state stream: whole segments of this size are dropped once the
+/// stream exceeds [`CONTROL_STATE_MAX_BYTES`]. An entry is a few hundred bytes.
+pub const CONTROL_STATE_SEGMENT_BYTES: i64 = 1_000_000;
+pub const CONTROL_STATE_MAX_BYTES: i64 = 20_000_000;
+
+/// The control state stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
+pub fn control_state_stream_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("stream"));
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(CONTROL_STATE_MAX_BYTES),
+    );
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(CONTROL_STATE_SEGMENT_BYTES),
     );
     args
 }

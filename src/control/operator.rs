@@ -5,13 +5,14 @@
 //! Out: the stored state updated (so replicas starting later obey it) and every live replica's
 //! answer, collected over direct reply-to for a short while.
 
-use super::replica::{declare_control, state_writer, ReplicaReply};
+use super::replica::{state_writer, ReplicaReply};
 use super::state_log::{self, Folded, StateReader};
 use super::{transition, Actor, ControlCommand, ControlState, Mode};
+use crate::broker::declare_control;
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::settings::Settings;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -50,22 +51,10 @@ pub struct Operator<'a> {
     pub wait: Duration,
 }
 
-fn user_of(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .map(|u| {
-            percent_encoding::percent_decode_str(u.username())
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "guest".into())
-}
-
 impl Operator<'_> {
     pub async fn run(&self, cmd: ControlCommand) -> Result<Report, OperatorError> {
         let c = &self.settings.control;
-        let user = user_of(self.amqp_url);
+        let user = broker::user_of(self.amqp_url);
         let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
         // An operator may not configure anything (least privilege): where the declare is
         // refused, the control topology (the replicas declare it) must simply exist.
@@ -123,24 +112,13 @@ impl Operator<'_> {
         }
 
         // Direct reply-to: consume the pseudo-queue before publishing on the same channel.
-        let mut replies = publisher
-            .channel()
-            .basic_consume(
-                crate::broker::names::DIRECT_REPLY_TO.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
         let sent = publisher
             .publish(&Outgoing {
                 exchange: c.exchange.clone(),
                 routing_key: cmd.routing_key().into(),
                 body: serde_json::to_vec(&cmd).expect("serializes"),
-                message_type: "control",
+                message_type: crate::broker::names::message_type::CONTROL,
                 user_id: Some(user.clone()),
                 reply_to: Some(crate::broker::names::DIRECT_REPLY_TO.into()),
                 ..Default::default()

@@ -22,19 +22,12 @@ use super::{ControlState, Mode};
 use crate::broker::{BrokerError, Outgoing, Publisher};
 use crate::settings::ControlSettings;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Retention of the state stream: whole segments of this size are dropped once the stream
-/// exceeds [`STREAM_MAX_BYTES`]. An entry is a few hundred bytes.
-pub const STREAM_SEGMENT_BYTES: i64 = 1_000_000;
-pub const STREAM_MAX_BYTES: i64 = 20_000_000;
 /// How long a read may take to meet its own marker before it counts as unreadable.
 pub const READ_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -132,53 +125,6 @@ pub fn fold<'a>(entries: impl IntoIterator<Item = (&'a [u8], Writer)>) -> Folded
 
 use crate::broker::names::text;
 
-/// Declares the state exchange (fanout, durable) and the stream it feeds.
-pub async fn declare(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
-    ch.exchange_declare(
-        c.state_exchange.as_str().into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        c.state_queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        stream_arguments(),
-    )
-    .await?;
-    ch.queue_bind(
-        c.state_queue.as_str().into(),
-        c.state_exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
-}
-
-/// The state stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
-pub fn stream_arguments() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("stream"));
-    args.insert(
-        "x-max-length-bytes".into(),
-        AMQPValue::LongLongInt(STREAM_MAX_BYTES),
-    );
-    args.insert(
-        "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongLongInt(STREAM_SEGMENT_BYTES),
-    );
-    args
-}
-
 /// Appends a new state decided on `base` (persistent, confirmed). `user` must be the
 /// publishing connection's user.
 pub async fn write(
@@ -197,7 +143,7 @@ pub async fn write(
             exchange: c.state_exchange.clone(),
             routing_key: String::new(),
             body: serde_json::to_vec(&entry).expect("serializes"),
-            message_type: "control_state",
+            message_type: crate::broker::names::message_type::CONTROL_STATE,
             user_id: Some(user.to_owned()),
             ..Default::default()
         })
@@ -250,7 +196,7 @@ impl StateReader {
                     nonce: nonce.clone(),
                 })
                 .expect("serializes"),
-                message_type: "control_state_marker",
+                message_type: crate::broker::names::message_type::CONTROL_STATE_MARKER,
                 user_id: Some(user.to_owned()),
                 ..Default::default()
             })

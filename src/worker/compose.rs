@@ -213,9 +213,18 @@ impl Poller {
             ),
             publishers: Arc::new(tokio::sync::watch::channel(None).0),
         };
+        let control_names = crate::control::replica::Names {
+            control_exchange: settings.control.exchange.clone(),
+            alerts_exchange: settings.topology.alerts_exchange.clone(),
+            audit_exchange: settings.audit.exchange.clone(),
+            dead_letter_exchange: settings.topology.dead_letter_exchange.clone(),
+            instance: instance.clone(),
+            poller_user: settings.poller_user(),
+        };
         Self {
             settings: Arc::new(settings),
             shell: Arc::new(shell),
+            control_names,
             instance,
             _simulator: simulator,
         }

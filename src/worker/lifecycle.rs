@@ -143,9 +143,9 @@ impl Poller {
 
             // Control first: the stored state is applied before any command is consumed.
             let replica = Arc::new(Replica::new(
-                self.settings.clone(),
+                s.control.clone(),
+                self.control_names.clone(),
                 self.shell.state.gate.clone(),
-                self.instance.clone(),
                 self.shell.state.clone(),
             ));
             let control_ch = consume_conn.create_channel().await?;

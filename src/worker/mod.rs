@@ -33,6 +33,8 @@ pub struct Poller {
     settings: Arc<Settings>,
     shell: Arc<settle::Shell>,
     instance: String,
+    /// Where the control replica publishes.
+    control_names: crate::control::replica::Names,
     /// Keeps the embedded bridge simulator running, when it is the configured bridge.
     _simulator: Option<SimulatorHandle>,
 }

@@ -2,64 +2,28 @@
 //! before anything is consumed, then listens on its own queue for control messages and for
 //! the unapproved attempts every replica shares (the trip counts them all).
 //!
-//! In: control deliveries. Out: gate changes, events (`event.*`), replies to the operator's
-//! `reply_to`, alerts (halt, refused levers, trips) and, on a trip, the new stored state and a
+//! In: control deliveries and the state stream. Out: gate changes, and what [`render`] builds:
+//! events (`event.*`) with their audit records, replies to the operator's `reply_to`, alerts
+//! (halt, refused levers, trips, an untrusted state) and, on a trip, the new stored state and a
 //! `control.pause` for the other replicas.
+
+pub mod render;
+
+pub use render::{ControlEvent, Names, ReplicaReply};
 
 use super::gate::Gate;
 use super::state_log::{self, Folded, StateReader};
 use super::trip::{Trip, TripWire, UnapprovedAttempt};
 use super::{transition, Actor, ControlCommand, ControlState, Mode, Refusal};
-use crate::audit::{AuditEvent, AuditRecord};
-use crate::broker::{BrokerError, Outgoing, Publisher};
-use crate::outcome::{Alert, Priority, Status};
-use crate::settings::{ControlSettings, Settings};
+use crate::broker::names::{self, routing};
+use crate::broker::{self, BrokerError, Publisher};
+use crate::outcome::{Priority, Status};
+use crate::settings::ControlSettings;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, ExchangeKind};
-use serde::{Deserialize, Serialize};
+use lapin::Channel;
 use std::sync::{Arc, Mutex};
-
-use crate::broker::names::text;
-
-/// Declares the control exchange, the state exchange and stream, and the events queue.
-pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
-    ch.exchange_declare(
-        c.exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    state_log::declare(ch, c).await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
-    ch.queue_declare(
-        c.events_queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
-    ch.queue_bind(
-        c.events_queue.as_str().into(),
-        c.exchange.as_str().into(),
-        "event.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
-}
 
 /// Who may write the stored state, by broker user: operators and the poller's own user.
 pub fn state_writer(
@@ -75,35 +39,6 @@ pub fn state_writer(
     }
 }
 
-/// A replica's answer to a control message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReplicaReply {
-    pub instance: String,
-    pub request_id: String,
-    pub accepted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refusal: Option<String>,
-    pub state: ControlState,
-    pub in_flight: usize,
-    pub at_bridge: usize,
-    pub processed: usize,
-    /// The last results' action_id and status, newest last.
-    pub recent_results: Vec<(String, Status)>,
-}
-
-/// A control event, published as `event.<kind>`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ControlEvent {
-    pub kind: String,
-    pub instance: String,
-    pub actor: String,
-    pub request_id: String,
-    pub state: ControlState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    pub at: String,
-}
-
 /// What the replica reports about itself.
 pub trait ReplicaStats: Send + Sync {
     /// Counts an audit record the audit exchange refused.
@@ -114,35 +49,29 @@ pub trait ReplicaStats: Send + Sync {
 }
 
 pub struct Replica {
-    pub settings: Arc<Settings>,
-    pub gate: Arc<Gate>,
-    pub instance: String,
-    pub poller_user: String,
-    pub trip: Mutex<TripWire>,
-    pub stats: Arc<dyn ReplicaStats>,
+    /// Its own section: exchanges, the state stream, operators, trips.
+    control: ControlSettings,
+    names: Names,
+    gate: Arc<Gate>,
+    trip: Mutex<TripWire>,
+    stats: Arc<dyn ReplicaStats>,
 }
 
 impl Replica {
     pub fn new(
-        settings: Arc<Settings>,
+        control: ControlSettings,
+        names: Names,
         gate: Arc<Gate>,
-        instance: String,
         stats: Arc<dyn ReplicaStats>,
     ) -> Self {
-        let poller_user = settings.poller_user();
-        let trip = Mutex::new(TripWire::new(settings.control.trips.clone()));
+        let trip = Mutex::new(TripWire::new(control.trips.clone()));
         Self {
-            settings,
+            control,
+            names,
             gate,
-            instance,
-            poller_user,
             trip,
             stats,
         }
-    }
-
-    fn control(&self) -> &ControlSettings {
-        &self.settings.control
     }
 
     /// Declares, subscribes, then applies the stored state (folded from the state stream on
@@ -155,40 +84,20 @@ impl Replica {
         state_ch: &Channel,
         publisher: &Publisher,
     ) -> Result<(lapin::Consumer, Option<StateReader>), BrokerError> {
-        let c = self.control();
-        declare_control(ch, c).await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        for key in ["control.#", "attempt.#"] {
-            ch.queue_bind(
-                q.name().clone(),
-                c.exchange.as_str().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
+        let c = &self.control;
+        broker::declare_control(ch, c).await?;
+        let q = broker::declare_replica_queue(ch, c).await?;
         // Subscribe before reading the state, so a change in between is not missed.
         let consumer = ch
             .basic_consume(
-                q.name().clone(),
+                q,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        let classify = state_writer(&c.operators, &self.poller_user);
-        match StateReader::open(state_ch, publisher, c, &self.poller_user, classify).await {
+        let classify = state_writer(&c.operators, &self.names.poller_user);
+        match StateReader::open(state_ch, publisher, c, &self.names.poller_user, classify).await {
             Ok(reader) => {
                 let folded = reader.state().clone();
                 self.apply_stored(publisher, folded, false).await?;
@@ -253,7 +162,7 @@ impl Replica {
         if new.mode == Mode::Halted {
             let what = format!(
                 "MASTER SHUT-OFF: replica {} halted by {}: {}",
-                self.instance, new.by, new.reason
+                self.names.instance, new.by, new.reason
             );
             let todo = "Emergency-INT-E02: disconnect the unauthorized integration at the provider, audit logs, deployment history and policy files, hold a post-mortem; lift with `command-poller resume --lift-halt` only afterwards.";
             self.alert(publisher, "security", Priority::High, &what, todo)
@@ -275,7 +184,7 @@ impl Replica {
             self.gate.set(ControlState {
                 mode: Mode::Paused,
                 since: super::now(),
-                by: self.instance.clone(),
+                by: self.names.instance.clone(),
                 reason: why.clone(),
                 request_id: String::new(),
                 seq: current.seq,
@@ -336,7 +245,7 @@ impl Replica {
 
     fn reply(&self, request_id: &str, accepted: bool, refusal: Option<String>) -> ReplicaReply {
         ReplicaReply {
-            instance: self.instance.clone(),
+            instance: self.names.instance.clone(),
             request_id: request_id.to_owned(),
             accepted,
             refusal,
@@ -355,7 +264,7 @@ impl Replica {
         reply_to: Option<&str>,
         publisher: &Publisher,
     ) -> Result<(), BrokerError> {
-        let actor = Actor::classify(user, &self.control().operators, &self.poller_user);
+        let actor = Actor::classify(user, &self.control.operators, &self.names.poller_user);
         let cmd: ControlCommand = match serde_json::from_slice(body) {
             Ok(c) => c,
             Err(e) => {
@@ -429,14 +338,14 @@ impl Replica {
         publisher: &Publisher,
     ) -> Result<(), BrokerError> {
         // Only replicas report attempts.
-        if user != Some(self.poller_user.as_str()) {
+        if user != Some(self.names.poller_user.as_str()) {
             tracing::warn!(user = ?user, "attempt report from a user that is not the poller; ignored");
             return Ok(());
         }
         let Ok(attempt) = serde_json::from_slice::<UnapprovedAttempt>(body) else {
             return Ok(());
         };
-        let own = attempt.instance == self.instance;
+        let own = attempt.instance == self.names.instance;
         let trip = self
             .trip
             .lock()
@@ -456,7 +365,7 @@ impl Replica {
             reason: reason.clone(),
             request_id: request_id.clone(),
         };
-        let actor = Actor::Poller(self.poller_user.clone());
+        let actor = Actor::Poller(self.names.poller_user.clone());
         let current = self.gate.state();
         let Ok(new) = transition(&current, &cmd, &actor) else {
             return Ok(()); // halted already
@@ -465,22 +374,13 @@ impl Replica {
         tracing::error!(agent = %t.agent, "{reason}");
         state_log::write(
             publisher,
-            self.control(),
+            &self.control,
             current.seq,
             &new,
-            &self.poller_user,
+            &self.names.poller_user,
         )
         .await?;
-        publisher
-            .publish(&Outgoing {
-                exchange: self.control().exchange.clone(),
-                routing_key: cmd.routing_key().into(),
-                body: serde_json::to_vec(&cmd).expect("serializes"),
-                message_type: "control",
-                user_id: Some(self.poller_user.clone()),
-                ..Default::default()
-            })
-            .await?;
+        publisher.publish(&render::lever(&cmd, &self.names)).await?;
         self.event(
             publisher,
             "tripped",
@@ -532,13 +432,15 @@ impl Replica {
             let what = format!(
                 "Refused a control message from {} on replica {}: {why}",
                 actor.name(),
-                self.instance
+                self.names.instance
             );
             self.alert(publisher, "security", Priority::High, &what, "Find out who holds that broker user's credentials and why it tried to pull an operator lever; only operators may.").await?;
         }
         Ok(())
     }
 
+    /// Publishes a control event, then its audit record (a refused record must not hold back
+    /// what follows, such as a halt's shut-off alerts).
     async fn event(
         &self,
         publisher: &Publisher,
@@ -549,47 +451,22 @@ impl Replica {
     ) -> Result<(), BrokerError> {
         let e = ControlEvent {
             kind: kind.to_owned(),
-            instance: self.instance.clone(),
+            instance: self.names.instance.clone(),
             actor: actor.to_owned(),
             request_id: request_id.to_owned(),
             state: self.gate.state(),
             detail,
-            at: super::now(),
+            at: crate::clock::now_rfc3339(),
         };
-        publisher
-            .publish(&Outgoing {
-                exchange: self.control().exchange.clone(),
-                routing_key: format!("event.{kind}"),
-                body: serde_json::to_vec(&e).expect("serializes"),
-                message_type: "control_event",
-                ..Default::default()
-            })
-            .await?;
-        // One audit record per control change.
-        let record = AuditRecord {
-            kind: "control".into(),
-            action_id: None,
-            agent: None,
-            instance: self.instance.clone(),
-            at: e.at.clone(),
-            events: vec![AuditEvent::ControlChange {
-                at: e.at.clone(),
-                kind: e.kind.clone(),
-                actor: e.actor.clone(),
-                request_id: e.request_id.clone(),
-                mode: e.state.mode.as_str().to_owned(),
-                reason: e.state.reason.clone(),
-                detail: e.detail.clone(),
-            }],
-        };
-        // A refused audit record must not hold back what follows (a halt's shut-off alerts).
+        let (msg, record) = render::event(&e, &self.names);
+        publisher.publish(&msg).await?;
         let audited = crate::audit::publish_record(
             publisher,
-            &self.settings.audit.exchange,
-            crate::broker::names::routing::AUDIT_CONTROL,
-            &self.settings.topology.dead_letter_exchange,
+            &self.names.audit_exchange,
+            routing::AUDIT_CONTROL,
+            &self.names.dead_letter_exchange,
             &record,
-            &self.poller_user,
+            &self.names.poller_user,
         )
         .await?;
         if audited != crate::audit::AuditOutcome::Delivered {
@@ -598,26 +475,17 @@ impl Replica {
         Ok(())
     }
 
+    /// Answers an operator on its direct reply-to; an operator gone away is not an error.
     async fn answer(
         &self,
         publisher: &Publisher,
         reply_to: Option<&str>,
         reply: ReplicaReply,
     ) -> Result<(), BrokerError> {
-        let Some(rt) = reply_to.filter(|r| crate::broker::names::is_direct_reply_to(r)) else {
+        let Some(rt) = reply_to.filter(|r| names::is_direct_reply_to(r)) else {
             return Ok(());
         };
-        let r = publisher
-            .publish(&Outgoing {
-                exchange: String::new(),
-                routing_key: rt.to_owned(),
-                body: serde_json::to_vec(&reply).expect("serializes"),
-                message_type: "control_reply",
-                best_effort: true,
-                ..Default::default()
-            })
-            .await;
-        match r {
+        match publisher.publish(&render::reply(rt, &reply)).await {
             Err(e) if e.is_connection() => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "control reply not delivered (the operator went away)");
@@ -635,30 +503,15 @@ impl Replica {
         what: &str,
         todo: &str,
     ) -> Result<(), BrokerError> {
-        let state = self.gate.state();
-        let a = Alert {
-            alert_id: uuid::Uuid::new_v4().to_string(),
-            team: team.to_owned(),
+        let msg = render::alert(
+            &self.names,
+            team,
             priority,
-            action_id: None,
-            command_type: None,
-            service: None,
-            agent: None,
-            status: None,
-            summary: what.to_owned(),
-            rationale: state.reason.clone(),
-            action_required: todo.to_owned(),
-            poller_instance: self.instance.clone(),
-            at: super::now(),
-        };
-        publisher
-            .publish(&Outgoing {
-                exchange: self.settings.topology.alerts_exchange.clone(),
-                routing_key: a.routing_key(),
-                body: serde_json::to_vec(&a).expect("serializes"),
-                message_type: "alert",
-                ..Default::default()
-            })
-            .await
+            what,
+            todo,
+            &self.gate.state(),
+            crate::clock::now_rfc3339(),
+        );
+        publisher.publish(&msg).await
     }
 }

@@ -1,0 +1,252 @@
+//! Pure rendering of every message the control path publishes: control events (with their
+//! audit records), control alerts, replies to operators, and the lever a trip pulls on the
+//! other replicas.
+//!
+//! In: the replica's [`Names`] and what happened. Out: [`Outgoing`] messages and audit records
+//! built from the broker name constants. No I/O: tested without a broker.
+
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::broker::names::{message_type, routing};
+use crate::broker::Outgoing;
+use crate::control::{ControlCommand, ControlState};
+use crate::outcome::{Alert, Priority, Status};
+use serde::{Deserialize, Serialize};
+
+/// Where the control path publishes, and as whom.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub control_exchange: String,
+    pub alerts_exchange: String,
+    pub audit_exchange: String,
+    pub dead_letter_exchange: String,
+    /// This replica.
+    pub instance: String,
+    /// The broker user the poller publishes as.
+    pub poller_user: String,
+}
+
+/// A replica's answer to a control message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaReply {
+    pub instance: String,
+    pub request_id: String,
+    pub accepted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    pub state: ControlState,
+    pub in_flight: usize,
+    pub at_bridge: usize,
+    pub processed: usize,
+    /// The last results' action_id and status, newest last.
+    pub recent_results: Vec<(String, Status)>,
+}
+
+/// A control event, published as `event.<kind>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlEvent {
+    pub kind: String,
+    pub instance: String,
+    pub actor: String,
+    pub request_id: String,
+    pub state: ControlState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub at: String,
+}
+
+/// A control event's message and its audit record (one per control change).
+pub fn event(e: &ControlEvent, names: &Names) -> (Outgoing, AuditRecord) {
+    let msg = Outgoing {
+        exchange: names.control_exchange.clone(),
+        routing_key: format!("{}{}", routing::EVENT_PREFIX, e.kind),
+        body: serde_json::to_vec(e).expect("an event serializes"),
+        message_type: message_type::CONTROL_EVENT,
+        ..Default::default()
+    };
+    let record = AuditRecord {
+        kind: "control".into(),
+        action_id: None,
+        agent: None,
+        instance: names.instance.clone(),
+        at: e.at.clone(),
+        events: vec![AuditEvent::ControlChange {
+            at: e.at.clone(),
+            kind: e.kind.clone(),
+            actor: e.actor.clone(),
+            request_id: e.request_id.clone(),
+            mode: e.state.mode.as_str().to_owned(),
+            reason: e.state.reason.clone(),
+            detail: e.detail.clone(),
+        }],
+    };
+    (msg, record)
+}
+
+/// A control alert (halt, refused lever, trip, untrusted state): no command attached.
+pub fn alert(
+    names: &Names,
+    team: &str,
+    priority: Priority,
+    what: &str,
+    todo: &str,
+    state: &ControlState,
+    at: String,
+) -> Outgoing {
+    let a = Alert {
+        alert_id: uuid::Uuid::new_v4().to_string(),
+        team: team.to_owned(),
+        priority,
+        action_id: None,
+        command_type: None,
+        service: None,
+        agent: None,
+        status: None,
+        summary: what.to_owned(),
+        rationale: state.reason.clone(),
+        action_required: todo.to_owned(),
+        poller_instance: names.instance.clone(),
+        at,
+    };
+    Outgoing {
+        exchange: names.alerts_exchange.clone(),
+        routing_key: a.routing_key(),
+        body: serde_json::to_vec(&a).expect("an alert serializes"),
+        message_type: message_type::ALERT,
+        ..Default::default()
+    }
+}
+
+/// The answer to an operator, to its direct reply-to (best effort: RabbitMQ returns direct
+/// replies as unroutable although it delivers them).
+pub fn reply(reply_to: &str, r: &ReplicaReply) -> Outgoing {
+    Outgoing {
+        exchange: String::new(),
+        routing_key: reply_to.to_owned(),
+        body: serde_json::to_vec(r).expect("a reply serializes"),
+        message_type: message_type::CONTROL_REPLY,
+        best_effort: true,
+        ..Default::default()
+    }
+}
+
+/// A lever for every replica (the trip's pause), as the poller's user.
+pub fn lever(cmd: &ControlCommand, names: &Names) -> Outgoing {
+    Outgoing {
+        exchange: names.control_exchange.clone(),
+        routing_key: cmd.routing_key().into(),
+        body: serde_json::to_vec(cmd).expect("a control command serializes"),
+        message_type: message_type::CONTROL,
+        user_id: Some(names.poller_user.clone()),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Mode;
+
+    fn names() -> Names {
+        Names {
+            control_exchange: "ctl".into(),
+            alerts_exchange: "alerts".into(),
+            audit_exchange: "audit".into(),
+            dead_letter_exchange: "dlx".into(),
+            instance: "poller-1".into(),
+            poller_user: "command-poller".into(),
+        }
+    }
+
+    fn halted() -> ControlState {
+        ControlState {
+            mode: Mode::Halted,
+            reason: "unauthorized integration".into(),
+            by: "ops".into(),
+            ..ControlState::initial()
+        }
+    }
+
+    #[test]
+    fn an_event_goes_to_event_kind_with_its_audit_record() {
+        let e = ControlEvent {
+            kind: "halted".into(),
+            instance: "poller-1".into(),
+            actor: "ops".into(),
+            request_id: "r-1".into(),
+            state: halted(),
+            detail: None,
+            at: "2026-01-01T00:00:00Z".into(),
+        };
+        let (msg, record) = event(&e, &names());
+        assert_eq!(msg.exchange, "ctl");
+        assert_eq!(msg.routing_key, "event.halted");
+        assert_eq!(msg.message_type, "control_event");
+        assert!(!msg.best_effort);
+        let back: ControlEvent = serde_json::from_slice(&msg.body).unwrap();
+        assert_eq!(back.state, e.state);
+        assert_eq!(record.kind, "control");
+        assert_eq!(record.instance, "poller-1");
+        match &record.events[..] {
+            [AuditEvent::ControlChange {
+                kind,
+                actor,
+                mode,
+                reason,
+                ..
+            }] => {
+                assert_eq!((kind.as_str(), actor.as_str()), ("halted", "ops"));
+                assert_eq!(mode, "HALTED");
+                assert_eq!(reason, "unauthorized integration");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_control_alert_carries_the_state_reason_and_no_command() {
+        let o = alert(
+            &names(),
+            "security",
+            Priority::High,
+            "MASTER SHUT-OFF",
+            "Emergency-INT-E02",
+            &halted(),
+            "t".into(),
+        );
+        assert_eq!(
+            (o.exchange.as_str(), o.routing_key.as_str()),
+            ("alerts", "security.high")
+        );
+        let a: Alert = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(a.rationale, "unauthorized integration");
+        assert_eq!(a.action_required, "Emergency-INT-E02");
+        assert!(a.action_id.is_none() && a.status.is_none());
+    }
+
+    #[test]
+    fn a_reply_is_best_effort_and_a_lever_carries_the_poller_user() {
+        let r = ReplicaReply {
+            instance: "poller-1".into(),
+            request_id: "r-1".into(),
+            accepted: true,
+            refusal: None,
+            state: halted(),
+            in_flight: 0,
+            at_bridge: 0,
+            processed: 3,
+            recent_results: vec![],
+        };
+        let o = reply("amq.rabbitmq.reply-to.x", &r);
+        assert!(o.best_effort);
+        assert_eq!(o.exchange, "");
+        assert_eq!(serde_json::from_slice::<ReplicaReply>(&o.body).unwrap(), r);
+        let cmd = ControlCommand::Pause {
+            reason: "trip".into(),
+            request_id: "r-2".into(),
+        };
+        let o = lever(&cmd, &names());
+        assert_eq!(o.routing_key, cmd.routing_key());
+        assert_eq!(o.user_id.as_deref(), Some("command-poller"));
+        assert!(!o.best_effort, "a lever must reach the replicas");
+    }
+}
