@@ -188,7 +188,9 @@ impl Metrics {
     fn command(&self, r: &ResultMessage) {
         self.commands
             .get_or_create(&CommandLabels {
-                command_type: r.command_type.clone().unwrap_or_else(|| "UNKNOWN".into()),
+                command_type: r
+                    .command_type
+                    .map_or_else(|| "UNKNOWN".into(), |t| t.to_string()),
                 status: r.status.to_string(),
             })
             .inc();
@@ -196,17 +198,11 @@ impl Metrics {
 
     fn judges_and_bridge(&self, r: &ResultMessage) {
         for j in &r.judges {
-            let verdict = match j.verdict {
-                Vote::Approve => "approve",
-                Vote::Deny => "deny",
-                Vote::Veto => "veto",
-                Vote::Unavailable => "unavailable",
-                Vote::Skipped => "skipped",
-            };
             self.judge_verdicts
                 .get_or_create(&VerdictLabels {
                     judge: j.name.clone(),
-                    verdict: verdict.into(),
+                    // The one spelling of a vote: serde's, as in results and the audit.
+                    verdict: crate::outcome::wire_name(&j.verdict),
                 })
                 .inc();
             if j.verdict != Vote::Skipped {

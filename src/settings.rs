@@ -237,7 +237,19 @@ pub struct ControlSettings {
     pub operators: Vec<String>,
     /// Automatic trips (Emergency-INT-E01), per command type.
     #[serde(default)]
-    pub trips: Vec<crate::control::trip::TripRule>,
+    pub trips: Vec<TripRule>,
+}
+
+/// One automatic trip (Emergency-INT-E01) from config: `count` unapproved attempts
+/// (NEEDS_APPROVAL or BLOCKED) of `command_type` by one agent within `window_secs` pause the
+/// system.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TripRule {
+    pub command_type: crate::intake::CommandType,
+    /// Unapproved attempts (NEEDS_APPROVAL or BLOCKED) that trip.
+    pub count: usize,
+    pub window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -391,7 +391,7 @@ impl World {
                 .lock()
                 .unwrap()
                 .iter()
-                .filter_map(|r| r.action_id.clone())
+                .filter_map(|r| r.action_id.as_ref().map(ToString::to_string))
                 .collect();
             if ids.iter().all(|id| have.contains(id)) || Instant::now() > deadline {
                 return;

@@ -29,9 +29,9 @@ pub enum AuditEvent {
     },
     PolicyDecision {
         at: String,
-        handling: String,
-        declared_severity: String,
-        effective_severity: String,
+        handling: crate::policy::Handling,
+        declared_severity: crate::intake::Severity,
+        effective_severity: crate::intake::Severity,
         severity_mismatch: bool,
         rationale: String,
         /// SHA-256 of the policy file that decided.
@@ -40,7 +40,7 @@ pub enum AuditEvent {
     JudgeVerdict {
         at: String,
         judge: String,
-        verdict: String,
+        verdict: crate::outcome::Vote,
         reason: String,
         ms: u64,
         #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -73,21 +73,21 @@ pub enum AuditEvent {
     },
     ResultPublished {
         at: String,
-        status: String,
+        status: crate::outcome::Status,
         routing_key: String,
         rationale: String,
     },
     AlertSent {
         at: String,
         team: String,
-        priority: String,
+        priority: crate::outcome::Priority,
     },
     ControlChange {
         at: String,
         kind: String,
         actor: String,
         request_id: String,
-        mode: String,
+        mode: crate::control::Mode,
         reason: String,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         detail: Option<String>,
@@ -99,8 +99,8 @@ pub enum AuditEvent {
 pub struct AuditRecord {
     /// "command" or "control".
     pub kind: String,
-    pub action_id: Option<String>,
-    pub agent: Option<String>,
+    pub action_id: Option<crate::intake::ActionId>,
+    pub agent: Option<crate::intake::AgentId>,
     pub instance: String,
     pub at: String,
     pub events: Vec<AuditEvent>,
@@ -136,7 +136,7 @@ pub async fn publish_record(
         exchange: exchange.to_owned(),
         routing_key: routing_key.to_owned(),
         body: body.clone(),
-        correlation_id: record.action_id.clone(),
+        correlation_id: record.action_id.as_ref().map(ToString::to_string),
         message_type: crate::broker::names::message_type::AUDIT,
         // Broker-checked: the sink accepts records from the poller's user only.
         user_id: Some(user.to_owned()),

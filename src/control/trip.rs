@@ -5,15 +5,7 @@ use crate::intake::CommandType;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
-/// One trip rule from config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TripRule {
-    pub command_type: CommandType,
-    /// Unapproved attempts (NEEDS_APPROVAL or BLOCKED) that trip.
-    pub count: usize,
-    pub window_secs: u64,
-}
+pub use crate::settings::TripRule;
 
 /// An unapproved attempt, as replicas share it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

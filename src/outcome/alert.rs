@@ -1,7 +1,7 @@
 //! Alerts for humans: one message per team on `mcp.alerts`, routing key `<team>.<priority>`.
 
 use super::{AgentView, Priority, ResultMessage, Status, Team};
-use crate::policy::Policy;
+use crate::intake::{ActionId, CommandType, Service};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -9,9 +9,9 @@ pub struct Alert {
     pub alert_id: String,
     pub team: String,
     pub priority: Priority,
-    pub action_id: Option<String>,
-    pub command_type: Option<String>,
-    pub service: Option<String>,
+    pub action_id: Option<ActionId>,
+    pub command_type: Option<CommandType>,
+    pub service: Option<Service>,
     pub agent: Option<AgentView>,
     /// The command's status; absent for control alerts (halt, refused lever, trip).
     pub status: Option<Status>,
@@ -40,13 +40,10 @@ fn action_required(status: Status) -> &'static str {
     }
 }
 
-/// The alerts the policy routes for this result: one per team of every matching route.
-pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
-    let Some(t) = result
-        .command_type
-        .as_deref()
-        .and_then(crate::intake::CommandType::parse)
-    else {
+/// The alerts for this result: one per `(team, priority)` the policy routes it to (the caller
+/// asks the policy for them). An UNKNOWN_OUTCOME always reaches ops.
+pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<Alert> {
+    let Some(t) = result.command_type else {
         return Vec::new();
     };
     let agent = result
@@ -54,27 +51,25 @@ pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
         .as_ref()
         .map(|a| {
             if a.verified {
-                a.id.clone()
+                a.id.to_string()
             } else {
                 format!("{} (unverified)", a.id)
             }
         })
         .unwrap_or_else(|| "unknown agent".into());
-    let service = result.service.as_deref().unwrap_or("unknown service");
-    let action = result.action_id.as_deref().unwrap_or("unknown action");
+    let service = result
+        .service
+        .as_ref()
+        .map_or("unknown service", |s| s.as_str());
+    let action = result
+        .action_id
+        .as_ref()
+        .map_or("unknown action", |a| a.as_str());
     let summary = format!(
         "{t} for service {service} by agent {agent} (action {action}) ended {}",
         result.status
     );
-    let mut routes: Vec<(Team, Priority)> = policy
-        .alerts_for(t, result.status)
-        .flat_map(|route| {
-            route
-                .teams
-                .iter()
-                .map(move |team| (team.clone(), route.priority))
-        })
-        .collect();
+    let mut routes = routes;
     // An unknown outcome always reaches a human, whatever the policy routes.
     if routes.is_empty() && result.status == Status::UnknownOutcome {
         routes.push((Team::parse("ops").expect("valid"), Priority::High));
@@ -86,7 +81,7 @@ pub fn alerts_for(policy: &Policy, result: &ResultMessage) -> Vec<Alert> {
             team: team.as_str().to_owned(),
             priority,
             action_id: result.action_id.clone(),
-            command_type: result.command_type.clone(),
+            command_type: result.command_type,
             service: result.service.clone(),
             agent: result.agent.clone(),
             status: Some(result.status),

@@ -128,3 +128,12 @@ pub struct JudgeVote {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
 }
+
+/// A unit enum's name as serde writes it (results, alerts, the audit): its one spelling, for
+/// labels and logs too.
+pub fn wire_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}

@@ -1,19 +1,19 @@
 //! The result message: one per command, on `mcp.results` (and the agent's reply queue).
 
 use super::{JudgeVote, Status};
-use crate::intake::{Agent, Severity};
+use crate::intake::{ActionId, Agent, AgentId, CommandType, Service, Severity};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentView {
-    pub id: String,
+    pub id: AgentId,
     pub verified: bool,
 }
 
 impl From<&Agent> for AgentView {
     fn from(a: &Agent) -> Self {
         Self {
-            id: a.id.to_string(),
+            id: a.id.clone(),
             verified: a.verified,
         }
     }
@@ -40,9 +40,9 @@ pub struct BridgeSummary {
 /// far (a REJECTED payload has no command type, a BLOCKED one no judges).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultMessage {
-    pub action_id: Option<String>,
-    pub command_type: Option<String>,
-    pub service: Option<String>,
+    pub action_id: Option<ActionId>,
+    pub command_type: Option<CommandType>,
+    pub service: Option<Service>,
     pub agent: Option<AgentView>,
     pub status: Status,
     pub rationale: String,

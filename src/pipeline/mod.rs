@@ -14,8 +14,8 @@ use crate::control::gate::Gate;
 use crate::control::trip::UnapprovedAttempt;
 use crate::idempotency::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
 use crate::intake::{
-    self, decode, identify, reply_target, salvage_action_id, Agent, AgentId, Command, DecodeLimits,
-    ReplyTarget,
+    self, decode, identify, reply_target, salvage_action_id, ActionId, Agent, AgentId, Command,
+    CommandType, DecodeLimits, ReplyTarget, Service,
 };
 use crate::judging::history::AttemptHistory;
 use crate::judging::{JudgeRequest, Panel, PanelOutcome};
@@ -74,9 +74,9 @@ use crate::clock::now_rfc3339;
 struct Draft {
     received_at: String,
     instance: String,
-    action_id: Option<String>,
-    command_type: Option<String>,
-    service: Option<String>,
+    action_id: Option<ActionId>,
+    command_type: Option<CommandType>,
+    service: Option<Service>,
     agent: Option<AgentView>,
     severity: Option<SeverityView>,
     judges: Vec<JudgeVote>,
@@ -183,8 +183,7 @@ impl Pipeline {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(field = e.field(), error = %e, "undecodable command; dead-lettering");
-                draft.action_id =
-                    salvage_action_id(&msg.payload, self.limits).map(|a| a.to_string());
+                draft.action_id = salvage_action_id(&msg.payload, self.limits);
                 if let Some(a) = &draft.action_id {
                     span.record("action_id", a.as_str());
                 }
@@ -208,9 +207,9 @@ impl Pipeline {
         };
         span.record("action_id", cmd.action_id.as_str());
         span.record("command_type", cmd.command_type.as_str());
-        draft.action_id = Some(cmd.action_id.to_string());
-        draft.command_type = Some(cmd.command_type.to_string());
-        draft.service = Some(cmd.service.to_string());
+        draft.action_id = Some(cmd.action_id.clone());
+        draft.command_type = Some(cmd.command_type);
+        draft.service = Some(cmd.service.clone());
 
         let agent = match identify(
             msg.user_id.as_deref(),
@@ -296,9 +295,9 @@ impl Pipeline {
         tracing::info!(handling = ?decision.handling, "policy decided");
         trail.push(AuditEvent::PolicyDecision {
             at: now_rfc3339(),
-            handling: format!("{:?}", decision.handling).to_ascii_uppercase(),
-            declared_severity: decision.declared_severity.to_string(),
-            effective_severity: decision.effective_severity.to_string(),
+            handling: decision.handling,
+            declared_severity: decision.declared_severity,
+            effective_severity: decision.effective_severity,
             severity_mismatch: decision.severity_mismatch,
             rationale: decision.rationale.clone(),
             policy_sha256: self.policy.digest().to_owned(),
@@ -374,7 +373,7 @@ impl Pipeline {
             // stored result would report the other command's outcome as this one's.
             let why = format!(
                 "action_id {} was already used by this agent for a different command (concluded {} at {}); send a new action_id",
-                draft.action_id.as_deref().unwrap_or("-"),
+                draft.action_id.as_ref().map_or("-", |a| a.as_str()),
                 stored.result.status,
                 stored.result.completed_at,
             );
@@ -425,7 +424,7 @@ impl Pipeline {
             tracing::warn!(error = %e, "could not hold the claim to mark it published");
             None
         });
-        replayed(alerts_for(&self.policy, &result), claim)
+        replayed(self.alerts(&result), claim)
     }
 
     /// A stored outcome that fails its integrity check: never replayed (it may be planted),
@@ -461,6 +460,14 @@ impl Pipeline {
         }
     }
 
+    /// The alerts the policy routes for `result`.
+    fn alerts(&self, result: &ResultMessage) -> Vec<crate::outcome::Alert> {
+        alerts_for(
+            self.policy.routes(result.command_type, result.status),
+            result,
+        )
+    }
+
     /// A final result with its alerts and the audit events of how it was reached.
     fn conclude(
         &self,
@@ -468,13 +475,13 @@ impl Pipeline {
         reply: ReplyTarget,
         mut trail: Vec<AuditEvent>,
     ) -> Concluded {
-        let alerts = alerts_for(&self.policy, &result);
+        let alerts = self.alerts(&result);
         tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
         for j in &result.judges {
             trail.push(AuditEvent::JudgeVerdict {
                 at: now_rfc3339(),
                 judge: j.name.clone(),
-                verdict: format!("{:?}", j.verdict).to_ascii_lowercase(),
+                verdict: j.verdict,
                 reason: j.reason.clone(),
                 ms: j.ms,
                 cause: j.cause.clone(),

@@ -52,8 +52,8 @@ struct PolicyFile {
 }
 
 /// How the pipeline handles a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Handling {
     /// Straight to the bridge.
     Execute,
@@ -170,6 +170,22 @@ impl Policy {
     }
 
     /// The alert routes of `t` that fire for `status`.
+    /// Who hears of a `t` command ending `status`: one `(team, priority)` per team of every
+    /// matching route.
+    pub fn routes(&self, t: Option<CommandType>, status: Status) -> Vec<(Team, Priority)> {
+        let Some(t) = t else {
+            return Vec::new();
+        };
+        self.alerts_for(t, status)
+            .flat_map(|route| {
+                route
+                    .teams
+                    .iter()
+                    .map(move |team| (team.clone(), route.priority))
+            })
+            .collect()
+    }
+
     pub fn alerts_for(&self, t: CommandType, status: Status) -> impl Iterator<Item = &AlertRoute> {
         self.rule(t).alerts.iter().filter(move |r| r.on == status)
     }

@@ -112,7 +112,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
                     exchange: String::new(),
                     routing_key: queue.to_owned(),
                     body,
-                    correlation_id: result.action_id.clone(),
+                    correlation_id: result.action_id.as_ref().map(ToString::to_string),
                     message_type: message_type::RESULT,
                     // RabbitMQ returns direct replies as unroutable although it delivers them.
                     best_effort: matches!(p.reply, ReplyTarget::DirectReplyTo(_)),
@@ -127,7 +127,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
         }
         trail.push(AuditEvent::ResultPublished {
             at: now_rfc3339(),
-            status: result.status.to_string(),
+            status: result.status,
             routing_key: result.status.routing_key(),
             rationale: result.rationale.clone(),
         });
@@ -139,7 +139,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
                 exchange: names.alerts_exchange.clone(),
                 routing_key: alert.routing_key(),
                 body: serde_json::to_vec(alert).expect("alert serializes"),
-                correlation_id: alert.action_id.clone(),
+                correlation_id: alert.action_id.as_ref().map(ToString::to_string),
                 message_type: message_type::ALERT,
                 ..Default::default()
             },
@@ -147,7 +147,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
         trail.push(AuditEvent::AlertSent {
             at: now_rfc3339(),
             team: alert.team.clone(),
-            priority: alert.priority.as_str().to_owned(),
+            priority: alert.priority,
         });
     }
     let audit = AuditRecord {
@@ -156,7 +156,12 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
         agent: p
             .result
             .and_then(|r| r.agent.as_ref().map(|a| a.id.clone()))
-            .or_else(|| inbound.user_id.clone()),
+            .or_else(|| {
+                inbound
+                    .user_id
+                    .as_deref()
+                    .and_then(|u| crate::intake::AgentId::parse(u).ok())
+            }),
         instance: names.instance.clone(),
         at: now_rfc3339(),
         events: trail,
@@ -173,7 +178,7 @@ fn result_message(
         exchange: names.results_exchange.clone(),
         routing_key: result.status.routing_key(),
         body,
-        correlation_id: result.action_id.clone(),
+        correlation_id: result.action_id.as_ref().map(ToString::to_string),
         message_type: message_type::RESULT,
         ..Default::default()
     }

@@ -114,7 +114,7 @@ pub(crate) async fn delivery(
             state.processed.fetch_add(1, Ordering::SeqCst);
             state.metrics.observe(&disposition);
             if let Some(r) = disposition.result() {
-                state.record(r.action_id.as_deref(), r.status);
+                state.record(r.action_id.as_ref().map(|a| a.as_str()), r.status);
             }
             if let Disposition::Conclude { outcome, .. } = &disposition {
                 report_unapproved(&publisher, outcome, &shell).await;
