@@ -289,7 +289,8 @@ impl World {
         s.instance_id = format!("bench-{name}");
         s.idempotency.path = self.store_dir.join(format!("{name}.redb"));
         let policy = Arc::new(Policy::load(&s.policy.file).unwrap());
-        let panel = panel.unwrap_or_else(|| build_panel(&s).unwrap());
+        let panel =
+            panel.unwrap_or_else(|| build_panel(&s.panel, &s.secrets.judge_api_keys).unwrap());
         let store = match store {
             Some(st) => st,
             None => command_poller::idempotency::open(&s.idempotency)
@@ -629,11 +630,7 @@ async fn pause() -> f64 {
     w.start_poller("b", None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
-    let op = Operator {
-        settings: &w.settings,
-        amqp_url: AMQP,
-        wait: Duration::from_millis(500),
-    };
+    let op = Operator::new(&w.settings, AMQP, Duration::from_millis(500));
     let report = op
         .run(ControlCommand::Pause {
             reason: "bench".into(),

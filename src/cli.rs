@@ -256,18 +256,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::BridgeSimulator { listen, latency_ms } => {
-            let secret = std::env::var(&settings.bridge.secret_env)
-                .ok()
-                .filter(|s| !s.is_empty())
-                .with_context(|| {
-                    format!(
-                        "set {} to the shared bridge secret",
-                        settings.bridge.secret_env
-                    )
-                })?;
-            let mut cfg = crate::bridge::simulator::SimulatorConfig::new(
-                crate::bridge::signing::Secret::new(secret),
-            );
+            let secret = settings.secrets.bridge.clone().with_context(|| {
+                format!(
+                    "set {} to the shared bridge secret",
+                    settings.bridge.secret_env
+                )
+            })?;
+            let mut cfg = crate::bridge::simulator::SimulatorConfig::new(secret);
             cfg.latency = Duration::from_millis(latency_ms);
             let sim = crate::bridge::simulator::start(cfg, listen).await?;
             println!("bridge simulator listening on {}", sim.url());
@@ -342,12 +337,17 @@ async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCod
         AuditCommand::Sink { file } => {
             let stop = CancellationToken::new();
             tokio::spawn(watch_signals(stop.clone()));
-            let n = crate::audit::sink::run(settings, &file, stop).await?;
+            let n = crate::audit::sink::run(
+                &crate::audit::sink::SinkConfig::from_settings(settings),
+                &file,
+                stop,
+            )
+            .await?;
             tracing::info!(appended = n, "audit sink stopped");
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify { file } => {
-            let report = chain::verify_with(&file, settings.audit.chain_key().as_ref())?;
+            let report = chain::verify_with(&file, settings.secrets.audit_chain_key.as_ref())?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.ok() {
                 ExitCode::SUCCESS
@@ -393,11 +393,7 @@ async fn operate(
     cmd: ControlCommand,
 ) -> anyhow::Result<ExitCode> {
     let url = op.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
-    let operator = Operator {
-        settings,
-        amqp_url: &url,
-        wait: Duration::from_millis(op.wait_ms),
-    };
+    let operator = Operator::new(settings, &url, Duration::from_millis(op.wait_ms));
     let report = operator.run(cmd).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     let refused = report.replicas.iter().any(|r| !r.accepted);

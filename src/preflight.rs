@@ -42,7 +42,7 @@ impl Finding {
 /// Runs every check; never stops at the first problem.
 pub async fn check(settings: &Settings) -> Vec<Finding> {
     let mut out = Vec::new();
-    match crate::worker::build_panel(settings) {
+    match crate::worker::build_panel(&settings.panel, &settings.secrets.judge_api_keys) {
         Ok(p) => out.push(Finding::ok(
             "panel.judges",
             format!(
@@ -60,7 +60,7 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
 
 fn bridge(s: &Settings) -> Finding {
     let b = &s.bridge;
-    let secret_set = std::env::var(&b.secret_env).is_ok_and(|v| !v.is_empty());
+    let secret_set = s.secrets.bridge.is_some();
     match b.mode {
         BridgeMode::Simulator => Finding::ok(
             "bridge.mode",
@@ -88,7 +88,7 @@ async fn store(s: &Settings) -> Vec<Finding> {
             format!("`run` refuses it: {why}"),
         ));
     }
-    match crate::idempotency::store_key(&s.idempotency) {
+    match crate::idempotency::store_key(&s.idempotency, s.secrets.store_key.clone()) {
         Ok(_) => out.push(Finding::ok(
             "idempotency.key_env",
             "the store key is available",

@@ -3,9 +3,13 @@
 //! are refused at every layer. Secrets are not in these files: they are read from the
 //! environment variables the files name, and never logged.
 
+use crate::bridge::signing::Secret;
+use crate::clock::de;
 use crate::judging::rules::RuleSet;
 use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +32,104 @@ pub struct Settings {
     pub control: ControlSettings,
     pub audit: AuditSettings,
     pub idempotency: crate::idempotency::IdempotencySettings,
+    /// The secrets the sections name, read from the environment with the settings (not a
+    /// configuration key; never logged).
+    #[serde(skip)]
+    pub secrets: Secrets,
+}
+
+/// The values of the environment variables the configuration names for secrets, read once,
+/// when the settings are loaded: nothing else reads the environment for them.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `bridge.secret_env`.
+    pub bridge: Option<Secret>,
+    /// Each LLM judge's `api_key_env`, by judge name (only those set).
+    pub judge_api_keys: BTreeMap<String, Secret>,
+    /// `idempotency.key_env`.
+    pub store_key: Option<Secret>,
+    /// `audit.chain_key_env`.
+    pub audit_chain_key: Option<Secret>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |s: &Option<Secret>| if s.is_some() { "set" } else { "unset" };
+        f.debug_struct("Secrets")
+            .field("bridge", &set(&self.bridge))
+            .field(
+                "judge_api_keys",
+                &self.judge_api_keys.keys().collect::<Vec<_>>(),
+            )
+            .field("store_key", &set(&self.store_key))
+            .field("audit_chain_key", &set(&self.audit_chain_key))
+            .finish()
+    }
+}
+
+/// What settings are loaded with besides the files: the `POLLER__*` overrides and the
+/// variables secrets are read from. The process environment in `run`; tests pass their own,
+/// so no test depends on (or changes) the developer's environment.
+#[derive(Debug, Clone, Default)]
+pub struct Environment(HashMap<String, String>);
+
+impl Environment {
+    /// The process environment.
+    pub fn process() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    /// Nothing set.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// With `name` set to `value`.
+    pub fn with(mut self, name: &str, value: &str) -> Self {
+        self.0.insert(name.to_owned(), value.to_owned());
+        self
+    }
+
+    /// A non-empty variable, as a secret.
+    pub fn secret(&self, name: &str) -> Option<Secret> {
+        self.0
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| Secret::new(v.clone()))
+    }
+
+    /// The `POLLER__*` overrides, as `config` reads them.
+    fn overrides(&self) -> HashMap<String, String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with("POLLER__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl Secrets {
+    /// Reads the variables `s` names from `env`.
+    pub fn read(s: &Settings, env: &Environment) -> Self {
+        Self {
+            bridge: env.secret(&s.bridge.secret_env),
+            judge_api_keys: s
+                .panel
+                .judges
+                .iter()
+                .filter_map(|j| match j {
+                    JudgeSettings::Llm {
+                        name,
+                        api_key_env: Some(var),
+                        ..
+                    } => env.secret(var).map(|k| (name.clone(), k)),
+                    _ => None,
+                })
+                .collect(),
+            store_key: env.secret(&s.idempotency.key_env),
+            audit_chain_key: env.secret(&s.audit.chain_key_env),
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -37,9 +139,11 @@ pub struct AmqpSettings {
     pub url: String,
     /// Connection name shown in the broker's management tools.
     pub connection_name: String,
-    /// Reconnect backoff bounds, in milliseconds.
-    pub reconnect_min_ms: u64,
-    pub reconnect_max_ms: u64,
+    /// Reconnect backoff bounds (`reconnect_min_ms`, `reconnect_max_ms`).
+    #[serde(rename = "reconnect_min_ms", deserialize_with = "de::millis")]
+    pub reconnect_min: Duration,
+    #[serde(rename = "reconnect_max_ms", deserialize_with = "de::millis")]
+    pub reconnect_max: Duration,
 }
 
 impl std::fmt::Debug for AmqpSettings {
@@ -111,10 +215,13 @@ pub struct ProcessingSettings {
     /// Commands processed concurrently; also the consumer prefetch.
     pub max_in_flight: u16,
     /// On SIGTERM, how long in-flight commands may take to finish before the poller exits
-    /// (unfinished ones go back to the queue).
-    pub drain_timeout_secs: u64,
-    /// Wait before requeueing a command whose result could not be published.
-    pub publish_failure_pause_ms: u64,
+    /// (unfinished ones go back to the queue). Key `drain_timeout_secs`.
+    #[serde(rename = "drain_timeout_secs", deserialize_with = "de::secs")]
+    pub drain_timeout: Duration,
+    /// Wait before requeueing a command whose result could not be published. Key
+    /// `publish_failure_pause_ms`.
+    #[serde(rename = "publish_failure_pause_ms", deserialize_with = "de::millis")]
+    pub publish_failure_pause: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,15 +246,18 @@ pub enum JudgeSettings {
     /// A built-in rule-based judge.
     Rules {
         name: String,
-        /// How long this judge may deliberate; past it, it counts as unavailable.
-        timeout_ms: u64,
+        /// How long this judge may deliberate; past it, it counts as unavailable. Key
+        /// `timeout_ms`.
+        #[serde(rename = "timeout_ms", deserialize_with = "de::millis")]
+        timeout: Duration,
         rules: RuleSet,
     },
     /// A language model over the OpenAI-compatible chat API.
     Llm {
         name: String,
-        /// The judge's whole deadline, retries included.
-        timeout_ms: u64,
+        /// The judge's whole deadline, retries included. Key `timeout_ms`.
+        #[serde(rename = "timeout_ms", deserialize_with = "de::millis")]
+        timeout: Duration,
         /// Base URL of the API, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
         base_url: String,
         model: String,
@@ -196,13 +306,22 @@ pub struct BridgeSettings {
     pub url: String,
     /// Environment variable holding the shared HMAC secret.
     pub secret_env: String,
-    pub request_timeout_secs: u64,
-    pub retry_budget_secs: u64,
-    pub min_backoff_ms: u64,
-    pub max_backoff_ms: u64,
+    /// One POST's deadline (`request_timeout_secs`), below Apps Script's 6-minute limit.
+    #[serde(rename = "request_timeout_secs", deserialize_with = "de::secs")]
+    pub request_timeout: Duration,
+    /// How long retries may go on (`retry_budget_secs`).
+    #[serde(rename = "retry_budget_secs", deserialize_with = "de::secs")]
+    pub retry_budget: Duration,
+    /// Retry backoff bounds (`min_backoff_ms`, `max_backoff_ms`).
+    #[serde(rename = "min_backoff_ms", deserialize_with = "de::millis")]
+    pub min_backoff: Duration,
+    #[serde(rename = "max_backoff_ms", deserialize_with = "de::millis")]
+    pub max_backoff: Duration,
+    /// Bridge calls at once.
     pub max_concurrency: usize,
-    /// Simulated execution time (mode `simulator`).
-    pub simulator_latency_ms: u64,
+    /// Simulated execution time (mode `simulator`; `simulator_latency_ms`).
+    #[serde(rename = "simulator_latency_ms", deserialize_with = "de::millis")]
+    pub simulator_latency: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -304,27 +423,28 @@ impl Settings {
     }
 }
 
-impl AuditSettings {
-    /// The chain key, when its environment variable is set.
-    pub fn chain_key(&self) -> Option<crate::bridge::signing::Secret> {
-        std::env::var(&self.chain_key_env)
-            .ok()
-            .filter(|k| !k.is_empty())
-            .map(crate::bridge::signing::Secret::new)
-    }
-}
-
 impl Settings {
     /// Loads `dir/default.toml`, `dir/<APP_ENVIRONMENT>.toml` and `POLLER__*` overrides.
     /// `APP_ENVIRONMENT` defaults to `production`: the local development conveniences of
     /// `config/local.toml` (guest as an operator) must be asked for.
     pub fn load(dir: &Path) -> Result<Self, SettingsError> {
         let env = std::env::var("APP_ENVIRONMENT").unwrap_or_else(|_| DEFAULT_ENVIRONMENT.into());
-        Self::load_environment(dir, &env)
+        Self::load_with(dir, &env, &Environment::process())
     }
 
-    /// Loads `dir/default.toml`, `dir/<environment>.toml` and `POLLER__*` overrides.
-    pub fn load_environment(dir: &Path, environment: &str) -> Result<Self, SettingsError> {
+    /// Loads `dir/default.toml` and `dir/<environment>.toml` alone: no `POLLER__*` override and
+    /// no secret from the process environment (tests and tools that must not depend on it).
+    pub fn load_isolated(dir: &Path, environment: &str) -> Result<Self, SettingsError> {
+        Self::load_with(dir, environment, &Environment::empty())
+    }
+
+    /// Loads `dir/default.toml`, `dir/<environment>.toml` and the `POLLER__*` overrides of
+    /// `vars`, and reads the secrets the result names from `vars`.
+    pub fn load_with(
+        dir: &Path,
+        environment: &str,
+        vars: &Environment,
+    ) -> Result<Self, SettingsError> {
         let env = environment;
         let mut s: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
@@ -333,12 +453,14 @@ impl Settings {
                 config::Environment::with_prefix("POLLER")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(vars.overrides())),
             )
             .build()?
             .try_deserialize()?;
         s.environment = env.to_owned();
         s.check()?;
+        s.secrets = Secrets::read(&s, vars);
         Ok(s)
     }
 
@@ -376,7 +498,7 @@ impl Settings {
                 self.bridge.url
             ));
         }
-        if self.bridge.request_timeout_secs == 0 || self.bridge.request_timeout_secs >= 360 {
+        if self.bridge.request_timeout.is_zero() || self.bridge.request_timeout.as_secs() >= 360 {
             return bad("bridge.request_timeout_secs: must be between 1 and 359 (Apps Script stops executions at 6 minutes)".into());
         }
         if self.bridge.max_concurrency == 0 {
@@ -402,16 +524,16 @@ impl Settings {
         if i.backend != crate::idempotency::Backend::Embedded && i.url.is_empty() {
             return bad("idempotency.url: required with the redis and postgres backends".into());
         }
-        if i.claim_ttl_secs < 3 {
+        if i.claim_ttl < Duration::from_secs(3) {
             return bad(format!(
                 "idempotency.claim_ttl_secs: {} is below 3 (a live claim is renewed every third of it)",
-                i.claim_ttl_secs
+                i.claim_ttl.as_secs()
             ));
         }
-        if i.wait_for_in_flight_ms <= i.claim_ttl_secs * 1000 {
+        if i.wait_for_in_flight <= i.claim_ttl {
             return bad(format!(
                 "idempotency.wait_for_in_flight_ms: {} must exceed claim_ttl_secs ({} s), or a duplicate of a crashed replica's command goes back to the queue before the dead claim expires, spending its delivery limit",
-                i.wait_for_in_flight_ms, i.claim_ttl_secs
+                i.wait_for_in_flight.as_millis(), i.claim_ttl.as_secs()
             ));
         }
         // A duplicate waits for a live original instead of going back to the queue (each
@@ -419,20 +541,20 @@ impl Settings {
         // original can take, its wait for a bridge slot included, and below the broker's
         // consumer_timeout (30 minutes), which would close the channel.
         let b = &self.bridge;
-        let longest_call_ms = (b.retry_budget_secs + 2 * b.request_timeout_secs) * 1000;
+        let longest_call_ms = (b.retry_budget + 2 * b.request_timeout).as_millis() as u64;
         let rounds =
             1 + (self.processing.max_in_flight as u64).div_ceil(b.max_concurrency.max(1) as u64);
         let needed_ms = rounds * longest_call_ms;
-        if i.wait_for_in_flight_ms < needed_ms {
+        let wait_ms = i.wait_for_in_flight.as_millis() as u64;
+        if wait_ms < needed_ms {
             return bad(format!(
                 "idempotency.wait_for_in_flight_ms: {} is shorter than the longest a live command can take ({needed_ms} ms: {rounds} rounds of bridge.retry_budget_secs {} s + 2 x bridge.request_timeout_secs {} s, as processing.max_in_flight {} commands share bridge.max_concurrency {} slots); a duplicate would go back to the queue while its original still runs, spending its delivery limit until it is dead-lettered",
-                i.wait_for_in_flight_ms, b.retry_budget_secs, b.request_timeout_secs, self.processing.max_in_flight, b.max_concurrency
+                wait_ms, b.retry_budget.as_secs(), b.request_timeout.as_secs(), self.processing.max_in_flight, b.max_concurrency
             ));
         }
-        if i.wait_for_in_flight_ms > MAX_WAIT_FOR_IN_FLIGHT_MS {
+        if wait_ms > MAX_WAIT_FOR_IN_FLIGHT_MS {
             return bad(format!(
-                "idempotency.wait_for_in_flight_ms: {} is over {MAX_WAIT_FOR_IN_FLIGHT_MS} ms; RabbitMQ's consumer_timeout (30 minutes) would close the channel under a waiting duplicate",
-                i.wait_for_in_flight_ms
+                "idempotency.wait_for_in_flight_ms: {wait_ms} is over {MAX_WAIT_FOR_IN_FLIGHT_MS} ms; RabbitMQ's consumer_timeout (30 minutes) would close the channel under a waiting duplicate"
             ));
         }
         if self.panel.quorum > self.panel.judges.len() {

@@ -32,7 +32,14 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
     let stop = CancellationToken::new();
     let sink = {
         let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
-        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        })
     };
     let check = cmd(
         "audit-check-1",
@@ -368,7 +375,14 @@ async fn a_restarted_sink_resumes_after_its_last_record() {
     let file = temp_file();
     let run_sink = |stop: CancellationToken| {
         let (s, f) = (h.settings.clone(), file.clone());
-        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        })
     };
     let stop = CancellationToken::new();
     let sink = run_sink(stop.clone());
@@ -428,7 +442,14 @@ async fn the_sink_reconnects_when_its_connection_drops() {
     let stop = CancellationToken::new();
     let sink = {
         let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
-        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        })
     };
     h.send(&cmd(
         "sink-drop-1",
@@ -505,7 +526,14 @@ async fn the_sink_refuses_records_not_published_by_the_poller() {
     let stop = CancellationToken::new();
     let sink = {
         let (s, f, stop) = (h.settings.clone(), file.clone(), stop.clone());
-        tokio::spawn(async move { command_poller::audit::sink::run(&s, &f, stop).await })
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        })
     };
     eventually("the genuine record", Duration::from_secs(15), || {
         file.exists()

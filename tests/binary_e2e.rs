@@ -207,18 +207,16 @@ fn status_is_never_served_beyond_loopback() {
 #[test]
 fn unset_app_environment_means_production_and_guest_is_no_operator() {
     // Low finding: APP_ENVIRONMENT defaulted to local, which made guest an operator.
-    let settings = command_poller::settings::Settings::load_environment(
+    let settings = command_poller::settings::Settings::load_isolated(
         std::path::Path::new("config"),
         command_poller::settings::DEFAULT_ENVIRONMENT,
     )
     .unwrap();
     assert_eq!(command_poller::settings::DEFAULT_ENVIRONMENT, "production");
     assert!(!settings.control.operators.iter().any(|o| o == "guest"));
-    let local = command_poller::settings::Settings::load_environment(
-        std::path::Path::new("config"),
-        "local",
-    )
-    .unwrap();
+    let local =
+        command_poller::settings::Settings::load_isolated(std::path::Path::new("config"), "local")
+            .unwrap();
     assert!(local.control.operators.iter().any(|o| o == "guest"));
 }
 

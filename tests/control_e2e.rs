@@ -304,11 +304,8 @@ async fn a_control_message_from_a_non_operator_is_refused_and_alerted() {
     assert_eq!(r.mode(), Mode::Paused, "an agent resumed the poller");
     // The CLI as that user is refused too, before anything is sent.
     let s = h.settings.clone();
-    let op = command_poller::control::operator::Operator {
-        settings: &s,
-        amqp_url: &agent.url(),
-        wait: Duration::from_millis(500),
-    };
+    let url = agent.url();
+    let op = command_poller::control::operator::Operator::new(&s, &url, Duration::from_millis(500));
     assert!(op.run(resume(false)).await.is_err());
     assert_eq!(r.mode(), Mode::Paused);
     r.stop().await;
@@ -427,9 +424,9 @@ async fn a_halt_during_bridge_retries_stops_the_next_post() {
     // seconds after its replica acknowledged a HALT.
     let h = Harness::start(Options {
         tweak: Box::new(|s| {
-            s.bridge.min_backoff_ms = 100;
-            s.bridge.max_backoff_ms = 200;
-            s.bridge.retry_budget_secs = 30;
+            s.bridge.min_backoff = Duration::from_millis(100);
+            s.bridge.max_backoff = Duration::from_millis(200);
+            s.bridge.retry_budget = Duration::from_secs(30);
         }),
         ..Default::default()
     })

@@ -374,7 +374,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.
     let mut settings = test_settings(&sfx);
-    let defaults = command_poller::settings::Settings::load_environment(
+    let defaults = command_poller::settings::Settings::load_isolated(
         std::path::Path::new("config"),
         "production",
     )
@@ -400,7 +400,9 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         &sim,
         command_poller::bridge::signing::Secret::new("defs"),
     );
-    let panel = command_poller::worker::build_panel(&settings).unwrap();
+    let panel =
+        command_poller::worker::build_panel(&settings.panel, &settings.secrets.judge_api_keys)
+            .unwrap();
     let store = command_poller::idempotency::open(&settings.idempotency)
         .await
         .unwrap();
@@ -468,11 +470,11 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     op_settings.control = defaults.control.clone();
     op_settings.control.operators = vec![ops_user.clone()];
     let ops_url = defs.url("ops-admin");
-    let report = command_poller::control::operator::Operator {
-        settings: &op_settings,
-        amqp_url: &ops_url,
-        wait: Duration::from_millis(1500),
-    }
+    let report = command_poller::control::operator::Operator::new(
+        &op_settings,
+        &ops_url,
+        Duration::from_millis(1500),
+    )
     .run(command_poller::control::ControlCommand::Status {
         request_id: command_poller::control::operator::new_request_id(),
     })

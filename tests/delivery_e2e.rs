@@ -89,10 +89,10 @@ async fn commands_at_the_bridge_when_the_connection_drops_finish_and_are_not_red
     let h = Harness::start(Options {
         sim_latency: Duration::from_millis(4000),
         tweak: Box::new(|s| {
-            s.idempotency.claim_ttl_secs = 300;
-            s.idempotency.wait_for_in_flight_ms = 301_000;
-            s.bridge.request_timeout_secs = 10;
-            s.bridge.retry_budget_secs = 20;
+            s.idempotency.claim_ttl = Duration::from_secs(300);
+            s.idempotency.wait_for_in_flight = Duration::from_millis(301_000);
+            s.bridge.request_timeout = Duration::from_secs(10);
+            s.bridge.retry_budget = Duration::from_secs(20);
         }),
         ..Default::default()
     })
@@ -137,10 +137,10 @@ async fn a_slow_bridge_call_across_a_connection_drop_still_ends_with_one_result(
         sim_latency: Duration::from_millis(6000),
         tweak: Box::new(|s| {
             s.topology.delivery_limit = 2;
-            s.idempotency.claim_ttl_secs = 300;
-            s.idempotency.wait_for_in_flight_ms = 1000;
-            s.bridge.request_timeout_secs = 20;
-            s.bridge.retry_budget_secs = 20;
+            s.idempotency.claim_ttl = Duration::from_secs(300);
+            s.idempotency.wait_for_in_flight = Duration::from_millis(1000);
+            s.bridge.request_timeout = Duration::from_secs(20);
+            s.bridge.retry_budget = Duration::from_secs(20);
         }),
         ..Default::default()
     })
@@ -264,7 +264,7 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     // Point the poller at a port nobody listens on.
     let mut h = Harness::start(Options {
         start_poller: false,
-        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        tweak: Box::new(|s| s.bridge.retry_budget = Duration::from_secs(1)),
         ..Default::default()
     })
     .await;
@@ -288,7 +288,8 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     let poller = command_poller::worker::Poller::new(
         h.settings.clone(),
         policy,
-        command_poller::worker::build_panel(&h.settings).unwrap(),
+        command_poller::worker::build_panel(&h.settings.panel, &h.settings.secrets.judge_api_keys)
+            .unwrap(),
         bridge,
         h.store.clone(),
         None,

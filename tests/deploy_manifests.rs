@@ -67,11 +67,11 @@ fn the_deployment_matches_the_poller() {
             && c["resources"]["requests"]["cpu"].is_string()
     );
     let settings =
-        command_poller::settings::Settings::load_environment(Path::new("config"), "production")
+        command_poller::settings::Settings::load_isolated(Path::new("config"), "production")
             .unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        grace > settings.processing.drain_timeout_secs,
+        grace > settings.processing.drain_timeout.as_secs(),
         "graceful termination must outlast the drain"
     );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -102,7 +102,7 @@ fn compose_and_definitions_parse() {
         .map(|q| q["name"].as_str().unwrap())
         .collect();
     let settings =
-        command_poller::settings::Settings::load_environment(Path::new("config"), "production")
+        command_poller::settings::Settings::load_isolated(Path::new("config"), "production")
             .unwrap();
     for q in [
         &settings.topology.commands_queue,

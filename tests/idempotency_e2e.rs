@@ -24,9 +24,9 @@ fn settings(backend: Backend) -> IdempotencySettings {
         key_prefix: format!("t-{sfx}"),
         key_env: "POLLER_STORE_KEY_UNSET_IN_TESTS".into(),
         allow_embedded_in_production: false,
-        retention_secs: 60,
-        claim_ttl_secs: 120,
-        wait_for_in_flight_ms: 10_000,
+        retention: Duration::from_secs(60),
+        claim_ttl: Duration::from_secs(120),
+        wait_for_in_flight: Duration::from_millis(10_000),
     }
 }
 
@@ -367,10 +367,10 @@ async fn a_slow_command_keeps_its_claim_past_the_ttl_with_every_backend() {
             start_poller: false,
             sim_latency: Duration::from_millis(7000),
             tweak: Box::new(|s| {
-                s.idempotency.claim_ttl_secs = 3;
-                s.idempotency.wait_for_in_flight_ms = 3500;
-                s.bridge.request_timeout_secs = 15;
-                s.bridge.retry_budget_secs = 20;
+                s.idempotency.claim_ttl = Duration::from_secs(3);
+                s.idempotency.wait_for_in_flight = Duration::from_millis(3500);
+                s.bridge.request_timeout = Duration::from_secs(15);
+                s.bridge.retry_budget = Duration::from_secs(20);
             }),
             ..Default::default()
         })

@@ -217,7 +217,7 @@ async fn a_302_whose_get_fails_once_repeats_only_the_get() {
 #[tokio::test]
 async fn bridge_retries_stop_at_the_budget_and_the_result_is_failed() {
     let h = Harness::start(Options {
-        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        tweak: Box::new(|s| s.bridge.retry_budget = Duration::from_secs(1)),
         ..Default::default()
     })
     .await;
@@ -289,7 +289,7 @@ async fn an_apps_script_quota_page_is_retried_and_reported() {
     assert_eq!(h.sim.executions("quota-1"), 1);
     // When it persists past the budget, the page's message is in the result.
     let h2 = Harness::start(Options {
-        tweak: Box::new(|s| s.bridge.retry_budget_secs = 1),
+        tweak: Box::new(|s| s.bridge.retry_budget = Duration::from_secs(1)),
         ..Default::default()
     })
     .await;

@@ -434,14 +434,20 @@ async fn a_mixed_llm_and_rule_panel_runs_in_the_poller_from_config_alone() {
         format!("{}{}{}", &default[..cut], llm, &rest[end..]),
     )
     .unwrap();
-    std::env::set_var("TEST_LLM_KEY", "sk-from-env");
-    let loaded = command_poller::settings::Settings::load_environment(&dir, "local").unwrap();
+    // The key as `run` reads it: from the environment the settings are loaded with.
+    let loaded = command_poller::settings::Settings::load_with(
+        &dir,
+        "local",
+        &command_poller::settings::Environment::empty().with("TEST_LLM_KEY", "sk-from-env"),
+    )
+    .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 
     // Quorum 3: every judge's answer counts, so the LLM is always asked.
     let h = Harness::start(Options {
         tweak: Box::new(move |s| {
             s.panel = loaded.panel.clone();
+            s.secrets.judge_api_keys = loaded.secrets.judge_api_keys.clone();
             s.panel.quorum = 3;
         }),
         ..Default::default()

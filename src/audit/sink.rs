@@ -6,13 +6,13 @@
 use super::chain::{ChainError, ChainWriter};
 use crate::broker::{self, BrokerError};
 
-use crate::settings::Settings;
+use crate::bridge::signing::Secret;
+use crate::settings::{AmqpSettings, AuditSettings, Settings};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use std::path::Path;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +25,40 @@ pub enum SinkError {
     Amqp(#[from] lapin::Error),
 }
 
+/// What the sink needs: its sections of the settings, two names, and the chain key.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub amqp: AmqpSettings,
+    pub audit: AuditSettings,
+    /// Where a refused record's security alert goes.
+    pub alerts_exchange: String,
+    /// Where a refused record goes.
+    pub dead_letter_exchange: String,
+    /// `audit.chain_key_env`'s value, when set.
+    pub chain_key: Option<Secret>,
+}
+
+impl SinkConfig {
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            amqp: s.amqp.clone(),
+            audit: s.audit.clone(),
+            alerts_exchange: s.topology.alerts_exchange.clone(),
+            dead_letter_exchange: s.topology.dead_letter_exchange.clone(),
+            chain_key: s.secrets.audit_chain_key.clone(),
+        }
+    }
+}
+
 /// Runs until `stop` is cancelled, reconnecting (with backoff, forever) when the broker
 /// connection ends or fails, like the poller. Returns the records appended. Only a chain that
 /// can't be written or doesn't verify stops it with an error.
 pub async fn run(
-    settings: &Settings,
+    settings: &SinkConfig,
     file: &Path,
     stop: CancellationToken,
 ) -> Result<u64, SinkError> {
-    let key = settings.audit.chain_key();
+    let key = settings.chain_key.clone();
     if key.is_none() {
         tracing::warn!(
             variable = %settings.audit.chain_key_env,
@@ -45,8 +70,8 @@ pub async fn run(
     let a = &settings.amqp;
     let backoff = || {
         ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(a.reconnect_min_ms))
-            .with_max_delay(Duration::from_millis(a.reconnect_max_ms))
+            .with_min_delay(a.reconnect_min)
+            .with_max_delay(a.reconnect_max)
             .with_jitter()
             .without_max_times()
             .build()
@@ -67,9 +92,7 @@ pub async fn run(
         if appended > before {
             delays = backoff();
         }
-        let delay = delays
-            .next()
-            .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
+        let delay = delays.next().unwrap_or(a.reconnect_max);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
@@ -80,7 +103,7 @@ pub async fn run(
 
 /// One connected session: reads the stream after the chain's last offset and appends.
 async fn session(
-    settings: &Settings,
+    settings: &SinkConfig,
     writer: &mut ChainWriter,
     stop: &CancellationToken,
     appended: &mut u64,
@@ -96,7 +119,7 @@ async fn session(
 }
 
 async fn consume(
-    settings: &Settings,
+    settings: &SinkConfig,
     conn: &lapin::Connection,
     writer: &mut ChainWriter,
     stop: &CancellationToken,
@@ -184,7 +207,7 @@ async fn consume(
 
 /// Dead-letters a refused record with the reason and alerts security (the sink's user may
 /// publish there and nowhere else); logged when even that is refused.
-async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why: &str) {
+async fn refuse(conn: &lapin::Connection, settings: &SinkConfig, body: &[u8], why: &str) {
     let sent = async {
         let p = broker::Publisher::open(conn).await?;
         let alert = crate::outcome::Alert {
@@ -203,7 +226,7 @@ async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why:
             at: crate::audit::now(),
         };
         p.publish(&broker::Outgoing {
-            exchange: settings.topology.alerts_exchange.clone(),
+            exchange: settings.alerts_exchange.clone(),
             routing_key: alert.routing_key(),
             body: serde_json::to_vec(&alert).expect("alert serializes"),
             message_type: crate::broker::names::message_type::ALERT,
@@ -216,7 +239,7 @@ async fn refuse(conn: &lapin::Connection, settings: &Settings, body: &[u8], why:
             crate::broker::names::text(why),
         );
         p.publish(&broker::Outgoing {
-            exchange: settings.topology.dead_letter_exchange.clone(),
+            exchange: settings.dead_letter_exchange.clone(),
             routing_key: crate::broker::names::routing::AUDIT_REFUSED.into(),
             body: body.to_vec(),
             message_type: crate::broker::names::message_type::AUDIT_REFUSED,

@@ -26,6 +26,12 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The value as text, for a client that sends it itself (an API key as a Bearer token).
+    /// Never log it.
+    pub fn expose(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
 }
 
 impl std::fmt::Debug for Secret {

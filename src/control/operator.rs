@@ -10,7 +10,7 @@ use super::state_log::{self, Folded, StateReader};
 use super::{transition, Actor, ControlCommand, ControlState, Mode};
 use crate::broker::declare_control;
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
-use crate::settings::Settings;
+use crate::settings::{ControlSettings, Settings};
 use futures::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -44,16 +44,34 @@ pub struct Report {
 }
 
 pub struct Operator<'a> {
-    pub settings: &'a Settings,
+    /// The control section: exchanges, the state stream, who the operators are.
+    pub control: &'a ControlSettings,
+    /// The queue whose depth the report shows.
+    pub commands_queue: &'a str,
+    /// The poller's broker user (it may write the stored state too).
+    pub poller_user: String,
     /// The operator's broker URL; its user must be in `control.operators`.
     pub amqp_url: &'a str,
     /// How long to collect replica answers.
     pub wait: Duration,
 }
 
+impl<'a> Operator<'a> {
+    /// An operator for the system `settings` describe, connecting with `amqp_url`.
+    pub fn new(settings: &'a Settings, amqp_url: &'a str, wait: Duration) -> Self {
+        Self {
+            control: &settings.control,
+            commands_queue: &settings.topology.commands_queue,
+            poller_user: settings.poller_user(),
+            amqp_url,
+            wait,
+        }
+    }
+}
+
 impl Operator<'_> {
     pub async fn run(&self, cmd: ControlCommand) -> Result<Report, OperatorError> {
-        let c = &self.settings.control;
+        let c = self.control;
         let user = broker::user_of(self.amqp_url);
         let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
         // An operator may not configure anything (least privilege): where the declare is
@@ -67,7 +85,7 @@ impl Operator<'_> {
         let ch = conn.create_channel().await?;
         let publisher = Publisher::open(&conn).await?;
         let state_ch = conn.create_channel().await?;
-        let classify = state_writer(&c.operators, &self.settings.poller_user());
+        let classify = state_writer(&c.operators, &self.poller_user);
         let reader = StateReader::open(&state_ch, &publisher, c, &user, classify)
             .await
             .map_err(|e| OperatorError::State(e.to_string()))?;
@@ -156,7 +174,7 @@ impl Operator<'_> {
         }
         let depth = ch
             .queue_declare(
-                self.settings.topology.commands_queue.as_str().into(),
+                self.commands_queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()

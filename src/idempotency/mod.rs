@@ -108,14 +108,21 @@ pub struct IdempotencySettings {
     /// file: only for a single replica on a volume of its own).
     #[serde(default)]
     pub allow_embedded_in_production: bool,
-    /// How long final results are kept and replayed.
-    pub retention_secs: u64,
-    /// How long a claim holds without being renewed; the working replica renews it every third
-    /// of this, so only a crashed replica's claim expires. At least 3.
-    pub claim_ttl_secs: u64,
-    /// How long a duplicate waits for the in-flight original before going back to the queue;
-    /// more than `claim_ttl_secs`, so a dead claim expires within one wait.
-    pub wait_for_in_flight_ms: u64,
+    /// How long final results are kept and replayed (`retention_secs`).
+    #[serde(rename = "retention_secs", deserialize_with = "crate::clock::de::secs")]
+    pub retention: Duration,
+    /// How long a claim holds without being renewed (`claim_ttl_secs`); the working replica
+    /// renews it every third of this, so only a crashed replica's claim expires. At least 3 s.
+    #[serde(rename = "claim_ttl_secs", deserialize_with = "crate::clock::de::secs")]
+    pub claim_ttl: Duration,
+    /// How long a duplicate waits for the in-flight original before going back to the queue
+    /// (`wait_for_in_flight_ms`); more than the claim TTL, so a dead claim expires within one
+    /// wait.
+    #[serde(
+        rename = "wait_for_in_flight_ms",
+        deserialize_with = "crate::clock::de::millis"
+    )]
+    pub wait_for_in_flight: Duration,
 }
 
 /// Opens the configured store.
@@ -191,10 +198,13 @@ pub fn unseal(key: &crate::bridge::signing::Secret, stored: &str) -> Result<Stri
 /// (the same on every replica sharing a store). Without it, the embedded store (one poller per
 /// file) keeps a random key in `<path>.key` (mode 0600); the shared stores refuse to start, as a
 /// planted value could otherwise be replayed as a result.
-pub fn store_key(s: &IdempotencySettings) -> Result<crate::bridge::signing::Secret, StoreError> {
+pub fn store_key(
+    s: &IdempotencySettings,
+    from_env: Option<crate::bridge::signing::Secret>,
+) -> Result<crate::bridge::signing::Secret, StoreError> {
     use crate::bridge::signing::Secret;
-    if let Some(v) = std::env::var(&s.key_env).ok().filter(|v| !v.is_empty()) {
-        return Ok(Secret::new(v));
+    if let Some(k) = from_env {
+        return Ok(k);
     }
     if s.backend != Backend::Embedded {
         return Err(StoreError::Backend(format!(

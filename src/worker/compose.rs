@@ -15,7 +15,8 @@ use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
 use crate::pipeline::Pipeline;
 use crate::policy::Policy;
-use crate::settings::{BridgeMode, JudgeSettings, Settings};
+use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -32,23 +33,27 @@ pub enum StartError {
     Store(#[from] crate::idempotency::StoreError),
 }
 
-/// Builds the judges of the configured panel. Fails when a prompt file or an API key named in
-/// config is missing, so a misconfigured panel stops the poller at start.
-pub fn build_panel(settings: &Settings) -> Result<Panel, StartError> {
+/// Builds the judges of the configured panel, with the API keys read with the settings
+/// ([`crate::settings::Secrets::judge_api_keys`]). Fails when a prompt file or an API key named
+/// in config is missing, so a misconfigured panel stops the poller at start.
+pub fn build_panel(
+    panel: &PanelSettings,
+    api_keys: &BTreeMap<String, Secret>,
+) -> Result<Panel, StartError> {
     let mut judges: Vec<(Arc<dyn Judge>, Duration)> = Vec::new();
-    for j in &settings.panel.judges {
+    for j in &panel.judges {
         match j {
             JudgeSettings::Rules {
                 name,
-                timeout_ms,
+                timeout,
                 rules,
             } => judges.push((
                 Arc::new(RuleJudge::new(name.clone(), rules.clone())),
-                Duration::from_millis(*timeout_ms),
+                *timeout,
             )),
             JudgeSettings::Llm {
                 name,
-                timeout_ms,
+                timeout,
                 base_url,
                 model,
                 api_key_env,
@@ -64,13 +69,18 @@ pub fn build_panel(settings: &Settings) -> Result<Panel, StartError> {
                 })?;
                 let api_key = match api_key_env {
                     None => None,
-                    Some(var) => Some(std::env::var(var).map_err(|_| {
-                        StartError::Judge(format!(
-                            "judge {name}: the API key variable {var} is not set"
-                        ))
-                    })?),
+                    Some(var) => Some(
+                        api_keys
+                            .get(name)
+                            .ok_or_else(|| {
+                                StartError::Judge(format!(
+                                    "judge {name}: the API key variable {var} is not set"
+                                ))
+                            })?
+                            .expose(),
+                    ),
                 };
-                let deadline = Duration::from_millis(*timeout_ms);
+                let deadline = *timeout;
                 let judge = LlmJudge::new(LlmJudgeConfig {
                     name: name.clone(),
                     base_url: base_url.clone(),
@@ -86,39 +96,35 @@ pub fn build_panel(settings: &Settings) -> Result<Panel, StartError> {
             }
         }
     }
-    Ok(Panel::new(judges, settings.panel.quorum))
+    Ok(Panel::new(judges, panel.quorum))
 }
 
-fn client_config(settings: &Settings, url: url::Url, secret: Secret) -> BridgeClientConfig {
-    let b = &settings.bridge;
+fn client_config(b: &BridgeSettings, url: url::Url, secret: Secret) -> BridgeClientConfig {
     BridgeClientConfig {
         url,
         secret,
-        request_timeout: Duration::from_secs(b.request_timeout_secs),
-        retry_budget: Duration::from_secs(b.retry_budget_secs),
-        min_backoff: Duration::from_millis(b.min_backoff_ms),
-        max_backoff: Duration::from_millis(b.max_backoff_ms),
+        request_timeout: b.request_timeout,
+        retry_budget: b.retry_budget,
+        min_backoff: b.min_backoff,
+        max_backoff: b.max_backoff,
     }
 }
 
-/// Builds the configured bridge: the Apps Script client, or the embedded simulator and a client
-/// for it.
+/// Builds the configured bridge: the Apps Script client (with `secret`, read with the
+/// settings), or the embedded simulator and a client for it.
 pub async fn build_bridge(
-    settings: &Settings,
+    settings: &BridgeSettings,
+    secret: Option<Secret>,
 ) -> Result<(Arc<dyn Bridge>, Option<SimulatorHandle>), StartError> {
-    let secret = std::env::var(&settings.bridge.secret_env)
-        .ok()
-        .filter(|s| !s.is_empty())
-        .map(Secret::new);
-    match settings.bridge.mode {
+    match settings.mode {
         BridgeMode::AppsScript => {
             let secret = secret.ok_or_else(|| {
                 StartError::Bridge(format!(
                     "the bridge secret environment variable {} is not set",
-                    settings.bridge.secret_env
+                    settings.secret_env
                 ))
             })?;
-            let url = url::Url::parse(&settings.bridge.url)
+            let url = url::Url::parse(&settings.url)
                 .map_err(|e| StartError::Bridge(format!("bridge.url: {e}")))?;
             let client = AppsScriptBridge::new(client_config(settings, url, secret))
                 .map_err(|e| StartError::Bridge(e.to_string()))?;
@@ -127,7 +133,7 @@ pub async fn build_bridge(
         BridgeMode::Simulator => {
             let secret = secret.unwrap_or_else(Secret::random);
             let mut cfg = SimulatorConfig::new(secret.clone());
-            cfg.latency = Duration::from_millis(settings.bridge.simulator_latency_ms);
+            cfg.latency = settings.simulator_latency;
             let sim = simulator::start(cfg, ([127, 0, 0, 1], 0).into())
                 .await
                 .map_err(|e| StartError::Bridge(format!("simulator: {e}")))?;
@@ -143,15 +149,15 @@ impl Poller {
     /// Builds the poller from settings alone: policy file, rule judges, configured bridge.
     pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
         let policy = Policy::load(&settings.policy.file)?;
-        let panel = build_panel(&settings)?;
-        let (bridge, sim) = build_bridge(&settings).await?;
+        let panel = build_panel(&settings.panel, &settings.secrets.judge_api_keys)?;
+        let (bridge, sim) = build_bridge(&settings.bridge, settings.secrets.bridge.clone()).await?;
         if let Some(why) = settings.embedded_store_refused() {
             return Err(StartError::Store(crate::idempotency::StoreError::Backend(
                 format!("idempotency.backend: {why}"),
             )));
         }
         let store = crate::idempotency::open(&settings.idempotency).await?;
-        crate::idempotency::store_key(&settings.idempotency)?;
+        crate::idempotency::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
         Ok(Self::new(
             settings,
             Arc::new(policy),
@@ -174,8 +180,11 @@ impl Poller {
         let instance = settings.instance();
         let state = Arc::new(PollerState::default());
         // `from_settings` has checked it can be had; tests use the embedded store's key file.
-        let store_key = crate::idempotency::store_key(&settings.idempotency)
-            .expect("the idempotency store key (checked at start)");
+        let store_key = crate::idempotency::store_key(
+            &settings.idempotency,
+            settings.secrets.store_key.clone(),
+        )
+        .expect("the idempotency store key (checked at start)");
         let pipeline = Pipeline {
             limits: DecodeLimits {
                 max_payload_bytes: settings.intake.max_payload_bytes,
@@ -189,9 +198,9 @@ impl Poller {
             gate: state.gate.clone(),
             bridge_slots: Semaphore::new(settings.bridge.max_concurrency),
             store,
-            claim_ttl: Duration::from_secs(settings.idempotency.claim_ttl_secs),
-            wait_for_in_flight: Duration::from_millis(settings.idempotency.wait_for_in_flight_ms),
-            retention: Duration::from_secs(settings.idempotency.retention_secs),
+            claim_ttl: settings.idempotency.claim_ttl,
+            wait_for_in_flight: settings.idempotency.wait_for_in_flight,
+            retention: settings.idempotency.retention,
             store_key,
         };
         let names = Names {
@@ -208,9 +217,7 @@ impl Poller {
             state,
             names,
             trips: settings.control.trips.clone(),
-            publish_failure_pause: Duration::from_millis(
-                settings.processing.publish_failure_pause_ms,
-            ),
+            publish_failure_pause: settings.processing.publish_failure_pause,
             publishers: Arc::new(tokio::sync::watch::channel(None).0),
         };
         let control_names = crate::control::replica::Names {

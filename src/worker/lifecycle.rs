@@ -22,7 +22,7 @@ impl Poller {
     /// Runs until `shutdown` is cancelled, reconnecting after broker failures.
     pub async fn run(&self, shutdown: CancellationToken) {
         let a = &self.settings.amqp;
-        let mut backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+        let mut backoff = reconnect_backoff(a.reconnect_min, a.reconnect_max);
         tracing::info!(instance = %self.instance, broker = %crate::settings::redact_url(&a.url), "poller starting");
         // In-flight commands outlive a lost session: they finish, store their outcome and
         // settle their idempotency claim, so the redelivered copies replay it at once instead of
@@ -43,11 +43,9 @@ impl Poller {
                 Err(e) => {
                     self.shell.state.connected.store(false, Ordering::SeqCst);
                     if consumed_any {
-                        backoff = reconnect_backoff(a.reconnect_min_ms, a.reconnect_max_ms);
+                        backoff = reconnect_backoff(a.reconnect_min, a.reconnect_max);
                     }
-                    let delay = backoff
-                        .next()
-                        .unwrap_or(Duration::from_millis(a.reconnect_max_ms));
+                    let delay = backoff.next().unwrap_or(a.reconnect_max);
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session ended; reconnecting");
                     let sleep = tokio::time::sleep(delay);
                     tokio::pin!(sleep);
@@ -71,7 +69,7 @@ impl Poller {
         if tasks.is_empty() {
             return;
         }
-        let drain = Duration::from_secs(self.settings.processing.drain_timeout_secs);
+        let drain = self.settings.processing.drain_timeout;
         tracing::info!(
             in_flight = tasks.len(),
             timeout_s = drain.as_secs(),
@@ -310,10 +308,10 @@ impl From<lapin::Error> for SessionError {
     }
 }
 
-fn reconnect_backoff(min_ms: u64, max_ms: u64) -> impl Iterator<Item = Duration> {
+fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(min_ms))
-        .with_max_delay(Duration::from_millis(max_ms))
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()

@@ -34,8 +34,8 @@ pub fn suffix() -> String {
 
 /// Default settings with every broker name made unique to this test.
 pub fn test_settings(sfx: &str) -> Settings {
-    let mut s = Settings::load_environment(Path::new("config"), "local")
-        .expect("config/default.toml loads");
+    let mut s =
+        Settings::load_isolated(Path::new("config"), "local").expect("config/default.toml loads");
     let t = &mut s.topology;
     t.commands_exchange = format!("t.{sfx}.commands");
     t.commands_queue = format!("t.{sfx}.commands");
@@ -51,16 +51,16 @@ pub fn test_settings(sfx: &str) -> Settings {
     s.audit.exchange = format!("t.{sfx}.audit");
     s.audit.queue = format!("t.{sfx}.audit");
     s.amqp.connection_name = format!("poller-{sfx}");
-    s.amqp.reconnect_min_ms = 50;
-    s.amqp.reconnect_max_ms = 500;
+    s.amqp.reconnect_min = Duration::from_millis(50);
+    s.amqp.reconnect_max = Duration::from_millis(500);
     s.instance_id = format!("test-{sfx}");
-    s.processing.publish_failure_pause_ms = 50;
-    s.processing.drain_timeout_secs = 10;
+    s.processing.publish_failure_pause = Duration::from_millis(50);
+    s.processing.drain_timeout = Duration::from_secs(10);
     s.idempotency.path = std::env::temp_dir().join(format!("poller-store-{sfx}.redb"));
-    s.bridge.min_backoff_ms = 20;
-    s.bridge.max_backoff_ms = 200;
-    s.bridge.retry_budget_secs = 5;
-    s.bridge.request_timeout_secs = 5;
+    s.bridge.min_backoff = Duration::from_millis(20);
+    s.bridge.max_backoff = Duration::from_millis(200);
+    s.bridge.retry_budget = Duration::from_secs(5);
+    s.bridge.request_timeout = Duration::from_secs(5);
     s
 }
 
@@ -265,10 +265,10 @@ pub fn bridge_client(
         AppsScriptBridge::new(BridgeClientConfig {
             url: sim.url(),
             secret,
-            request_timeout: Duration::from_secs(b.request_timeout_secs),
-            retry_budget: Duration::from_secs(b.retry_budget_secs),
-            min_backoff: Duration::from_millis(b.min_backoff_ms),
-            max_backoff: Duration::from_millis(b.max_backoff_ms),
+            request_timeout: b.request_timeout,
+            retry_budget: b.retry_budget,
+            min_backoff: b.min_backoff,
+            max_backoff: b.max_backoff,
         })
         .unwrap(),
     )
@@ -392,7 +392,10 @@ impl Harness {
 
     pub fn poller(&self, panel: Option<Panel>, secret: Secret) -> Poller {
         let policy = Arc::new(Policy::load(&self.settings.policy.file).unwrap());
-        let panel = panel.unwrap_or_else(|| build_panel(&self.settings).expect("panel builds"));
+        let panel = panel.unwrap_or_else(|| {
+            build_panel(&self.settings.panel, &self.settings.secrets.judge_api_keys)
+                .expect("panel builds")
+        });
         let bridge = bridge_client(&self.settings, &self.sim, secret);
         Poller::new(
             self.settings.clone(),
@@ -606,7 +609,9 @@ impl Harness {
         let mut settings = self.settings.clone();
         settings.instance_id = format!("{}-{name}", self.settings.instance_id);
         let policy = Arc::new(Policy::load(&settings.policy.file).unwrap());
-        let panel = panel.unwrap_or_else(|| build_panel(&settings).expect("panel builds"));
+        let panel = panel.unwrap_or_else(|| {
+            build_panel(&settings.panel, &settings.secrets.judge_api_keys).expect("panel builds")
+        });
         let bridge = bridge_client(&settings, &self.sim, self.secret.clone());
         let poller = Poller::new(
             settings.clone(),
@@ -629,11 +634,11 @@ impl Harness {
     }
 
     pub fn operator(&self) -> command_poller::control::operator::Operator<'_> {
-        command_poller::control::operator::Operator {
-            settings: &self.settings,
-            amqp_url: AMQP,
-            wait: Duration::from_millis(1500),
-        }
+        command_poller::control::operator::Operator::new(
+            &self.settings,
+            AMQP,
+            Duration::from_millis(1500),
+        )
     }
 }
 
