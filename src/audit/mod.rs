@@ -123,7 +123,7 @@ pub enum AuditOutcome {
 /// says. A refused record is tried once more, then dead-lettered on its own; only a lost
 /// connection is an error (the session restarts and the command is redelivered).
 pub async fn publish_record(
-    publisher: &crate::broker::Publisher,
+    publisher: &dyn crate::broker::Publish,
     exchange: &str,
     routing_key: &str,
     dead_letter_exchange: &str,

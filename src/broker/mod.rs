@@ -8,7 +8,7 @@ pub mod names;
 mod publisher;
 mod topology;
 
-pub use publisher::{Outgoing, Publisher};
+pub use publisher::{Outgoing, Publish, Publisher};
 pub use topology::{
     declare, declare_audit, declare_control, declare_replica_queue, expect_exist, Topology,
 };

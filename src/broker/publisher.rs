@@ -91,3 +91,20 @@ impl Publisher {
         }
     }
 }
+
+/// The boundary for publishing: the confirmed [`Publisher`], or a test double that records.
+pub trait Publish: Send + Sync {
+    fn publish<'a>(
+        &'a self,
+        msg: &'a Outgoing,
+    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>>;
+}
+
+impl Publish for Publisher {
+    fn publish<'a>(
+        &'a self,
+        msg: &'a Outgoing,
+    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(Publisher::publish(self, msg))
+    }
+}

@@ -2,7 +2,7 @@
 //! from parts (tests inject judges and bridges).
 
 use super::render::Names;
-use super::settle::Shell;
+use super::settle::{Settler, Shell};
 use super::state::PollerState;
 use super::Poller;
 use crate::bridge::signing::Secret;
@@ -212,12 +212,16 @@ impl Poller {
             instance: instance.clone(),
             poller_user: settings.poller_user(),
         };
-        let shell = Shell {
-            pipeline: Arc::new(pipeline),
+        let settler = Settler {
             state,
             names,
             trips: settings.control.trips.clone(),
             publish_failure_pause: settings.processing.publish_failure_pause,
+            store_key: pipeline.store_key.clone(),
+        };
+        let shell = Shell {
+            pipeline: Arc::new(pipeline),
+            settler,
             publishers: Arc::new(tokio::sync::watch::channel(None).0),
         };
         let control_names = crate::control::replica::Names {
@@ -229,7 +233,13 @@ impl Poller {
             poller_user: settings.poller_user(),
         };
         Self {
-            settings: Arc::new(settings),
+            settings: super::Sections {
+                amqp: settings.amqp.clone(),
+                topology: settings.topology.clone(),
+                audit: settings.audit.clone(),
+                processing: settings.processing.clone(),
+                control: settings.control.clone(),
+            },
             shell: Arc::new(shell),
             control_names,
             instance,
@@ -238,7 +248,7 @@ impl Poller {
     }
 
     pub fn state(&self) -> Arc<PollerState> {
-        self.shell.state.clone()
+        self.shell.settler.state.clone()
     }
 
     pub fn instance(&self) -> &str {

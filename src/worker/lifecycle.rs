@@ -30,7 +30,7 @@ impl Poller {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let store_watch = tokio::spawn(watch_store(
             self.shell.pipeline.store.clone(),
-            self.shell.state.clone(),
+            self.shell.settler.state.clone(),
             shutdown.clone(),
         ));
         loop {
@@ -41,7 +41,11 @@ impl Poller {
             match self.session(&shutdown, &mut consumed_any, &mut tasks).await {
                 Ok(()) => break,
                 Err(e) => {
-                    self.shell.state.connected.store(false, Ordering::SeqCst);
+                    self.shell
+                        .settler
+                        .state
+                        .connected
+                        .store(false, Ordering::SeqCst);
                     if consumed_any {
                         backoff = reconnect_backoff(a.reconnect_min, a.reconnect_max);
                     }
@@ -112,7 +116,11 @@ impl Poller {
         let result = self
             .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
             .await;
-        self.shell.state.connected.store(false, Ordering::SeqCst);
+        self.shell
+            .settler
+            .state
+            .connected
+            .store(false, Ordering::SeqCst);
         self.shell.publishers.send_replace(None);
         // Closing requeues whatever is still unacked. A dead connection never answers close-ok:
         // bounded, so the reconnect loop can't stall here.
@@ -143,8 +151,8 @@ impl Poller {
             let replica = Arc::new(Replica::new(
                 s.control.clone(),
                 self.control_names.clone(),
-                self.shell.state.gate.clone(),
-                self.shell.state.clone(),
+                self.shell.settler.state.gate.clone(),
+                self.shell.settler.state.clone(),
             ));
             let control_ch = consume_conn.create_channel().await?;
             let state_ch = consume_conn.create_channel().await?;
@@ -160,11 +168,11 @@ impl Poller {
                 s.topology.commands_queue.clone(),
                 self.instance.clone(),
             );
-            if self.shell.state.gate.mode() == Mode::Running {
+            if self.shell.settler.state.gate.mode() == Mode::Running {
                 commands.start().await?;
             } else {
                 tracing::warn!(
-                    mode = self.shell.state.gate.mode().as_str(),
+                    mode = self.shell.settler.state.gate.mode().as_str(),
                     "not consuming: the system is paused or halted"
                 );
             }
@@ -195,8 +203,12 @@ impl Poller {
                     .await
             })
         };
-        let mut mode = self.shell.state.gate.watch();
-        self.shell.state.connected.store(true, Ordering::SeqCst);
+        let mut mode = self.shell.settler.state.gate.watch();
+        self.shell
+            .settler
+            .state
+            .connected
+            .store(true, Ordering::SeqCst);
 
         let broken = CancellationToken::new();
         let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
@@ -205,7 +217,7 @@ impl Poller {
         let outcome = loop {
             tokio::select! {
                 _ = stall_check.tick() => {
-                    if self.shell.state.gate.mode() != Mode::Running
+                    if self.shell.settler.state.gate.mode() != Mode::Running
                         || !commands.is_active()
                         || last_delivery.elapsed() < STALL_CHECK_EVERY
                     {

@@ -24,13 +24,26 @@ pub use compose::{build_bridge, build_panel, StartError};
 pub use state::PollerState;
 
 use crate::bridge::simulator::SimulatorHandle;
-use crate::settings::Settings;
+use crate::settings::{
+    AmqpSettings, AuditSettings, ControlSettings, ProcessingSettings, TopologySettings,
+};
 use std::sync::Arc;
+
+/// The sections of the settings the worker's lifecycle uses (the rest went into the pipeline
+/// and the shell when they were composed).
+#[derive(Debug, Clone)]
+pub(crate) struct Sections {
+    pub amqp: AmqpSettings,
+    pub topology: TopologySettings,
+    pub audit: AuditSettings,
+    pub processing: ProcessingSettings,
+    pub control: ControlSettings,
+}
 
 /// A poller replica: build it with [`Poller::from_settings`] (or [`Poller::new`] from parts),
 /// then [`Poller::run`] it until shutdown.
 pub struct Poller {
-    settings: Arc<Settings>,
+    settings: Sections,
     shell: Arc<settle::Shell>,
     instance: String,
     /// Where the control replica publishes.

@@ -1,37 +1,17 @@
-//! Publishing what [`super::render`] built, each message confirmed, and the delivery-side
-//! moves that go with it (requeue after a pause, the next session's publisher).
+//! Publishing what [`super::render`] built, each message confirmed, through the
+//! [`Publish`] boundary; and the next session's publisher for an outcome whose session was lost.
 
 use super::render::{Names, Part, Rendered};
 use crate::audit::{self, AuditOutcome};
 use crate::broker::names::routing;
-use crate::broker::{BrokerError, Publisher};
-use lapin::message::Delivery;
-use lapin::options::BasicNackOptions;
+use crate::broker::{BrokerError, Publish, Publisher};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-
-/// The boundary to the broker for the command path: tests record instead of publishing.
-pub trait Publish: Send + Sync {
-    fn publish<'a>(
-        &'a self,
-        msg: &'a crate::broker::Outgoing,
-    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>>;
-}
-
-impl Publish for Publisher {
-    fn publish<'a>(
-        &'a self,
-        msg: &'a crate::broker::Outgoing,
-    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(Publisher::publish(self, msg))
-    }
-}
 
 /// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
 /// delivered is logged, not fatal; anything else that fails stops here (nothing after it goes
 /// out, and the command is not acked).
 pub async fn rendered(
-    publisher: &Publisher,
+    publisher: &dyn Publish,
     rendered: &Rendered,
     names: &Names,
 ) -> Result<AuditOutcome, BrokerError> {
@@ -86,29 +66,6 @@ pub(crate) async fn next_publisher(
     .await
     .ok()
     .flatten()
-}
-
-/// Sends a delivery back to the queue after `pause` (each requeue costs one of the queue's
-/// delivery limit, so never in a tight loop). A requeue that can't be sent means the channel is
-/// gone: the session is restarted and the broker requeues it.
-pub(crate) async fn requeue_after_pause(
-    delivery: &Delivery,
-    pause: Duration,
-    broken: &CancellationToken,
-) {
-    tokio::time::sleep(pause).await;
-    if !requeue(delivery).await {
-        broken.cancel();
-    }
-}
-
-/// Sends a delivery back to the queue at once; false when the channel is gone.
-pub(crate) async fn requeue(delivery: &Delivery) -> bool {
-    let requeue = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    matches!(delivery.acker.nack(requeue).await, Ok(true))
 }
 
 #[cfg(test)]

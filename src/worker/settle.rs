@@ -5,18 +5,22 @@
 //! In: a delivery and the session's publisher. Out: messages on the broker, the store updated,
 //! the delivery acked or requeued. A publish that fails on the connection is retried on the
 //! next session; one the broker refuses requeues the command after a pause (the queue's
-//! delivery limit dead-letters it if it never succeeds).
+//! delivery limit dead-letters it if it never succeeds). [`Settler::settle`] is the part
+//! between the disposition and the ack, behind the [`Publish`] and [`Acker`] boundaries, so
+//! it is unit-tested with recording doubles.
 
 use super::publish;
 use super::render::{self, Names, Rendered};
 use super::state::{InFlight, PollerState};
 use crate::audit::AuditOutcome;
-use crate::broker::{BrokerError, Publisher};
+use crate::bridge::signing::Secret;
+use crate::broker::{BrokerError, Publish, Publisher};
 use crate::control::trip::{self, TripRule};
 use crate::idempotency::{ClaimGuard, StoredOutcome};
 use crate::pipeline::{Concluded, DeadLetterBody, Disposition, Inbound, Pipeline, Publication};
+use futures::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,15 +30,229 @@ use tokio_util::sync::CancellationToken;
 /// What settling needs, shared by every delivery of a poller.
 pub(crate) struct Shell {
     pub pipeline: Arc<Pipeline>,
+    pub settler: Settler,
+    /// The current session's publisher (None between sessions): a command whose session was
+    /// lost while it was in flight publishes its outcome on the next one.
+    pub publishers: Arc<watch::Sender<Option<Publisher>>>,
+}
+
+/// Carries dispositions out.
+pub struct Settler {
     pub state: Arc<PollerState>,
     pub names: Names,
     /// The trip rules: only attempts of watched types are shared with replicas.
     pub trips: Vec<TripRule>,
     /// Pause before requeueing a command whose outcome could not be stored or published.
     pub publish_failure_pause: Duration,
-    /// The current session's publisher (None between sessions): a command whose session was
-    /// lost while it was in flight publishes its outcome on the next one.
-    pub publishers: Arc<watch::Sender<Option<Publisher>>>,
+    /// Seals stored outcomes.
+    pub store_key: Secret,
+}
+
+/// The boundary to the delivery being settled: lapin's acker, or a test double.
+pub trait Acker: Send + Sync {
+    /// Acks it; false when the channel is gone (the broker redelivers it).
+    fn ack(&self) -> BoxFuture<'_, bool>;
+    /// Sends it back to the queue (costing one of its deliveries); false when the channel is
+    /// gone (the broker requeues it on close).
+    fn requeue(&self) -> BoxFuture<'_, bool>;
+}
+
+impl Acker for lapin::Acker {
+    fn ack(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match lapin::Acker::ack(self, BasicAckOptions::default()).await {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::warn!("ack not sent (channel gone); expect a redelivery");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ack failed; expect a redelivery");
+                    false
+                }
+            }
+        })
+    }
+
+    fn requeue(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            matches!(self.nack(requeue).await, Ok(true))
+        })
+    }
+}
+
+/// How a delivery was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Back to the queue unprocessed (its claim released).
+    Deferred,
+    /// Everything published and confirmed, then acked.
+    Acked,
+    /// Not stored, or refused by the broker: requeued after a pause, never acked (the queue's
+    /// delivery limit dead-letters it if this keeps happening).
+    Requeued,
+    /// The channel is gone: requeueing could not be sent (the broker requeues it on close).
+    ChannelGone,
+    /// The connection failed while publishing: neither acked nor requeued (the broker requeues
+    /// it); the outcome is to be published on the next session.
+    ConnectionLost,
+}
+
+impl Settler {
+    /// Carries `d` out (its claim taken out into `claim`): one `match` on the disposition.
+    pub async fn settle(
+        &self,
+        d: &Disposition,
+        claim: &mut Option<ClaimGuard>,
+        inbound: &Inbound,
+        publisher: &dyn Publish,
+        acker: &dyn Acker,
+    ) -> Settled {
+        let outcome = match d {
+            Disposition::Defer { .. } => {
+                self.state.metrics.observe(d);
+                if let Some(c) = claim.take() {
+                    if let Err(e) = c.release().await {
+                        tracing::warn!(error = %e, "could not release the idempotency claim; it expires on its own");
+                    }
+                }
+                // Paused or halted before judges or bridge: back to the queue, unprocessed.
+                if !acker.requeue().await {
+                    tracing::warn!(
+                        "requeue not sent (channel gone); the broker requeues it on close"
+                    );
+                }
+                return Settled::Deferred;
+            }
+            Disposition::DeadLetter { .. } => None,
+            Disposition::Conclude { outcome, .. } => {
+                // Stored (unpublished) before it is published: a crash in between publishes
+                // the stored outcome instead of redoing the action.
+                if let Some(c) = claim.as_ref() {
+                    if let Err(e) = c.store(&stored(outcome, false), &self.store_key).await {
+                        // Unpublished and unstored: requeue it (the claim is released).
+                        tracing::error!(error = %e, "could not store the result; not publishing it, requeueing");
+                        self.state.metrics.publish_failed();
+                        if let Some(c) = claim.take() {
+                            let _ = c.release().await;
+                        }
+                        return self.requeue_after_pause(acker).await;
+                    }
+                }
+                Some(outcome)
+            }
+            Disposition::Replay { outcome, .. } => Some(outcome),
+        };
+        let publication = d.publication().expect("only a deferral publishes nothing");
+        let rendered = render::command(publication, inbound, &self.names);
+        match publish::rendered(publisher, &rendered, &self.names).await {
+            Ok(audited) => {
+                if audited != AuditOutcome::Delivered {
+                    self.state.metrics.audit_diverted();
+                }
+                self.mark_published(claim.take(), outcome).await;
+                self.state.processed.fetch_add(1, Ordering::SeqCst);
+                self.state.metrics.observe(d);
+                if let Some(r) = d.result() {
+                    self.state
+                        .record(r.action_id.as_ref().map(|a| a.as_str()), r.status);
+                }
+                if let Disposition::Conclude { outcome, .. } = d {
+                    self.report_unapproved(publisher, outcome).await;
+                }
+                acker.ack().await;
+                Settled::Acked
+            }
+            Err(e) => {
+                self.state.metrics.publish_failed();
+                tracing::error!(error = %e, "could not publish the outcome; the command is not acked");
+                if e.is_connection() {
+                    return Settled::ConnectionLost;
+                }
+                // Message-level refusal (unroutable, nacked): retry later.
+                self.requeue_after_pause(acker).await
+            }
+        }
+    }
+
+    /// Requeues after the pause (each requeue costs one of the queue's delivery limit, so
+    /// never in a tight loop).
+    async fn requeue_after_pause(&self, acker: &dyn Acker) -> Settled {
+        tokio::time::sleep(self.publish_failure_pause).await;
+        if acker.requeue().await {
+            Settled::Requeued
+        } else {
+            Settled::ChannelGone
+        }
+    }
+
+    /// Marks the outcome published and ends the claim. Failing is harmless: a later duplicate
+    /// publishes it again, alerts included.
+    async fn mark_published(&self, claim: Option<ClaimGuard>, outcome: Option<&Concluded>) {
+        let (Some(claim), Some(outcome)) = (claim, outcome) else {
+            return;
+        };
+        if let Err(e) = claim
+            .complete(&stored(outcome, true), &self.store_key)
+            .await
+        {
+            tracing::warn!(error = %e, "could not mark the result published");
+        }
+    }
+
+    /// Shares an unapproved attempt of a watched type with every replica, so the trip counts
+    /// attempts across all of them.
+    async fn report_unapproved(&self, publisher: &dyn Publish, outcome: &Concluded) {
+        let Some(a) = &outcome.unapproved else {
+            return;
+        };
+        if !trip::watched(&self.trips, a.command_type) {
+            return;
+        }
+        if let Err(e) = publisher
+            .publish(&render::unapproved_attempt(a, &self.names))
+            .await
+        {
+            tracing::warn!(error = %e, "could not report the unapproved attempt to the trip");
+        }
+    }
+
+    /// The disposition rendered again with its result marked as a replay, and published (on
+    /// the next session, after a lost one); then marked published.
+    async fn republish(
+        &self,
+        publisher: &dyn Publish,
+        d: &Disposition,
+        claim: Option<ClaimGuard>,
+        inbound: &Inbound,
+    ) -> Result<AuditOutcome, BrokerError> {
+        let p = d.publication().expect("only a deferral publishes nothing");
+        let mut result = p.result.cloned();
+        if let Some(r) = result.as_mut() {
+            r.replay = true;
+        }
+        let again: Rendered = render::command(
+            Publication {
+                result: result.as_ref(),
+                ..p
+            },
+            inbound,
+            &self.names,
+        );
+        let published = publish::rendered(publisher, &again, &self.names).await?;
+        let outcome = match d {
+            Disposition::Conclude { outcome, .. } | Disposition::Replay { outcome, .. } => {
+                Some(outcome)
+            }
+            Disposition::Defer { .. } | Disposition::DeadLetter { .. } => None,
+        };
+        self.mark_published(claim, outcome).await;
+        Ok(published)
+    }
 }
 
 /// Processes and settles one delivery.
@@ -44,8 +262,8 @@ pub(crate) async fn delivery(
     publisher: Publisher,
     broken: CancellationToken,
 ) {
-    let state = &shell.state;
-    let _in_flight = InFlight::enter(&state.in_flight);
+    let settler = &shell.settler;
+    let _in_flight = InFlight::enter(&settler.state.in_flight);
     let mut next_publisher = shell.publishers.subscribe();
     let props = &delivery.properties;
     let mut inbound = Inbound {
@@ -58,82 +276,26 @@ pub(crate) async fn delivery(
         redelivered: delivery.redelivered,
     };
     let mut disposition = shell.pipeline.process(&inbound).await;
-    let claim = disposition.take_claim();
-    let outcome = match &disposition {
-        Disposition::Defer { .. } => {
-            state.metrics.observe(&disposition);
-            if let Some(c) = claim {
-                if let Err(e) = c.release().await {
-                    tracing::warn!(error = %e, "could not release the idempotency claim; it expires on its own");
-                }
-            }
-            // Paused or halted before judges or bridge: back to the queue, unprocessed.
-            if !publish::requeue(&delivery).await {
-                tracing::warn!("requeue not sent (channel gone); the broker requeues it on close");
-            }
-            return;
+    if let Disposition::DeadLetter { letter, .. } = &disposition {
+        if matches!(letter.body, DeadLetterBody::Withheld { .. }) {
+            // An oversized body is released at once; only its digest goes on.
+            inbound.payload = Vec::new();
         }
-        Disposition::DeadLetter { letter, .. } => {
-            if matches!(letter.body, DeadLetterBody::Withheld { .. }) {
-                // An oversized body is released at once; only its digest goes on.
-                inbound.payload = Vec::new();
-            }
-            None
-        }
-        Disposition::Conclude { outcome, .. } => {
-            // Stored (unpublished) before it is published: a crash in between publishes the
-            // stored outcome instead of redoing the action.
-            if let Some(c) = &claim {
-                if let Err(e) = c
-                    .store(&stored(outcome, false), &shell.pipeline.store_key)
-                    .await
-                {
-                    // Unpublished and unstored: requeue it (the claim is released as it drops).
-                    tracing::error!(error = %e, "could not store the result; not publishing it, requeueing");
-                    state.metrics.publish_failed();
-                    drop(claim);
-                    publish::requeue_after_pause(&delivery, shell.publish_failure_pause, &broken)
-                        .await;
-                    return;
-                }
-            }
-            Some(outcome)
-        }
-        Disposition::Replay { outcome, .. } => Some(outcome),
-    };
-    let publication = disposition
-        .publication()
-        .expect("only a deferral publishes nothing");
-    let rendered = render::command(publication, &inbound, &shell.names);
-    match publish::rendered(&publisher, &rendered, &shell.names).await {
-        Ok(audited) => {
-            if audited != AuditOutcome::Delivered {
-                state.metrics.audit_diverted();
-            }
-            mark_published(claim, outcome, &shell).await;
-            state.processed.fetch_add(1, Ordering::SeqCst);
-            state.metrics.observe(&disposition);
-            if let Some(r) = disposition.result() {
-                state.record(r.action_id.as_ref().map(|a| a.as_str()), r.status);
-            }
-            if let Disposition::Conclude { outcome, .. } = &disposition {
-                report_unapproved(&publisher, outcome, &shell).await;
-            }
-            match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!("ack not sent (channel gone); expect a redelivery"),
-                Err(e) => tracing::warn!(error = %e, "ack failed; expect a redelivery"),
-            }
-        }
-        Err(e) => {
-            state.metrics.publish_failed();
-            tracing::error!(error = %e, "could not publish the outcome; the command is not acked");
-            if !e.is_connection() {
-                // Message-level refusal (unroutable, nacked): retry later; the queue's
-                // delivery limit dead-letters it if it never succeeds.
-                publish::requeue_after_pause(&delivery, shell.publish_failure_pause, &broken).await;
-                return;
-            }
+    }
+    let mut claim = disposition.take_claim();
+    let settled = settler
+        .settle(
+            &disposition,
+            &mut claim,
+            &inbound,
+            &publisher,
+            &delivery.acker,
+        )
+        .await;
+    match settled {
+        Settled::Deferred | Settled::Acked | Settled::Requeued => {}
+        Settled::ChannelGone => broken.cancel(),
+        Settled::ConnectionLost => {
             broken.cancel();
             // The broker requeues this delivery, but its copy may wait on our claim until it is
             // dead-lettered: publish the outcome on the next session's channel, marked as a
@@ -142,11 +304,11 @@ pub(crate) async fn delivery(
                 tracing::error!("no new broker session to publish the outcome on; a redelivered copy publishes it from the store");
                 return;
             };
-            match republish(&next, &disposition, &inbound, &shell.names).await {
-                Ok(_) => {
-                    tracing::info!("outcome published on the new session");
-                    mark_published(claim, outcome, &shell).await;
-                }
+            match settler
+                .republish(&next, &disposition, claim.take(), &inbound)
+                .await
+            {
+                Ok(_) => tracing::info!("outcome published on the new session"),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not publish on the new session either; a redelivered copy publishes it from the store")
                 }
@@ -167,56 +329,341 @@ fn stored(outcome: &Concluded, published: bool) -> StoredOutcome {
     }
 }
 
-/// Marks the outcome published and ends the claim. Failing is harmless: a later duplicate
-/// publishes it again, alerts included.
-async fn mark_published(claim: Option<ClaimGuard>, outcome: Option<&Concluded>, shell: &Shell) {
-    let (Some(claim), Some(outcome)) = (claim, outcome) else {
-        return;
-    };
-    if let Err(e) = claim
-        .complete(&stored(outcome, true), &shell.pipeline.store_key)
-        .await
-    {
-        tracing::warn!(error = %e, "could not mark the result published");
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Outgoing;
+    use crate::idempotency::{EmbeddedStore, ResultStore, Taken};
+    use crate::intake::ReplyTarget;
+    use crate::outcome::ResultMessage;
+    use crate::pipeline::{DeadLetter, DeadLetterBody};
+    use std::sync::Mutex;
 
-/// The disposition rendered again with its result marked as a replay, and published.
-async fn republish(
-    publisher: &Publisher,
-    d: &Disposition,
-    inbound: &Inbound,
-    names: &Names,
-) -> Result<AuditOutcome, BrokerError> {
-    let p = d.publication().expect("only a deferral publishes nothing");
-    let mut result = p.result.cloned();
-    if let Some(r) = result.as_mut() {
-        r.replay = true;
-    }
-    let again: Rendered = render::command(
-        Publication {
-            result: result.as_ref(),
-            ..p
-        },
-        inbound,
-        names,
-    );
-    publish::rendered(publisher, &again, names).await
-}
+    const KEY: &str = "agent-7/a-1";
+    type Log = Arc<Mutex<Vec<String>>>;
 
-/// Shares an unapproved attempt of a watched type with every replica, so the trip counts
-/// attempts across all of them.
-async fn report_unapproved(publisher: &Publisher, outcome: &Concluded, shell: &Shell) {
-    let Some(a) = &outcome.unapproved else {
-        return;
-    };
-    if !trip::watched(&shell.trips, a.command_type) {
-        return;
+    /// Records each publish (and whether the outcome was already in the store when it went
+    /// out); refuses routing keys listed in `refuse` (`true`: as a lost connection).
+    struct Recording {
+        log: Log,
+        store: Arc<dyn ResultStore>,
+        refuse: Vec<(&'static str, bool)>,
     }
-    if let Err(e) = publisher
-        .publish(&render::unapproved_attempt(a, &shell.names))
-        .await
-    {
-        tracing::warn!(error = %e, "could not report the unapproved attempt to the trip");
+
+    impl Publish for Recording {
+        fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), BrokerError>> {
+            Box::pin(async move {
+                let rk = msg.routing_key.clone();
+                if let Some((_, lost)) = self.refuse.iter().find(|(k, _)| *k == rk) {
+                    self.log.lock().unwrap().push(format!("refused {rk}"));
+                    return Err(if *lost {
+                        BrokerError::Timeout("publishing", Duration::ZERO)
+                    } else {
+                        BrokerError::Unroutable {
+                            exchange: msg.exchange.clone(),
+                            routing_key: rk,
+                        }
+                    });
+                }
+                let stored = matches!(
+                    self.store
+                        .claim(KEY, "probe", Duration::from_secs(1))
+                        .await
+                        .unwrap(),
+                    crate::idempotency::Claim::Done(_)
+                );
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("publish {rk} stored={stored}"));
+                Ok(())
+            })
+        }
+    }
+
+    struct Delivered(Log);
+
+    impl Acker for Delivered {
+        fn ack(&self) -> BoxFuture<'_, bool> {
+            self.0.lock().unwrap().push("ack".into());
+            Box::pin(async { true })
+        }
+        fn requeue(&self) -> BoxFuture<'_, bool> {
+            self.0.lock().unwrap().push("requeue".into());
+            Box::pin(async { true })
+        }
+    }
+
+    struct Fixture {
+        settler: Settler,
+        store: Arc<dyn ResultStore>,
+        path: std::path::PathBuf,
+        log: Log,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let path =
+            std::env::temp_dir().join(format!("settle-{}.redb", uuid::Uuid::new_v4().simple()));
+        let store: Arc<dyn ResultStore> = Arc::new(EmbeddedStore::open(&path, "t").unwrap());
+        Fixture {
+            settler: Settler {
+                state: Arc::new(PollerState::default()),
+                names: Names {
+                    results_exchange: "results".into(),
+                    alerts_exchange: "alerts".into(),
+                    dead_letter_exchange: "dlx".into(),
+                    audit_exchange: "audit".into(),
+                    control_exchange: "control".into(),
+                    instance: "poller-1".into(),
+                    poller_user: "command-poller".into(),
+                },
+                trips: Vec::new(),
+                publish_failure_pause: Duration::ZERO,
+                store_key: Secret::new("test-key"),
+            },
+            store,
+            path,
+            log: Arc::default(),
+        }
+    }
+
+    impl Fixture {
+        fn publisher(&self, refuse: Vec<(&'static str, bool)>) -> Recording {
+            Recording {
+                log: self.log.clone(),
+                store: self.store.clone(),
+                refuse,
+            }
+        }
+
+        async fn claim(&self) -> ClaimGuard {
+            let taken = ClaimGuard::take(
+                self.store.clone(),
+                KEY.into(),
+                "poller-1",
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+            match taken {
+                Taken::Mine(g) => g,
+                _ => panic!("the key is free"),
+            }
+        }
+
+        /// The stored outcome, if any: (published, status).
+        async fn stored(&self) -> Option<bool> {
+            match self
+                .store
+                .claim(KEY, "probe-2", Duration::from_secs(1))
+                .await
+                .unwrap()
+            {
+                crate::idempotency::Claim::Done(v) => Some(
+                    StoredOutcome::unseal(&self.settler.store_key, &v)
+                        .unwrap()
+                        .published,
+                ),
+                _ => None,
+            }
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    fn concluded() -> Concluded {
+        let result: ResultMessage = serde_json::from_value(serde_json::json!({
+            "action_id": "a-1", "command_type": "CHECK_INTEGRATION_STATUS", "service": "google",
+            "agent": {"id": "agent-7", "verified": true}, "status": "SUCCESS", "rationale": "ok",
+            "received_at": "t", "completed_at": "t", "poller_instance": "poller-1"
+        }))
+        .unwrap();
+        Concluded {
+            result,
+            reply: ReplyTarget::None,
+            alerts: Vec::new(),
+            audit: Vec::new(),
+            unapproved: None,
+            command_digest: Some("digest".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_first_then_every_confirm_then_the_ack() {
+        let f = fixture();
+        let mut claim = Some(f.claim().await);
+        let d = Disposition::Conclude {
+            outcome: concluded(),
+            claim: None,
+        };
+        let settled = f
+            .settler
+            .settle(
+                &d,
+                &mut claim,
+                &Inbound::default(),
+                &f.publisher(vec![]),
+                &Delivered(f.log.clone()),
+            )
+            .await;
+        assert_eq!(settled, Settled::Acked);
+        assert_eq!(
+            f.log(),
+            [
+                "publish result.success stored=true",
+                "publish audit.command stored=true",
+                "ack"
+            ]
+        );
+        assert_eq!(f.stored().await, Some(true), "marked published after");
+        assert!(claim.is_none(), "the claim ended with the outcome");
+    }
+
+    #[tokio::test]
+    async fn a_refused_publish_requeues_after_the_pause_and_never_acks() {
+        let f = fixture();
+        let mut claim = Some(f.claim().await);
+        let d = Disposition::Conclude {
+            outcome: concluded(),
+            claim: None,
+        };
+        let settled = f
+            .settler
+            .settle(
+                &d,
+                &mut claim,
+                &Inbound::default(),
+                &f.publisher(vec![("result.success", false)]),
+                &Delivered(f.log.clone()),
+            )
+            .await;
+        assert_eq!(settled, Settled::Requeued);
+        assert_eq!(f.log(), ["refused result.success", "requeue"]);
+        // Stored, not marked published: the redelivered copy publishes it, never redoes it.
+        assert_eq!(f.stored().await, Some(false));
+        let metrics = f
+            .settler
+            .state
+            .metrics
+            .render(0, crate::control::Mode::Running);
+        assert!(
+            metrics.contains("command_poller_publish_failures_total 1"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_neither_acks_nor_requeues_and_keeps_the_claim() {
+        let f = fixture();
+        let mut claim = Some(f.claim().await);
+        let d = Disposition::Conclude {
+            outcome: concluded(),
+            claim: None,
+        };
+        let settled = f
+            .settler
+            .settle(
+                &d,
+                &mut claim,
+                &Inbound::default(),
+                &f.publisher(vec![("audit.command", true)]),
+                &Delivered(f.log.clone()),
+            )
+            .await;
+        assert_eq!(settled, Settled::ConnectionLost);
+        assert_eq!(
+            f.log(),
+            [
+                "publish result.success stored=true",
+                "refused audit.command"
+            ]
+        );
+        assert!(claim.is_some(), "kept for publishing on the next session");
+        // Published on the next session, marked as a replay, then marked published.
+        let next = f.publisher(vec![]);
+        f.settler
+            .republish(&next, &d, claim.take(), &Inbound::default())
+            .await
+            .unwrap();
+        assert_eq!(f.stored().await, Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_deferred_command_goes_back_and_its_claim_is_released() {
+        let f = fixture();
+        let mut claim = Some(f.claim().await);
+        let d = Disposition::Defer {
+            why: "paused".into(),
+            claim: None,
+            audit: Vec::new(),
+        };
+        let settled = f
+            .settler
+            .settle(
+                &d,
+                &mut claim,
+                &Inbound::default(),
+                &f.publisher(vec![]),
+                &Delivered(f.log.clone()),
+            )
+            .await;
+        assert_eq!(settled, Settled::Deferred);
+        assert_eq!(f.log(), ["requeue"], "nothing published");
+        assert_eq!(
+            f.store
+                .claim(KEY, "someone-else", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            crate::idempotency::Claim::Mine,
+            "released"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_is_published_before_the_ack() {
+        let f = fixture();
+        let d = Disposition::DeadLetter {
+            letter: DeadLetter {
+                field: "payload".into(),
+                reason: "not JSON".into(),
+                body: DeadLetterBody::Original,
+            },
+            result: None,
+            reply: ReplyTarget::None,
+            audit: Vec::new(),
+        };
+        let inbound = Inbound {
+            routing_key: "command.x".into(),
+            ..Default::default()
+        };
+        let settled = f
+            .settler
+            .settle(
+                &d,
+                &mut None,
+                &inbound,
+                &f.publisher(vec![]),
+                &Delivered(f.log.clone()),
+            )
+            .await;
+        assert_eq!(settled, Settled::Acked);
+        assert_eq!(
+            f.log(),
+            [
+                "publish command.x stored=false",
+                "publish audit.command stored=false",
+                "ack"
+            ]
+        );
     }
 }
