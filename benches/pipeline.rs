@@ -2,7 +2,7 @@
 //! ceiling in the same run. `cargo bench --bench pipeline` (docs/PERFORMANCE.md).
 //! Each figure is the median of REPEATS runs; ratios are taken within one run.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/api/common/mod.rs"]
 mod common;
 
 use command_poller::bridge::signing::Secret;

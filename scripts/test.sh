@@ -21,7 +21,7 @@ if ! command -v promtool >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
 fi
 if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
-  echo "sudo: not installed; installing Debian's sudo (tests/scripts_e2e.rs runs the scripts as a user with sudo)"
+  echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null
 fi
 set +e
@@ -38,7 +38,7 @@ faults() {
   # The fault suite restarts the broker and kills processes: one scenario at a time, after the
   # parallel suite. Its RELIABILITY lines (docs/RELIABILITY.md) and, on failure, every failing
   # scenario's output are shown; the full log is target/faults.log.
-  cargo test --test faults -- --ignored --test-threads=1 --nocapture >target/faults.log 2>&1
+  cargo test --test api -- --ignored --test-threads=1 --nocapture faults:: >target/faults.log 2>&1
   local rc=$?
   grep -E "^RELIABILITY|^test |test result" target/faults.log
   if [ $rc -ne 0 ]; then
@@ -48,7 +48,7 @@ faults() {
   return $rc
 }
 
-# tests/runs_as_shipped.rs runs the release binary the way the image does.
+# tests/api/runs_as_shipped.rs runs the release binary the way the image does.
 step "release binary" cargo build --release --locked --bin command-poller
 step "unit, integration and property tests" cargo test --all-targets "$@"
 step "fault suite" faults

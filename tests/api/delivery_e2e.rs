@@ -2,10 +2,9 @@
 //! reconnect after the broker drops the poller's connections, drain on shutdown, and a command
 //! whose result can't be published ending in the dead-letter queue instead of cycling forever.
 
-mod common;
 
 use command_poller::outcome::Status;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 #[tokio::test]

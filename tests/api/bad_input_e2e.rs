@@ -1,12 +1,11 @@
 //! Bad input against the real broker: every refusal is a REJECTED result naming the field
 //! (when an action_id can be read) and a dead-letter copy with the reason; nothing is lost.
 
-mod common;
 
 use sha2::Digest;
 
 use command_poller::outcome::Status;
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use std::time::Duration;
 

@@ -7,10 +7,9 @@
 //! and run one at a time by `scripts/test.sh`:
 //!   cargo test --test faults -- --ignored --test-threads=1 --nocapture
 
-mod common;
 
 use command_poller::outcome::ResultMessage;
-use common::{cmd, suffix, test_settings, Cleanup, AMQP};
+use crate::common::{cmd, suffix, test_settings, Cleanup, AMQP};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -269,7 +268,7 @@ impl World {
 
     fn env(&self, replica: &str) -> Vec<(String, String)> {
         let s = &self.settings;
-        let mut v = common::poller_env(s);
+        let mut v = crate::common::poller_env(s);
         v.extend(
             [
                 (
@@ -751,7 +750,7 @@ async fn two_replicas_consuming_one_killed() {
     w.extra_env
         .push(("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()));
     w.extra_env
-        .push(("POLLER__IDEMPOTENCY__URL".into(), common::REDIS.into()));
+        .push(("POLLER__IDEMPOTENCY__URL".into(), crate::common::REDIS.into()));
     w.extra_env.push((
         "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
         format!("fault-{}", w.sfx),

@@ -1,10 +1,9 @@
 //! The runbook's three SOPs end to end against the real broker, plus the identity, severity
 //! and reply_to rules of the core issue.
 
-mod common;
 
 use command_poller::outcome::{Priority, Status, Vote};
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use std::time::Duration;
 

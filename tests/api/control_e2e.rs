@@ -1,13 +1,12 @@
 //! Operator control with two replicas against the real broker: pause, resume, halt, the stored
 //! state, who may pull the levers, and the automatic trip of Emergency-INT-E01.
 
-mod common;
 
 use command_poller::control::operator::new_request_id;
 use command_poller::control::{ControlCommand, Mode};
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::{Priority, Status};
-use common::*;
+use crate::common::*;
 use futures::future::BoxFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

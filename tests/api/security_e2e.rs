@@ -2,10 +2,9 @@
 //! would try, each against the real broker, the real poller and the bridge simulator. Each
 //! test names the finding it closes (docs/RELIABILITY.md, "Hostile inputs and abuse").
 
-mod common;
 
 use command_poller::outcome::Status;
-use common::*;
+use crate::common::*;
 
 /// Finding 1a: agent B plants a status check under the id agent A is about to use for a token
 /// refresh. A's refresh used to be answered SUCCESS with B's cached status check, and the

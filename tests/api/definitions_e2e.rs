@@ -1,10 +1,9 @@
 //! deploy/rabbitmq/definitions.json loaded into the real broker (a fresh vhost, users renamed
 //! for this test): the least-privilege permissions hold, and the poller runs on them.
 
-mod common;
 
 use command_poller::outcome::Status;
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;

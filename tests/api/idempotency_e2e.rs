@@ -1,13 +1,12 @@
 //! Idempotency, the same tests against each store: embedded (redb), Redis and PostgreSQL (the
 //! private instances `scripts/ensure-stores.sh` starts).
 
-mod common;
 
 use command_poller::idempotency::{
     self, Backend, Claim, IdempotencySettings, ResultStore, StoreError,
 };
 use command_poller::outcome::Status;
-use common::*;
+use crate::common::*;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -556,7 +555,7 @@ impl Relay {
 
 #[tokio::test]
 async fn readyz_says_not_ready_while_the_store_is_unreachable() {
-    let relay = Relay::start(common::REDIS_PORT).await;
+    let relay = Relay::start(crate::common::REDIS_PORT).await;
     let mut s = settings(Backend::Redis);
     s.url = format!("redis://127.0.0.1:{}", relay.port);
     let store = idempotency::open(&s).await.unwrap();

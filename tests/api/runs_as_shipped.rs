@@ -6,9 +6,8 @@
 //! replays what the container would do. Needs root (to switch users) and the release binary
 //! (`scripts/test.sh` builds it first).
 
-mod common;
 
-use common::{suffix, test_settings, Cleanup};
+use crate::common::{suffix, test_settings, Cleanup};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -148,10 +147,10 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     let mut env: Vec<(String, String)> = Vec::new();
     for var in secret_variables() {
         let value = match var.as_str() {
-            "POLLER__AMQP__URL" => common::AMQP.to_owned(),
+            "POLLER__AMQP__URL" => crate::common::AMQP.to_owned(),
             "POLLER__BRIDGE__URL" => format!("http://127.0.0.1:{sim_port}/exec"),
             "BRIDGE_SECRET" => secret.clone(),
-            "POLLER__IDEMPOTENCY__URL" => common::REDIS.to_owned(),
+            "POLLER__IDEMPOTENCY__URL" => crate::common::REDIS.to_owned(),
             "POLLER_STORE_KEY" => format!("store-key-{sfx}"),
             _ => String::new(),
         };
@@ -159,7 +158,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     }
     // This test's own broker names and store prefix (the broker and Redis are shared); the
     // health port moves off 9464 for the same reason. Nothing else is overridden.
-    env.extend(common::poller_env(&settings).into_iter().filter(|(k, _)| {
+    env.extend(crate::common::poller_env(&settings).into_iter().filter(|(k, _)| {
         k.starts_with("POLLER__TOPOLOGY__")
             || k.starts_with("POLLER__CONTROL__")
             || k.starts_with("POLLER__AUDIT__")
@@ -208,7 +207,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     }
 
     // The runbook's three commands, as an agent sends them.
-    let agent_env: Vec<(String, String)> = common::poller_env(&settings)
+    let agent_env: Vec<(String, String)> = crate::common::poller_env(&settings)
         .into_iter()
         .filter(|(k, _)| k.starts_with("POLLER__TOPOLOGY__") || k == "APP_ENVIRONMENT")
         .collect();

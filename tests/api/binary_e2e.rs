@@ -1,16 +1,15 @@
 //! The shipped binary, as an operator and an agent use it: `run` configured through
 //! environment overrides, `send --wait` for the runbook's examples, SIGTERM for a clean exit.
 
-mod common;
 
-use common::{suffix, test_settings, Cleanup};
+use crate::common::{suffix, test_settings, Cleanup};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
 
 fn env_for(sfx: &str) -> Vec<(String, String)> {
-    let mut env = common::poller_env(&test_settings(sfx));
+    let mut env = crate::common::poller_env(&test_settings(sfx));
     env.push(("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")));
     env
 }
@@ -267,7 +266,7 @@ fn read_stream(queue: &str, until: &str) -> Vec<String> {
         .unwrap();
     rt.block_on(async {
         use futures::StreamExt;
-        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+        let conn = lapin::Connection::connect(crate::common::AMQP, Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -425,7 +424,7 @@ fn huge_messages_are_refused_without_being_copied() {
     // A broker configured like the shipped one (max_message_size 1 MiB) refuses them at the
     // publisher; one left at RabbitMQ's default (128 MiB) delivers them to the poller.
     let refused_by_broker = rt.block_on(async {
-        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+        let conn = lapin::Connection::connect(crate::common::AMQP, Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -509,7 +508,7 @@ fn drain_queue_messages(queue: &str) -> Vec<(Vec<u8>, String)> {
         .unwrap();
     rt.block_on(async {
         use lapin::options::BasicGetOptions;
-        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+        let conn = lapin::Connection::connect(crate::common::AMQP, Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -589,7 +588,7 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let conn = lapin::Connection::connect(common::AMQP, Default::default())
+        let conn = lapin::Connection::connect(crate::common::AMQP, Default::default())
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();

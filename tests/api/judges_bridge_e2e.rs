@@ -1,10 +1,9 @@
 //! The judge panel and the bridge's failure paths, end to end.
 
-mod common;
 
 use command_poller::bridge::simulator::Fault;
 use command_poller::outcome::{Status, Vote};
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 fn refresh(id: &str) -> serde_json::Value {
