@@ -141,82 +141,6 @@ fn checks(prefix: &str, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A store in memory, only to measure what the embedded store's disk writes cost.
-#[derive(Default)]
-struct MemStore(Mutex<HashMap<String, String>>);
-impl command_poller::idempotency::ResultStore for MemStore {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        _o: &'a str,
-        _t: Duration,
-    ) -> BoxFuture<
-        'a,
-        Result<command_poller::idempotency::Claim, command_poller::idempotency::StoreError>,
-    > {
-        let done = self.0.lock().unwrap().get(key).cloned();
-        Box::pin(async move {
-            Ok(done.map_or(
-                command_poller::idempotency::Claim::Mine,
-                command_poller::idempotency::Claim::Done,
-            ))
-        })
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        _o: &'a str,
-        json: &'a str,
-        _r: Duration,
-        _d: bool,
-        _keep: bool,
-    ) -> BoxFuture<'a, Result<(), command_poller::idempotency::StoreError>> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(key.to_owned(), json.to_owned());
-        Box::pin(async { Ok(()) })
-    }
-    fn hold<'a>(
-        &'a self,
-        _k: &'a str,
-        _o: &'a str,
-        _t: Duration,
-    ) -> BoxFuture<
-        'a,
-        Result<command_poller::idempotency::Claim, command_poller::idempotency::StoreError>,
-    > {
-        Box::pin(async { Ok(command_poller::idempotency::Claim::Mine) })
-    }
-    fn release<'a>(
-        &'a self,
-        _k: &'a str,
-        _o: &'a str,
-    ) -> BoxFuture<'a, Result<(), command_poller::idempotency::StoreError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// A bridge that answers at once without HTTP, only to measure what the HTTP exchange costs.
-struct StubBridge;
-impl command_poller::bridge::Bridge for StubBridge {
-    fn execute<'a>(
-        &'a self,
-        _r: &'a command_poller::bridge::BridgeRequest,
-        _admission: &'a dyn command_poller::bridge::Admission,
-    ) -> BoxFuture<
-        'a,
-        Result<command_poller::bridge::BridgeAnswer, command_poller::bridge::BridgeError>,
-    > {
-        Box::pin(async {
-            Ok(command_poller::bridge::BridgeAnswer {
-                tool_result: serde_json::json!({"status": "success", "integration_status": "CONNECTED"}),
-                attempts: 1,
-            })
-        })
-    }
-}
-
 /// A world: suffixed names declared, a simulator, and pollers on demand.
 struct World {
     settings: command_poller::settings::Settings,
@@ -436,10 +360,13 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
     let store = in_memory.then(|| {
-        Arc::new(MemStore::default()) as Arc<dyn command_poller::idempotency::ResultStore>
+        Arc::new(command_poller::testing::MemStore::default())
+            as Arc<dyn command_poller::idempotency::ResultStore>
     });
-    let bridge =
-        stub_bridge.then(|| Arc::new(StubBridge) as Arc<dyn command_poller::bridge::Bridge>);
+    let bridge = stub_bridge.then(|| {
+        Arc::new(command_poller::testing::RecordingBridge::default())
+            as Arc<dyn command_poller::bridge::Bridge>
+    });
     w.start_poller_with("a", None, store, bridge).await;
     arrivals.wait(n, Duration::from_secs(180)).await;
     arrivals.rate()

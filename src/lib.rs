@@ -32,5 +32,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod preflight;
 pub mod settings;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod tls;
 pub mod worker;

@@ -1,12 +1,11 @@
 //! The audit trail end to end (poller → audit exchange → sink → hash-chained file → verify and
 //! show), and the Prometheus metrics scraped over HTTP.
 
-
+use crate::common::*;
 use command_poller::audit::chain;
 use command_poller::control::operator::new_request_id;
 use command_poller::control::ControlCommand;
 use command_poller::outcome::Status;
-use crate::common::*;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,11 +1,10 @@
 //! Bad input against the real broker: every refusal is a REJECTED result naming the field
 //! (when an action_id can be read) and a dead-letter copy with the reason; nothing is lost.
 
-
 use sha2::Digest;
 
-use command_poller::outcome::Status;
 use crate::common::*;
+use command_poller::outcome::Status;
 use lapin::BasicProperties;
 use std::time::Duration;
 

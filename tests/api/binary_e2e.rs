@@ -1,7 +1,6 @@
 //! The shipped binary, as an operator and an agent use it: `run` configured through
 //! environment overrides, `send --wait` for the runbook's examples, SIGTERM for a clean exit.
 
-
 use crate::common::{suffix, test_settings, Cleanup};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

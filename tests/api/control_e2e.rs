@@ -1,14 +1,13 @@
 //! Operator control with two replicas against the real broker: pause, resume, halt, the stored
 //! state, who may pull the levers, and the automatic trip of Emergency-INT-E01.
 
-
+use crate::common::*;
 use command_poller::control::operator::new_request_id;
 use command_poller::control::{ControlCommand, Mode};
-use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
+use command_poller::judging::{Judge, Panel};
 use command_poller::outcome::{Priority, Status};
-use crate::common::*;
-use futures::future::BoxFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use command_poller::testing::Script;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,21 +164,6 @@ async fn a_replica_started_while_paused_consumes_nothing() {
     r.stop().await;
 }
 
-struct CountingJudge(Arc<AtomicUsize>);
-impl Judge for CountingJudge {
-    fn name(&self) -> &str {
-        "counting"
-    }
-    fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async {
-            Ok(Verdict::Approve {
-                reason: "ok".into(),
-            })
-        })
-    }
-}
-
 #[tokio::test]
 async fn halt_stops_judges_and_bridge_alerts_and_needs_the_confirmation_to_lift() {
     let h = Harness::start(Options {
@@ -187,12 +171,11 @@ async fn halt_stops_judges_and_bridge_alerts_and_needs_the_confirmation_to_lift(
         ..Default::default()
     })
     .await;
-    let calls = Arc::new(AtomicUsize::new(0));
+    let judge =
+        command_poller::testing::ScriptedJudge::new("counting", Script::Approve, Duration::ZERO);
+    let calls = judge.calls.clone();
     let panel = Panel::new(
-        vec![(
-            Arc::new(CountingJudge(calls.clone())) as Arc<dyn Judge>,
-            Duration::from_secs(2),
-        )],
+        vec![(Arc::new(judge) as Arc<dyn Judge>, Duration::from_secs(2))],
         1,
     );
     let r = h.spawn_replica("h", Some(panel));

@@ -1,9 +1,8 @@
 //! deploy/rabbitmq/definitions.json loaded into the real broker (a fresh vhost, users renamed
 //! for this test): the least-privilege permissions hold, and the poller runs on them.
 
-
-use command_poller::outcome::Status;
 use crate::common::*;
+use command_poller::outcome::Status;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;

@@ -2,9 +2,8 @@
 //! reconnect after the broker drops the poller's connections, drain on shutdown, and a command
 //! whose result can't be published ending in the dead-letter queue instead of cycling forever.
 
-
-use command_poller::outcome::Status;
 use crate::common::*;
+use command_poller::outcome::Status;
 use std::time::{Duration, Instant};
 
 #[tokio::test]

@@ -7,9 +7,8 @@
 //! and run one at a time by `scripts/test.sh`:
 //!   cargo test --test faults -- --ignored --test-threads=1 --nocapture
 
-
-use command_poller::outcome::ResultMessage;
 use crate::common::{cmd, suffix, test_settings, Cleanup, AMQP};
+use command_poller::outcome::ResultMessage;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -749,8 +748,10 @@ async fn two_replicas_consuming_one_killed() {
     // Two processes share the Redis store (an embedded file can't be shared).
     w.extra_env
         .push(("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()));
-    w.extra_env
-        .push(("POLLER__IDEMPOTENCY__URL".into(), crate::common::REDIS.into()));
+    w.extra_env.push((
+        "POLLER__IDEMPOTENCY__URL".into(),
+        crate::common::REDIS.into(),
+    ));
     w.extra_env.push((
         "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
         format!("fault-{}", w.sfx),

@@ -1,12 +1,11 @@
 //! Idempotency, the same tests against each store: embedded (redb), Redis and PostgreSQL (the
 //! private instances `scripts/ensure-stores.sh` starts).
 
-
+use crate::common::*;
 use command_poller::idempotency::{
     self, Backend, Claim, IdempotencySettings, ResultStore, StoreError,
 };
 use command_poller::outcome::Status;
-use crate::common::*;
 use std::sync::Arc;
 use std::time::Duration;
 

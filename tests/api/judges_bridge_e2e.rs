@@ -1,9 +1,9 @@
 //! The judge panel and the bridge's failure paths, end to end.
 
-
+use crate::common::*;
 use command_poller::bridge::simulator::Fault;
 use command_poller::outcome::{Status, Vote};
-use crate::common::*;
+use command_poller::testing::{scripted_panel, Script};
 use std::time::{Duration, Instant};
 
 fn refresh(id: &str) -> serde_json::Value {

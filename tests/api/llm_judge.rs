@@ -3,7 +3,7 @@
 //! injection, a panel that doesn't wait for a hanging model, and a mixed LLM + rule panel from
 //! config running in the poller.
 
-
+use crate::common::*;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +12,6 @@ use axum::{Json, Router};
 use command_poller::intake::{Agent, AgentId, CommandType, Service, Severity};
 use command_poller::judging::llm::{LlmJudge, LlmJudgeConfig};
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
-use crate::common::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

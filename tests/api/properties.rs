@@ -1,17 +1,15 @@
 //! Property tests: the decoder on hostile input, the pipeline's guarantees whatever the input
 //! and policy, and the vote counting.
 
-use command_poller::bridge::{Bridge, BridgeAnswer, BridgeError, BridgeRequest};
 use command_poller::control::gate::Gate;
 use command_poller::intake::{decode, CommandType, DecodeLimits};
 use command_poller::judging::panel::{tally, PanelOutcome};
-use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
+use command_poller::judging::{Judge, Panel};
 use command_poller::outcome::{Status, Vote};
 use command_poller::pipeline::{Disposition, Inbound, Pipeline};
 use command_poller::policy::Policy;
-use futures::future::BoxFuture;
+use command_poller::testing::{RecordingBridge, Script, ScriptedJudge};
 use proptest::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,38 +91,6 @@ proptest! {
     }
 }
 
-struct Recording(AtomicUsize);
-impl Bridge for Recording {
-    fn execute<'a>(
-        &'a self,
-        r: &'a BridgeRequest,
-        _admission: &'a dyn command_poller::bridge::Admission,
-    ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        let _ = r;
-        Box::pin(async {
-            Ok(BridgeAnswer {
-                tool_result: serde_json::json!({"status":"success"}),
-                attempts: 1,
-            })
-        })
-    }
-}
-
-struct Yes;
-impl Judge for Yes {
-    fn name(&self) -> &str {
-        "yes"
-    }
-    fn evaluate<'a>(&'a self, _r: &'a JudgeRequest) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
-        Box::pin(async {
-            Ok(Verdict::Approve {
-                reason: "always".into(),
-            })
-        })
-    }
-}
-
 fn policy_text(actions: [&str; 3]) -> String {
     let types = [
         "CHECK_INTEGRATION_STATUS",
@@ -153,14 +119,18 @@ fn store() -> Arc<command_poller::idempotency::EmbeddedStore> {
         .clone()
 }
 
-fn pipeline(policy: Policy, bridge: Arc<Recording>, allow_unverified: bool) -> Pipeline {
+fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool) -> Pipeline {
     let store = store();
     Pipeline {
         limits: DecodeLimits::default(),
         allow_unverified,
         policy: Arc::new(policy),
         panel: Panel::new(
-            vec![(Arc::new(Yes) as Arc<dyn Judge>, Duration::from_secs(1))],
+            vec![(
+                Arc::new(ScriptedJudge::new("yes", Script::Approve, Duration::ZERO))
+                    as Arc<dyn Judge>,
+                Duration::from_secs(1),
+            )],
             1,
         ),
         bridge,
@@ -198,7 +168,7 @@ proptest! {
         reply_to in prop::option::of(prop_oneof![Just("amq.rabbitmq.reply-to.x".to_string()), Just("mcp.commands".to_string())]),
     ) {
         let types = ["CHECK_INTEGRATION_STATUS", "REFRESH_TOKEN", "CONNECT_INTEGRATION"];
-        let bridge = Arc::new(Recording(AtomicUsize::new(0)));
+        let bridge = Arc::new(RecordingBridge::default());
         let p = pipeline(Policy::parse(&policy_text(actions)).unwrap(), bridge.clone(), allow_unverified);
         let mut body = serde_json::json!({"action_id": format!("p-{}", uuid::Uuid::new_v4().simple()), "command_type": types[t], "params": {"service": service}, "severity": severity});
         if let Some(a) = &agent_id { body["agent_id"] = a.clone().into(); }
@@ -210,7 +180,7 @@ proptest! {
             routing_key: "command.check_integration_status".into(),
             redelivered: false,
         }));
-        let reached = bridge.0.load(Ordering::SeqCst);
+        let reached = bridge.calls();
         if actions[t] == "BLOCK" {
             prop_assert_eq!(reached, 0, "{} is BLOCK but reached the bridge", types[t]);
         }
@@ -228,7 +198,7 @@ proptest! {
         service in "[a-z][a-z0-9_-]{0,20}[a-z0-9]",
         junk in prop::option::of("[a-z]{1,6}"),
     ) {
-        let bridge = Arc::new(Recording(AtomicUsize::new(0)));
+        let bridge = Arc::new(RecordingBridge::default());
         let p = pipeline(Policy::load(std::path::Path::new("config/policy.toml")).unwrap(), bridge.clone(), true);
         let mut body = serde_json::json!({"action_id": format!("c-{}", uuid::Uuid::new_v4().simple()), "command_type": "CONNECT_INTEGRATION", "params": {"service": service}, "severity": severity});
         if let Some(j) = junk { body[j] = 1.into(); }
@@ -239,7 +209,7 @@ proptest! {
             routing_key: "command.check_integration_status".into(),
             ..Default::default()
         }));
-        prop_assert_eq!(bridge.0.load(Ordering::SeqCst), 0);
+        prop_assert_eq!(bridge.calls(), 0);
         let r = d.result().unwrap();
         prop_assert!(matches!(r.status, Status::Blocked | Status::Rejected));
         let _ = CommandType::ConnectIntegration;

@@ -6,7 +6,6 @@
 //! replays what the container would do. Needs root (to switch users) and the release binary
 //! (`scripts/test.sh` builds it first).
 
-
 use crate::common::{suffix, test_settings, Cleanup};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -158,13 +157,17 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     }
     // This test's own broker names and store prefix (the broker and Redis are shared); the
     // health port moves off 9464 for the same reason. Nothing else is overridden.
-    env.extend(crate::common::poller_env(&settings).into_iter().filter(|(k, _)| {
-        k.starts_with("POLLER__TOPOLOGY__")
-            || k.starts_with("POLLER__CONTROL__")
-            || k.starts_with("POLLER__AUDIT__")
-            || k == "POLLER__INSTANCE_ID"
-            || k == "POLLER__AMQP__CONNECTION_NAME"
-    }));
+    env.extend(
+        crate::common::poller_env(&settings)
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("POLLER__TOPOLOGY__")
+                    || k.starts_with("POLLER__CONTROL__")
+                    || k.starts_with("POLLER__AUDIT__")
+                    || k == "POLLER__INSTANCE_ID"
+                    || k == "POLLER__AMQP__CONNECTION_NAME"
+            }),
+    );
     let health = free_port();
     env.push((
         "POLLER__HEALTH__LISTEN".into(),

@@ -2,9 +2,8 @@
 //! would try, each against the real broker, the real poller and the bridge simulator. Each
 //! test names the finding it closes (docs/RELIABILITY.md, "Hostile inputs and abuse").
 
-
-use command_poller::outcome::Status;
 use crate::common::*;
+use command_poller::outcome::Status;
 
 /// Finding 1a: agent B plants a status check under the id agent A is about to use for a token
 /// refresh. A's refresh used to be answered SUCCESS with B's cached status check, and the

@@ -1,9 +1,9 @@
 //! The runbook's three SOPs end to end against the real broker, plus the identity, severity
 //! and reply_to rules of the core issue.
 
-
-use command_poller::outcome::{Priority, Status, Vote};
 use crate::common::*;
+use command_poller::outcome::{Priority, Status, Vote};
+use command_poller::testing::{scripted_panel, Script};
 use lapin::BasicProperties;
 use std::time::Duration;
 
