@@ -372,6 +372,50 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
     arrivals.rate()
 }
 
+/// Benchmark 2b: the `command-poller` binary as users run it (the shipped configuration with
+/// `APP_ENVIRONMENT=local`, its own embedded simulator replaced by the benchmark's at 0 ms, logs
+/// to a file at the shipped filter) draining the same preloaded CHECK commands. `filter`
+/// overrides the log filter (a diagnostic: what the logging costs).
+async fn binary_overhead(n: usize, filter: Option<&str>) -> f64 {
+    let w = World::new(|_| {}, Duration::ZERO).await;
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("bin", n),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    std::fs::create_dir_all(&w.store_dir).unwrap();
+    let log = std::fs::File::create(w.store_dir.join("poller.log")).unwrap();
+    let mut env: Vec<(String, String)> = common::poller_env(&w.settings);
+    env.extend([
+        (
+            "POLLER__IDEMPOTENCY__PATH".into(),
+            w.store_dir.join("bin.redb").display().to_string(),
+        ),
+        ("POLLER__BRIDGE__MODE".into(), "apps_script".into()),
+        ("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()),
+        ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
+        ("BRIDGE_SECRET".into(), w.secret_text.clone()),
+    ]);
+    // The shipped log filter, unless the diagnostic overrides it.
+    env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
+    if let Some(f) = filter {
+        env.push(("POLLER__LOGGING__FILTER".into(), f.into()));
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_command-poller"))
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    arrivals.wait(n, Duration::from_secs(180)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    arrivals.rate()
+}
+
 /// Benchmark 3: A slow bridge: 200 ms, concurrency limit 25. Returns (commands/s, simulator peak).
 async fn slow_bridge(n: usize) -> (f64, usize) {
     let mut w = World::new(
@@ -631,6 +675,7 @@ async fn main() {
     if wanted("overhead") {
         let mut ceil2 = vec![];
         let mut stub = vec![];
+        let (mut bin, mut bin_ratio, mut bin_quiet) = (vec![], vec![], vec![]);
         let (mut ceil, mut ovh, mut ratio, mut mem_ovh, mut mem_ratio) =
             (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPEATS {
@@ -639,8 +684,13 @@ async fn main() {
             let o = overhead(n, false, false).await;
             let m = overhead(n, true, false).await;
             let b = overhead(n, true, true).await;
+            let r = binary_overhead(n, None).await;
+            let q = binary_overhead(n, Some("warn,lapin=off")).await;
             stub.push(b);
-            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), poller with an in-memory store {m:.0}/s (ratio {:.2}), and no bridge HTTP {b:.0}/s", o / c, m / c);
+            bin.push(r);
+            bin_ratio.push(r / c);
+            bin_quiet.push(q);
+            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), release binary {r:.0}/s (ratio {:.2}; at log filter warn {q:.0}/s), poller with an in-memory store {m:.0}/s (ratio {:.2}), and no bridge HTTP {b:.0}/s", o / c, r / c, m / c);
             ceil2.push(c2);
             ceil.push(c);
             ovh.push(o);
@@ -659,6 +709,15 @@ async fn main() {
         rows.push(format!(
             "| overhead ratio (same run) | {:.2} | >= 0.5 |",
             median(ratio)
+        ));
+        rows.push(format!(
+            "| release binary, shipped config, ALLOW, bridge 0 ms | {:.0} cmd/s, ratio {:.2} | |",
+            median(bin),
+            median(bin_ratio)
+        ));
+        rows.push(format!(
+            "| release binary at log filter warn (diagnostic) | {:.0} cmd/s | |",
+            median(bin_quiet)
         ));
         rows.push(format!(
             "| poller with the store in memory (diagnostic) | {:.0} cmd/s, ratio {:.2} | |",
