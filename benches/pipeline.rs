@@ -402,7 +402,7 @@ async fn binary_overhead(n: usize, filter: Option<&str>) -> f64 {
     if let Some(f) = filter {
         env.push(("POLLER__LOGGING__FILTER".into(), f.into()));
     }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_command-poller"))
+    let mut child = common::isolated(env!("CARGO_BIN_EXE_command-poller"))
         .arg("run")
         .env_remove("RUST_LOG")
         .envs(env)
@@ -553,7 +553,7 @@ async fn memory(n: usize) -> f64 {
     )
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_command-poller"))
+    let mut child = common::isolated(env!("CARGO_BIN_EXE_command-poller"))
         .arg("run")
         .envs(common::poller_env(&w.settings))
         .envs([

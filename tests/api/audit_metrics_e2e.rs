@@ -173,7 +173,7 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
 
     // The chain verifies; `audit show` answers per action and per agent.
     let bin = env!("CARGO_BIN_EXE_command-poller");
-    let out = std::process::Command::new(bin)
+    let out = crate::common::isolated(bin)
         .args(["audit", "verify"])
         .arg(&file)
         .output()
@@ -183,7 +183,7 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = std::process::Command::new(bin)
+    let out = crate::common::isolated(bin)
         .args(["audit", "show"])
         .arg(&file)
         .args(["--action-id", "audit-refresh-1"])
@@ -192,14 +192,14 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert_eq!(shown.lines().count(), 1);
     assert!(shown.contains("judge_verdict"));
-    let out = std::process::Command::new(bin)
+    let out = crate::common::isolated(bin)
         .args(["audit", "show"])
         .arg(&file)
         .args(["--agent", "guest", "--since", "2000-01-01T00:00:00Z"])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
-    let out = std::process::Command::new(bin)
+    let out = crate::common::isolated(bin)
         .args(["audit", "show"])
         .arg(&file)
         .args(["--agent", "guest", "--since", "2999-01-01T00:00:00Z"])
@@ -214,7 +214,7 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
         original.replacen("\"status\":\"BLOCKED\"", "\"status\":\"SUCCESS\"", 1),
     )
     .unwrap();
-    let out = std::process::Command::new(bin)
+    let out = crate::common::isolated(bin)
         .args(["audit", "verify"])
         .arg(&file)
         .output()

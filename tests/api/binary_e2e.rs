@@ -23,7 +23,7 @@ fn free_port() -> u16 {
 
 /// Runs `check-config` with these environment overrides.
 fn check_config(env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(BIN)
+    crate::common::isolated(BIN)
         .arg("check-config")
         .envs(env.iter().copied())
         .output()
@@ -56,7 +56,7 @@ fn wait_ready(port: u16) {
 }
 
 fn send(envs: &[(String, String)], file: &str) -> serde_json::Value {
-    let out = Command::new(BIN)
+    let out = crate::common::isolated(BIN)
         .args(["send", file, "--wait", "--timeout-secs", "20"])
         .envs(envs.iter().cloned())
         .output()
@@ -77,7 +77,7 @@ fn run_send_and_sigterm() {
     let mut envs = env_for(&sfx);
     let port = free_port();
     envs.push(("POLLER__HEALTH__LISTEN".into(), format!("127.0.0.1:{port}")));
-    let mut poller = Command::new(BIN)
+    let mut poller = crate::common::isolated(BIN)
         .args(["run", "--log-format", "json"])
         .envs(envs.iter().cloned())
         .env_remove("RUST_LOG")
@@ -163,7 +163,7 @@ fn an_invalid_policy_stops_the_poller_at_start_naming_the_key() {
         .replace("floor_severity = \"HIGH\"", "floor_severity = \"EXTREME\"");
     let file = dir.join("policy.toml");
     std::fs::write(&file, policy).unwrap();
-    let out = Command::new(BIN)
+    let out = crate::common::isolated(BIN)
         .arg("run")
         .env("POLLER__POLICY__FILE", &file)
         .output()
@@ -183,7 +183,10 @@ fn an_unknown_config_key_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_inflight"), "{err}");
-    let ok = Command::new(BIN).arg("check-config").output().unwrap();
+    let ok = crate::common::isolated(BIN)
+        .arg("check-config")
+        .output()
+        .unwrap();
     assert!(
         ok.status.success(),
         "{}",
@@ -323,7 +326,7 @@ fn no_bridge_url_or_signature_leaves_the_process() {
         ("POLLER__BRIDGE__MIN_BACKOFF_MS".into(), "50".into()),
         ("POLLER__BRIDGE__MAX_BACKOFF_MS".into(), "100".into()),
     ]);
-    let mut poller = Command::new(BIN)
+    let mut poller = crate::common::isolated(BIN)
         .args(["run", "--log-format", "json"])
         .envs(envs.iter().cloned())
         .stdout(Stdio::null())
@@ -405,7 +408,7 @@ fn huge_messages_are_refused_without_being_copied() {
         "POLLER__HEALTH__LISTEN".into(),
         format!("127.0.0.1:{health}"),
     ));
-    let mut poller = Command::new(BIN)
+    let mut poller = crate::common::isolated(BIN)
         .args(["run", "--log-format", "json"])
         .envs(envs.iter().cloned())
         .stdout(Stdio::null())
@@ -544,7 +547,11 @@ fn every_subcommand_and_flag_says_what_it_is_for() {
         &["audit", "show"],
     ];
     for sub in subcommands {
-        let out = Command::new(BIN).args(*sub).arg("--help").output().unwrap();
+        let out = crate::common::isolated(BIN)
+            .args(*sub)
+            .arg("--help")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{sub:?}");
         let help = String::from_utf8_lossy(&out.stdout);
         let mut section = "";
@@ -603,7 +610,7 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         let _ = conn.close(200, "done".into()).await;
     });
     let envs = env_for(&sfx);
-    let good = Command::new(BIN)
+    let good = crate::common::isolated(BIN)
         .args(["check-config", "--online"])
         .envs(envs.iter().cloned())
         .output()
@@ -626,7 +633,7 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
     }
 
     // Everything `run` would trip on, at once, each named by its key; no secret printed.
-    let bad = Command::new(BIN)
+    let bad = crate::common::isolated(BIN)
         .args(["check-config", "--online"])
         .envs(envs.iter().cloned())
         .env(
@@ -678,7 +685,7 @@ fn audit_verify_takes_the_chain_key() {
     let mut w = command_poller::audit::chain::ChainWriter::open_keyed(&file, Some(key)).unwrap();
     w.append(r#"{"kind":"command","action_id":"k-1"}"#).unwrap();
     drop(w);
-    let without = Command::new(BIN)
+    let without = crate::common::isolated(BIN)
         .args(["audit", "verify"])
         .arg(&file)
         .env_remove("AUDIT_CHAIN_KEY")
@@ -686,7 +693,7 @@ fn audit_verify_takes_the_chain_key() {
         .unwrap();
     assert!(!without.status.success());
     assert!(String::from_utf8_lossy(&without.stdout).contains("needs the chain key"));
-    let with = Command::new(BIN)
+    let with = crate::common::isolated(BIN)
         .args(["audit", "verify"])
         .arg(&file)
         .env("AUDIT_CHAIN_KEY", "binary-chain-key")
@@ -706,7 +713,7 @@ fn production_refuses_the_embedded_store_unless_allowed() {
     let sfx = suffix();
     let mut envs = env_for(&sfx);
     envs.retain(|(k, _)| k != "APP_ENVIRONMENT");
-    let out = Command::new(BIN)
+    let out = crate::common::isolated(BIN)
         .arg("run")
         .envs(envs.iter().cloned())
         .env("APP_ENVIRONMENT", "production")

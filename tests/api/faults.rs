@@ -223,7 +223,7 @@ impl World {
         let _ = conn.close(200, "ok".into()).await;
         let secret = format!("fault-secret-{sfx}");
         let sim_port = free_port();
-        let sim = Command::new(BIN)
+        let sim = crate::common::isolated(BIN)
             .args([
                 "bridge-simulator",
                 "--listen",
@@ -304,7 +304,7 @@ impl World {
             .open(&path)
             .unwrap();
         self.logs.push(path);
-        let child = Command::new(BIN)
+        let child = crate::common::isolated(BIN)
             .arg("run")
             .envs(self.env(replica))
             .stdout(Stdio::null())

@@ -128,7 +128,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
     let secret = format!("shipped-{sfx}");
     let sim_port = free_port();
     let _sim = Kill(
-        Command::new(DEBUG_BIN)
+        crate::common::isolated(DEBUG_BIN)
             .args([
                 "bridge-simulator",
                 "--listen",
@@ -182,7 +182,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
 
     let log = std::env::temp_dir().join(format!("image-run-{sfx}.log"));
     let poller = Kill(
-        Command::new("setpriv")
+        crate::common::isolated("setpriv")
             .args(["--reuid", IMAGE_UID, "--regid", IMAGE_UID, "--clear-groups"])
             .arg(bindir.join("command-poller"))
             .args(["run", "--log-format", "json"])
@@ -215,7 +215,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
         .filter(|(k, _)| k.starts_with("POLLER__TOPOLOGY__") || k == "APP_ENVIRONMENT")
         .collect();
     let send = |file: &str| -> serde_json::Value {
-        let out = Command::new(DEBUG_BIN)
+        let out = crate::common::isolated(DEBUG_BIN)
             .args(["send", file, "--wait", "--timeout-secs", "20"])
             .envs(agent_env.iter().cloned())
             .output()

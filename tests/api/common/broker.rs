@@ -203,3 +203,25 @@ pub fn close_connections(name_prefix: &str) -> usize {
     }
     closed
 }
+
+/// Variables a developer may have set for their own poller: the `POLLER__*` overrides, the
+/// environment name, the log filter and the secrets the shipped configuration names.
+const DEVELOPER_VARIABLES: [&str; 5] = [
+    "APP_ENVIRONMENT",
+    "RUST_LOG",
+    "BRIDGE_SECRET",
+    "POLLER_STORE_KEY",
+    "AUDIT_CHAIN_KEY",
+];
+
+/// A command that runs `program` (the poller binary, or a wrapper around it) without any of
+/// the developer's own poller configuration: tests set what they need explicitly.
+pub fn isolated(program: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    for (k, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+        if k.starts_with("POLLER__") || DEVELOPER_VARIABLES.contains(&k.as_str()) {
+            c.env_remove(k);
+        }
+    }
+    c
+}
