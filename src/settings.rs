@@ -155,6 +155,19 @@ impl std::fmt::Debug for AmqpSettings {
     }
 }
 
+/// The user a broker URL connects as (percent-decoded; `guest` when it names none).
+pub fn broker_user(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .map(|u| {
+            percent_encoding::percent_decode_str(u.username())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
 /// `amqp://user:***@host/vhost`: safe to log.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -569,7 +582,7 @@ impl Settings {
 
     /// The broker user the poller connects as (its own control messages carry it).
     pub fn poller_user(&self) -> String {
-        crate::broker::user_of(&self.amqp.url)
+        broker_user(&self.amqp.url)
     }
 
     pub fn instance(&self) -> String {

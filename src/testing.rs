@@ -243,3 +243,85 @@ mod tests {
         );
     }
 }
+
+/// A log shared by the publishing and acking doubles, in the order things happened.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// How [`RecordingPublisher`] refuses a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refuse {
+    /// Returned unroutable: a message-level refusal.
+    Unroutable,
+    /// The connection failed.
+    ConnectionLost,
+}
+
+/// A publisher that records `publish <routing key>` (plus whatever `note` adds) instead of
+/// publishing, and refuses the routing keys listed in `refuse` (recording `refused <key>`).
+pub struct RecordingPublisher {
+    pub log: Log,
+    pub refuse: Vec<(String, Refuse)>,
+    /// Something to add to each recorded publish, looked up at that moment (what the store
+    /// held when the message went out, say).
+    #[allow(clippy::type_complexity)]
+    pub note: Option<Box<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>>,
+}
+
+impl RecordingPublisher {
+    pub fn new(log: Log) -> Self {
+        Self {
+            log,
+            refuse: Vec::new(),
+            note: None,
+        }
+    }
+
+    pub fn refusing(mut self, routing_key: &str, how: Refuse) -> Self {
+        self.refuse.push((routing_key.to_owned(), how));
+        self
+    }
+}
+
+impl crate::broker::Publish for RecordingPublisher {
+    fn publish<'a>(
+        &'a self,
+        msg: &'a crate::broker::Outgoing,
+    ) -> BoxFuture<'a, Result<(), crate::broker::BrokerError>> {
+        Box::pin(async move {
+            let rk = msg.routing_key.clone();
+            if let Some((_, how)) = self.refuse.iter().find(|(k, _)| *k == rk) {
+                self.log.lock().unwrap().push(format!("refused {rk}"));
+                return Err(match how {
+                    Refuse::ConnectionLost => {
+                        crate::broker::BrokerError::Timeout("publishing", Duration::ZERO)
+                    }
+                    Refuse::Unroutable => crate::broker::BrokerError::Unroutable {
+                        exchange: msg.exchange.clone(),
+                        routing_key: rk,
+                    },
+                });
+            }
+            let note = match &self.note {
+                Some(f) => format!(" {}", f().await),
+                None => String::new(),
+            };
+            self.log.lock().unwrap().push(format!("publish {rk}{note}"));
+            Ok(())
+        })
+    }
+}
+
+/// A delivery's acker that records `ack` and `requeue`.
+pub struct RecordingAcker(pub Log);
+
+impl crate::worker::settle::Acker for RecordingAcker {
+    fn ack(&self) -> BoxFuture<'_, bool> {
+        self.0.lock().unwrap().push("ack".into());
+        Box::pin(async { true })
+    }
+
+    fn requeue(&self) -> BoxFuture<'_, bool> {
+        self.0.lock().unwrap().push("requeue".into());
+        Box::pin(async { true })
+    }
+}

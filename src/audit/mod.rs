@@ -87,7 +87,8 @@ pub enum AuditEvent {
         kind: String,
         actor: String,
         request_id: String,
-        mode: crate::control::Mode,
+        /// The mode after the change, as serde spells it (`RUNNING`, `PAUSED`, `HALTED`).
+        mode: String,
         reason: String,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         detail: Option<String>,

@@ -69,18 +69,7 @@ pub async fn close(conn: &Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }
 
-/// The user a broker URL connects as (percent-decoded; `guest` when it names none).
-pub fn user_of(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .map(|u| {
-            percent_encoding::percent_decode_str(u.username())
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "guest".into())
-}
+pub use crate::settings::broker_user as user_of;
 
 /// Consumes direct reply-to on `ch` (no-ack, as RabbitMQ requires); must start before the
 /// request is published on the same channel.

@@ -17,7 +17,7 @@ mod consumer;
 mod lifecycle;
 pub mod publish;
 pub mod render;
-mod settle;
+pub mod settle;
 pub mod state;
 
 pub use compose::{build_bridge, build_panel, StartError};

@@ -73,35 +73,8 @@ mod tests {
     use super::*;
     use crate::audit::AuditRecord;
     use crate::broker::Outgoing;
+    use crate::testing::{RecordingPublisher, Refuse};
     use crate::worker::render::Message;
-    use std::sync::Mutex;
-
-    /// Records what is published; refuses the message parts listed in `refuse`.
-    struct Recording {
-        sent: Mutex<Vec<String>>,
-        refuse: Vec<(&'static str, bool)>,
-    }
-
-    impl Publish for Recording {
-        fn publish<'a>(
-            &'a self,
-            msg: &'a Outgoing,
-        ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
-            let refused = self.refuse.iter().find(|(k, _)| *k == msg.routing_key);
-            let answer = match refused {
-                None => {
-                    self.sent.lock().unwrap().push(msg.routing_key.clone());
-                    Ok(())
-                }
-                Some((_, true)) => Err(BrokerError::Timeout("publishing", Duration::ZERO)),
-                Some((k, false)) => Err(BrokerError::Unroutable {
-                    exchange: msg.exchange.clone(),
-                    routing_key: (*k).to_owned(),
-                }),
-            };
-            Box::pin(async move { answer })
-        }
-    }
 
     fn rendered() -> Rendered {
         let m = |part, key: &str| Message {
@@ -129,15 +102,29 @@ mod tests {
     }
 
     fn publish_with(refuse: Vec<(&'static str, bool)>) -> (Result<(), BrokerError>, Vec<String>) {
-        let p = Recording {
-            sent: Mutex::default(),
-            refuse,
-        };
+        let log = crate::testing::Log::default();
+        let mut p = RecordingPublisher::new(log.clone());
+        for (k, lost) in refuse {
+            p = p.refusing(
+                k,
+                if lost {
+                    Refuse::ConnectionLost
+                } else {
+                    Refuse::Unroutable
+                },
+            );
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let r = rt.block_on(messages(&p, &rendered()));
-        (r, p.sent.into_inner().unwrap())
+        let sent = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("publish ").map(str::to_owned))
+            .collect();
+        (r, sent)
     }
 
     #[test]

@@ -332,67 +332,13 @@ fn stored(outcome: &Concluded, published: bool) -> StoredOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::Outgoing;
     use crate::idempotency::{EmbeddedStore, ResultStore, Taken};
     use crate::intake::ReplyTarget;
     use crate::outcome::ResultMessage;
     use crate::pipeline::{DeadLetter, DeadLetterBody};
-    use std::sync::Mutex;
+    use crate::testing::{Log, RecordingAcker, RecordingPublisher, Refuse};
 
     const KEY: &str = "agent-7/a-1";
-    type Log = Arc<Mutex<Vec<String>>>;
-
-    /// Records each publish (and whether the outcome was already in the store when it went
-    /// out); refuses routing keys listed in `refuse` (`true`: as a lost connection).
-    struct Recording {
-        log: Log,
-        store: Arc<dyn ResultStore>,
-        refuse: Vec<(&'static str, bool)>,
-    }
-
-    impl Publish for Recording {
-        fn publish<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Result<(), BrokerError>> {
-            Box::pin(async move {
-                let rk = msg.routing_key.clone();
-                if let Some((_, lost)) = self.refuse.iter().find(|(k, _)| *k == rk) {
-                    self.log.lock().unwrap().push(format!("refused {rk}"));
-                    return Err(if *lost {
-                        BrokerError::Timeout("publishing", Duration::ZERO)
-                    } else {
-                        BrokerError::Unroutable {
-                            exchange: msg.exchange.clone(),
-                            routing_key: rk,
-                        }
-                    });
-                }
-                let stored = matches!(
-                    self.store
-                        .claim(KEY, "probe", Duration::from_secs(1))
-                        .await
-                        .unwrap(),
-                    crate::idempotency::Claim::Done(_)
-                );
-                self.log
-                    .lock()
-                    .unwrap()
-                    .push(format!("publish {rk} stored={stored}"));
-                Ok(())
-            })
-        }
-    }
-
-    struct Delivered(Log);
-
-    impl Acker for Delivered {
-        fn ack(&self) -> BoxFuture<'_, bool> {
-            self.0.lock().unwrap().push("ack".into());
-            Box::pin(async { true })
-        }
-        fn requeue(&self) -> BoxFuture<'_, bool> {
-            self.0.lock().unwrap().push("requeue".into());
-            Box::pin(async { true })
-        }
-    }
 
     struct Fixture {
         settler: Settler,
@@ -434,12 +380,27 @@ mod tests {
     }
 
     impl Fixture {
-        fn publisher(&self, refuse: Vec<(&'static str, bool)>) -> Recording {
-            Recording {
-                log: self.log.clone(),
-                store: self.store.clone(),
-                refuse,
+        /// Records each publish with whether the outcome was in the store when it went out.
+        fn publisher(&self, refuse: Vec<(&'static str, Refuse)>) -> RecordingPublisher {
+            let store = self.store.clone();
+            let mut p = RecordingPublisher::new(self.log.clone());
+            p.note = Some(Box::new(move || {
+                let store = store.clone();
+                Box::pin(async move {
+                    let stored = matches!(
+                        store
+                            .claim(KEY, "probe", Duration::from_secs(1))
+                            .await
+                            .unwrap(),
+                        crate::idempotency::Claim::Done(_)
+                    );
+                    format!("stored={stored}")
+                })
+            }));
+            for (k, how) in refuse {
+                p = p.refusing(k, how);
             }
+            p
         }
 
         async fn claim(&self) -> ClaimGuard {
@@ -513,7 +474,7 @@ mod tests {
                 &mut claim,
                 &Inbound::default(),
                 &f.publisher(vec![]),
-                &Delivered(f.log.clone()),
+                &RecordingAcker(f.log.clone()),
             )
             .await;
         assert_eq!(settled, Settled::Acked);
@@ -543,8 +504,8 @@ mod tests {
                 &d,
                 &mut claim,
                 &Inbound::default(),
-                &f.publisher(vec![("result.success", false)]),
-                &Delivered(f.log.clone()),
+                &f.publisher(vec![("result.success", Refuse::Unroutable)]),
+                &RecordingAcker(f.log.clone()),
             )
             .await;
         assert_eq!(settled, Settled::Requeued);
@@ -576,8 +537,8 @@ mod tests {
                 &d,
                 &mut claim,
                 &Inbound::default(),
-                &f.publisher(vec![("audit.command", true)]),
-                &Delivered(f.log.clone()),
+                &f.publisher(vec![("audit.command", Refuse::ConnectionLost)]),
+                &RecordingAcker(f.log.clone()),
             )
             .await;
         assert_eq!(settled, Settled::ConnectionLost);
@@ -614,7 +575,7 @@ mod tests {
                 &mut claim,
                 &Inbound::default(),
                 &f.publisher(vec![]),
-                &Delivered(f.log.clone()),
+                &RecordingAcker(f.log.clone()),
             )
             .await;
         assert_eq!(settled, Settled::Deferred);
@@ -653,7 +614,7 @@ mod tests {
                 &mut None,
                 &inbound,
                 &f.publisher(vec![]),
-                &Delivered(f.log.clone()),
+                &RecordingAcker(f.log.clone()),
             )
             .await;
         assert_eq!(settled, Settled::Acked);

@@ -74,7 +74,7 @@ pub fn event(e: &ControlEvent, names: &Names) -> (Outgoing, AuditRecord) {
             kind: e.kind.clone(),
             actor: e.actor.clone(),
             request_id: e.request_id.clone(),
-            mode: e.state.mode,
+            mode: crate::outcome::wire_name(&e.state.mode),
             reason: e.state.reason.clone(),
             detail: e.detail.clone(),
         }],
@@ -195,7 +195,7 @@ mod tests {
                 ..
             }] => {
                 assert_eq!((kind.as_str(), actor.as_str()), ("halted", "ops"));
-                assert_eq!(*mode, Mode::Halted);
+                assert_eq!(mode, "HALTED");
                 assert_eq!(reason, "unauthorized integration");
             }
             other => panic!("{other:?}"),
