@@ -375,13 +375,15 @@ pub struct ControlSettings {
 /// One automatic trip (Emergency-INT-E01) from config: `count` unapproved attempts
 /// (NEEDS_APPROVAL or BLOCKED) of `command_type` by one agent within `window_secs` pause the
 /// system.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TripRule {
     pub command_type: crate::intake::CommandType,
     /// Unapproved attempts (NEEDS_APPROVAL or BLOCKED) that trip.
     pub count: usize,
-    pub window_secs: u64,
+    /// The window the attempts fall in (key `window_secs`, whole seconds).
+    #[serde(rename = "window_secs", deserialize_with = "de::secs")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,7 +529,7 @@ impl Settings {
             }
         }
         for (i, t) in self.control.trips.iter().enumerate() {
-            if t.count == 0 || t.window_secs == 0 {
+            if t.count == 0 || t.window.is_zero() {
                 return bad(format!(
                     "control.trips[{i}]: count and window_secs must be at least 1"
                 ));

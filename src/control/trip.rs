@@ -37,7 +37,7 @@ impl Trip {
             self.agent,
             self.attempts.len(),
             self.command_type,
-            self.rule.window_secs,
+            self.rule.window.as_secs(),
             ids.join(", ")
         )
     }
@@ -82,7 +82,7 @@ impl TripWire {
             .seen
             .entry((a.agent.clone(), a.command_type))
             .or_default();
-        let cutoff = a.at.saturating_sub(rule.window_secs);
+        let cutoff = a.at.saturating_sub(rule.window.as_secs());
         let spent = self
             .spent
             .entry((a.agent.clone(), a.command_type))
@@ -133,7 +133,7 @@ mod tests {
         TripWire::new(vec![TripRule {
             command_type: CommandType::RefreshToken,
             count: 3,
-            window_secs: 600,
+            window: std::time::Duration::from_secs(600),
         }])
     }
 

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct RateRule {
     pub count: usize,
-    pub window_secs: u64,
+    /// Key `window_secs`, whole seconds.
+    #[serde(rename = "window_secs", deserialize_with = "crate::clock::de::secs")]
+    pub window: Duration,
 }
 
 /// The rules one judge applies; every rule set must pass for approval.
@@ -94,7 +96,7 @@ impl RuleJudge {
             }
         }
         if let Some(rate) = &self.rules.max_per_agent {
-            let window = Duration::from_secs(rate.window_secs);
+            let window = rate.window;
             let now = Instant::now();
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             let q = recent
@@ -111,7 +113,7 @@ impl RuleJudge {
                         r.agent.id,
                         q.len(),
                         r.command_type,
-                        rate.window_secs,
+                        rate.window.as_secs(),
                         rate.count
                     ),
                 );
@@ -171,7 +173,7 @@ mod tests {
                 require_verified_agent: true,
                 max_per_agent: Some(RateRule {
                     count: 2,
-                    window_secs: 60,
+                    window: Duration::from_secs(60),
                 }),
                 ..Default::default()
             },
