@@ -440,6 +440,32 @@ mod tests {
         fn log(&self) -> Vec<String> {
             self.log.lock().unwrap().clone()
         }
+
+        /// Settles `d` with the recording doubles, refusing the routing keys in `refuse`.
+        async fn settle(
+            &self,
+            d: &Disposition,
+            claim: &mut Option<ClaimGuard>,
+            inbound: &Inbound,
+            refuse: Vec<(&'static str, Refuse)>,
+        ) -> Settled {
+            self.settler
+                .settle(
+                    d,
+                    claim,
+                    inbound,
+                    &self.publisher(refuse),
+                    &RecordingAcker(self.log.clone()),
+                )
+                .await
+        }
+    }
+
+    fn conclude() -> Disposition {
+        Disposition::Conclude {
+            outcome: concluded(),
+            claim: None,
+        }
     }
 
     fn concluded() -> Concluded {
@@ -463,20 +489,8 @@ mod tests {
     async fn stored_first_then_every_confirm_then_the_ack() {
         let f = fixture();
         let mut claim = Some(f.claim().await);
-        let d = Disposition::Conclude {
-            outcome: concluded(),
-            claim: None,
-        };
-        let settled = f
-            .settler
-            .settle(
-                &d,
-                &mut claim,
-                &Inbound::default(),
-                &f.publisher(vec![]),
-                &RecordingAcker(f.log.clone()),
-            )
-            .await;
+        let d = conclude();
+        let settled = f.settle(&d, &mut claim, &Inbound::default(), vec![]).await;
         assert_eq!(settled, Settled::Acked);
         assert_eq!(
             f.log(),
@@ -494,18 +508,13 @@ mod tests {
     async fn a_refused_publish_requeues_after_the_pause_and_never_acks() {
         let f = fixture();
         let mut claim = Some(f.claim().await);
-        let d = Disposition::Conclude {
-            outcome: concluded(),
-            claim: None,
-        };
+        let d = conclude();
         let settled = f
-            .settler
             .settle(
                 &d,
                 &mut claim,
                 &Inbound::default(),
-                &f.publisher(vec![("result.success", Refuse::Unroutable)]),
-                &RecordingAcker(f.log.clone()),
+                vec![("result.success", Refuse::Unroutable)],
             )
             .await;
         assert_eq!(settled, Settled::Requeued);
@@ -527,18 +536,13 @@ mod tests {
     async fn a_lost_connection_neither_acks_nor_requeues_and_keeps_the_claim() {
         let f = fixture();
         let mut claim = Some(f.claim().await);
-        let d = Disposition::Conclude {
-            outcome: concluded(),
-            claim: None,
-        };
+        let d = conclude();
         let settled = f
-            .settler
             .settle(
                 &d,
                 &mut claim,
                 &Inbound::default(),
-                &f.publisher(vec![("audit.command", Refuse::ConnectionLost)]),
-                &RecordingAcker(f.log.clone()),
+                vec![("audit.command", Refuse::ConnectionLost)],
             )
             .await;
         assert_eq!(settled, Settled::ConnectionLost);
@@ -568,16 +572,7 @@ mod tests {
             claim: None,
             audit: Vec::new(),
         };
-        let settled = f
-            .settler
-            .settle(
-                &d,
-                &mut claim,
-                &Inbound::default(),
-                &f.publisher(vec![]),
-                &RecordingAcker(f.log.clone()),
-            )
-            .await;
+        let settled = f.settle(&d, &mut claim, &Inbound::default(), vec![]).await;
         assert_eq!(settled, Settled::Deferred);
         assert_eq!(f.log(), ["requeue"], "nothing published");
         assert_eq!(
@@ -607,16 +602,7 @@ mod tests {
             routing_key: "command.x".into(),
             ..Default::default()
         };
-        let settled = f
-            .settler
-            .settle(
-                &d,
-                &mut None,
-                &inbound,
-                &f.publisher(vec![]),
-                &RecordingAcker(f.log.clone()),
-            )
-            .await;
+        let settled = f.settle(&d, &mut None, &inbound, vec![]).await;
         assert_eq!(settled, Settled::Acked);
         assert_eq!(
             f.log(),
