@@ -376,7 +376,7 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
 /// `APP_ENVIRONMENT=local`, its own embedded simulator replaced by the benchmark's at 0 ms, logs
 /// to a file at the shipped filter) draining the same preloaded CHECK commands. `filter`
 /// overrides the log filter (a diagnostic: what the logging costs).
-async fn binary_overhead(n: usize, filter: Option<&str>) -> f64 {
+async fn binary_overhead(n: usize, filter: Option<&str>, embedded_simulator: bool) -> f64 {
     let w = World::new(|_| {}, Duration::ZERO).await;
     preload(
         &w.settings.topology.commands_exchange.clone(),
@@ -392,11 +392,15 @@ async fn binary_overhead(n: usize, filter: Option<&str>) -> f64 {
             "POLLER__IDEMPOTENCY__PATH".into(),
             w.store_dir.join("bin.redb").display().to_string(),
         ),
-        ("POLLER__BRIDGE__MODE".into(), "apps_script".into()),
-        ("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()),
         ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
         ("BRIDGE_SECRET".into(), w.secret_text.clone()),
     ]);
+    if !embedded_simulator {
+        // The benchmark's simulator, as the in-process poller uses; otherwise the shipped
+        // default: the binary's own embedded simulator at 0 ms.
+        env.push(("POLLER__BRIDGE__MODE".into(), "apps_script".into()));
+        env.push(("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()));
+    }
     // The shipped log filter, unless the diagnostic overrides it.
     env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
     if let Some(f) = filter {
@@ -675,7 +679,8 @@ async fn main() {
     if wanted("overhead") {
         let mut ceil2 = vec![];
         let mut stub = vec![];
-        let (mut bin, mut bin_ratio, mut bin_quiet) = (vec![], vec![], vec![]);
+        let (mut bin, mut bin_ratio, mut bin_quiet, mut bin_embedded) =
+            (vec![], vec![], vec![], vec![]);
         let (mut ceil, mut ovh, mut ratio, mut mem_ovh, mut mem_ratio) =
             (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPEATS {
@@ -684,13 +689,15 @@ async fn main() {
             let o = overhead(n, false, false).await;
             let m = overhead(n, true, false).await;
             let b = overhead(n, true, true).await;
-            let r = binary_overhead(n, None).await;
-            let q = binary_overhead(n, Some("warn,lapin=off")).await;
+            let r = binary_overhead(n, None, false).await;
+            let q = binary_overhead(n, Some("warn,lapin=off"), false).await;
+            let e = binary_overhead(n, None, true).await;
+            bin_embedded.push(e);
             stub.push(b);
             bin.push(r);
             bin_ratio.push(r / c);
             bin_quiet.push(q);
-            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), release binary {r:.0}/s (ratio {:.2}; at log filter warn {q:.0}/s), poller with an in-memory store {m:.0}/s (ratio {:.2}), and no bridge HTTP {b:.0}/s", o / c, r / c, m / c);
+            println!("  run: ceiling {c:.0}/s (two publishes per message: {c2:.0}/s), poller {o:.0}/s (ratio {:.2}), release binary {r:.0}/s (ratio {:.2}; at log filter warn {q:.0}/s; with its own embedded simulator {e:.0}/s), poller with an in-memory store {m:.0}/s (ratio {:.2}), and no bridge HTTP {b:.0}/s", o / c, r / c, m / c);
             ceil2.push(c2);
             ceil.push(c);
             ovh.push(o);
@@ -718,6 +725,10 @@ async fn main() {
         rows.push(format!(
             "| release binary at log filter warn (diagnostic) | {:.0} cmd/s | |",
             median(bin_quiet)
+        ));
+        rows.push(format!(
+            "| release binary with its own embedded simulator, the shipped default (diagnostic) | {:.0} cmd/s | |",
+            median(bin_embedded)
         ));
         rows.push(format!(
             "| poller with the store in memory (diagnostic) | {:.0} cmd/s, ratio {:.2} | |",
