@@ -557,11 +557,17 @@ async fn memory(n: usize) -> f64 {
     )
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    std::fs::create_dir_all(&w.store_dir).unwrap();
     let mut child = common::isolated(env!("CARGO_BIN_EXE_command-poller"))
         .arg("run")
         .envs(common::poller_env(&w.settings))
         .envs([
             ("POLLER__PROCESSING__MAX_IN_FLIGHT", "256".to_string()),
+            // 256 in flight over 25 bridge slots: shorter bridge deadlines keep the longest a
+            // live command can take within idempotency.wait_for_in_flight_ms, which
+            // check-config (and so `run`) requires.
+            ("POLLER__BRIDGE__REQUEST_TIMEOUT_SECS", "10".to_string()),
+            ("POLLER__BRIDGE__RETRY_BUDGET_SECS", "10".to_string()),
             (
                 "POLLER__IDEMPOTENCY__PATH",
                 w.store_dir.join("mem.redb").display().to_string(),
@@ -573,7 +579,7 @@ async fn memory(n: usize) -> f64 {
             ("BRIDGE_SECRET", w.secret_text.clone()),
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(w.store_dir.join("mem-poller.log")).unwrap())
         .spawn()
         .unwrap();
     arrivals.wait(n, Duration::from_secs(180)).await;
