@@ -50,22 +50,7 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
     )
     .await?;
 
-    let mut dead_args = FieldTable::default();
-    dead_args.insert(ShortString::from("x-queue-type"), text("quorum"));
-    ch.queue_declare(
-        t.dead_letter_queue.as_str().into(),
-        durable_queue(),
-        dead_args,
-    )
-    .await?;
-    ch.queue_bind(
-        t.dead_letter_queue.as_str().into(),
-        t.dead_letter_exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    bound_queue(ch, &t.dead_letter_queue, &t.dead_letter_exchange, "").await?;
 
     // Quorum queue with a delivery limit, so a command that keeps failing ends in the dead
     // letter queue instead of cycling forever; at-least-once dead-lettering so the broker
@@ -118,6 +103,7 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// A durable quorum queue bound to `exchange` with `key`.
 async fn bound_queue(
     ch: &Channel,
     queue: &str,
@@ -126,6 +112,17 @@ async fn bound_queue(
 ) -> Result<(), BrokerError> {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
+    bound(ch, queue, args, exchange, key).await
+}
+
+/// A durable queue with `args` (a stream's, say) bound to `exchange` with `key`.
+async fn bound(
+    ch: &Channel,
+    queue: &str,
+    args: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
     ch.queue_declare(queue.into(), durable_queue(), args)
         .await?;
     ch.queue_bind(
@@ -137,6 +134,27 @@ async fn bound_queue(
     )
     .await?;
     Ok(())
+}
+
+/// A stream's arguments: retention by age and/or size, whole segments of `segment_bytes`.
+fn stream_arguments(
+    max_age: Option<&str>,
+    max_bytes: Option<i64>,
+    segment_bytes: i64,
+) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("stream"));
+    if let Some(age) = max_age {
+        args.insert("x-max-age".into(), text(age));
+    }
+    if let Some(bytes) = max_bytes {
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
+    }
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(segment_bytes),
+    );
+    args
 }
 
 /// Declares the audit exchange and the stream the audit sink reads, on channels of their own. A
@@ -207,21 +225,14 @@ async fn declare_audit_on(
     .await?;
     // A stream: the sink reads it without taking records off it (it resumes from its own
     // offset), and a stream can't be purged, so whoever may read it can't erase it.
-    ch.queue_declare(
-        a.queue.as_str().into(),
-        durable_queue(),
+    bound(
+        ch,
+        &a.queue,
         audit_stream_arguments(),
+        &a.exchange,
+        routing::AUDIT_BINDING,
     )
-    .await?;
-    ch.queue_bind(
-        a.queue.as_str().into(),
-        a.exchange.as_str().into(),
-        routing::AUDIT_BINDING.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// How long the audit stream keeps records (the sink copies them into the chain file well
@@ -231,14 +242,7 @@ pub const AUDIT_SEGMENT_BYTES: i64 = 16_000_000;
 
 /// The audit stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
 pub fn audit_stream_arguments() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("stream"));
-    args.insert("x-max-age".into(), text(AUDIT_MAX_AGE));
-    args.insert(
-        "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongLongInt(AUDIT_SEGMENT_BYTES),
-    );
-    args
+    stream_arguments(Some(AUDIT_MAX_AGE), None, AUDIT_SEGMENT_BYTES)
 }
 
 /// Declares the control topology: the control exchange (topic, levers and attempts), the state
@@ -258,33 +262,15 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(
-        c.state_queue.as_str().into(),
-        durable_queue(),
+    bound(
+        ch,
+        &c.state_queue,
         control_state_stream_arguments(),
+        &c.state_exchange,
+        "",
     )
     .await?;
-    ch.queue_bind(
-        c.state_queue.as_str().into(),
-        c.state_exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
-    ch.queue_declare(c.events_queue.as_str().into(), durable_queue(), args)
-        .await?;
-    ch.queue_bind(
-        c.events_queue.as_str().into(),
-        c.exchange.as_str().into(),
-        routing::EVENT_BINDING.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
+    bound_queue(ch, &c.events_queue, &c.exchange, routing::EVENT_BINDING).await
 }
 
 /// A replica's own control queue (exclusive, gone with its connection), bound to levers and
@@ -324,15 +310,9 @@ pub const CONTROL_STATE_MAX_BYTES: i64 = 20_000_000;
 
 /// The control state stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
 pub fn control_state_stream_arguments() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("stream"));
-    args.insert(
-        "x-max-length-bytes".into(),
-        AMQPValue::LongLongInt(CONTROL_STATE_MAX_BYTES),
-    );
-    args.insert(
-        "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongLongInt(CONTROL_STATE_SEGMENT_BYTES),
-    );
-    args
+    stream_arguments(
+        None,
+        Some(CONTROL_STATE_MAX_BYTES),
+        CONTROL_STATE_SEGMENT_BYTES,
+    )
 }

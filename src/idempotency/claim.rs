@@ -209,6 +209,15 @@ impl ClaimGuard {
     }
 }
 
+impl std::fmt::Debug for ClaimGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimGuard")
+            .field("key", &self.key)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         self.renewal.abort();
@@ -228,4 +237,70 @@ impl Drop for ClaimGuard {
 
 fn new_owner(instance: &str) -> String {
     format!("{instance}#{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemStore;
+
+    async fn take(store: &Arc<dyn ResultStore>, instance: &str) -> Taken {
+        ClaimGuard::take(
+            store.clone(),
+            "agent/a-1".into(),
+            instance,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A guard dropped unfinished (its task aborted at shutdown, say) frees the action for the
+    /// redelivered copy instead of leaving it to wait out the TTL.
+    #[tokio::test]
+    async fn a_guard_dropped_unfinished_releases_its_claim() {
+        let store: Arc<dyn ResultStore> = Arc::new(MemStore::default());
+        let Taken::Mine(guard) = take(&store, "first").await else {
+            panic!("the key is free")
+        };
+        assert!(matches!(take(&store, "second").await, Taken::Busy(_)));
+        drop(guard);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Taken::Mine(_) = take(&store, "second").await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the dropped claim was never released"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A completed guard leaves the outcome for every later delivery, and its claim gone.
+    #[tokio::test]
+    async fn a_completed_guard_leaves_the_outcome_to_replay() {
+        let store: Arc<dyn ResultStore> = Arc::new(MemStore::default());
+        let Taken::Mine(guard) = take(&store, "first").await else {
+            panic!("the key is free")
+        };
+        let outcome: StoredOutcome = serde_json::from_value(serde_json::json!({
+            "published": true,
+            "result": {"action_id": "a-1", "command_type": null, "service": null, "agent": null,
+                       "status": "SUCCESS", "rationale": "ok", "received_at": "t",
+                       "completed_at": "t", "poller_instance": "first"}
+        }))
+        .unwrap();
+        let key = Secret::new("k");
+        guard.complete(&outcome, &key).await.unwrap();
+        match take(&store, "second").await {
+            Taken::Done(sealed) => {
+                assert!(StoredOutcome::unseal(&key, &sealed).unwrap().published)
+            }
+            _ => panic!("the outcome should be stored"),
+        }
+    }
 }

@@ -34,12 +34,8 @@ enum Op {
         key: String,
         owner: String,
         ttl: Duration,
-        reply: oneshot::Sender<Result<Claim, StoreError>>,
-    },
-    Hold {
-        key: String,
-        owner: String,
-        ttl: Duration,
+        /// `hold`: take or renew the claim whatever result is stored.
+        over_result: bool,
         reply: oneshot::Sender<Result<Claim, StoreError>>,
     },
     Complete {
@@ -129,6 +125,25 @@ impl EmbeddedStore {
         self.len().map(|n| n == 0)
     }
 
+    /// A claim (`over_result`: a hold) through the writer.
+    async fn claim_op(
+        &self,
+        key: &str,
+        owner: &str,
+        ttl: Duration,
+        over_result: bool,
+    ) -> Result<Claim, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Claim {
+            key: self.key(key),
+            owner: owner.to_owned(),
+            ttl,
+            over_result,
+            reply,
+        };
+        self.send(op, rx).await
+    }
+
     async fn send<T>(
         &self,
         op: Op,
@@ -155,7 +170,7 @@ fn write_loop(db: &Database, rx: mpsc::Receiver<Op>) {
         let outcome = apply(db, &batch, durable);
         for (op, result) in batch.into_iter().zip(outcome) {
             match op {
-                Op::Claim { reply, .. } | Op::Hold { reply, .. } => {
+                Op::Claim { reply, .. } => {
                     let _ = reply.send(result);
                 }
                 Op::Complete { reply, .. } | Op::Release { reply, .. } => {
@@ -203,29 +218,21 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Result<Claim, StoreError>
     };
     match op {
         Op::Claim {
-            key, owner, ttl, ..
+            key,
+            owner,
+            ttl,
+            over_result,
+            ..
         } => {
-            let done = results.get(key.as_str()).map_err(err)?.and_then(|v| {
-                let (exp, r) = v.value();
-                (exp > now_secs()).then(|| r.to_owned())
-            });
-            if let Some(r) = done {
-                return Ok(Ok(Claim::Done(r)));
+            if !over_result {
+                let done = results.get(key.as_str()).map_err(err)?.and_then(|v| {
+                    let (exp, r) = v.value();
+                    (exp > now_secs()).then(|| r.to_owned())
+                });
+                if let Some(r) = done {
+                    return Ok(Ok(Claim::Done(r)));
+                }
             }
-            if let Some(other) = holder(&claims, key)?.filter(|o| o != owner) {
-                return Ok(Ok(Claim::Busy(other)));
-            }
-            claims
-                .insert(
-                    key.as_str(),
-                    (now_millis() + ttl.as_millis() as u64, owner.as_str()),
-                )
-                .map_err(err)?;
-            Ok(Ok(Claim::Mine))
-        }
-        Op::Hold {
-            key, owner, ttl, ..
-        } => {
             if let Some(other) = holder(&claims, key)?.filter(|o| o != owner) {
                 return Ok(Ok(Claim::Busy(other)));
             }
@@ -279,19 +286,7 @@ impl ResultStore for EmbeddedStore {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(
-                Op::Claim {
-                    key: self.key(key),
-                    owner: owner.to_owned(),
-                    ttl,
-                    reply,
-                },
-                rx,
-            )
-            .await
-        })
+        Box::pin(self.claim_op(key, owner, ttl, false))
     }
 
     fn hold<'a>(
@@ -300,19 +295,7 @@ impl ResultStore for EmbeddedStore {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(
-                Op::Hold {
-                    key: self.key(key),
-                    owner: owner.to_owned(),
-                    ttl,
-                    reply,
-                },
-                rx,
-            )
-            .await
-        })
+        Box::pin(self.claim_op(key, owner, ttl, true))
     }
 
     fn complete<'a>(

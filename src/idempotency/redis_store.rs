@@ -11,6 +11,39 @@ use std::time::Duration;
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    scripts: Scripts,
+}
+
+/// The store's atomic compare-and-set steps, built (and hashed) once.
+struct Scripts {
+    /// Take or renew a claim unless another owner's is live: returns the holder.
+    hold: redis::Script,
+    /// Store the result only while the owner holds the claim; drop the claim unless kept.
+    complete: redis::Script,
+    /// Drop only one's own claim.
+    release: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            hold: redis::Script::new(
+                "local h = redis.call('GET', KEYS[1])
+                 if h == false or h == ARGV[1] then
+                   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                   return ARGV[1]
+                 end
+                 return h",
+            ),
+            complete: redis::Script::new(
+                "if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+                 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+                 if ARGV[4] == '0' then redis.call('DEL', KEYS[2]) end
+                 return 1",
+            ),
+            release: redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"),
+        }
+    }
 }
 
 fn err(e: redis::RedisError) -> StoreError {
@@ -24,6 +57,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
+            scripts: Scripts::new(),
         })
     }
 
@@ -95,14 +129,7 @@ impl ResultStore for RedisStore {
         Box::pin(async move {
             let mut c = self.conn.clone();
             // Take or renew, unless another owner's claim is live: atomically.
-            let script = redis::Script::new(
-                "local h = redis.call('GET', KEYS[1])
-                 if h == false or h == ARGV[1] then
-                   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-                   return ARGV[1]
-                 end
-                 return h",
-            );
+            let script = &self.scripts.hold;
             let holder: String = script
                 .key(self.claim_key(key))
                 .arg(owner)
@@ -130,12 +157,7 @@ impl ResultStore for RedisStore {
         Box::pin(async move {
             let mut c = self.conn.clone();
             // Only the live claim's owner writes the result: checked and written atomically.
-            let script = redis::Script::new(
-                "if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-                 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-                 if ARGV[4] == '0' then redis.call('DEL', KEYS[2]) end
-                 return 1",
-            );
+            let script = &self.scripts.complete;
             let written: i64 = script
                 .key(self.done(key))
                 .key(self.claim_key(key))
@@ -162,7 +184,7 @@ impl ResultStore for RedisStore {
         Box::pin(async move {
             let mut c = self.conn.clone();
             // Only our own claim: compare and delete atomically.
-            let script = redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end");
+            let script = &self.scripts.release;
             let _: i64 = script
                 .key(self.claim_key(key))
                 .arg(owner)

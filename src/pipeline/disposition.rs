@@ -11,6 +11,7 @@ use crate::intake::ReplyTarget;
 use crate::outcome::{Alert, ResultMessage};
 
 /// The four ways a delivery ends.
+#[derive(Debug)]
 pub enum Disposition {
     /// Back to the queue unprocessed: paused or halted before the judges or the bridge, a
     /// duplicate still in flight, or the store unavailable. The claim, if one was taken, is
@@ -130,33 +131,6 @@ impl Concluded {
             reply: &self.reply,
             alerts: &self.alerts,
             audit: &self.audit,
-        }
-    }
-}
-
-impl std::fmt::Debug for Disposition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Disposition::Defer { why, claim, .. } => f
-                .debug_struct("Defer")
-                .field("why", why)
-                .field("claim", &claim.as_ref().map(ClaimGuard::key))
-                .finish(),
-            Disposition::DeadLetter { letter, result, .. } => f
-                .debug_struct("DeadLetter")
-                .field("letter", letter)
-                .field("status", &result.as_ref().map(|r| r.status))
-                .finish(),
-            Disposition::Conclude { outcome, claim } => f
-                .debug_struct("Conclude")
-                .field("status", &outcome.result.status)
-                .field("claim", &claim.as_ref().map(ClaimGuard::key))
-                .finish(),
-            Disposition::Replay { outcome, claim, .. } => f
-                .debug_struct("Replay")
-                .field("status", &outcome.result.status)
-                .field("claim", &claim.as_ref().map(ClaimGuard::key))
-                .finish(),
         }
     }
 }
