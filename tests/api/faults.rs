@@ -333,6 +333,39 @@ impl World {
         }
     }
 
+    /// Waits until `queue` exists and has a consumer (passive declares on fresh channels: a
+    /// declare of a missing queue closes its channel).
+    async fn wait_consumer(&self, queue: &str) {
+        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ch = conn.create_channel().await.unwrap();
+            let declared = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if let Ok(q) = declared {
+                let _ = ch.close(200, "ok".into()).await;
+                if q.consumer_count() > 0 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no consumer on {queue} within 60 s (see the poller's log: {:?})",
+                self.logs
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = conn.close(200, "ok".into()).await;
+    }
+
     async fn publish(&self, bodies: &[Vec<u8>]) {
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -357,7 +390,12 @@ impl World {
             );
         }
         for c in confirms {
-            assert!(c.await.unwrap().is_ack());
+            let confirmation = c.await.unwrap();
+            assert!(confirmation.is_ack());
+            assert!(
+                confirmation.take_message().is_none(),
+                "a command was returned unroutable: no queue is bound to the commands exchange"
+            );
         }
         let _ = conn.close(200, "ok".into()).await;
     }
@@ -802,8 +840,9 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
     w.extra_env
         .push(("POLLER__TOPOLOGY__COMMANDS_QUEUE".into(), q.clone()));
     w.spawn_poller("a");
-    // Wait for the poller to declare its queue, then send.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Send only once the poller consumes its own queue: before that the exchange routes only to
+    // World::new's queue, which nobody reads.
+    w.wait_consumer(&q).await;
     let poison = cmd("poison-1", "CONNECT_INTEGRATION", "salesforce", "HIGH")
         .to_string()
         .into_bytes();
@@ -821,6 +860,8 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
     w.publish(std::slice::from_ref(&poison)).await;
     w.publish(&bodies).await;
     w.wait_ids(&keep, Duration::from_secs(120)).await;
+    // The rest flowed (this fails with the poller's warnings if it did not).
+    w.report(&keep).await;
     // The poison message is in the dead-letter queue with the reason.
     let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -836,10 +877,10 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
         {
             break m;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the poison message never reached the dead-letter queue"
-        );
+        if Instant::now() > deadline {
+            w.print_log_warnings();
+            panic!("the poison message never reached the dead-letter queue");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(dead.delivery.data, poison);
@@ -853,7 +894,6 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
             })
     });
     assert_eq!(reason.as_deref(), Some("delivery_limit"));
-    w.report(&keep).await;
     println!("RELIABILITY | poison | poison message dead-lettered with x-first-death-reason = delivery_limit");
     let _ = conn.close(200, "ok".into()).await;
     let _ = std::fs::remove_dir_all(dir);
