@@ -108,6 +108,53 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Parked NEEDS_APPROVAL commands: `approvals list`.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
+    /// Approve a parked NEEDS_APPROVAL command (as an approver; never your own command). It
+    /// executes once the approvals it needs are in, when the system is running.
+    Approve {
+        /// The approval id (from the alert, the result or `approvals list`).
+        approval_id: String,
+        /// The digest shown with it: your approval binds to exactly what is parked.
+        #[arg(long)]
+        digest: String,
+        /// Why (goes into the result and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+    /// Deny a parked NEEDS_APPROVAL command: it is never executed.
+    Deny {
+        approval_id: String,
+        /// Why (goes into the result and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// The pending approvals: command, agent, the judges' votes, age, expiry, digest.
+    List {
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ApproverArgs {
+    /// The approver's broker URL (its user must be in approval.approvers). Defaults to amqp.url.
+    #[arg(long, env = "APPROVER_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub wait_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,6 +351,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             operate(&settings, op, cmd).await
         }
         Command::Audit { command } => audit(&settings, command).await,
+        Command::Approvals {
+            command: ApprovalsCommand::List { ap },
+        } => decide(&settings, ap, crate::approval::wire::Request::List).await,
+        Command::Approve {
+            approval_id,
+            digest,
+            reason,
+            ap,
+        } => {
+            let req = crate::approval::wire::Request::Approve {
+                approval_id,
+                digest,
+                reason,
+            };
+            decide(&settings, ap, req).await
+        }
+        Command::Deny {
+            approval_id,
+            reason,
+            ap,
+        } => {
+            let req = crate::approval::wire::Request::Deny {
+                approval_id,
+                reason,
+            };
+            decide(&settings, ap, req).await
+        }
         Command::CheckConfig { online } => {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
             if online {
@@ -385,6 +459,28 @@ async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends an approver's request and prints the answer; exit status 3 when it was refused.
+async fn decide(
+    settings: &Settings,
+    ap: ApproverArgs,
+    req: crate::approval::wire::Request,
+) -> anyhow::Result<ExitCode> {
+    use crate::approval::wire::ReplyOutcome;
+    let url = ap.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
+    let approver = crate::approval::approver::Approver {
+        settings: &settings.approval,
+        amqp_url: &url,
+        wait: Duration::from_millis(ap.wait_ms),
+    };
+    let reply = approver.send(&req).await?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(if reply.outcome == ReplyOutcome::Refused {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn operate(

@@ -12,6 +12,28 @@ pub fn unix_now() -> u64 {
     time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64
 }
 
+/// Unix seconds as RFC 3339 (UTC).
+pub fn rfc3339(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs.min(i64::MAX as u64) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Durations written back in their configuration unit.
+pub mod ser {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    /// Whole seconds.
+    pub fn secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+}
+
 /// Durations in configuration: keys keep their unit in the name (`*_secs`, `*_ms`) and the
 /// fields are typed [`std::time::Duration`]s from the moment they are read.
 pub mod de {

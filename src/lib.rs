@@ -16,6 +16,7 @@
 //! line. `docs/ARCHITECTURE.md` follows a command through these files.
 
 pub mod agent;
+pub mod approval;
 pub mod audit;
 pub mod bridge;
 pub mod broker;

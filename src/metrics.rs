@@ -38,6 +38,11 @@ struct AlertLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -64,6 +69,9 @@ pub struct Metrics {
     audit_diverted: Counter,
     in_flight: Gauge,
     control_mode: Family<ModeLabels, Gauge>,
+    approvals_pending: Gauge,
+    approval_decisions: Family<DecisionLabels, Counter>,
+    approval_time_to_decision: Histogram,
 }
 
 impl Default for Metrics {
@@ -89,6 +97,10 @@ impl Metrics {
             audit_diverted: Counter::default(),
             in_flight: Gauge::default(),
             control_mode: Family::default(),
+            approvals_pending: Gauge::default(),
+            approval_decisions: Family::default(),
+            // 1 s to ~36 h.
+            approval_time_to_decision: Histogram::new(exponential_buckets(1.0, 2.0, 18)),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,7 +168,41 @@ impl Metrics {
             "1 for the current control mode (RUNNING, PAUSED, HALTED)",
             m.control_mode.clone(),
         );
+        registry.register(
+            "approvals_pending",
+            "NEEDS_APPROVAL commands waiting for approvers (as of this replica's last sweep)",
+            m.approvals_pending.clone(),
+        );
+        registry.register(
+            "approval_decisions",
+            "Decisions on parked commands, by outcome (counted, approved, denied, refused, expired)",
+            m.approval_decisions.clone(),
+        );
+        registry.register(
+            "approval_time_to_decision_seconds",
+            "From parking to the decision that ended the wait (approved, denied or expired)",
+            m.approval_time_to_decision.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// A decision on a parked command (`outcome` as the reply and the audit spell it).
+    pub fn approval_decision(&self, outcome: &str) {
+        self.approval_decisions
+            .get_or_create(&DecisionLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A parked command's wait ended after `secs`.
+    pub fn approval_decided(&self, secs: u64) {
+        self.approval_time_to_decision.observe(secs as f64);
+    }
+
+    /// Parked commands still waiting.
+    pub fn approvals_pending(&self, n: usize) {
+        self.approvals_pending.set(n as i64);
     }
 
     /// Records a settled disposition: one `match`, so a new kind of disposition can't go

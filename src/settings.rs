@@ -32,6 +32,7 @@ pub struct Settings {
     pub control: ControlSettings,
     pub audit: AuditSettings,
     pub idempotency: crate::idempotency::IdempotencySettings,
+    pub approval: ApprovalSettings,
     /// The secrets the sections name, read from the environment with the settings (not a
     /// configuration key; never logged).
     #[serde(skip)]
@@ -50,6 +51,8 @@ pub struct Secrets {
     pub store_key: Option<Secret>,
     /// `audit.chain_key_env`.
     pub audit_chain_key: Option<Secret>,
+    /// `approval.webhook_url_env`: the webhook's URL (Slack's carry their token in the path).
+    pub approval_webhook: Option<Secret>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for Secrets {
             )
             .field("store_key", &set(&self.store_key))
             .field("audit_chain_key", &set(&self.audit_chain_key))
+            .field("approval_webhook", &set(&self.approval_webhook))
             .finish()
     }
 }
@@ -128,6 +132,7 @@ impl Secrets {
                 .collect(),
             store_key: env.secret(&s.idempotency.key_env),
             audit_chain_key: env.secret(&s.audit.chain_key_env),
+            approval_webhook: env.secret(&s.approval.webhook_url_env),
         }
     }
 }
@@ -401,6 +406,37 @@ pub struct AuditSettings {
     pub chain_key_env: String,
 }
 
+/// Human approval of NEEDS_APPROVAL commands (the `[approval]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSettings {
+    /// Broker users allowed to approve or deny (their AMQP user_id is checked by the broker).
+    /// Anyone else is refused and security is alerted; an agent never decides its own command.
+    pub approvers: Vec<String>,
+    /// Topic exchange approvers publish decisions to (`approval.<decision>`); agents must have
+    /// no write permission on it.
+    pub exchange: String,
+    /// Durable quorum queue of decisions, shared by the replicas (each decision is handled
+    /// once); dead-letters what keeps failing.
+    pub queue: String,
+    /// How often each replica looks for decided or expired approvals (`sweep_interval_ms`).
+    #[serde(rename = "sweep_interval_ms", deserialize_with = "de::millis")]
+    pub sweep_interval: Duration,
+    /// Largest decision message accepted, in bytes.
+    pub max_decision_bytes: usize,
+    /// Environment variable holding a Slack-compatible incoming-webhook URL that is told of
+    /// every parked approval and reminded before it expires; unset or empty: no webhook.
+    /// Never logged.
+    pub webhook_url_env: String,
+    /// The reminder goes out this long before expiry (`remind_before_secs`).
+    #[serde(rename = "remind_before_secs", deserialize_with = "de::secs")]
+    pub remind_before: Duration,
+    /// Each webhook post's deadline (`webhook_timeout_ms`); failed posts are retried with
+    /// backoff for up to a minute, off the command path.
+    #[serde(rename = "webhook_timeout_ms", deserialize_with = "de::millis")]
+    pub webhook_timeout: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
@@ -571,6 +607,12 @@ impl Settings {
             return bad(format!(
                 "idempotency.wait_for_in_flight_ms: {wait_ms} is over {MAX_WAIT_FOR_IN_FLIGHT_MS} ms; RabbitMQ's consumer_timeout (30 minutes) would close the channel under a waiting duplicate"
             ));
+        }
+        if self.approval.sweep_interval.is_zero() {
+            return bad("approval.sweep_interval_ms: must be at least 1".into());
+        }
+        if self.approval.max_decision_bytes < 256 {
+            return bad("approval.max_decision_bytes: must be at least 256".into());
         }
         if self.panel.quorum > self.panel.judges.len() {
             return bad(format!(

@@ -126,6 +126,8 @@ pub struct MemStore {
 struct MemInner {
     results: HashMap<String, String>,
     claims: HashMap<String, (String, Instant)>,
+    /// approval id → (record, open)
+    approvals: HashMap<String, (String, bool)>,
 }
 
 impl MemInner {
@@ -209,6 +211,63 @@ impl ResultStore for MemStore {
             m.claims.remove(key);
         }
         Box::pin(async { Ok(()) })
+    }
+
+    fn result<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = m.results.get(key).cloned();
+        Box::pin(async move { Ok(answer) })
+    }
+
+    fn park<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a str,
+        _retention: Duration,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = m
+            .approvals
+            .entry(id.to_owned())
+            .or_insert_with(|| (record.to_owned(), true))
+            .0
+            .clone();
+        Box::pin(async move { Ok(stored) })
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = m.approvals.get(id).map(|(r, _)| r.clone());
+        Box::pin(async move { Ok(answer) })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        id: &'a str,
+        expected: &'a str,
+        new: &'a str,
+        open: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let swapped = match m.approvals.get_mut(id) {
+            Some(entry) if entry.0 == expected => {
+                *entry = (new.to_owned(), open);
+                true
+            }
+            _ => false,
+        };
+        Box::pin(async move { Ok(swapped) })
+    }
+
+    fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let open = m
+            .approvals
+            .values()
+            .filter(|(_, open)| *open)
+            .map(|(r, _)| r.clone())
+            .collect();
+        Box::pin(async move { Ok(open) })
     }
 }
 

@@ -82,6 +82,32 @@ pub enum AuditEvent {
         team: String,
         priority: crate::outcome::Priority,
     },
+    /// A NEEDS_APPROVAL command parked for approvers.
+    ApprovalParked {
+        at: String,
+        approval_id: String,
+        digest: String,
+        approvals_required: u32,
+        expires_at: String,
+    },
+    /// A human decision on a parked command, or its refusal, or the expiry.
+    ApprovalDecision {
+        at: String,
+        approval_id: String,
+        /// The approver's broker user (broker-checked); `poller` for an expiry.
+        by: String,
+        /// `approve`, `deny`, `expire`.
+        decision: String,
+        /// The digest the approver bound to (approvals only).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        digest: Option<String>,
+        reason: String,
+        /// `counted`, `approved`, `denied`, `refused`, `expired`.
+        outcome: String,
+        /// Why it was refused.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        refusal: Option<String>,
+    },
     ControlChange {
         at: String,
         kind: String,

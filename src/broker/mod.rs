@@ -10,7 +10,8 @@ mod topology;
 
 pub use publisher::{Outgoing, Publish, Publisher};
 pub use topology::{
-    declare, declare_audit, declare_control, declare_replica_queue, expect_exist, Topology,
+    declare, declare_approvals, declare_audit, declare_control, declare_replica_queue,
+    expect_exist, Topology,
 };
 
 use lapin::{Connection, ConnectionProperties};
@@ -33,6 +34,9 @@ pub enum BrokerError {
     ConfirmsOff,
     #[error("broker: {0} took longer than {1:?}")]
     Timeout(&'static str, std::time::Duration),
+    /// The session is no longer usable (a consumer cancelled by the broker, say).
+    #[error("broker: {0}")]
+    Lost(String),
 }
 
 impl BrokerError {
@@ -43,7 +47,10 @@ impl BrokerError {
 
     /// Connection-level trouble (reconnect), as opposed to a message-level refusal.
     pub fn is_connection(&self) -> bool {
-        matches!(self, BrokerError::Amqp(_) | BrokerError::Timeout(..))
+        matches!(
+            self,
+            BrokerError::Amqp(_) | BrokerError::Timeout(..) | BrokerError::Lost(_)
+        )
     }
 }
 

@@ -20,6 +20,10 @@ pub mod routing {
     pub const AUDIT_COMMAND: &str = "audit.command";
     /// A control change's audit record.
     pub const AUDIT_CONTROL: &str = "audit.control";
+    /// An approval decision's audit record.
+    pub const AUDIT_APPROVAL: &str = "audit.approval";
+    /// Binding of the approvals queue: every decision (`approval.<decision>`).
+    pub const APPROVAL_BINDING: &str = "approval.#";
     /// An audit record the sink refused (dead-lettered).
     pub const AUDIT_REFUSED: &str = "audit.refused";
     /// An unapproved attempt shared with every replica for the trip.
@@ -48,6 +52,9 @@ pub mod message_type {
     pub const CONTROL_STATE: &str = "control_state";
     pub const CONTROL_STATE_MARKER: &str = "control_state_marker";
     pub const AUDIT_REFUSED: &str = "audit_refused";
+    pub const APPROVAL_DECISION: &str = "approval_decision";
+    pub const APPROVAL_REPLY: &str = "approval_reply";
+    pub const APPROVAL_EVENT: &str = "approval_event";
 }
 
 /// Header names the poller sets on dead letters.

@@ -245,6 +245,32 @@ pub fn audit_stream_arguments() -> FieldTable {
     stream_arguments(Some(AUDIT_MAX_AGE), None, AUDIT_SEGMENT_BYTES)
 }
 
+/// Declares the approvals' topology: the exchange approvers publish decisions to (topic,
+/// `approval.<decision>`) and the quorum queue the replicas share, bound `approval.#`. A decision
+/// that keeps failing is dead-lettered after `delivery_limit` deliveries, never cycled forever.
+pub async fn declare_approvals(
+    ch: &Channel,
+    a: &crate::settings::ApprovalSettings,
+    dead_letter_exchange: &str,
+    delivery_limit: u32,
+) -> Result<(), BrokerError> {
+    ch.exchange_declare(
+        a.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(delivery_limit as i32),
+    );
+    args.insert("x-dead-letter-exchange".into(), text(dead_letter_exchange));
+    bound(ch, &a.queue, args, &a.exchange, routing::APPROVAL_BINDING).await
+}
+
 /// Declares the control topology: the control exchange (topic, levers and attempts), the state
 /// exchange (fanout) and the state stream it feeds, and the events queue (`event.#`).
 pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {

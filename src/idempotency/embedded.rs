@@ -22,6 +22,11 @@ const RESULTS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("result
 /// key → (expires_at milliseconds, owner)
 const CLAIMS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("claims");
 
+/// approval id → (expires_at seconds, sealed record)
+const APPROVALS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("approvals");
+/// approval id → expires_at seconds, for the records still open
+const OPEN_APPROVALS: TableDefinition<&str, u64> = TableDefinition::new("open_approvals");
+
 /// Operations in one batch, at most.
 const MAX_BATCH: usize = 256;
 
@@ -94,6 +99,12 @@ impl EmbeddedStore {
             results
                 .retain(|_, (expires, _)| expires > now)
                 .map_err(err)?;
+            let mut approvals = tx.open_table(APPROVALS).map_err(err)?;
+            approvals
+                .retain(|_, (expires, _)| expires > now)
+                .map_err(err)?;
+            let mut open = tx.open_table(OPEN_APPROVALS).map_err(err)?;
+            open.retain(|_, expires| expires > now).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         let db = Arc::new(db);
@@ -279,7 +290,135 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Result<Claim, StoreError>
     }
 }
 
+impl EmbeddedStore {
+    /// Runs `f` in a write transaction of its own (approvals are few: no batching), off the
+    /// async threads.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write().map_err(err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(err)?;
+            Ok(out)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db.begin_read().map_err(err)?))
+            .await
+            .map_err(err)?
+    }
+}
+
+/// A live value of a `(expires_at seconds, text)` table.
+fn live<T: ReadableTable<&'static str, (u64, &'static str)>>(
+    t: &T,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(t.get(key).map_err(err)?.and_then(|v| {
+        let (exp, r) = v.value();
+        (exp > now_secs()).then(|| r.to_owned())
+    }))
+}
+
 impl ResultStore for EmbeddedStore {
+    fn result<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let key = self.key(key);
+        Box::pin(self.read(move |tx| match tx.open_table(RESULTS) {
+            Ok(t) => live(&t, &key),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(err(e)),
+        }))
+    }
+
+    fn park<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        let (id, record) = (self.key(id), record.to_owned());
+        Box::pin(self.write(move |tx| {
+            let mut t = tx.open_table(APPROVALS).map_err(err)?;
+            if let Some(existing) = live(&t, &id)? {
+                return Ok(existing);
+            }
+            let expires = now_secs() + retention.as_secs();
+            t.insert(id.as_str(), (expires, record.as_str()))
+                .map_err(err)?;
+            let mut open = tx.open_table(OPEN_APPROVALS).map_err(err)?;
+            open.insert(id.as_str(), expires).map_err(err)?;
+            Ok(record)
+        }))
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let id = self.key(id);
+        Box::pin(self.read(move |tx| match tx.open_table(APPROVALS) {
+            Ok(t) => live(&t, &id),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(err(e)),
+        }))
+    }
+
+    fn swap<'a>(
+        &'a self,
+        id: &'a str,
+        expected: &'a str,
+        new: &'a str,
+        open: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (id, expected, new) = (self.key(id), expected.to_owned(), new.to_owned());
+        Box::pin(self.write(move |tx| {
+            let mut t = tx.open_table(APPROVALS).map_err(err)?;
+            let expires = match t.get(id.as_str()).map_err(err)? {
+                Some(v) if v.value().1 == expected && v.value().0 > now_secs() => v.value().0,
+                _ => return Ok(false),
+            };
+            t.insert(id.as_str(), (expires, new.as_str()))
+                .map_err(err)?;
+            let mut listed = tx.open_table(OPEN_APPROVALS).map_err(err)?;
+            if open {
+                listed.insert(id.as_str(), expires).map_err(err)?;
+            } else {
+                listed.remove(id.as_str()).map_err(err)?;
+            }
+            Ok(true)
+        }))
+    }
+
+    fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        let prefix = format!("{}/", self.prefix);
+        Box::pin(self.read(move |tx| {
+            let (open, records) = match (tx.open_table(OPEN_APPROVALS), tx.open_table(APPROVALS)) {
+                (Ok(o), Ok(r)) => (o, r),
+                (Err(redb::TableError::TableDoesNotExist(_)), _)
+                | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(Vec::new()),
+                (Err(e), _) | (_, Err(e)) => return Err(err(e)),
+            };
+            let mut out = Vec::new();
+            for entry in open.iter().map_err(err)? {
+                let (id, _) = entry.map_err(err)?;
+                if !id.value().starts_with(&prefix) {
+                    continue;
+                }
+                if let Some(r) = live(&records, id.value())? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        }))
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a str,

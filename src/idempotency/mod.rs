@@ -79,6 +79,33 @@ pub trait ResultStore: Send + Sync {
     /// Drops `owner`'s claim without a result (the command went back to the queue).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)
         -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The stored result of `key` (as `complete` stored it), if any; takes no claim.
+    fn result<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
+
+    // Parked approvals (`crate::approval`): sealed records under an approval id, changed
+    // only by compare-and-set, so two replicas deciding at once can't both win.
+
+    /// Parks `record` under `id` (kept for `retention`, listed as open) unless a record is
+    /// there already; returns the stored record (this one, or the one parked before).
+    fn park<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<String, StoreError>>;
+    /// The record under `id`.
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
+    /// Replaces the record under `id` with `new` only if it is still `expected`; `open`: whether
+    /// it stays listed by `open_records`. False when it changed in between (nothing written).
+    fn swap<'a>(
+        &'a self,
+        id: &'a str,
+        expected: &'a str,
+        new: &'a str,
+        open: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Every open record (parked, not yet finalized).
+    fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

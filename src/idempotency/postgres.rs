@@ -1,5 +1,6 @@
-//! The PostgreSQL store, shared by replicas: table `command_poller_results` (result, expiry)
-//! and `command_poller_claims` (owner, expiry), created if missing. A claim is an upsert that
+//! The PostgreSQL store, shared by replicas: table `command_poller_results` (result, expiry),
+//! `command_poller_claims` (owner, expiry) and `command_poller_approvals` (sealed record,
+//! expiry, whether open), created if missing. A claim is an upsert that
 //! only takes over an expired or own row.
 
 use super::{Claim, ResultStore, StoreError};
@@ -29,7 +30,10 @@ impl PostgresStore {
                 "CREATE TABLE IF NOT EXISTS command_poller_results (
                      key text PRIMARY KEY, result text NOT NULL, expires_at timestamptz NOT NULL);
                  CREATE TABLE IF NOT EXISTS command_poller_claims (
-                     key text PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL);",
+                     key text PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL);
+                 CREATE TABLE IF NOT EXISTS command_poller_approvals (
+                     key text PRIMARY KEY, record text NOT NULL, expires_at timestamptz NOT NULL,
+                     open boolean NOT NULL);",
             )
             .await
             .map_err(err)?;
@@ -57,6 +61,18 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
+    async fn live_record(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT record FROM command_poller_approvals WHERE key = $1 AND expires_at > now()",
+                &[&id],
+            )
+            .await
+            .map_err(err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// Takes or renews `owner`'s claim on `key` (already prefixed) unless another owner's is
     /// live.
     async fn take_or_renew(
@@ -96,6 +112,78 @@ impl PostgresStore {
 }
 
 impl ResultStore for PostgresStore {
+    fn result<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move { self.done(&self.key(key)).await })
+    }
+
+    fn park<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            let id = self.key(id);
+            let secs = retention.as_secs() as f64;
+            // An expired row is replaced; a live one is kept and returned.
+            self.client
+                .execute(
+                    "INSERT INTO command_poller_approvals (key, record, expires_at, open)
+                     VALUES ($1, $2, now() + $3 * interval '1 second', true)
+                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record,
+                       expires_at = EXCLUDED.expires_at, open = true
+                       WHERE command_poller_approvals.expires_at <= now()",
+                    &[&id, &record, &secs],
+                )
+                .await
+                .map_err(err)?;
+            self.live_record(&id)
+                .await?
+                .ok_or_else(|| StoreError::Backend("postgres: the parked record vanished".into()))
+        })
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move { self.live_record(&self.key(id)).await })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        id: &'a str,
+        expected: &'a str,
+        new: &'a str,
+        open: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let n = self
+                .client
+                .execute(
+                    "UPDATE command_poller_approvals SET record = $3, open = $4
+                     WHERE key = $1 AND record = $2 AND expires_at > now()",
+                    &[&self.key(id), &expected, &new, &open],
+                )
+                .await
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let like = format!("{}/%", self.prefix.replace('%', "\\%").replace('_', "\\_"));
+            let rows = self
+                .client
+                .query(
+                    "SELECT record FROM command_poller_approvals
+                     WHERE open AND expires_at > now() AND key LIKE $1",
+                    &[&like],
+                )
+                .await
+                .map_err(err)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a str,

@@ -22,6 +22,10 @@ struct Scripts {
     complete: redis::Script,
     /// Drop only one's own claim.
     release: redis::Script,
+    /// Park an approval record unless a live one is there; returns the stored one.
+    park: redis::Script,
+    /// Replace an approval record only if unchanged, keeping its expiry; list or unlist it.
+    swap: redis::Script,
 }
 
 impl Scripts {
@@ -42,6 +46,20 @@ impl Scripts {
                  return 1",
             ),
             release: redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"),
+            park: redis::Script::new(
+                "local r = redis.call('GET', KEYS[1])
+                 if r then return r end
+                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+                 redis.call('SADD', KEYS[2], ARGV[3])
+                 return ARGV[1]",
+            ),
+            swap: redis::Script::new(
+                "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+                 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+                 if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[4])
+                 else redis.call('SREM', KEYS[2], ARGV[4]) end
+                 return 1",
+            ),
         }
     }
 }
@@ -68,9 +86,100 @@ impl RedisStore {
     fn claim_key(&self, key: &str) -> String {
         format!("{}:claim:{key}", self.prefix)
     }
+
+    fn approval_key(&self, id: &str) -> String {
+        format!("{}:approval:{id}", self.prefix)
+    }
+
+    /// The set of open approval ids.
+    fn open_key(&self) -> String {
+        format!("{}:approvals:open", self.prefix)
+    }
 }
 
 impl ResultStore for RedisStore {
+    fn result<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            c.get(self.done(key)).await.map_err(err)
+        })
+    }
+
+    fn park<'a>(
+        &'a self,
+        id: &'a str,
+        record: &'a str,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            self.scripts
+                .park
+                .key(self.approval_key(id))
+                .key(self.open_key())
+                .arg(record)
+                .arg(retention.as_secs().max(1))
+                .arg(id)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)
+        })
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            c.get(self.approval_key(id)).await.map_err(err)
+        })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        id: &'a str,
+        expected: &'a str,
+        new: &'a str,
+        open: bool,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let n: i64 = self
+                .scripts
+                .swap
+                .key(self.approval_key(id))
+                .key(self.open_key())
+                .arg(expected)
+                .arg(new)
+                .arg(if open { "1" } else { "0" })
+                .arg(id)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let ids: Vec<String> = c.smembers(self.open_key()).await.map_err(err)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                match c
+                    .get::<_, Option<String>>(self.approval_key(&id))
+                    .await
+                    .map_err(err)?
+                {
+                    Some(r) => out.push(r),
+                    // Expired with its retention: no longer listed.
+                    None => {
+                        let _: i64 = c.srem(self.open_key(), &id).await.map_err(err)?;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn claim<'a>(
         &'a self,
         key: &'a str,

@@ -69,7 +69,8 @@ pub fn identify(
 }
 
 /// Where, besides `mcp.results`, a command's result is delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "queue", rename_all = "snake_case")]
 pub enum ReplyTarget {
     None,
     /// RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to…`), via the default exchange.

@@ -1,6 +1,6 @@
 //! Alerts for humans: one message per team on `mcp.alerts`, routing key `<team>.<priority>`.
 
-use super::{AgentView, Priority, ResultMessage, Status, Team};
+use super::{AgentView, ApprovalTicket, JudgeVote, Priority, ResultMessage, Status, Team};
 use crate::intake::{ActionId, CommandType, Service};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,38 @@ pub struct Alert {
     pub action_required: String,
     pub poller_instance: String,
     pub at: String,
+    /// NEEDS_APPROVAL only: everything an approver needs to decide, and how to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalNotice>,
+}
+
+/// What a NEEDS_APPROVAL alert tells the approvers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalNotice {
+    #[serde(flatten)]
+    pub ticket: ApprovalTicket,
+    /// The judges' votes, with their reasons.
+    pub votes: Vec<JudgeVote>,
+    /// The exact command lines (fill in the reason).
+    pub approve_command: String,
+    pub deny_command: String,
+}
+
+impl ApprovalNotice {
+    pub fn new(ticket: &ApprovalTicket, votes: &[JudgeVote]) -> Self {
+        Self {
+            approve_command: format!(
+                "command-poller approve {} --digest {} --reason \"...\"",
+                ticket.approval_id, ticket.digest
+            ),
+            deny_command: format!(
+                "command-poller deny {} --reason \"...\"",
+                ticket.approval_id
+            ),
+            ticket: ticket.clone(),
+            votes: votes.to_vec(),
+        }
+    }
 }
 
 impl Alert {
@@ -33,7 +65,9 @@ impl Alert {
 fn action_required(status: Status) -> &'static str {
     match status {
         Status::Blocked => "Review the request manually: confirm with the agent's owner whether this integration is wanted, and follow the security and permissions review before connecting anything. If the service appears connected anyway, follow Emergency-INT-E02 (master shut-off).",
-        Status::NeedsApproval => "Review the judges' reasons and approve or deny the action manually. Repeated unapproved REFRESH_TOKEN attempts from one agent: follow Emergency-INT-E01 (pause the poller).",
+        Status::NeedsApproval => "Review the judges' reasons and approve or deny the action manually: `command-poller approvals list` shows it; run the approve_command or deny_command below (as an approver, with your reason) before it expires. Repeated unapproved REFRESH_TOKEN attempts from one agent: follow Emergency-INT-E01 (pause the poller).",
+        Status::Denied => "No action required: an approver denied it and it was never executed.",
+        Status::Expired => "Nobody decided in time, so it was never executed. If it is still wanted, the agent sends it again under a new action_id; if approvals keep expiring, look at who is on the approver rota.",
         Status::Failed => "Check the Apps Script bridge and the target service; the action did not complete and the agent may retry it.",
         Status::UnknownOutcome => "Check the target service (and the Apps Script executions log) to find out whether this action took effect: the bridge ran it but its answer was lost. Do not retry it until you know; send it again under a new action_id only if it did not happen.",
         Status::Success | Status::Rejected => "No action required.",
@@ -71,9 +105,23 @@ pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<
     );
     let mut routes = routes;
     // An unknown outcome always reaches a human, whatever the policy routes.
-    if routes.is_empty() && result.status == Status::UnknownOutcome {
-        routes.push((Team::parse("ops").expect("valid"), Priority::High));
+    if routes.is_empty() {
+        // Outcomes the runbook always reports, whatever the policy file routes.
+        match result.status {
+            Status::UnknownOutcome => {
+                routes.push((Team::parse("ops").expect("valid"), Priority::High))
+            }
+            Status::Denied | Status::Expired => {
+                routes.push((Team::parse("ops").expect("valid"), Priority::Normal))
+            }
+            _ => {}
+        }
     }
+    let approval = result
+        .approval
+        .as_ref()
+        .filter(|_| result.status == Status::NeedsApproval)
+        .map(|t| ApprovalNotice::new(t, &result.judges));
     routes
         .into_iter()
         .map(|(team, priority)| Alert {
@@ -90,6 +138,7 @@ pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<
             action_required: action_required(result.status).to_owned(),
             poller_instance: result.poller_instance.clone(),
             at: result.completed_at.clone(),
+            approval: approval.clone(),
         })
         .collect()
 }

@@ -7,8 +7,10 @@
 mod alert;
 mod result;
 
-pub use alert::{alerts_for, Alert};
-pub use result::{AgentView, BridgeSummary, ResultMessage, SeverityView};
+pub use alert::{alerts_for, Alert, ApprovalNotice};
+pub use result::{
+    AgentView, ApprovalMark, ApprovalTicket, BridgeSummary, ResultMessage, SeverityView,
+};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -25,6 +27,10 @@ pub enum Status {
     /// The bridge ran the action but its answer was lost (and it remembered none): whether it
     /// succeeded is unknown. Never retried automatically; a human checks the service.
     UnknownOutcome,
+    /// A NEEDS_APPROVAL command an approver denied: never executed.
+    Denied,
+    /// A NEEDS_APPROVAL command nobody decided in time: never executed.
+    Expired,
 }
 
 impl Status {
@@ -36,6 +42,8 @@ impl Status {
             Status::Failed => "FAILED",
             Status::Rejected => "REJECTED",
             Status::UnknownOutcome => "UNKNOWN_OUTCOME",
+            Status::Denied => "DENIED",
+            Status::Expired => "EXPIRED",
         }
     }
 

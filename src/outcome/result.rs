@@ -67,4 +67,34 @@ pub struct ResultMessage {
     /// between concluding and confirming publication, when it may already have gone out).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay: bool,
+    /// NEEDS_APPROVAL only: the parked approval the humans decide on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalTicket>,
+    /// A final result decided by humans: who approved (or denied), when and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalMark>,
+}
+
+/// What a NEEDS_APPROVAL result says about its parked approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalTicket {
+    pub approval_id: String,
+    /// SHA-256 over the canonical command, its agent and the policy digest: approvers bind
+    /// their approval to it (`approve --digest`).
+    pub digest: String,
+    pub approvals_required: u32,
+    /// RFC 3339: after it, the command ends EXPIRED and every decision is refused.
+    pub expires_at: String,
+}
+
+/// One human decision on a parked command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalMark {
+    /// The approver's broker user (the broker checked it).
+    pub by: String,
+    /// RFC 3339.
+    pub at: String,
+    pub reason: String,
+    /// `approve` or `deny`.
+    pub decision: String,
 }

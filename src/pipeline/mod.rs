@@ -8,6 +8,7 @@ mod disposition;
 
 pub use disposition::{Concluded, DeadLetter, DeadLetterBody, Disposition, Publication};
 
+use crate::approval::Parked;
 use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
 use crate::control::gate::Gate;
@@ -83,6 +84,20 @@ struct Draft {
 }
 
 impl Draft {
+    /// The fields of a parked command, for its final result.
+    fn of(rec: &Parked, instance: &str) -> Self {
+        Self {
+            received_at: rec.received_at.clone(),
+            instance: instance.to_owned(),
+            action_id: Some(rec.action_id.clone()),
+            command_type: Some(rec.command_type),
+            service: Some(rec.service.clone()),
+            agent: Some(rec.agent.clone()),
+            severity: rec.severity_view.clone(),
+            judges: rec.judges.clone(),
+        }
+    }
+
     fn finish(self, status: Status, rationale: String) -> ResultMessage {
         ResultMessage {
             action_id: self.action_id,
@@ -100,6 +115,8 @@ impl Draft {
             completed_at: now_rfc3339(),
             poller_instance: self.instance,
             replay: false,
+            approval: None,
+            approvals: Vec::new(),
         }
     }
 
@@ -314,10 +331,41 @@ impl Pipeline {
                 self.execute(&cmd, &agent, draft, rationale).await
             }
         };
-        let result = match result {
+        let mut result = match result {
             Ok(r) => r,
             Err(Deferred(why)) => return deferred(why, Some(claim), trail),
         };
+        if result.status == Status::NeedsApproval {
+            // Parked for approvers before it is published: the result names the approval.
+            let parked = self
+                .park(
+                    &cmd,
+                    &agent,
+                    msg.user_id.as_deref(),
+                    &reply,
+                    &digest,
+                    &result,
+                )
+                .await;
+            match parked {
+                Ok(rec) => {
+                    let ticket = rec.ticket();
+                    trail.push(AuditEvent::ApprovalParked {
+                        at: now_rfc3339(),
+                        approval_id: ticket.approval_id.clone(),
+                        digest: ticket.digest.clone(),
+                        approvals_required: ticket.approvals_required,
+                        expires_at: ticket.expires_at.clone(),
+                    });
+                    result.approval = Some(ticket);
+                }
+                Err(why) => {
+                    tracing::error!(error = %why, "could not park the command for approval; not publishing it (fail closed)");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return deferred(why, Some(claim), trail);
+                }
+            }
+        }
         self.history.record(
             agent.id.as_str(),
             cmd.command_type,
@@ -342,6 +390,139 @@ impl Pipeline {
             outcome,
             claim: Some(claim),
         }
+    }
+
+    /// Parks a NEEDS_APPROVAL command in the shared store (or finds it parked by an earlier
+    /// delivery of the same command): the record approvers decide on.
+    async fn park(
+        &self,
+        cmd: &Command,
+        agent: &Agent,
+        publisher: Option<&str>,
+        reply: &ReplyTarget,
+        command_digest: &str,
+        result: &ResultMessage,
+    ) -> Result<Parked, String> {
+        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let rule = self.policy.rule(cmd.command_type);
+        let now = crate::clock::unix_now();
+        let policy_digest = self.policy.digest().to_owned();
+        let rec = Parked {
+            approval_id: crate::approval::approval_id(&key),
+            action_key: key,
+            action_id: cmd.action_id.clone(),
+            command_type: cmd.command_type,
+            service: cmd.service.clone(),
+            severity: cmd.severity,
+            agent: AgentView::from(agent),
+            publisher: publisher.map(str::to_owned),
+            reply: reply.clone(),
+            judges: result.judges.clone(),
+            severity_view: result.severity.clone(),
+            received_at: result.received_at.clone(),
+            rationale: result.rationale.clone(),
+            digest: crate::approval::digest(command_digest, &policy_digest),
+            command_digest: command_digest.to_owned(),
+            policy_digest,
+            required: rule.approvals_required,
+            parked_at: now,
+            expires_at: now + rule.approval_ttl.as_secs(),
+            state: crate::approval::State::Pending,
+            approvals: Vec::new(),
+            denial: None,
+            decided_at: None,
+            notified: false,
+            reminded: false,
+            finalized: None,
+        };
+        let stored = self
+            .store
+            .park(&rec.approval_id, &rec.seal(&self.store_key), self.retention)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stored = Parked::unseal(&self.store_key, &stored)
+            .map_err(|e| format!("the parked approval {} is unreadable: {e}", rec.approval_id))?;
+        if stored.command_digest != rec.command_digest {
+            return Err(format!(
+                "approval {} is parked for another command",
+                rec.approval_id
+            ));
+        }
+        tracing::info!(approval_id = %stored.approval_id, required = stored.required, "parked for approval");
+        Ok(stored)
+    }
+
+    /// Executes an approved parked command: the same gate, bridge slots and bridge client as
+    /// any command. `Err`: held back (paused, halted), to be tried again.
+    pub async fn approved(&self, rec: &Parked) -> Result<ResultMessage, String> {
+        let draft = Draft::of(rec, &self.instance);
+        if rec.policy_digest != self.policy.digest() {
+            // Approved as decided under another policy: never executed under this one.
+            let mut r = draft.finish(
+                Status::Denied,
+                format!(
+                    "Approved by {}, but the policy changed before it was executed (parked under {}, now {}): not executed. Send it again under a new action_id to have it decided under the current policy.",
+                    approvers(rec),
+                    &rec.policy_digest[..12.min(rec.policy_digest.len())],
+                    &self.policy.digest()[..12]
+                ),
+            );
+            r.approvals = rec.approvals.clone();
+            return Ok(r);
+        }
+        let cmd = Command {
+            action_id: rec.action_id.clone(),
+            command_type: rec.command_type,
+            service: rec.service.clone(),
+            severity: rec.severity,
+            claimed_agent: None,
+        };
+        let agent = Agent {
+            id: rec.agent.id.clone(),
+            verified: rec.agent.verified,
+        };
+        let rationale = format!(
+            "Approved by {} ({} of {} required).",
+            approvers(rec),
+            rec.approvals.len(),
+            rec.required
+        );
+        match self.execute(&cmd, &agent, draft, rationale).await {
+            Ok(mut r) => {
+                r.approvals = rec.approvals.clone();
+                Ok(r)
+            }
+            Err(Deferred(why)) => Err(why),
+        }
+    }
+
+    /// The final result of a parked command that will never be executed (denied, expired).
+    pub fn closed(&self, rec: &Parked) -> ResultMessage {
+        let draft = Draft::of(rec, &self.instance);
+        let mut r = match &rec.denial {
+            Some(d) => draft.finish(
+                Status::Denied,
+                format!("Denied by {}: {}. Never executed.", d.by, d.reason),
+            ),
+            None => draft.finish(
+                Status::Expired,
+                format!(
+                    "Nobody decided before {} ({} of {} approvals): expired, never executed.",
+                    crate::clock::rfc3339(rec.expires_at),
+                    rec.approvals.len(),
+                    rec.required
+                ),
+            ),
+        };
+        r.approvals = rec.approvals.iter().chain(&rec.denial).cloned().collect();
+        r
+    }
+
+    /// A parked command's final result with its alerts.
+    pub fn conclude_parked(&self, rec: &Parked, result: ResultMessage) -> Concluded {
+        let mut outcome = self.conclude(result, rec.reply.clone(), Vec::new());
+        outcome.command_digest = Some(rec.command_digest.clone());
+        outcome
     }
 
     /// A duplicate of a concluded action: republish its stored result, marked as a replay;
@@ -639,6 +820,15 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// "alice, bob": who approved a parked command.
+fn approvers(rec: &Parked) -> String {
+    rec.approvals
+        .iter()
+        .map(|a| a.by.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn deferred(why: String, claim: Option<ClaimGuard>, audit: Vec<AuditEvent>) -> Disposition {

@@ -41,6 +41,27 @@ pub struct Rule {
     pub rationale: String,
     #[serde(default)]
     pub alerts: Vec<AlertRoute>,
+    /// Distinct approvers whose approval executes a NEEDS_APPROVAL command of this type
+    /// (M of the configured N). At least 1.
+    #[serde(default = "one")]
+    pub approvals_required: u32,
+    /// How long a NEEDS_APPROVAL command waits for its approvers (`approval_ttl_secs`); then it
+    /// ends EXPIRED, never executed.
+    #[serde(
+        rename = "approval_ttl_secs",
+        default = "fifteen_minutes",
+        deserialize_with = "crate::clock::de::secs",
+        serialize_with = "crate::clock::ser::secs"
+    )]
+    pub approval_ttl: std::time::Duration,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn fifteen_minutes() -> std::time::Duration {
+    std::time::Duration::from_secs(900)
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +140,16 @@ impl Policy {
         for (t, rule) in &file.commands {
             if rule.rationale.trim().is_empty() {
                 return Err(format!("commands.{t}.rationale: must not be empty"));
+            }
+            if rule.approvals_required == 0 {
+                return Err(format!(
+                    "commands.{t}.approvals_required: must be at least 1"
+                ));
+            }
+            if rule.approval_ttl.is_zero() {
+                return Err(format!(
+                    "commands.{t}.approval_ttl_secs: must be at least 1"
+                ));
             }
             for (i, route) in rule.alerts.iter().enumerate() {
                 if route.teams.is_empty() {

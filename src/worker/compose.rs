@@ -5,6 +5,8 @@ use super::render::Names;
 use super::settle::{Settler, Shell};
 use super::state::PollerState;
 use super::Poller;
+use crate::approval::desk::Desk;
+use crate::approval::webhook::Notifier;
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
@@ -31,6 +33,8 @@ pub enum StartError {
     Judge(String),
     #[error(transparent)]
     Store(#[from] crate::idempotency::StoreError),
+    #[error("{0}")]
+    Approval(String),
 }
 
 /// Builds the judges of the configured panel, with the API keys read with the settings
@@ -158,6 +162,10 @@ impl Poller {
         }
         let store = crate::idempotency::open(&settings.idempotency).await?;
         crate::idempotency::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
+        if let Some(url) = &settings.secrets.approval_webhook {
+            Notifier::new(url.clone(), settings.approval.webhook_timeout)
+                .map_err(StartError::Approval)?;
+        }
         Ok(Self::new(
             settings,
             Arc::new(policy),
@@ -232,7 +240,29 @@ impl Poller {
             instance: instance.clone(),
             poller_user: settings.poller_user(),
         };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let desk = Desk {
+            settings: settings.approval.clone(),
+            names: control_names.clone(),
+            store: shell.pipeline.store.clone(),
+            store_key: shell.pipeline.store_key.clone(),
+            policy_digest: shell.pipeline.policy.digest().to_owned(),
+            policy_file: settings.policy.file.clone(),
+            state: shell.settler.state.clone(),
+            wake: wake.clone(),
+            audit_exchange: settings.audit.exchange.clone(),
+        };
+        // `from_settings` has checked it.
+        let notifier = settings.secrets.approval_webhook.clone().and_then(|url| {
+            Notifier::new(url, settings.approval.webhook_timeout)
+                .map_err(|e| tracing::error!(error = %e, "approval webhook off"))
+                .ok()
+        });
         Self {
+            desk: Arc::new(desk),
+            approval: settings.approval.clone(),
+            notifier,
+            wake,
             settings: super::Sections {
                 amqp: settings.amqp.clone(),
                 topology: settings.topology.clone(),

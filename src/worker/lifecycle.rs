@@ -33,6 +33,18 @@ impl Poller {
             self.shell.settler.state.clone(),
             shutdown.clone(),
         ));
+        // Parked approvals: expired, executed and finalized by whichever replica sweeps first.
+        let sweeper = tokio::spawn(
+            crate::approval::sweeper::Sweeper {
+                shell: self.shell.clone(),
+                settings: self.approval.clone(),
+                names: self.control_names.clone(),
+                audit_exchange: self.settings.audit.exchange.clone(),
+                notifier: self.notifier.clone(),
+                wake: self.wake.clone(),
+            }
+            .run(shutdown.clone()),
+        );
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -65,6 +77,7 @@ impl Poller {
         }
         self.drain(&mut tasks).await;
         store_watch.abort();
+        sweeper.abort();
     }
 
     /// Lets in-flight commands finish within the drain timeout; the rest are aborted (their
@@ -160,6 +173,16 @@ impl Poller {
                 replica.attach(&control_ch, &state_ch, &publisher).await?;
             ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
                 .await?;
+            // Approval decisions: accepted whatever the mode (an approval while halted waits
+            // for the lift in its record, not in the queue).
+            let approvals_ch = consume_conn.create_channel().await?;
+            broker::declare_approvals(
+                &approvals_ch,
+                &self.approval,
+                &s.topology.dead_letter_exchange,
+                s.topology.delivery_limit,
+            )
+            .await?;
             // A consumer the broker stopped feeding without the stream ending or the
             // connection reporting it: checked while running and quiet (`consumer_stalled`).
             let watch_ch = consume_conn.create_channel().await?;
@@ -183,17 +206,25 @@ impl Poller {
                 state_reader,
                 commands,
                 watch_ch,
+                approvals_ch,
             ))
         };
-        let (publisher, replica, control_consumer, state_reader, mut commands, watch_ch) =
-            match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-                Ok(parts) => parts?,
-                Err(_) => {
-                    return Err(SessionError::Lost(format!(
-                        "setting up the session took longer than {SETUP_TIMEOUT:?}"
-                    )))
-                }
-            };
+        let (
+            publisher,
+            replica,
+            control_consumer,
+            state_reader,
+            mut commands,
+            watch_ch,
+            approvals_ch,
+        ) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+            Ok(parts) => parts?,
+            Err(_) => {
+                return Err(SessionError::Lost(format!(
+                    "setting up the session took longer than {SETUP_TIMEOUT:?}"
+                )))
+            }
+        };
         let mut control_task = {
             let replica = replica.clone();
             let publisher = publisher.clone();
@@ -203,6 +234,12 @@ impl Poller {
                     .await
             })
         };
+        let desk_stop = CancellationToken::new();
+        let mut desk_task = tokio::spawn(self.desk.clone().listen(
+            approvals_ch,
+            publisher.clone(),
+            desk_stop.clone(),
+        ));
         let mut mode = self.shell.settler.state.gate.watch();
         self.shell
             .settler
@@ -231,6 +268,7 @@ impl Poller {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
                 ended = &mut control_task => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
+                ended = &mut desk_task => break Err(SessionError::Lost(format!("approvals desk ended: {ended:?}"))),
                 changed = mode.changed() => {
                     if changed.is_err() { continue; }
                     let now = *mode.borrow_and_update();
@@ -255,6 +293,8 @@ impl Poller {
             }
         };
         control_task.abort();
+        desk_stop.cancel();
+        desk_task.abort();
         if outcome.is_ok() {
             // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
             // while the connections are still open, so results and acks go out.

@@ -50,4 +50,10 @@ pub struct Poller {
     control_names: crate::control::replica::Names,
     /// Keeps the embedded bridge simulator running, when it is the configured bridge.
     _simulator: Option<SimulatorHandle>,
+    /// Where approval decisions are handled (each session consumes for it).
+    desk: Arc<crate::approval::desk::Desk>,
+    /// The approval section, the webhook (if configured), and the sweeper's wake-up.
+    approval: crate::settings::ApprovalSettings,
+    notifier: Option<crate::approval::webhook::Notifier>,
+    wake: Arc<tokio::sync::Notify>,
 }

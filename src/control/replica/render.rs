@@ -106,6 +106,7 @@ pub fn alert(
         action_required: todo.to_owned(),
         poller_instance: names.instance.clone(),
         at,
+        approval: None,
     };
     Outgoing {
         exchange: names.alerts_exchange.clone(),

@@ -36,6 +36,9 @@ pub fn test_settings(sfx: &str) -> Settings {
     s.control.events_queue = format!("t.{sfx}.control.events");
     s.audit.exchange = format!("t.{sfx}.audit");
     s.audit.queue = format!("t.{sfx}.audit");
+    s.approval.exchange = format!("t.{sfx}.approvals");
+    s.approval.queue = format!("t.{sfx}.approvals");
+    s.approval.sweep_interval = Duration::from_millis(200);
     s.amqp.connection_name = format!("poller-{sfx}");
     s.amqp.reconnect_min = Duration::from_millis(50);
     s.amqp.reconnect_max = Duration::from_millis(500);
@@ -61,6 +64,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         c.state_queue.clone(),
         c.events_queue.clone(),
         s.audit.queue.clone(),
+        s.approval.queue.clone(),
     ];
     queues.extend(
         t.alert_teams
@@ -75,6 +79,7 @@ fn names(s: &Settings) -> (Vec<String>, Vec<String>) {
         c.exchange.clone(),
         c.state_exchange.clone(),
         s.audit.exchange.clone(),
+        s.approval.exchange.clone(),
     ];
     (queues, exchanges)
 }

@@ -1,0 +1,391 @@
+//! The approvals desk: where decisions arrive. Every replica consumes the shared approvals
+//! queue, so each decision is handled once, by whichever replica takes it.
+//!
+//! In: a decision message (its bytes, the broker-checked `user_id`, where to reply). Out: the
+//! parked record changed by compare-and-set (or nothing, with the reason), and what to publish:
+//! the reply, the event, the audit record, security's alert for abuse. [`Desk::handle`] does the
+//! store I/O and decides with [`rules::decide`]; [`Desk::listen`] consumes and publishes.
+
+use super::render::{self, ApprovalEvent};
+use super::rules::{self, Choice, Verdict};
+use super::wire::{self, PendingView, Reply, ReplyOutcome, Request};
+use super::{Parked, State};
+use crate::bridge::signing::Secret;
+use crate::broker::names::routing;
+use crate::broker::{BrokerError, Publish};
+use crate::control::replica::Names;
+use crate::idempotency::ResultStore;
+use crate::settings::ApprovalSettings;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// A decision message as the desk needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    pub body: Vec<u8>,
+    /// The broker-checked publishing user.
+    pub user_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// What handling a decision came to: everything to publish.
+#[derive(Debug, Clone)]
+pub struct Handled {
+    pub reply: Reply,
+    pub event: ApprovalEvent,
+    /// Security is alerted.
+    pub abuse: bool,
+    /// The record decided on, if one was found.
+    pub record: Option<Parked>,
+}
+
+pub struct Desk {
+    pub settings: ApprovalSettings,
+    pub names: Names,
+    pub store: Arc<dyn ResultStore>,
+    pub store_key: Secret,
+    /// The digest of the policy this replica runs.
+    pub policy_digest: String,
+    /// The policy file, read again at each approval: an approval is refused when it changed.
+    pub policy_file: PathBuf,
+    /// Its metrics are counted here.
+    pub state: Arc<crate::worker::PollerState>,
+    /// Wakes this replica's sweeper when a decision ends a wait.
+    pub wake: Arc<Notify>,
+    pub audit_exchange: String,
+}
+
+/// Compare-and-set attempts before a decision is refused as contended.
+const SWAP_TRIES: usize = 5;
+
+impl Desk {
+    /// The digests of the policy in force: the one running and the file as it is now.
+    fn policy_digests(&self) -> Vec<String> {
+        let file = match crate::policy::Policy::load(&self.policy_file) {
+            Ok(p) => p.digest().to_owned(),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        vec![self.policy_digest.clone(), file]
+    }
+
+    fn answer(
+        &self,
+        outcome: ReplyOutcome,
+        message: String,
+        event: ApprovalEvent,
+        abuse: bool,
+        record: Option<Parked>,
+    ) -> Handled {
+        Handled {
+            reply: Reply {
+                outcome,
+                message,
+                approval_id: event.approval_id.clone(),
+                pending: Vec::new(),
+                instance: self.names.instance.clone(),
+            },
+            event,
+            abuse,
+            record,
+        }
+    }
+
+    /// Handles one decision message: parse, check, decide, compare-and-set. Never fails: every
+    /// problem is a refusal with its reason.
+    pub async fn handle(&self, msg: &Inbound) -> Handled {
+        let now = crate::clock::unix_now();
+        let mut event = ApprovalEvent {
+            outcome: "refused".into(),
+            approval_id: None,
+            action_id: None,
+            agent: None,
+            by: msg.user_id.clone().unwrap_or_else(|| "(no user_id)".into()),
+            decision: "unreadable".into(),
+            digest: None,
+            reason: String::new(),
+            refusal: None,
+            instance: self.names.instance.clone(),
+            at: crate::clock::rfc3339(now),
+        };
+        let refuse = |mut event: ApprovalEvent, why: String, abuse: bool, rec: Option<Parked>| {
+            tracing::warn!(by = %event.by, approval_id = ?event.approval_id, why = %why, abuse, "approval decision refused");
+            event.refusal = Some(why.clone());
+            self.answer(ReplyOutcome::Refused, why, event, abuse, rec)
+        };
+        let req = match wire::parse(&msg.body, self.settings.max_decision_bytes) {
+            Ok(r) => r,
+            Err(why) => {
+                // From someone who is not an approver, even a malformed message is abuse.
+                let abuse = !self.is_approver(msg.user_id.as_deref());
+                return refuse(event, why, abuse, None);
+            }
+        };
+        event.decision = match &req {
+            Request::List => "list",
+            Request::Approve { .. } => "approve",
+            Request::Deny { .. } => "deny",
+        }
+        .into();
+        event.approval_id = req.approval_id().map(str::to_owned);
+        match &req {
+            Request::Approve { digest, reason, .. } => {
+                event.reason = reason.clone();
+                event.digest = Some(digest.clone());
+            }
+            Request::Deny { reason, .. } => event.reason = reason.clone(),
+            Request::List => {}
+        }
+        let Some(by) = msg.user_id.clone() else {
+            return refuse(
+                event,
+                "the message has no user_id: decisions must carry the broker-checked user_id"
+                    .into(),
+                true,
+                None,
+            );
+        };
+        if !self.is_approver(Some(&by)) {
+            return refuse(
+                event,
+                format!(
+                    "{by} is not an approver (approval.approvers): only listed approvers decide"
+                ),
+                true,
+                None,
+            );
+        }
+        let (id, choice, reason) = match req {
+            Request::List => return self.list(event, now).await,
+            Request::Approve {
+                approval_id,
+                digest,
+                reason,
+            } => (approval_id, Choice::Approve { digest }, reason),
+            Request::Deny {
+                approval_id,
+                reason,
+            } => (approval_id, Choice::Deny, reason),
+        };
+        for _ in 0..SWAP_TRIES {
+            let stored = match self.store.record(&id).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return refuse(
+                        event,
+                        format!("unknown approval id {id} (or past its retention)"),
+                        false,
+                        None,
+                    )
+                }
+                Err(e) => {
+                    return refuse(
+                        event,
+                        format!("the store is unavailable ({e}); nothing changed, try again"),
+                        false,
+                        None,
+                    )
+                }
+            };
+            let rec = match Parked::unseal(&self.store_key, &stored) {
+                Ok(r) => r,
+                Err(e) => {
+                    return refuse(
+                        event,
+                        format!("the parked record of {id} failed its integrity check ({e}): refused, nothing changed"),
+                        true,
+                        None,
+                    )
+                }
+            };
+            event.action_id = Some(rec.action_id.to_string());
+            event.agent = Some(rec.agent.id.to_string());
+            let ctx = rules::Context {
+                approvers: &self.settings.approvers,
+                now,
+                policy_digests: &self.policy_digests(),
+            };
+            let (next, verdict) = match rules::decide(&rec, &by, &choice, reason.trim(), &ctx) {
+                Ok(d) => d,
+                Err(r) => return refuse(event, r.reason, r.abuse, Some(rec)),
+            };
+            match self
+                .store
+                .swap(&id, &stored, &next.seal(&self.store_key), true)
+                .await
+            {
+                Ok(true) => {}
+                // Changed in between (another decision, a sweep): decide again on what is there.
+                Ok(false) => continue,
+                Err(e) => {
+                    return refuse(
+                        event,
+                        format!("the store is unavailable ({e}); nothing changed, try again"),
+                        false,
+                        Some(rec),
+                    )
+                }
+            }
+            let (outcome, message) = match verdict {
+                Verdict::Counted { have, need } => (
+                    ReplyOutcome::Counted,
+                    format!("approval counted: {have} of {need}; more approvers are needed"),
+                ),
+                Verdict::Approved => (
+                    ReplyOutcome::Approved,
+                    format!(
+                        "approved ({} of {}): it executes once, as soon as the system is running",
+                        next.approvals.len(),
+                        next.required
+                    ),
+                ),
+                Verdict::Denied => (
+                    ReplyOutcome::Denied,
+                    "denied: it will never be executed; the agent gets a DENIED result".into(),
+                ),
+            };
+            event.outcome = wire_name(outcome);
+            if next.state != State::Pending {
+                self.state
+                    .metrics
+                    .approval_decided(now.saturating_sub(next.parked_at));
+                self.wake.notify_one();
+            }
+            tracing::info!(by = %by, approval_id = %id, outcome = %event.outcome, "approval decision");
+            return self.answer(outcome, message, event, false, Some(next));
+        }
+        refuse(
+            event,
+            "the approval changed too often while deciding; try again".into(),
+            false,
+            None,
+        )
+    }
+
+    fn is_approver(&self, user: Option<&str>) -> bool {
+        user.is_some_and(|u| self.settings.approvers.iter().any(|a| a == u))
+    }
+
+    async fn list(&self, mut event: ApprovalEvent, now: u64) -> Handled {
+        let records = match self.store.open_records().await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("the store is unavailable ({e}); try again");
+                event.refusal = Some(why.clone());
+                return self.answer(ReplyOutcome::Refused, why, event, false, None);
+            }
+        };
+        let digests = self.policy_digests();
+        let mut pending: Vec<PendingView> = records
+            .iter()
+            .filter_map(|s| Parked::unseal(&self.store_key, s).ok())
+            .filter(|r| PendingView::listed(r, now))
+            .map(|r| PendingView::of(&r, now, &digests))
+            .collect();
+        pending.sort_by_key(|p| p.expires_in_secs);
+        event.outcome = "listed".into();
+        let mut h = self.answer(
+            ReplyOutcome::Listed,
+            format!("{} pending", pending.len()),
+            event,
+            false,
+            None,
+        );
+        h.reply.pending = pending;
+        h
+    }
+
+    /// Consumes the approvals queue until it ends or `stop` is cancelled; each decision is
+    /// handled, its messages published, and only then acked.
+    pub async fn listen(
+        self: Arc<Self>,
+        ch: lapin::Channel,
+        publisher: crate::broker::Publisher,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), BrokerError> {
+        ch.basic_qos(8, BasicQosOptions::default()).await?;
+        let mut consumer = ch
+            .basic_consume(
+                self.settings.queue.as_str().into(),
+                format!("{}-approvals", self.names.instance).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                d = consumer.next() => d,
+            };
+            let Some(delivery) = delivery else {
+                return Err(BrokerError::Lost(
+                    "the broker cancelled the approvals consumer".into(),
+                ));
+            };
+            let delivery = delivery?;
+            let p = &delivery.properties;
+            let msg = Inbound {
+                body: delivery.data.clone(),
+                user_id: p.user_id().as_ref().map(|u| u.to_string()),
+                reply_to: p.reply_to().as_ref().map(|u| u.to_string()),
+                correlation_id: p.correlation_id().as_ref().map(|u| u.to_string()),
+            };
+            let handled = self.handle(&msg).await;
+            self.publish(&publisher, &msg, &handled).await?;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+    }
+
+    /// Publishes what a decision came to: the reply, then (for decisions, not listings) the
+    /// event, security's alert for abuse, and the audit record.
+    pub async fn publish(
+        &self,
+        publisher: &dyn Publish,
+        msg: &Inbound,
+        h: &Handled,
+    ) -> Result<(), BrokerError> {
+        self.state.metrics.approval_decision(&h.event.outcome);
+        if let Some(to) = &msg.reply_to {
+            let reply = render::reply(to, msg.correlation_id.as_deref(), &h.reply);
+            if let Err(e) = publisher.publish(&reply).await {
+                if e.is_connection() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "approval reply not delivered");
+            }
+        }
+        if h.reply.outcome == ReplyOutcome::Listed {
+            return Ok(());
+        }
+        publisher
+            .publish(&render::event(&h.event, &self.names))
+            .await?;
+        if h.abuse {
+            publisher
+                .publish(&render::abuse_alert(
+                    &h.event,
+                    h.record.as_ref(),
+                    &self.names,
+                ))
+                .await?;
+        }
+        crate::audit::publish_record(
+            publisher,
+            &self.audit_exchange,
+            routing::AUDIT_APPROVAL,
+            &self.names.dead_letter_exchange,
+            &render::audit(&h.event, h.record.as_ref(), &self.names),
+            &self.names.poller_user,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn wire_name(o: ReplyOutcome) -> String {
+    crate::outcome::wire_name(&o)
+}
