@@ -466,6 +466,8 @@ pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
         ),
         ("POLLER__AUDIT__EXCHANGE", s.audit.exchange.clone()),
         ("POLLER__AUDIT__QUEUE", s.audit.queue.clone()),
+        ("POLLER__APPROVAL__EXCHANGE", s.approval.exchange.clone()),
+        ("POLLER__APPROVAL__QUEUE", s.approval.queue.clone()),
         (
             "POLLER__AMQP__CONNECTION_NAME",
             s.amqp.connection_name.clone(),
