@@ -64,6 +64,21 @@ impl Scripts {
     }
 }
 
+/// How the connection comes back after Redis (or the network) went away. The client's defaults
+/// multiply the reconnect delay by 100 after the first failed try, so one failed try during an
+/// outage left the store unusable for a minute after Redis was back (found when the approval
+/// sweeper's calls made that first failed try likely). Here a reconnect tries a few times within
+/// about a second, and the next command starts a fresh one; connecting and each answer are
+/// bounded, so a half-open connection fails a command instead of hanging it.
+fn reconnect_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_factor(2)
+        .set_max_delay(500)
+        .set_number_of_retries(2)
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(5))
+}
+
 fn err(e: redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
@@ -71,7 +86,9 @@ fn err(e: redis::RedisError) -> StoreError {
 impl RedisStore {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(err)?;
-        let conn = ConnectionManager::new(client).await.map_err(err)?;
+        let conn = ConnectionManager::new_with_config(client, reconnect_config())
+            .await
+            .map_err(err)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),

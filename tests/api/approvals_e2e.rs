@@ -630,3 +630,99 @@ async fn the_alert_and_the_webhook_carry_what_an_approver_needs_and_a_reminder_f
         .contains(&notice.approve_command.replace('"', "\\\"")));
     assert!(posts[0]["blocks"].is_array());
 }
+
+#[tokio::test]
+async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
+    let w = World::start(2, 60, None).await;
+    let file = std::env::temp_dir().join(format!("approval-audit-{}.jsonl", suffix()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sink = {
+        let (s, f, stop) = (w.h.settings.clone(), file.clone(), stop.clone());
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        })
+    };
+    let parked = w.parked("story-1").await;
+    assert_eq!(
+        w.ask(&w.alice, approve(&parked, "first")).await.outcome,
+        ReplyOutcome::Counted
+    );
+    assert_eq!(
+        w.ask(&w.alice, approve(&parked, "again")).await.outcome,
+        ReplyOutcome::Refused
+    );
+    assert_eq!(
+        w.ask(&w.bob, approve(&parked, "second")).await.outcome,
+        ReplyOutcome::Approved
+    );
+    assert_eq!(
+        w.final_result("story-1", Duration::from_secs(20))
+            .await
+            .status,
+        Status::Success
+    );
+    // receipt and parking, three decisions, the execution and its result.
+    let bin = env!("CARGO_BIN_EXE_command-poller");
+    let show = || {
+        let out = crate::common::isolated(bin)
+            .args(["audit", "show"])
+            .arg(&file)
+            .args(["--action-id", "story-1"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let s = show();
+        if s.lines().count() >= 5 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let lines: Vec<serde_json::Value> = shown
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["command", "approval", "approval", "approval", "command"],
+        "{shown}"
+    );
+    let event = |i: usize| lines[i]["events"][0].clone();
+    assert!(shown.contains("approval_parked"), "{shown}");
+    assert_eq!(event(1)["outcome"], "counted");
+    assert_eq!(event(1)["by"], w.alice.0.as_str());
+    assert_eq!(event(1)["digest"], parked.approval.as_ref().unwrap().digest);
+    assert_eq!(event(2)["outcome"], "refused");
+    assert_eq!(event(3)["outcome"], "approved");
+    assert_eq!(event(3)["by"], w.bob.0.as_str());
+    assert_eq!(event(3)["reason"], "second");
+    assert!(lines[4].to_string().contains("bridge_call"), "{shown}");
+    assert!(lines[4].to_string().contains("SUCCESS"), "{shown}");
+
+    // The metrics: two decisions counted, one refused, one time to decision, none pending.
+    let text =
+        w.h.poller_state
+            .metrics
+            .render(0, command_poller::control::Mode::Running);
+    for want in [
+        "command_poller_approval_decisions_total{outcome=\"counted\"} 1",
+        "command_poller_approval_decisions_total{outcome=\"refused\"} 1",
+        "command_poller_approval_decisions_total{outcome=\"approved\"} 1",
+        "command_poller_approval_time_to_decision_seconds_count 1",
+        "command_poller_approvals_pending 0",
+    ] {
+        assert!(text.contains(want), "{want} not in:\n{text}");
+    }
+    stop.cancel();
+    let _ = sink.await;
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
+}

@@ -165,6 +165,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         ("mcp.results", "result.success"),
         ("mcp.alerts", "security.high"),
         ("mcp.audit", "audit.command"),
+        ("mcp.approvals", "approval.approve"),
         ("", "mcp.commands"),
     ] {
         let e = try_publish(&agent, exchange, key, &agent_user)
@@ -232,6 +233,41 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
             .is_err(),
         "an operator is not an agent"
     );
+    let ops = Connection::connect(&defs.url("ops-admin"), Default::default())
+        .await
+        .unwrap();
+    assert!(
+        try_publish(
+            &ops,
+            "mcp.approvals",
+            "approval.approve",
+            &defs.user("ops-admin")
+        )
+        .await
+        .is_err(),
+        "an operator is not an approver"
+    );
+    // The approver may publish decisions, and nothing else.
+    let approver = Connection::connect(&defs.url("approver"), Default::default())
+        .await
+        .unwrap();
+    for (exchange, key) in [
+        ("mcp.commands", "command.refresh_token"),
+        ("mcp.control", "control.resume"),
+        ("mcp.alerts", "security.high"),
+        ("", "mcp.approvals"),
+    ] {
+        let e = try_publish(&approver, exchange, key, &defs.user("approver"))
+            .await
+            .expect_err(&format!("the approver published to {exchange:?}"));
+        assert!(e.contains("ACCESS_REFUSED"), "{exchange}: {e}");
+    }
+    for queue in ["mcp.approvals", "mcp.commands", "mcp.results"] {
+        let e = try_read(&approver, queue)
+            .await
+            .expect_err(&format!("the approver read {queue}"));
+        assert!(e.contains("ACCESS_REFUSED"), "{queue}: {e}");
+    }
 
     // The audit sink may read the audit stream, and can't erase it: no delete (no configure
     // right), and a stream can't be purged (finding 12: the sink's user could delete its queue).
@@ -381,6 +417,8 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     settings.control = defaults.control.clone();
     settings.control.operators = vec![defs.user("ops-admin")];
     settings.audit = defaults.audit.clone();
+    settings.approval = defaults.approval.clone();
+    settings.approval.approvers = vec![defs.user("approver")];
     settings.amqp.url = defs.url("command-poller");
     let sim = Arc::new(
         command_poller::bridge::simulator::start(
@@ -481,7 +519,70 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     assert_eq!(report.replicas.len(), 1, "{report:?}");
     assert!(report.replicas[0].accepted, "{report:?}");
     assert!(report.queue_depth.is_some());
+
+    // The approver's tools work on its rights: a command the judges refuse is parked, listed
+    // and denied by the approver, and the agent gets the DENIED result.
+    pch.basic_publish(
+        "mcp.commands".into(),
+        "command.refresh_token".into(),
+        Default::default(),
+        cmd("defs-2", "REFRESH_TOKEN", "salesforce", "MEDIUM")
+            .to_string()
+            .as_bytes(),
+        BasicProperties::default()
+            .with_user_id(agent_user.as_str().into())
+            .with_reply_to(own.as_str().into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let parked = next_result(&mut replies, "defs-2", Status::NeedsApproval).await;
+    let approver_url = defs.url("approver");
+    let ap = command_poller::approval::approver::Approver {
+        settings: &defaults.approval,
+        amqp_url: &approver_url,
+        wait: Duration::from_secs(10),
+    };
+    let list = ap
+        .send(&command_poller::approval::wire::Request::List)
+        .await
+        .expect("approvals list as the least-privileged approver");
+    assert_eq!(list.pending.len(), 1, "{list:?}");
+    let reply = ap
+        .send(&command_poller::approval::wire::Request::Deny {
+            approval_id: parked.approval.unwrap().approval_id,
+            reason: "not on the plan".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.outcome,
+        command_poller::approval::wire::ReplyOutcome::Denied,
+        "{reply:?}"
+    );
+    let denied = next_result(&mut replies, "defs-2", Status::Denied).await;
+    assert_eq!(denied.approvals[0].by, defs.user("approver"));
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
     let _ = std::fs::remove_file(store_path);
+}
+
+/// The next result of `action_id` with `want` on an agent's reply queue.
+async fn next_result(
+    replies: &mut lapin::Consumer,
+    action_id: &str,
+    want: Status,
+) -> command_poller::outcome::ResultMessage {
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(15), replies.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
+        let r: command_poller::outcome::ResultMessage = serde_json::from_slice(&d.data).unwrap();
+        if r.action_id.as_deref() == Some(action_id) && r.status == want {
+            return r;
+        }
+    }
 }

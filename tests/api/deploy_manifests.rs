@@ -109,6 +109,7 @@ fn compose_and_definitions_parse() {
         &settings.topology.dead_letter_queue,
         &settings.audit.queue,
         &settings.control.state_queue,
+        &settings.approval.queue,
     ] {
         assert!(queues.contains(&q.as_str()), "definitions lack {q}");
     }

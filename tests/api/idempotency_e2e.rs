@@ -560,6 +560,8 @@ async fn readyz_says_not_ready_while_the_store_is_unreachable() {
     let store = idempotency::open(&s).await.unwrap();
     let h = Harness::start(Options {
         store: Some(store),
+        // The sweeper's calls every 200 ms (the failed reconnect they trigger during the outage
+        // used to hold the store down for a minute after it came back).
         ..Default::default()
     })
     .await;
