@@ -12,8 +12,9 @@
 //! confirms, ack), renders every outgoing message in pure functions, and rides out broker
 //! restarts; [`control`] is operator control (levers, the stored state, trips); [`audit`] the
 //! audit records and their sink; [`broker`] the RabbitMQ boundary and its names; [`health`] and
-//! [`metrics`] what orchestrators scrape. [`cli`], [`agent`] and [`preflight`] are the command
-//! line. `docs/ARCHITECTURE.md` follows a command through these files.
+//! [`metrics`] what orchestrators scrape; [`approval`] the human decision on NEEDS_APPROVAL
+//! commands (pure rules, a desk for decisions, a sweeper that expires, executes and finalizes).
+//! [`cli`], [`agent`] and [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
 
 pub mod agent;
 pub mod approval;

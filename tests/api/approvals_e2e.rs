@@ -726,3 +726,101 @@ async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
 }
+
+/// Halts every replica (as guest, an operator in config/local.toml).
+async fn lever(h: &Harness, cmd: ControlCommand) {
+    h.operator().run(cmd).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
+    let store = open(Backend::Redis).await;
+    let mut w = World::start(1, 300, Some(store.clone())).await;
+    let lost = w.parked("crash-lost").await;
+    let done = w.parked("crash-done").await;
+    lever(
+        &w.h,
+        ControlCommand::Halt {
+            reason: "hold the approved commands".into(),
+            request_id: new_request_id(),
+        },
+    )
+    .await;
+    for (r, why) in [(&lost, "one"), (&done, "two")] {
+        let reply = w.ask(&w.alice, approve(r, why)).await;
+        assert_eq!(reply.outcome, ReplyOutcome::Approved);
+    }
+    // The poller dies with both approved and neither executed.
+    w.h.stop().await;
+    // Bad luck on top: "crash-done" had been executed and its SUCCESS stored, but the crash came
+    // before it was published (the store is written first).
+    let key = command_poller::idempotency::store_key(&w.h.settings.idempotency, None).unwrap();
+    let agent = command_poller::intake::Agent {
+        id: command_poller::intake::AgentId::parse("guest").unwrap(),
+        verified: true,
+    };
+    let command = command_poller::intake::decode(
+        refresh("crash-done").to_string().as_bytes(),
+        None,
+        command_poller::intake::DecodeLimits {
+            max_payload_bytes: 65536,
+        },
+    )
+    .unwrap();
+    let mut executed = done.clone();
+    executed.status = Status::Success;
+    executed.rationale = "executed just before the crash".into();
+    executed.approval = None;
+    let outcome = command_poller::idempotency::StoredOutcome {
+        published: false,
+        result: executed,
+        command_digest: Some(command_poller::idempotency::command_digest(
+            &agent, &command,
+        )),
+    };
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        store
+            .hold("guest/crash-done", "crashed-replica", ttl)
+            .await
+            .unwrap(),
+        command_poller::idempotency::Claim::Mine
+    );
+    store
+        .complete(
+            "guest/crash-done",
+            "crashed-replica",
+            &outcome.seal(&key),
+            ttl,
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+    // A new poller comes up halted (the stored state), then the halt is lifted.
+    w.h.shutdown = tokio_util::sync::CancellationToken::new();
+    let secret = w.h.secret.clone();
+    w.h.start_poller(Some(refusing_panel()), secret).await;
+    lever(
+        &w.h,
+        ControlCommand::Resume {
+            reason: "over".into(),
+            lift_halt: true,
+            request_id: new_request_id(),
+        },
+    )
+    .await;
+    let l = w.final_result("crash-lost", Duration::from_secs(20)).await;
+    assert_eq!(l.status, Status::Success, "{l:?}");
+    let d = w.final_result("crash-done", Duration::from_secs(20)).await;
+    assert_eq!(d.status, Status::Success, "{d:?}");
+    assert_eq!(d.rationale, "executed just before the crash");
+    assert!(
+        d.replay,
+        "the stored result is republished, marked as a replay"
+    );
+    settle().await;
+    assert_eq!(w.h.sim.executions("crash-lost"), 1, "lost");
+    assert_eq!(w.h.sim.posts("crash-done"), 0, "repeated");
+    assert_eq!(w.finals("crash-lost"), 1);
+}

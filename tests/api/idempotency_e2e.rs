@@ -41,6 +41,63 @@ async fn store(backend: Backend) -> (Arc<dyn ResultStore>, IdempotencySettings) 
 const ALL: [Backend; 3] = [Backend::Embedded, Backend::Redis, Backend::Postgres];
 
 #[tokio::test]
+async fn the_approval_records_contract_holds_for_every_backend() {
+    for backend in ALL {
+        let (s, _) = store(backend).await;
+        let (other, _) = store(backend).await;
+        let ttl = Duration::from_secs(60);
+        // Parking is insert-if-absent: a second park returns the first record.
+        assert_eq!(
+            s.park("ap-1", "v1", ttl).await.unwrap(),
+            "v1",
+            "{backend:?}"
+        );
+        assert_eq!(
+            s.park("ap-1", "v2", ttl).await.unwrap(),
+            "v1",
+            "{backend:?}"
+        );
+        assert_eq!(s.record("ap-1").await.unwrap().as_deref(), Some("v1"));
+        assert_eq!(s.record("ap-none").await.unwrap(), None);
+        // Compare-and-set: only from the value that is there.
+        assert!(
+            !s.swap("ap-1", "stale", "v3", true).await.unwrap(),
+            "{backend:?}"
+        );
+        assert!(
+            s.swap("ap-1", "v1", "v3", true).await.unwrap(),
+            "{backend:?}"
+        );
+        assert!(
+            !s.swap("ap-1", "v1", "v4", true).await.unwrap(),
+            "{backend:?}: twice"
+        );
+        assert!(!s.swap("ap-none", "", "v", true).await.unwrap());
+        s.park("ap-2", "w1", ttl).await.unwrap();
+        let mut open = s.open_records().await.unwrap();
+        open.sort();
+        assert_eq!(open, ["v3", "w1"], "{backend:?}");
+        // Closed: no longer listed, still readable.
+        assert!(s.swap("ap-1", "v3", "v5", false).await.unwrap());
+        assert_eq!(s.open_records().await.unwrap(), ["w1"], "{backend:?}");
+        assert_eq!(s.record("ap-1").await.unwrap().as_deref(), Some("v5"));
+        // Another prefix (another system sharing the store) sees none of it.
+        assert!(
+            other.open_records().await.unwrap().is_empty(),
+            "{backend:?}"
+        );
+        assert_eq!(other.record("ap-1").await.unwrap(), None, "{backend:?}");
+        // The stored result reads back without a claim.
+        s.claim("agent/r1", "o", ttl).await.unwrap();
+        assert_eq!(s.result("agent/r1").await.unwrap(), None);
+        s.complete("agent/r1", "o", "{}", ttl, true, false)
+            .await
+            .unwrap();
+        assert_eq!(s.result("agent/r1").await.unwrap().as_deref(), Some("{}"));
+    }
+}
+
+#[tokio::test]
 async fn the_store_contract_holds_for_every_backend() {
     for backend in ALL {
         let (s, cfg) = store(backend).await;
