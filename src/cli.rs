@@ -380,6 +380,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { online } => {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
+            crate::approval::check_ttls(&policy, settings.idempotency.retention)
+                .map_err(anyhow::Error::msg)?;
             if online {
                 let findings = crate::preflight::check(&settings).await;
                 for f in &findings {

@@ -361,17 +361,23 @@ impl Desk {
         if h.reply.outcome == ReplyOutcome::Listed {
             return Ok(());
         }
-        publisher
-            .publish(&render::event(&h.event, &self.names))
-            .await?;
+        // The decision is made (and stored) whatever happens here: a message the broker refuses
+        // is logged, not retried through a redelivery that would answer "already decided".
+        let event = render::event(&h.event, &self.names);
+        match publisher.publish(&event).await {
+            Err(e) if e.is_connection() => return Err(e),
+            Err(e) => tracing::error!(error = %e, "approval event not published"),
+            Ok(()) => {}
+        }
         if h.abuse {
-            publisher
-                .publish(&render::abuse_alert(
-                    &h.event,
-                    h.record.as_ref(),
-                    &self.names,
-                ))
-                .await?;
+            let alert = render::abuse_alert(&h.event, h.record.as_ref(), &self.names);
+            match publisher.publish(&alert).await {
+                Err(e) if e.is_connection() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, alert = %String::from_utf8_lossy(&alert.body), "security alert not published; here it is")
+                }
+                Ok(()) => {}
+            }
         }
         crate::audit::publish_record(
             publisher,

@@ -107,6 +107,25 @@ impl Parked {
     }
 }
 
+/// Every command type's approval wait must end before the store forgets the parked command
+/// (`idempotency.retention_secs`). Checked at start and by `check-config`.
+pub fn check_ttls(
+    policy: &crate::policy::Policy,
+    retention: std::time::Duration,
+) -> Result<(), String> {
+    for t in CommandType::ALL {
+        let ttl = policy.rule(t).approval_ttl;
+        if ttl >= retention {
+            return Err(format!(
+                "commands.{t}.approval_ttl_secs ({} s) must be shorter than idempotency.retention_secs ({} s): a parked command must outlive its wait",
+                ttl.as_secs(),
+                retention.as_secs()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The approval id of a command key: the same command parked twice (a redelivery) is one
 /// approval. 24 hex characters, easy to type.
 pub fn approval_id(action_key: &str) -> String {
@@ -180,6 +199,16 @@ mod tests {
         assert!(Parked::unseal(&Secret::new("other"), &sealed).is_err());
         let approved = sealed.replace("PENDING", "APPROVED");
         assert!(Parked::unseal(&key, &approved).is_err());
+    }
+
+    #[test]
+    fn an_approval_wait_must_end_before_the_store_forgets_the_command() {
+        let policy = crate::policy::Policy::load(std::path::Path::new("config/policy.toml"))
+            .expect("the shipped policy loads");
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        assert!(check_ttls(&policy, week).is_ok());
+        let e = check_ttls(&policy, std::time::Duration::from_secs(900)).unwrap_err();
+        assert!(e.contains("approval_ttl_secs (900 s)"), "{e}");
     }
 
     #[test]

@@ -518,9 +518,25 @@ impl Pipeline {
         r
     }
 
-    /// A parked command's final result with its alerts.
+    /// A parked command's final result with its alerts, and the audit event that ends its
+    /// approval (executed, denied, expired: who decided, the digest).
     pub fn conclude_parked(&self, rec: &Parked, result: ResultMessage) -> Concluded {
-        let mut outcome = self.conclude(result, rec.reply.clone(), Vec::new());
+        let by = match (&rec.denial, rec.state) {
+            (Some(d), _) => d.by.clone(),
+            (None, crate::approval::State::Expired) => "(expiry)".to_owned(),
+            (None, _) => approvers(rec),
+        };
+        let trail = vec![AuditEvent::ApprovalDecision {
+            at: now_rfc3339(),
+            approval_id: rec.approval_id.clone(),
+            by,
+            decision: "finalize".into(),
+            digest: Some(rec.digest.clone()),
+            reason: result.rationale.clone(),
+            outcome: result.status.as_str().to_ascii_lowercase(),
+            refusal: None,
+        }];
+        let mut outcome = self.conclude(result, rec.reply.clone(), trail);
         outcome.command_digest = Some(rec.command_digest.clone());
         outcome
     }

@@ -162,6 +162,8 @@ impl Poller {
         }
         let store = crate::idempotency::open(&settings.idempotency).await?;
         crate::idempotency::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
+        crate::approval::check_ttls(&policy, settings.idempotency.retention)
+            .map_err(StartError::Approval)?;
         if let Some(url) = &settings.secrets.approval_webhook {
             Notifier::new(url.clone(), settings.approval.webhook_timeout)
                 .map_err(StartError::Approval)?;

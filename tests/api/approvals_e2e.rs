@@ -705,6 +705,8 @@ async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
     assert_eq!(event(3)["by"], w.bob.0.as_str());
     assert_eq!(event(3)["reason"], "second");
     assert!(lines[4].to_string().contains("bridge_call"), "{shown}");
+    assert_eq!(lines[4]["events"][0]["decision"], "finalize", "{shown}");
+    assert_eq!(lines[4]["events"][0]["outcome"], "success", "{shown}");
     assert!(lines[4].to_string().contains("SUCCESS"), "{shown}");
 
     // The metrics: two decisions counted, one refused, one time to decision, none pending.
@@ -823,4 +825,53 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
     assert_eq!(w.h.sim.executions("crash-lost"), 1, "lost");
     assert_eq!(w.h.sim.posts("crash-done"), 0, "repeated");
     assert_eq!(w.finals("crash-lost"), 1);
+}
+
+#[tokio::test]
+async fn a_policy_changed_between_approval_and_execution_denies_it() {
+    let mut w = World::start(1, 300, Some(open(Backend::Postgres).await)).await;
+    let parked = w.parked("pol-late").await;
+    lever(
+        &w.h,
+        ControlCommand::Halt {
+            reason: "hold".into(),
+            request_id: new_request_id(),
+        },
+    )
+    .await;
+    let r = w.ask(&w.alice, approve(&parked, "fine as it was")).await;
+    assert_eq!(r.outcome, ReplyOutcome::Approved);
+    // While halted, the policy file changes and the poller restarts on it.
+    w.h.stop().await;
+    let text = std::fs::read_to_string(&w.policy).unwrap();
+    std::fs::write(
+        &w.policy,
+        format!("{text}\n# tightened during the incident\n"),
+    )
+    .unwrap();
+    w.h.shutdown = tokio_util::sync::CancellationToken::new();
+    let secret = w.h.secret.clone();
+    w.h.start_poller(Some(refusing_panel()), secret).await;
+    lever(
+        &w.h,
+        ControlCommand::Resume {
+            reason: "over".into(),
+            lift_halt: true,
+            request_id: new_request_id(),
+        },
+    )
+    .await;
+    let done = w.final_result("pol-late", Duration::from_secs(20)).await;
+    assert_eq!(done.status, Status::Denied, "{done:?}");
+    assert!(
+        done.rationale.contains("policy changed"),
+        "{}",
+        done.rationale
+    );
+    settle().await;
+    assert_eq!(
+        w.h.sim.posts("pol-late"),
+        0,
+        "executed under a policy nobody approved it for"
+    );
 }
