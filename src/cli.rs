@@ -108,6 +108,13 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The operator console: a web page for operators and approvers, who log in with their own
+    /// broker user (see the README's "Operator console").
+    Console {
+        /// Address to serve on (default: console.listen).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Parked NEEDS_APPROVAL commands: `approvals list`.
     Approvals {
         #[command(subcommand)]
@@ -351,6 +358,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             operate(&settings, op, cmd).await
         }
         Command::Audit { command } => audit(&settings, command).await,
+        Command::Console { listen } => {
+            let addr = listen.unwrap_or(settings.console.listen);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("console: listening on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "console listening");
+            let stop = CancellationToken::new();
+            tokio::spawn(watch_signals(stop.clone()));
+            let console =
+                crate::console::Console::new(crate::console::Parts::from_settings(&settings));
+            crate::console::serve(listener, console, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Approvals {
             command: ApprovalsCommand::List { ap },
         } => decide(&settings, ap, crate::approval::wire::Request::List).await,

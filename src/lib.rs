@@ -23,6 +23,7 @@ pub mod bridge;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod console;
 pub mod control;
 pub mod health;
 pub mod idempotency;

@@ -33,6 +33,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub idempotency: crate::idempotency::IdempotencySettings,
     pub approval: ApprovalSettings,
+    pub console: ConsoleSettings,
     /// The secrets the sections name, read from the environment with the settings (not a
     /// configuration key; never logged).
     #[serde(skip)]
@@ -404,6 +405,29 @@ pub struct AuditSettings {
     /// Environment variable holding the chain key: with it the chain's links are HMACs, so
     /// rewriting the file needs the key; `audit verify` reads the same variable. Never logged.
     pub chain_key_env: String,
+}
+
+/// The operator console (`command-poller console`, the `[console]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Address the console serves on (`--listen` overrides it).
+    pub listen: std::net::SocketAddr,
+    /// An idle session ends after this long, and its broker connection is closed
+    /// (`idle_timeout_secs`).
+    #[serde(rename = "idle_timeout_secs", deserialize_with = "de::secs")]
+    pub idle_timeout: Duration,
+    /// Mark the session cookie `Secure` (set it when a TLS proxy serves the console).
+    pub secure_cookies: bool,
+    /// Failed logins allowed per user name, and per client address, within `login_window_secs`.
+    pub max_failed_logins: usize,
+    #[serde(rename = "login_window_secs", deserialize_with = "de::secs")]
+    pub login_window: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_form_bytes: usize,
+    /// The audit chain file `command-poller audit sink` writes, for an action's story; empty:
+    /// the story page says it is not configured.
+    pub audit_file: String,
 }
 
 /// Human approval of NEEDS_APPROVAL commands (the `[approval]` section).

@@ -35,18 +35,32 @@ impl Approver<'_> {
     pub async fn send(&self, req: &Request) -> Result<Reply, ApproverError> {
         let user = broker::user_of(self.amqp_url);
         let conn = broker::connect(self.amqp_url, "command-poller-approver").await?;
-        let result = self.exchange(&conn, &user, req).await;
+        let result = self.send_on(&conn, &user, req).await;
         broker::close(&conn, "done").await;
         result
     }
 
-    async fn exchange(
+    /// Sends `req` on an open connection of the approver `user` (the console keeps one per
+    /// session); the connection stays open.
+    pub async fn send_on(
         &self,
         conn: &lapin::Connection,
         user: &str,
         req: &Request,
     ) -> Result<Reply, ApproverError> {
         let publisher = Publisher::open(conn).await?;
+        let answer = self.ask(&publisher, user, req).await;
+        // The connection may be a console session's, kept open.
+        let _ = publisher.channel().close(200, "done".into()).await;
+        answer
+    }
+
+    async fn ask(
+        &self,
+        publisher: &Publisher,
+        user: &str,
+        req: &Request,
+    ) -> Result<Reply, ApproverError> {
         // Direct reply-to: consume the pseudo-queue before publishing on the same channel.
         let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
         let correlation = uuid::Uuid::new_v4().to_string();

@@ -70,20 +70,35 @@ impl<'a> Operator<'a> {
 }
 
 impl Operator<'_> {
+    /// Connects as the operator, runs `cmd`, and closes the connection.
     pub async fn run(&self, cmd: ControlCommand) -> Result<Report, OperatorError> {
-        let c = self.control;
         let user = broker::user_of(self.amqp_url);
         let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
+        let report = self.run_on(&conn, &user, cmd).await;
+        broker::close(&conn, "done").await;
+        report
+    }
+
+    /// Runs `cmd` on an open connection of the operator `user` (the console keeps one per
+    /// session); the connection stays open.
+    pub async fn run_on(
+        &self,
+        conn: &lapin::Connection,
+        user: &str,
+        cmd: ControlCommand,
+    ) -> Result<Report, OperatorError> {
+        let c = self.control;
+        let user = user.to_owned();
         // An operator may not configure anything (least privilege): where the declare is
         // refused, the control topology (the replicas declare it) must simply exist.
         let declared = conn.create_channel().await?;
         match declare_control(&declared, c).await {
             Ok(()) => {}
-            Err(e) if e.is_access_refused() => expect_control(&conn, c).await?,
+            Err(e) if e.is_access_refused() => expect_control(conn, c).await?,
             Err(e) => return Err(e.into()),
         }
         let ch = conn.create_channel().await?;
-        let publisher = Publisher::open(&conn).await?;
+        let publisher = Publisher::open(conn).await?;
         let state_ch = conn.create_channel().await?;
         let classify = state_writer(&c.operators, &self.poller_user);
         let reader = StateReader::open(&state_ch, &publisher, c, &user, classify)
@@ -184,7 +199,10 @@ impl Operator<'_> {
             .await
             .ok()
             .map(|q| q.message_count());
-        let _ = conn.close(200, "done".into()).await;
+        // The connection may be a console session's, kept open: close what this run opened.
+        for done in [&ch, &declared, publisher.channel()] {
+            let _ = done.close(200, "done".into()).await;
+        }
         replicas.sort_by(|a, b| a.instance.cmp(&b.instance));
         Ok(Report {
             request_id: cmd.request_id().to_owned(),

@@ -1,0 +1,241 @@
+//! The console's pages, rendered from templates (minijinja, HTML auto-escaped), pure.
+//!
+//! In: what a page shows (serializable views). Out: HTML. No I/O: tested without a server.
+
+use minijinja::{context, Environment, Value};
+use serde::Serialize;
+use std::sync::OnceLock;
+
+const LAYOUT: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{% if refresh %}<meta http-equiv="refresh" content="{{ refresh }}">{% endif %}
+<title>{{ title }} · command-poller</title>
+<style>
+body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
+header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.4em;align-items:center}
+header a{color:#cfd6e4;text-decoration:none}header a.here{color:#fff;font-weight:600}
+header form{margin-left:auto}main{padding:1.2em;max-width:1100px}
+.mode{display:inline-block;padding:.3em .8em;border-radius:4px;font-weight:700;color:#fff}
+.RUNNING{background:#1a7f37}.PAUSED{background:#b26b00}.HALTED{background:#b42318}
+table{border-collapse:collapse;width:100%;background:#fff}th,td{border:1px solid #dde1e8;padding:.4em .6em;text-align:left;vertical-align:top}
+.box{background:#fff;border:1px solid #dde1e8;padding:1em;margin:1em 0;border-radius:4px}
+.msg{padding:.6em 1em;border-radius:4px;margin:1em 0}.ok{background:#dcf5e3}.err{background:#fde2e1}.note{background:#fff4d6}
+input[type=text],input[type=password]{padding:.35em;width:18em}button{padding:.35em .9em;cursor:pointer}
+button.danger{background:#b42318;color:#fff;border:0}.muted{color:#667085}code{font-size:.9em}
+</style></head><body>
+<header><strong>command-poller</strong>
+{% if user %}
+{% if roles.operator %}<a href="/overview" class="{{ 'here' if page == 'overview' }}">Overview</a>{% endif %}
+{% if roles.approver %}<a href="/approvals" class="{{ 'here' if page == 'approvals' }}">Approvals</a>{% endif %}
+<a href="/actions" class="{{ 'here' if page == 'actions' }}">Action story</a>
+<form method="post" action="/logout"><input type="hidden" name="csrf" value="{{ csrf }}"><span class="muted">{{ user }}</span> <button>Log out</button></form>
+{% endif %}</header>
+<main>
+{% if flash %}<div class="msg {{ flash.kind }}" id="flash">{{ flash.text }}</div>{% endif %}
+{% block body %}{% endblock %}
+</main></body></html>"#;
+
+const LOGIN: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>Log in</h1>
+<p class="muted">With your own broker user: operators (control.operators) and approvers (approval.approvers) only.</p>
+<form method="post" action="/login" class="box">
+<input type="hidden" name="next" value="{{ next }}">
+<p><label>Broker user<br><input type="text" name="user" id="user" autocomplete="username" required></label></p>
+<p><label>Password<br><input type="password" name="password" id="password" autocomplete="current-password" required></label></p>
+<p><button id="login">Log in</button></p></form>
+{% endblock %}"#;
+
+const OVERVIEW: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>Overview</h1>
+<div class="box"><span class="mode {{ mode }}" id="mode">{{ mode }}</span>
+{% if since %} since {{ since }}{% endif %}{% if by %} · by <strong>{{ by }}</strong>{% endif %}
+{% if reason %} · “{{ reason }}”{% endif %}
+{% if note %}<p class="msg note">{{ note }}</p>{% endif %}
+<p>Commands waiting in the queue: <strong id="depth">{{ depth if depth is not none else "unknown" }}</strong></p></div>
+<h2>Replicas ({{ replicas|length }})</h2>
+<table id="replicas"><tr><th>instance</th><th>mode</th><th>in flight</th><th>at the bridge</th><th>processed</th></tr>
+{% for r in replicas %}<tr><td>{{ r.instance }}</td><td>{{ r.state.mode }}</td><td>{{ r.in_flight }}</td><td>{{ r.at_bridge }}</td><td>{{ r.processed }}</td></tr>
+{% else %}<tr><td colspan="5" class="muted">no live replica answered</td></tr>{% endfor %}</table>
+<h2>Levers</h2>
+<div class="box">
+<form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
+<p><label>Reason (required)<br><input type="text" name="reason" id="reason" required></label></p>
+<p><button name="action" value="pause" id="pause">Pause (E01)</button>
+<button name="action" value="resume" id="resume">Resume</button>
+<button name="action" value="halt" id="halt" class="danger">Halt: master shut-off (E02)…</button>
+<button name="action" value="lift" id="lift">Lift the halt…</button></p></form>
+<p class="muted">This page refreshes every {{ refresh }} s.</p></div>
+{% endblock %}"#;
+
+const CONFIRM: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>Confirm: {{ what }}</h1>
+<div class="box msg note"><p>{{ warning }}</p><p>Reason: “{{ reason }}”</p>
+<form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
+<input type="hidden" name="action" value="{{ action }}"><input type="hidden" name="reason" value="{{ reason }}">
+<input type="hidden" name="confirm" value="yes">
+<button class="danger" id="confirm">Yes, {{ what }}</button> <a href="/overview">Cancel</a></form></div>
+{% endblock %}"#;
+
+const APPROVALS: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>Approvals inbox</h1>
+{% if note %}<p class="msg note">{{ note }}</p>{% endif %}
+{% for p in pending %}<div class="box approval" id="approval-{{ p.approval_id }}">
+<h3>{{ p.command_type }} for {{ p.service }} · agent {{ p.agent.id }}{% if not p.agent.verified %} (unverified){% endif %}</h3>
+<p>action <code>{{ p.action_id }}</code> · approvals {{ p.approvals|length }} of {{ p.approvals_required }} · parked {{ p.age_secs }} s ago · <strong>{{ p.expires_in_secs }} s left</strong> (expires {{ p.expires_at }})</p>
+<p>{{ p.rationale }}</p>
+<table><tr><th>judge</th><th>vote</th><th>reason</th></tr>{% for j in p.judges %}<tr><td>{{ j.name }}</td><td>{{ j.verdict }}</td><td>{{ j.reason }}</td></tr>{% endfor %}</table>
+{% if p.approvals %}<p>Approved so far by: {% for a in p.approvals %}{{ a.by }} (“{{ a.reason }}”){% if not loop.last %}, {% endif %}{% endfor %}</p>{% endif %}
+<p class="muted">digest <code>{{ p.digest }}</code></p>
+{% if p.blocked %}<p class="msg note">{{ p.blocked }}</p>{% else %}
+<form method="post" action="/approvals/decide"><input type="hidden" name="csrf" value="{{ csrf }}">
+<input type="hidden" name="approval_id" value="{{ p.approval_id }}"><input type="hidden" name="digest" value="{{ p.digest }}">
+<label>Reason (required) <input type="text" name="reason" required></label>
+<button name="decision" value="approve" class="approve">Approve</button> <button name="decision" value="deny" class="danger deny">Deny</button></form>{% endif %}
+</div>{% else %}<p class="muted" id="empty">Nothing waits for a decision.</p>{% endfor %}
+{% endblock %}"#;
+
+const ACTIONS: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>What happened to an action</h1>
+<form method="get" action="/actions" class="box"><label>action_id <input type="text" name="action_id" value="{{ action_id }}" id="action_id"></label> <button>Show</button></form>
+{% if note %}<p class="msg note">{{ note }}</p>{% endif %}
+{% for r in records %}<div class="box"><strong>{{ r.kind }}</strong> · {{ r.at }} · {{ r.instance }}
+<table>{% for e in r.events %}<tr><td>{{ e.type }}</td><td><code>{{ e|tojson }}</code></td></tr>{% endfor %}</table></div>{% endfor %}
+{% endblock %}"#;
+
+const MESSAGE: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>{{ heading }}</h1><div class="msg {{ kind }}">{{ text }}</div>
+<p><a href="{{ back }}">Back</a></p>
+{% endblock %}"#;
+
+fn env() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut e = Environment::new();
+        for (name, src) in [
+            ("layout.html", LAYOUT),
+            ("login.html", LOGIN),
+            ("overview.html", OVERVIEW),
+            ("confirm.html", CONFIRM),
+            ("approvals.html", APPROVALS),
+            ("actions.html", ACTIONS),
+            ("message.html", MESSAGE),
+        ] {
+            e.add_template(name, src)
+                .expect("a console template parses");
+        }
+        e
+    })
+}
+
+/// Who is looking (for the header).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Viewer {
+    pub user: String,
+    pub operator: bool,
+    pub approver: bool,
+    pub csrf: String,
+}
+
+/// A one-line message at the top of a page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Flash {
+    /// `ok`, `err`, `note`.
+    pub kind: &'static str,
+    pub text: String,
+}
+
+/// Renders `page` (a template name without `.html`) for `viewer` with `values`.
+pub fn render(
+    page: &str,
+    title: &str,
+    viewer: Option<&Viewer>,
+    flash: Option<Flash>,
+    values: Value,
+) -> String {
+    let base = context! {
+        page => page,
+        title => title,
+        user => viewer.map(|v| v.user.clone()),
+        roles => viewer.map(|v| context!{ operator => v.operator, approver => v.approver }),
+        csrf => viewer.map(|v| v.csrf.clone()),
+        flash => Value::from(minijinja::value::Serde(&flash)),
+    };
+    let ctx = context! { ..values, ..base };
+    env()
+        .get_template(&format!("{page}.html"))
+        .and_then(|t| t.render(ctx))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, page, "console page failed to render");
+            format!(
+                "<!doctype html><title>error</title><p>The page {page} could not be rendered.</p>"
+            )
+        })
+}
+
+/// A page that only says something (an error, a refusal, a confirmation).
+pub fn message(
+    viewer: Option<&Viewer>,
+    heading: &str,
+    kind: &str,
+    text: &str,
+    back: &str,
+) -> String {
+    render(
+        "message",
+        heading,
+        viewer,
+        None,
+        context! { heading => heading, kind => kind, text => text, back => back },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn viewer() -> Viewer {
+        Viewer {
+            user: "ops-admin".into(),
+            operator: true,
+            approver: false,
+            csrf: "tok123".into(),
+        }
+    }
+
+    #[test]
+    fn every_page_renders_and_escapes_what_it_shows() {
+        let html = render(
+            "overview",
+            "Overview",
+            Some(&viewer()),
+            Some(Flash {
+                kind: "ok",
+                text: "<script>alert(1)</script>".into(),
+            }),
+            context! { mode => "PAUSED", reason => "agent <b>7</b>", replicas => Vec::<i32>::new(), depth => 3, refresh => 5 },
+        );
+        assert!(html.contains(r#"<span class="mode PAUSED" id="mode">PAUSED</span>"#));
+        assert!(html.contains("&lt;script&gt;"), "escaped");
+        assert!(!html.contains("<script>alert"));
+        assert!(
+            html.contains("agent &lt;b&gt;7&lt;&#x2f;b&gt;")
+                || html.contains("agent &lt;b&gt;7&lt;/b&gt;")
+        );
+        assert!(html.contains(r#"name="csrf" value="tok123""#));
+        assert!(html.contains("no live replica answered"));
+        assert!(
+            !html.contains("Approvals</a>"),
+            "an operator-only viewer sees no inbox link"
+        );
+        for page in ["login", "confirm", "approvals", "actions"] {
+            let html = render(page, page, Some(&viewer()), None, context! {});
+            assert!(html.starts_with("<!doctype html>"), "{page}: {html}");
+        }
+        let m = message(None, "Refused", "err", "no", "/login");
+        assert!(
+            m.contains("Refused") && m.contains(r#"href="&#x2f;login""#),
+            "{m}"
+        );
+    }
+}
