@@ -20,6 +20,11 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "promtool: not installed; installing Debian's prometheus (the /metrics lint test uses it)"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
 fi
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "chromium: not installed; installing Debian's chromium and chromium-driver (tests/api/console_e2e.rs drives the console in it)"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null

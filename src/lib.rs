@@ -14,7 +14,8 @@
 //! audit records and their sink; [`broker`] the RabbitMQ boundary and its names; [`health`] and
 //! [`metrics`] what orchestrators scrape; [`approval`] the human decision on NEEDS_APPROVAL
 //! commands (pure rules, a desk for decisions, a sweeper that expires, executes and finalizes).
-//! [`cli`], [`agent`] and [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
+//! [`console`] is the web page for operators and approvers. [`cli`], [`agent`] and
+//! [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
 
 pub mod agent;
 pub mod approval;

@@ -11,6 +11,7 @@ mod audit_metrics_e2e;
 mod bad_input_e2e;
 mod binary_e2e;
 mod builds_the_image;
+mod console_e2e;
 mod control_e2e;
 mod definitions_e2e;
 mod delivery_e2e;

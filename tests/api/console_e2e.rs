@@ -1,0 +1,544 @@
+//! The operator console in headless Chromium (Debian's `chromium` and `chromium-driver`, driven
+//! over WebDriver by fantoccini), against the real broker and two poller replicas: an agent is
+//! refused at login, an operator pauses and resumes, an approver approves a parked command, a
+//! forged cross-site POST is refused. Screenshots go to `target/console/`.
+
+use crate::common::*;
+use command_poller::console::{Console, Parts};
+use command_poller::outcome::Status;
+use command_poller::testing::Script;
+use fantoccini::{Client, ClientBuilder, Locator};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chromedriver on a port of its own, and a headless Chromium session through it.
+async fn browser() -> (Driver, Client) {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; scripts/test.sh installs it)");
+    let driver = Driver(child);
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({"args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"]}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector)
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no WebDriver session: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    (driver, client)
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn login(c: &Client, base: &str, user: &str, password: &str) {
+    c.goto(&format!("{base}/login")).await.unwrap();
+    c.find(Locator::Css("#user"))
+        .await
+        .unwrap()
+        .send_keys(user)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(password)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::create_dir_all("target/console").unwrap();
+    std::fs::write(format!("target/console/{name}.png"), png).unwrap();
+}
+
+/// Waits until the page shows `want` somewhere.
+async fn shows(c: &Client, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let src = c.source().await.unwrap();
+        if src.contains(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed {want:?}:\n{src}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_on_call_person_runs_the_runbook_from_the_console() {
+    let (op, ap, agent) = (
+        BrokerUser::create(),
+        BrokerUser::create(),
+        BrokerUser::create(),
+    );
+    let (op_name, ap_name) = (op.0.clone(), ap.0.clone());
+    let audit_file = std::env::temp_dir().join(format!("console-audit-{}.jsonl", suffix()));
+    let audit_path = audit_file.display().to_string();
+    let h = Harness::start(Options {
+        panel: Some(command_poller::testing::scripted_panel(
+            vec![("security", Script::Deny, 0), ("business", Script::Deny, 0)],
+            Duration::from_secs(2),
+            2,
+        )),
+        tweak: Box::new(move |s| {
+            s.control.operators = vec![op_name];
+            s.approval.approvers = vec![ap_name];
+            s.console.audit_file = audit_path;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let sink_stop = tokio_util::sync::CancellationToken::new();
+    {
+        let (s, f, stop) = (h.settings.clone(), audit_file.clone(), sink_stop.clone());
+        tokio::spawn(async move {
+            command_poller::audit::sink::run(
+                &command_poller::audit::sink::SinkConfig::from_settings(&s),
+                &f,
+                stop,
+            )
+            .await
+        });
+    }
+    let second = h.spawn_replica(
+        "b",
+        Some(command_poller::testing::scripted_panel(
+            vec![("security", Script::Deny, 0)],
+            Duration::from_secs(2),
+            1,
+        )),
+    );
+    eventually("two replicas connected", Duration::from_secs(15), || {
+        second.connected()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(Parts::from_settings(&h.settings)),
+        stop.clone(),
+    ));
+    let (_driver, c) = browser().await;
+
+    // An agent's credentials never get a session.
+    login(&c, &base, &agent.0, "agent-pass").await;
+    shows(&c, "neither an operator").await;
+    assert!(c.current_url().await.unwrap().path().starts_with("/login"));
+    login(&c, &base, &op.0, "wrong-password").await;
+    shows(&c, "Wrong user or password").await;
+
+    // The operator: RUNNING, two replicas.
+    login(&c, &base, &op.0, "agent-pass").await;
+    shows(&c, "id=\"mode\">RUNNING").await;
+    let rows = c
+        .find_all(Locator::Css("#replicas tr"))
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(rows, 3, "a header and two replicas");
+    screenshot(&c, "overview").await;
+
+    // E01: pause. No bridge call starts while commands queue.
+    c.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys("repeated unapproved REFRESH_TOKEN from agent-7")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#pause"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "id=\"mode\">PAUSED").await;
+    for i in 0..3 {
+        h.send(&cmd(
+            &format!("paused-{i}"),
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
+    }
+    settle().await;
+    assert_eq!(
+        h.sim.calls().posts.len(),
+        0,
+        "a bridge call started while paused"
+    );
+    assert_eq!(h.queue_depth().await, 3);
+    c.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys("agent-7 revoked")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#resume"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "id=\"mode\">RUNNING").await;
+    for i in 0..3 {
+        assert_eq!(
+            h.result(&format!("paused-{i}")).await.status,
+            Status::Success
+        );
+    }
+
+    // E02: halt asks for a confirmation first.
+    c.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys("drill")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#halt"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "Confirm: halt everything").await;
+    c.find(Locator::Css("#confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "id=\"mode\">HALTED").await;
+    c.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys("post-mortem done")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#lift"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "Confirm: lift the halt").await;
+    c.find(Locator::Css("#confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "id=\"mode\">RUNNING").await;
+
+    // A forged cross-site POST with the operator's cookie: refused, nothing pulled.
+    let cookie = c
+        .get_named_cookie(command_poller::console::COOKIE)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let csrf = {
+        let src = c.source().await.unwrap();
+        let at = src.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+        src[at..at + 64].to_owned()
+    };
+    for (form, origin) in [
+        (format!("action=halt&confirm=yes&reason=forged"), None),
+        (
+            format!("action=halt&confirm=yes&reason=forged&csrf={csrf}"),
+            Some("http://evil.example"),
+        ),
+    ] {
+        let mut req = http
+            .post(format!("{base}/lever"))
+            .header("cookie", format!("{}={}", cookie.name(), cookie.value()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(r.text().await.unwrap().contains("nothing was done"));
+    }
+    assert_eq!(
+        h.poller_state.gate.mode(),
+        command_poller::control::Mode::Running
+    );
+    let r = http
+        .get(format!("{base}/no-such-page"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("no such page"));
+    c.find(Locator::Css("header button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "Log in").await;
+
+    // SOP-INT-02: the approver approves a parked REFRESH_TOKEN; it executes once.
+    h.send(&cmd(
+        "console-refresh-1",
+        "REFRESH_TOKEN",
+        "google",
+        "MEDIUM",
+    ))
+    .await;
+    assert_eq!(
+        h.result("console-refresh-1").await.status,
+        Status::NeedsApproval
+    );
+    login(&c, &base, &ap.0, "agent-pass").await;
+    shows(&c, "console-refresh-1").await;
+    screenshot(&c, "inbox").await;
+    let card = c.find(Locator::Css(".approval")).await.unwrap();
+    card.find(Locator::Css("input[name=reason]"))
+        .await
+        .unwrap()
+        .send_keys("customer ticket 4411")
+        .await
+        .unwrap();
+    card.find(Locator::Css("button.approve"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "approved (1 of 1)").await;
+    let done = h
+        .wait_until(
+            "the approved command's result",
+            Duration::from_secs(20),
+            |i| {
+                i.results
+                    .iter()
+                    .find(|(_, r)| {
+                        r.action_id.as_deref() == Some("console-refresh-1")
+                            && r.status == Status::Success
+                    })
+                    .map(|(_, r)| r.clone())
+            },
+        )
+        .await;
+    assert_eq!(done.approvals[0].by, ap.0);
+    settle().await;
+    assert_eq!(h.sim.executions("console-refresh-1"), 1);
+    // What happened to it: its audit records, from receipt to the final result.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.goto(&format!("{base}/actions?action_id=console-refresh-1"))
+            .await
+            .unwrap();
+        let src = c.source().await.unwrap();
+        if src.contains("approval_parked") && src.contains("bridge_call") {
+            assert!(src.contains("approval_decision"), "{src}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the story never showed:\n{src}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(text(&c, "h1").await, "What happened to an action");
+    screenshot(&c, "story").await;
+    c.close().await.unwrap();
+    sink_stop.cancel();
+    let _ = std::fs::remove_file(&audit_file);
+    let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&audit_file));
+    stop.cancel();
+    second.stop().await;
+}
+
+/// Logs in with a plain HTTP client; returns the session cookie (`name=value`).
+async fn http_login(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
+    http.post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("user={user}&password={password}&next=%2Foverview"))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn session_cookie(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly() {
+    let op = BrokerUser::create();
+    let op_name = op.0.clone();
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| {
+            s.control.operators = vec![op_name];
+            s.console.idle_timeout = Duration::from_secs(1);
+            s.console.max_failed_logins = 3;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(Parts::from_settings(&h.settings)),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // The cookie is HttpOnly and SameSite=Strict.
+    let r = http_login(&http, &base, &op.0, "agent-pass").await;
+    assert_eq!(r.status(), 303, "{:?}", r.headers());
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = session_cookie(&r);
+    let page = http
+        .get(format!("{base}/overview"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = page[at..at + 64].to_owned();
+
+    // Idle past the timeout: the pause the page was about to send is not done, and it says so.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = http
+        .post(format!("{base}/lever"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&action=pause&reason=late"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.contains("expired=form"), "{to}");
+    let login = http
+        .get(format!("{base}{to}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(login.contains("NOT carried out"), "{login}");
+    assert_eq!(
+        h.poller_state.gate.mode(),
+        command_poller::control::Mode::Running
+    );
+
+    // An oversized form is refused, not parsed.
+    let r = http
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("user=x&password={}", "p".repeat(40_000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Failed logins are limited: after three, even the right password waits.
+    for _ in 0..3 {
+        let r = http_login(&http, &base, &op.0, "wrong").await;
+        assert_eq!(r.status(), 401);
+        assert!(r.text().await.unwrap().contains("Wrong user or password"));
+    }
+    let r = http_login(&http, &base, &op.0, "agent-pass").await;
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("Too many failed logins"));
+    stop.cancel();
+
+    // A broker that is down is said plainly, never a blank page.
+    let mut parts = Parts::from_settings(&h.settings);
+    parts.broker_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(parts),
+        stop.clone(),
+    ));
+    let r = http_login(&http, &base, &op.0, "agent-pass").await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("The broker is unreachable"), "{body}");
+    assert!(!body.contains("agent-pass"), "the password is never echoed");
+    stop.cancel();
+}
