@@ -294,7 +294,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
         src[at..at + 64].to_owned()
     };
     for (form, origin) in [
-        (format!("action=halt&confirm=yes&reason=forged"), None),
+        ("action=halt&confirm=yes&reason=forged".to_string(), None),
         (
             format!("action=halt&confirm=yes&reason=forged&csrf={csrf}"),
             Some("http://evil.example"),
