@@ -25,6 +25,11 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
   echo "chromium: not installed; installing Debian's chromium and chromium-driver (tests/api/console_e2e.rs drives the console in it)"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+if ! target/mcp-venv/bin/python -c "import mcp" >/dev/null 2>&1; then
+  echo "mcp: making target/mcp-venv with the official MCP Python SDK (tests/api/mcp_e2e.rs drives the front door with it)"
+  mkdir -p target
+  python3 -m venv target/mcp-venv && target/mcp-venv/bin/pip install -q "mcp==2.3.0"
+fi
 if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null

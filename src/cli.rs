@@ -115,6 +115,17 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// The MCP front door on stdin/stdout: the runbook's commands as tools, for one agent whose
+    /// host launches it with that agent's broker credentials (see the README's "Agents over MCP").
+    Mcp {
+        /// The agent's broker URL (its user is the identity on every command). Required: the
+        /// front door never falls back to the poller's or an operator's credentials.
+        #[arg(long, env = "AGENT_AMQP_URL")]
+        amqp_url: String,
+        /// How long a tool call waits for its result before answering with an error, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
     /// Parked NEEDS_APPROVAL commands: `approvals list`.
     Approvals {
         #[command(subcommand)]
@@ -369,6 +380,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let console =
                 crate::console::Console::new(crate::console::Parts::from_settings(&settings));
             crate::console::serve(listener, console, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mcp {
+            amqp_url,
+            timeout_secs,
+        } => {
+            let door = crate::mcp::FrontDoor::new(
+                amqp_url,
+                settings.topology.commands_exchange.clone(),
+                Duration::from_secs(timeout_secs),
+            );
+            tracing::info!(agent = %door.agent(), "MCP front door on stdio");
+            crate::mcp::server::serve_stdio(door).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Approvals {

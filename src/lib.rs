@@ -14,7 +14,8 @@
 //! audit records and their sink; [`broker`] the RabbitMQ boundary and its names; [`health`] and
 //! [`metrics`] what orchestrators scrape; [`approval`] the human decision on NEEDS_APPROVAL
 //! commands (pure rules, a desk for decisions, a sweeper that expires, executes and finalizes).
-//! [`console`] is the web page for operators and approvers. [`cli`], [`agent`] and
+//! [`console`] is the web page for operators and approvers; [`mcp`] the front door for agents
+//! that speak the Model Context Protocol. [`cli`], [`agent`] and
 //! [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod health;
 pub mod idempotency;
 pub mod intake;
 pub mod judging;
+pub mod mcp;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;

@@ -20,6 +20,7 @@ mod faults;
 mod idempotency_e2e;
 mod judges_bridge_e2e;
 mod llm_judge;
+mod mcp_e2e;
 mod properties;
 mod runs_as_shipped;
 mod scripts_e2e;

@@ -1,0 +1,235 @@
+//! The MCP front door: the runbook's commands as Model Context Protocol tools, for agents whose
+//! host speaks MCP instead of AMQP.
+//!
+//! In: tool calls (`check_integration_status`, `refresh_token`, `connect_integration`,
+//! `get_action`) from one agent's host, over stdio. Out: commands published to the commands
+//! exchange under the agent's own broker user (the `user_id` the broker checks), and the poller's
+//! result for each, read back over direct reply-to on the same connection, as structured content
+//! plus a short text for the model. The front door holds nothing but the agent's credentials: no
+//! tool argument changes the routing key, the identity or the severity floor.
+//!
+//! [`outcome`] turns a result into what the tool answers (pure); [`server`] is the rmcp glue.
+
+pub mod outcome;
+pub mod server;
+
+use crate::broker::names::DIRECT_REPLY_TO;
+use crate::broker::{self, BrokerError, Outgoing, Publisher};
+use crate::intake::{ActionId, CommandType, Service, Severity};
+use crate::outcome::ResultMessage;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a tool call has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// A tool argument the poller would refuse: named, nothing sent.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("the broker is unavailable ({0}); nothing was sent")]
+    Broker(#[from] BrokerError),
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("no result from the poller within {0:?}: it may be stopped, paused or halted; the command stays queued (call get_action with its action_id later)")]
+    NoResult(Duration),
+    #[error("action {0} was not sent through this front door (it remembers the actions it sent since it started)")]
+    Unknown(String),
+}
+
+/// One agent's front door.
+pub struct FrontDoor {
+    /// The agent's broker URL: its user is the identity on every command.
+    pub amqp_url: String,
+    pub commands_exchange: String,
+    /// How long a call waits for its result.
+    pub deadline: Duration,
+    /// The commands sent since start, by action_id: `get_action` sends the same command again,
+    /// and the poller answers with what it stored (never executing it twice).
+    sent: Mutex<HashMap<String, serde_json::Value>>,
+}
+
+/// A tool's command, before it is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCommand {
+    pub command_type: CommandType,
+    pub service: Service,
+    pub severity: Severity,
+    pub action_id: ActionId,
+}
+
+/// The runbook's default severity of each command type; an agent may declare more, never less
+/// (the poller's policy floor holds whatever is declared).
+pub fn default_severity(t: CommandType) -> Severity {
+    match t {
+        CommandType::CheckIntegrationStatus => Severity::Low,
+        CommandType::RefreshToken => Severity::Medium,
+        CommandType::ConnectIntegration => Severity::High,
+    }
+}
+
+/// Parses a tool's arguments into a command: the type comes from the tool, never the arguments.
+pub fn command(
+    t: CommandType,
+    service: &str,
+    action_id: Option<&str>,
+    severity: Option<&str>,
+) -> Result<ToolCommand, CallError> {
+    let service = Service::parse(service).map_err(|reason| CallError::Invalid {
+        field: "service",
+        reason,
+    })?;
+    let action_id = match action_id {
+        Some(a) => ActionId::parse(a).map_err(|reason| CallError::Invalid {
+            field: "action_id",
+            reason,
+        })?,
+        None => ActionId::parse(&format!("mcp-{}", uuid::Uuid::new_v4().simple()))
+            .expect("a generated id is valid"),
+    };
+    let floor = default_severity(t);
+    let severity = match severity {
+        None => floor,
+        Some(s) => Severity::parse(s)
+            .ok_or_else(|| CallError::Invalid {
+                field: "severity",
+                reason: format!("{s:?} is not LOW, MEDIUM or HIGH"),
+            })?
+            .max(floor),
+    };
+    Ok(ToolCommand {
+        command_type: t,
+        service,
+        severity,
+        action_id,
+    })
+}
+
+impl ToolCommand {
+    /// The command JSON the agent publishes.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "action_id": self.action_id.as_str(),
+            "command_type": self.command_type,
+            "params": {"service": self.service.as_str()},
+            "severity": self.severity,
+        })
+    }
+}
+
+impl FrontDoor {
+    pub fn new(amqp_url: String, commands_exchange: String, deadline: Duration) -> Self {
+        Self {
+            amqp_url,
+            commands_exchange,
+            deadline,
+            sent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The agent's broker user.
+    pub fn agent(&self) -> String {
+        broker::user_of(&self.amqp_url)
+    }
+
+    /// Sends `cmd` as the agent and waits for its result.
+    pub async fn call(&self, cmd: &ToolCommand) -> Result<ResultMessage, CallError> {
+        let body = cmd.json();
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cmd.action_id.to_string(), body.clone());
+        self.send(&body, cmd.action_id.as_str()).await
+    }
+
+    /// The stored outcome of an earlier call: the same command sent again, which the poller
+    /// answers from its store (a replay), never executing it twice.
+    pub async fn get(&self, action_id: &str) -> Result<ResultMessage, CallError> {
+        let body = self
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(action_id)
+            .cloned()
+            .ok_or_else(|| CallError::Unknown(action_id.to_owned()))?;
+        self.send(&body, action_id).await
+    }
+
+    async fn send(
+        &self,
+        body: &serde_json::Value,
+        action_id: &str,
+    ) -> Result<ResultMessage, CallError> {
+        let conn = broker::connect(&self.amqp_url, "command-poller-mcp").await?;
+        let answer = self.exchange(&conn, body, action_id).await;
+        broker::close(&conn, "done").await;
+        answer
+    }
+
+    async fn exchange(
+        &self,
+        conn: &lapin::Connection,
+        body: &serde_json::Value,
+        action_id: &str,
+    ) -> Result<ResultMessage, CallError> {
+        let publisher = Publisher::open(conn).await?;
+        let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
+        let bytes = serde_json::to_vec(body).expect("serializes");
+        publisher
+            .publish(&Outgoing {
+                exchange: self.commands_exchange.clone(),
+                routing_key: crate::agent::routing_key_for(&bytes),
+                body: bytes,
+                correlation_id: Some(action_id.to_owned()),
+                message_type: "command",
+                user_id: Some(self.agent()),
+                reply_to: Some(DIRECT_REPLY_TO.into()),
+                ..Default::default()
+            })
+            .await?;
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        loop {
+            match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some(Ok(d))) => {
+                    if let Ok(r) = serde_json::from_slice::<ResultMessage>(&d.data) {
+                        if r.action_id.as_deref() == Some(action_id) {
+                            return Ok(r);
+                        }
+                    }
+                }
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) | Err(_) => return Err(CallError::NoResult(self.deadline)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_and_can_raise_the_severity_never_lower_it() {
+        let c = command(CommandType::RefreshToken, "google", Some("r-1"), None).unwrap();
+        assert_eq!(c.severity, Severity::Medium);
+        assert_eq!(c.json()["command_type"], "REFRESH_TOKEN");
+        let c = command(CommandType::RefreshToken, "google", None, Some("LOW")).unwrap();
+        assert_eq!(c.severity, Severity::Medium, "never below the runbook's");
+        assert!(c.action_id.as_str().starts_with("mcp-"));
+        let c = command(
+            CommandType::CheckIntegrationStatus,
+            "google",
+            None,
+            Some("HIGH"),
+        )
+        .unwrap();
+        assert_eq!(c.severity, Severity::High);
+        let e = command(CommandType::RefreshToken, "Google Ads!", None, None).unwrap_err();
+        assert!(e.to_string().starts_with("service:"), "{e}");
+        let e = command(CommandType::RefreshToken, "google", Some("a b"), None).unwrap_err();
+        assert!(e.to_string().starts_with("action_id:"), "{e}");
+        let e = command(CommandType::RefreshToken, "google", None, Some("URGENT")).unwrap_err();
+        assert!(e.to_string().starts_with("severity:"), "{e}");
+    }
+}

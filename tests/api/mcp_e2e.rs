@@ -1,0 +1,246 @@
+//! The MCP front door driven by a real MCP client: the official Python SDK (`mcp` on PyPI, in
+//! the virtualenv `scripts/test.sh` makes at `target/mcp-venv`; `MCP_PYTHON` overrides it), over
+//! stdio, against the poller and the real broker.
+
+use crate::common::*;
+use command_poller::approval::approver::Approver;
+use command_poller::approval::wire::{ReplyOutcome, Request};
+use command_poller::testing::Script;
+use serde_json::{json, Value};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
+
+fn python() -> String {
+    std::env::var("MCP_PYTHON").unwrap_or_else(|_| "target/mcp-venv/bin/python".into())
+}
+
+/// One agent's MCP host: the Python client, which launches `command-poller mcp` as that agent.
+struct Host {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Host {
+    fn start(h: &Harness, agent: &BrokerUser, timeout_secs: u64) -> Host {
+        let py = python();
+        assert!(
+            std::path::Path::new(&py).exists(),
+            "{py}: the MCP client's Python (scripts/test.sh makes target/mcp-venv with `mcp`)"
+        );
+        let mut cmd = tokio::process::Command::new(py);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(poller_env(&h.settings))
+            .env("AGENT_AMQP_URL", agent.url())
+            .env("RUST_LOG", "warn")
+            .args(["tests/mcp/client.py", BIN, "mcp", "--timeout-secs"])
+            .arg(timeout_secs.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("the MCP client starts");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Host {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn ask(&mut self, req: Value) -> Value {
+        self.stdin
+            .write_all(format!("{req}\n").as_bytes())
+            .await
+            .unwrap();
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .expect("the MCP client answers")
+            .unwrap()
+            .expect("the MCP client is still running");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    async fn call(&mut self, tool: &str, args: Value) -> Value {
+        self.ask(json!({"tool": tool, "args": args})).await
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn world() -> Harness {
+    Harness::start(Options {
+        panel: Some(command_poller::testing::scripted_panel(
+            vec![("security", Script::Deny, 0), ("business", Script::Deny, 0)],
+            Duration::from_secs(2),
+            2,
+        )),
+        tweak: Box::new(|s| s.approval.approvers = vec!["guest".into()]),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_agent_carries_out_the_runbook_through_mcp_tools() {
+    let mut h = world().await;
+    let (agent, other) = (BrokerUser::create(), BrokerUser::create());
+    let mut host = Host::start(&h, &agent, 20);
+
+    // The tools, their schemas and annotations.
+    let list = host.ask(json!({"list": true})).await;
+    let tools = list["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    for n in [
+        "check_integration_status",
+        "refresh_token",
+        "connect_integration",
+        "get_action",
+    ] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    let tool = |n: &str| tools.iter().find(|t| t["name"] == n).unwrap().clone();
+    assert_eq!(
+        tool("check_integration_status")["annotations"]["readOnlyHint"],
+        true
+    );
+    assert_eq!(tool("get_action")["annotations"]["readOnlyHint"], true);
+    assert_eq!(
+        tool("connect_integration")["annotations"]["destructiveHint"],
+        true
+    );
+    let schema = &tool("refresh_token")["inputSchema"];
+    assert!(
+        schema["properties"]["service"]["pattern"].is_string(),
+        "{schema}"
+    );
+    assert_eq!(schema["required"], json!(["service"]));
+
+    // SOP-INT-01: SUCCESS with the runbook's tool result.
+    let r = host
+        .call("check_integration_status", json!({"service": "mailchimp"}))
+        .await;
+    assert_eq!(r["is_error"], false, "{r}");
+    assert_eq!(r["structured"]["status"], "SUCCESS", "{r}");
+    assert!(r["structured"]["tool_result"].is_object(), "{r}");
+    assert!(r["text"].as_str().unwrap().starts_with("SUCCESS"));
+    // Under the agent's own broker identity, never the poller's or an operator's.
+    assert_eq!(
+        r["structured"]["agent"],
+        json!({"id": agent.0, "verified": true})
+    );
+
+    // SOP-INT-03: BLOCKED with the runbook's rationale; humans alerted, nothing executed.
+    let r = host
+        .call(
+            "connect_integration",
+            json!({"service": "salesforce", "severity": "LOW"}),
+        )
+        .await;
+    assert_eq!(r["structured"]["status"], "BLOCKED", "{r}");
+    let text = r["text"].as_str().unwrap();
+    assert!(
+        text.contains("New integrations require manual security and permissions review"),
+        "{text}"
+    );
+    assert!(text.contains("Humans were alerted"), "{text}");
+
+    // SOP-INT-02: NEEDS_APPROVAL at once, with the approval id and expiry; progress reported.
+    let r = host
+        .call(
+            "refresh_token",
+            json!({"service": "google", "action_id": "mcp-refresh-1"}),
+        )
+        .await;
+    assert_eq!(r["structured"]["status"], "NEEDS_APPROVAL", "{r}");
+    assert!(!r["progress"].as_array().unwrap().is_empty(), "{r}");
+    let ticket = r["structured"]["approval"].clone();
+    assert!(r["text"].as_str().unwrap().contains("get_action"));
+    assert_eq!(h.sim.executions("mcp-refresh-1"), 0);
+    // A human approves (guest: an approver, not the agent).
+    let reply = Approver {
+        settings: &h.settings.approval,
+        amqp_url: AMQP,
+        wait: Duration::from_secs(10),
+    }
+    .send(&Request::Approve {
+        approval_id: ticket["approval_id"].as_str().unwrap().into(),
+        digest: ticket["digest"].as_str().unwrap().into(),
+        reason: "ok for the MCP agent".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply.outcome, ReplyOutcome::Approved, "{reply:?}");
+    // get_action follows it to its final status, executing nothing itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let r = host
+            .call("get_action", json!({"action_id": "mcp-refresh-1"}))
+            .await;
+        if r["structured"]["status"] == "SUCCESS" {
+            break r;
+        }
+        assert_eq!(r["structured"]["status"], "NEEDS_APPROVAL", "{r}");
+        assert!(Instant::now() < deadline, "never approved: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done["structured"]["approvals"][0]["by"], "guest");
+    assert_eq!(h.sim.executions("mcp-refresh-1"), 1);
+
+    // An invalid service is a tool error naming the field; nothing is sent.
+    let r = host
+        .call("refresh_token", json!({"service": "Google Ads"}))
+        .await;
+    assert_eq!(r["is_error"], true, "{r}");
+    assert!(r["text"].as_str().unwrap().contains("service"), "{r}");
+
+    // Another agent through its own front door can't read this agent's action: not through
+    // get_action, and the same action_id is a separate action of its own.
+    let mut second = Host::start(&h, &other, 20);
+    let r = second
+        .call("get_action", json!({"action_id": "mcp-refresh-1"}))
+        .await;
+    assert_eq!(r["is_error"], true, "{r}");
+    assert!(r["structured"].is_null(), "{r}");
+    let r = second
+        .call(
+            "refresh_token",
+            json!({"service": "google", "action_id": "mcp-refresh-1"}),
+        )
+        .await;
+    assert_eq!(r["structured"]["status"], "NEEDS_APPROVAL", "{r}");
+    assert_eq!(r["structured"]["agent"]["id"], other.0.as_str());
+    assert!(r["structured"]["approvals"].is_null(), "{r}");
+
+    // The poller stopped: a tool error within the deadline, never a hang.
+    h.stop().await;
+    let mut short = Host::start(&h, &agent, 3);
+    let started = Instant::now();
+    let r = short
+        .call("check_integration_status", json!({"service": "google"}))
+        .await;
+    assert_eq!(r["is_error"], true, "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap()
+            .contains("no result from the poller within"),
+        "{r}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
