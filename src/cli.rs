@@ -120,11 +120,19 @@ pub enum Command {
     Mcp {
         /// The agent's broker URL (its user is the identity on every command). Required: the
         /// front door never falls back to the poller's or an operator's credentials.
-        #[arg(long, env = "AGENT_AMQP_URL")]
-        amqp_url: String,
+        #[arg(long, env = "AGENT_AMQP_URL", required_unless_present = "http")]
+        amqp_url: Option<String>,
         /// How long a tool call waits for its result before answering with an error, in seconds.
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
+        /// Serve the streamable HTTP transport at http://ADDR/mcp instead of stdio (loopback
+        /// only), each client authenticated by its own bearer token (see --clients).
+        #[arg(long, requires = "clients", conflicts_with = "amqp_url")]
+        http: Option<std::net::SocketAddr>,
+        /// With --http: the clients file, mapping each client's token (its SHA-256) to its own
+        /// agent's broker URL (mode 0600; it holds broker passwords).
+        #[arg(long)]
+        clients: Option<PathBuf>,
     },
     /// Parked NEEDS_APPROVAL commands: `approvals list`.
     Approvals {
@@ -385,14 +393,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mcp {
             amqp_url,
             timeout_secs,
+            http,
+            clients,
         } => {
-            let door = crate::mcp::FrontDoor::new(
-                amqp_url,
-                settings.topology.commands_exchange.clone(),
-                Duration::from_secs(timeout_secs),
-            );
-            tracing::info!(agent = %door.agent(), "MCP front door on stdio");
-            crate::mcp::server::serve_stdio(door).await?;
+            let exchange = settings.topology.commands_exchange.clone();
+            let deadline = Duration::from_secs(timeout_secs);
+            match (http, clients, amqp_url) {
+                (Some(addr), Some(file), _) => {
+                    let clients =
+                        crate::mcp::server::http::Clients::load(&file, &exchange, deadline)
+                            .map_err(anyhow::Error::msg)?;
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("mcp: listening on {addr}"))?;
+                    tracing::info!(addr = %listener.local_addr()?, "MCP front door on streamable HTTP at /mcp");
+                    let stop = CancellationToken::new();
+                    tokio::spawn(watch_signals(stop.clone()));
+                    crate::mcp::server::http::serve(listener, clients, stop).await?;
+                }
+                (_, _, Some(url)) => {
+                    let door = crate::mcp::FrontDoor::new(url, exchange, deadline);
+                    tracing::info!(agent = %door.agent(), "MCP front door on stdio");
+                    crate::mcp::server::serve_stdio(door).await?;
+                }
+                _ => anyhow::bail!(
+                    "mcp: give --amqp-url (or AGENT_AMQP_URL) for stdio, or --http with --clients"
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Approvals {

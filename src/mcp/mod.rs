@@ -2,7 +2,8 @@
 //! host speaks MCP instead of AMQP.
 //!
 //! In: tool calls (`check_integration_status`, `refresh_token`, `connect_integration`,
-//! `get_action`) from one agent's host, over stdio. Out: commands published to the commands
+//! `get_action`) from one agent's host over stdio, or from many hosts over streamable HTTP, each
+//! authenticated as its own agent. Out: commands published to the commands
 //! exchange under the agent's own broker user (the `user_id` the broker checks), and the poller's
 //! result for each, read back over direct reply-to on the same connection, as structured content
 //! plus a short text for the model. The front door holds nothing but the agent's credentials: no

@@ -65,7 +65,9 @@ pub struct ActionArgs {
 
 #[derive(Clone)]
 pub struct Tools {
-    door: Arc<FrontDoor>,
+    /// stdio: the one agent's front door. HTTP: none; each request carries its client's, put
+    /// there by the authentication layer ([`http`]).
+    door: Option<Arc<FrontDoor>>,
     tool_router: ToolRouter<Self>,
 }
 
@@ -79,9 +81,31 @@ fn tool_error(text: String) -> CallToolResult {
 impl Tools {
     pub fn new(door: FrontDoor) -> Self {
         Self {
-            door: Arc::new(door),
+            door: Some(Arc::new(door)),
             tool_router: Self::tool_router(),
         }
+    }
+
+    /// Tools whose every call takes its agent from the request (HTTP).
+    pub fn per_request() -> Self {
+        Self {
+            door: None,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// The front door of this call: the process's (stdio) or the authenticated client's (HTTP).
+    fn door(&self, ctx: &RequestContext<RoleServer>) -> Result<Arc<FrontDoor>, CallToolResult> {
+        if let Some(d) = &self.door {
+            return Ok(d.clone());
+        }
+        ctx.extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.extensions.get::<Arc<FrontDoor>>())
+            .cloned()
+            .ok_or_else(|| {
+                tool_error("not authenticated: no agent identity on this request".into())
+            })
     }
 
     /// Sends a runbook command and answers with its result, reporting progress while the poller
@@ -92,6 +116,10 @@ impl Tools {
         args: CommandArgs,
         ctx: RequestContext<RoleServer>,
     ) -> CallToolResult {
+        let door = match self.door(&ctx) {
+            Ok(d) => d,
+            Err(e) => return e,
+        };
         let cmd = match command(
             t,
             &args.service,
@@ -101,7 +129,7 @@ impl Tools {
             Ok(c) => c,
             Err(e) => return tool_error(format!("REJECTED before sending: {e}")),
         };
-        let waiting = self.door.call(&cmd);
+        let waiting = door.call(&cmd);
         self.answer_with_progress(waiting, ctx, t).await
     }
 
@@ -219,7 +247,11 @@ impl Tools {
         Parameters(args): Parameters<ActionArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> CallToolResult {
-        let waiting = self.door.get(&args.action_id);
+        let door = match self.door(&ctx) {
+            Ok(d) => d,
+            Err(e) => return e,
+        };
+        let waiting = door.get(&args.action_id);
         self.answer_with_progress(waiting, ctx, CommandType::CheckIntegrationStatus)
             .await
     }
@@ -231,10 +263,9 @@ impl ServerHandler for Tools {
         let mut info = ServerConfig::default();
         info.capabilities = ServerCapabilities::builder().enable_tools().build();
         info.server_info = Implementation::new("command-poller", env!("CARGO_PKG_VERSION"));
-        info.instructions = Some(format!(
-            "The MCP Orchestrator's runbook actions, as agent {}. Every call is a command checked by policy and, for token refreshes, judges; a NEEDS_APPROVAL answer means a human decides: follow it with get_action.",
-            self.door.agent()
-        ));
+        info.instructions = Some(
+            "The MCP Orchestrator's runbook actions, as your agent's own broker user. Every call is a command checked by policy and, for token refreshes, judges; a NEEDS_APPROVAL answer means a human decides: follow it with get_action.".into(),
+        );
         info
     }
 }
@@ -250,4 +281,164 @@ pub async fn serve_stdio(door: FrontDoor) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("mcp: {e}"))?;
     Ok(())
+}
+
+/// The streamable HTTP transport: each client authenticates with its own bearer token, mapped
+/// (in a secret file) to its own agent's broker credentials; served on loopback only (put a
+/// TLS-terminating proxy in front).
+pub mod http {
+    use super::{FrontDoor, Tools};
+    use axum::extract::{Request, State};
+    use axum::http::{header, StatusCode};
+    use axum::middleware::Next;
+    use axum::response::{IntoResponse, Response};
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    /// The clients file: `{"clients": [{"token_sha256": "<hex>", "amqp_url": "amqp://agent:…"}]}`.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        clients: Vec<Entry>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        token_sha256: String,
+        amqp_url: String,
+    }
+
+    /// The authenticated clients: a token's SHA-256 → that agent's front door.
+    #[derive(Clone)]
+    pub struct Clients(Arc<HashMap<String, Arc<FrontDoor>>>);
+
+    impl Clients {
+        /// Reads the clients file. It holds the agents' broker passwords: refused when anyone
+        /// but its owner may read it, and when two clients would share a broker identity.
+        pub fn load(
+            path: &std::path::Path,
+            commands_exchange: &str,
+            deadline: Duration,
+        ) -> Result<Self, String> {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(format!(
+                        "{}: readable by others (mode {:o}); it holds broker passwords: chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    ));
+                }
+            }
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let file: File = serde_json::from_str(&text).map_err(|e| {
+                format!(
+                    "{}: {e} (expected {{\"clients\": [{{\"token_sha256\", \"amqp_url\"}}]}})",
+                    path.display()
+                )
+            })?;
+            let mut by_token = HashMap::new();
+            let mut users = std::collections::HashSet::new();
+            for (i, c) in file.clients.into_iter().enumerate() {
+                if c.token_sha256.len() != 64
+                    || !c.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(format!(
+                        "clients[{i}].token_sha256: 64 hexadecimal characters expected"
+                    ));
+                }
+                let user = crate::broker::user_of(&c.amqp_url);
+                if !users.insert(user.clone()) {
+                    return Err(format!("clients[{i}]: broker user {user} is already another client's: every client is its own agent"));
+                }
+                by_token.insert(
+                    c.token_sha256.to_ascii_lowercase(),
+                    Arc::new(FrontDoor::new(
+                        c.amqp_url,
+                        commands_exchange.to_owned(),
+                        deadline,
+                    )),
+                );
+            }
+            if by_token.is_empty() {
+                return Err(format!("{}: no clients", path.display()));
+            }
+            Ok(Self(Arc::new(by_token)))
+        }
+
+        fn find(&self, token: &str) -> Option<Arc<FrontDoor>> {
+            self.0
+                .get(&hex::encode(Sha256::digest(token.as_bytes())))
+                .cloned()
+        }
+    }
+
+    /// Puts the client's front door on the request, or answers 401.
+    async fn authenticate(
+        State(clients): State<Clients>,
+        mut req: Request,
+        next: Next,
+    ) -> Response {
+        let door = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|t| clients.find(t.trim()));
+        match door {
+            Some(d) => {
+                req.extensions_mut().insert(d);
+                next.run(req).await
+            }
+            None => {
+                tracing::warn!("mcp http: a request without a known bearer token refused");
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "a bearer token of a configured client is required",
+                )
+                    .into_response()
+            }
+        }
+    }
+
+    /// Serves the tools at `/mcp` on `listener` (loopback only) until `stop`.
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        clients: Clients,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            anyhow::bail!("mcp --http {addr}: loopback addresses only (bearer tokens travel in the clear: put a TLS-terminating proxy in front)");
+        }
+        let mut config = StreamableHttpServerConfig::default();
+        config.cancellation_token = stop.child_token();
+        let service = StreamableHttpService::new(
+            || Ok(Tools::per_request()),
+            Arc::new(LocalSessionManager::default()),
+            config,
+        );
+        let app = axum::Router::new()
+            .nest_service("/mcp", service)
+            .layer(axum::middleware::from_fn_with_state(clients, authenticate));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await?;
+        Ok(())
+    }
 }

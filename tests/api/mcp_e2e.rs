@@ -244,3 +244,137 @@ async fn an_agent_carries_out_the_runbook_through_mcp_tools() {
         started.elapsed()
     );
 }
+
+impl Host {
+    /// A host on the streamable HTTP transport at `url`, authenticated with `token`.
+    fn http(url: &str, token: &str) -> Host {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MCP_TOKEN", token)
+            .args(["tests/mcp/client.py", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("the MCP client starts");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Host {
+            child,
+            stdin,
+            lines,
+        }
+    }
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[tokio::test]
+async fn over_streamable_http_each_client_is_its_own_agent() {
+    let h = world().await;
+    let (a, b) = (BrokerUser::create(), BrokerUser::create());
+    let (ta, tb) = (
+        format!("token-a-{}", suffix()),
+        format!("token-b-{}", suffix()),
+    );
+    let file = std::env::temp_dir().join(format!("mcp-clients-{}.json", suffix()));
+    std::fs::write(
+        &file,
+        json!({"clients": [
+            {"token_sha256": sha256(&ta), "amqp_url": a.url()},
+            {"token_sha256": sha256(&tb), "amqp_url": b.url()},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    // Readable by others: refused, it holds broker passwords.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = |file: &std::path::Path| {
+        let mut c = crate::common::isolated(BIN);
+        c.envs(poller_env(&h.settings))
+            .args(["mcp", "--timeout-secs", "20", "--http"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--clients")
+            .arg(file);
+        c
+    };
+    let out = run(&file).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut server = run(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    // No token, or a wrong one: 401 before any MCP.
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let unauthenticated = loop {
+        match http
+            .post(&url)
+            .header("authorization", "Bearer not-a-client")
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the HTTP front door never answered: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(unauthenticated.status(), 401);
+
+    let mut host_a = Host::http(&url, &ta);
+    let mut host_b = Host::http(&url, &tb);
+    let ra = host_a
+        .call("check_integration_status", json!({"service": "google"}))
+        .await;
+    let rb = host_b
+        .call("check_integration_status", json!({"service": "google"}))
+        .await;
+    assert_eq!(ra["structured"]["agent"]["id"], a.0.as_str(), "{ra}");
+    assert_eq!(rb["structured"]["agent"]["id"], b.0.as_str(), "{rb}");
+    assert_eq!(ra["structured"]["status"], "SUCCESS");
+    // A's action is not B's to read.
+    let r = host_a
+        .call(
+            "refresh_token",
+            json!({"service": "google", "action_id": "http-1"}),
+        )
+        .await;
+    assert_eq!(r["structured"]["status"], "NEEDS_APPROVAL", "{r}");
+    let r = host_b
+        .call("get_action", json!({"action_id": "http-1"}))
+        .await;
+    assert_eq!(r["is_error"], true, "{r}");
+    let r = host_a
+        .call("get_action", json!({"action_id": "http-1"}))
+        .await;
+    assert_eq!(r["structured"]["status"], "NEEDS_APPROVAL", "{r}");
+    assert_eq!(r["structured"]["agent"]["id"], a.0.as_str());
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,6 +1,7 @@
 """A real MCP client (the official Python SDK, `mcp` on PyPI) driving `command-poller mcp`.
 
-Usage: client.py BINARY [ARGS...]  (the front door's command line; its environment is ours)
+Usage: client.py BINARY [ARGS...]  (stdio: the front door's command line; its environment is ours)
+       client.py http://HOST:PORT/mcp  (streamable HTTP, bearer token from MCP_TOKEN)
 Reads one JSON request per line on stdin, answers one JSON line per request on stdout:
   {"list": true}                         -> {"tools": [{name, description, inputSchema, annotations}]}
   {"tool": NAME, "args": {...}}          -> {"is_error", "text", "structured", "progress": [...]}
@@ -14,12 +15,24 @@ import sys
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+
+def transport():
+    if sys.argv[1].startswith("http"):
+        client = create_mcp_http_client(
+            headers={"Authorization": f"Bearer {os.environ['MCP_TOKEN']}"}
+        )
+        return streamable_http_client(sys.argv[1], http_client=client)
+    params = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
+    return stdio_client(params)
 
 
 async def main() -> None:
-    params = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
     loop = asyncio.get_running_loop()
-    async with stdio_client(params) as (read, write):
+    async with transport() as streams:
+        read, write = streams[0], streams[1]
         async with ClientSession(read, write) as session:
             await session.initialize()
             while True:
