@@ -689,31 +689,49 @@ async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
         .collect();
-    let kinds: Vec<&str> = lines.iter().map(|r| r["kind"].as_str().unwrap()).collect();
-    assert_eq!(
-        kinds,
-        ["command", "approval", "approval", "approval", "command"],
+    // The desk's records and the commands' are published by different tasks: their relative
+    // order in the stream is not fixed, the order within each is.
+    let of_kind = |k: &str| -> Vec<serde_json::Value> {
+        lines.iter().filter(|r| r["kind"] == k).cloned().collect()
+    };
+    let (commands, decisions) = (of_kind("command"), of_kind("approval"));
+    assert_eq!((commands.len(), decisions.len()), (2, 3), "{shown}");
+    assert!(
+        commands[0].to_string().contains("approval_parked"),
         "{shown}"
     );
-    let event = |i: usize| lines[i]["events"][0].clone();
-    assert!(shown.contains("approval_parked"), "{shown}");
-    assert_eq!(event(1)["outcome"], "counted");
-    assert_eq!(event(1)["by"], w.alice.0.as_str());
-    assert_eq!(event(1)["digest"], parked.approval.as_ref().unwrap().digest);
-    assert_eq!(event(2)["outcome"], "refused");
-    assert_eq!(event(3)["outcome"], "approved");
-    assert_eq!(event(3)["by"], w.bob.0.as_str());
-    assert_eq!(event(3)["reason"], "second");
-    assert!(lines[4].to_string().contains("bridge_call"), "{shown}");
-    assert_eq!(lines[4]["events"][0]["decision"], "finalize", "{shown}");
-    assert_eq!(lines[4]["events"][0]["outcome"], "success", "{shown}");
-    assert!(lines[4].to_string().contains("SUCCESS"), "{shown}");
+    assert!(
+        commands[0].to_string().contains("NEEDS_APPROVAL"),
+        "{shown}"
+    );
+    let event = |i: usize| decisions[i]["events"][0].clone();
+    assert_eq!(event(0)["outcome"], "counted");
+    assert_eq!(event(0)["by"], w.alice.0.as_str());
+    assert_eq!(event(0)["digest"], parked.approval.as_ref().unwrap().digest);
+    assert_eq!(event(1)["outcome"], "refused");
+    assert_eq!(event(2)["outcome"], "approved");
+    assert_eq!(event(2)["by"], w.bob.0.as_str());
+    assert_eq!(event(2)["reason"], "second");
+    let last = &commands[1];
+    assert!(last.to_string().contains("bridge_call"), "{shown}");
+    assert_eq!(last["events"][0]["decision"], "finalize", "{shown}");
+    assert_eq!(last["events"][0]["outcome"], "success", "{shown}");
+    assert!(last.to_string().contains("SUCCESS"), "{shown}");
+    assert_eq!(lines.first().unwrap(), &commands[0], "receipt comes first");
 
-    // The metrics: two decisions counted, one refused, one time to decision, none pending.
-    let text =
+    // The metrics: two decisions counted, one refused, one time to decision, none pending (the
+    // gauge is as of the last sweep: wait for one after the finalizing sweep).
+    let metrics = || {
         w.h.poller_state
             .metrics
-            .render(0, command_poller::control::Mode::Running);
+            .render(0, command_poller::control::Mode::Running)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("command_poller_approvals_pending 0") {
+        assert!(std::time::Instant::now() < deadline, "{}", metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics();
     for want in [
         "command_poller_approval_decisions_total{outcome=\"counted\"} 1",
         "command_poller_approval_decisions_total{outcome=\"refused\"} 1",

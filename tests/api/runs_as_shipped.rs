@@ -164,6 +164,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
                 k.starts_with("POLLER__TOPOLOGY__")
                     || k.starts_with("POLLER__CONTROL__")
                     || k.starts_with("POLLER__AUDIT__")
+                    || k.starts_with("POLLER__APPROVAL__")
                     || k == "POLLER__INSTANCE_ID"
                     || k == "POLLER__AMQP__CONNECTION_NAME"
             }),
