@@ -368,29 +368,14 @@ async fn a_changed_policy_file_or_a_wrong_digest_refuses_the_approval() {
 async fn an_approval_while_halted_waits_for_the_lift_then_executes_once() {
     let w = World::start(1, 120, None).await;
     let parked = w.parked("halt-1").await;
-    let report =
-        w.h.operator()
-            .run(ControlCommand::Halt {
-                reason: "incident".into(),
-                request_id: new_request_id(),
-            })
-            .await
-            .unwrap();
-    assert!(!report.replicas.is_empty());
+    halt(&w.h).await;
     let r = w.ask(&w.alice, approve(&parked, "go ahead")).await;
     assert_eq!(r.outcome, ReplyOutcome::Approved, "{r:?}");
-    // Several sweeps while halted: nothing executes.
+    // Five sweeps (every 200 ms) while halted: nothing executes.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.h.sim.posts("halt-1"), 0, "an approval bypassed the halt");
     assert_eq!(w.finals("halt-1"), 0);
-    w.h.operator()
-        .run(ControlCommand::Resume {
-            reason: "over".into(),
-            lift_halt: true,
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    lift(&w.h).await;
     let done = w.final_result("halt-1", Duration::from_secs(20)).await;
     assert_eq!(done.status, Status::Success, "{done:?}");
     settle().await;
@@ -403,9 +388,7 @@ async fn a_poller_restart_between_parking_and_approval_loses_nothing() {
     let mut w = World::start(1, 120, Some(open(Backend::Redis).await)).await;
     let parked = w.parked("restart-1").await;
     w.h.stop().await;
-    w.h.shutdown = tokio_util::sync::CancellationToken::new();
-    let secret = w.h.secret.clone();
-    w.h.start_poller(Some(refusing_panel()), secret).await;
+    start_again(&mut w).await;
     let r = w.ask(&w.alice, approve(&parked, "after the restart")).await;
     assert_eq!(r.outcome, ReplyOutcome::Approved, "{r:?}");
     let done = w.final_result("restart-1", Duration::from_secs(20)).await;
@@ -636,17 +619,7 @@ async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
     let w = World::start(2, 60, None).await;
     let file = std::env::temp_dir().join(format!("approval-audit-{}.jsonl", suffix()));
     let stop = tokio_util::sync::CancellationToken::new();
-    let sink = {
-        let (s, f, stop) = (w.h.settings.clone(), file.clone(), stop.clone());
-        tokio::spawn(async move {
-            command_poller::audit::sink::run(
-                &command_poller::audit::sink::SinkConfig::from_settings(&s),
-                &f,
-                stop,
-            )
-            .await
-        })
-    };
+    let sink = spawn_sink(&w.h.settings, &file, stop.clone());
     let parked = w.parked("story-1").await;
     assert_eq!(
         w.ask(&w.alice, approve(&parked, "first")).await.outcome,
@@ -747,9 +720,39 @@ async fn audit_show_tells_the_whole_story_and_the_metrics_count_decisions() {
     let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
 }
 
-/// Halts every replica (as guest, an operator in config/local.toml).
+/// Pulls a lever on every replica (as guest, an operator in config/local.toml).
 async fn lever(h: &Harness, cmd: ControlCommand) {
     h.operator().run(cmd).await.unwrap();
+}
+
+async fn halt(h: &Harness) {
+    lever(
+        h,
+        ControlCommand::Halt {
+            reason: "hold".into(),
+            request_id: new_request_id(),
+        },
+    )
+    .await
+}
+
+async fn lift(h: &Harness) {
+    lever(
+        h,
+        ControlCommand::Resume {
+            reason: "over".into(),
+            lift_halt: true,
+            request_id: new_request_id(),
+        },
+    )
+    .await
+}
+
+/// Starts a new poller after `w.h.stop()` (its shutdown token renewed).
+async fn start_again(w: &mut World) {
+    w.h.shutdown = tokio_util::sync::CancellationToken::new();
+    let secret = w.h.secret.clone();
+    w.h.start_poller(Some(refusing_panel()), secret).await;
 }
 
 #[tokio::test]
@@ -758,14 +761,7 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
     let mut w = World::start(1, 300, Some(store.clone())).await;
     let lost = w.parked("crash-lost").await;
     let done = w.parked("crash-done").await;
-    lever(
-        &w.h,
-        ControlCommand::Halt {
-            reason: "hold the approved commands".into(),
-            request_id: new_request_id(),
-        },
-    )
-    .await;
+    halt(&w.h).await;
     for (r, why) in [(&lost, "one"), (&done, "two")] {
         let reply = w.ask(&w.alice, approve(r, why)).await;
         assert_eq!(reply.outcome, ReplyOutcome::Approved);
@@ -818,18 +814,8 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
         .await
         .unwrap();
     // A new poller comes up halted (the stored state), then the halt is lifted.
-    w.h.shutdown = tokio_util::sync::CancellationToken::new();
-    let secret = w.h.secret.clone();
-    w.h.start_poller(Some(refusing_panel()), secret).await;
-    lever(
-        &w.h,
-        ControlCommand::Resume {
-            reason: "over".into(),
-            lift_halt: true,
-            request_id: new_request_id(),
-        },
-    )
-    .await;
+    start_again(&mut w).await;
+    lift(&w.h).await;
     let l = w.final_result("crash-lost", Duration::from_secs(20)).await;
     assert_eq!(l.status, Status::Success, "{l:?}");
     let d = w.final_result("crash-done", Duration::from_secs(20)).await;
@@ -849,14 +835,7 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
 async fn a_policy_changed_between_approval_and_execution_denies_it() {
     let mut w = World::start(1, 300, Some(open(Backend::Postgres).await)).await;
     let parked = w.parked("pol-late").await;
-    lever(
-        &w.h,
-        ControlCommand::Halt {
-            reason: "hold".into(),
-            request_id: new_request_id(),
-        },
-    )
-    .await;
+    halt(&w.h).await;
     let r = w.ask(&w.alice, approve(&parked, "fine as it was")).await;
     assert_eq!(r.outcome, ReplyOutcome::Approved);
     // While halted, the policy file changes and the poller restarts on it.
@@ -867,18 +846,8 @@ async fn a_policy_changed_between_approval_and_execution_denies_it() {
         format!("{text}\n# tightened during the incident\n"),
     )
     .unwrap();
-    w.h.shutdown = tokio_util::sync::CancellationToken::new();
-    let secret = w.h.secret.clone();
-    w.h.start_poller(Some(refusing_panel()), secret).await;
-    lever(
-        &w.h,
-        ControlCommand::Resume {
-            reason: "over".into(),
-            lift_halt: true,
-            request_id: new_request_id(),
-        },
-    )
-    .await;
+    start_again(&mut w).await;
+    lift(&w.h).await;
     let done = w.final_result("pol-late", Duration::from_secs(20)).await;
     assert_eq!(done.status, Status::Denied, "{done:?}");
     assert!(

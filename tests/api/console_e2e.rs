@@ -92,6 +92,31 @@ async fn login(c: &Client, base: &str, user: &str, password: &str) {
         .unwrap();
 }
 
+/// Types `reason` and presses the lever `button`.
+async fn pull(c: &Client, reason: &str, button: &str) {
+    c.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys(reason)
+        .await
+        .unwrap();
+    c.find(Locator::Css(button))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn screenshot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
     std::fs::create_dir_all("target/console").unwrap();
@@ -139,17 +164,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     })
     .await;
     let sink_stop = tokio_util::sync::CancellationToken::new();
-    {
-        let (s, f, stop) = (h.settings.clone(), audit_file.clone(), sink_stop.clone());
-        tokio::spawn(async move {
-            command_poller::audit::sink::run(
-                &command_poller::audit::sink::SinkConfig::from_settings(&s),
-                &f,
-                stop,
-            )
-            .await
-        });
-    }
+    spawn_sink(&h.settings, &audit_file, sink_stop.clone());
     let second = h.spawn_replica(
         "b",
         Some(command_poller::testing::scripted_panel(
@@ -191,18 +206,12 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     screenshot(&c, "overview").await;
 
     // E01: pause. No bridge call starts while commands queue.
-    c.find(Locator::Css("#reason"))
-        .await
-        .unwrap()
-        .send_keys("repeated unapproved REFRESH_TOKEN from agent-7")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#pause"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    pull(
+        &c,
+        "repeated unapproved REFRESH_TOKEN from agent-7",
+        "#pause",
+    )
+    .await;
     shows(&c, "id=\"mode\">PAUSED").await;
     for i in 0..3 {
         h.send(&cmd(
@@ -220,18 +229,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
         "a bridge call started while paused"
     );
     assert_eq!(h.queue_depth().await, 3);
-    c.find(Locator::Css("#reason"))
-        .await
-        .unwrap()
-        .send_keys("agent-7 revoked")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#resume"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    pull(&c, "agent-7 revoked", "#resume").await;
     shows(&c, "id=\"mode\">RUNNING").await;
     for i in 0..3 {
         assert_eq!(
@@ -241,45 +239,13 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     }
 
     // E02: halt asks for a confirmation first.
-    c.find(Locator::Css("#reason"))
-        .await
-        .unwrap()
-        .send_keys("drill")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#halt"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    pull(&c, "drill", "#halt").await;
     shows(&c, "Confirm: halt everything").await;
-    c.find(Locator::Css("#confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm").await;
     shows(&c, "id=\"mode\">HALTED").await;
-    c.find(Locator::Css("#reason"))
-        .await
-        .unwrap()
-        .send_keys("post-mortem done")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#lift"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    pull(&c, "post-mortem done", "#lift").await;
     shows(&c, "Confirm: lift the halt").await;
-    c.find(Locator::Css("#confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm").await;
     shows(&c, "id=\"mode\">RUNNING").await;
 
     // A forged cross-site POST with the operator's cookie: refused, nothing pulled.

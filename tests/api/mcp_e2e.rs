@@ -39,8 +39,13 @@ impl Host {
             .env("AGENT_AMQP_URL", agent.url())
             .env("RUST_LOG", "warn")
             .args(["tests/mcp/client.py", BIN, "mcp", "--timeout-secs"])
-            .arg(timeout_secs.to_string())
-            .stdin(Stdio::piped())
+            .arg(timeout_secs.to_string());
+        Host::spawn(cmd)
+    }
+
+    /// Runs the client with its stdin and stdout as the request and answer pipes.
+    fn spawn(mut cmd: tokio::process::Command) -> Host {
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -252,19 +257,8 @@ impl Host {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("MCP_TOKEN", token)
-            .args(["tests/mcp/client.py", url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the MCP client starts");
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Host {
-            child,
-            stdin,
-            lines,
-        }
+            .args(["tests/mcp/client.py", url]);
+        Host::spawn(cmd)
     }
 }
 

@@ -482,3 +482,18 @@ pub fn poller_env(s: &Settings) -> Vec<(String, String)> {
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
+
+/// The audit sink for `settings`' audit stream, appending to `file`, until `stop`.
+pub fn spawn_sink(
+    settings: &Settings,
+    file: &std::path::Path,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (s, f) = (settings.clone(), file.to_owned());
+    tokio::spawn(async move {
+        let cfg = command_poller::audit::sink::SinkConfig::from_settings(&s);
+        if let Err(e) = command_poller::audit::sink::run(&cfg, &f, stop).await {
+            panic!("audit sink: {e}");
+        }
+    })
+}
