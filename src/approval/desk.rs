@@ -31,6 +31,8 @@ pub struct Inbound {
     pub user_id: Option<String>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// The broker delivered it before (a replica died, or lost its connection, before acking).
+    pub redelivered: bool,
 }
 
 /// What handling a decision came to: everything to publish.
@@ -211,7 +213,27 @@ impl Desk {
             };
             let (next, verdict) = match rules::decide(&rec, &by, &choice, reason.trim(), &ctx) {
                 Ok(d) => d,
-                Err(r) => return refuse(event, r.reason, r.abuse, Some(rec)),
+                Err(r) => {
+                    // A redelivery of a decision already stored (the replica that stored it died
+                    // before acking): answered as it was, and its event and audit record go out
+                    // now, instead of "already decided".
+                    if let Some(outcome) = msg
+                        .redelivered
+                        .then(|| already_decided(&rec, &by, &choice, reason.trim()))
+                        .flatten()
+                    {
+                        event.outcome = wire_name(outcome);
+                        tracing::info!(by = %by, approval_id = %id, "a redelivered decision that was already stored: answered as decided");
+                        return self.answer(
+                            outcome,
+                            "this decision was already recorded (a redelivery): answered as decided".into(),
+                            event,
+                            false,
+                            Some(rec),
+                        );
+                    }
+                    return refuse(event, r.reason, r.abuse, Some(rec));
+                }
             };
             match self
                 .store
@@ -333,6 +355,7 @@ impl Desk {
                 user_id: p.user_id().as_ref().map(|u| u.to_string()),
                 reply_to: p.reply_to().as_ref().map(|u| u.to_string()),
                 correlation_id: p.correlation_id().as_ref().map(|u| u.to_string()),
+                redelivered: delivery.redelivered,
             };
             let handled = self.handle(&msg).await;
             self.publish(&publisher, &msg, &handled).await?;
@@ -392,6 +415,120 @@ impl Desk {
     }
 }
 
+/// How `by`'s `choice` with `reason` went, if the record holds exactly that decision already.
+fn already_decided(rec: &Parked, by: &str, choice: &Choice, reason: &str) -> Option<ReplyOutcome> {
+    match choice {
+        Choice::Approve { digest } => {
+            let mine = rec
+                .approvals
+                .iter()
+                .any(|a| a.by == by && a.reason == reason && *digest == rec.digest);
+            mine.then_some(if rec.state == State::Pending {
+                ReplyOutcome::Counted
+            } else {
+                ReplyOutcome::Approved
+            })
+        }
+        Choice::Deny => rec
+            .denial
+            .as_ref()
+            .filter(|d| d.by == by && d.reason == reason)
+            .map(|_| ReplyOutcome::Denied),
+    }
+}
+
 fn wire_name(o: ReplyOutcome) -> String {
     crate::outcome::wire_name(&o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::approval::test_util::parked;
+
+    fn desk(store: Arc<dyn ResultStore>) -> Desk {
+        let s = crate::settings::Settings::load_isolated(std::path::Path::new("config"), "local")
+            .expect("config loads");
+        let policy = crate::policy::Policy::load(&s.policy.file).expect("policy loads");
+        Desk {
+            settings: ApprovalSettings {
+                approvers: vec!["alice".into(), "bob".into()],
+                ..s.approval.clone()
+            },
+            names: Names {
+                control_exchange: "ctl".into(),
+                alerts_exchange: "alerts".into(),
+                audit_exchange: "audit".into(),
+                dead_letter_exchange: "dlx".into(),
+                instance: "i-1".into(),
+                poller_user: "poller".into(),
+            },
+            store,
+            store_key: Secret::new("k"),
+            policy_digest: policy.digest().to_owned(),
+            policy_file: s.policy.file.clone(),
+            state: Arc::new(crate::worker::PollerState::default()),
+            wake: Arc::new(Notify::new()),
+            audit_exchange: "audit".into(),
+        }
+    }
+
+    fn decision(by: &str, body: serde_json::Value, redelivered: bool) -> Inbound {
+        Inbound {
+            body: body.to_string().into_bytes(),
+            user_id: Some(by.into()),
+            reply_to: None,
+            correlation_id: None,
+            redelivered,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_decision_already_stored_is_answered_as_decided_not_refused() {
+        let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
+        let d = desk(store.clone());
+        let mut rec = parked();
+        rec.required = 1;
+        rec.policy_digest = d.policy_digest.clone();
+        rec.digest = crate::approval::digest(&rec.command_digest, &rec.policy_digest);
+        rec.expires_at = crate::clock::unix_now() + 600;
+        store
+            .park(
+                &rec.approval_id,
+                &rec.seal(&d.store_key),
+                std::time::Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        let approve = serde_json::json!({
+            "decision": "approve", "approval_id": rec.approval_id, "digest": rec.digest, "reason": "ok"
+        });
+        let first = d.handle(&decision("alice", approve.clone(), false)).await;
+        assert_eq!(
+            first.reply.outcome,
+            ReplyOutcome::Approved,
+            "{:?}",
+            first.reply
+        );
+        // The replica died before acking: the broker redelivers the same decision.
+        let again = d.handle(&decision("alice", approve.clone(), true)).await;
+        assert_eq!(
+            again.reply.outcome,
+            ReplyOutcome::Approved,
+            "{:?}",
+            again.reply
+        );
+        assert_eq!(again.event.outcome, "approved");
+        // Not a redelivery, or another approver, or another reason: refused as before.
+        let fresh = d.handle(&decision("alice", approve.clone(), false)).await;
+        assert_eq!(fresh.reply.outcome, ReplyOutcome::Refused);
+        let bob = d.handle(&decision("bob", approve, true)).await;
+        assert_eq!(bob.reply.outcome, ReplyOutcome::Refused);
+        let stored = Parked::unseal(
+            &d.store_key,
+            &store.record(&rec.approval_id).await.unwrap().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(stored.approvals.len(), 1, "counted once");
+    }
 }
