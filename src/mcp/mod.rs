@@ -19,7 +19,7 @@ use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::intake::{ActionId, CommandType, Service, Severity};
 use crate::outcome::ResultMessage;
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ pub enum CallError {
     Amqp(#[from] lapin::Error),
     #[error("no result from the poller within {0:?}: it may be stopped, paused or halted; the command stays queued (call get_action with its action_id later)")]
     NoResult(Duration),
-    #[error("action {0} was not sent through this front door (it remembers the actions it sent since it started)")]
+    #[error("action {0} was not sent through this front door (it remembers the last 100,000 actions it sent since it started)")]
     Unknown(String),
 }
 
@@ -46,9 +46,34 @@ pub struct FrontDoor {
     pub commands_exchange: String,
     /// How long a call waits for its result.
     pub deadline: Duration,
-    /// The commands sent since start, by action_id: `get_action` sends the same command again,
-    /// and the poller answers with what it stored (never executing it twice).
-    sent: Mutex<HashMap<String, serde_json::Value>>,
+    /// The commands sent since start (the last [`REMEMBERED`]), by action_id: `get_action`
+    /// sends the same command again, and the poller answers with what it stored (never executing
+    /// it twice).
+    sent: Mutex<Journal>,
+}
+
+/// How many sent commands a front door remembers for `get_action` (a long-lived HTTP front door
+/// must not grow without bound).
+pub const REMEMBERED: usize = 100_000;
+
+/// The commands sent, oldest forgotten first.
+#[derive(Default)]
+struct Journal {
+    by_id: HashMap<String, serde_json::Value>,
+    order: VecDeque<String>,
+}
+
+impl Journal {
+    fn remember(&mut self, id: &str, body: serde_json::Value) {
+        if self.by_id.insert(id.to_owned(), body).is_none() {
+            self.order.push_back(id.to_owned());
+        }
+        while self.order.len() > REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
 }
 
 /// A tool's command, before it is sent.
@@ -125,7 +150,7 @@ impl FrontDoor {
             amqp_url,
             commands_exchange,
             deadline,
-            sent: Mutex::new(HashMap::new()),
+            sent: Mutex::new(Journal::default()),
         }
     }
 
@@ -140,7 +165,7 @@ impl FrontDoor {
         self.sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(cmd.action_id.to_string(), body.clone());
+            .remember(cmd.action_id.as_str(), body.clone());
         self.send(&body, cmd.action_id.as_str()).await
     }
 
@@ -151,6 +176,7 @@ impl FrontDoor {
             .sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_id
             .get(action_id)
             .cloned()
             .ok_or_else(|| CallError::Unknown(action_id.to_owned()))?;
@@ -209,6 +235,19 @@ impl FrontDoor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_forgets_the_oldest_beyond_its_bound() {
+        let mut j = Journal::default();
+        for i in 0..REMEMBERED + 2 {
+            j.remember(&format!("a-{i}"), serde_json::json!(i));
+        }
+        j.remember("a-5", serde_json::json!("again"));
+        assert_eq!(j.by_id.len(), REMEMBERED);
+        assert!(!j.by_id.contains_key("a-0") && !j.by_id.contains_key("a-1"));
+        assert_eq!(j.by_id["a-5"], "again");
+        assert!(j.by_id.contains_key(&format!("a-{}", REMEMBERED + 1)));
+    }
 
     #[test]
     fn arguments_parse_and_can_raise_the_severity_never_lower_it() {

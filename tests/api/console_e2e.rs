@@ -70,40 +70,11 @@ async fn text(c: &Client, css: &str) -> String {
         .unwrap()
 }
 
-async fn login(c: &Client, base: &str, user: &str, password: &str) {
-    c.goto(&format!("{base}/login")).await.unwrap();
-    c.find(Locator::Css("#user"))
+async fn type_into(c: &Client, css: &str, text: &str) {
+    c.find(Locator::Css(css))
         .await
         .unwrap()
-        .send_keys(user)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#password"))
-        .await
-        .unwrap()
-        .send_keys(password)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-}
-
-/// Types `reason` and presses the lever `button`.
-async fn pull(c: &Client, reason: &str, button: &str) {
-    c.find(Locator::Css("#reason"))
-        .await
-        .unwrap()
-        .send_keys(reason)
-        .await
-        .unwrap();
-    c.find(Locator::Css(button))
-        .await
-        .unwrap()
-        .click()
+        .send_keys(text)
         .await
         .unwrap();
 }
@@ -115,6 +86,19 @@ async fn click(c: &Client, css: &str) {
         .click()
         .await
         .unwrap();
+}
+
+async fn login(c: &Client, base: &str, user: &str, password: &str) {
+    c.goto(&format!("{base}/login")).await.unwrap();
+    type_into(c, "#user", user).await;
+    type_into(c, "#password", password).await;
+    click(c, "#login").await;
+}
+
+/// Types `reason` and presses the lever `button`.
+async fn pull(c: &Client, reason: &str, button: &str) {
+    type_into(c, "#reason", reason).await;
+    click(c, button).await;
 }
 
 async fn screenshot(c: &Client, name: &str) {
