@@ -365,17 +365,6 @@ async fn login(
         }
         tracing::warn!(user = %f.user, client = %addr.ip(), why, "console audit: failed login");
     };
-    let roles = c.roles(&f.user);
-    if !roles.any() {
-        fail("neither an operator nor an approver");
-        return refused(
-            StatusCode::FORBIDDEN,
-            format!(
-                "{} is neither an operator (control.operators) nor an approver (approval.approvers): the console is for them only.",
-                f.user
-            ),
-        );
-    }
     let Some(url) = c.url_for(&f.user, &f.password) else {
         fail("unusable user name");
         return refused(
@@ -402,6 +391,20 @@ async fn login(
             );
         }
     };
+    // Checked after the password, so the page never tells a stranger which user names are
+    // operators or approvers.
+    let roles = c.roles(&f.user);
+    if !roles.any() {
+        crate::broker::close(&conn, "console: not an operator or approver").await;
+        fail("neither an operator nor an approver");
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} is neither an operator (control.operators) nor an approver (approval.approvers): the console is for them only.",
+                f.user
+            ),
+        );
+    }
     for k in &keys {
         lock(&c.limiter).succeed(k);
     }

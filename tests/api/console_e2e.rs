@@ -453,6 +453,14 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
         command_poller::control::Mode::Running
     );
 
+    // A stranger learns nothing about who the operators are: a wrong password is a wrong
+    // password, whatever the user name.
+    for user in ["nobody-at-all", op.0.as_str()] {
+        let r = http_login(&http, &base, user, "guessing").await;
+        assert_eq!(r.status(), 401, "{user}");
+        assert!(r.text().await.unwrap().contains("Wrong user or password"));
+    }
+
     // An oversized form is refused, not parsed.
     let r = http
         .post(format!("{base}/login"))
@@ -463,12 +471,10 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
         .unwrap();
     assert_eq!(r.status(), 413);
 
-    // Failed logins are limited: after three, even the right password waits.
-    for _ in 0..3 {
-        let r = http_login(&http, &base, &op.0, "wrong").await;
-        assert_eq!(r.status(), 401);
-        assert!(r.text().await.unwrap().contains("Wrong user or password"));
-    }
+    // Failed logins are limited (per user and per address): with the two guesses above, after
+    // a third even the right password waits.
+    let r = http_login(&http, &base, &op.0, "wrong").await;
+    assert_eq!(r.status(), 401);
     let r = http_login(&http, &base, &op.0, "agent-pass").await;
     assert_eq!(r.status(), 429);
     assert!(r.text().await.unwrap().contains("Too many failed logins"));
