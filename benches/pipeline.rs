@@ -206,27 +206,28 @@ impl World {
         &mut self,
         name: &str,
         panel: Option<Panel>,
-        store: Option<Arc<dyn command_poller::idempotency::ResultStore>>,
+        store: Option<command_poller::idempotency::Stores>,
         bridge: Option<Arc<dyn command_poller::bridge::Bridge>>,
     ) {
         let mut s = self.settings.clone();
         s.instance_id = format!("bench-{name}");
         s.idempotency.path = self.store_dir.join(format!("{name}.redb"));
         let policy = Arc::new(Policy::load(&s.policy.file).unwrap());
-        let panel =
-            panel.unwrap_or_else(|| build_panel(&s.panel, &s.secrets.judge_api_keys).unwrap());
-        let store = match store {
+        let stores = match store {
             Some(st) => st,
-            None => command_poller::idempotency::open(&s.idempotency)
+            None => command_poller::idempotency::open_all(&s.idempotency)
                 .await
                 .unwrap(),
         };
+        let panel = panel.unwrap_or_else(|| {
+            build_panel(&s.panel, &s.secrets.judge_api_keys, stores.windows.clone()).unwrap()
+        });
         let poller = Poller::new(
             s,
             policy,
             panel,
             bridge.unwrap_or_else(|| bridge_client(&self.settings, &self.sim, self.secret.clone())),
-            store,
+            stores,
             None,
         );
         let state = poller.state();
@@ -360,8 +361,9 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
     let store = in_memory.then(|| {
-        Arc::new(command_poller::testing::MemStore::default())
-            as Arc<dyn command_poller::idempotency::ResultStore>
+        command_poller::idempotency::Stores::local(Arc::new(
+            command_poller::testing::MemStore::default(),
+        ))
     });
     let bridge = stub_bridge.then(|| {
         Arc::new(command_poller::testing::RecordingBridge::default())

@@ -6,7 +6,8 @@
 //! [`policy`] (ALLOW / JUDGE / BLOCK), [`judging`] (the judge panel), [`bridge`] (the Apps
 //! Script web app, behind a trait), [`outcome`] (results and alerts). [`pipeline`] strings them
 //! together for one command and returns a [`pipeline::Disposition`]; [`idempotency`] keeps
-//! final results and hands out the claim guard.
+//! final results and hands out the claim guard; [`limits`] holds the fleet's bridge slots and rate
+//! windows in the same store.
 //!
 //! The shell: [`worker`] consumes, settles each disposition in one `match` (store, publish with
 //! confirms, ack), renders every outgoing message in pure functions, and rides out broker
@@ -31,6 +32,7 @@ pub mod health;
 pub mod idempotency;
 pub mod intake;
 pub mod judging;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod outcome;

@@ -336,11 +336,26 @@ pub struct BridgeSettings {
     pub min_backoff: Duration,
     #[serde(rename = "max_backoff_ms", deserialize_with = "de::millis")]
     pub max_backoff: Duration,
-    /// Bridge calls at once.
+    /// Bridge calls at once for the whole fleet: every replica sharing the Redis or PostgreSQL
+    /// store counts against this one number (Apps Script allows 30 simultaneous executions per
+    /// user). With the embedded store (one poller) it is that poller's.
     pub max_concurrency: usize,
+    /// How long a bridge slot's lease lasts without renewal (`slot_lease_secs`): the replica
+    /// running the call renews it every third of this, so only a crashed replica's slots
+    /// expire, and they come back to the fleet within this time. At least 3.
+    #[serde(
+        rename = "slot_lease_secs",
+        deserialize_with = "de::secs",
+        default = "default_slot_lease"
+    )]
+    pub slot_lease: Duration,
     /// Simulated execution time (mode `simulator`; `simulator_latency_ms`).
     #[serde(rename = "simulator_latency_ms", deserialize_with = "de::millis")]
     pub simulator_latency: Duration,
+}
+
+fn default_slot_lease() -> Duration {
+    Duration::from_secs(15)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -579,6 +594,12 @@ impl Settings {
         if self.bridge.max_concurrency == 0 {
             return bad("bridge.max_concurrency: must be at least 1".into());
         }
+        if self.bridge.slot_lease < Duration::from_secs(3) {
+            return bad(format!(
+                "bridge.slot_lease_secs: {} is below 3 (a live lease is renewed every third of it)",
+                self.bridge.slot_lease.as_secs()
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for j in &self.panel.judges {
             if !names.insert(j.name()) {
@@ -623,7 +644,7 @@ impl Settings {
         let wait_ms = i.wait_for_in_flight.as_millis() as u64;
         if wait_ms < needed_ms {
             return bad(format!(
-                "idempotency.wait_for_in_flight_ms: {} is shorter than the longest a live command can take ({needed_ms} ms: {rounds} rounds of bridge.retry_budget_secs {} s + 2 x bridge.request_timeout_secs {} s, as processing.max_in_flight {} commands share bridge.max_concurrency {} slots); a duplicate would go back to the queue while its original still runs, spending its delivery limit until it is dead-lettered",
+                "idempotency.wait_for_in_flight_ms: {} is shorter than the longest a live command can take ({needed_ms} ms: {rounds} rounds of bridge.retry_budget_secs {} s + 2 x bridge.request_timeout_secs {} s, as processing.max_in_flight {} commands share bridge.max_concurrency {} slots, counted as if this replica had the fleet's slots to itself); a duplicate would go back to the queue while its original still runs, spending its delivery limit until it is dead-lettered",
                 wait_ms, b.retry_budget.as_secs(), b.request_timeout.as_secs(), self.processing.max_in_flight, b.max_concurrency
             ));
         }

@@ -27,6 +27,11 @@ const APPROVALS: TableDefinition<&str, (u64, &str)> = TableDefinition::new("appr
 /// approval id → expires_at seconds, for the records still open
 const OPEN_APPROVALS: TableDefinition<&str, u64> = TableDefinition::new("open_approvals");
 
+/// `crate::limits`: action key → until (Unix milliseconds), for actions sent to the bridge
+pub(crate) const SENT: TableDefinition<&str, u64> = TableDefinition::new("bridge_sent");
+/// `crate::limits`: rate-window key → JSON `[[member, counted at ms], ...]`
+pub(crate) const RATE: TableDefinition<&str, &str> = TableDefinition::new("rate_windows");
+
 /// Operations in one batch, at most.
 const MAX_BATCH: usize = 256;
 
@@ -69,6 +74,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     prefix: String,
     ops: mpsc::Sender<Op>,
+    /// The bridge slots: one poller per file, so in-process leases are the fleet's.
+    pub(crate) slots: crate::limits::local::LocalSlots,
 }
 
 impl EmbeddedStore {
@@ -105,6 +112,10 @@ impl EmbeddedStore {
                 .map_err(err)?;
             let mut open = tx.open_table(OPEN_APPROVALS).map_err(err)?;
             open.retain(|_, expires| expires > now).map_err(err)?;
+            let mut sent = tx.open_table(SENT).map_err(err)?;
+            let now_ms = now_millis();
+            sent.retain(|_, until| until > now_ms).map_err(err)?;
+            tx.open_table(RATE).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         let db = Arc::new(db);
@@ -118,10 +129,11 @@ impl EmbeddedStore {
             db,
             prefix: prefix.to_owned(),
             ops,
+            slots: Default::default(),
         })
     }
 
-    fn key(&self, key: &str) -> String {
+    pub(crate) fn key(&self, key: &str) -> String {
         format!("{}/{key}", self.prefix)
     }
 
@@ -293,13 +305,26 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Result<Claim, StoreError>
 impl EmbeddedStore {
     /// Runs `f` in a write transaction of its own (approvals are few: no batching), off the
     /// async threads.
-    async fn write<T: Send + 'static>(
+    pub(crate) async fn write<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_with(true, f).await
+    }
+
+    /// As [`Self::write`]; `durable: false` skips the fsync (the commit is on disk with the
+    /// next durable one, which every stored result is).
+    pub(crate) async fn write_with<T: Send + 'static>(
+        &self,
+        durable: bool,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(err)?;
+            let mut tx = db.begin_write().map_err(err)?;
+            if !durable {
+                tx.set_durability(Durability::None).map_err(err)?;
+            }
             let out = f(&tx)?;
             tx.commit().map_err(err)?;
             Ok(out)

@@ -7,7 +7,7 @@
 //! replicas). Entries expire after the configured retention.
 
 mod claim;
-mod embedded;
+pub(crate) mod embedded;
 mod postgres;
 mod redis_store;
 
@@ -128,6 +128,13 @@ pub struct IdempotencySettings {
     pub url: String,
     /// Prefix of every key (lets several systems share one Redis or table).
     pub key_prefix: String,
+    /// A PEM file of CA certificates to trust, besides the Mozilla roots, for `rediss://` and
+    /// PostgreSQL's `sslmode=require` (a private CA). The server's certificate is always verified.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PostgreSQL connections at most (a pool: a dropped connection is replaced on next use).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
     /// Environment variable holding the key that seals stored outcomes (HMAC); required with
     /// the shared backends, the same on every replica. Never logged.
     pub key_env: String,
@@ -152,12 +159,54 @@ pub struct IdempotencySettings {
     pub wait_for_in_flight: Duration,
 }
 
+fn default_pool_size() -> usize {
+    16
+}
+
 /// Opens the configured store.
 pub async fn open(s: &IdempotencySettings) -> Result<Arc<dyn ResultStore>, StoreError> {
+    Ok(open_all(s).await?.results)
+}
+
+/// One backend behind each of its boundaries: the results, the fleet's bridge slots and its
+/// rate windows (`crate::limits`).
+#[derive(Clone)]
+pub struct Stores {
+    pub results: Arc<dyn ResultStore>,
+    pub slots: Arc<dyn crate::limits::BridgeSlots>,
+    pub windows: Arc<dyn crate::limits::RateWindows>,
+}
+
+impl Stores {
+    /// The three boundaries of one backend.
+    pub fn of<S>(store: Arc<S>) -> Self
+    where
+        S: ResultStore + crate::limits::BridgeSlots + crate::limits::RateWindows + 'static,
+    {
+        Self {
+            results: store.clone(),
+            slots: store.clone(),
+            windows: store,
+        }
+    }
+
+    /// `results`, with slots and windows of this process only (tests that inject a result
+    /// store and run one poller).
+    pub fn local(results: Arc<dyn ResultStore>) -> Self {
+        Self {
+            results,
+            slots: Arc::new(crate::limits::local::LocalSlots::default()),
+            windows: Arc::new(crate::limits::local::MemWindows::default()),
+        }
+    }
+}
+
+/// Opens the configured backend behind all its boundaries.
+pub async fn open_all(s: &IdempotencySettings) -> Result<Stores, StoreError> {
     Ok(match s.backend {
-        Backend::Embedded => Arc::new(EmbeddedStore::open(&s.path, &s.key_prefix)?),
-        Backend::Redis => Arc::new(RedisStore::connect(&s.url, &s.key_prefix).await?),
-        Backend::Postgres => Arc::new(PostgresStore::connect(&s.url, &s.key_prefix).await?),
+        Backend::Embedded => Stores::of(Arc::new(EmbeddedStore::open(&s.path, &s.key_prefix)?)),
+        Backend::Redis => Stores::of(Arc::new(RedisStore::connect(s).await?)),
+        Backend::Postgres => Stores::of(Arc::new(PostgresStore::connect(s).await?)),
     })
 }
 

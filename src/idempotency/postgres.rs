@@ -2,30 +2,73 @@
 //! `command_poller_claims` (owner, expiry) and `command_poller_approvals` (sealed record,
 //! expiry, whether open), created if missing. A claim is an upsert that
 //! only takes over an expired or own row.
+//!
+//! Connections come from a pool (deadpool-postgres) that replaces a dropped connection on the
+//! next use, so a restarted server or a killed backend fails the operations in flight, not every
+//! operation until the poller restarts. `sslmode=require` in the URL speaks TLS (rustls),
+//! verifying the server's certificate against the system's roots or `idempotency.ca_file`.
 
-use super::{Claim, ResultStore, StoreError};
+use super::{Claim, IdempotencySettings, ResultStore, StoreError};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::future::BoxFuture;
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
 
 pub struct PostgresStore {
-    client: Client,
-    prefix: String,
+    pub(crate) pool: Pool,
+    pub(crate) prefix: String,
+    /// Bridge slot rows known to exist (`crate::limits`).
+    pub(crate) slot_rows: std::sync::atomic::AtomicUsize,
 }
 
-fn err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn err(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(format!("postgres: {e}"))
 }
 
+/// How long a connection (TCP, TLS and authentication) may take, and how long an operation
+/// waits for a pooled connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `application_name` the store's connections carry (`pg_stat_activity` shows it).
+pub const APPLICATION_NAME: &str = "command-poller";
+
 impl PostgresStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(err)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!(error = %e, "postgres idempotency store connection ended");
-            }
-        });
-        client
+    pub async fn connect(s: &IdempotencySettings) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = s.url.parse().map_err(|e| {
+            StoreError::Backend(format!("idempotency.url: not a PostgreSQL URL ({e})"))
+        })?;
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.keepalives_idle(Duration::from_secs(30));
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+            crate::tls::client_config(s.ca_file.as_deref())
+                .map_err(|e| StoreError::Backend(format!("idempotency.ca_file: {e}")))?,
+        );
+        let manager = Manager::from_config(
+            config,
+            tls,
+            ManagerConfig {
+                // A closed connection (server restarted, backend terminated) is dropped when it
+                // comes back to the pool, and the next operation gets a fresh one.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(s.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
+        let store = Self {
+            pool,
+            prefix: s.key_prefix.clone(),
+            slot_rows: Default::default(),
+        };
+        store
+            .client()
+            .await?
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS command_poller_results (
                      key text PRIMARY KEY, result text NOT NULL, expires_at timestamptz NOT NULL);
@@ -37,9 +80,20 @@ impl PostgresStore {
             )
             .await
             .map_err(err)?;
-        Ok(Self {
-            client,
-            prefix: prefix.to_owned(),
+        store
+            .client()
+            .await?
+            .batch_execute(crate::limits::postgres::TABLES)
+            .await
+            .map_err(err)?;
+        Ok(store)
+    }
+
+    /// A pooled connection (a new one when the pool has none idle or its last one closed).
+    pub(crate) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => err(e),
+            other => StoreError::Backend(format!("postgres: no connection: {other}")),
         })
     }
 
@@ -49,7 +103,8 @@ impl PostgresStore {
 
     async fn done(&self, key: &str) -> Result<Option<String>, StoreError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT result FROM command_poller_results WHERE key = $1 AND expires_at > now()",
                 &[&key],
@@ -63,7 +118,8 @@ impl PostgresStore {
 impl PostgresStore {
     async fn live_record(&self, id: &str) -> Result<Option<String>, StoreError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT record FROM command_poller_approvals WHERE key = $1 AND expires_at > now()",
                 &[&id],
@@ -83,7 +139,8 @@ impl PostgresStore {
     ) -> Result<Claim, StoreError> {
         let ms = ttl.as_millis() as f64;
         let taken = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "INSERT INTO command_poller_claims (key, owner, expires_at)
                  VALUES ($1, $2, now() + $3 * interval '1 millisecond')
@@ -98,7 +155,8 @@ impl PostgresStore {
             return Ok(Claim::Mine);
         }
         let holder = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT owner FROM command_poller_claims WHERE key = $1",
                 &[&key],
@@ -126,7 +184,8 @@ impl ResultStore for PostgresStore {
             let id = self.key(id);
             let secs = retention.as_secs() as f64;
             // An expired row is replaced; a live one is kept and returned.
-            self.client
+            self.client()
+                .await?
                 .execute(
                     "INSERT INTO command_poller_approvals (key, record, expires_at, open)
                      VALUES ($1, $2, now() + $3 * interval '1 second', true)
@@ -156,7 +215,8 @@ impl ResultStore for PostgresStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let n = self
-                .client
+                .client()
+                .await?
                 .execute(
                     "UPDATE command_poller_approvals SET record = $3, open = $4
                      WHERE key = $1 AND record = $2 AND expires_at > now()",
@@ -172,7 +232,8 @@ impl ResultStore for PostgresStore {
         Box::pin(async move {
             let like = format!("{}/%", self.prefix.replace('%', "\\%").replace('_', "\\_"));
             let rows = self
-                .client
+                .client()
+                .await?
                 .query(
                     "SELECT record FROM command_poller_approvals
                      WHERE open AND expires_at > now() AND key LIKE $1",
@@ -199,7 +260,8 @@ impl ResultStore for PostgresStore {
                 return Ok(Claim::Busy(holder));
             }
             if let Some(r) = self.done(&key).await? {
-                self.client
+                self.client()
+                    .await?
                     .execute(
                         "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
                         &[&key, &owner],
@@ -239,7 +301,8 @@ impl ResultStore for PostgresStore {
             // Written only while this owner's claim is live (locked for the statement), and
             // the claim dropped in the same statement unless it is kept.
             let written = self
-                .client
+                .client()
+                .await?
                 .query_one(
                     "WITH mine AS (
                          SELECT key FROM command_poller_claims
@@ -262,7 +325,9 @@ impl ResultStore for PostgresStore {
                 return Err(StoreError::NotOwner);
             }
             // Expired rows go lazily, a few at a time.
-            self.client
+            self
+                .client()
+                .await?
                 .execute("DELETE FROM command_poller_results WHERE key IN (SELECT key FROM command_poller_results WHERE expires_at < now() LIMIT 100)", &[])
                 .await
                 .map_err(err)?;
@@ -277,7 +342,8 @@ impl ResultStore for PostgresStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let key = self.key(key);
-            self.client
+            self.client()
+                .await?
                 .execute(
                     "DELETE FROM command_poller_claims WHERE key = $1 AND owner = $2",
                     &[&key, &owner],

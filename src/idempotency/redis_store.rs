@@ -2,15 +2,15 @@
 //! `<prefix>:claim:<key>` the owner (SET NX PX ttl). A claim is re-checked against the result
 //! after it is taken, so a result written in between is never missed.
 
-use super::{Claim, ResultStore, StoreError};
+use super::{Claim, IdempotencySettings, ResultStore, StoreError};
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use std::time::Duration;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
-    prefix: String,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) prefix: String,
     scripts: Scripts,
 }
 
@@ -84,14 +84,34 @@ fn err(e: redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(err)?;
+    /// Connects to `idempotency.url`: `redis://`, or `rediss://` for TLS (rustls, verifying the
+    /// server against the system's roots, or `idempotency.ca_file` when set).
+    pub async fn connect(s: &IdempotencySettings) -> Result<Self, StoreError> {
+        crate::tls::ensure_crypto_provider();
+        let client = match &s.ca_file {
+            Some(path) if s.url.starts_with("rediss://") => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    StoreError::Backend(format!("idempotency.ca_file {}: {e}", path.display()))
+                })?;
+                crate::tls::ca_certificates(path)
+                    .map_err(|e| StoreError::Backend(format!("idempotency.ca_file: {e}")))?;
+                redis::Client::build_with_tls(
+                    s.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+                .map_err(err)?
+            }
+            _ => redis::Client::open(s.url.as_str()).map_err(err)?,
+        };
         let conn = ConnectionManager::new_with_config(client, reconnect_config())
             .await
             .map_err(err)?;
         Ok(Self {
             conn,
-            prefix: prefix.to_owned(),
+            prefix: s.key_prefix.clone(),
             scripts: Scripts::new(),
         })
     }

@@ -1,15 +1,16 @@
 //! Built-in rule-based judges, configured in `config/` so the poller runs offline.
 //!
-//! In: a [`JudgeRequest`]. Out: approve, or deny with the rule that failed. The only state is a
-//! per-agent, per-command-type count of recent requests for the rate rule.
+//! In: a [`JudgeRequest`]. Out: approve, or deny with the rule that failed. The rate rule counts
+//! in a [`RateWindows`] (the shared store's: one count for the whole fleet, kept across
+//! restarts); a judge that can't reach it can't answer, and the panel fails closed.
 
 use super::{Judge, JudgeError, JudgeRequest, Verdict};
 use crate::intake::CommandType;
+use crate::limits::RateWindows;
 use futures::future::BoxFuture;
 use serde::Deserialize;
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A rate rule: at most `count` requests per agent and command type within `window_secs`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -37,7 +38,7 @@ pub struct RuleSet {
     /// Deny these command types outright.
     #[serde(default)]
     pub denied_command_types: Vec<CommandType>,
-    /// Per-agent rate limit.
+    /// Per-agent rate limit, for the whole fleet (counted in the shared store).
     #[serde(default)]
     pub max_per_agent: Option<RateRule>,
 }
@@ -45,26 +46,65 @@ pub struct RuleSet {
 pub struct RuleJudge {
     name: String,
     rules: RuleSet,
-    recent: Mutex<HashMap<(String, CommandType), VecDeque<Instant>>>,
+    windows: Arc<dyn RateWindows>,
 }
 
 impl RuleJudge {
-    pub fn new(name: impl Into<String>, rules: RuleSet) -> Self {
+    pub fn new(name: impl Into<String>, rules: RuleSet, windows: Arc<dyn RateWindows>) -> Self {
         Self {
             name: name.into(),
             rules,
-            recent: Mutex::new(HashMap::new()),
+            windows,
         }
     }
 
-    fn decide(&self, r: &JudgeRequest) -> Verdict {
+    /// The rate window's key: this judge, the agent (verified or only claimed) and the type.
+    fn window_key(&self, r: &JudgeRequest) -> String {
+        let verified = if r.agent.verified { "v" } else { "u" };
+        format!(
+            "judge:{}:{verified}:{}:{}",
+            self.name, r.agent.id, r.command_type
+        )
+    }
+
+    async fn decide(&self, r: &JudgeRequest) -> Result<Verdict, JudgeError> {
+        if let Some(v) = self.decide_static(r) {
+            return Ok(v);
+        }
+        if let Some(rate) = &self.rules.max_per_agent {
+            let hit = self
+                .windows
+                .hit(&self.window_key(r), &r.action_id, rate.count, rate.window)
+                .await
+                .map_err(|e| JudgeError::Transport(format!("rate window: {e}")))?;
+            if !hit.allowed {
+                return Ok(Verdict::Veto {
+                    rule: "max_per_agent",
+                    reason: format!(
+                        "agent {} already made {} {} requests in the last {} s (limit {}, for the whole fleet)",
+                        r.agent.id,
+                        hit.count,
+                        r.command_type,
+                        rate.window.as_secs(),
+                        rate.count
+                    ),
+                });
+            }
+        }
+        Ok(Verdict::Approve {
+            reason: "all rules passed".into(),
+        })
+    }
+
+    /// The rules that need no count: a veto, or `None` when they all pass.
+    fn decide_static(&self, r: &JudgeRequest) -> Option<Verdict> {
         // Every rule here is a hard rule: a failure vetoes, it is not one vote among others.
         let veto = |rule: &'static str, reason: String| Verdict::Veto { rule, reason };
         if self.rules.require_verified_agent && !r.agent.verified {
-            return veto(
+            return Some(veto(
                 "require_verified_agent",
                 format!("agent {} is not verified by the broker", r.agent.id),
-            );
+            ));
         }
         if self
             .rules
@@ -72,57 +112,30 @@ impl RuleJudge {
             .iter()
             .any(|a| a == r.agent.id.as_str())
         {
-            return veto(
+            return Some(veto(
                 "denied_agents",
                 format!("agent {} is on the deny list", r.agent.id),
-            );
+            ));
         }
         if self.rules.denied_command_types.contains(&r.command_type) {
-            return veto(
+            return Some(veto(
                 "denied_command_types",
                 format!("{} is not allowed by this judge", r.command_type),
-            );
+            ));
         }
         if let Some(allowed) = &self.rules.allowed_services {
             if !allowed.iter().any(|s| s == r.service.as_str()) {
-                return veto(
+                return Some(veto(
                     "allowed_services",
                     format!(
                         "service {} is not an approved integration ({})",
                         r.service,
                         allowed.join(", ")
                     ),
-                );
+                ));
             }
         }
-        if let Some(rate) = &self.rules.max_per_agent {
-            let window = rate.window;
-            let now = Instant::now();
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            let q = recent
-                .entry((r.agent.id.to_string(), r.command_type))
-                .or_default();
-            while q.front().is_some_and(|t| now.duration_since(*t) > window) {
-                q.pop_front();
-            }
-            if q.len() >= rate.count {
-                return veto(
-                    "max_per_agent",
-                    format!(
-                        "agent {} already made {} {} requests in the last {} s (limit {})",
-                        r.agent.id,
-                        q.len(),
-                        r.command_type,
-                        rate.window.as_secs(),
-                        rate.count
-                    ),
-                );
-            }
-            q.push_back(now);
-        }
-        Verdict::Approve {
-            reason: "all rules passed".into(),
-        }
+        None
     }
 }
 
@@ -139,7 +152,7 @@ impl Judge for RuleJudge {
         &'a self,
         request: &'a JudgeRequest,
     ) -> BoxFuture<'a, Result<Verdict, JudgeError>> {
-        Box::pin(async move { Ok(self.decide(request)) })
+        Box::pin(self.decide(request))
     }
 }
 
@@ -147,10 +160,11 @@ impl Judge for RuleJudge {
 mod tests {
     use super::*;
     use crate::intake::{Agent, AgentId, Service, Severity};
+    use crate::limits::local::MemWindows;
 
-    fn req(service: &str, verified: bool) -> JudgeRequest {
+    fn req(id: &str, service: &str, verified: bool) -> JudgeRequest {
         JudgeRequest {
-            action_id: "a".into(),
+            action_id: id.into(),
             command_type: CommandType::RefreshToken,
             service: Service::parse(service).unwrap(),
             agent: Agent {
@@ -164,8 +178,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rules_apply() {
+    #[tokio::test]
+    async fn rules_apply() {
         let j = RuleJudge::new(
             "security",
             RuleSet {
@@ -177,35 +191,81 @@ mod tests {
                 }),
                 ..Default::default()
             },
+            Arc::new(MemWindows::default()),
         );
+        let verdict = |id: &'static str, service: &'static str, verified: bool| {
+            let r = req(id, service, verified);
+            let j = &j;
+            async move { j.decide(&r).await.unwrap() }
+        };
         assert!(matches!(
-            j.decide(&req("google", true)),
+            verdict("1", "google", true).await,
             Verdict::Approve { .. }
         ));
         assert!(matches!(
-            j.decide(&req("salesforce", true)),
+            verdict("2", "salesforce", true).await,
             Verdict::Veto {
                 rule: "allowed_services",
                 ..
             }
         ));
         assert!(matches!(
-            j.decide(&req("google", false)),
+            verdict("3", "google", false).await,
             Verdict::Veto {
                 rule: "require_verified_agent",
                 ..
             }
         ));
         assert!(matches!(
-            j.decide(&req("google", true)),
+            verdict("4", "google", true).await,
             Verdict::Approve { .. }
         ));
-        match j.decide(&req("google", true)) {
+        assert!(
+            matches!(verdict("1", "google", true).await, Verdict::Approve { .. }),
+            "the same command judged again counts once"
+        );
+        match verdict("5", "google", true).await {
             Verdict::Veto {
                 rule: "max_per_agent",
                 reason,
             } => assert!(reason.contains("limit 2"), "{reason}"),
             v => panic!("{v:?}"),
         }
+    }
+
+    /// A window store that can't be reached.
+    struct Unreachable;
+
+    impl RateWindows for Unreachable {
+        fn hit<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: usize,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<crate::limits::Hit, crate::limits::LimitError>> {
+            Box::pin(async {
+                Err(crate::limits::LimitError::Backend(
+                    "redis: connection refused".into(),
+                ))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_rule_that_cant_count_gives_no_verdict() {
+        let j = RuleJudge::new(
+            "compliance",
+            RuleSet {
+                max_per_agent: Some(RateRule {
+                    count: 5,
+                    window: Duration::from_secs(3600),
+                }),
+                ..Default::default()
+            },
+            Arc::new(Unreachable),
+        );
+        let e = j.decide(&req("1", "google", true)).await.unwrap_err();
+        assert!(e.to_string().contains("rate window"), "{e}");
     }
 }

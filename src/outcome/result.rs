@@ -34,6 +34,11 @@ pub struct BridgeSummary {
     pub ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// An earlier attempt (a replica that crashed or lost its claim) had already sent this
+    /// action to the bridge: this call was a re-POST, kept from acting twice only by the
+    /// bridge's dedup (see the README's "What the bridge remembers").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repost: bool,
 }
 
 /// The body of a result message. Optional fields are absent when the command never got that

@@ -27,7 +27,6 @@ use crate::policy::{Decision, Handling, Policy};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 /// What the pipeline needs of a delivery.
@@ -53,9 +52,10 @@ pub struct Pipeline {
     pub history: AttemptHistory,
     /// The operator gate: consulted before the judges and before every bridge call.
     pub gate: Arc<Gate>,
-    /// Bridge calls at once (below Apps Script's 30 simultaneous executions per user); the
-    /// gate is checked after a slot is taken, so a pause also holds back queued calls.
-    pub bridge_slots: Semaphore,
+    /// The fleet's bridge slots (Apps Script allows 30 simultaneous executions per user, for
+    /// every replica together); the gate is checked after a slot is taken, so a pause also holds
+    /// back queued calls.
+    pub bridge_slots: crate::limits::Slots,
     /// Final results by `<agent>/<action_id>`.
     pub store: Arc<dyn ResultStore>,
     pub claim_ttl: Duration,
@@ -768,7 +768,20 @@ impl Pipeline {
         draft: Draft,
         rationale: String,
     ) -> Result<ResultMessage, Deferred> {
-        let _slot = self.bridge_slots.acquire().await.expect("never closed");
+        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let slot = match self.bridge_slots.acquire(&key).await {
+            Ok(slot) => slot,
+            // Fail closed: no bridge call starts without a slot of the fleet's limit.
+            Err(e) => {
+                return Err(Deferred(format!(
+                    "no bridge slot: the fleet's limit can't be checked ({e})"
+                )))
+            }
+        };
+        let repost = slot.earlier();
+        if repost {
+            tracing::warn!("re-POST: an earlier attempt already sent this action to the bridge; only the bridge's dedup keeps it from acting twice");
+        }
         let Some(_ticket) = self.gate.begin_bridge() else {
             return Err(Deferred(format!(
                 "{} before the bridge call",
@@ -798,6 +811,7 @@ impl Pipeline {
                     attempts: a.attempts,
                     ms,
                     error: None,
+                    repost,
                 });
                 Ok(r)
             }
@@ -814,6 +828,7 @@ impl Pipeline {
                     attempts: 1,
                     ms,
                     error: Some(e.to_string()),
+                    repost,
                 });
                 Ok(r)
             }
@@ -831,6 +846,7 @@ impl Pipeline {
                     attempts,
                     ms,
                     error: Some(e.to_string()),
+                    repost,
                 });
                 Ok(r)
             }

@@ -10,18 +10,18 @@ use crate::approval::webhook::Notifier;
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
-use crate::idempotency::ResultStore;
+use crate::idempotency::Stores;
 use crate::intake::DecodeLimits;
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
+use crate::limits::{RateWindows, Slots};
 use crate::pipeline::Pipeline;
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -39,10 +39,12 @@ pub enum StartError {
 
 /// Builds the judges of the configured panel, with the API keys read with the settings
 /// ([`crate::settings::Secrets::judge_api_keys`]). Fails when a prompt file or an API key named
-/// in config is missing, so a misconfigured panel stops the poller at start.
+/// in config is missing, so a misconfigured panel stops the poller at start. Rate rules count
+/// in `windows` (the shared store's, so they hold for the fleet and across restarts).
 pub fn build_panel(
     panel: &PanelSettings,
     api_keys: &BTreeMap<String, Secret>,
+    windows: Arc<dyn RateWindows>,
 ) -> Result<Panel, StartError> {
     let mut judges: Vec<(Arc<dyn Judge>, Duration)> = Vec::new();
     for j in &panel.judges {
@@ -52,7 +54,7 @@ pub fn build_panel(
                 timeout,
                 rules,
             } => judges.push((
-                Arc::new(RuleJudge::new(name.clone(), rules.clone())),
+                Arc::new(RuleJudge::new(name.clone(), rules.clone(), windows.clone())),
                 *timeout,
             )),
             JudgeSettings::Llm {
@@ -153,14 +155,18 @@ impl Poller {
     /// Builds the poller from settings alone: policy file, rule judges, configured bridge.
     pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
         let policy = Policy::load(&settings.policy.file)?;
-        let panel = build_panel(&settings.panel, &settings.secrets.judge_api_keys)?;
-        let (bridge, sim) = build_bridge(&settings.bridge, settings.secrets.bridge.clone()).await?;
         if let Some(why) = settings.embedded_store_refused() {
             return Err(StartError::Store(crate::idempotency::StoreError::Backend(
                 format!("idempotency.backend: {why}"),
             )));
         }
-        let store = crate::idempotency::open(&settings.idempotency).await?;
+        let stores = crate::idempotency::open_all(&settings.idempotency).await?;
+        let panel = build_panel(
+            &settings.panel,
+            &settings.secrets.judge_api_keys,
+            stores.windows.clone(),
+        )?;
+        let (bridge, sim) = build_bridge(&settings.bridge, settings.secrets.bridge.clone()).await?;
         crate::idempotency::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
         crate::approval::check_ttls(&policy, settings.idempotency.retention)
             .map_err(StartError::Approval)?;
@@ -173,18 +179,19 @@ impl Poller {
             Arc::new(policy),
             panel,
             bridge,
-            store,
+            stores,
             sim,
         ))
     }
 
-    /// Builds the poller from parts (tests inject judges and bridges here).
+    /// Builds the poller from parts (tests inject judges and bridges here). The bridge slots
+    /// are `stores.slots` (shared by the fleet with the Redis and PostgreSQL stores).
     pub fn new(
         settings: Settings,
         policy: Arc<Policy>,
         panel: Panel,
         bridge: Arc<dyn Bridge>,
-        store: Arc<dyn ResultStore>,
+        stores: Stores,
         simulator: Option<SimulatorHandle>,
     ) -> Self {
         let instance = settings.instance();
@@ -206,8 +213,14 @@ impl Poller {
             instance: instance.clone(),
             history: Default::default(),
             gate: state.gate.clone(),
-            bridge_slots: Semaphore::new(settings.bridge.max_concurrency),
-            store,
+            bridge_slots: Slots::new(
+                stores.slots,
+                settings.bridge.max_concurrency,
+                settings.bridge.slot_lease,
+                settings.idempotency.retention,
+                &instance,
+            ),
+            store: stores.results,
             claim_ttl: settings.idempotency.claim_ttl,
             wait_for_in_flight: settings.idempotency.wait_for_in_flight,
             retention: settings.idempotency.retention,

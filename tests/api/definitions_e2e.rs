@@ -436,14 +436,17 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         &sim,
         command_poller::bridge::signing::Secret::new("defs"),
     );
-    let panel =
-        command_poller::worker::build_panel(&settings.panel, &settings.secrets.judge_api_keys)
-            .unwrap();
-    let store = command_poller::idempotency::open(&settings.idempotency)
+    let stores = command_poller::idempotency::open_all(&settings.idempotency)
         .await
         .unwrap();
+    let panel = command_poller::worker::build_panel(
+        &settings.panel,
+        &settings.secrets.judge_api_keys,
+        stores.windows.clone(),
+    )
+    .unwrap();
     let store_path = settings.idempotency.path.clone();
-    let poller = command_poller::worker::Poller::new(settings, policy, panel, bridge, store, None);
+    let poller = command_poller::worker::Poller::new(settings, policy, panel, bridge, stores, None);
     let state = poller.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn({

@@ -286,10 +286,14 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     let poller = command_poller::worker::Poller::new(
         h.settings.clone(),
         policy,
-        command_poller::worker::build_panel(&h.settings.panel, &h.settings.secrets.judge_api_keys)
-            .unwrap(),
+        command_poller::worker::build_panel(
+            &h.settings.panel,
+            &h.settings.secrets.judge_api_keys,
+            h.stores.windows.clone(),
+        )
+        .unwrap(),
         bridge,
-        h.store.clone(),
+        h.stores.clone(),
         None,
     );
     let token = h.shutdown.clone();

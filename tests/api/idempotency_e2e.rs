@@ -20,6 +20,8 @@ fn settings(backend: Backend) -> IdempotencySettings {
             Backend::Postgres => POSTGRES.into(),
         },
         key_prefix: format!("t-{sfx}"),
+        ca_file: None,
+        pool_size: 4,
         key_env: "POLLER_STORE_KEY_UNSET_IN_TESTS".into(),
         allow_embedded_in_production: false,
         retention: Duration::from_secs(60),

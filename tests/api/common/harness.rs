@@ -7,6 +7,7 @@ use command_poller::bridge::signing::Secret;
 use command_poller::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use command_poller::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
 use command_poller::broker;
+use command_poller::idempotency::Stores;
 use command_poller::judging::Panel;
 use command_poller::outcome::{Alert, ResultMessage};
 use command_poller::policy::Policy;
@@ -31,12 +32,18 @@ pub struct Harness {
     pub secret: Secret,
     /// Shared by this harness's replicas (as Redis or PostgreSQL would be).
     pub store: Arc<dyn command_poller::idempotency::ResultStore>,
+    /// The store behind all its boundaries (results, bridge slots, rate windows).
+    pub stores: Stores,
     _cleanup: Cleanup,
 }
 
 pub struct Options {
-    /// The idempotency store; default: an embedded store in a temp file.
+    /// The idempotency store, with bridge slots and rate windows of this harness's own;
+    /// default: an embedded store in a temp file.
     pub store: Option<Arc<dyn command_poller::idempotency::ResultStore>>,
+    /// A backend behind all its boundaries (the fleet limits shared through it); wins over
+    /// `store`.
+    pub stores: Option<Stores>,
     pub panel: Option<Panel>,
     pub sim_latency: Duration,
     pub tweak: Box<dyn FnOnce(&mut Settings) + Send>,
@@ -47,6 +54,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             store: None,
+            stores: None,
             panel: None,
             sim_latency: Duration::ZERO,
             tweak: Box::new(|_| {}),
@@ -124,7 +132,14 @@ impl Harness {
             .await
             .unwrap();
 
-        let settings_for_store = settings.idempotency.clone();
+        // The store a test asks for (Redis, PostgreSQL), or an embedded one of its own.
+        let stores = match (opts.stores, opts.store) {
+            (Some(stores), _) => stores,
+            (None, Some(results)) => Stores::local(results),
+            (None, None) => command_poller::idempotency::open_all(&settings.idempotency)
+                .await
+                .expect("store opens"),
+        };
         let mut h = Harness {
             settings,
             sim,
@@ -135,13 +150,8 @@ impl Harness {
             poller_task: None,
             poller_state: Arc::new(Default::default()),
             secret: secret.clone(),
-            // The store a test asks for (Redis, PostgreSQL), or an embedded one of its own.
-            store: match opts.store {
-                Some(store) => store,
-                None => command_poller::idempotency::open(&settings_for_store)
-                    .await
-                    .expect("store opens"),
-            },
+            store: stores.results.clone(),
+            stores,
             _cleanup: cleanup,
         };
         if opts.start_poller {
@@ -153,8 +163,12 @@ impl Harness {
     pub fn poller(&self, panel: Option<Panel>, secret: Secret) -> Poller {
         let policy = Arc::new(Policy::load(&self.settings.policy.file).unwrap());
         let panel = panel.unwrap_or_else(|| {
-            build_panel(&self.settings.panel, &self.settings.secrets.judge_api_keys)
-                .expect("panel builds")
+            build_panel(
+                &self.settings.panel,
+                &self.settings.secrets.judge_api_keys,
+                self.stores.windows.clone(),
+            )
+            .expect("panel builds")
         });
         let bridge = bridge_client(&self.settings, &self.sim, secret);
         Poller::new(
@@ -162,7 +176,7 @@ impl Harness {
             policy,
             panel,
             bridge,
-            self.store.clone(),
+            self.stores.clone(),
             None,
         )
     }
@@ -370,7 +384,12 @@ impl Harness {
         settings.instance_id = format!("{}-{name}", self.settings.instance_id);
         let policy = Arc::new(Policy::load(&settings.policy.file).unwrap());
         let panel = panel.unwrap_or_else(|| {
-            build_panel(&settings.panel, &settings.secrets.judge_api_keys).expect("panel builds")
+            build_panel(
+                &settings.panel,
+                &settings.secrets.judge_api_keys,
+                self.stores.windows.clone(),
+            )
+            .expect("panel builds")
         });
         let bridge = bridge_client(&settings, &self.sim, self.secret.clone());
         let poller = Poller::new(
@@ -378,7 +397,7 @@ impl Harness {
             policy,
             panel,
             bridge,
-            self.store.clone(),
+            self.stores.clone(),
             None,
         );
         let state = poller.state();

@@ -1,0 +1,108 @@
+//! Limits with the embedded store (one poller per file, so that poller is the fleet): bridge
+//! slots are in-process leases; the marks of actions sent to the bridge and the rate windows are
+//! in the file, so a restart (a crash included) forgets neither. A mark is written without an
+//! fsync of its own: it reaches the disk with the next stored result.
+
+use super::local::slide;
+use super::{BridgeSlots, Grant, Hit, LimitError, RateWindows};
+use crate::idempotency::embedded::{RATE, SENT};
+use crate::idempotency::{now_millis, EmbeddedStore, StoreError};
+use futures::future::BoxFuture;
+use redb::ReadableTable;
+use std::time::Duration;
+
+fn err<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl BridgeSlots for EmbeddedStore {
+    fn try_take<'a>(
+        &'a self,
+        holder: &'a str,
+        limit: usize,
+        lease: Duration,
+        key: &'a str,
+        remember: Duration,
+    ) -> BoxFuture<'a, Result<Option<Grant>, LimitError>> {
+        Box::pin(async move {
+            if !self.slots.take_only(holder, limit, lease) {
+                return Ok(None);
+            }
+            let key = self.key(key);
+            let until = now_millis() + remember.as_millis() as u64;
+            let marked = self
+                .write_with(false, move |tx| {
+                    let mut sent = tx.open_table(SENT).map_err(err)?;
+                    let now = now_millis();
+                    let earlier = sent
+                        .insert(key.as_str(), until)
+                        .map_err(err)?
+                        .is_some_and(|v| v.value() > now);
+                    Ok(earlier)
+                })
+                .await;
+            match marked {
+                Ok(earlier) => Ok(Some(Grant { earlier })),
+                Err(e) => {
+                    self.slots.give_back_now(holder);
+                    Err(e.into())
+                }
+            }
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        holder: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, LimitError>> {
+        Box::pin(async move { Ok(self.slots.renew_now(holder, lease)) })
+    }
+
+    fn give_back<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
+        Box::pin(async move {
+            self.slots.give_back_now(holder);
+            Ok(())
+        })
+    }
+
+    fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
+        Box::pin(async move { Ok(self.slots.live_holders()) })
+    }
+}
+
+impl RateWindows for EmbeddedStore {
+    fn hit<'a>(
+        &'a self,
+        key: &'a str,
+        member: &'a str,
+        limit: usize,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<Hit, LimitError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            let member = member.to_owned();
+            let hit = self
+                .write(move |tx| {
+                    let mut t = tx.open_table(RATE).map_err(err)?;
+                    let mut events: Vec<(String, u64)> = match t.get(key.as_str()).map_err(err)? {
+                        Some(v) => serde_json::from_str(v.value()).map_err(err)?,
+                        None => Vec::new(),
+                    };
+                    let now = now_millis();
+                    let hit = slide(
+                        &mut events,
+                        &member,
+                        limit,
+                        now,
+                        now.saturating_sub(window.as_millis() as u64),
+                    );
+                    let json = serde_json::to_string(&events).map_err(err)?;
+                    t.insert(key.as_str(), json.as_str()).map_err(err)?;
+                    Ok(hit)
+                })
+                .await?;
+            Ok(hit)
+        })
+    }
+}
