@@ -64,6 +64,7 @@ pub struct Metrics {
     bridge_latency: Histogram,
     bridge_retries: Counter,
     bridge_errors: Counter,
+    bridge_reposts: Counter,
     alerts: Family<AlertLabels, Counter>,
     publish_failures: Counter,
     audit_diverted: Counter,
@@ -92,6 +93,7 @@ impl Metrics {
             bridge_latency: latency_histogram(),
             bridge_retries: Counter::default(),
             bridge_errors: Counter::default(),
+            bridge_reposts: Counter::default(),
             alerts: Family::default(),
             publish_failures: Counter::default(),
             audit_diverted: Counter::default(),
@@ -142,6 +144,11 @@ impl Metrics {
             "bridge_errors",
             "Bridge calls that ended in failure",
             m.bridge_errors.clone(),
+        );
+        registry.register(
+            "bridge_reposts",
+            "Bridge calls for an action an earlier attempt had already sent (a replica crashed or lost its claim): safe only while the bridge remembers the first answer",
+            m.bridge_reposts.clone(),
         );
         registry.register(
             "alerts",
@@ -265,6 +272,9 @@ impl Metrics {
                 .inc_by(u64::from(b.attempts.saturating_sub(1)));
             if b.error.is_some() {
                 self.bridge_errors.inc();
+            }
+            if b.repost {
+                self.bridge_reposts.inc();
             }
         }
     }

@@ -43,8 +43,8 @@ fn scripts() -> &'static Scripts {
         // KEYS: slots. ARGV: holder, lease ms. 1 when renewed, 0 when the lease had expired.
         renew: redis::Script::new(&format!(
             "{NOW}
-             local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
-             if until == false or tonumber(until) <= now then
+             local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+             if expiry == false or tonumber(expiry) <= now then
                redis.call('ZREM', KEYS[1], ARGV[1])
                return 0
              end

@@ -207,6 +207,11 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
 
 impl World {
     async fn new(name: &'static str) -> World {
+        Self::with_latency(name, 30).await
+    }
+
+    /// A world whose bridge takes `latency_ms` per execution.
+    async fn with_latency(name: &'static str, latency_ms: u64) -> World {
         let sfx = suffix();
         // The shipped delivery limit and claim timings: crashes must not dead-letter commands.
         let settings = test_settings(&sfx);
@@ -229,7 +234,7 @@ impl World {
                 "--listen",
                 &format!("127.0.0.1:{sim_port}"),
                 "--latency-ms",
-                "30",
+                &latency_ms.to_string(),
             ])
             .env("BRIDGE_SECRET", &secret)
             .stdout(Stdio::null())
@@ -472,6 +477,12 @@ impl World {
             .filter(|id| !any.contains_key(id.as_str()))
             .collect();
         let duplicate_results = non_replay.values().filter(|n| **n > 1).count();
+        // POSTs of an action an earlier attempt had sent (a killed replica's), as the poller
+        // marked them; the simulator's dedup answered them without acting again.
+        let reposts = results
+            .iter()
+            .filter(|r| !r.replay && r.bridge.as_ref().is_some_and(|b| b.repost))
+            .count();
         let duplicate_executions = calls.executions.values().filter(|n| **n > 1).count();
         let row = Row {
             scenario: self.name,
@@ -481,6 +492,7 @@ impl World {
             duplicate_results,
             duplicate_executions,
             lost: lost.len(),
+            reposts,
         };
         // How often a poller found its commands consumer stalled and re-attached.
         let stalls: usize = self
@@ -490,8 +502,8 @@ impl World {
             .map(|l| l.matches("the commands consumer stalled").count())
             .sum();
         println!(
-            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {} | stall re-attachments {}",
-            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost, stalls
+            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {} | re-POSTs {} | stall re-attachments {}",
+            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost, row.reposts, stalls
         );
         if row.lost + row.duplicate_results + row.duplicate_executions > 0 {
             self.print_log_warnings();
@@ -517,6 +529,26 @@ impl World {
 }
 
 impl World {
+    /// Replicas share the Redis store (an embedded file can't be shared), under this world's
+    /// key prefix; returns the prefix.
+    fn share_redis(&mut self) -> String {
+        let prefix = format!("fault-{}", self.sfx);
+        self.extra_env.extend([
+            ("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()),
+            (
+                "POLLER__IDEMPOTENCY__URL".into(),
+                crate::common::REDIS.into(),
+            ),
+            ("POLLER__IDEMPOTENCY__KEY_PREFIX".into(), prefix.clone()),
+            // A shared store needs the same sealing key on every replica.
+            (
+                "POLLER_STORE_KEY".into(),
+                format!("fault-store-key-{}", self.sfx),
+            ),
+        ]);
+        prefix
+    }
+
     /// What the pollers warned about, for a failed run (CI keeps no temp files).
     fn print_log_warnings(&self) {
         let mut seen = std::collections::HashSet::new();
@@ -549,6 +581,7 @@ struct Row {
     duplicate_results: usize,
     duplicate_executions: usize,
     lost: usize,
+    reposts: usize,
 }
 
 async fn http(port: u16, req: String) -> Option<String> {
@@ -783,22 +816,7 @@ async fn a_judge_hanging_then_failing_then_back() {
 #[ignore = "fault suite: run by scripts/test.sh, one at a time"]
 async fn two_replicas_consuming_one_killed() {
     let mut w = World::new("two-replicas").await;
-    // Two processes share the Redis store (an embedded file can't be shared).
-    w.extra_env
-        .push(("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()));
-    w.extra_env.push((
-        "POLLER__IDEMPOTENCY__URL".into(),
-        crate::common::REDIS.into(),
-    ));
-    w.extra_env.push((
-        "POLLER__IDEMPOTENCY__KEY_PREFIX".into(),
-        format!("fault-{}", w.sfx),
-    ));
-    // A shared store needs the same sealing key on every replica.
-    w.extra_env.push((
-        "POLLER_STORE_KEY".into(),
-        format!("fault-store-key-{}", w.sfx),
-    ));
+    w.share_redis();
     let (ids, bodies) = load("two", 400);
     w.publish(&bodies).await;
     let a = w.spawn_poller("a");
@@ -807,6 +825,91 @@ async fn two_replicas_consuming_one_killed() {
     w.kill9(a);
     w.wait_ids(&ids, Duration::from_secs(180)).await;
     w.report(&ids).await;
+}
+
+/// The holders of live bridge slots in the Redis store under `prefix`.
+async fn slot_holders(redis: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    redis::cmd("ZRANGEBYSCORE")
+        .arg(format!("{prefix}:bridge:slots"))
+        .arg(format!("({now_ms}"))
+        .arg("+inf")
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "fault suite: run by scripts/test.sh, one at a time"]
+async fn a_replica_killed_holding_bridge_slots_gives_them_back_within_the_lease() {
+    // A slow bridge, so slots are held for a while; a fleet limit of 4 over two replicas.
+    let mut w = World::with_latency("slot-lease", 300).await;
+    let prefix = w.share_redis();
+    const LEASE_SECS: u64 = 3;
+    w.extra_env.extend([
+        ("POLLER__BRIDGE__MAX_CONCURRENCY".into(), "4".into()),
+        (
+            "POLLER__BRIDGE__SLOT_LEASE_SECS".into(),
+            LEASE_SECS.to_string(),
+        ),
+    ]);
+    let mut redis = redis::Client::open(crate::common::REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (ids, bodies) = load("lease", 150);
+    w.publish(&bodies).await;
+    let a = w.spawn_poller("a");
+    w.spawn_poller("b");
+    w.wait_results(20, Duration::from_secs(60)).await;
+    // Kill A while it holds slots (its holders are named after its instance).
+    let a_name = format!("{}-a/", w.name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = slot_holders(&mut redis, &prefix).await;
+        assert!(held.len() <= 4, "over the fleet limit: {held:?}");
+        if held.iter().any(|h| h.starts_with(&a_name)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica a never held a slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    w.kill9(a);
+    let killed = Instant::now();
+    // A's slots come back: soon every live slot is B's, and B uses all four.
+    let back = loop {
+        let held = slot_holders(&mut redis, &prefix).await;
+        assert!(held.len() <= 4, "over the fleet limit: {held:?}");
+        if !held.iter().any(|h| h.starts_with(&a_name)) && held.len() == 4 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(LEASE_SECS + 10),
+            "the dead replica's slots did not come back: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "RELIABILITY | slot-lease | the killed replica's bridge slots back with the other replica after {} ms (lease {LEASE_SECS} s)",
+        back.as_millis()
+    );
+    assert!(
+        back <= Duration::from_secs(LEASE_SECS) + Duration::from_millis(1500),
+        "slots back after {back:?}, lease {LEASE_SECS} s"
+    );
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    let row = w.report(&ids).await;
+    let calls = w.sim_calls().await;
+    assert!(
+        calls.max_concurrent <= 4,
+        "the bridge saw {} calls at once over the fleet limit of 4",
+        calls.max_concurrent
+    );
+    let _ = row;
 }
 
 #[tokio::test]

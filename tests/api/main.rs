@@ -19,6 +19,7 @@ mod deploy_manifests;
 mod faults;
 mod idempotency_e2e;
 mod judges_bridge_e2e;
+mod limits_e2e;
 mod llm_judge;
 mod mcp_e2e;
 mod properties;

@@ -380,6 +380,17 @@ impl ReplicaHandle {
 
 impl Harness {
     pub fn spawn_replica(&self, name: &str, panel: Option<Panel>) -> ReplicaHandle {
+        self.spawn_replica_with(name, panel, self.stores.clone())
+    }
+
+    /// A replica with a store of its own (its own connections to a shared Redis or
+    /// PostgreSQL, as another process would have).
+    pub fn spawn_replica_with(
+        &self,
+        name: &str,
+        panel: Option<Panel>,
+        stores: Stores,
+    ) -> ReplicaHandle {
         let mut settings = self.settings.clone();
         settings.instance_id = format!("{}-{name}", self.settings.instance_id);
         let policy = Arc::new(Policy::load(&settings.policy.file).unwrap());
@@ -387,19 +398,12 @@ impl Harness {
             build_panel(
                 &settings.panel,
                 &settings.secrets.judge_api_keys,
-                self.stores.windows.clone(),
+                stores.windows.clone(),
             )
             .expect("panel builds")
         });
         let bridge = bridge_client(&settings, &self.sim, self.secret.clone());
-        let poller = Poller::new(
-            settings.clone(),
-            policy,
-            panel,
-            bridge,
-            self.stores.clone(),
-            None,
-        );
+        let poller = Poller::new(settings.clone(), policy, panel, bridge, stores, None);
         let state = poller.state();
         let shutdown = self.shutdown.child_token();
         let token = shutdown.clone();

@@ -10,6 +10,9 @@
 pub mod broker;
 pub mod collect;
 pub mod harness;
+pub mod relay;
 
 pub use broker::*;
 pub use harness::*;
+#[allow(unused_imports)]
+pub use relay::Relay;
