@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Private Redis (127.0.0.1:6390) and PostgreSQL (127.0.0.1:5440, user postgres, database test) for
-# the shared idempotency store tests: instances of their own, with their data in
+# Private Redis (127.0.0.1:6390, and with TLS on 127.0.0.1:6391) and PostgreSQL (127.0.0.1:5440,
+# user postgres, database test, TLS offered) for the shared idempotency store tests. The TLS
+# certificates come from a test CA made here (target/test-stores/tls/ca.pem, the server's
+# certificate for 127.0.0.1 and localhost): instances of their own, with their data in
 # target/test-stores/, on their own ports (TEST_REDIS_PORT and TEST_POSTGRES_PORT choose others). The machine's own Redis and PostgreSQL (if any) are
 # neither used nor reconfigured (as root, PostgreSQL's data lives in
 # /var/tmp/command-poller-test-stores, where its own user can reach it). Installs Debian's
@@ -11,6 +13,7 @@ cd "$(dirname "$0")/.."
 # Root runs everything itself; anyone else needs sudo, and only to install packages.
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 REDIS_PORT=${TEST_REDIS_PORT:-6390}
+REDIS_TLS_PORT=${TEST_REDIS_TLS_PORT:-6391}
 PG_PORT=${TEST_POSTGRES_PORT:-5440}
 DIR="$(pwd)/target/test-stores"
 open_port() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -21,6 +24,21 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 mkdir -p "$DIR"
+
+# A test CA and a server certificate for 127.0.0.1 and localhost (kept while valid).
+TLS="$DIR/tls"
+if [ ! -f "$TLS/server.pem" ] || ! openssl x509 -checkend 86400 -noout -in "$TLS/server.pem" >/dev/null 2>&1; then
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=command-poller test CA" \
+    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" >/dev/null 2>&1
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TLS/ext.cnf"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
+    -days 30 -extfile "$TLS/ext.cnf" -out "$TLS/server.pem" >/dev/null 2>&1
+  echo "stores: made a test CA and a server certificate in $TLS"
+fi
 
 # An earlier version of this script added a `trust` line to the machine's pg_hba.conf: take it out.
 for hba in /etc/postgresql/*/main/pg_hba.conf; do
@@ -41,7 +59,22 @@ fi
 for _ in $(seq 1 50); do open_port "$REDIS_PORT" && break; sleep 0.2; done
 open_port "$REDIS_PORT" || { echo "redis: not reachable on 127.0.0.1:$REDIS_PORT" >&2; exit 1; }
 echo "redis: running (private, 127.0.0.1:$REDIS_PORT)"
+if ! open_port "$REDIS_TLS_PORT"; then
+  echo "stores: starting a private Redis with TLS only on 127.0.0.1:$REDIS_TLS_PORT"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port "$REDIS_TLS_PORT" \
+    --tls-cert-file "$TLS/server.pem" --tls-key-file "$TLS/server.key" \
+    --tls-ca-cert-file "$TLS/ca.pem" --tls-auth-clients no --save "" --appendonly no \
+    --dir "$DIR" --pidfile "$DIR/redis-$REDIS_TLS_PORT.pid" --logfile "$DIR/redis-$REDIS_TLS_PORT.log"
+fi
+for _ in $(seq 1 50); do open_port "$REDIS_TLS_PORT" && break; sleep 0.2; done
+open_port "$REDIS_TLS_PORT" || { echo "redis: TLS not reachable on 127.0.0.1:$REDIS_TLS_PORT" >&2; exit 1; }
+echo "redis: running with TLS (private, 127.0.0.1:$REDIS_TLS_PORT)"
 
+# A cluster this script started before it offered TLS is restarted with it.
+if open_port "$PG_PORT" && [ "$(psql -At "postgres://postgres@127.0.0.1:$PG_PORT/postgres" -c 'show ssl' 2>/dev/null)" = "off" ]; then
+  echo "stores: restarting the private PostgreSQL to offer TLS"
+  TEST_REDIS_PORT=1 TEST_REDIS_TLS_PORT=1 scripts/stop-stores.sh >/dev/null 2>&1 || true
+fi
 if ! open_port "$PG_PORT"; then
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
   bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -62,9 +95,14 @@ if ! open_port "$PG_PORT"; then
     # trust is for this private cluster only: it listens on loopback, on its own port.
     (cd / && "${as[@]}" "$bin/initdb" -D "$pgdir" -U postgres --auth=trust >/dev/null)
   fi
+  # The server's key must belong to the server's user, readable by it alone.
+  cp "$TLS/server.pem" "$pgdir/tls-server.pem"
+  cp "$TLS/server.key" "$pgdir/tls-server.key"
+  chmod 600 "$pgdir/tls-server.key"
+  if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$pgdir/tls-server.pem" "$pgdir/tls-server.key"; fi
   echo "stores: starting the private PostgreSQL on 127.0.0.1:$PG_PORT"
   (cd / && "${as[@]}" "$bin/pg_ctl" -D "$pgdir" -l "$pgdir/server.log" -w \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $pgdir" start >/dev/null)
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $pgdir -c ssl=on -c ssl_cert_file=$pgdir/tls-server.pem -c ssl_key_file=$pgdir/tls-server.key" start >/dev/null)
 fi
 for _ in $(seq 1 50); do open_port "$PG_PORT" && break; sleep 0.2; done
 open_port "$PG_PORT" || { echo "postgres: not reachable on 127.0.0.1:$PG_PORT" >&2; exit 1; }

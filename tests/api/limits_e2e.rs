@@ -460,3 +460,75 @@ async fn the_postgres_store_carries_on_after_its_connections_are_killed() {
     }
     assert_eq!(h.sim.calls().total_executions(), 300);
 }
+
+/// The test CA `scripts/ensure-stores.sh` made for the private stores' TLS.
+const TEST_CA: &str = "target/test-stores/tls/ca.pem";
+
+#[tokio::test]
+async fn the_shared_stores_speak_tls_and_verify_the_server() {
+    let ca = std::path::PathBuf::from(TEST_CA);
+    assert!(ca.exists(), "{TEST_CA}: run scripts/ensure-stores.sh");
+    let app = format!("tls-{}", suffix());
+    let mut open_stores = Vec::new();
+    for (backend, url) in [
+        (
+            Backend::Redis,
+            format!("rediss://127.0.0.1:{REDIS_TLS_PORT}"),
+        ),
+        (
+            Backend::Postgres,
+            format!("{POSTGRES}?sslmode=require&application_name={app}"),
+        ),
+    ] {
+        let mut s = store_settings(backend, &format!("tls-{}", suffix()));
+        s.url = url;
+        // Without the CA, the server's certificate is refused: TLS verifies, it doesn't just
+        // encrypt.
+        let refused = idempotency::open_all(&s).await.err().unwrap_or_else(|| {
+            panic!("{backend:?}: connected to a server whose CA it does not know")
+        });
+        assert!(
+            refused.to_string().to_lowercase().contains("certificate")
+                || refused.to_string().to_lowercase().contains("unknownissuer")
+                || refused.to_string().to_lowercase().contains("tls"),
+            "{backend:?}: {refused}"
+        );
+        s.ca_file = Some(ca.clone());
+        let stores = open(&s).await;
+        let r = &stores.results;
+        assert_eq!(
+            r.claim("agent/tls-1", "me", Duration::from_secs(30))
+                .await
+                .unwrap(),
+            command_poller::idempotency::Claim::Mine
+        );
+        r.complete("agent/tls-1", "me", "{}", Duration::from_secs(60), true, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.result("agent/tls-1").await.unwrap().as_deref(),
+            Some("{}")
+        );
+        assert!(stores
+            .slots
+            .try_take("me", 1, Duration::from_secs(5), "agent/tls-1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_some());
+        open_stores.push(stores);
+    }
+    // The PostgreSQL connections were encrypted (the server says so).
+    let (check, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = check
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty(), "the store's connections are open");
+    assert!(rows.iter().all(|r| r.get::<_, bool>(0)), "every one over TLS");
+}

@@ -12,6 +12,8 @@ pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The private test instances `scripts/ensure-stores.sh` starts (never the machine's own).
 pub const REDIS_PORT: u16 = 6390;
 pub const REDIS: &str = "redis://127.0.0.1:6390";
+/// The private Redis that speaks TLS only (`scripts/ensure-stores.sh`).
+pub const REDIS_TLS_PORT: u16 = 6391;
 pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5440/test";
 
 pub fn suffix() -> String {
