@@ -49,6 +49,15 @@ var SERVICES = {
 var MAX_SKEW_SECONDS = 300;
 /** How long answers are remembered for dedup (CacheService's maximum is 6 hours). */
 var ANSWER_TTL_SECONDS = 21600;
+/**
+ * Answers are kept in pages: a page per bucket of dedup keys, each a cache item of at most
+ * PAGE_MAX_CHARS. The script cache holds about 1,000 items and evicts the oldest when full, so
+ * one item per answer forgot an answer after about 1,000 later ones (seconds at full load);
+ * 500 pages hold every answer of the last 6 hours up to their size (over 100,000 typical
+ * answers), oldest dropped first.
+ */
+var ANSWER_PAGES = 500;
+var PAGE_MAX_CHARS = 90000;
 /** How long a claim on an action_id holds while it executes (above the 6-minute cap). */
 var CLAIM_TTL_SECONDS = 420;
 var SECRET_PROPERTY = 'BRIDGE_SECRET';
@@ -169,14 +178,12 @@ function hex_(bytes) {
  */
 function once_(key, digest, fn) {
   var cache = CacheService.getScriptCache();
-  var doneKey = 'done:' + key;
   var claimKey = 'claim:' + key;
   var reused = error_('action_id already used by this agent for a different request; refused (use a new action_id)', false);
   var remembered = function () {
-    var done = cache.get(doneKey);
-    if (!done) return null;
-    var entry = JSON.parse(done);
-    return entry.digest === digest ? entry.answer : reused;
+    var entry = pageEntry_(cache, key);
+    if (!entry) return null;
+    return entry.d === digest ? entry.a : reused;
   };
   var answer = remembered();
   if (answer) return answer;
@@ -202,10 +209,68 @@ function once_(key, digest, fn) {
     answer = error_('bridge internal error: ' + safeMessage_(err), isTransient_(err));
   }
   if (!(answer.status === 'error' && answer.retryable)) {
-    cache.put(doneKey, JSON.stringify({ digest: digest, answer: answer }), ANSWER_TTL_SECONDS);
+    remember_(cache, key, digest, answer);
   }
   cache.remove(claimKey);
   return answer;
+}
+
+/** The cache item holding the answers of `key`'s bucket. */
+function pageKey_(key) {
+  var h = Utilities.computeDigest(Utilities.DigestAlgorithm.SHA_256, key, Utilities.Charset.UTF_8);
+  var n = (((h[0] + 256) % 256) * 256 + ((h[1] + 256) % 256)) % ANSWER_PAGES;
+  return 'answers:' + n;
+}
+
+/** The page of `key`'s bucket: {key: {d: digest, a: answer, t: remembered until (ms)}}. */
+function page_(cache, pageKey) {
+  var raw = cache.get(pageKey);
+  if (!raw) return {};
+  try {
+    return JSON.parse(raw);
+  } catch (err) {
+    return {};
+  }
+}
+
+/** The live entry remembered for `key`, if any. */
+function pageEntry_(cache, key) {
+  var entry = page_(cache, pageKey_(key))[key];
+  return entry && entry.t > Date.now() ? entry : null;
+}
+
+/**
+ * Adds `key`'s answer to its page under the script lock (pages are read, changed and written
+ * back), dropping expired entries and then the oldest until the page fits.
+ */
+function remember_(cache, key, digest, answer) {
+  var lock = LockService.getScriptLock();
+  if (!lock.tryLock(10000)) {
+    // Not remembered: a repeat of this request would act again. Rare (the lock is held for a
+    // cache read and write); logged so it shows in the executions log.
+    console.error('answer to ' + key + ' not remembered: lock timeout');
+    return;
+  }
+  try {
+    var pageKey = pageKey_(key);
+    var page = page_(cache, pageKey);
+    var now = Date.now();
+    var keys = Object.keys(page).filter(function (k) { return page[k].t > now && k !== key; });
+    keys.sort(function (a, b) { return page[a].t - page[b].t; });
+    var entry = { d: digest, a: answer, t: now + ANSWER_TTL_SECONDS * 1000 };
+    var size = function (k, v) { return JSON.stringify(k).length + JSON.stringify(v).length + 2; };
+    var kept = {};
+    var total = 2 + size(key, entry);
+    keys.forEach(function (k) { kept[k] = page[k]; total += size(k, page[k]); });
+    kept[key] = entry;
+    for (var i = 0; total > PAGE_MAX_CHARS && i < keys.length; i++) {
+      total -= size(keys[i], kept[keys[i]]);
+      delete kept[keys[i]];
+    }
+    cache.put(pageKey, JSON.stringify(kept), ANSWER_TTL_SECONDS);
+  } finally {
+    lock.releaseLock();
+  }
 }
 
 /**
@@ -215,10 +280,9 @@ function once_(key, digest, fn) {
  */
 function lookup_(key, digest) {
   var cache = CacheService.getScriptCache();
-  var done = cache.get('done:' + key);
-  if (done) {
-    var entry = JSON.parse(done);
-    if (entry.digest === digest) return entry.answer;
+  var entry = pageEntry_(cache, key);
+  if (entry) {
+    if (entry.d === digest) return entry.a;
     return error_('action_id already used by this agent for a different request; refused (use a new action_id)', false);
   }
   if (cache.get('claim:' + key)) {

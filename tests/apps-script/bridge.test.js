@@ -294,3 +294,36 @@ test('a lookup returns the remembered answer and never acts', async () => {
   const other = post(env, Object.assign(cmd('CHECK_INTEGRATION_STATUS', 'google', 'look-1'), { lookup: true }));
   assert.match(other.error, /different request/);
 });
+
+test('answers outlive the script cache\'s 1,000-item limit: 20,000 later answers leave the first remembered', () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const gs = env.gs;
+  const answer = (i) => ({ status: 'success', integration_status: 'CONNECTED', service: 'google', n: i });
+  let ran = 0;
+  const first = gs.once_('v:agent-7/first', 'digest-first', () => { ran++; return answer(0); });
+  assert.equal(first.n, 0);
+  for (let i = 1; i <= 20000; i++) {
+    gs.once_(`v:agent-${i % 37}/later-${i}`, `digest-${i}`, () => { ran++; return answer(i); });
+  }
+  assert.equal(ran, 20001);
+  assert.ok(env.cache.store.size <= 1000, `the cache holds ${env.cache.store.size} items`);
+  const again = gs.once_('v:agent-7/first', 'digest-first', () => { ran++; return answer(-1); });
+  assert.equal(again.n, 0, 'the repeat got the first answer');
+  assert.equal(ran, 20001, 'and did not act again');
+  assert.equal(gs.lookup_('v:agent-7/first', 'digest-first').n, 0);
+  assert.equal(gs.lookup_('v:agent-7/first', 'another-digest').status, 'error', 'a reused id is still refused');
+});
+
+test('a full page drops its oldest answers first and stays within the cache\'s value limit', () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const gs = env.gs;
+  gs.ANSWER_PAGES = 1;
+  gs.PAGE_MAX_CHARS = 3000;
+  for (let i = 0; i < 200; i++) {
+    gs.once_(`v:a/p-${i}`, `d-${i}`, () => ({ status: 'success', padding: 'x'.repeat(40), n: i }));
+  }
+  const page = env.cache.get('answers:0');
+  assert.ok(page.length <= 3000, `page of ${page.length} characters`);
+  assert.equal(gs.lookup_('v:a/p-199', 'd-199').n, 199, 'the newest is kept');
+  assert.equal(gs.lookup_('v:a/p-0', 'd-0').remembered, false, 'the oldest went first');
+});

@@ -21,16 +21,32 @@ function properties(initial) {
   };
 }
 
+/**
+ * The script cache with the limits Google documents and that have been measured: at most 1,000
+ * items (when full, the oldest by creation time go, about 100 at once, however recently they
+ * were read), keys of at most 250 characters, values of at most 100 KB, at most 6 hours.
+ */
+const CACHE_MAX_ITEMS = 1000;
+const CACHE_EVICT = 100;
 function cache() {
-  const store = new Map();
+  const store = new Map(); // insertion order = creation order (a put deletes first)
   return {
     store,
+    evicted: 0,
     get: (k) => {
       const e = store.get(k);
       return e && e.until > Date.now() ? e.value : null;
     },
-    put: (k, v, ttl) => {
+    put(k, v, ttl) {
       if (typeof v !== 'string') throw new Error('cache values are strings');
+      if (k.length > 250) throw new Error('cache key over 250 characters');
+      if (Buffer.byteLength(v, 'utf8') > 100 * 1024) throw new Error('Argument too large: value');
+      if ((ttl || 600) > 21600) throw new Error('cache expiration over 6 hours');
+      store.delete(k);
+      if (store.size >= CACHE_MAX_ITEMS) {
+        for (const old of Array.from(store.keys()).slice(0, CACHE_EVICT)) store.delete(old);
+        this.evicted += CACHE_EVICT;
+      }
       store.set(k, { value: v, until: Date.now() + (ttl || 600) * 1000 });
     },
     remove: (k) => store.delete(k),
