@@ -423,6 +423,29 @@ mod tests {
             1.0
         );
         assert_eq!(sample(&text, "command_poller_bridge_retries_total"), 1.0);
+        assert_eq!(sample(&text, "command_poller_bridge_reposts_total"), 0.0);
+    }
+
+    #[test]
+    fn a_re_post_after_a_crash_is_counted_once_and_never_for_its_replay() {
+        let m = Metrics::new();
+        let mut resent = concluded();
+        resent.result.bridge.as_mut().unwrap().repost = true;
+        m.observe(&Disposition::Conclude {
+            outcome: resent.clone(),
+            claim: None,
+        });
+        resent.result.replay = true;
+        m.observe(&Disposition::Replay {
+            outcome: resent,
+            claim: None,
+        });
+        let text = m.render(0, Mode::Running);
+        assert_eq!(
+            sample(&text, "command_poller_bridge_reposts_total"),
+            1.0,
+            "{text}"
+        );
     }
 
     #[test]

@@ -502,16 +502,29 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
                 .unwrap(),
             command_poller::idempotency::Claim::Mine
         );
-        r.complete("agent/tls-1", "me", "{}", Duration::from_secs(60), true, false)
-            .await
-            .unwrap();
+        r.complete(
+            "agent/tls-1",
+            "me",
+            "{}",
+            Duration::from_secs(60),
+            true,
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             r.result("agent/tls-1").await.unwrap().as_deref(),
             Some("{}")
         );
         assert!(stores
             .slots
-            .try_take("me", 1, Duration::from_secs(5), "agent/tls-1", Duration::from_secs(60))
+            .try_take(
+                "me",
+                1,
+                Duration::from_secs(5),
+                "agent/tls-1",
+                Duration::from_secs(60)
+            )
             .await
             .unwrap()
             .is_some());
@@ -530,5 +543,8 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
         .await
         .unwrap();
     assert!(!rows.is_empty(), "the store's connections are open");
-    assert!(rows.iter().all(|r| r.get::<_, bool>(0)), "every one over TLS");
+    assert!(
+        rows.iter().all(|r| r.get::<_, bool>(0)),
+        "every one over TLS"
+    );
 }
