@@ -66,6 +66,21 @@ impl BridgeSlots for EmbeddedStore {
         })
     }
 
+    fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            self.write_with(false, move |tx| {
+                tx.open_table(SENT)
+                    .map_err(err)?
+                    .remove(key.as_str())
+                    .map_err(err)?;
+                Ok(())
+            })
+            .await?;
+            Ok(())
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move { Ok(self.slots.live_holders()) })
     }

@@ -44,6 +44,11 @@ impl LocalSlots {
         earlier
     }
 
+    pub(crate) fn unmark(&self, key: &str) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sent.remove(key);
+    }
+
     pub(crate) fn take_only(&self, holder: &str, limit: usize, lease: Duration) -> bool {
         self.take(holder, limit, lease, Instant::now())
     }
@@ -112,6 +117,13 @@ impl BridgeSlots for LocalSlots {
 
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move { Ok(self.live_holders()) })
+    }
+
+    fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
+        Box::pin(async move {
+            self.unmark(key);
+            Ok(())
+        })
     }
 }
 

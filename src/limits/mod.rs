@@ -74,6 +74,9 @@ pub trait BridgeSlots: Send + Sync {
     ) -> BoxFuture<'a, Result<bool, LimitError>>;
     /// Gives `holder`'s slot back.
     fn give_back<'a>(&'a self, holder: &'a str) -> BoxFuture<'a, Result<(), LimitError>>;
+    /// Drops the mark `try_take` set for `key`: the call never went out (the operator gate
+    /// closed after the slot was taken), so a later attempt is not a re-POST.
+    fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>>;
     /// The holders of live leases.
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>>;
 }
@@ -163,6 +166,7 @@ impl Slots {
                 return Ok(SlotGuard::new(
                     self.store.clone(),
                     holder,
+                    key.to_owned(),
                     grant,
                     self.lease,
                     self.freed.clone(),
@@ -187,6 +191,8 @@ fn fastrand_micros(bound: u64) -> u64 {
 pub struct SlotGuard {
     store: Arc<dyn BridgeSlots>,
     holder: String,
+    /// The action the slot was taken for.
+    key: String,
     grant: Grant,
     renewing: CancellationToken,
     freed: Arc<Notify>,
@@ -196,6 +202,7 @@ impl SlotGuard {
     fn new(
         store: Arc<dyn BridgeSlots>,
         holder: String,
+        key: String,
         grant: Grant,
         lease: Duration,
         freed: Arc<Notify>,
@@ -224,6 +231,7 @@ impl SlotGuard {
         Self {
             store,
             holder,
+            key,
             grant,
             renewing,
             freed,
@@ -233,6 +241,17 @@ impl SlotGuard {
     /// Whether an earlier attempt already sent this action to the bridge.
     pub fn earlier(&self) -> bool {
         self.grant.earlier
+    }
+
+    /// The call was never sent (the gate closed after the slot was taken): the mark this slot
+    /// set goes, so the command's next attempt is not counted a re-POST. A mark an earlier
+    /// attempt set stays. Gives the slot back.
+    pub async fn not_sent(self) {
+        if !self.grant.earlier {
+            if let Err(e) = self.store.forget_sent(&self.key).await {
+                tracing::warn!(error = %e, "could not drop the mark of an unsent bridge call: its next attempt will count as a re-POST");
+            }
+        }
     }
 }
 
@@ -283,6 +302,30 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(earlier, "k1 went to the bridge before: a re-POST");
+    }
+
+    #[tokio::test]
+    async fn a_call_never_sent_leaves_no_mark() {
+        let store: Arc<dyn BridgeSlots> = Arc::new(LocalSlots::default());
+        let slots = Slots::new(
+            store,
+            1,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            "t",
+        );
+        slots.acquire("k").await.unwrap().not_sent().await;
+        let again = slots.acquire("k").await.unwrap();
+        assert!(!again.earlier(), "held before its POST: not a re-POST");
+        drop(again);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let third = slots.acquire("k").await.unwrap();
+        assert!(third.earlier(), "the second attempt was sent");
+        third.not_sent().await;
+        assert!(
+            slots.acquire("k").await.unwrap().earlier(),
+            "a mark an earlier attempt set stays"
+        );
     }
 
     #[tokio::test]

@@ -136,6 +136,20 @@ impl BridgeSlots for PostgresStore {
         })
     }
 
+    fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
+        Box::pin(async move {
+            self.client()
+                .await?
+                .execute(
+                    "DELETE FROM command_poller_sent WHERE key = $1",
+                    &[&format!("{}/{key}", self.prefix)],
+                )
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move {
             let rows = self

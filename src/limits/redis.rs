@@ -136,6 +136,18 @@ impl BridgeSlots for RedisStore {
         })
     }
 
+    fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            redis::cmd("DEL")
+                .arg(format!("{}:bridge:sent:{key}", self.prefix))
+                .query_async::<i64>(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();

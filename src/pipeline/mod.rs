@@ -778,16 +778,17 @@ impl Pipeline {
                 )))
             }
         };
-        let repost = slot.earlier();
-        if repost {
-            tracing::warn!("re-POST: an earlier attempt already sent this action to the bridge; only the bridge's dedup keeps it from acting twice");
-        }
         let Some(_ticket) = self.gate.begin_bridge() else {
+            slot.not_sent().await;
             return Err(Deferred(format!(
                 "{} before the bridge call",
                 self.gate.mode().as_str().to_ascii_lowercase()
             )));
         };
+        let repost = slot.earlier();
+        if repost {
+            tracing::warn!("re-POST: an earlier attempt already sent this action to the bridge; only the bridge's dedup keeps it from acting twice");
+        }
         let request = BridgeRequest {
             action_id: cmd.action_id.to_string(),
             command_type: cmd.command_type,

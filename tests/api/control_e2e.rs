@@ -107,6 +107,12 @@ async fn pause_stops_bridge_calls_on_both_replicas_and_resume_drains_everything_
         let id = format!("pr-{i}");
         assert_eq!(h.results_for(&id), 1, "{id}");
         assert_eq!(h.sim.executions(&id), 1, "{id}");
+        // Held by the pause after taking a bridge slot, before any POST: not a re-POST.
+        let r = h.result(&id).await;
+        assert!(
+            !r.bridge.is_some_and(|b| b.repost),
+            "{id} counted as a re-POST"
+        );
     }
     assert_eq!(h.queue_depth().await, 0);
     r1.stop().await;

@@ -152,6 +152,36 @@ async fn a_dead_replicas_slots_come_back_within_the_lease_and_a_resent_action_is
 }
 
 #[tokio::test]
+async fn an_unsent_calls_mark_is_dropped_and_an_earlier_one_kept_for_every_backend() {
+    for backend in ALL {
+        let s = store_settings(backend, &format!("mark-{}", suffix()));
+        let stores = open(&s).await;
+        let slots = Slots::new(
+            stores.slots.clone(),
+            2,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            "r",
+        );
+        // Held by the gate after the slot was taken: never sent.
+        slots.acquire("agent/held").await.unwrap().not_sent().await;
+        let sent = slots.acquire("agent/held").await.unwrap();
+        assert!(
+            !sent.earlier(),
+            "{backend:?}: the held attempt sent nothing"
+        );
+        drop(sent);
+        let resent = slots.acquire("agent/held").await.unwrap();
+        assert!(resent.earlier(), "{backend:?}: the second attempt was sent");
+        resent.not_sent().await;
+        assert!(
+            slots.acquire("agent/held").await.unwrap().earlier(),
+            "{backend:?}: an earlier attempt's mark stays"
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_rate_window_holds_across_replicas_and_a_restart_for_every_backend() {
     for backend in ALL {
         let s = store_settings(backend, &format!("rate-{}", suffix()));
