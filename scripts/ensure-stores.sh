@@ -3,7 +3,7 @@
 # user postgres, database test, TLS offered) for the shared idempotency store tests. The TLS
 # certificates come from a test CA made here (target/test-stores/tls/ca.pem, the server's
 # certificate for 127.0.0.1 and localhost): instances of their own, with their data in
-# target/test-stores/, on their own ports (TEST_REDIS_PORT and TEST_POSTGRES_PORT choose others). The machine's own Redis and PostgreSQL (if any) are
+# target/test-stores/, on their own ports (TEST_REDIS_PORT, TEST_REDIS_TLS_PORT and TEST_POSTGRES_PORT choose others). The machine's own Redis and PostgreSQL (if any) are
 # neither used nor reconfigured (as root, PostgreSQL's data lives in
 # /var/tmp/command-poller-test-stores, where its own user can reach it). Installs Debian's
 # redis-server and postgresql packages when the binaries are missing. Idempotent;
@@ -25,30 +25,37 @@ apt_install() {
 }
 mkdir -p "$DIR"
 
-# A test CA and a server certificate for 127.0.0.1 and localhost (kept while valid).
+# A test CA and a server certificate for 127.0.0.1 and localhost (kept while valid). As root they
+# live beside the PostgreSQL cluster, one per machine, since the private servers are too (another
+# checkout's run may have started them); the CA is copied into this checkout for the tests.
+TLS_HOME="$DIR/tls"
+[ "$(id -u)" -eq 0 ] && TLS_HOME=/var/tmp/command-poller-test-stores/tls
 TLS="$DIR/tls"
-if [ ! -f "$TLS/server.pem" ] || ! openssl x509 -checkend 86400 -noout -in "$TLS/server.pem" >/dev/null 2>&1; then
+if [ ! -f "$TLS_HOME/server.pem" ] || ! openssl x509 -checkend 86400 -noout -in "$TLS_HOME/server.pem" >/dev/null 2>&1; then
   command -v openssl >/dev/null 2>&1 || apt_install openssl
-  mkdir -p "$TLS"
+  mkdir -p "$TLS_HOME"
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=command-poller test CA" \
-    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" >/dev/null 2>&1
+    -keyout "$TLS_HOME/ca.key" -out "$TLS_HOME/ca.pem" >/dev/null 2>&1
   openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
-    -keyout "$TLS/server.key" -out "$TLS/server.csr" >/dev/null 2>&1
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TLS/ext.cnf"
-  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
-    -days 30 -extfile "$TLS/ext.cnf" -out "$TLS/server.pem" >/dev/null 2>&1
-  echo "stores: made a test CA and a server certificate in $TLS"
+    -keyout "$TLS_HOME/server.key" -out "$TLS_HOME/server.csr" >/dev/null 2>&1
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TLS_HOME/ext.cnf"
+  openssl x509 -req -in "$TLS_HOME/server.csr" -CA "$TLS_HOME/ca.pem" -CAkey "$TLS_HOME/ca.key" -CAcreateserial \
+    -days 30 -extfile "$TLS_HOME/ext.cnf" -out "$TLS_HOME/server.pem" >/dev/null 2>&1
+  echo "stores: made a test CA and a server certificate in $TLS_HOME"
 fi
-
-# An earlier version of this script added a `trust` line to the machine's pg_hba.conf: take it out.
-for hba in /etc/postgresql/*/main/pg_hba.conf; do
-  if [ -f "$hba" ] && grep -q "command-poller tests" "$hba"; then
-    echo "stores: removing the old 'trust' line this script once added to $hba"
-    $SUDO sed -i '/# command-poller tests$/d' "$hba"
-    ver=$(basename "$(dirname "$(dirname "$hba")")")
-    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main reload >/dev/null 2>&1 || true
-  fi
-done
+mkdir -p "$TLS"
+[ "$TLS_HOME" = "$TLS" ] || cp "$TLS_HOME/ca.pem" "$TLS/ca.pem"
+# Whether the server on port $1 presents a certificate of this CA (`$2`: openssl's -starttls).
+tls_trusted() {
+  openssl s_client -connect "127.0.0.1:$1" ${2:+-starttls "$2"} -CAfile "$TLS_HOME/ca.pem" \
+    -verify_return_error </dev/null >/dev/null 2>&1
+}
+# A TLS server left by an earlier CA (one that expired and was remade) is restarted.
+if open_port "$REDIS_TLS_PORT" && ! tls_trusted "$REDIS_TLS_PORT"; then
+  echo "stores: the Redis on $REDIS_TLS_PORT presents another certificate: restarting it"
+  redis-cli -p "$REDIS_TLS_PORT" --tls --insecure shutdown nosave >/dev/null 2>&1 || true
+  for _ in $(seq 1 50); do open_port "$REDIS_TLS_PORT" || break; sleep 0.1; done
+fi
 
 if ! open_port "$REDIS_PORT"; then
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
@@ -62,17 +69,18 @@ echo "redis: running (private, 127.0.0.1:$REDIS_PORT)"
 if ! open_port "$REDIS_TLS_PORT"; then
   echo "stores: starting a private Redis with TLS only on 127.0.0.1:$REDIS_TLS_PORT"
   redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port "$REDIS_TLS_PORT" \
-    --tls-cert-file "$TLS/server.pem" --tls-key-file "$TLS/server.key" \
-    --tls-ca-cert-file "$TLS/ca.pem" --tls-auth-clients no --save "" --appendonly no \
+    --tls-cert-file "$TLS_HOME/server.pem" --tls-key-file "$TLS_HOME/server.key" \
+    --tls-ca-cert-file "$TLS_HOME/ca.pem" --tls-auth-clients no --save "" --appendonly no \
     --dir "$DIR" --pidfile "$DIR/redis-$REDIS_TLS_PORT.pid" --logfile "$DIR/redis-$REDIS_TLS_PORT.log"
 fi
 for _ in $(seq 1 50); do open_port "$REDIS_TLS_PORT" && break; sleep 0.2; done
 open_port "$REDIS_TLS_PORT" || { echo "redis: TLS not reachable on 127.0.0.1:$REDIS_TLS_PORT" >&2; exit 1; }
 echo "redis: running with TLS (private, 127.0.0.1:$REDIS_TLS_PORT)"
 
-# A cluster this script started before it offered TLS is restarted with it.
-if open_port "$PG_PORT" && [ "$(psql -At "postgres://postgres@127.0.0.1:$PG_PORT/postgres" -c 'show ssl' 2>/dev/null)" = "off" ]; then
-  echo "stores: restarting the private PostgreSQL to offer TLS"
+# A cluster started before this script offered TLS, or with another CA's certificate, is
+# restarted.
+if open_port "$PG_PORT" && ! tls_trusted "$PG_PORT" postgres; then
+  echo "stores: restarting the private PostgreSQL to offer TLS with this CA's certificate"
   TEST_REDIS_PORT=1 TEST_REDIS_TLS_PORT=1 scripts/stop-stores.sh >/dev/null 2>&1 || true
 fi
 if ! open_port "$PG_PORT"; then
@@ -96,8 +104,8 @@ if ! open_port "$PG_PORT"; then
     (cd / && "${as[@]}" "$bin/initdb" -D "$pgdir" -U postgres --auth=trust >/dev/null)
   fi
   # The server's key must belong to the server's user, readable by it alone.
-  cp "$TLS/server.pem" "$pgdir/tls-server.pem"
-  cp "$TLS/server.key" "$pgdir/tls-server.key"
+  cp "$TLS_HOME/server.pem" "$pgdir/tls-server.pem"
+  cp "$TLS_HOME/server.key" "$pgdir/tls-server.key"
   chmod 600 "$pgdir/tls-server.key"
   if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$pgdir/tls-server.pem" "$pgdir/tls-server.key"; fi
   echo "stores: starting the private PostgreSQL on 127.0.0.1:$PG_PORT"
@@ -110,3 +118,5 @@ if ! psql "postgres://postgres@127.0.0.1:$PG_PORT/test" -c 'select 1' >/dev/null
   psql "postgres://postgres@127.0.0.1:$PG_PORT/postgres" -c 'create database test' >/dev/null
 fi
 echo "postgres: running (private, 127.0.0.1:$PG_PORT)"
+tls_trusted "$REDIS_TLS_PORT" || { echo "redis: the TLS port does not present the test CA's certificate" >&2; exit 1; }
+tls_trusted "$PG_PORT" postgres || { echo "postgres: TLS does not present the test CA's certificate" >&2; exit 1; }

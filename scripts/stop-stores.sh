@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops the private Redis and PostgreSQL that scripts/ensure-stores.sh started (on the ports it
-# used: TEST_REDIS_PORT and TEST_POSTGRES_PORT, 6390 and 5440 unless set).
+# used: TEST_REDIS_PORT, TEST_REDIS_TLS_PORT and TEST_POSTGRES_PORT, 6390, 6391 and 5440 unless set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REDIS_PORT=${TEST_REDIS_PORT:-6390}

@@ -6,7 +6,8 @@
 //! Connections come from a pool (deadpool-postgres) that replaces a dropped connection on the
 //! next use, so a restarted server or a killed backend fails the operations in flight, not every
 //! operation until the poller restarts. `sslmode=require` in the URL speaks TLS (rustls),
-//! verifying the server's certificate against the system's roots or `idempotency.ca_file`.
+//! verifying the server's certificate against the Mozilla roots or `idempotency.ca_file`; without
+//! it (or with `prefer`, libpq's encrypt-without-verifying default) the connection is plain.
 
 use super::{Claim, IdempotencySettings, ResultStore, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -35,6 +36,12 @@ impl PostgresStore {
         let mut config: tokio_postgres::Config = s.url.parse().map_err(|e| {
             StoreError::Backend(format!("idempotency.url: not a PostgreSQL URL ({e})"))
         })?;
+        // TLS only when the URL asks for it (`sslmode=require`), and then verified. libpq's
+        // default, `prefer`, encrypts without checking who answers; here it means plain TCP, so
+        // a server with a self-signed certificate (Debian's default) still works without TLS.
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }

@@ -127,6 +127,7 @@ struct StopStores {
     ws: PathBuf,
     user: Option<String>,
     redis: u16,
+    redis_tls: u16,
     postgres: u16,
 }
 
@@ -146,6 +147,7 @@ impl StopStores {
             }
         };
         cmd.env("TEST_REDIS_PORT", self.redis.to_string())
+            .env("TEST_REDIS_TLS_PORT", self.redis_tls.to_string())
             .env("TEST_POSTGRES_PORT", self.postgres.to_string())
             .current_dir("/");
         cmd
@@ -165,11 +167,12 @@ impl Drop for StopStores {
 /// Runs the three scripts as `user` (root when `None`) with the shim first on the PATH and
 /// checks the private instances answer, then stop.
 fn ensure_and_stop(ws: &Workspace, user: Option<&str>) {
-    let (redis, postgres) = (free_port(), free_port());
+    let (redis, redis_tls, postgres) = (free_port(), free_port(), free_port());
     let stop = StopStores {
         ws: ws.path().to_owned(),
         user: user.map(str::to_owned),
         redis,
+        redis_tls,
         postgres,
     };
     let script = |name: &str| {
@@ -186,6 +189,7 @@ fn ensure_and_stop(ws: &Workspace, user: Option<&str>) {
             .env("PATH", ws.path_var())
             .env("HOME", if user.is_some() { "/tmp" } else { "/root" })
             .env("TEST_REDIS_PORT", redis.to_string())
+            .env("TEST_REDIS_TLS_PORT", redis_tls.to_string())
             .env("TEST_POSTGRES_PORT", postgres.to_string())
             .current_dir("/");
         cmd
@@ -203,7 +207,13 @@ fn ensure_and_stop(ws: &Workspace, user: Option<&str>) {
         )),
         "{said}"
     );
-    assert!(port_open(redis) && port_open(postgres));
+    assert!(
+        said.contains(&format!(
+            "redis: running with TLS (private, 127.0.0.1:{redis_tls})"
+        )),
+        "{said}"
+    );
+    assert!(port_open(redis) && port_open(redis_tls) && port_open(postgres));
     let pong = run(Command::new("redis-cli").args(["-p", &redis.to_string(), "ping"]));
     assert_eq!(String::from_utf8_lossy(&pong.stdout).trim(), "PONG");
     let one = run(Command::new("psql").args([
@@ -219,6 +229,7 @@ fn ensure_and_stop(ws: &Workspace, user: Option<&str>) {
 
     run(&mut stop.command());
     assert!(!port_open(redis), "redis still up on {redis}");
+    assert!(!port_open(redis_tls), "redis (TLS) still up on {redis_tls}");
     assert!(!port_open(postgres), "postgres still up on {postgres}");
 }
 
