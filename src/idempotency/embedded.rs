@@ -62,6 +62,14 @@ enum Op {
         owner: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Marks `key` as sent to the bridge until `until` (Unix ms), or drops the mark (`None`);
+    /// answers whether a live mark was there (`crate::limits`). Batched with the rest, never
+    /// synced on its own: it reaches the disk with the batch's durable results.
+    Mark {
+        key: String,
+        until: Option<u64>,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
 }
 
 impl Op {
@@ -133,6 +141,18 @@ impl EmbeddedStore {
         })
     }
 
+    /// Marks `key` (unprefixed) as sent until `until` (Unix ms), or drops the mark; whether a
+    /// live mark was there. Through the writer, batched (`crate::limits`).
+    pub(crate) async fn mark(&self, key: &str, until: Option<u64>) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Mark {
+            key: self.key(key),
+            until,
+            reply,
+        };
+        self.send(op, rx).await
+    }
+
     pub(crate) fn key(&self, key: &str) -> String {
         format!("{}/{key}", self.prefix)
     }
@@ -198,6 +218,10 @@ fn write_loop(db: &Database, rx: mpsc::Receiver<Op>) {
                 }
                 Op::Complete { reply, .. } | Op::Release { reply, .. } => {
                     let _ = reply.send(result.map(|_| ()));
+                }
+                Op::Mark { reply, .. } => {
+                    // `apply_one` answers a mark with Busy when it was there already.
+                    let _ = reply.send(result.map(|c| matches!(c, Claim::Busy(_))));
                 }
             }
         }
@@ -288,6 +312,20 @@ fn apply_one(tx: &WriteTransaction, op: &Op) -> Result<Result<Claim, StoreError>
                 claims.remove(key.as_str()).map_err(err)?;
             }
             Ok(Ok(Claim::Mine))
+        }
+        Op::Mark { key, until, .. } => {
+            let mut sent = tx.open_table(SENT).map_err(err)?;
+            let now = now_millis();
+            let before = match until {
+                Some(until) => sent.insert(key.as_str(), *until).map_err(err)?,
+                None => sent.remove(key.as_str()).map_err(err)?,
+            };
+            let earlier = before.is_some_and(|v| v.value() > now);
+            Ok(Ok(if earlier {
+                Claim::Busy(String::new())
+            } else {
+                Claim::Mine
+            }))
         }
         Op::Release { key, owner, .. } => {
             let mine = claims

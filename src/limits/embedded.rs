@@ -1,11 +1,12 @@
 //! Limits with the embedded store (one poller per file, so that poller is the fleet): bridge
 //! slots are in-process leases; the marks of actions sent to the bridge and the rate windows are
-//! in the file, so a restart (a crash included) forgets neither. A mark is written without an
-//! fsync of its own: it reaches the disk with the next stored result.
+//! in the file, so a restart (a crash included) forgets neither. A mark goes through the store's
+//! writer, batched with the claims and results, without an fsync of its own: it reaches the disk
+//! with the batch's (or the next batch's) durable results.
 
 use super::local::slide;
 use super::{BridgeSlots, Grant, Hit, LimitError, RateWindows};
-use crate::idempotency::embedded::{RATE, SENT};
+use crate::idempotency::embedded::RATE;
 use crate::idempotency::{now_millis, EmbeddedStore, StoreError};
 use futures::future::BoxFuture;
 use redb::ReadableTable;
@@ -28,19 +29,8 @@ impl BridgeSlots for EmbeddedStore {
             if !self.slots.take_only(holder, limit, lease) {
                 return Ok(None);
             }
-            let key = self.key(key);
             let until = now_millis() + remember.as_millis() as u64;
-            let marked = self
-                .write_with(false, move |tx| {
-                    let mut sent = tx.open_table(SENT).map_err(err)?;
-                    let now = now_millis();
-                    let earlier = sent
-                        .insert(key.as_str(), until)
-                        .map_err(err)?
-                        .is_some_and(|v| v.value() > now);
-                    Ok(earlier)
-                })
-                .await;
+            let marked = self.mark(key, Some(until)).await;
             match marked {
                 Ok(earlier) => Ok(Some(Grant { earlier })),
                 Err(e) => {
@@ -68,15 +58,7 @@ impl BridgeSlots for EmbeddedStore {
 
     fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>> {
         Box::pin(async move {
-            let key = self.key(key);
-            self.write_with(false, move |tx| {
-                tx.open_table(SENT)
-                    .map_err(err)?
-                    .remove(key.as_str())
-                    .map_err(err)?;
-                Ok(())
-            })
-            .await?;
+            self.mark(key, None).await?;
             Ok(())
         })
     }
