@@ -69,6 +69,10 @@ pub struct Pipeline {
 /// Why a command went back to the queue.
 struct Deferred(String);
 
+/// How long a command waits before going back to the queue when the store can't be asked (for
+/// its claim or a bridge slot): each requeue spends one of its deliveries.
+const STORE_DOWN_PAUSE: Duration = Duration::from_secs(1);
+
 use crate::clock::now_rfc3339;
 
 /// Fields known so far, to build a result at whatever stage the command stops.
@@ -291,7 +295,7 @@ impl Pipeline {
             Err(e) => {
                 tracing::error!(error = %e, "idempotency store unavailable; not processing (fail closed)");
                 // Don't spin on a store that is down: the requeue costs a delivery.
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(STORE_DOWN_PAUSE).await;
                 return deferred(e.to_string(), None, trail);
             }
         };
@@ -771,11 +775,14 @@ impl Pipeline {
         let key = crate::idempotency::action_key(agent, &cmd.action_id);
         let slot = match self.bridge_slots.acquire(&key).await {
             Ok(slot) => slot,
-            // Fail closed: no bridge call starts without a slot of the fleet's limit.
+            // Fail closed: no bridge call starts without a slot of the fleet's limit. The store
+            // is down: as for the claim, don't spin (the requeue costs a delivery).
             Err(e) => {
+                tracing::error!(error = %e, "bridge slots unavailable; not calling the bridge (fail closed)");
+                tokio::time::sleep(STORE_DOWN_PAUSE).await;
                 return Err(Deferred(format!(
                     "no bridge slot: the fleet's limit can't be checked ({e})"
-                )))
+                )));
             }
         };
         let Some(_ticket) = self.gate.begin_bridge() else {

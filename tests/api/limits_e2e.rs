@@ -252,6 +252,139 @@ async fn no_bridge_slot_is_granted_while_the_store_is_unreachable() {
     }
 }
 
+/// Bridge slots whose store can be taken away (`down`): every call then fails, as Redis or
+/// PostgreSQL would when unreachable.
+#[derive(Default)]
+struct Unreachable {
+    inner: command_poller::limits::local::LocalSlots,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Unreachable {
+    fn check(&self) -> Result<(), command_poller::limits::LimitError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(command_poller::limits::LimitError::Backend(
+                "redis: connection refused".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl command_poller::limits::BridgeSlots for Unreachable {
+    fn try_take<'a>(
+        &'a self,
+        holder: &'a str,
+        limit: usize,
+        lease: Duration,
+        key: &'a str,
+        remember: Duration,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Option<command_poller::limits::Grant>, command_poller::limits::LimitError>,
+    > {
+        Box::pin(async move {
+            self.check()?;
+            self.inner
+                .try_take(holder, limit, lease, key, remember)
+                .await
+        })
+    }
+    fn renew<'a>(
+        &'a self,
+        holder: &'a str,
+        lease: Duration,
+    ) -> futures::future::BoxFuture<'a, Result<bool, command_poller::limits::LimitError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.renew(holder, lease).await
+        })
+    }
+    fn give_back<'a>(
+        &'a self,
+        holder: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::limits::LimitError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.give_back(holder).await
+        })
+    }
+    fn forget_sent<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::limits::LimitError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.forget_sent(key).await
+        })
+    }
+    fn holders(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<String>, command_poller::limits::LimitError>>
+    {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.holders().await
+        })
+    }
+}
+
+#[tokio::test]
+async fn no_bridge_call_starts_while_the_slots_cant_be_asked_and_the_command_waits() {
+    let slots = Arc::new(Unreachable::default());
+    slots.down.store(true, Ordering::SeqCst);
+    let sfx = suffix();
+    let mut s = test_settings(&sfx);
+    s.idempotency.path = std::env::temp_dir().join(format!("slots-down-{sfx}.redb"));
+    let mut stores = open(&s.idempotency).await;
+    stores.slots = slots.clone();
+    let h = Harness::start(Options {
+        stores: Some(stores),
+        ..Default::default()
+    })
+    .await;
+    h.send(&cmd(
+        "slots-down-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
+    // Two deferrals at least (each waits a second before the requeue, not spinning through the
+    // delivery limit), and no POST.
+    let deferred = || {
+        let text = h
+            .poller_state
+            .metrics
+            .render(0, command_poller::control::Mode::Running);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("command_poller_deferred_total ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    eventually("two deferrals", Duration::from_secs(20), || {
+        deferred() >= 2.0
+    })
+    .await;
+    assert_eq!(
+        h.sim.calls().posts.values().sum::<u32>(),
+        0,
+        "a POST without a slot"
+    );
+    assert_eq!(h.results_for("slots-down-1"), 0);
+    assert!(
+        h.inbox.lock().unwrap().dead.is_empty(),
+        "dead-lettered while the store was down"
+    );
+    slots.down.store(false, Ordering::SeqCst);
+    let r = h.result("slots-down-1").await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert_eq!(h.sim.executions("slots-down-1"), 1);
+}
+
 /// Settings for a fleet on `backend`: the bridge limit, and the compliance judge's rate rule.
 fn fleet_settings(
     backend: Backend,
