@@ -53,8 +53,8 @@ var ANSWER_TTL_SECONDS = 21600;
  * Answers are kept in pages: a page per bucket of dedup keys, each a cache item of at most
  * PAGE_MAX_CHARS. The script cache holds about 1,000 items and evicts the oldest when full, so
  * one item per answer forgot an answer after about 1,000 later ones (seconds at full load);
- * 500 pages hold every answer of the last 6 hours up to their size (over 100,000 typical
- * answers), oldest dropped first.
+ * 500 pages hold every answer of the last 6 hours up to their size (500 x 90,000 characters:
+ * about 100,000 answers of 400 characters), oldest dropped first.
  */
 var ANSWER_PAGES = 500;
 var PAGE_MAX_CHARS = 90000;

@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Marks of sent actions kept in memory, at most.
+const MAX_MARKS: usize = 100_000;
+
 /// Leases by holder, and markers of actions sent to the bridge.
 #[derive(Default)]
 pub struct LocalSlots {
@@ -32,12 +35,21 @@ impl LocalSlots {
         true
     }
 
-    /// Marks `key` as sent; whether it was marked (and live) before.
+    /// Marks `key` as sent; whether it was marked (and live) before. At most `MAX_MARKS` are
+    /// kept: past it, expired marks go, then the ones that expire first, down to half.
     pub(crate) fn mark(&self, key: &str, remember: Duration) -> bool {
         let now = Instant::now();
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.sent.len() > 100_000 {
+        if g.sent.len() >= MAX_MARKS {
             g.sent.retain(|_, until| *until > now);
+            if g.sent.len() >= MAX_MARKS / 2 {
+                let mut by_expiry: Vec<(Instant, String)> =
+                    g.sent.iter().map(|(k, u)| (*u, k.clone())).collect();
+                by_expiry.sort();
+                for (_, k) in &by_expiry[..by_expiry.len() - MAX_MARKS / 2] {
+                    g.sent.remove(k);
+                }
+            }
         }
         let earlier = g.sent.get(key).is_some_and(|until| *until > now);
         g.sent.insert(key.to_owned(), now + remember);
@@ -185,6 +197,21 @@ impl RateWindows for MemWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_in_memory_stay_bounded_and_keep_the_newest() {
+        let slots = LocalSlots::default();
+        let long = Duration::from_secs(3600);
+        for i in 0..=MAX_MARKS {
+            slots.mark(&format!("k{i}"), long);
+        }
+        let kept = slots.inner.lock().unwrap().sent.len();
+        assert!(kept <= MAX_MARKS / 2 + 1, "{kept} marks kept");
+        assert!(
+            slots.mark(&format!("k{MAX_MARKS}"), long),
+            "the newest is kept"
+        );
+    }
 
     #[test]
     fn the_window_counts_each_member_once_and_forgets_old_events() {
