@@ -5,6 +5,7 @@
 
 use crate::bridge::signing::Secret;
 use crate::clock::de;
+use crate::judging::llm::TokenLimitParam;
 use crate::judging::rules::RuleSet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -284,19 +285,28 @@ pub enum JudgeSettings {
         /// Optional: local servers usually need none.
         #[serde(default)]
         api_key_env: Option<String>,
-        /// Sampling temperature; 0 for repeatable verdicts.
+        /// Sampling temperature, sent only when set: 0 for repeatable verdicts where the model
+        /// takes it. OpenAI's reasoning models (o-series, GPT-5) refuse anything but their
+        /// default, so leave it out for them.
         #[serde(default)]
-        temperature: f32,
-        /// Upper bound on the answer's length in tokens.
+        temperature: Option<f32>,
+        /// Upper bound on the answer's length in tokens. A verdict needs well under 100; a
+        /// small CPU model can emit whitespace inside a JSON grammar until this limit, so keep
+        /// it tight. Reasoning models count their hidden reasoning in it too: give them more.
         #[serde(default = "default_max_tokens")]
         max_tokens: u32,
+        /// The request field that carries `max_tokens`: `max_tokens` (llama.cpp, Ollama,
+        /// vLLM, older OpenAI models) or `max_completion_tokens` (OpenAI o-series and GPT-5,
+        /// Azure OpenAI, vLLM).
+        #[serde(default)]
+        token_limit_param: TokenLimitParam,
         /// The role's system prompt (what it weighs), e.g. `config/prompts/security.md`.
         prompt_file: PathBuf,
     },
 }
 
 fn default_max_tokens() -> u32 {
-    512
+    200
 }
 
 impl JudgeSettings {

@@ -8,11 +8,36 @@
 //! JSON data in the user message, never inside the instructions.
 
 use super::{Judge, JudgeError, JudgeRequest, Verdict};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The first retry's delay; later ones double (with jitter) up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Which request field carries the answer's token limit. OpenAI's reasoning models (o-series,
+/// GPT-5) and Azure deployments of them refuse `max_tokens`; vLLM takes either; llama.cpp's
+/// server and Ollama read `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenLimitParam {
+    MaxCompletionTokens,
+    #[default]
+    MaxTokens,
+}
+
+impl TokenLimitParam {
+    pub fn field(self) -> &'static str {
+        match self {
+            TokenLimitParam::MaxCompletionTokens => "max_completion_tokens",
+            TokenLimitParam::MaxTokens => "max_tokens",
+        }
+    }
+}
 
 /// One LLM judge's configuration.
 #[derive(Clone)]
@@ -23,8 +48,11 @@ pub struct LlmJudgeConfig {
     pub model: String,
     /// Sent as `Authorization: Bearer`; never logged. None for servers without auth.
     pub api_key: Option<String>,
-    pub temperature: f32,
+    /// Sent only when set: reasoning models accept only their default.
+    pub temperature: Option<f32>,
+    /// The answer's token limit, sent as `token_limit_param`.
     pub max_tokens: u32,
+    pub token_limit_param: TokenLimitParam,
     /// The role's instructions (what it weighs).
     pub system_prompt: String,
     /// The judge's whole deadline; retries of transient failures happen inside it.
@@ -117,6 +145,18 @@ impl LlmJudge {
         serde_json::to_string_pretty(&doc).expect("serializes")
     }
 
+    /// The request body, public for tests of its shape.
+    pub fn request_body(&self, r: &JudgeRequest, json_schema: bool) -> serde_json::Value {
+        self.body(
+            r,
+            if json_schema {
+                Format::JsonSchema
+            } else {
+                Format::JsonObject
+            },
+        )
+    }
+
     fn body(&self, r: &JudgeRequest, format: Format) -> serde_json::Value {
         let response_format = match format {
             Format::JsonSchema => serde_json::json!({
@@ -137,23 +177,26 @@ impl LlmJudge {
             }),
             Format::JsonObject => serde_json::json!({"type": "json_object"}),
         };
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.cfg.model,
-            "temperature": self.cfg.temperature,
-            "max_tokens": self.cfg.max_tokens,
             "messages": [
                 {"role": "system", "content": format!("{}{}", self.cfg.system_prompt, FORMAT_INSTRUCTIONS)},
                 {"role": "user", "content": Self::user_message(r)},
             ],
             "response_format": response_format,
-        })
+        });
+        body[self.cfg.token_limit_param.field()] = self.cfg.max_tokens.into();
+        if let Some(t) = self.cfg.temperature {
+            body["temperature"] = serde_json::json!(t);
+        }
+        body
     }
 
     async fn ask(&self, r: &JudgeRequest) -> Result<Verdict, JudgeError> {
         let started = Instant::now();
         let deadline = self.cfg.deadline;
         let mut fell_back = false;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = backoff();
         loop {
             let remaining = deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() {
@@ -176,11 +219,15 @@ impl LlmJudge {
             if let Some(key) = &self.cfg.api_key {
                 req = req.bearer_auth(key);
             }
-            let e: JudgeError = match req.send().await {
-                Err(e) if e.is_timeout() => JudgeError::Timeout(deadline.as_millis() as u64),
-                Err(e) => JudgeError::Transport(e.to_string()),
+            // A transient failure, and how long the server asked us to wait, if it did.
+            let (e, asked): (JudgeError, Option<Duration>) = match req.send().await {
+                Err(e) if e.is_timeout() => {
+                    (JudgeError::Timeout(deadline.as_millis() as u64), None)
+                }
+                Err(e) => (JudgeError::Transport(e.without_url().to_string()), None),
                 Ok(resp) => {
                     let status = resp.status();
+                    let asked = retry_after(resp.headers(), SystemTime::now());
                     let text = resp.text().await.unwrap_or_default();
                     if status.is_success() {
                         return parse_completion(&text);
@@ -198,8 +245,13 @@ impl LlmJudge {
                         fell_back = true;
                         continue;
                     }
+                    if status.as_u16() == 400 {
+                        if let Some(refused) = unsupported_parameter(&text) {
+                            return Err(JudgeError::Refused(refused));
+                        }
+                    }
                     if status.as_u16() == 429 || status.is_server_error() {
-                        JudgeError::Transport(format!("HTTP {status}"))
+                        (JudgeError::Transport(format!("HTTP {status}")), asked)
                     } else {
                         return Err(JudgeError::NoVerdict(format!(
                             "HTTP {status}: {}",
@@ -208,15 +260,98 @@ impl LlmJudge {
                     }
                 }
             };
-            // Transient: retry inside the deadline.
-            if !e.is_transient() || started.elapsed() + backoff >= deadline {
+            if !e.is_transient() {
                 return Err(e);
             }
-            tracing::warn!(judge = %self.cfg.name, error = %e, "judge call failed; retrying within its deadline");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            // The server's Retry-After wins over our own backoff; either must fit the deadline.
+            let delay = match asked {
+                Some(d) => d,
+                None => backoff.next().unwrap_or(MAX_BACKOFF),
+            };
+            if started.elapsed() + delay >= deadline {
+                return Err(match asked {
+                    Some(d) => JudgeError::Transport(format!(
+                        "{e}; the server asked to retry after {} ms, past the judge's deadline",
+                        d.as_millis()
+                    )),
+                    None => e,
+                });
+            }
+            tracing::warn!(judge = %self.cfg.name, error = %e, delay_ms = delay.as_millis() as u64, "judge call failed; retrying within its deadline");
+            tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// The delays between retries when the server names none: doubling from [`MIN_BACKOFF`] to
+/// [`MAX_BACKOFF`], each with random jitter so the judges of many replicas don't retry in step.
+pub fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(MIN_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// How long a 429 or 503 asks the client to wait: `retry-after-ms` (OpenAI, Azure), else
+/// `Retry-After` as seconds or as an HTTP date. `None` when absent or unreadable.
+pub fn retry_after(headers: &reqwest::header::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let v = text("retry-after")?;
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A 400 that names a parameter the model doesn't take (OpenAI's `unsupported_parameter` and
+/// `unsupported_value`, as for `max_tokens` or `temperature` on reasoning models): the cause,
+/// with what to change in this judge's configuration.
+pub fn unsupported_parameter(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let err = v.get("error")?;
+    let message = err.get("message").and_then(|m| m.as_str()).unwrap_or("");
+    let code = err.get("code").and_then(|c| c.as_str()).unwrap_or("");
+    let lower = message.to_ascii_lowercase();
+    let about_a_parameter = matches!(code, "unsupported_parameter" | "unsupported_value")
+        || lower.contains("unsupported parameter")
+        || lower.contains("unsupported value");
+    if !about_a_parameter {
+        return None;
+    }
+    let param = err
+        .get("param")
+        .and_then(|p| p.as_str())
+        .map(str::to_owned)
+        .or_else(|| {
+            ["max_tokens", "max_completion_tokens", "temperature"]
+                .into_iter()
+                .find(|p| message.contains(&format!("'{p}'")))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "a parameter".into());
+    let fix = match param.as_str() {
+        "max_tokens" => "; set token_limit_param = \"max_completion_tokens\" for this judge",
+        "max_completion_tokens" => "; set token_limit_param = \"max_tokens\" for this judge",
+        "temperature" => "; remove temperature from this judge's settings",
+        _ => "",
+    };
+    Some(format!(
+        "the model does not take {param}: {}{fix}",
+        snippet(message)
+    ))
 }
 
 /// A 400 about the field itself, not a bad key or model (those are not "field unsupported").
@@ -409,6 +544,84 @@ mod tests {
             let c = cause(parse_verdict(input));
             assert!(c.contains(expected), "{input:?}: {c}");
         }
+    }
+
+    #[test]
+    fn retry_after_in_each_form() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        assert_eq!(retry_after(&h(&[]), now), None);
+        assert_eq!(
+            retry_after(&h(&[("retry-after", "2")]), now),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(&h(&[("retry-after", "0.5")]), now),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            retry_after(&h(&[("retry-after", "2"), ("retry-after-ms", "250")]), now),
+            Some(Duration::from_millis(250)),
+            "the finer header wins"
+        );
+        let at = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(
+            retry_after(&h(&[("retry-after", &at)]), now),
+            Some(Duration::from_secs(7))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(
+            retry_after(&h(&[("retry-after", &past)]), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&h(&[("retry-after", "soon")]), now), None);
+        assert_eq!(retry_after(&h(&[("retry-after", "-3")]), now), None);
+    }
+
+    #[test]
+    fn retries_are_jittered_and_bounded() {
+        let a: Vec<Duration> = backoff().take(8).collect();
+        let b: Vec<Duration> = backoff().take(8).collect();
+        let c: Vec<Duration> = backoff().take(8).collect();
+        assert!(a != b || b != c, "three identical sequences: no jitter");
+        for d in a.iter().chain(&b).chain(&c) {
+            assert!(*d >= MIN_BACKOFF, "{d:?}");
+            assert!(*d <= MAX_BACKOFF * 2, "{d:?}");
+        }
+        assert!(a[5] >= MAX_BACKOFF, "doubles up to the cap: {a:?}");
+    }
+
+    #[test]
+    fn a_refused_parameter_is_named_with_the_fix() {
+        let openai_max_tokens = r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#;
+        let c = unsupported_parameter(openai_max_tokens).unwrap();
+        assert!(c.contains("does not take max_tokens"), "{c}");
+        assert!(
+            c.contains("token_limit_param = \"max_completion_tokens\""),
+            "{c}"
+        );
+        let temperature = r#"{"error":{"message":"Unsupported value: 'temperature' does not support 0 with this model. Only the default (1) value is supported.","type":"invalid_request_error","param":"temperature","code":"unsupported_value"}}"#;
+        let c = unsupported_parameter(temperature).unwrap();
+        assert!(c.contains("does not take temperature"), "{c}");
+        assert!(c.contains("remove temperature"), "{c}");
+        // Without `param`, the name is read from the message.
+        let bare = r#"{"error":{"message":"Unsupported parameter: 'max_completion_tokens'"}}"#;
+        assert!(unsupported_parameter(bare)
+            .unwrap()
+            .contains("does not take max_completion_tokens"));
+        // Other 400s are not about a parameter.
+        assert_eq!(
+            unsupported_parameter(r#"{"error":{"message":"max_tokens is too large"}}"#),
+            None
+        );
+        assert_eq!(unsupported_parameter("<html>"), None);
     }
 
     #[test]

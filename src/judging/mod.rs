@@ -55,6 +55,9 @@ pub enum JudgeError {
     Transport(String),
     #[error("no clear verdict: {0}")]
     NoVerdict(String),
+    /// The server refused a parameter the judge sends: a configuration to fix, not a verdict.
+    #[error("request refused: {0}")]
+    Refused(String),
 }
 
 impl JudgeError {

@@ -65,6 +65,7 @@ pub fn build_panel(
                 api_key_env,
                 temperature,
                 max_tokens,
+                token_limit_param,
                 prompt_file,
             } => {
                 let system_prompt = std::fs::read_to_string(prompt_file).map_err(|e| {
@@ -94,6 +95,7 @@ pub fn build_panel(
                     api_key,
                     temperature: *temperature,
                     max_tokens: *max_tokens,
+                    token_limit_param: *token_limit_param,
                     system_prompt,
                     deadline,
                 })

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use command_poller::intake::{Agent, AgentId, CommandType, Service, Severity};
-use command_poller::judging::llm::{LlmJudge, LlmJudgeConfig};
+use command_poller::judging::llm::{LlmJudge, LlmJudgeConfig, TokenLimitParam};
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,8 @@ struct Reply {
     status: u16,
     body: String,
     delay: Duration,
+    /// A `Retry-After` header to send.
+    retry_after: Option<String>,
 }
 
 fn completion(content: &str) -> Reply {
@@ -32,6 +34,7 @@ fn completion(content: &str) -> Reply {
         status: 200,
         body: body.to_string(),
         delay: Duration::ZERO,
+        retry_after: None,
     }
 }
 
@@ -40,6 +43,7 @@ fn status(code: u16, body: &str) -> Reply {
         status: code,
         body: body.into(),
         delay: Duration::ZERO,
+        retry_after: None,
     }
 }
 
@@ -122,12 +126,17 @@ async fn handle(
         return (StatusCode::INTERNAL_SERVER_ERROR, "no script").into_response();
     };
     tokio::time::sleep(r.delay).await;
-    (
+    let mut resp = (
         StatusCode::from_u16(r.status).unwrap(),
         [("content-type", "application/json")],
         r.body,
     )
-        .into_response()
+        .into_response();
+    if let Some(after) = r.retry_after {
+        resp.headers_mut()
+            .insert("retry-after", after.parse().unwrap());
+    }
+    resp
 }
 
 fn judge(fake: &Fake, model: &str, deadline: Duration) -> LlmJudge {
@@ -136,8 +145,9 @@ fn judge(fake: &Fake, model: &str, deadline: Duration) -> LlmJudge {
         base_url: fake.base_url.clone(),
         model: model.into(),
         api_key: Some("sk-test-key".into()),
-        temperature: 0.0,
+        temperature: Some(0.0),
         max_tokens: 256,
+        token_limit_param: Default::default(),
         system_prompt: std::fs::read_to_string("config/prompts/security.md").unwrap(),
         deadline,
     })
@@ -181,6 +191,7 @@ async fn every_answer_shape_fails_closed_unless_it_is_one_clear_verdict() {
                 status: 200,
                 body: r#"{"choices":[{"message":{"role":"assistant","content":null,"refusal":"I can't assist with that request."},"finish_reason":"stop"}]}"#.into(),
                 delay: Duration::ZERO,
+                retry_after: None,
             },
             Err("refused"),
         ),
@@ -244,14 +255,159 @@ async fn transient_failures_are_retried_within_the_deadline() {
         base_url: format!("http://{closed}/v1"),
         model: "m".into(),
         api_key: None,
-        temperature: 0.0,
+        temperature: None,
         max_tokens: 64,
+        token_limit_param: Default::default(),
         system_prompt: "x".into(),
         deadline: Duration::from_millis(500),
     })
     .unwrap();
     let got = gone.evaluate(&request("google")).await;
     assert!(matches!(got, Err(JudgeError::Transport(_))), "{got:?}");
+}
+
+fn judge_with(
+    fake: &Fake,
+    model: &str,
+    temperature: Option<f32>,
+    param: TokenLimitParam,
+) -> LlmJudge {
+    LlmJudge::new(LlmJudgeConfig {
+        name: format!("llm-{model}"),
+        base_url: fake.base_url.clone(),
+        model: model.into(),
+        api_key: None,
+        temperature,
+        max_tokens: 123,
+        token_limit_param: param,
+        system_prompt: "You are a judge.".into(),
+        deadline: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_token_limit_goes_in_the_configured_field_and_temperature_only_when_set() {
+    let fake = Fake::start().await;
+    fake.default("m", completion(APPROVE));
+    let cases = [
+        (
+            TokenLimitParam::MaxTokens,
+            Some(0.0),
+            "max_tokens",
+            "max_completion_tokens",
+        ),
+        (
+            TokenLimitParam::MaxCompletionTokens,
+            None,
+            "max_completion_tokens",
+            "max_tokens",
+        ),
+    ];
+    for (param, temperature, sent, not_sent) in cases {
+        let j = judge_with(&fake, "m", temperature, param);
+        j.evaluate(&request("google")).await.unwrap();
+        let (_, body) = fake.requests().pop().unwrap();
+        assert_eq!(body[sent], 123, "{body}");
+        assert!(body.get(not_sent).is_none(), "{body}");
+        match temperature {
+            Some(t) => assert_eq!(body["temperature"], t),
+            None => assert!(body.get("temperature").is_none(), "{body}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_model_that_refuses_a_parameter_says_so_and_is_not_asked_again() {
+    let fake = Fake::start().await;
+    // OpenAI's answer to max_tokens on a reasoning model, word for word.
+    fake.script(
+        "o-model",
+        [status(
+            400,
+            r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#,
+        )],
+    );
+    let j = judge_with(&fake, "o-model", None, TokenLimitParam::MaxTokens);
+    let got = j.evaluate(&request("google")).await;
+    let Err(e @ JudgeError::Refused(_)) = got else {
+        panic!("expected a refused parameter, got {got:?}");
+    };
+    let cause = e.to_string();
+    assert!(cause.contains("does not take max_tokens"), "{cause}");
+    assert!(cause.contains("max_completion_tokens"), "{cause}");
+    assert_eq!(fake.requests().len(), 1, "not retried");
+    // In a panel it is an unavailable judge with that cause, never a verdict.
+    let panel = Panel::new(
+        vec![(Arc::new(j) as Arc<dyn Judge>, Duration::from_secs(5))],
+        1,
+    );
+    fake.script(
+        "o-model",
+        [status(
+            400,
+            r#"{"error":{"message":"Unsupported value: 'temperature' does not support 0 with this model.","param":"temperature","code":"unsupported_value"}}"#,
+        )],
+    );
+    let report = panel.convene(&request("google")).await;
+    assert_eq!(
+        report.outcome,
+        command_poller::judging::PanelOutcome::NotApproved
+    );
+    assert_eq!(
+        report.votes[0].verdict,
+        command_poller::outcome::Vote::Unavailable
+    );
+    assert!(
+        report.votes[0]
+            .cause
+            .as_deref()
+            .unwrap()
+            .contains("does not take temperature"),
+        "{:?}",
+        report.votes[0].cause
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_within_the_deadline() {
+    let fake = Fake::start().await;
+    fake.script(
+        "m",
+        [
+            Reply {
+                retry_after: Some("1".into()),
+                ..status(429, r#"{"error":{"message":"Rate limit reached"}}"#)
+            },
+            completion(APPROVE),
+        ],
+    );
+    let j = judge_with(&fake, "m", None, TokenLimitParam::MaxTokens);
+    let t0 = Instant::now();
+    let got = j.evaluate(&request("google")).await;
+    assert!(matches!(got, Ok(Verdict::Approve { .. })), "{got:?}");
+    // Our own first backoff is 100-200 ms: only the header explains a second's wait.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(fake.requests().len(), 2);
+
+    // A 503 asking for longer than the deadline leaves: no sleep past it, the cause says why.
+    fake.script(
+        "m",
+        [Reply {
+            retry_after: Some("30".into()),
+            ..status(503, "{}")
+        }],
+    );
+    let t0 = Instant::now();
+    let got = j.evaluate(&request("google")).await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let cause = got.unwrap_err().to_string();
+    assert!(cause.contains("retry after 30000 ms"), "{cause}");
+    assert_eq!(fake.requests().len(), 3);
 }
 
 #[tokio::test]
