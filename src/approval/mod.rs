@@ -59,6 +59,9 @@ pub struct Parked {
     pub reply: ReplyTarget,
     /// The judges' votes with their reasons.
     pub judges: Vec<JudgeVote>,
+    /// How the panel decided (absent in records parked before it was kept).
+    #[serde(default)]
+    pub panel: Option<crate::outcome::PanelSummary>,
     pub severity_view: Option<SeverityView>,
     pub received_at: String,
     /// Why it needs approval (the NEEDS_APPROVAL rationale).
@@ -166,6 +169,7 @@ pub(crate) mod test_util {
             publisher: Some("agent-7".into()),
             reply: ReplyTarget::None,
             judges: Vec::new(),
+            panel: None,
             severity_view: None,
             received_at: "2026-11-27T00:00:00Z".into(),
             rationale: "not approved by the judges".into(),

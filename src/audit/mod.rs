@@ -37,6 +37,12 @@ pub enum AuditEvent {
         /// SHA-256 of the policy file that decided.
         policy_sha256: String,
     },
+    /// How the panel decided: its rule and the count (before each judge's verdict).
+    PanelDecision {
+        at: String,
+        #[serde(flatten)]
+        summary: crate::outcome::PanelSummary,
+    },
     JudgeVerdict {
         at: String,
         judge: String,

@@ -9,7 +9,7 @@ pub mod llm;
 pub mod panel;
 pub mod rules;
 
-pub use panel::{Panel, PanelOutcome, PanelReport};
+pub use panel::{DecisionRule, Panel, PanelOutcome, PanelReport};
 
 use crate::intake::{Agent, CommandType, Service, Severity};
 use futures::future::BoxFuture;

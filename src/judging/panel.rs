@@ -2,7 +2,8 @@
 //! soon as [`tally`] says the outcome is settled. Dropping the remaining futures cancels them.
 
 use super::{Judge, JudgeError, JudgeRequest, Verdict};
-use crate::outcome::{JudgeVote, Vote};
+use crate::outcome::{JudgeVote, PanelSummary, Vote};
+use serde::{Deserialize, Serialize};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,9 +14,68 @@ pub enum PanelOutcome {
     NotApproved,
 }
 
+/// How the votes decide, per command type (`decision_rule` in `config/policy.toml`). Under
+/// every rule a hard-rule veto denies, a vetoing judge that can't answer fails closed, and an
+/// unavailable judge never approves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionRule {
+    /// A strict majority of the whole panel approves, and at least `quorum` judges answered.
+    #[default]
+    Majority,
+    /// Every judge of the panel approves.
+    Unanimous,
+    /// Any deny denies; approval needs `quorum` approvals and waits for every judge (or its
+    /// deadline), so the slowest judge's deny still counts.
+    Veto,
+}
+
+impl DecisionRule {
+    pub const ALL: [DecisionRule; 3] = [
+        DecisionRule::Majority,
+        DecisionRule::Unanimous,
+        DecisionRule::Veto,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionRule::Majority => "majority",
+            DecisionRule::Unanimous => "unanimous",
+            DecisionRule::Veto => "veto",
+        }
+    }
+
+    /// Approvals needed on a panel of `size` with `quorum`.
+    pub fn approvals_needed(self, size: usize, quorum: usize) -> usize {
+        match self {
+            DecisionRule::Majority => size / 2 + 1,
+            DecisionRule::Unanimous => size,
+            DecisionRule::Veto => quorum.clamp(1, size.max(1)),
+        }
+    }
+}
+
+impl std::str::FromStr for DecisionRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown decision rule {s:?}: majority, unanimous or veto"))
+    }
+}
+
+impl std::fmt::Display for DecisionRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PanelReport {
     pub outcome: PanelOutcome,
+    pub rule: DecisionRule,
+    pub quorum: usize,
     pub approvals: usize,
     pub panel_size: usize,
     /// One per configured judge, in configuration order.
@@ -24,37 +84,57 @@ pub struct PanelReport {
     pub veto: Option<(String, String, String)>,
 }
 
-/// Counts votes. Approval needs a strict majority of the whole panel, at least `quorum`
-/// judges that actually answered, no veto, and an answer from every judge that can veto
-/// (`vetoers_pending` of them have not answered yet); a vetoing judge that was unavailable
-/// fails closed, as its hard rules went unchecked (`vetoer_unavailable`). Returns `None` while
-/// the outcome could still go either way.
+impl PanelReport {
+    /// What the result and the audit say about how the panel decided.
+    pub fn summary(&self) -> PanelSummary {
+        let count = |v: Vote| self.votes.iter().filter(|j| j.verdict == v).count();
+        PanelSummary {
+            rule: self.rule,
+            quorum: self.quorum,
+            size: self.panel_size,
+            approvals: count(Vote::Approve),
+            denials: count(Vote::Deny) + count(Vote::Veto),
+            unavailable: count(Vote::Unavailable),
+            approved: self.outcome == PanelOutcome::Approved,
+        }
+    }
+}
+
+/// Counts votes under `rule` (see [`DecisionRule`]). Approval also needs an answer from every
+/// judge that can veto (`vetoers_pending` of them have not answered yet); a vetoing judge that
+/// was unavailable fails closed, as its hard rules went unchecked (`vetoer_unavailable`).
+/// Returns `None` while the outcome could still go either way. Once settled, no later vote
+/// changes it, so the panel stops waiting.
 pub fn tally(
+    rule: DecisionRule,
     panel_size: usize,
     quorum: usize,
     votes: &[Vote],
     vetoers_pending: usize,
     vetoer_unavailable: bool,
 ) -> Option<PanelOutcome> {
-    if vetoer_unavailable || votes.contains(&Vote::Veto) {
+    if panel_size == 0 || vetoer_unavailable || votes.contains(&Vote::Veto) {
         return Some(PanelOutcome::NotApproved);
     }
     let approvals = votes.iter().filter(|v| **v == Vote::Approve).count();
-    let answered = votes
-        .iter()
-        .filter(|v| matches!(v, Vote::Approve | Vote::Deny))
-        .count();
+    let denials = votes.iter().filter(|v| **v == Vote::Deny).count();
+    let answered = approvals + denials;
     let pending = panel_size.saturating_sub(votes.len());
-    let majority = panel_size / 2 + 1;
-    if approvals >= majority && answered >= quorum {
+    let needed = rule.approvals_needed(panel_size, quorum);
+    let approved_now = match rule {
+        DecisionRule::Majority => approvals >= needed && answered >= quorum,
+        DecisionRule::Unanimous => approvals == panel_size,
+        DecisionRule::Veto => pending == 0 && denials == 0 && approvals >= needed,
+    };
+    if approved_now {
         return (vetoers_pending == 0).then_some(PanelOutcome::Approved);
     }
-    let approvals_possible = approvals + pending >= majority;
-    let quorum_possible = answered + pending >= quorum;
-    if !approvals_possible || !quorum_possible {
-        return Some(PanelOutcome::NotApproved);
-    }
-    if pending == 0 {
+    let still_possible = match rule {
+        DecisionRule::Majority => approvals + pending >= needed && answered + pending >= quorum,
+        DecisionRule::Unanimous => approvals + pending == panel_size,
+        DecisionRule::Veto => denials == 0 && approvals + pending >= needed,
+    };
+    if !still_possible || pending == 0 {
         return Some(PanelOutcome::NotApproved);
     }
     None
@@ -78,7 +158,17 @@ impl Panel {
         self.judges.len()
     }
 
-    pub async fn convene(&self, request: &JudgeRequest) -> PanelReport {
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    /// The judges, each with its deadline, in configuration order.
+    pub fn judges(&self) -> &[(Arc<dyn Judge>, Duration)] {
+        &self.judges
+    }
+
+    /// Asks the judges about `request` and settles under `rule` as soon as it can.
+    pub async fn convene(&self, request: &JudgeRequest, rule: DecisionRule) -> PanelReport {
         let n = self.judges.len();
         let mut votes: Vec<Option<JudgeVote>> = vec![None; n];
         let mut cast: Vec<Vote> = Vec::with_capacity(n);
@@ -105,7 +195,14 @@ impl Panel {
         let mut vetoers_pending = self.judges.iter().filter(|(j, _)| j.can_veto()).count();
         let mut vetoer_unavailable = false;
         let mut veto = None;
-        let mut outcome = tally(n, self.quorum, &cast, vetoers_pending, vetoer_unavailable);
+        let mut outcome = tally(
+            rule,
+            n,
+            self.quorum,
+            &cast,
+            vetoers_pending,
+            vetoer_unavailable,
+        );
         while outcome.is_none() {
             let Some((i, answer, took)) = running.next().await else {
                 break;
@@ -164,7 +261,14 @@ impl Panel {
             };
             cast.push(vote.verdict);
             votes[i] = Some(vote);
-            outcome = tally(n, self.quorum, &cast, vetoers_pending, vetoer_unavailable);
+            outcome = tally(
+                rule,
+                n,
+                self.quorum,
+                &cast,
+                vetoers_pending,
+                vetoer_unavailable,
+            );
         }
         // Dropping `running` cancels the judges still deliberating.
         drop(running);
@@ -185,6 +289,8 @@ impl Panel {
             .collect();
         PanelReport {
             outcome: outcome.unwrap_or(PanelOutcome::NotApproved),
+            rule,
+            quorum: self.quorum,
             approvals: cast.iter().filter(|v| **v == Vote::Approve).count(),
             panel_size: n,
             votes,
@@ -201,38 +307,38 @@ mod tests {
     #[test]
     fn strict_majority_of_the_configured_panel() {
         assert_eq!(
-            tally(3, 2, &[Approve, Approve], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(3, 2, &[Approve], 0, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve], 0, false), None);
         assert_eq!(
-            tally(3, 2, &[Deny, Unavailable], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Deny, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(3, 2, &[Approve, Deny], 0, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(3, 2, &[Approve, Deny, Unavailable], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Deny, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(4, 3, &[Approve, Approve], 0, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 4, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(4, 3, &[Approve, Approve, Approve], 0, false),
+            tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(4, 3, &[Approve, Approve, Deny], 0, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(4, 3, &[Approve, Approve, Deny, Approve], 0, false),
+            tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Deny, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
+        assert_eq!(tally(DecisionRule::Majority, 0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
     }
 
     #[test]
     fn quorum_blocks_thin_approvals() {
         // 3 of 3 must answer: one unavailable sinks it even with two approvals.
-        assert_eq!(tally(3, 3, &[Approve, Approve], 0, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 3, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(3, 3, &[Approve, Unavailable], 0, false),
+            tally(DecisionRule::Majority, 3, 3, &[Approve, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
     }
@@ -241,32 +347,129 @@ mod tests {
     fn a_veto_is_not_a_vote() {
         // The attack: compliance's rate limit denies and is outvoted 2-1.
         assert_eq!(
-            tally(3, 2, &[Approve, Approve, Veto], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Veto], 0, false),
             Some(PanelOutcome::NotApproved)
         );
         assert_eq!(
-            tally(3, 2, &[Veto], 2, false),
+            tally(DecisionRule::Majority, 3, 2, &[Veto], 2, false),
             Some(PanelOutcome::NotApproved),
             "settled at the first veto"
         );
         // Two approvals, but a judge that can veto hasn't answered: wait for it.
-        assert_eq!(tally(3, 2, &[Approve, Approve], 1, false), None);
+        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve, Approve], 1, false), None);
         assert_eq!(
-            tally(3, 2, &[Approve, Approve, Approve], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
         // A vetoing judge that couldn't answer: its hard rules went unchecked.
         assert_eq!(
-            tally(3, 2, &[Approve, Approve, Unavailable], 0, true),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Unavailable], 0, true),
             Some(PanelOutcome::NotApproved)
         );
     }
 
     #[test]
+    fn unanimous_needs_every_judge() {
+        let u = DecisionRule::Unanimous;
+        assert_eq!(tally(u, 3, 2, &[Approve, Approve], 0, false), None);
+        assert_eq!(
+            tally(u, 3, 2, &[Approve, Approve, Approve], 0, false),
+            Some(PanelOutcome::Approved)
+        );
+        assert_eq!(
+            tally(u, 3, 2, &[Approve, Deny], 0, false),
+            Some(PanelOutcome::NotApproved),
+            "settled at the first deny"
+        );
+        assert_eq!(
+            tally(u, 3, 2, &[Approve, Approve, Unavailable], 0, false),
+            Some(PanelOutcome::NotApproved),
+            "an unavailable judge sinks it"
+        );
+        // A split panel that majority approves, unanimous doesn't.
+        let split = [Approve, Approve, Deny];
+        assert_eq!(
+            tally(DecisionRule::Majority, 3, 2, &split, 0, false),
+            Some(PanelOutcome::Approved)
+        );
+        assert_eq!(tally(u, 3, 2, &split, 0, false), Some(PanelOutcome::NotApproved));
+    }
+
+    #[test]
+    fn veto_any_deny_denies_and_waits_for_every_judge() {
+        let v = DecisionRule::Veto;
+        // Two approvals are a majority, but the third judge may still deny: wait.
+        assert_eq!(tally(v, 3, 2, &[Approve, Approve], 0, false), None);
+        assert_eq!(
+            tally(v, 3, 2, &[Approve, Approve, Deny], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
+        assert_eq!(
+            tally(v, 3, 2, &[Deny], 0, false),
+            Some(PanelOutcome::NotApproved),
+            "settled at the first deny"
+        );
+        // An unavailable judge is no deny: the quorum of answers decides.
+        assert_eq!(
+            tally(v, 3, 2, &[Approve, Unavailable, Approve], 0, false),
+            Some(PanelOutcome::Approved)
+        );
+        assert_eq!(
+            tally(v, 3, 3, &[Approve, Unavailable, Approve], 0, false),
+            Some(PanelOutcome::NotApproved),
+            "quorum 3: two answers are not enough"
+        );
+        assert_eq!(
+            tally(v, 3, 2, &[Approve, Unavailable], 0, false),
+            None,
+            "one approval and one pending may still reach the quorum"
+        );
+        assert_eq!(
+            tally(v, 3, 2, &[Unavailable, Unavailable], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
+        // Quorum 0 still needs one approval.
+        assert_eq!(
+            tally(v, 2, 0, &[Unavailable, Unavailable], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
+    }
+
+    #[test]
+    fn hard_rules_hold_under_every_rule() {
+        for rule in DecisionRule::ALL {
+            assert_eq!(
+                tally(rule, 3, 2, &[Approve, Approve, Veto], 0, false),
+                Some(PanelOutcome::NotApproved),
+                "{rule}"
+            );
+            assert_eq!(
+                tally(rule, 3, 2, &[Approve, Approve, Unavailable], 0, true),
+                Some(PanelOutcome::NotApproved),
+                "{rule}"
+            );
+            assert_eq!(tally(rule, 0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
+            assert_eq!(
+                tally(rule, 3, 2, &[Approve, Approve, Approve], 1, false),
+                None,
+                "{rule}: a vetoing judge has not answered"
+            );
+        }
+    }
+
+    #[test]
     fn unavailable_never_approves() {
-        for n in 1..6 {
-            let all = vec![Unavailable; n];
-            assert_eq!(tally(n, 1, &all, 0, false), Some(PanelOutcome::NotApproved));
+        for rule in DecisionRule::ALL {
+            for n in 1..6 {
+                for q in 0..=n {
+                    let all = vec![Unavailable; n];
+                    assert_eq!(
+                        tally(rule, n, q, &all, 0, false),
+                        Some(PanelOutcome::NotApproved),
+                        "{rule} n={n} q={q}"
+                    );
+                }
+            }
         }
     }
 }

@@ -137,6 +137,19 @@ pub struct JudgeVote {
     pub rule: Option<String>,
 }
 
+/// How the panel decided: the rule it applied and the count, in results and the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PanelSummary {
+    pub rule: crate::judging::DecisionRule,
+    pub quorum: usize,
+    pub size: usize,
+    pub approvals: usize,
+    /// Denies and hard-rule vetoes.
+    pub denials: usize,
+    pub unavailable: usize,
+    pub approved: bool,
+}
+
 /// A unit enum's name as serde writes it (results, alerts, the audit): its one spelling, for
 /// labels and logs too.
 pub fn wire_name<T: Serialize>(v: &T) -> String {

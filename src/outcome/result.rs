@@ -56,6 +56,9 @@ pub struct ResultMessage {
     pub tool_result: Option<serde_json::Value>,
     #[serde(default)]
     pub judges: Vec<JudgeVote>,
+    /// For a judged command: the decision rule and the count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panel: Option<super::PanelSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub severity: Option<SeverityView>,
     /// For REJECTED: the field at fault (`payload`, `action_id`, `user_id`, `reply_to`...).

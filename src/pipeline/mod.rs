@@ -19,7 +19,8 @@ use crate::intake::{
     CommandType, DecodeLimits, ReplyTarget, Service,
 };
 use crate::judging::history::AttemptHistory;
-use crate::judging::{JudgeRequest, Panel, PanelOutcome};
+use crate::judging::{JudgeRequest, Panel, PanelOutcome, PanelReport};
+use crate::outcome::PanelSummary;
 use crate::outcome::{
     alerts_for, AgentView, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
@@ -85,6 +86,7 @@ struct Draft {
     agent: Option<AgentView>,
     severity: Option<SeverityView>,
     judges: Vec<JudgeVote>,
+    panel: Option<crate::outcome::PanelSummary>,
 }
 
 impl Draft {
@@ -99,6 +101,7 @@ impl Draft {
             agent: Some(rec.agent.clone()),
             severity: rec.severity_view.clone(),
             judges: rec.judges.clone(),
+            panel: rec.panel,
         }
     }
 
@@ -112,6 +115,7 @@ impl Draft {
             rationale,
             tool_result: None,
             judges: self.judges,
+            panel: self.panel,
             severity: self.severity,
             error_field: None,
             bridge: None,
@@ -128,6 +132,36 @@ impl Draft {
         let mut r = self.finish(Status::Rejected, format!("Command rejected: {reason}"));
         r.error_field = Some(field.to_owned());
         r
+    }
+}
+
+/// The rationale of a judged command: the outcome, the count and the rule that decided.
+fn panel_rationale(report: &PanelReport, s: &PanelSummary) -> String {
+    use crate::judging::DecisionRule;
+    let needed = s.rule.approvals_needed(s.size, s.quorum);
+    match (report.outcome, &report.veto) {
+        (PanelOutcome::NotApproved, Some((judge, rule, reason))) => format!(
+            "Vetoed by the {judge} judge's hard rule {rule} ({reason}); a veto is not outvoted: a human must approve this action."
+        ),
+        (PanelOutcome::NotApproved, None) => {
+            let why = match s.rule {
+                DecisionRule::Majority => format!("{needed} needed"),
+                DecisionRule::Unanimous => format!("the unanimous rule needs all {}", s.size),
+                DecisionRule::Veto if s.denials > 0 => "under the veto rule one deny denies".into(),
+                DecisionRule::Veto => format!("the veto rule needs {needed} approvals and no deny"),
+            };
+            format!(
+                "Not approved by the judges ({} of {} approved; {why}): a human must approve this action.",
+                s.approvals, s.size
+            )
+        }
+        (PanelOutcome::Approved, _) => match s.rule {
+            DecisionRule::Majority => format!("Approved by the judges ({} of {}).", s.approvals, s.size),
+            rule => format!(
+                "Approved by the judges ({} of {}) under the {rule} rule.",
+                s.approvals, s.size
+            ),
+        },
     }
 }
 
@@ -162,6 +196,7 @@ impl Pipeline {
             agent: None,
             severity: None,
             judges: Vec::new(),
+            panel: None,
         };
         // Identity as far as the broker vouches for it, for replies to rejected messages.
         let broker_agent = msg
@@ -422,6 +457,7 @@ impl Pipeline {
             publisher: publisher.map(str::to_owned),
             reply: reply.clone(),
             judges: result.judges.clone(),
+            panel: result.panel,
             severity_view: result.severity.clone(),
             received_at: result.received_at.clone(),
             rationale: result.rationale.clone(),
@@ -678,6 +714,12 @@ impl Pipeline {
     ) -> Concluded {
         let alerts = self.alerts(&result);
         tracing::info!(status = %result.status, alerts = alerts.len(), "command concluded");
+        if let Some(p) = result.panel {
+            trail.push(AuditEvent::PanelDecision {
+                at: now_rfc3339(),
+                summary: p,
+            });
+        }
         for j in &result.judges {
             trail.push(AuditEvent::JudgeVerdict {
                 at: now_rfc3339(),
@@ -738,30 +780,14 @@ impl Pipeline {
             policy_rationale: decision.rationale.clone(),
             recent_attempts: self.history.recent(agent.id.as_str(), cmd.command_type),
         };
-        let report = self.panel.convene(&request).await;
+        let report = self.panel.convene(&request, decision.decision_rule).await;
+        let summary = report.summary();
+        draft.panel = Some(summary);
+        let rationale = panel_rationale(&report, &summary);
         draft.judges = report.votes;
-        let majority = report.panel_size / 2 + 1;
-        match (report.outcome, &report.veto) {
-            (PanelOutcome::NotApproved, Some((judge, rule, reason))) => Ok(draft.finish(
-                Status::NeedsApproval,
-                format!(
-                    "Vetoed by the {judge} judge's hard rule {rule} ({reason}); a veto is not outvoted: a human must approve this action."
-                ),
-            )),
-            (PanelOutcome::NotApproved, None) => Ok(draft.finish(
-                Status::NeedsApproval,
-                format!(
-                    "Not approved by the judges ({} of {} approved; {} needed): a human must approve this action.",
-                    report.approvals, report.panel_size, majority
-                ),
-            )),
-            (PanelOutcome::Approved, _) => {
-                let rationale = format!(
-                    "Approved by the judges ({} of {}).",
-                    report.approvals, report.panel_size
-                );
-                self.execute(cmd, agent, draft, rationale).await
-            }
+        match report.outcome {
+            PanelOutcome::NotApproved => Ok(draft.finish(Status::NeedsApproval, rationale)),
+            PanelOutcome::Approved => self.execute(cmd, agent, draft, rationale).await,
         }
     }
 

@@ -5,6 +5,7 @@
 //! file stops the poller at start with an error naming the key.
 
 use crate::intake::{Command, CommandType, Severity};
+use crate::judging::DecisionRule;
 use crate::outcome::{Priority, Status, Team};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -41,6 +42,10 @@ pub struct Rule {
     pub rationale: String,
     #[serde(default)]
     pub alerts: Vec<AlertRoute>,
+    /// How the judges' votes decide a judged command of this type: `majority` (the default),
+    /// `unanimous` or `veto` (any deny denies). `command-poller judges eval` measures each.
+    #[serde(default)]
+    pub decision_rule: DecisionRule,
     /// Distinct approvers whose approval executes a NEEDS_APPROVAL command of this type
     /// (M of the configured N). At least 1.
     #[serde(default = "one")]
@@ -93,6 +98,8 @@ pub struct Decision {
     /// The agent declared less than the type's floor; recorded in the result.
     pub severity_mismatch: bool,
     pub rationale: String,
+    /// How the panel decides, for a judged command.
+    pub decision_rule: DecisionRule,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +204,7 @@ impl Policy {
             effective_severity: effective,
             severity_mismatch: cmd.severity < rule.floor_severity,
             rationale,
+            decision_rule: rule.decision_rule,
         }
     }
 

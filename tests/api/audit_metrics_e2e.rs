@@ -135,6 +135,16 @@ async fn every_decision_is_audited_chained_verifiable_and_queryable() {
         "{t:?}"
     );
     assert!(t.contains(&"bridge_call".to_string()));
+    // How the panel decided, before the verdicts: the rule and the count.
+    let panel = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "panel_decision")
+        .unwrap_or_else(|| panic!("no panel_decision in {t:?}"));
+    assert_eq!(panel["rule"], "majority");
+    assert_eq!(panel["size"], 3);
+    assert_eq!(panel["approved"], true);
 
     let b = by_id("audit-connect-1");
     assert_eq!(

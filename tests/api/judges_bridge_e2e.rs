@@ -426,3 +426,86 @@ async fn an_answer_lost_for_good_is_an_unknown_outcome_for_a_human() {
     assert!(replay.replay);
     assert_eq!(h.sim.executions("lost-1"), 1);
 }
+
+/// A copy of the shipped policy whose REFRESH_TOKEN rule decides by `rule`.
+fn policy_with_rule(rule: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string("config/policy.toml").unwrap();
+    let text = text.replace(
+        "decision_rule = \"majority\"",
+        &format!("decision_rule = \"{rule}\""),
+    );
+    assert!(text.contains(&format!("decision_rule = \"{rule}\"")));
+    let path = std::env::temp_dir().join(format!("policy-{rule}-{}.toml", suffix()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn judged_under(rule: &str, business: Script, id: &str) -> command_poller::outcome::ResultMessage {
+    let policy = policy_with_rule(rule);
+    let file = policy.clone();
+    let h = Harness::start(Options {
+        // Two quick approvals; the slowest judge answers last.
+        panel: Some(scripted_panel(
+            vec![
+                ("security", Script::Approve, 0),
+                ("compliance", Script::Approve, 0),
+                ("business", business, 150),
+            ],
+            Duration::from_secs(2),
+            2,
+        )),
+        tweak: Box::new(move |s| s.policy.file = file),
+        ..Default::default()
+    })
+    .await;
+    h.send(&refresh(id)).await;
+    let r = h.result(id).await;
+    let executions = h.sim.executions(id);
+    std::fs::remove_file(policy).unwrap();
+    match r.status {
+        Status::Success => assert_eq!(executions, 1, "{r:?}"),
+        _ => assert_eq!(executions, 0, "{r:?}"),
+    }
+    r
+}
+
+#[tokio::test]
+async fn the_decision_rule_of_the_command_type_decides_and_is_recorded() {
+    use command_poller::judging::DecisionRule;
+    // A split panel, 2 approve and the slow one denies.
+    let r = judged_under("majority", Script::Deny, "rule-majority-1").await;
+    assert_eq!(r.status, Status::Success, "{}", r.rationale);
+    let p = r.panel.expect("the panel's summary");
+    assert_eq!(p.rule, DecisionRule::Majority);
+    // Majority settles at two approvals: the slow deny was never waited for.
+    assert_eq!(r.judges[2].verdict, Vote::Skipped);
+
+    let r = judged_under("veto", Script::Deny, "rule-veto-1").await;
+    assert_eq!(r.status, Status::NeedsApproval, "{}", r.rationale);
+    assert!(
+        r.rationale.contains("under the veto rule one deny denies"),
+        "{}",
+        r.rationale
+    );
+    let p = r.panel.unwrap();
+    assert_eq!((p.rule, p.approvals, p.denials, p.approved), (DecisionRule::Veto, 2, 1, false));
+    assert_eq!(r.judges[2].verdict, Vote::Deny, "the veto rule waits for every judge");
+
+    let r = judged_under("unanimous", Script::Deny, "rule-unanimous-1").await;
+    assert_eq!(r.status, Status::NeedsApproval, "{}", r.rationale);
+    assert!(r.rationale.contains("the unanimous rule needs all 3"), "{}", r.rationale);
+
+    // An unavailable judge: the veto rule approves on its quorum of answers, unanimity fails.
+    let r = judged_under("veto", Script::Fail, "rule-veto-2").await;
+    assert_eq!(r.status, Status::Success, "{}", r.rationale);
+    assert!(r.rationale.contains("under the veto rule"), "{}", r.rationale);
+    let r = judged_under("unanimous", Script::Fail, "rule-unanimous-2").await;
+    assert_eq!(r.status, Status::NeedsApproval, "{}", r.rationale);
+
+    let r = judged_under("unanimous", Script::Approve, "rule-unanimous-3").await;
+    assert_eq!(r.status, Status::Success, "{}", r.rationale);
+    assert_eq!(
+        r.rationale,
+        "Approved by the judges (3 of 3) under the unanimous rule."
+    );
+}

@@ -3,7 +3,7 @@
 
 use command_poller::control::gate::Gate;
 use command_poller::intake::{decode, CommandType, DecodeLimits};
-use command_poller::judging::panel::{tally, PanelOutcome};
+use command_poller::judging::panel::{tally, DecisionRule, PanelOutcome};
 use command_poller::judging::{Judge, Panel};
 use command_poller::outcome::{Status, Vote};
 use command_poller::pipeline::{Disposition, Inbound, Pipeline};
@@ -222,21 +222,28 @@ proptest! {
     }
 
     #[test]
-    fn the_panel_never_approves_without_a_majority_a_quorum_and_no_veto(
+    fn the_panel_never_approves_without_its_rule_a_quorum_and_no_veto(
         votes in prop::collection::vec(prop_oneof![Just(Vote::Approve), Just(Vote::Deny), Just(Vote::Unavailable), Just(Vote::Veto)], 0..9),
         extra in 0usize..4,
         quorum in 0usize..9,
         vetoers_pending in 0usize..3,
         vetoer_unavailable in any::<bool>(),
+        rule in prop_oneof![Just(DecisionRule::Majority), Just(DecisionRule::Unanimous), Just(DecisionRule::Veto)],
     ) {
         let n = votes.len() + extra;
         let quorum = quorum.min(n);
         let vetoers_pending = vetoers_pending.min(extra);
         let approvals = votes.iter().filter(|v| **v == Vote::Approve).count();
-        let answered = votes.iter().filter(|v| matches!(v, Vote::Approve | Vote::Deny)).count();
-        let outcome = tally(n, quorum, &votes, vetoers_pending, vetoer_unavailable);
+        let denials = votes.iter().filter(|v| **v == Vote::Deny).count();
+        let answered = approvals + denials;
+        let outcome = tally(rule, n, quorum, &votes, vetoers_pending, vetoer_unavailable);
         if outcome == Some(PanelOutcome::Approved) {
-            prop_assert!(approvals > n / 2 && answered >= quorum);
+            prop_assert!(approvals >= 1, "approval needs an approving judge");
+            match rule {
+                DecisionRule::Majority => prop_assert!(approvals > n / 2 && answered >= quorum),
+                DecisionRule::Unanimous => prop_assert!(approvals == n && extra == 0),
+                DecisionRule::Veto => prop_assert!(denials == 0 && extra == 0 && approvals >= quorum),
+            }
             prop_assert!(!votes.contains(&Vote::Veto), "a veto is never outvoted");
             prop_assert!(vetoers_pending == 0 && !vetoer_unavailable, "every hard rule was checked");
         }
@@ -244,10 +251,29 @@ proptest! {
             prop_assert_eq!(outcome, Some(PanelOutcome::NotApproved));
         }
         if extra == 0 {
-            prop_assert!(tally(n, quorum, &votes, 0, vetoer_unavailable).is_some(), "every vote is in: settled");
+            prop_assert!(tally(rule, n, quorum, &votes, 0, vetoer_unavailable).is_some(), "every vote is in: settled");
         }
         // Unavailable judges are never approvals.
         let all_down = vec![Vote::Unavailable; n];
-        prop_assert_ne!(tally(n, quorum, &all_down, 0, false), Some(PanelOutcome::Approved));
+        prop_assert_ne!(tally(rule, n, quorum, &all_down, 0, false), Some(PanelOutcome::Approved));
+    }
+
+    /// The panel stops waiting once the tally settles: a settled outcome must be the one every
+    /// later vote would have given.
+    #[test]
+    fn a_settled_outcome_is_final_whatever_the_remaining_judges_say(
+        votes in prop::collection::vec(prop_oneof![Just(Vote::Approve), Just(Vote::Deny), Just(Vote::Unavailable), Just(Vote::Veto)], 1..8),
+        quorum in 0usize..8,
+        rule in prop_oneof![Just(DecisionRule::Majority), Just(DecisionRule::Unanimous), Just(DecisionRule::Veto)],
+    ) {
+        let n = votes.len();
+        let quorum = quorum.min(n);
+        let full = tally(rule, n, quorum, &votes, 0, false);
+        for k in 0..=n {
+            if let Some(early) = tally(rule, n, quorum, &votes[..k], 0, false) {
+                prop_assert_eq!(Some(early), full, "settled after {} of {} votes", k, n);
+                break;
+            }
+        }
     }
 }
