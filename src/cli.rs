@@ -1,5 +1,5 @@
-//! Command line: `run` (the poller), `send` (act as an agent), `bridge-simulator`, and
-//! `check-config`. The only place `anyhow` is used: errors here are reported, not handled.
+//! Command line: `run` (the poller), `send` (act as an agent), `bridge-simulator`,
+//! `check-config`, the operator and approver levers, and `judges eval`. The only place `anyhow` is used: errors here are reported, not handled.
 
 use crate::control::operator::{new_request_id, Operator};
 use crate::control::ControlCommand;
@@ -103,6 +103,11 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// The judges: measure the configured panel on a labelled case set.
+    Judges {
+        #[command(subcommand)]
+        command: JudgesCommand,
+    },
     /// The audit trail: sink, verify, show.
     Audit {
         #[command(subcommand)]
@@ -161,6 +166,35 @@ pub enum Command {
         reason: String,
         #[command(flatten)]
         ap: ApproverArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JudgesCommand {
+    /// Run a labelled case set (JSON lines) through the configured panel and each judge alone,
+    /// and print false-approve, false-deny and unavailable rates and latency. Nothing is
+    /// executed or published; LLM judges are really asked.
+    Eval {
+        /// The cases, e.g. eval/judges.jsonl.
+        file: PathBuf,
+        /// A decision rule to score the panel under (repeatable): majority, unanimous, veto,
+        /// or policy (each command type's rule from the policy). Default: all four.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        /// The policy to decide with (default: policy.file).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print JSON (rows, mistakes and every case's answers) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// A report printed earlier with --json: exit 1 if any row has more false approvals
+        /// or more false denials than it.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Exit 1 if policy + panel approves more than this share of the cases it should deny
+        /// (0.0 to 1.0).
+        #[arg(long)]
+        max_false_approve: Option<f64>,
     },
 }
 
@@ -377,6 +411,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             operate(&settings, op, cmd).await
         }
         Command::Audit { command } => audit(&settings, command).await,
+        Command::Judges {
+            command:
+                JudgesCommand::Eval {
+                    file,
+                    rules,
+                    policy,
+                    json,
+                    baseline,
+                    max_false_approve,
+                },
+        } => {
+            judges_eval(
+                &settings,
+                &file,
+                &rules,
+                policy,
+                json,
+                baseline,
+                max_false_approve,
+            )
+            .await
+        }
         Command::Console { listen } => {
             let addr = listen.unwrap_or(settings.console.listen);
             let listener = tokio::net::TcpListener::bind(addr)
@@ -476,6 +532,87 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn judges_eval(
+    settings: &Settings,
+    file: &std::path::Path,
+    rules: &[String],
+    policy: Option<PathBuf>,
+    json: bool,
+    baseline: Option<PathBuf>,
+    max_false_approve: Option<f64>,
+) -> anyhow::Result<ExitCode> {
+    use crate::judging::eval::{self, RowRule};
+    use std::sync::Arc;
+    let rules: Vec<RowRule> = if rules.is_empty() {
+        let mut all = vec![RowRule::Policy];
+        all.extend(crate::judging::DecisionRule::ALL.map(RowRule::Fixed));
+        all
+    } else {
+        rules
+            .iter()
+            .map(|r| match r.as_str() {
+                "policy" => Ok(RowRule::Policy),
+                other => other.parse().map(RowRule::Fixed),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?
+    };
+    let policy_file = policy.unwrap_or_else(|| settings.policy.file.clone());
+    let policy = crate::policy::Policy::load(&policy_file)?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let cases = eval::load_cases(&text).with_context(|| format!("{}", file.display()))?;
+    let windows = Arc::new(eval::CaseWindows::default());
+    let panel = crate::worker::build_panel(
+        &settings.panel,
+        &settings.secrets.judge_api_keys,
+        windows.clone(),
+    )?;
+    let shape = eval::PanelShape::of(&panel);
+    let mut runs = Vec::with_capacity(cases.len());
+    for (i, case) in cases.iter().enumerate() {
+        runs.push(eval::run_case(&panel, &policy, &windows, case).await);
+        if !json && (i + 1) % 25 == 0 {
+            eprintln!("judges eval: {} of {} cases", i + 1, cases.len());
+        }
+    }
+    let report = eval::score(&shape, policy.digest(), &cases, runs, &rules);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    let mut failed = false;
+    if let Some(path) = baseline {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        let base: eval::Report =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        for r in report.regressions(&base) {
+            eprintln!("regression: {r}");
+            failed = true;
+        }
+    }
+    if let Some(max) = max_false_approve {
+        let pipeline = report
+            .rows
+            .iter()
+            .find(|r| r.kind == "pipeline")
+            .expect("score adds the pipeline row");
+        if pipeline.false_approve_rate > max {
+            eprintln!(
+                "policy+panel approves {:.1}% of what it should deny: above --max-false-approve {:.1}%",
+                pipeline.false_approve_rate * 100.0,
+                max * 100.0
+            );
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCode> {

@@ -43,6 +43,12 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanaryLabels {
+    canary: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -65,6 +71,7 @@ pub struct Metrics {
     bridge_retries: Counter,
     bridge_errors: Counter,
     bridge_reposts: Counter,
+    canaries: Family<CanaryLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
     publish_failures: Counter,
     audit_diverted: Counter,
@@ -94,6 +101,7 @@ impl Metrics {
             bridge_retries: Counter::default(),
             bridge_errors: Counter::default(),
             bridge_reposts: Counter::default(),
+            canaries: Family::default(),
             alerts: Family::default(),
             publish_failures: Counter::default(),
             audit_diverted: Counter::default(),
@@ -149,6 +157,11 @@ impl Metrics {
             "bridge_reposts",
             "Bridge calls for an action an earlier attempt had already sent (a replica crashed or lost its claim): safe only while the bridge remembers the first answer",
             m.bridge_reposts.clone(),
+        );
+        registry.register(
+            "canaries",
+            "Canary panel checks, by canary (known_bad, known_good) and outcome (approved, not_approved)",
+            m.canaries.clone(),
         );
         registry.register(
             "alerts",
@@ -291,6 +304,16 @@ impl Metrics {
     }
 
     /// An audit record the audit exchange refused (dead-lettered or logged instead).
+    /// A canary the panel was asked about.
+    pub fn canary(&self, canary: &str, approved: bool) {
+        self.canaries
+            .get_or_create(&CanaryLabels {
+                canary: canary.to_owned(),
+                outcome: if approved { "approved" } else { "not_approved" }.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn audit_diverted(&self) {
         self.audit_diverted.inc();
     }

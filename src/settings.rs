@@ -257,6 +257,9 @@ pub struct PanelSettings {
     /// Judges that must actually answer (approve or deny) for an approval to count.
     pub quorum: usize,
     pub judges: Vec<JudgeSettings>,
+    /// Synthetic commands put to the panel on a timer (`[panel.canary]`, off by default).
+    #[serde(default)]
+    pub canary: crate::judging::canary::CanarySettings,
 }
 
 /// One judge of the panel, by kind.
@@ -668,6 +671,12 @@ impl Settings {
         }
         if self.approval.max_decision_bytes < 256 {
             return bad("approval.max_decision_bytes: must be at least 256".into());
+        }
+        if self.panel.canary.interval < Duration::from_secs(10) {
+            return bad("panel.canary.interval_secs: must be at least 10".into());
+        }
+        if let Err(e) = crate::intake::AgentId::parse(&self.panel.canary.agent) {
+            return bad(format!("panel.canary.agent: {e}"));
         }
         if self.panel.quorum > self.panel.judges.len() {
             return bad(format!(

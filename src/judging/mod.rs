@@ -4,6 +4,8 @@
 //! every judge's vote. Judges sit behind the [`Judge`] trait (the boundary to rule engines and
 //! language models); the vote counting in [`panel::tally`] is pure.
 
+pub mod canary;
+pub mod eval;
 pub mod history;
 pub mod llm;
 pub mod panel;
@@ -27,6 +29,10 @@ pub struct JudgeRequest {
     pub policy_rationale: String,
     /// This agent's recent attempts of the same command type, newest last.
     pub recent_attempts: Vec<history::Attempt>,
+    /// A canary (see [`canary`]): never executed, and not counted by rate rules. Judges that
+    /// talk to a model never tell it.
+    #[serde(skip)]
+    pub probe: bool,
 }
 
 /// A judge's clear answer.

@@ -3,8 +3,8 @@
 
 use super::{Judge, JudgeError, JudgeRequest, Verdict};
 use crate::outcome::{JudgeVote, PanelSummary, Vote};
-use serde::{Deserialize, Serialize};
 use futures::stream::{FuturesUnordered, StreamExt};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -310,35 +310,88 @@ mod tests {
             tally(DecisionRule::Majority, 3, 2, &[Approve, Approve], 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve], 0, false), None);
+        assert_eq!(
+            tally(DecisionRule::Majority, 3, 2, &[Approve], 0, false),
+            None
+        );
         assert_eq!(
             tally(DecisionRule::Majority, 3, 2, &[Deny, Unavailable], 0, false),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(DecisionRule::Majority, 3, 2, &[Approve, Deny, Unavailable], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Deny], 0, false),
+            None
+        );
+        assert_eq!(
+            tally(
+                DecisionRule::Majority,
+                3,
+                2,
+                &[Approve, Deny, Unavailable],
+                0,
+                false
+            ),
             Some(PanelOutcome::NotApproved)
         );
-        assert_eq!(tally(DecisionRule::Majority, 4, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Approve], 0, false),
+            tally(DecisionRule::Majority, 4, 3, &[Approve, Approve], 0, false),
+            None
+        );
+        assert_eq!(
+            tally(
+                DecisionRule::Majority,
+                4,
+                3,
+                &[Approve, Approve, Approve],
+                0,
+                false
+            ),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Deny], 0, false), None);
         assert_eq!(
-            tally(DecisionRule::Majority, 4, 3, &[Approve, Approve, Deny, Approve], 0, false),
+            tally(
+                DecisionRule::Majority,
+                4,
+                3,
+                &[Approve, Approve, Deny],
+                0,
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            tally(
+                DecisionRule::Majority,
+                4,
+                3,
+                &[Approve, Approve, Deny, Approve],
+                0,
+                false
+            ),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(DecisionRule::Majority, 0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
+        assert_eq!(
+            tally(DecisionRule::Majority, 0, 0, &[], 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
     }
 
     #[test]
     fn quorum_blocks_thin_approvals() {
         // 3 of 3 must answer: one unavailable sinks it even with two approvals.
-        assert_eq!(tally(DecisionRule::Majority, 3, 3, &[Approve, Approve], 0, false), None);
         assert_eq!(
-            tally(DecisionRule::Majority, 3, 3, &[Approve, Unavailable], 0, false),
+            tally(DecisionRule::Majority, 3, 3, &[Approve, Approve], 0, false),
+            None
+        );
+        assert_eq!(
+            tally(
+                DecisionRule::Majority,
+                3,
+                3,
+                &[Approve, Unavailable],
+                0,
+                false
+            ),
             Some(PanelOutcome::NotApproved)
         );
     }
@@ -347,7 +400,14 @@ mod tests {
     fn a_veto_is_not_a_vote() {
         // The attack: compliance's rate limit denies and is outvoted 2-1.
         assert_eq!(
-            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Veto], 0, false),
+            tally(
+                DecisionRule::Majority,
+                3,
+                2,
+                &[Approve, Approve, Veto],
+                0,
+                false
+            ),
             Some(PanelOutcome::NotApproved)
         );
         assert_eq!(
@@ -356,14 +416,31 @@ mod tests {
             "settled at the first veto"
         );
         // Two approvals, but a judge that can veto hasn't answered: wait for it.
-        assert_eq!(tally(DecisionRule::Majority, 3, 2, &[Approve, Approve], 1, false), None);
         assert_eq!(
-            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Approve], 0, false),
+            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve], 1, false),
+            None
+        );
+        assert_eq!(
+            tally(
+                DecisionRule::Majority,
+                3,
+                2,
+                &[Approve, Approve, Approve],
+                0,
+                false
+            ),
             Some(PanelOutcome::Approved)
         );
         // A vetoing judge that couldn't answer: its hard rules went unchecked.
         assert_eq!(
-            tally(DecisionRule::Majority, 3, 2, &[Approve, Approve, Unavailable], 0, true),
+            tally(
+                DecisionRule::Majority,
+                3,
+                2,
+                &[Approve, Approve, Unavailable],
+                0,
+                true
+            ),
             Some(PanelOutcome::NotApproved)
         );
     }
@@ -392,7 +469,10 @@ mod tests {
             tally(DecisionRule::Majority, 3, 2, &split, 0, false),
             Some(PanelOutcome::Approved)
         );
-        assert_eq!(tally(u, 3, 2, &split, 0, false), Some(PanelOutcome::NotApproved));
+        assert_eq!(
+            tally(u, 3, 2, &split, 0, false),
+            Some(PanelOutcome::NotApproved)
+        );
     }
 
     #[test]
@@ -448,7 +528,10 @@ mod tests {
                 Some(PanelOutcome::NotApproved),
                 "{rule}"
             );
-            assert_eq!(tally(rule, 0, 0, &[], 0, false), Some(PanelOutcome::NotApproved));
+            assert_eq!(
+                tally(rule, 0, 0, &[], 0, false),
+                Some(PanelOutcome::NotApproved)
+            );
             assert_eq!(
                 tally(rule, 3, 2, &[Approve, Approve, Approve], 1, false),
                 None,

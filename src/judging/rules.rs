@@ -71,7 +71,7 @@ impl RuleJudge {
         if let Some(v) = self.decide_static(r) {
             return Ok(v);
         }
-        if let Some(rate) = &self.rules.max_per_agent {
+        if let Some(rate) = self.rules.max_per_agent.as_ref().filter(|_| !r.probe) {
             let hit = self
                 .windows
                 .hit(&self.window_key(r), &r.action_id, rate.count, rate.window)
@@ -175,6 +175,7 @@ mod tests {
             effective_severity: Severity::Medium,
             policy_rationale: String::new(),
             recent_attempts: Vec::new(),
+            probe: false,
         }
     }
 

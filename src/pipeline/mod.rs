@@ -779,6 +779,7 @@ impl Pipeline {
             effective_severity: decision.effective_severity,
             policy_rationale: decision.rationale.clone(),
             recent_attempts: self.history.recent(agent.id.as_str(), cmd.command_type),
+            probe: false,
         };
         let report = self.panel.convene(&request, decision.decision_rule).await;
         let summary = report.summary();

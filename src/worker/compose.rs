@@ -286,6 +286,7 @@ impl Poller {
                 audit: settings.audit.clone(),
                 processing: settings.processing.clone(),
                 control: settings.control.clone(),
+                canary: settings.panel.canary.clone(),
             },
             shell: Arc::new(shell),
             control_names,

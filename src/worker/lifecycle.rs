@@ -234,6 +234,14 @@ impl Poller {
                     .await
             })
         };
+        let canary_task = self.settings.canary.enabled.then(|| {
+            tokio::spawn(super::canary::watch(
+                self.settings.canary.clone(),
+                self.shell.clone(),
+                replica.clone(),
+                publisher.clone(),
+            ))
+        });
         let desk_stop = CancellationToken::new();
         let mut desk_task = tokio::spawn(self.desk.clone().listen(
             approvals_ch,
@@ -293,6 +301,9 @@ impl Poller {
             }
         };
         control_task.abort();
+        if let Some(t) = canary_task {
+            t.abort();
+        }
         desk_stop.cancel();
         desk_task.abort();
         if outcome.is_ok() {

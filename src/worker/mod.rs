@@ -12,6 +12,7 @@
 //! [`render`] builds every outgoing message (pure), [`publish`] sends them, [`state`] is what
 //! health and status read.
 
+mod canary;
 pub mod compose;
 mod consumer;
 mod lifecycle;
@@ -38,6 +39,7 @@ pub(crate) struct Sections {
     pub audit: AuditSettings,
     pub processing: ProcessingSettings,
     pub control: ControlSettings,
+    pub canary: crate::judging::canary::CanarySettings,
 }
 
 /// A poller replica: build it with [`Poller::from_settings`] (or [`Poller::new`] from parts),

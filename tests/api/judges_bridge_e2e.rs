@@ -440,7 +440,11 @@ fn policy_with_rule(rule: &str) -> std::path::PathBuf {
     path
 }
 
-async fn judged_under(rule: &str, business: Script, id: &str) -> command_poller::outcome::ResultMessage {
+async fn judged_under(
+    rule: &str,
+    business: Script,
+    id: &str,
+) -> command_poller::outcome::ResultMessage {
     let policy = policy_with_rule(rule);
     let file = policy.clone();
     let h = Harness::start(Options {
@@ -488,17 +492,32 @@ async fn the_decision_rule_of_the_command_type_decides_and_is_recorded() {
         r.rationale
     );
     let p = r.panel.unwrap();
-    assert_eq!((p.rule, p.approvals, p.denials, p.approved), (DecisionRule::Veto, 2, 1, false));
-    assert_eq!(r.judges[2].verdict, Vote::Deny, "the veto rule waits for every judge");
+    assert_eq!(
+        (p.rule, p.approvals, p.denials, p.approved),
+        (DecisionRule::Veto, 2, 1, false)
+    );
+    assert_eq!(
+        r.judges[2].verdict,
+        Vote::Deny,
+        "the veto rule waits for every judge"
+    );
 
     let r = judged_under("unanimous", Script::Deny, "rule-unanimous-1").await;
     assert_eq!(r.status, Status::NeedsApproval, "{}", r.rationale);
-    assert!(r.rationale.contains("the unanimous rule needs all 3"), "{}", r.rationale);
+    assert!(
+        r.rationale.contains("the unanimous rule needs all 3"),
+        "{}",
+        r.rationale
+    );
 
     // An unavailable judge: the veto rule approves on its quorum of answers, unanimity fails.
     let r = judged_under("veto", Script::Fail, "rule-veto-2").await;
     assert_eq!(r.status, Status::Success, "{}", r.rationale);
-    assert!(r.rationale.contains("under the veto rule"), "{}", r.rationale);
+    assert!(
+        r.rationale.contains("under the veto rule"),
+        "{}",
+        r.rationale
+    );
     let r = judged_under("unanimous", Script::Fail, "rule-unanimous-2").await;
     assert_eq!(r.status, Status::NeedsApproval, "{}", r.rationale);
 

@@ -167,6 +167,7 @@ fn request(service: &str) -> JudgeRequest {
         effective_severity: Severity::Medium,
         policy_rationale: "Token refresh requires approval.".into(),
         recent_attempts: Vec::new(),
+        probe: false,
     }
 }
 
@@ -349,7 +350,12 @@ async fn a_model_that_refuses_a_parameter_says_so_and_is_not_asked_again() {
             r#"{"error":{"message":"Unsupported value: 'temperature' does not support 0 with this model.","param":"temperature","code":"unsupported_value"}}"#,
         )],
     );
-    let report = panel.convene(&request("google"), command_poller::judging::DecisionRule::Majority).await;
+    let report = panel
+        .convene(
+            &request("google"),
+            command_poller::judging::DecisionRule::Majority,
+        )
+        .await;
     assert_eq!(
         report.outcome,
         command_poller::judging::PanelOutcome::NotApproved
@@ -547,7 +553,12 @@ async fn a_panel_decides_at_the_second_fastest_model_not_the_hanging_one() {
         2,
     );
     let t0 = Instant::now();
-    let report = panel.convene(&request("google"), command_poller::judging::DecisionRule::Majority).await;
+    let report = panel
+        .convene(
+            &request("google"),
+            command_poller::judging::DecisionRule::Majority,
+        )
+        .await;
     assert!(
         t0.elapsed() < Duration::from_secs(2),
         "waited {:?}",

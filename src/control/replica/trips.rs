@@ -7,6 +7,7 @@ use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
 use crate::control::trip::{Trip, UnapprovedAttempt};
 use crate::control::{transition, Actor, ControlCommand};
+use crate::judging::canary::Finding;
 use crate::outcome::Priority;
 
 impl Replica {
@@ -39,35 +40,10 @@ impl Replica {
     /// Pauses everywhere: locally first, then the stored state, then the other replicas.
     pub(super) async fn trip(&self, publisher: &Publisher, t: Trip) -> Result<(), BrokerError> {
         let reason = t.reason();
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let cmd = ControlCommand::Pause {
-            reason: reason.clone(),
-            request_id: request_id.clone(),
-        };
-        let actor = Actor::Poller(self.names.poller_user.clone());
-        let current = self.gate.state();
-        let Ok(new) = transition(&current, &cmd, &actor) else {
-            return Ok(()); // halted already
-        };
-        self.gate.set(new.clone());
         tracing::error!(agent = %t.agent, "{reason}");
-        state_log::write(
-            publisher,
-            &self.control,
-            current.seq,
-            &new,
-            &self.names.poller_user,
-        )
-        .await?;
-        publisher.publish(&render::lever(&cmd, &self.names)).await?;
-        self.event(
-            publisher,
-            "tripped",
-            &actor.name(),
-            &request_id,
-            Some(reason.clone()),
-        )
-        .await?;
+        if !self.pause_everywhere(publisher, &reason).await? {
+            return Ok(()); // halted already
+        }
         let attempts: Vec<String> = t
             .attempts
             .iter()
@@ -89,5 +65,89 @@ impl Replica {
             "Emergency-INT-E01: revoke the possibly compromised credentials at the provider, investigate the agent's decision logs, escalate to security; resume with `command-poller resume` when safe.",
         )
         .await
+    }
+
+    /// The poller's own pause (a trip, a failed canary): false when it doesn't apply (the
+    /// system is halted or paused already).
+    async fn pause_everywhere(
+        &self,
+        publisher: &Publisher,
+        reason: &str,
+    ) -> Result<bool, BrokerError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let cmd = ControlCommand::Pause {
+            reason: reason.to_owned(),
+            request_id: request_id.clone(),
+        };
+        let actor = Actor::Poller(self.names.poller_user.clone());
+        let current = self.gate.state();
+        let Ok(new) = transition(&current, &cmd, &actor) else {
+            return Ok(false);
+        };
+        self.gate.set(new.clone());
+        state_log::write(
+            publisher,
+            &self.control,
+            current.seq,
+            &new,
+            &self.names.poller_user,
+        )
+        .await?;
+        publisher.publish(&render::lever(&cmd, &self.names)).await?;
+        self.event(
+            publisher,
+            "tripped",
+            &actor.name(),
+            &request_id,
+            Some(reason.to_owned()),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// A canary the panel got wrong: approving the known-bad one alerts `security.high` and
+    /// (with `pause`) pauses every replica; denying the known-good one warns ops.
+    pub async fn canary_failed(
+        &self,
+        publisher: &Publisher,
+        finding: Finding,
+        detail: &str,
+        pause: bool,
+    ) -> Result<(), BrokerError> {
+        match finding {
+            Finding::Healthy => Ok(()),
+            Finding::ApprovedKnownBad => {
+                let what = format!("The judge panel APPROVED the known-bad canary (an unverified agent connecting an unknown service at understated severity): {detail}");
+                tracing::error!("{what}");
+                let paused = pause
+                    && self
+                        .pause_everywhere(
+                            publisher,
+                            &format!(
+                                "canary: the judge panel approved the known-bad canary ({detail})"
+                            ),
+                        )
+                        .await?;
+                let todo = if paused {
+                    "The poller paused every replica. Check the judges (model, prompts, endpoint) with `command-poller judges eval`; resume with `command-poller resume` once the panel refuses the canary again."
+                } else {
+                    "Check the judges (model, prompts, endpoint) with `command-poller judges eval`; consider `command-poller pause` until the panel refuses the canary again."
+                };
+                self.alert(publisher, "security", Priority::High, &what, todo)
+                    .await
+            }
+            Finding::DeniedKnownGood => {
+                let what = format!("The judge panel did not approve the known-good canary (a verified agent's routine token refresh): {detail}");
+                tracing::warn!("{what}");
+                self.alert(
+                    publisher,
+                    "ops",
+                    Priority::Normal,
+                    &what,
+                    "Judged commands will all wait for humans: check the judges' endpoints and keys (`command-poller check-config --online`) and their answers (`command-poller judges eval`).",
+                )
+                .await
+            }
+        }
     }
 }
