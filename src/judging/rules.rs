@@ -7,6 +7,7 @@
 use super::{Judge, JudgeError, JudgeRequest, Verdict};
 use crate::intake::CommandType;
 use crate::limits::RateWindows;
+use crate::outcome::Status;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -41,6 +42,17 @@ pub struct RuleSet {
     /// Per-agent rate limit, for the whole fleet (counted in the shared store).
     #[serde(default)]
     pub max_per_agent: Option<RateRule>,
+    /// A second, shorter per-agent limit for bursts (e.g. 3 in 600 s), counted the same way.
+    #[serde(default)]
+    pub max_burst: Option<RateRule>,
+    /// Deny when the agent declared a severity below the type's floor (understating the risk).
+    #[serde(default)]
+    pub deny_understated_severity: bool,
+    /// Deny when the agent's recent attempts of this type hold `count` or more that were not
+    /// approved (NEEDS_APPROVAL, DENIED, EXPIRED, BLOCKED) within `window_secs`: the pattern of
+    /// Emergency-INT-E01. Read from this replica's recent history.
+    #[serde(default)]
+    pub max_unapproved_recent: Option<RateRule>,
 }
 
 pub struct RuleJudge {
@@ -71,15 +83,24 @@ impl RuleJudge {
         if let Some(v) = self.decide_static(r) {
             return Ok(v);
         }
-        if let Some(rate) = self.rules.max_per_agent.as_ref().filter(|_| !r.probe) {
+        let limits = [
+            ("max_per_agent", "", &self.rules.max_per_agent),
+            ("max_burst", ":burst", &self.rules.max_burst),
+        ];
+        for (rule, suffix, rate) in limits {
+            // A canary is not the agent's own attempt: it is never counted.
+            let Some(rate) = rate.as_ref().filter(|_| !r.probe) else {
+                continue;
+            };
+            let key = format!("{}{suffix}", self.window_key(r));
             let hit = self
                 .windows
-                .hit(&self.window_key(r), &r.action_id, rate.count, rate.window)
+                .hit(&key, &r.action_id, rate.count, rate.window)
                 .await
                 .map_err(|e| JudgeError::Transport(format!("rate window: {e}")))?;
             if !hit.allowed {
                 return Ok(Verdict::Veto {
-                    rule: "max_per_agent",
+                    rule,
                     reason: format!(
                         "agent {} already made {} {} requests in the last {} s (limit {}, for the whole fleet)",
                         r.agent.id,
@@ -122,6 +143,42 @@ impl RuleJudge {
                 "denied_command_types",
                 format!("{} is not allowed by this judge", r.command_type),
             ));
+        }
+        if self.rules.deny_understated_severity && r.declared_severity < r.effective_severity {
+            return Some(veto(
+                "deny_understated_severity",
+                format!(
+                    "declared {} below {}'s floor of {}: the agent understated the risk",
+                    r.declared_severity, r.command_type, r.effective_severity
+                ),
+            ));
+        }
+        if let Some(rule) = &self.rules.max_unapproved_recent {
+            let now = crate::idempotency::now_millis() / 1000;
+            let since = now.saturating_sub(rule.window.as_secs());
+            let unapproved = r
+                .recent_attempts
+                .iter()
+                .filter(|a| a.at >= since)
+                .filter(|a| {
+                    matches!(
+                        a.status,
+                        Status::NeedsApproval | Status::Denied | Status::Expired | Status::Blocked
+                    )
+                })
+                .count();
+            if unapproved >= rule.count {
+                return Some(veto(
+                    "max_unapproved_recent",
+                    format!(
+                        "agent {} made {unapproved} unapproved {} attempts in the last {} s (Emergency-INT-E01's pattern; limit {})",
+                        r.agent.id,
+                        r.command_type,
+                        rule.window.as_secs(),
+                        rule.count
+                    ),
+                ));
+            }
         }
         if let Some(allowed) = &self.rules.allowed_services {
             if !allowed.iter().any(|s| s == r.service.as_str()) {
@@ -268,5 +325,75 @@ mod tests {
         );
         let e = j.decide(&req("1", "google", true)).await.unwrap_err();
         assert!(e.to_string().contains("rate window"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn history_severity_and_burst_rules() {
+        let j = RuleJudge::new(
+            "compliance",
+            RuleSet {
+                deny_understated_severity: true,
+                max_burst: Some(RateRule {
+                    count: 2,
+                    window: Duration::from_secs(600),
+                }),
+                max_unapproved_recent: Some(RateRule {
+                    count: 2,
+                    window: Duration::from_secs(3600),
+                }),
+                ..Default::default()
+            },
+            Arc::new(MemWindows::default()),
+        );
+        let rule_of = |v: Verdict| match v {
+            Verdict::Veto { rule, .. } => rule,
+            Verdict::Approve { .. } => "approved",
+            Verdict::Deny { .. } => "denied",
+        };
+        let mut low = req("low", "google", true);
+        low.declared_severity = Severity::Low;
+        assert_eq!(
+            rule_of(j.decide(&low).await.unwrap()),
+            "deny_understated_severity"
+        );
+
+        let now = crate::idempotency::now_millis() / 1000;
+        let attempt = |status, ago: u64| crate::judging::history::Attempt {
+            action_id: "earlier".into(),
+            status,
+            at: now - ago,
+        };
+        let mut e01 = req("e01", "google", true);
+        e01.recent_attempts = vec![
+            attempt(Status::NeedsApproval, 600),
+            attempt(Status::Success, 500),
+            attempt(Status::Denied, 300),
+        ];
+        assert_eq!(
+            rule_of(j.decide(&e01).await.unwrap()),
+            "max_unapproved_recent"
+        );
+        // Outside the window, or approved: not the pattern.
+        e01.recent_attempts = vec![
+            attempt(Status::NeedsApproval, 7200),
+            attempt(Status::Denied, 300),
+            attempt(Status::Success, 100),
+        ];
+        assert_eq!(rule_of(j.decide(&e01).await.unwrap()), "approved");
+
+        // The burst window: two pass, the third is vetoed; a canary is never counted.
+        let mut probe = req("probe", "google", true);
+        probe.probe = true;
+        for _ in 0..3 {
+            assert_eq!(rule_of(j.decide(&probe).await.unwrap()), "approved");
+        }
+        assert_eq!(
+            rule_of(j.decide(&req("b1", "google", true)).await.unwrap()),
+            "approved"
+        );
+        assert_eq!(
+            rule_of(j.decide(&req("b2", "google", true)).await.unwrap()),
+            "max_burst"
+        );
     }
 }

@@ -110,7 +110,7 @@ async fn a_panel_that_denies_the_known_good_canary_warns_ops_and_keeps_running()
 #[tokio::test]
 async fn a_healthy_panel_says_nothing_and_the_rate_rule_does_not_count_canaries() {
     // The shipped rule panel: security refuses the unverified known-bad canary; compliance's
-    // rate rule (5 per hour) must not count the known-good canary, or a busy canary would
+    // rate rules (5 per hour, 3 per 10 minutes) must not count the known-good canary, or a busy canary would
     // starve the agent it poses as, and soon fail itself.
     let h = Harness::start(Options {
         tweak: Box::new(|s| {
@@ -126,8 +126,9 @@ async fn a_healthy_panel_says_nothing_and_the_rate_rule_does_not_count_canaries(
             && t.contains("canary=\"known_good\",outcome=\"approved\"} 1")
     })
     .await;
-    // guest (the harness's agent) still has all 5 refreshes of the hour.
-    for i in 0..5 {
+    // guest (the harness's agent) still has all 3 refreshes of compliance's 10-minute burst
+    // window (a counted canary would have taken one).
+    for i in 0..3 {
         let id = format!("canary-rate-{i}");
         h.send(&cmd(&id, "REFRESH_TOKEN", "google", "MEDIUM")).await;
         let r = h.result(&id).await;

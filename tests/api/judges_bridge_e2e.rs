@@ -312,8 +312,18 @@ async fn a_rate_limit_is_a_veto_not_a_vote() {
     // The default panel: compliance allows 5 refreshes per agent per hour. Security and business
     // approve every refresh of google; before vetoes they outvoted compliance 2-1, and all 9
     // refreshes ran. (No trip here: three unapproved refreshes would pause the fleet.)
+    // The hourly limit alone: compliance's burst and E01 rules would veto earlier (the 4th
+    // refresh in 10 minutes), and are tested on their own.
     let h = Harness::start(Options {
-        tweak: Box::new(|s| s.control.trips.clear()),
+        tweak: Box::new(|s| {
+            s.control.trips.clear();
+            for j in &mut s.panel.judges {
+                if let command_poller::settings::JudgeSettings::Rules { rules, .. } = j {
+                    rules.max_burst = None;
+                    rules.max_unapproved_recent = None;
+                }
+            }
+        }),
         ..Default::default()
     })
     .await;
@@ -336,6 +346,48 @@ async fn a_rate_limit_is_a_veto_not_a_vote() {
     }
     let calls = h.sim.calls();
     assert_eq!(calls.total_executions(), 5, "{calls:?}");
+}
+
+#[tokio::test]
+async fn the_default_panel_vetoes_a_burst_and_e01s_pattern() {
+    // The shipped compliance judge: 3 refreshes in 10 minutes, then max_burst; the vetoed
+    // attempts are unapproved, and two of them make E01's pattern (max_unapproved_recent).
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| s.control.trips.clear()),
+        ..Default::default()
+    })
+    .await;
+    let mut rules = Vec::new();
+    for i in 1..=6 {
+        let id = format!("burst-{i}");
+        h.send(&refresh(&id)).await;
+        let r = h.result(&id).await;
+        let compliance = r.judges.iter().find(|j| j.name == "compliance").unwrap();
+        rules.push((r.status, compliance.rule.clone()));
+    }
+    let expected = [
+        (Status::Success, None),
+        (Status::Success, None),
+        (Status::Success, None),
+        (Status::NeedsApproval, Some("max_burst".to_string())),
+        (Status::NeedsApproval, Some("max_burst".to_string())),
+        (
+            Status::NeedsApproval,
+            Some("max_unapproved_recent".to_string()),
+        ),
+    ];
+    assert_eq!(rules, expected);
+    assert_eq!(h.sim.calls().total_executions(), 3);
+    // An understated refresh: the security judge's hard rule, whatever the others say.
+    h.send(&cmd("understated-1", "REFRESH_TOKEN", "meta", "LOW"))
+        .await;
+    let r = h.result("understated-1").await;
+    assert_eq!(r.status, Status::NeedsApproval);
+    assert!(
+        r.rationale.contains("deny_understated_severity"),
+        "{}",
+        r.rationale
+    );
 }
 
 fn check(id: &str) -> serde_json::Value {

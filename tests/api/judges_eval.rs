@@ -83,7 +83,7 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
             "[]",
             "approve",
         ),
-        // Five refreshes more than an hour ago: outside compliance's window, approved rightly.
+        // Five refreshes more than an hour ago: outside compliance's windows, approved rightly.
         case(
             "stale-history",
             "REFRESH_TOKEN",
@@ -113,7 +113,7 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
             "[]",
             "deny",
         ),
-        // compliance vetoes the sixth in an hour.
+        // compliance vetoes the sixth in five minutes (its burst rule).
         case(
             "burst",
             "REFRESH_TOKEN",
@@ -123,8 +123,7 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
             burst,
             "deny",
         ),
-        // No rule judge weighs severity: the panel approves (false), the policy floor doesn't
-        // stop it either (JUDGE) -> a false approval of policy+panel.
+        // security vetoes the understated severity.
         case(
             "understated",
             "REFRESH_TOKEN",
@@ -134,7 +133,7 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
             "[]",
             "deny",
         ),
-        // No rule judge refuses CONNECT: the panel approves (false), but the policy blocks it.
+        // compliance vetoes CONNECT (and the policy blocks it anyway).
         case(
             "connect",
             "CONNECT_INTEGRATION",
@@ -144,20 +143,33 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
             "[]",
             "deny",
         ),
+        // Labelled deny for a reason no rule sees: every judge and the panel approve it.
+        case(
+            "unseen",
+            "REFRESH_TOKEN",
+            "meta",
+            "MEDIUM",
+            true,
+            "[]",
+            "deny",
+        ),
     ];
     let file = std::env::temp_dir().join(format!("eval-fixture-{}.jsonl", suffix()));
     std::fs::write(&file, lines.join("\n")).unwrap();
     let report = json(&eval(&[file.to_str().unwrap(), "--json"], None));
     std::fs::remove_file(&file).unwrap();
-    assert_eq!(report["cases"], 7);
+    assert_eq!(report["cases"], 8);
     // Judges alone: (false approvals, false denials, unavailable).
+    // security approves burst, connect, unseen.
     assert_eq!(counts(row(&report, "judge", "security", None)), (3, 0, 0));
+    // compliance approves unknown, unverified, understated, unseen.
     assert_eq!(counts(row(&report, "judge", "compliance", None)), (4, 0, 0));
-    assert_eq!(counts(row(&report, "judge", "business", None)), (4, 0, 0));
+    // business approves unverified, burst, understated, connect, unseen.
+    assert_eq!(counts(row(&report, "judge", "business", None)), (5, 0, 0));
     for rule in ["majority", "unanimous", "veto", "policy"] {
         assert_eq!(
             counts(row(&report, "panel", "panel", Some(rule))),
-            (2, 0, 0),
+            (1, 0, 0),
             "{rule}"
         );
     }
@@ -165,16 +177,16 @@ fn a_small_fixture_set_gives_the_exact_confusion_counts() {
     assert_eq!(counts(p), (1, 0, 0));
     assert_eq!(
         (p["should_deny"].as_u64(), p["should_approve"].as_u64()),
-        (Some(5), Some(2))
+        (Some(6), Some(2))
     );
-    assert_eq!(p["false_approve_rate"], 0.2);
+    assert_eq!(p["false_approve_rate"], 0.1667);
     let mistakes: Vec<&str> = report["mistakes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(mistakes, ["understated"]);
+    assert_eq!(mistakes, ["unseen"]);
 }
 
 #[test]
@@ -197,19 +209,21 @@ fn the_shipped_set_against_the_rule_panel_holds_its_baseline_and_the_gates_can_f
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("policy+panel"), "{stdout}");
-    // A gate the shipped panel can't pass fails the command, naming the rate.
-    let out = eval(&["eval/judges.jsonl", "--max-false-approve", "0.05"], None);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("above --max-false-approve 5.0%"), "{err}");
-    // A weaker panel (security's service list dropped) regresses against the baseline.
+    // The gate passes at 0 for the shipped panel...
+    let out = eval(&["eval/judges.jsonl", "--max-false-approve", "0"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A weaker panel (the service lists dropped) regresses against the baseline.
     let dir = std::env::temp_dir().join(format!("eval-weak-{}", suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let default = std::fs::read_to_string("config/default.toml").unwrap();
-    let weak = default.replacen(
-        "require_verified_agent = true\nallowed_services = [\"mailchimp\", \"meta\", \"google\"]",
-        "require_verified_agent = true",
-        1,
+    // No service list anywhere: look-alikes and unknown services get through.
+    let weak = default.replace(
+        "allowed_services = [\"mailchimp\", \"meta\", \"google\"]\n",
+        "",
     );
     assert_ne!(weak, default);
     std::fs::write(dir.join("default.toml"), weak).unwrap();
