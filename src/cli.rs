@@ -103,6 +103,11 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// The policy: what it would do with a command, with no side effect and no broker.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The judges: measure the configured panel on a labelled case set.
     Judges {
         #[command(subcommand)]
@@ -166,6 +171,23 @@ pub enum Command {
         reason: String,
         #[command(flatten)]
         ap: ApproverArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Print the decision for a command file: handling, effective severity and mismatch,
+    /// rationale, the judges that would be asked and under which rule, the alerts each outcome
+    /// would send. Nothing is published, judged or executed.
+    Test {
+        /// The command JSON as an agent sends it ("-" for standard input).
+        file: PathBuf,
+        /// The policy file (default: policy.file).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -411,6 +433,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             operate(&settings, op, cmd).await
         }
         Command::Audit { command } => audit(&settings, command).await,
+        Command::Policy {
+            command: PolicyCommand::Test { file, policy, json },
+        } => {
+            let policy_file = policy.unwrap_or_else(|| settings.policy.file.clone());
+            let policy = crate::policy::Policy::load(&policy_file)?;
+            let bytes = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+                b
+            } else {
+                std::fs::read(&file).with_context(|| format!("{}", file.display()))?
+            };
+            let cmd = crate::intake::decode(&bytes, None, crate::intake::DecodeLimits::default())
+                .map_err(|e| anyhow::anyhow!("the command would be REJECTED: {e}"))?;
+            let judges: Vec<String> = settings
+                .panel
+                .judges
+                .iter()
+                .map(|j| j.name().to_owned())
+                .collect();
+            let e = crate::policy::explain::explain(&policy, &cmd, &judges, settings.panel.quorum);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{}", e.text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Judges {
             command:
                 JudgesCommand::Eval {

@@ -4,6 +4,8 @@
 //! effective severity and the rationale. The rules come from `config/policy.toml`; an invalid
 //! file stops the poller at start with an error naming the key.
 
+pub mod explain;
+
 use crate::intake::{Command, CommandType, Severity};
 use crate::judging::DecisionRule;
 use crate::outcome::{Priority, Status, Team};

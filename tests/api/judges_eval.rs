@@ -350,3 +350,59 @@ async fn the_shipped_set_against_an_emulated_llm_panel_holds_its_baseline() {
     assert!(fa("unanimous") <= fa("majority"));
     assert!(fa("veto") <= fa("majority"));
 }
+
+#[test]
+fn policy_test_explains_a_command_with_no_broker() {
+    let run = |body: &str, json: bool| {
+        let file = std::env::temp_dir().join(format!("policy-test-{}.json", suffix()));
+        std::fs::write(&file, body).unwrap();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_command-poller"));
+        c.args(["policy", "test", file.to_str().unwrap()])
+            .env("APP_ENVIRONMENT", "local")
+            // Nothing listens there: the command must not need a broker.
+            .env("POLLER__AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        std::fs::remove_file(&file).unwrap();
+        out
+    };
+    let out = run(
+        r#"{"action_id":"p-1","command_type":"REFRESH_TOKEN","params":{"service":"google"},"severity":"MEDIUM"}"#,
+        false,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("handling:  JUDGE"), "{text}");
+    assert!(
+        text.contains("judges:    security, compliance, business (rule majority, quorum 2)"),
+        "{text}"
+    );
+    assert!(text.contains("if NEEDS_APPROVAL   ops.normal"), "{text}");
+    let out = run(
+        r#"{"action_id":"p-2","command_type":"CHECK_INTEGRATION_STATUS","params":{"service":"meta"},"severity":"HIGH"}"#,
+        true,
+    );
+    let e = json(&out);
+    assert_eq!(e["handling"], "JUDGE", "HIGH escalates an ALLOW type: {e}");
+    assert!(e["rationale"]
+        .as_str()
+        .unwrap()
+        .contains("Escalated to the judges"));
+    // A command intake would refuse says so, naming the field.
+    let out = run(
+        r#"{"action_id":"p 3","command_type":"REFRESH_TOKEN"}"#,
+        false,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("would be REJECTED") && err.contains("action_id"),
+        "{err}"
+    );
+}

@@ -1,0 +1,202 @@
+//! `policy test`: what the policy would do with one command, with no side effect.
+//!
+//! In: the policy, a validated command, whether its agent is verified, and the panel's shape.
+//! Out: an [`Explanation`]: the handling, the effective severity and any mismatch, the
+//! rationale, the judges that would be asked and under which decision rule, and the alerts each
+//! possible outcome would send. Pure; rendered as text or JSON.
+
+use super::{Handling, Policy};
+use crate::intake::{Command, Severity};
+use crate::judging::DecisionRule;
+use crate::outcome::{Priority, Status};
+use serde::Serialize;
+
+/// The alerts one possible outcome would send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutcomeAlerts {
+    pub status: Status,
+    /// `<team>.<priority>` routing keys.
+    pub alerts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub command_type: String,
+    pub service: String,
+    pub handling: Handling,
+    pub declared_severity: Severity,
+    pub effective_severity: Severity,
+    pub severity_mismatch: bool,
+    pub rationale: String,
+    /// For JUDGE: the panel's judges, its quorum and the type's decision rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judges: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_rule: Option<DecisionRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+    /// Every outcome this handling can end in, with its alerts.
+    pub outcomes: Vec<OutcomeAlerts>,
+    pub policy_sha256: String,
+}
+
+/// The outcomes a command can end in under `handling` (REJECTED and the operator's levers
+/// aside).
+fn possible(handling: Handling) -> &'static [Status] {
+    match handling {
+        Handling::Block => &[Status::Blocked],
+        Handling::Execute => &[Status::Success, Status::Failed, Status::UnknownOutcome],
+        Handling::Judge => &[
+            Status::Success,
+            Status::Failed,
+            Status::UnknownOutcome,
+            Status::NeedsApproval,
+            Status::Denied,
+            Status::Expired,
+        ],
+    }
+}
+
+pub fn explain(policy: &Policy, cmd: &Command, judges: &[String], quorum: usize) -> Explanation {
+    let d = policy.decide(cmd);
+    let judged = d.handling == Handling::Judge;
+    let outcomes = possible(d.handling)
+        .iter()
+        .map(|&status| OutcomeAlerts {
+            status,
+            alerts: policy
+                .routes(Some(cmd.command_type), status)
+                .into_iter()
+                .map(|(team, p)| {
+                    let p = match p {
+                        Priority::High => "high",
+                        Priority::Normal => "normal",
+                    };
+                    format!("{}.{p}", team.as_str())
+                })
+                .collect(),
+        })
+        .collect();
+    Explanation {
+        command_type: cmd.command_type.to_string(),
+        service: cmd.service.to_string(),
+        handling: d.handling,
+        declared_severity: d.declared_severity,
+        effective_severity: d.effective_severity,
+        severity_mismatch: d.severity_mismatch,
+        rationale: d.rationale,
+        judges: judged.then(|| judges.to_vec()),
+        decision_rule: judged.then_some(d.decision_rule),
+        quorum: judged.then_some(quorum),
+        outcomes,
+        policy_sha256: policy.digest().to_owned(),
+    }
+}
+
+impl Explanation {
+    pub fn text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let handling = crate::outcome::wire_name(&self.handling);
+        let _ = writeln!(out, "command:   {} {}", self.command_type, self.service);
+        let _ = writeln!(out, "handling:  {handling}");
+        let _ = writeln!(
+            out,
+            "severity:  declared {}, effective {}{}",
+            self.declared_severity,
+            self.effective_severity,
+            if self.severity_mismatch {
+                " (MISMATCH: declared below the type's floor)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(out, "rationale: {}", self.rationale);
+        if let (Some(judges), Some(rule), Some(q)) = (&self.judges, self.decision_rule, self.quorum)
+        {
+            let _ = writeln!(
+                out,
+                "judges:    {} (rule {rule}, quorum {q})",
+                judges.join(", ")
+            );
+        }
+        for o in &self.outcomes {
+            let alerts = if o.alerts.is_empty() {
+                "no alert".to_owned()
+            } else {
+                o.alerts.join(", ")
+            };
+            let _ = writeln!(out, "if {:<16} {alerts}", o.status.as_str());
+        }
+        let _ = writeln!(out, "policy:    sha256:{}", self.policy_sha256);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::{decode, DecodeLimits};
+
+    fn cmd(t: &str, service: &str, sev: &str) -> Command {
+        let json = format!(
+            r#"{{"action_id":"t-1","command_type":"{t}","params":{{"service":"{service}"}},"severity":"{sev}"}}"#
+        );
+        decode(json.as_bytes(), None, DecodeLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn the_runbook_commands_explained() {
+        let policy = Policy::load(std::path::Path::new("config/policy.toml")).unwrap();
+        let judges = vec![
+            "security".to_owned(),
+            "compliance".into(),
+            "business".into(),
+        ];
+        let e = explain(
+            &policy,
+            &cmd("CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"),
+            &judges,
+            2,
+        );
+        assert_eq!(e.handling, Handling::Execute);
+        assert!(e.judges.is_none());
+        let failed = e
+            .outcomes
+            .iter()
+            .find(|o| o.status == Status::Failed)
+            .unwrap();
+        assert_eq!(failed.alerts, ["ops.normal"]);
+
+        let e = explain(
+            &policy,
+            &cmd("REFRESH_TOKEN", "google", "MEDIUM"),
+            &judges,
+            2,
+        );
+        assert_eq!(e.handling, Handling::Judge);
+        assert_eq!(e.decision_rule, Some(DecisionRule::Majority));
+        assert_eq!(e.judges.as_deref(), Some(judges.as_slice()));
+        let parked = e
+            .outcomes
+            .iter()
+            .find(|o| o.status == Status::NeedsApproval)
+            .unwrap();
+        assert_eq!(parked.alerts, ["ops.normal"]);
+
+        let e = explain(
+            &policy,
+            &cmd("CONNECT_INTEGRATION", "salesforce", "LOW"),
+            &judges,
+            2,
+        );
+        assert_eq!(e.handling, Handling::Block);
+        assert!(e.severity_mismatch);
+        assert_eq!(e.effective_severity, Severity::High);
+        assert_eq!(e.outcomes.len(), 1);
+        assert_eq!(e.outcomes[0].alerts, ["security.high", "engineering.high"]);
+        let text = e.text();
+        assert!(text.contains("handling:  BLOCK"), "{text}");
+        assert!(text.contains("MISMATCH"), "{text}");
+    }
+}
