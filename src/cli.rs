@@ -103,7 +103,26 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
-    /// The policy: what it would do with a command, with no side effect and no broker.
+    /// Quarantine one agent: its commands end REJECTED (never judged or executed) on every
+    /// replica, while every other agent's commands flow. Stored with the control state.
+    Quarantine {
+        /// The agent id.
+        agent: String,
+        /// Why (recorded in the stored state, the events, the alert and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Release an agent from quarantine.
+    Release {
+        agent: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// The policy: test a command, replay the audit under a candidate, reload every replica.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -188,6 +207,33 @@ pub enum PolicyCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The sending agent (taken as verified by the broker), for agent-group overrides and
+        /// history conditions.
+        #[arg(long)]
+        agent: Option<String>,
+        /// The agent's earlier attempts of this type within every window a history condition
+        /// asks about.
+        #[arg(long, default_value_t = 0, requires = "agent")]
+        earlier_attempts: usize,
+    },
+    /// Re-decide every command recorded in an audit file under a candidate policy and print the
+    /// difference (counts by old -> new handling, and each changed command). Nothing is
+    /// executed, judged or published.
+    Replay {
+        /// The audit chain file (or JSON lines of audit records).
+        #[arg(long)]
+        audit: PathBuf,
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make every live replica reload its policy file (validated whole, swapped at once; an
+    /// invalid file is refused and the old policy stays). SIGHUP does the same for one replica.
+    Reload {
+        #[command(flatten)]
+        op: OperatorArgs,
     },
 }
 
@@ -349,6 +395,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::info!(addr = %status, "status endpoint listening (loopback only)");
             }
             tokio::spawn(watch_signals(shutdown.clone()));
+            tokio::spawn(watch_reload(poller.state().reload.clone()));
             poller.run(shutdown).await;
             tracing::info!("poller stopped");
             Ok(ExitCode::SUCCESS)
@@ -434,7 +481,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit { command } => audit(&settings, command).await,
         Command::Policy {
-            command: PolicyCommand::Test { file, policy, json },
+            command:
+                PolicyCommand::Test {
+                    file,
+                    policy,
+                    json,
+                    agent,
+                    earlier_attempts,
+                },
         } => {
             let policy_file = policy.unwrap_or_else(|| settings.policy.file.clone());
             let policy = crate::policy::Policy::load(&policy_file)?;
@@ -453,13 +507,71 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|j| j.name().to_owned())
                 .collect();
-            let e = crate::policy::explain::explain(&policy, &cmd, &judges, settings.panel.quorum);
+            if let Some(a) = &agent {
+                crate::intake::AgentId::parse(a).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
+            }
+            let who = crate::policy::explain::TestAgent {
+                id: agent,
+                earlier_attempts,
+            };
+            let e = crate::policy::explain::explain(
+                &policy,
+                &cmd,
+                &who,
+                &judges,
+                settings.panel.quorum,
+            );
             if json {
                 println!("{}", serde_json::to_string_pretty(&e)?);
             } else {
                 print!("{}", e.text());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Replay {
+                    audit,
+                    policy,
+                    json,
+                },
+        } => {
+            let candidate = crate::policy::Policy::load(&policy)?;
+            let text =
+                std::fs::read_to_string(&audit).with_context(|| format!("{}", audit.display()))?;
+            let (recorded, skipped) = crate::policy::replay::read(&text)
+                .with_context(|| format!("{}", audit.display()))?;
+            let report = crate::policy::replay::replay(&candidate, &recorded, skipped);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Reload { op },
+        } => {
+            let cmd = ControlCommand::ReloadPolicy {
+                request_id: new_request_id(),
+            };
+            operate(&settings, op, cmd).await
+        }
+        Command::Quarantine { agent, reason, op } => {
+            let cmd = ControlCommand::Quarantine {
+                agent,
+                reason,
+                request_id: new_request_id(),
+            };
+            operate(&settings, op, cmd).await
+        }
+        Command::Release { agent, reason, op } => {
+            let cmd = ControlCommand::Release {
+                agent,
+                reason,
+                request_id: new_request_id(),
+            };
+            operate(&settings, op, cmd).await
         }
         Command::Judges {
             command:
@@ -758,6 +870,26 @@ async fn operate(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Asks for a policy reload on every SIGHUP.
+async fn watch_reload(reload: std::sync::Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!(
+                "no SIGHUP handler: reload the policy with `command-poller policy reload`"
+            );
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the policy");
+            reload.notify_one();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

@@ -418,6 +418,19 @@ pub struct TripRule {
     /// The window the attempts fall in (key `window_secs`, whole seconds).
     #[serde(rename = "window_secs", deserialize_with = "de::secs")]
     pub window: Duration,
+    /// `fleet` (the default, Emergency-INT-E01): pause every replica. `agent`: quarantine the
+    /// offending agent everywhere, and every other agent's commands keep flowing.
+    #[serde(default)]
+    pub scope: TripScope,
+}
+
+/// What an automatic trip stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TripScope {
+    #[default]
+    Fleet,
+    Agent,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -51,8 +51,8 @@ pub struct Desk {
     pub names: Names,
     pub store: Arc<dyn ResultStore>,
     pub store_key: Secret,
-    /// The digest of the policy this replica runs.
-    pub policy_digest: String,
+    /// The policy this replica runs (a reload swaps it).
+    pub policy: std::sync::Arc<crate::policy::shared::SharedPolicy>,
     /// The policy file, read again at each approval: an approval is refused when it changed.
     pub policy_file: PathBuf,
     /// Its metrics are counted here.
@@ -72,7 +72,7 @@ impl Desk {
             Ok(p) => p.digest().to_owned(),
             Err(e) => format!("unreadable ({e})"),
         };
-        vec![self.policy_digest.clone(), file]
+        vec![self.policy.digest(), file]
     }
 
     fn answer(
@@ -465,7 +465,7 @@ mod tests {
             },
             store,
             store_key: Secret::new("k"),
-            policy_digest: policy.digest().to_owned(),
+            policy: Arc::new(crate::policy::shared::SharedPolicy::fixed(Arc::new(policy))),
             policy_file: s.policy.file.clone(),
             state: Arc::new(crate::worker::PollerState::default()),
             wake: Arc::new(Notify::new()),
@@ -489,7 +489,7 @@ mod tests {
         let d = desk(store.clone());
         let mut rec = parked();
         rec.required = 1;
-        rec.policy_digest = d.policy_digest.clone();
+        rec.policy_digest = d.policy.digest();
         rec.digest = crate::approval::digest(&rec.command_digest, &rec.policy_digest);
         rec.expires_at = crate::clock::unix_now() + 600;
         store

@@ -36,6 +36,29 @@ pub enum AuditEvent {
         rationale: String,
         /// SHA-256 of the policy file that decided.
         policy_sha256: String,
+        /// The validated command fields the policy decided on (never the payload), so
+        /// `policy replay` can decide it again under a candidate policy. Absent in records
+        /// written before they were recorded.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        command: Option<crate::policy::replay::DecidedCommand>,
+        /// The rule that decided (`REFRESH_TOKEN`, `REFRESH_TOKEN.overrides[0]`, ...).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        rule: Option<String>,
+        /// What each matching shadow rule would have decided instead.
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        shadows: Vec<crate::policy::Shadow>,
+    },
+    /// The policy was reloaded (or a reload was refused) on this replica.
+    PolicyReload {
+        at: String,
+        /// Who asked: an operator's broker user, or `SIGHUP`.
+        by: String,
+        before: String,
+        /// The digest in force after (the same as `before` when refused).
+        after: String,
+        /// Why it was refused; the old policy stayed.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        refused: Option<String>,
     },
     /// How the panel decided: its rule and the count (before each judge's verdict).
     PanelDecision {

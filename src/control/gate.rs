@@ -14,6 +14,15 @@ pub struct Gate {
     at_bridge: Arc<AtomicUsize>,
 }
 
+/// Why the gate held a bridge call back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Paused or halted: the command goes back to the queue.
+    Mode(Mode),
+    /// The agent is in quarantine: the command ends REJECTED.
+    Quarantined(super::Quarantined),
+}
+
 /// Held for the duration of one bridge call.
 pub struct BridgeTicket(Arc<AtomicUsize>);
 
@@ -63,19 +72,28 @@ impl Gate {
         self.mode_tx.send_replace(mode);
     }
 
+    /// The agent's quarantine, if it is in one.
+    pub fn quarantine_of(&self, agent: &str) -> Option<super::Quarantined> {
+        self.lock().quarantined.get(agent).cloned()
+    }
+
     /// Judges are not consulted while halted (the master shut-off stops all actions).
     pub fn may_judge(&self) -> bool {
         self.lock().mode != Mode::Halted
     }
 
-    /// Admits one bridge call if running.
-    pub fn begin_bridge(&self) -> Option<BridgeTicket> {
+    /// Admits one bridge call for `agent` if running and the agent is not in quarantine
+    /// (checked under the same lock, so a quarantine that returned holds back its next call).
+    pub fn begin_bridge(&self, agent: &str) -> Result<BridgeTicket, Held> {
         let s = self.lock();
+        if let Some(q) = s.quarantined.get(agent) {
+            return Err(Held::Quarantined(q.clone()));
+        }
         if s.mode != Mode::Running {
-            return None;
+            return Err(Held::Mode(s.mode));
         }
         self.at_bridge.fetch_add(1, Ordering::SeqCst);
-        Some(BridgeTicket(self.at_bridge.clone()))
+        Ok(BridgeTicket(self.at_bridge.clone()))
     }
 
     /// Whether a bridge call already admitted may make another attempt (a retry) now.
@@ -108,13 +126,13 @@ mod tests {
     #[test]
     fn nothing_is_admitted_after_a_pause() {
         let g = Gate::default();
-        let t = g.begin_bridge().expect("running admits");
+        let t = g.begin_bridge("a").expect("running admits");
         assert_eq!(g.at_bridge(), 1);
         g.set(ControlState {
             mode: Mode::Paused,
             ..ControlState::initial()
         });
-        assert!(g.begin_bridge().is_none());
+        assert_eq!(g.begin_bridge("a").err(), Some(Held::Mode(Mode::Paused)));
         assert!(g.may_judge());
         drop(t);
         assert_eq!(g.at_bridge(), 0);
@@ -127,5 +145,26 @@ mod tests {
         g.set(ControlState::initial());
         assert!(w.has_changed().unwrap());
         assert_eq!(*w.borrow_and_update(), Mode::Running);
+    }
+
+    #[test]
+    fn a_quarantined_agent_is_held_back_and_the_others_are_not() {
+        let g = Gate::default();
+        let mut s = ControlState::initial();
+        let q = crate::control::Quarantined {
+            by: "ops".into(),
+            reason: "looping".into(),
+            since: "t".into(),
+            request_id: "q".into(),
+        };
+        s.quarantined.insert("bad".into(), q.clone());
+        g.set(s);
+        assert_eq!(
+            g.begin_bridge("bad").err(),
+            Some(Held::Quarantined(q.clone()))
+        );
+        assert!(g.begin_bridge("good").is_ok());
+        assert_eq!(g.quarantine_of("bad"), Some(q));
+        assert_eq!(g.quarantine_of("good"), None);
     }
 }

@@ -13,6 +13,17 @@ pub mod state_log;
 pub mod trip;
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One agent held out: its commands end REJECTED, never judged or executed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub by: String,
+    pub reason: String,
+    /// RFC 3339.
+    pub since: String,
+    pub request_id: String,
+}
 
 /// The system's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +58,10 @@ pub struct ControlState {
     /// [`state_log`]).
     #[serde(default)]
     pub seq: u64,
+    /// Agents in quarantine, by agent id. Kept apart from the mode: a quarantine or release
+    /// is its own entry in the stored state and never moves `seq`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quarantined: BTreeMap<String, Quarantined>,
 }
 
 impl ControlState {
@@ -59,6 +74,7 @@ impl ControlState {
             reason: "no control state stored".into(),
             request_id: String::new(),
             seq: 0,
+            quarantined: BTreeMap::new(),
         }
     }
 }
@@ -86,6 +102,23 @@ pub enum ControlCommand {
     Status {
         request_id: String,
     },
+    /// Every replica reloads its policy file (validated whole, swapped at once; an invalid
+    /// file is refused and the old policy stays).
+    ReloadPolicy {
+        request_id: String,
+    },
+    /// One agent's commands end REJECTED while every other agent's flow.
+    Quarantine {
+        agent: String,
+        reason: String,
+        request_id: String,
+    },
+    Release {
+        agent: String,
+        #[serde(default)]
+        reason: String,
+        request_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -94,7 +127,10 @@ impl ControlCommand {
             ControlCommand::Pause { request_id, .. }
             | ControlCommand::Halt { request_id, .. }
             | ControlCommand::Resume { request_id, .. }
-            | ControlCommand::Status { request_id } => request_id,
+            | ControlCommand::Status { request_id }
+            | ControlCommand::ReloadPolicy { request_id }
+            | ControlCommand::Quarantine { request_id, .. }
+            | ControlCommand::Release { request_id, .. } => request_id,
         }
     }
 
@@ -104,6 +140,9 @@ impl ControlCommand {
             ControlCommand::Halt { .. } => "control.halt",
             ControlCommand::Resume { .. } => "control.resume",
             ControlCommand::Status { .. } => "control.status",
+            ControlCommand::ReloadPolicy { .. } => "control.policy_reload",
+            ControlCommand::Quarantine { .. } => "control.quarantine",
+            ControlCommand::Release { .. } => "control.release",
         }
     }
 }
@@ -140,8 +179,10 @@ impl Actor {
 pub enum Refusal {
     #[error("{0} is not an operator")]
     NotOperator(String),
-    #[error("the poller's own user may only pause")]
+    #[error("the poller's own user may only pause or quarantine")]
     PollerMayOnlyPause,
+    #[error("not an agent id: {0}")]
+    BadAgent(String),
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
@@ -172,7 +213,9 @@ pub fn transition(
         Actor::Poller(_)
             if !matches!(
                 cmd,
-                ControlCommand::Pause { .. } | ControlCommand::Status { .. }
+                ControlCommand::Pause { .. }
+                    | ControlCommand::Status { .. }
+                    | ControlCommand::Quarantine { .. }
             ) =>
         {
             return Err(Refusal::PollerMayOnlyPause)
@@ -186,9 +229,30 @@ pub fn transition(
         reason: reason.to_owned(),
         request_id: cmd.request_id().to_owned(),
         seq: current.seq + 1,
+        quarantined: current.quarantined.clone(),
     };
     match cmd {
-        ControlCommand::Status { .. } => Ok(current.clone()),
+        ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
+        ControlCommand::Quarantine { agent, reason, .. } => {
+            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+            let mut new = current.clone();
+            // Already quarantined: keep who did it first and why.
+            new.quarantined
+                .entry(agent.clone())
+                .or_insert_with(|| Quarantined {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                    since: now(),
+                    request_id: cmd.request_id().to_owned(),
+                });
+            Ok(new)
+        }
+        ControlCommand::Release { agent, .. } => {
+            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+            let mut new = current.clone();
+            new.quarantined.remove(agent);
+            Ok(new)
+        }
         ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
         ControlCommand::Pause { reason, .. } => match current.mode {
             Mode::Halted => Err(Refusal::AlreadyHalted),
@@ -315,5 +379,63 @@ mod tests {
             Actor::Other(Some("x".into()))
         );
         assert_eq!(Actor::classify(None, &ops, "poller"), Actor::Other(None));
+    }
+
+    fn quarantine(agent: &str) -> ControlCommand {
+        ControlCommand::Quarantine {
+            agent: agent.into(),
+            reason: "looping".into(),
+            request_id: "q1".into(),
+        }
+    }
+
+    #[test]
+    fn quarantine_holds_one_agent_and_only_an_operator_releases() {
+        let release = ControlCommand::Release {
+            agent: "agent-7".into(),
+            reason: String::new(),
+            request_id: "q2".into(),
+        };
+        let s = transition(&state(Mode::Running), &quarantine("agent-7"), &op()).unwrap();
+        assert_eq!(s.mode, Mode::Running, "the fleet keeps running");
+        assert_eq!(s.seq, 0, "a quarantine never moves the mode's sequence");
+        assert_eq!(s.quarantined["agent-7"].by, "ops");
+        let again = transition(
+            &s,
+            &ControlCommand::Quarantine {
+                agent: "agent-7".into(),
+                reason: "other".into(),
+                request_id: "q3".into(),
+            },
+            &op(),
+        )
+        .unwrap();
+        assert_eq!(
+            again.quarantined["agent-7"].reason, "looping",
+            "the first stays"
+        );
+        // A pause keeps the quarantine list.
+        let paused = transition(&s, &pause(), &op()).unwrap();
+        assert!(paused.quarantined.contains_key("agent-7"));
+        let poller = Actor::Poller("poller".into());
+        assert!(transition(&state(Mode::Halted), &quarantine("a"), &poller).is_ok());
+        assert_eq!(
+            transition(&s, &release, &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        assert!(transition(&s, &release, &Actor::Other(Some("agent-7".into()))).is_err());
+        assert!(transition(&s, &release, &op())
+            .unwrap()
+            .quarantined
+            .is_empty());
+        assert!(matches!(
+            transition(&s, &quarantine("no such agent!"), &op()),
+            Err(Refusal::BadAgent(_))
+        ));
+        let reload = ControlCommand::ReloadPolicy {
+            request_id: "r".into(),
+        };
+        assert_eq!(transition(&s, &reload, &op()).unwrap(), s);
+        assert!(transition(&s, &reload, &poller).is_err());
     }
 }

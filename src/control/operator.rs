@@ -1,5 +1,5 @@
-//! The operator's side: `pause`, `resume`, `halt` and `status` from any machine that reaches
-//! the broker.
+//! The operator's side: `pause`, `resume`, `halt`, `status`, `quarantine`, `release` and
+//! `policy reload` from any machine that reaches the broker.
 //!
 //! In: the operator's broker URL (its user is the `user_id` replicas check) and a command.
 //! Out: the stored state updated (so replicas starting later obey it) and every live replica's
@@ -137,11 +137,28 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            // Decided on the sequence read: if another change landed in between, the fold lets
-            // this one apply only if it is stricter (compare-and-set).
-            state_log::write(&publisher, c, current.seq, &new, &user).await?;
-            stored_state = Some(new);
-            stored_by = Some(user.clone());
+            match &cmd {
+                // Nothing stored: each replica reloads its own file.
+                ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => {}
+                ControlCommand::Quarantine { agent, .. }
+                | ControlCommand::Release { agent, .. } => {
+                    // Its own entry, applied in stream order: never a compare-and-set on the
+                    // mode.
+                    state_log::write_agent(&publisher, c, agent, new.quarantined.get(agent), &user)
+                        .await?;
+                    stored_state = Some(new);
+                    stored_by = Some(user.clone());
+                }
+                ControlCommand::Pause { .. }
+                | ControlCommand::Halt { .. }
+                | ControlCommand::Resume { .. } => {
+                    // Decided on the sequence read: if another change landed in between, the
+                    // fold lets this one apply only if it is stricter (compare-and-set).
+                    state_log::write(&publisher, c, current.seq, &new, &user).await?;
+                    stored_state = Some(new);
+                    stored_by = Some(user.clone());
+                }
+            }
         }
 
         // Direct reply-to: consume the pseudo-queue before publishing on the same channel.

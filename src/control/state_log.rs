@@ -39,6 +39,12 @@ pub enum Entry {
     State { base: u64, state: ControlState },
     /// A reader's "I read up to here".
     Marker { nonce: String },
+    /// An agent quarantined (`Some`) or released (`None`). Applied in stream order, apart from
+    /// the mode's compare-and-set; the poller's own user may only quarantine.
+    Agent {
+        agent: String,
+        quarantined: Option<super::Quarantined>,
+    },
 }
 
 /// Who wrote an entry, by its broker-checked `user_id`.
@@ -90,8 +96,32 @@ pub fn apply(
     };
     applies.then(|| ControlState {
         seq: (current.seq + 1).max(entry.seq),
+        // The quarantine list is folded from its own entries, never from a mode entry.
+        quarantined: current.quarantined.clone(),
         ..entry.clone()
     })
+}
+
+/// The state after an agent entry, or `None` when the writer may not write it.
+fn apply_agent(
+    current: &ControlState,
+    agent: &str,
+    quarantined: Option<&super::Quarantined>,
+    writer: Writer,
+) -> Option<ControlState> {
+    let mut new = current.clone();
+    match (quarantined, writer) {
+        (_, Writer::Untrusted) | (None, Writer::Poller) => return None,
+        (Some(q), _) => {
+            new.quarantined
+                .entry(agent.to_owned())
+                .or_insert_with(|| q.clone());
+        }
+        (None, Writer::Operator) => {
+            new.quarantined.remove(agent);
+        }
+    }
+    Some(new)
 }
 
 /// Folds one message (body and writer) into `current`.
@@ -99,6 +129,24 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
     let (base, state) = match serde_json::from_slice::<Entry>(body) {
         Ok(Entry::Marker { .. }) => return current,
         Ok(Entry::State { base, state }) => (base, state),
+        Ok(Entry::Agent { agent, quarantined }) => {
+            return match (current, writer) {
+                (_, Writer::Untrusted) => Folded::Untrusted(format!(
+                    "a quarantine entry for {agent} written by a user who is neither an operator nor the poller"
+                )),
+                (Folded::Untrusted(why), _) => Folded::Untrusted(why),
+                (Folded::Empty, w) => {
+                    let initial = ControlState::initial();
+                    match apply_agent(&initial, &agent, quarantined.as_ref(), w) {
+                        Some(s) => Folded::State(s),
+                        None => Folded::Empty,
+                    }
+                }
+                (Folded::State(c), w) => Folded::State(
+                    apply_agent(&c, &agent, quarantined.as_ref(), w).unwrap_or(c),
+                ),
+            };
+        }
         Err(e) => return Folded::Untrusted(format!("an unreadable state entry ({e})")),
     };
     match (current, writer) {
@@ -108,7 +156,12 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
         )),
         // The first state, or an operator deciding anew after an untrusted entry (the
         // recovery the fail-closed alert asks for).
-        (Folded::Empty, _) | (Folded::Untrusted(_), Writer::Operator) => Folded::State(state),
+        (Folded::Empty, _) | (Folded::Untrusted(_), Writer::Operator) => {
+            Folded::State(ControlState {
+                quarantined: Default::default(),
+                ..state
+            })
+        }
         (Folded::Untrusted(why), Writer::Poller) => Folded::Untrusted(why),
         (Folded::State(c), w) => Folded::State(apply(&c, base, &state, w).unwrap_or(c)),
     }
@@ -137,6 +190,30 @@ pub async fn write(
     let entry = Entry::State {
         base,
         state: state.clone(),
+    };
+    publisher
+        .publish(&Outgoing {
+            exchange: c.state_exchange.clone(),
+            routing_key: String::new(),
+            body: serde_json::to_vec(&entry).expect("serializes"),
+            message_type: crate::broker::names::message_type::CONTROL_STATE,
+            user_id: Some(user.to_owned()),
+            ..Default::default()
+        })
+        .await
+}
+
+/// Appends a quarantine (`Some`) or release (`None`) of `agent`.
+pub async fn write_agent(
+    publisher: &Publisher,
+    c: &ControlSettings,
+    agent: &str,
+    quarantined: Option<&super::Quarantined>,
+    user: &str,
+) -> Result<(), BrokerError> {
+    let entry = Entry::Agent {
+        agent: agent.to_owned(),
+        quarantined: quarantined.cloned(),
     };
     publisher
         .publish(&Outgoing {
@@ -242,7 +319,7 @@ impl StateReader {
     pub async fn changed(&mut self) -> Result<Folded, ReadError> {
         loop {
             let before = self.current.clone();
-            if let Some(Entry::State { .. }) = self.next_entry().await? {
+            if let Some(Entry::State { .. } | Entry::Agent { .. }) = self.next_entry().await? {
                 if self.current != before {
                     return Ok(self.current.clone());
                 }
@@ -411,6 +488,66 @@ mod tests {
             (entry(0, Mode::Running), Operator),
         ]);
         assert_eq!(mode(&f), Mode::Running);
+    }
+
+    fn agent(name: &str, quarantine: bool) -> Vec<u8> {
+        serde_json::to_vec(&Entry::Agent {
+            agent: name.into(),
+            quarantined: quarantine.then(|| crate::control::Quarantined {
+                by: "ops".into(),
+                reason: "r".into(),
+                since: "t".into(),
+                request_id: "q".into(),
+            }),
+        })
+        .unwrap()
+    }
+
+    fn quarantined(f: &Folded) -> Vec<String> {
+        match f {
+            Folded::State(s) => s.quarantined.keys().cloned().collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn quarantines_fold_apart_from_the_mode() {
+        // On a new system, across mode changes, and not undone by a stale mode entry.
+        let f = fold_all(&[
+            (agent("a", true), Operator),
+            (entry(0, Mode::Paused), Operator),
+            (agent("b", true), Poller),
+            (entry(1, Mode::Running), Operator),
+            (entry(1, Mode::Halted), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted);
+        assert_eq!(quarantined(&f), ["a", "b"]);
+        if let Folded::State(s) = &f {
+            assert_eq!(s.seq, 3, "agent entries never move the sequence");
+        }
+        // Only an operator releases; the poller's release is ignored.
+        let f = fold_all(&[(agent("a", true), Poller), (agent("a", false), Poller)]);
+        assert_eq!(quarantined(&f), ["a"]);
+        let f = fold_all(&[(agent("a", true), Poller), (agent("a", false), Operator)]);
+        assert!(quarantined(&f).is_empty());
+        // A state entry's own quarantine list is never trusted over the agent entries.
+        let mut forged = state(Mode::Running, 1);
+        forged.quarantined.clear();
+        let f = fold_all(&[
+            (agent("a", true), Operator),
+            (
+                serde_json::to_vec(&Entry::State {
+                    base: 0,
+                    state: forged,
+                })
+                .unwrap(),
+                Operator,
+            ),
+        ]);
+        assert_eq!(quarantined(&f), ["a"]);
+        // An untrusted writer fails the fold closed.
+        let f = fold_all(&[(agent("a", true), Operator), (agent("a", false), Untrusted)]);
+        assert!(matches!(f, Folded::Untrusted(_)), "{f:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::intake::CommandType;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
-pub use crate::settings::TripRule;
+pub use crate::settings::{TripRule, TripScope};
 
 /// An unapproved attempt, as replicas share it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +134,7 @@ mod tests {
             command_type: CommandType::RefreshToken,
             count: 3,
             window: std::time::Duration::from_secs(600),
+            scope: TripScope::Fleet,
         }])
     }
 

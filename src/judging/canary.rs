@@ -130,7 +130,14 @@ pub fn request(
         severity,
         claimed_agent: None,
     };
-    let decision = policy.decide(&cmd);
+    let decision = policy.decide(
+        &cmd,
+        &crate::policy::Facts {
+            agent: Some(agent),
+            verified,
+            earlier_attempts: &|_| 0,
+        },
+    );
     let request = JudgeRequest {
         action_id: cmd.action_id.to_string(),
         command_type,

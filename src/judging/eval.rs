@@ -206,7 +206,20 @@ pub async fn run_case(
         DecodeLimits::default(),
     )
     .expect("load_cases validated the command");
-    let decision = policy.decide(&cmd);
+    let earlier = |w: std::time::Duration| {
+        case.history
+            .iter()
+            .filter(|a| a.ago_secs <= w.as_secs())
+            .count()
+    };
+    let decision = policy.decide(
+        &cmd,
+        &crate::policy::Facts {
+            agent: Some(&case.agent),
+            verified: case.verified,
+            earlier_attempts: &earlier,
+        },
+    );
     windows.seed(&case.history);
     let now = crate::idempotency::now_millis() / 1000;
     let request = JudgeRequest {

@@ -55,6 +55,15 @@ impl AttemptHistory {
         }
     }
 
+    /// How many attempts of `t` by `agent` were recorded within the last `within`.
+    pub fn count_within(&self, agent: &str, t: CommandType, within: Duration) -> usize {
+        let cutoff = Self::now().saturating_sub(within.as_secs().min(self.window.as_secs()));
+        let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.get(&(agent.to_owned(), t))
+            .map(|q| q.iter().filter(|a| a.at >= cutoff).count())
+            .unwrap_or(0)
+    }
+
     pub fn recent(&self, agent: &str, t: CommandType) -> Vec<Attempt> {
         let cutoff = Self::now().saturating_sub(self.window.as_secs());
         let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -64,9 +73,13 @@ impl AttemptHistory {
     }
 }
 
+/// How long the pipeline's history keeps attempts, and how many per agent and type.
+pub const WINDOW: Duration = Duration::from_secs(3600);
+pub const PER_KEY: usize = 20;
+
 impl Default for AttemptHistory {
     fn default() -> Self {
-        Self::new(Duration::from_secs(3600), 20)
+        Self::new(WINDOW, PER_KEY)
     }
 }
 

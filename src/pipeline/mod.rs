@@ -11,7 +11,7 @@ pub use disposition::{Concluded, DeadLetter, DeadLetterBody, Disposition, Public
 use crate::approval::Parked;
 use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
-use crate::control::gate::Gate;
+use crate::control::gate::{Gate, Held};
 use crate::control::trip::UnapprovedAttempt;
 use crate::idempotency::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
 use crate::intake::{
@@ -24,7 +24,8 @@ use crate::outcome::PanelSummary;
 use crate::outcome::{
     alerts_for, AgentView, BridgeSummary, JudgeVote, ResultMessage, SeverityView, Status,
 };
-use crate::policy::{Decision, Handling, Policy};
+use crate::policy::shared::SharedPolicy;
+use crate::policy::{Decision, Facts, Handling, Policy};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +46,8 @@ pub struct Inbound {
 pub struct Pipeline {
     pub limits: DecodeLimits,
     pub allow_unverified: bool,
-    pub policy: Arc<Policy>,
+    /// The policy in force; each command takes one snapshot and is decided by it alone.
+    pub policy: Arc<SharedPolicy>,
     pub panel: Panel,
     pub bridge: Arc<dyn Bridge>,
     pub instance: String,
@@ -335,7 +337,36 @@ impl Pipeline {
             }
         };
 
-        let decision = self.policy.decide(&cmd);
+        if let Some(q) = self.gate.quarantine_of(agent.id.as_str()) {
+            // Never judged or executed; not stored, so the agent's own retry after a release
+            // is decided afresh.
+            let reason = quarantine_reason(agent.id.as_str(), &q);
+            tracing::warn!(by = %q.by, "command refused: agent in quarantine");
+            if let Err(e) = claim.release().await {
+                tracing::warn!(error = %e, "could not release the claim of a quarantined agent's command; it expires");
+            }
+            trail.push(rejected_event("agent", &reason));
+            let result = draft.rejected("agent", reason);
+            return Disposition::Conclude {
+                outcome: self.conclude(result, reply, trail),
+                claim: None,
+            };
+        }
+        // One snapshot for the whole command: a reload meanwhile decides the next one.
+        let policy = self.policy.snapshot();
+        let history = &self.history;
+        let earlier = |w: Duration| history.count_within(agent.id.as_str(), cmd.command_type, w);
+        let decision = policy.decide(
+            &cmd,
+            &Facts {
+                agent: Some(agent.id.as_str()),
+                verified: agent.verified,
+                earlier_attempts: &earlier,
+            },
+        );
+        for s in &decision.shadows {
+            tracing::info!(rule = %s.rule, would_have = s.would_have.as_str(), "shadow rule matched");
+        }
         draft.severity = Some(SeverityView {
             declared: decision.declared_severity,
             effective: decision.effective_severity,
@@ -356,7 +387,15 @@ impl Pipeline {
             effective_severity: decision.effective_severity,
             severity_mismatch: decision.severity_mismatch,
             rationale: decision.rationale.clone(),
-            policy_sha256: self.policy.digest().to_owned(),
+            policy_sha256: policy.digest().to_owned(),
+            command: Some(crate::policy::replay::DecidedCommand {
+                command_type: cmd.command_type,
+                service: cmd.service.clone(),
+                agent: agent.id.to_string(),
+                agent_verified: agent.verified,
+            }),
+            rule: Some(decision.rule.clone()),
+            shadows: decision.shadows.clone(),
         });
 
         let result = match decision.handling {
@@ -382,8 +421,8 @@ impl Pipeline {
                     &agent,
                     msg.user_id.as_deref(),
                     &reply,
-                    &digest,
                     &result,
+                    &policy,
                 )
                 .await;
             match parked {
@@ -439,13 +478,14 @@ impl Pipeline {
         agent: &Agent,
         publisher: Option<&str>,
         reply: &ReplyTarget,
-        command_digest: &str,
         result: &ResultMessage,
+        policy: &Policy,
     ) -> Result<Parked, String> {
+        let command_digest = &crate::idempotency::command_digest(agent, cmd);
         let key = crate::idempotency::action_key(agent, &cmd.action_id);
-        let rule = self.policy.rule(cmd.command_type);
+        let rule = policy.rule(cmd.command_type);
         let now = crate::clock::unix_now();
-        let policy_digest = self.policy.digest().to_owned();
+        let policy_digest = policy.digest().to_owned();
         let rec = Parked {
             approval_id: crate::approval::approval_id(&key),
             action_key: key,
@@ -496,7 +536,8 @@ impl Pipeline {
     /// any command. `Err`: held back (paused, halted), to be tried again.
     pub async fn approved(&self, rec: &Parked) -> Result<ResultMessage, String> {
         let draft = Draft::of(rec, &self.instance);
-        if rec.policy_digest != self.policy.digest() {
+        let in_force = self.policy.digest();
+        if rec.policy_digest != in_force {
             // Approved as decided under another policy: never executed under this one.
             let mut r = draft.finish(
                 Status::Denied,
@@ -504,7 +545,7 @@ impl Pipeline {
                     "Approved by {}, but the policy changed before it was executed (parked under {}, now {}): not executed. Send it again under a new action_id to have it decided under the current policy.",
                     approvers(rec),
                     &rec.policy_digest[..12.min(rec.policy_digest.len())],
-                    &self.policy.digest()[..12]
+                    &in_force[..12]
                 ),
             );
             r.approvals = rec.approvals.clone();
@@ -700,7 +741,9 @@ impl Pipeline {
     /// The alerts the policy routes for `result`.
     fn alerts(&self, result: &ResultMessage) -> Vec<crate::outcome::Alert> {
         alerts_for(
-            self.policy.routes(result.command_type, result.status),
+            self.policy
+                .snapshot()
+                .routes(result.command_type, result.status),
             result,
         )
     }
@@ -812,12 +855,21 @@ impl Pipeline {
                 )));
             }
         };
-        let Some(_ticket) = self.gate.begin_bridge() else {
-            slot.not_sent().await;
-            return Err(Deferred(format!(
-                "{} before the bridge call",
-                self.gate.mode().as_str().to_ascii_lowercase()
-            )));
+        let _ticket = match self.gate.begin_bridge(agent.id.as_str()) {
+            Ok(t) => t,
+            Err(Held::Mode(mode)) => {
+                slot.not_sent().await;
+                return Err(Deferred(format!(
+                    "{} before the bridge call",
+                    mode.as_str().to_ascii_lowercase()
+                )));
+            }
+            Err(Held::Quarantined(q)) => {
+                // Quarantined while it was being decided (or waiting for approvers).
+                slot.not_sent().await;
+                tracing::warn!(by = %q.by, "agent quarantined before the bridge call; not executed");
+                return Ok(draft.rejected("agent", quarantine_reason(agent.id.as_str(), &q)));
+            }
         };
         let repost = slot.earlier();
         if repost {
@@ -887,6 +939,14 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Why a quarantined agent's command is refused.
+fn quarantine_reason(agent: &str, q: &crate::control::Quarantined) -> String {
+    format!(
+        "agent {agent} is in quarantine (by {} since {}: {}); its commands are neither judged nor executed until an operator releases it (`command-poller release {agent}`)",
+        q.by, q.since, q.reason
+    )
 }
 
 /// "alice, bob": who approved a parked command.

@@ -1,11 +1,12 @@
 //! `policy test`: what the policy would do with one command, with no side effect.
 //!
-//! In: the policy, a validated command, whether its agent is verified, and the panel's shape.
+//! In: the policy, a validated command, its agent (taken as broker-verified) and how many
+//! earlier attempts of its type it made lately, and the panel's shape.
 //! Out: an [`Explanation`]: the handling, the effective severity and any mismatch, the
 //! rationale, the judges that would be asked and under which decision rule, and the alerts each
 //! possible outcome would send. Pure; rendered as text or JSON.
 
-use super::{Handling, Policy};
+use super::{Facts, Handling, Policy, Shadow};
 use crate::intake::{Command, Severity};
 use crate::judging::DecisionRule;
 use crate::outcome::{Priority, Status};
@@ -28,6 +29,16 @@ pub struct Explanation {
     pub effective_severity: Severity,
     pub severity_mismatch: bool,
     pub rationale: String,
+    /// The rule that decided: the type's own, an override or an escalation.
+    pub rule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The agent's groups in this policy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agent_groups: Vec<String>,
+    /// What each matching shadow rule would have decided (recorded, not enforced).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<Shadow>,
     /// For JUDGE: the panel's judges, its quorum and the type's decision rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub judges: Option<Vec<String>>,
@@ -57,8 +68,30 @@ fn possible(handling: Handling) -> &'static [Status] {
     }
 }
 
-pub fn explain(policy: &Policy, cmd: &Command, judges: &[String], quorum: usize) -> Explanation {
-    let d = policy.decide(cmd);
+/// The agent of a `policy test`: its id (taken as verified by the broker) and its earlier
+/// attempts of the command's type within any window.
+#[derive(Debug, Clone, Default)]
+pub struct TestAgent {
+    pub id: Option<String>,
+    pub earlier_attempts: usize,
+}
+
+pub fn explain(
+    policy: &Policy,
+    cmd: &Command,
+    agent: &TestAgent,
+    judges: &[String],
+    quorum: usize,
+) -> Explanation {
+    let earlier = agent.earlier_attempts;
+    let d = policy.decide(
+        cmd,
+        &Facts {
+            agent: agent.id.as_deref(),
+            verified: true,
+            earlier_attempts: &|_| earlier,
+        },
+    );
     let judged = d.handling == Handling::Judge;
     let outcomes = possible(d.handling)
         .iter()
@@ -85,6 +118,14 @@ pub fn explain(policy: &Policy, cmd: &Command, judges: &[String], quorum: usize)
         effective_severity: d.effective_severity,
         severity_mismatch: d.severity_mismatch,
         rationale: d.rationale,
+        rule: d.rule,
+        agent: agent.id.clone(),
+        agent_groups: agent
+            .id
+            .as_deref()
+            .map(|a| policy.groups_of(a).into_iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
+        shadows: d.shadows,
         judges: judged.then(|| judges.to_vec()),
         decision_rule: judged.then_some(d.decision_rule),
         quorum: judged.then_some(quorum),
@@ -112,6 +153,24 @@ impl Explanation {
             }
         );
         let _ = writeln!(out, "rationale: {}", self.rationale);
+        let _ = writeln!(out, "rule:      {}", self.rule);
+        if let Some(a) = &self.agent {
+            let groups = if self.agent_groups.is_empty() {
+                "no group".to_owned()
+            } else {
+                format!("groups {}", self.agent_groups.join(", "))
+            };
+            let _ = writeln!(out, "agent:     {a} ({groups})");
+        }
+        for s in &self.shadows {
+            let _ = writeln!(
+                out,
+                "shadow:    {} would have {}: {}",
+                s.rule,
+                s.would_have.as_str(),
+                s.rationale
+            );
+        }
         if let (Some(judges), Some(rule), Some(q)) = (&self.judges, self.decision_rule, self.quorum)
         {
             let _ = writeln!(
@@ -156,6 +215,7 @@ mod tests {
         let e = explain(
             &policy,
             &cmd("CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"),
+            &TestAgent::default(),
             &judges,
             2,
         );
@@ -171,6 +231,7 @@ mod tests {
         let e = explain(
             &policy,
             &cmd("REFRESH_TOKEN", "google", "MEDIUM"),
+            &TestAgent::default(),
             &judges,
             2,
         );
@@ -187,6 +248,7 @@ mod tests {
         let e = explain(
             &policy,
             &cmd("CONNECT_INTEGRATION", "salesforce", "LOW"),
+            &TestAgent::default(),
             &judges,
             2,
         );

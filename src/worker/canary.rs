@@ -32,7 +32,8 @@ pub(crate) async fn watch(
         n += 1;
         for which in Canary::ALL {
             let pipeline = &shell.pipeline;
-            let (request, rule) = canary::request(which, &pipeline.policy, &settings.agent, n);
+            let (request, rule) =
+                canary::request(which, &pipeline.policy.snapshot(), &settings.agent, n);
             let report = pipeline.panel.convene(&request, rule).await;
             let approved = report.outcome == PanelOutcome::Approved;
             shell.settler.state.metrics.canary(which.as_str(), approved);

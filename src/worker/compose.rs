@@ -17,6 +17,7 @@ use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
 use crate::limits::{RateWindows, Slots};
 use crate::pipeline::Pipeline;
+use crate::policy::shared::SharedPolicy;
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
 use std::collections::BTreeMap;
@@ -198,6 +199,7 @@ impl Poller {
     ) -> Self {
         let instance = settings.instance();
         let state = Arc::new(PollerState::default());
+        crate::control::replica::ReplicaStats::policy_changed(state.as_ref(), policy.digest());
         // `from_settings` has checked it can be had; tests use the embedded store's key file.
         let store_key = crate::idempotency::store_key(
             &settings.idempotency,
@@ -209,7 +211,16 @@ impl Poller {
                 max_payload_bytes: settings.intake.max_payload_bytes,
             },
             allow_unverified: settings.intake.allow_unverified_agents,
-            policy,
+            policy: Arc::new(SharedPolicy::from_file(
+                policy,
+                settings.policy.file.clone(),
+                {
+                    let retention = settings.idempotency.retention;
+                    Some(Box::new(move |p: &Policy| {
+                        crate::approval::check_ttls(p, retention)
+                    }))
+                },
+            )),
             panel,
             bridge,
             instance: instance.clone(),
@@ -263,7 +274,7 @@ impl Poller {
             names: control_names.clone(),
             store: shell.pipeline.store.clone(),
             store_key: shell.pipeline.store_key.clone(),
-            policy_digest: shell.pipeline.policy.digest().to_owned(),
+            policy: shell.pipeline.policy.clone(),
             policy_file: settings.policy.file.clone(),
             state: shell.settler.state.clone(),
             wake: wake.clone(),

@@ -166,6 +166,8 @@ impl Poller {
                 self.control_names.clone(),
                 self.shell.settler.state.gate.clone(),
                 self.shell.settler.state.clone(),
+                self.shell.pipeline.policy.clone(),
+                self.shell.settler.state.reload.clone(),
             ));
             let control_ch = consume_conn.create_channel().await?;
             let state_ch = consume_conn.create_channel().await?;

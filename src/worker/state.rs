@@ -23,6 +23,11 @@ pub struct PollerState {
     pub gate: Arc<Gate>,
     pub metrics: Metrics,
     recent: Mutex<VecDeque<(String, Status)>>,
+    /// Notified on SIGHUP: the control plane reloads the policy (a permit is kept until a
+    /// session listens).
+    pub reload: Arc<tokio::sync::Notify>,
+    /// The SHA-256 of the policy in force, for `/status`.
+    pub policy_sha256: Mutex<String>,
 }
 
 impl PollerState {
@@ -46,6 +51,9 @@ impl ReplicaStats for PollerState {
     }
     fn processed(&self) -> usize {
         self.processed.load(Ordering::SeqCst)
+    }
+    fn policy_changed(&self, digest: &str) {
+        *self.policy_sha256.lock().unwrap_or_else(|p| p.into_inner()) = digest.to_owned();
     }
     fn recent_results(&self) -> Vec<(String, Status)> {
         self.recent

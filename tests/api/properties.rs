@@ -124,7 +124,9 @@ fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool
     Pipeline {
         limits: DecodeLimits::default(),
         allow_unverified,
-        policy: Arc::new(policy),
+        policy: Arc::new(command_poller::policy::shared::SharedPolicy::fixed(
+            Arc::new(policy),
+        )),
         panel: Panel::new(
             vec![(
                 Arc::new(ScriptedJudge::new("yes", Script::Approve, Duration::ZERO))

@@ -22,6 +22,7 @@ impl Replica {
             accepted,
             refusal,
             state: self.gate.state(),
+            policy_sha256: self.policy.digest(),
             in_flight: self.stats.in_flight(),
             at_bridge: self.gate.at_bridge(),
             processed: self.stats.processed(),
@@ -74,6 +75,26 @@ impl Replica {
         }
         let current = self.gate.state();
         match transition(&current, &cmd, &actor) {
+            Ok(_) if matches!(cmd, ControlCommand::ReloadPolicy { .. }) => {
+                let refusal = self
+                    .reload_policy(publisher, &actor.name(), &request_id)
+                    .await?;
+                let accepted = refusal.is_none();
+                self.answer(
+                    publisher,
+                    reply_to,
+                    self.reply(&request_id, accepted, refusal),
+                )
+                .await
+            }
+            Ok(new) if new.quarantined != current.quarantined => {
+                self.gate.set(new.clone());
+                let alert = !matches!(actor, Actor::Poller(_));
+                self.quarantine_changed(publisher, &cmd, &actor, alert)
+                    .await?;
+                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                    .await
+            }
             Ok(new) => {
                 if new.mode != current.mode {
                     // The gate flip is the acknowledgement: from here no bridge call starts.

@@ -9,9 +9,12 @@
 //!
 //! One file per concern: `stored.rs` (reading, applying and following the stored state),
 //! `levers.rs` (operators' levers and what they publish), `trips.rs` (the cross-replica trip),
+//! `quarantine.rs` (one agent held out), `policy.rs` (the policy reload and its record),
 //! [`render`] (every control message, pure); this file holds the replica and its listen loop.
 
 mod levers;
+mod policy;
+mod quarantine;
 pub mod render;
 mod stored;
 mod trips;
@@ -23,6 +26,7 @@ use super::state_log::{self, StateReader};
 use super::trip::TripWire;
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Status;
+use crate::policy::shared::SharedPolicy;
 use crate::settings::ControlSettings;
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
@@ -49,6 +53,8 @@ pub trait ReplicaStats: Send + Sync {
     fn in_flight(&self) -> usize;
     fn processed(&self) -> usize;
     fn recent_results(&self) -> Vec<(String, Status)>;
+    /// The digest of the policy now in force (for `/status`).
+    fn policy_changed(&self, _digest: &str) {}
 }
 
 pub struct Replica {
@@ -58,6 +64,10 @@ pub struct Replica {
     gate: Arc<Gate>,
     trip: Mutex<TripWire>,
     stats: Arc<dyn ReplicaStats>,
+    /// The policy in force, reloaded by the `policy reload` lever and by SIGHUP.
+    policy: Arc<SharedPolicy>,
+    /// Signalled on SIGHUP: reload the policy (held until a session listens).
+    reload: Arc<tokio::sync::Notify>,
 }
 
 impl Replica {
@@ -66,6 +76,8 @@ impl Replica {
         names: Names,
         gate: Arc<Gate>,
         stats: Arc<dyn ReplicaStats>,
+        policy: Arc<SharedPolicy>,
+        reload: Arc<tokio::sync::Notify>,
     ) -> Self {
         let trip = Mutex::new(TripWire::new(control.trips.clone()));
         Self {
@@ -74,6 +86,8 @@ impl Replica {
             gate,
             trip,
             stats,
+            policy,
+            reload,
         }
     }
 
@@ -93,6 +107,10 @@ impl Replica {
             };
             let d = tokio::select! {
                 d = consumer.next() => d,
+                _ = self.reload.notified() => {
+                    self.reload_policy(&publisher, "SIGHUP", "").await?;
+                    continue;
+                }
                 folded = changed => {
                     match folded {
                         Ok(f) => self.apply_stored(&publisher, f, true).await?,

@@ -34,6 +34,9 @@ pub struct ReplicaReply {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
     pub state: ControlState,
+    /// The SHA-256 of the policy this replica runs: a fleet with mixed policies shows here.
+    #[serde(default)]
+    pub policy_sha256: String,
     pub in_flight: usize,
     pub at_bridge: usize,
     pub processed: usize,
@@ -80,6 +83,90 @@ pub fn event(e: &ControlEvent, names: &Names) -> (Outgoing, AuditRecord) {
         }],
     };
     (msg, record)
+}
+
+/// A policy reload on one replica (or its refusal): the `event.policy_reloaded` /
+/// `event.policy_reload_refused` message and its audit record (who, digest before and after).
+pub fn policy_reload(
+    names: &Names,
+    actor: &str,
+    request_id: &str,
+    state: &ControlState,
+    reload: &PolicyReload,
+    at: String,
+) -> (Outgoing, AuditRecord) {
+    let (kind, detail) = match &reload.refused {
+        None => (
+            "policy_reloaded",
+            format!("sha256 {} -> {}", reload.before, reload.after),
+        ),
+        Some(why) => (
+            "policy_reload_refused",
+            format!("refused, sha256 {} stays: {why}", reload.before),
+        ),
+    };
+    let e = ControlEvent {
+        kind: kind.into(),
+        instance: names.instance.clone(),
+        actor: actor.to_owned(),
+        request_id: request_id.to_owned(),
+        state: state.clone(),
+        detail: Some(detail),
+        at: at.clone(),
+    };
+    let (msg, mut record) = event(&e, names);
+    record.events = vec![AuditEvent::PolicyReload {
+        at,
+        by: actor.to_owned(),
+        before: reload.before.clone(),
+        after: reload.after.clone(),
+        refused: reload.refused.clone(),
+    }];
+    (msg, record)
+}
+
+/// What a reload did on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyReload {
+    pub before: String,
+    /// The same as `before` when refused.
+    pub after: String,
+    pub refused: Option<String>,
+}
+
+/// An alert about one agent (its quarantine or release).
+pub fn agent_alert(
+    names: &Names,
+    team: &str,
+    priority: Priority,
+    agent: &crate::outcome::AgentView,
+    what: &str,
+    todo: &str,
+    at: String,
+) -> Outgoing {
+    let a = Alert {
+        alert_id: uuid::Uuid::new_v4().to_string(),
+        team: team.to_owned(),
+        priority,
+        action_id: None,
+        command_type: None,
+        service: None,
+        agent: Some(agent.clone()),
+        status: None,
+        summary: what.to_owned(),
+        rationale: what.to_owned(),
+        action_required: todo.to_owned(),
+        poller_instance: names.instance.clone(),
+        at,
+        approval: None,
+    };
+    Outgoing {
+        exchange: names.alerts_exchange.clone(),
+        routing_key: a.routing_key(),
+        body: serde_json::to_vec(&a).expect("an alert serializes"),
+        message_type: message_type::ALERT,
+        ..Default::default()
+    }
 }
 
 /// A control alert (halt, refused lever, trip, untrusted state): no command attached.
@@ -232,12 +319,14 @@ mod tests {
             accepted: true,
             refusal: None,
             state: halted(),
+            policy_sha256: "p".repeat(64),
             in_flight: 0,
             at_bridge: 0,
             processed: 3,
             recent_results: vec![],
         };
         let o = reply("amq.rabbitmq.reply-to.x", &r);
+        assert!(String::from_utf8_lossy(&o.body).contains(&"p".repeat(64)));
         assert!(o.best_effort);
         assert_eq!(o.exchange, "");
         assert_eq!(serde_json::from_slice::<ReplicaReply>(&o.body).unwrap(), r);
@@ -249,5 +338,47 @@ mod tests {
         assert_eq!(o.routing_key, cmd.routing_key());
         assert_eq!(o.user_id.as_deref(), Some("command-poller"));
         assert!(!o.best_effort, "a lever must reach the replicas");
+    }
+
+    #[test]
+    fn a_reload_and_a_refused_one_are_audited_with_both_digests() {
+        let ok = PolicyReload {
+            before: "a".repeat(64),
+            after: "b".repeat(64),
+            refused: None,
+        };
+        let (msg, record) = policy_reload(&names(), "ops-admin", "r-9", &halted(), &ok, "t".into());
+        assert_eq!(msg.routing_key, "event.policy_reloaded");
+        assert_eq!(record.kind, "control");
+        match &record.events[..] {
+            [AuditEvent::PolicyReload {
+                by,
+                before,
+                after,
+                refused: None,
+                ..
+            }] => {
+                assert_eq!(by, "ops-admin");
+                assert_eq!(before, &"a".repeat(64));
+                assert_eq!(after, &"b".repeat(64));
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = PolicyReload {
+            before: "a".repeat(64),
+            after: "a".repeat(64),
+            refused: Some("commands.X.floor_severty: unknown field".into()),
+        };
+        let (msg, record) = policy_reload(&names(), "SIGHUP", "", &halted(), &refused, "t".into());
+        assert_eq!(msg.routing_key, "event.policy_reload_refused");
+        let body = String::from_utf8_lossy(&msg.body);
+        assert!(body.contains("floor_severty"), "{body}");
+        assert!(matches!(
+            &record.events[..],
+            [AuditEvent::PolicyReload {
+                refused: Some(_),
+                ..
+            }]
+        ));
     }
 }

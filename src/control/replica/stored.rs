@@ -129,6 +129,7 @@ impl Replica {
                 reason: why.clone(),
                 request_id: String::new(),
                 seq: current.seq,
+                quarantined: current.quarantined,
             });
         }
         self.alert(publisher, "security", Priority::High, &why, "Inspect the control state stream and who can write to it (control.state_exchange), then decide with `command-poller resume` (or `halt`) as an operator.").await

@@ -5,7 +5,7 @@ use super::render;
 use super::Replica;
 use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
-use crate::control::trip::{Trip, UnapprovedAttempt};
+use crate::control::trip::{Trip, TripScope, UnapprovedAttempt};
 use crate::control::{transition, Actor, ControlCommand};
 use crate::judging::canary::Finding;
 use crate::outcome::Priority;
@@ -37,8 +37,12 @@ impl Replica {
         }
     }
 
-    /// Pauses everywhere: locally first, then the stored state, then the other replicas.
+    /// Pauses everywhere (scope `fleet`: locally first, then the stored state, then the other
+    /// replicas), or quarantines the offending agent everywhere (scope `agent`).
     pub(super) async fn trip(&self, publisher: &Publisher, t: Trip) -> Result<(), BrokerError> {
+        if t.rule.scope == TripScope::Agent {
+            return self.quarantine_everywhere(publisher, &t).await;
+        }
         let reason = t.reason();
         tracing::error!(agent = %t.agent, "{reason}");
         if !self.pause_everywhere(publisher, &reason).await? {

@@ -1,0 +1,70 @@
+//! The policy reload on this replica: from the `policy reload` lever or SIGHUP. The file is
+//! read and validated whole, then swapped in; an invalid one is refused, the old policy stays,
+//! and ops hear of it. Either way the reload is an event and an audit record (who, digest
+//! before and after).
+
+use super::render::{self, PolicyReload};
+use super::Replica;
+use crate::broker::names::routing;
+use crate::broker::{BrokerError, Publisher};
+use crate::outcome::Priority;
+
+impl Replica {
+    /// Reloads the policy for `by`; returns why it was refused, if it was.
+    pub(super) async fn reload_policy(
+        &self,
+        publisher: &Publisher,
+        by: &str,
+        request_id: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        let before = self.policy.digest();
+        let reload = match self.policy.reload() {
+            Ok(r) => {
+                tracing::warn!(by, before = %r.before, after = %r.after, changed = r.changed(), "policy reloaded");
+                self.stats.policy_changed(&r.after);
+                PolicyReload {
+                    before: r.before,
+                    after: r.after,
+                    refused: None,
+                }
+            }
+            Err(e) => {
+                tracing::error!(by, error = %e, "policy reload refused; the policy in force stays");
+                PolicyReload {
+                    after: before.clone(),
+                    before,
+                    refused: Some(e.to_string()),
+                }
+            }
+        };
+        let (msg, record) = render::policy_reload(
+            &self.names,
+            by,
+            request_id,
+            &self.gate.state(),
+            &reload,
+            crate::clock::now_rfc3339(),
+        );
+        publisher.publish(&msg).await?;
+        let audited = crate::audit::publish_record(
+            publisher,
+            &self.names.audit_exchange,
+            routing::AUDIT_CONTROL,
+            &self.names.dead_letter_exchange,
+            &record,
+            &self.names.poller_user,
+        )
+        .await?;
+        if audited != crate::audit::AuditOutcome::Delivered {
+            self.stats.audit_diverted();
+        }
+        if let Some(why) = &reload.refused {
+            let what = format!(
+                "Policy reload refused on replica {} (asked by {by}): {why}",
+                self.names.instance
+            );
+            self.alert(publisher, "ops", Priority::Normal, &what, "The policy in force stays. Fix the file (`command-poller policy test` and `check-config` show the error), then reload again.").await?;
+        }
+        Ok(reload.refused)
+    }
+}

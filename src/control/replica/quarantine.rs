@@ -1,0 +1,136 @@
+//! One agent held out: an operator's quarantine or release (applied from the lever at once, and
+//! from the stored state by replicas that start later), and the agent-scoped automatic trip.
+//! Each is an event, an audit record and an alert.
+
+use super::render;
+use super::Replica;
+use crate::broker::{BrokerError, Publisher};
+use crate::control::state_log;
+use crate::control::trip::Trip;
+use crate::control::{transition, Actor, ControlCommand};
+use crate::intake::AgentId;
+use crate::outcome::{AgentView, Priority};
+
+impl Replica {
+    /// Announces a quarantine or release this replica applied: the event and audit record,
+    /// and (`alert`) the alert. An operator's lever alerts from every replica that applies it,
+    /// as a halt does; an automatic quarantine alerts from the replica that tripped only.
+    pub(super) async fn quarantine_changed(
+        &self,
+        publisher: &Publisher,
+        cmd: &ControlCommand,
+        actor: &Actor,
+        alert: bool,
+    ) -> Result<(), BrokerError> {
+        let (kind, agent, reason) = match cmd {
+            ControlCommand::Quarantine { agent, reason, .. } => ("quarantined", agent, reason),
+            ControlCommand::Release { agent, reason, .. } => ("released", agent, reason),
+            _ => return Ok(()),
+        };
+        tracing::warn!(agent = %agent, by = %actor.name(), reason = %reason, "{kind}");
+        self.event(
+            publisher,
+            kind,
+            &actor.name(),
+            cmd.request_id(),
+            Some(format!("agent {agent}: {reason}")),
+        )
+        .await?;
+        let view = agent_view(agent);
+        let (team, priority, what, todo) = match (kind, actor) {
+            ("quarantined", Actor::Poller(_)) => (
+                "security",
+                Priority::High,
+                format!(
+                    "Agent {agent} quarantined automatically on replica {}: {reason}",
+                    self.names.instance
+                ),
+                "Its commands end REJECTED on every replica while the others flow. Investigate the agent's decision logs and credentials; release it with `command-poller release AGENT` when safe.",
+            ),
+            ("quarantined", _) => (
+                "security",
+                Priority::Normal,
+                format!(
+                    "Agent {agent} quarantined by {} on replica {}: {reason}",
+                    actor.name(),
+                    self.names.instance
+                ),
+                "Its commands end REJECTED on every replica while the others flow; release it with `command-poller release AGENT`.",
+            ),
+            _ => (
+                "ops",
+                Priority::Normal,
+                format!(
+                    "Agent {agent} released from quarantine by {} on replica {}{}",
+                    actor.name(),
+                    self.names.instance,
+                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                ),
+                "Its commands are decided again as any agent's.",
+            ),
+        };
+        if let (true, Some(view)) = (alert, view) {
+            let msg = render::agent_alert(
+                &self.names,
+                team,
+                priority,
+                &view,
+                &what,
+                todo,
+                crate::clock::now_rfc3339(),
+            );
+            publisher.publish(&msg).await?;
+        }
+        Ok(())
+    }
+
+    /// The agent-scoped trip: quarantines the offender everywhere (locally first, then the
+    /// stored state, then the other replicas through the lever), never pausing the fleet.
+    pub(super) async fn quarantine_everywhere(
+        &self,
+        publisher: &Publisher,
+        t: &Trip,
+    ) -> Result<(), BrokerError> {
+        let reason = format!(
+            "automatic trip: {} unapproved {} attempts within {} s: {}",
+            t.attempts.len(),
+            t.command_type,
+            t.rule.window.as_secs(),
+            t.attempts
+                .iter()
+                .map(|a| a.action_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let cmd = ControlCommand::Quarantine {
+            agent: t.agent.clone(),
+            reason,
+            request_id: uuid::Uuid::new_v4().to_string(),
+        };
+        let actor = Actor::Poller(self.names.poller_user.clone());
+        let current = self.gate.state();
+        let Ok(new) = transition(&current, &cmd, &actor) else {
+            return Ok(());
+        };
+        if new.quarantined == current.quarantined {
+            return Ok(()); // quarantined already
+        }
+        self.gate.set(new.clone());
+        state_log::write_agent(
+            publisher,
+            &self.control,
+            &t.agent,
+            new.quarantined.get(&t.agent),
+            &self.names.poller_user,
+        )
+        .await?;
+        publisher.publish(&render::lever(&cmd, &self.names)).await?;
+        self.quarantine_changed(publisher, &cmd, &actor, true).await
+    }
+}
+
+fn agent_view(agent: &str) -> Option<AgentView> {
+    AgentId::parse(agent)
+        .ok()
+        .map(|id| AgentView { id, verified: true })
+}
