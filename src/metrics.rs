@@ -49,6 +49,13 @@ struct CanaryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    rule: String,
+    enforced: String,
+    would_have: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -72,6 +79,7 @@ pub struct Metrics {
     bridge_errors: Counter,
     bridge_reposts: Counter,
     canaries: Family<CanaryLabels, Counter>,
+    policy_shadow: Family<ShadowLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
     publish_failures: Counter,
     audit_diverted: Counter,
@@ -102,6 +110,7 @@ impl Metrics {
             bridge_errors: Counter::default(),
             bridge_reposts: Counter::default(),
             canaries: Family::default(),
+            policy_shadow: Family::default(),
             alerts: Family::default(),
             publish_failures: Counter::default(),
             audit_diverted: Counter::default(),
@@ -117,6 +126,11 @@ impl Metrics {
             "commands",
             "Commands concluded, by type and final status",
             m.commands.clone(),
+        );
+        registry.register(
+            "policy_shadow",
+            "Commands a shadow rule matched, by rule, the enforced handling and the handling it would have decided",
+            m.policy_shadow.clone(),
         );
         registry.register(
             "dead_letters",
@@ -241,6 +255,7 @@ impl Metrics {
             }
             Disposition::Conclude { outcome, .. } => {
                 self.command(&outcome.result);
+                self.shadows(&outcome.audit);
                 self.judges_and_bridge(&outcome.result);
                 self.alerts(&outcome.alerts);
             }
@@ -260,6 +275,26 @@ impl Metrics {
                 status: r.status.to_string(),
             })
             .inc();
+    }
+
+    /// What the shadow rules would have decided, from the command's policy decision.
+    fn shadows(&self, trail: &[crate::audit::AuditEvent]) {
+        for e in trail {
+            if let crate::audit::AuditEvent::PolicyDecision {
+                handling, shadows, ..
+            } = e
+            {
+                for s in shadows {
+                    self.policy_shadow
+                        .get_or_create(&ShadowLabels {
+                            rule: s.rule.clone(),
+                            enforced: handling.as_str().into(),
+                            would_have: s.would_have.as_str().into(),
+                        })
+                        .inc();
+                }
+            }
+        }
     }
 
     fn judges_and_bridge(&self, r: &ResultMessage) {

@@ -261,4 +261,69 @@ mod tests {
         assert!(text.contains("handling:  BLOCK"), "{text}");
         assert!(text.contains("MISMATCH"), "{text}");
     }
+
+    #[test]
+    fn the_agent_decides_overrides_and_history_conditions() {
+        let base = include_str!("../../config/policy.toml");
+        let (head, tail) = base.split_at(base.find("[commands.").unwrap());
+        let policy = Policy::parse(&format!(
+            "{head}[agent_groups]\ntrusted = [\"agent-ops\"]\n\n{tail}\n[[commands.REFRESH_TOKEN.overrides]]\nagent_groups = [\"trusted\"]\naction = \"ALLOW\"\nfloor_severity = \"LOW\"\nrationale = \"Ops refreshes tokens unjudged.\"\n\n[[commands.REFRESH_TOKEN.overrides]]\nservices = [\"meta\"]\naction = \"BLOCK\"\nrationale = \"Meta refreshes would be blocked.\"\nmode = \"shadow\"\n\n[[commands.CHECK_INTEGRATION_STATUS.escalations]]\nattempts_over = 5\nwithin_secs = 300\naction = \"BLOCK\"\nrationale = \"Too many checks.\"\n"
+        ))
+        .unwrap();
+        let judges = vec!["security".to_owned()];
+        let ops = TestAgent {
+            id: Some("agent-ops".into()),
+            earlier_attempts: 0,
+        };
+        let e = explain(
+            &policy,
+            &cmd("REFRESH_TOKEN", "google", "LOW"),
+            &ops,
+            &judges,
+            1,
+        );
+        assert_eq!(e.handling, Handling::Execute);
+        assert_eq!(e.rule, "REFRESH_TOKEN.overrides[0]");
+        assert_eq!(e.agent_groups, ["trusted"]);
+        assert!(e.text().contains("agent:     agent-ops (groups trusted)"));
+        let e = explain(
+            &policy,
+            &cmd("REFRESH_TOKEN", "google", "LOW"),
+            &TestAgent::default(),
+            &judges,
+            1,
+        );
+        assert_eq!(
+            (e.handling, e.rule.as_str()),
+            (Handling::Judge, "REFRESH_TOKEN")
+        );
+        let e = explain(
+            &policy,
+            &cmd("REFRESH_TOKEN", "meta", "MEDIUM"),
+            &TestAgent::default(),
+            &judges,
+            1,
+        );
+        assert_eq!(e.handling, Handling::Judge);
+        assert_eq!(e.shadows[0].would_have, Handling::Block);
+        assert!(
+            e.text()
+                .contains("shadow:    REFRESH_TOKEN.overrides[1] would have BLOCK"),
+            "{}",
+            e.text()
+        );
+        let busy = TestAgent {
+            id: Some("agent-x".into()),
+            earlier_attempts: 5,
+        };
+        let e = explain(
+            &policy,
+            &cmd("CHECK_INTEGRATION_STATUS", "google", "LOW"),
+            &busy,
+            &judges,
+            1,
+        );
+        assert_eq!(e.handling, Handling::Block);
+        assert_eq!(e.rule, "CHECK_INTEGRATION_STATUS.escalations[0]");
+    }
 }

@@ -24,6 +24,7 @@ mod judges_eval;
 mod limits_e2e;
 mod llm_judge;
 mod mcp_e2e;
+mod policy_lifecycle_e2e;
 mod properties;
 mod runs_as_shipped;
 mod scripts_e2e;

@@ -87,11 +87,22 @@ impl Replica {
                 )
                 .await
             }
-            Ok(new) if new.quarantined != current.quarantined => {
-                self.gate.set(new.clone());
-                let alert = !matches!(actor, Actor::Poller(_));
-                self.quarantine_changed(publisher, &cmd, &actor, alert)
-                    .await?;
+            Ok(new)
+                if matches!(
+                    cmd,
+                    ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
+                ) =>
+            {
+                if new.quarantined != current.quarantined {
+                    self.gate.set(new);
+                }
+                // Announced once per request on this replica, whether the lever or the stored
+                // state (written first, and followed) brought the change.
+                if self.first_announcement(&request_id) {
+                    let alert = !matches!(actor, Actor::Poller(_));
+                    self.quarantine_changed(publisher, &cmd, &actor, alert)
+                        .await?;
+                }
                 self.answer(publisher, reply_to, self.reply(&request_id, true, None))
                     .await
             }

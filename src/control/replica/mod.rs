@@ -68,6 +68,9 @@ pub struct Replica {
     policy: Arc<SharedPolicy>,
     /// Signalled on SIGHUP: reload the policy (held until a session listens).
     reload: Arc<tokio::sync::Notify>,
+    /// Quarantine requests already announced here (a lever and the stored state both bring
+    /// one; the tripping replica also receives its own lever).
+    announced: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl Replica {
@@ -88,6 +91,7 @@ impl Replica {
             stats,
             policy,
             reload,
+            announced: Mutex::new(Default::default()),
         }
     }
 

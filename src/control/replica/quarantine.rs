@@ -116,6 +116,7 @@ impl Replica {
             return Ok(()); // quarantined already
         }
         self.gate.set(new.clone());
+        self.first_announcement(cmd.request_id());
         state_log::write_agent(
             publisher,
             &self.control,
@@ -126,6 +127,24 @@ impl Replica {
         .await?;
         publisher.publish(&render::lever(&cmd, &self.names)).await?;
         self.quarantine_changed(publisher, &cmd, &actor, true).await
+    }
+}
+
+/// How many request ids a replica remembers having announced.
+const ANNOUNCED: usize = 256;
+
+impl Replica {
+    /// True the first time `request_id` is seen here (then remembered).
+    pub(super) fn first_announcement(&self, request_id: &str) -> bool {
+        let mut seen = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.iter().any(|r| r == request_id) {
+            return false;
+        }
+        if seen.len() >= ANNOUNCED {
+            seen.pop_front();
+        }
+        seen.push_back(request_id.to_owned());
+        true
     }
 }
 
