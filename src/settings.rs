@@ -227,6 +227,20 @@ pub struct IntakeSettings {
     /// Accept commands without the AMQP user_id, attributing them to the payload's agent_id,
     /// marked unverified. Off by default: identity comes from the broker.
     pub allow_unverified_agents: bool,
+    /// Per-agent admission: at most `count` commands per agent within `window_secs`, counted
+    /// for the whole fleet in the shared store; the rest end REJECTED (`rate_limited`) before
+    /// any claim, judge or bridge call. Off when absent.
+    #[serde(default)]
+    pub per_agent_limit: Option<AdmissionLimit>,
+}
+
+/// A per-agent admission limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionLimit {
+    pub count: usize,
+    #[serde(rename = "window_secs", deserialize_with = "de::secs")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -633,6 +647,13 @@ impl Settings {
                     "panel.judges: judge name {:?} appears twice",
                     j.name()
                 ));
+            }
+        }
+        if let Some(l) = &self.intake.per_agent_limit {
+            if l.count == 0 || l.window.is_zero() {
+                return bad(
+                    "intake.per_agent_limit: count and window_secs must be at least 1".into(),
+                );
             }
         }
         for (i, t) in self.control.trips.iter().enumerate() {

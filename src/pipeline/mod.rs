@@ -46,6 +46,8 @@ pub struct Inbound {
 pub struct Pipeline {
     pub limits: DecodeLimits,
     pub allow_unverified: bool,
+    /// Per-agent admission, counted for the fleet in the shared store; `None`: off.
+    pub admission: Option<Admission>,
     /// The policy in force; each command takes one snapshot and is decided by it alone.
     pub policy: Arc<SharedPolicy>,
     pub panel: Panel,
@@ -67,6 +69,13 @@ pub struct Pipeline {
     pub retention: Duration,
     /// Seals stored outcomes (HMAC), so a planted value is refused, not replayed.
     pub store_key: crate::bridge::signing::Secret,
+}
+
+/// Per-agent admission at intake: at most `limit.count` commands per agent within
+/// `limit.window`, for the whole fleet.
+pub struct Admission {
+    pub windows: Arc<dyn crate::limits::RateWindows>,
+    pub limit: crate::settings::AdmissionLimit,
 }
 
 /// Why a command went back to the queue.
@@ -301,6 +310,44 @@ impl Pipeline {
                 };
             }
         };
+
+        if let Some(a) = &self.admission {
+            // Before the claim, the judges and the bridge: a flood is refused at the cost of
+            // one count in the shared store. A redelivered command counts once (its action_id
+            // is the member).
+            let key = format!(
+                "admission:{}{}",
+                if agent.verified { "" } else { "unverified:" },
+                agent.id
+            );
+            match a
+                .windows
+                .hit(&key, cmd.action_id.as_str(), a.limit.count, a.limit.window)
+                .await
+            {
+                Ok(hit) if hit.allowed => {}
+                Ok(hit) => {
+                    let reason = format!(
+                        "agent {} sent more than {} commands within {} s (the fleet's per-agent limit; {} counted); send it again later",
+                        agent.id,
+                        a.limit.count,
+                        a.limit.window.as_secs(),
+                        hit.count
+                    );
+                    trail.push(rejected_event("rate_limited", &reason));
+                    let result = draft.rejected("rate_limited", reason);
+                    return Disposition::Conclude {
+                        outcome: self.conclude(result, reply, trail),
+                        claim: None,
+                    };
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "admission count unavailable; not processing (fail closed)");
+                    tokio::time::sleep(STORE_DOWN_PAUSE).await;
+                    return deferred(e.to_string(), None, trail);
+                }
+            }
+        }
 
         // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
         // Unverified agents (where allowed) have a key space of their own.

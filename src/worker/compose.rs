@@ -211,6 +211,13 @@ impl Poller {
                 max_payload_bytes: settings.intake.max_payload_bytes,
             },
             allow_unverified: settings.intake.allow_unverified_agents,
+            admission: settings
+                .intake
+                .per_agent_limit
+                .map(|limit| crate::pipeline::Admission {
+                    windows: stores.windows.clone(),
+                    limit,
+                }),
             policy: Arc::new(SharedPolicy::from_file(
                 policy,
                 settings.policy.file.clone(),

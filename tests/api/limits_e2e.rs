@@ -711,3 +711,87 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
         "every one over TLS"
     );
 }
+
+#[tokio::test]
+async fn the_per_agent_admission_limit_holds_for_the_fleet_and_spares_other_agents() {
+    let prefix = format!("admit-{}", suffix());
+    let fleet = fleet_settings(Backend::Redis, &prefix, 25, None);
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| {
+            fleet(s);
+            s.intake.per_agent_limit = Some(command_poller::settings::AdmissionLimit {
+                count: 5,
+                window: Duration::from_secs(600),
+            });
+        }),
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let other = BrokerUser::create();
+    let mut replicas = Vec::new();
+    for r in ["a", "b"] {
+        let stores = open(&h.settings.idempotency).await;
+        replicas.push(h.spawn_replica_with(r, None, stores));
+    }
+    eventually("both replicas connected", Duration::from_secs(15), || {
+        replicas.iter().all(|r| r.connected())
+    })
+    .await;
+    const FLOOD: usize = 12;
+    for i in 0..FLOOD {
+        h.send(&cmd(
+            &format!("flood-{i}"),
+            "CHECK_INTEGRATION_STATUS",
+            "mailchimp",
+            "LOW",
+        ))
+        .await;
+    }
+    for i in 0..3 {
+        other
+            .send(
+                &h,
+                &cmd(
+                    &format!("calm-{i}"),
+                    "CHECK_INTEGRATION_STATUS",
+                    "mailchimp",
+                    "LOW",
+                ),
+            )
+            .await;
+    }
+    h.wait_until("every result", Duration::from_secs(30), |i| {
+        (i.results.len() >= FLOOD + 3).then_some(())
+    })
+    .await;
+    let (mut ok, mut limited) = (0, 0);
+    let mut instances = std::collections::BTreeSet::new();
+    for i in 0..FLOOD {
+        let id = format!("flood-{i}");
+        let r = h.result_of("guest", &id).await;
+        instances.insert(r.poller_instance.clone());
+        match r.status {
+            Status::Success => ok += 1,
+            Status::Rejected => {
+                limited += 1;
+                assert_eq!(r.error_field.as_deref(), Some("rate_limited"));
+                assert!(
+                    r.rationale.contains("more than 5 commands within 600 s"),
+                    "{}",
+                    r.rationale
+                );
+                assert_eq!(h.sim.executions(&id), 0, "{id} was executed");
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (5, FLOOD - 5), "one count for the fleet");
+    for i in 0..3 {
+        let r = h.result_of(&other.0, &format!("calm-{i}")).await;
+        assert_eq!(r.status, Status::Success, "another agent is not limited");
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+}

@@ -122,6 +122,7 @@ fn store() -> Arc<command_poller::idempotency::EmbeddedStore> {
 fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool) -> Pipeline {
     let store = store();
     Pipeline {
+        admission: None,
         limits: DecodeLimits::default(),
         allow_unverified,
         policy: Arc::new(command_poller::policy::shared::SharedPolicy::fixed(
