@@ -680,6 +680,118 @@ async fn scale(n: usize, replicas: usize, judged: bool) -> (f64, usize) {
     (arrivals.rate(), w.sim.calls().max_concurrent)
 }
 
+/// Benchmark 9: one agent floods, another keeps its pace. Agent A's `flood` commands are queued
+/// first; agent B (a broker user of its own) then sends one command a second for `seconds`, to
+/// two replicas sharing a Redis store. Returns B's p50 and p99 latency (ms, publish to result)
+/// and how long A's flood took to drain (s). With `limit`, intake admits A at most
+/// `LIMIT_COUNT` commands a second and rejects the rest (`rate_limited`).
+async fn flood(flood: usize, seconds: usize, limit: bool) -> (f64, f64, f64) {
+    const LIMIT_COUNT: usize = 50;
+    let prefix = format!("bench-flood-{}", suffix());
+    let mut w = World::new(
+        |s| {
+            s.idempotency.backend = command_poller::idempotency::Backend::Redis;
+            s.idempotency.url = common::REDIS.into();
+            s.idempotency.key_prefix = prefix;
+            s.secrets.store_key = Some(Secret::new(String::from("bench-store-key")));
+            s.intake.per_agent_limit = limit.then_some(command_poller::settings::AdmissionLimit {
+                count: LIMIT_COUNT,
+                window: Duration::from_secs(1),
+            });
+        },
+        Duration::from_millis(10),
+    )
+    .await;
+    let b_user = common::BrokerUser::create();
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("flood-a", flood),
+    )
+    .await;
+    let arrivals = collect(w.settings.topology.results_queue.clone(), true).await;
+    let t0 = Instant::now();
+    for r in 0..2 {
+        let stores = command_poller::idempotency::open_all(&w.settings.idempotency)
+            .await
+            .unwrap();
+        w.start_poller_with(&format!("f{r}"), None, Some(stores), None)
+            .await;
+    }
+    let conn = Connection::connect(&b_user.url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut sent = HashMap::new();
+    let start = Instant::now();
+    for i in 0..seconds {
+        tokio::time::sleep_until((start + Duration::from_secs(i as u64)).into()).await;
+        let id = format!("flood-b-{i}");
+        let b = cmd(&id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW")
+            .to_string()
+            .into_bytes();
+        sent.insert(id, Instant::now());
+        ch.basic_publish(
+            w.settings.topology.commands_exchange.as_str().into(),
+            "command.check_integration_status".into(),
+            Default::default(),
+            &b,
+            BasicProperties::default()
+                .with_user_id(b_user.0.as_str().into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    arrivals
+        .wait(flood + seconds, Duration::from_secs(300))
+        .await;
+    let v = arrivals.0.lock().unwrap();
+    let drained = v
+        .iter()
+        .filter(|(_, r)| {
+            r.as_ref()
+                .and_then(|r| r.action_id.as_deref())
+                .is_some_and(|id| id.starts_with("flood-a-"))
+        })
+        .map(|(at, _)| *at)
+        .max()
+        .unwrap();
+    let limited = v
+        .iter()
+        .filter(|(_, r)| {
+            r.as_ref()
+                .is_some_and(|r| r.error_field.as_deref() == Some("rate_limited"))
+        })
+        .count();
+    let lat: Vec<f64> = v
+        .iter()
+        .filter_map(|(at, r)| {
+            let id = r.as_ref()?.action_id.as_deref()?;
+            let t = sent.get(id)?;
+            assert_eq!(
+                r.as_ref()?.status,
+                command_poller::outcome::Status::Success,
+                "{id}"
+            );
+            Some((*at - *t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    assert_eq!(lat.len(), seconds, "every one of B's commands");
+    println!(
+        "    flood of {flood} ({}): A rejected rate_limited {limited}, drained in {:.1} s; B's {} latencies {:?} ms",
+        if limit { "limit 50/s" } else { "no limit" },
+        (drained - t0).as_secs_f64(),
+        lat.len(),
+        lat.iter().map(|l| l.round() as u64).collect::<Vec<_>>()
+    );
+    let _ = conn.close(200, "ok".into()).await;
+    (
+        percentile(lat.clone(), 0.5),
+        percentile(lat, 0.99),
+        (drained - t0).as_secs_f64(),
+    )
+}
+
 fn wanted(name: &str) -> bool {
     std::env::var("BENCH_ONLY")
         .map(|v| v.split(',').any(|w| w == name))
@@ -862,6 +974,32 @@ async fn main() {
             let [one, two, three] = rates.map(median);
             rows.push(format!(
                 "| scale, {what}, fleet bridge limit 25: 1 / 2 / 3 replicas | {one:.1} / {two:.1} / {three:.1} cmd/s, bridge peak {peak} (highest of all runs) | peak <= 25 |"
+            ));
+        }
+    }
+    if wanted("flood") {
+        let flood_n: usize = std::env::var("BENCH_FLOOD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        for limit in [false, true] {
+            let (mut p50s, mut p99s, mut drains) = (vec![], vec![], vec![]);
+            for _ in 0..REPEATS {
+                let (p50, p99, drain) = flood(flood_n, 20, limit).await;
+                println!(
+                    "  run: flood {}: B p50 {p50:.0} ms, p99 {p99:.0} ms; A drained in {drain:.1} s",
+                    if limit { "with the limit" } else { "without a limit" }
+                );
+                p50s.push(p50);
+                p99s.push(p99);
+                drains.push(drain);
+            }
+            rows.push(format!(
+                "| agent A floods {flood_n}, agent B sends 1/s for 20 s, 2 replicas on Redis, {}: B's p50 / p99 | {:.0} / {:.0} ms (A drained in {:.1} s) | |",
+                if limit { "per_agent_limit 50 per 1 s" } else { "no per-agent limit" },
+                median(p50s),
+                median(p99s),
+                median(drains)
             ));
         }
     }

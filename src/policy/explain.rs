@@ -265,7 +265,7 @@ mod tests {
     #[test]
     fn the_agent_decides_overrides_and_history_conditions() {
         let base = include_str!("../../config/policy.toml");
-        let (head, tail) = base.split_at(base.find("[commands.").unwrap());
+        let (head, tail) = base.split_at(base.find("\n[commands.").unwrap() + 1);
         let policy = Policy::parse(&format!(
             "{head}[agent_groups]\ntrusted = [\"agent-ops\"]\n\n{tail}\n[[commands.REFRESH_TOKEN.overrides]]\nagent_groups = [\"trusted\"]\naction = \"ALLOW\"\nfloor_severity = \"LOW\"\nrationale = \"Ops refreshes tokens unjudged.\"\n\n[[commands.REFRESH_TOKEN.overrides]]\nservices = [\"meta\"]\naction = \"BLOCK\"\nrationale = \"Meta refreshes would be blocked.\"\nmode = \"shadow\"\n\n[[commands.CHECK_INTEGRATION_STATUS.escalations]]\nattempts_over = 5\nwithin_secs = 300\naction = \"BLOCK\"\nrationale = \"Too many checks.\"\n"
         ))

@@ -659,7 +659,7 @@ rationale = "A burst of status checks is unusual."
     fn with_overrides() -> Policy {
         let base = include_str!("../../config/policy.toml");
         // The [agent_groups] table must come before any [commands.*] table.
-        let (head, tail) = base.split_at(base.find("[commands.").unwrap());
+        let (head, tail) = base.split_at(base.find("\n[commands.").unwrap() + 1);
         let (groups, rules) = GROUPS.split_at(GROUPS.find("[[commands.").unwrap());
         Policy::parse(&format!("{head}{groups}\n{tail}\n{rules}")).unwrap()
     }
@@ -806,7 +806,7 @@ rationale = "A burst of status checks is unusual."
         assert!(e.contains("within_secs"), "{e}");
         let e = bad("[[commands.REFRESH_TOKEN.escalations]]\nattempts_over = 50\nwithin_secs = 60\naction = \"BLOCK\"\nrationale = \"r\"");
         assert!(e.contains("attempts_over"), "{e}");
-        let (head, tail) = base.split_at(base.find("[commands.").unwrap());
+        let (head, tail) = base.split_at(base.find("\n[commands.").unwrap() + 1);
         let e = Policy::parse(&format!(
             "{head}[agent_groups]\nops = [\"bad id!\"]\n{tail}"
         ))

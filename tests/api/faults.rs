@@ -53,7 +53,9 @@ fn fault_config(edit: impl Fn(String) -> String) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fault-config-{}", suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut text = std::fs::read_to_string("config/default.toml").unwrap();
-    let trips = text.find("# Automatic trip (Emergency-INT-E01)").unwrap();
+    let trips = text
+        .find("# Automatic trips:")
+        .expect("the trips section of config/default.toml");
     let audit = text.find("[audit]").unwrap();
     text.replace_range(trips..audit, "");
     // The load comes from one agent: its per-agent limits and E01's pattern would veto it.
