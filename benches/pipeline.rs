@@ -745,7 +745,7 @@ async fn flood(flood: usize, seconds: usize, limit: bool) -> (f64, f64, f64) {
     arrivals
         .wait(flood + seconds, Duration::from_secs(300))
         .await;
-    let v = arrivals.0.lock().unwrap();
+    let v = arrivals.0.lock().unwrap().clone();
     let drained = v
         .iter()
         .filter(|(_, r)| {
