@@ -726,3 +726,112 @@ fn production_refuses_the_embedded_store_unless_allowed() {
         "{err}"
     );
 }
+
+/// GET `path` on 127.0.0.1:`port`; the body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some(buf.split("\r\n\r\n").nth(1)?.to_owned())
+}
+
+fn status_digest(port: u16) -> String {
+    let body = http_get(port, "/status").expect("/status answers");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["policy_sha256"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_bad_file_is_refused_without_stopping() {
+    let sfx = suffix();
+    let _cleanup = Cleanup(test_settings(&sfx));
+    let shipped = std::fs::read_to_string("config/policy.toml").unwrap();
+    let blocking = shipped.replace(
+        "[commands.CHECK_INTEGRATION_STATUS]\naction = \"ALLOW\"",
+        "[commands.CHECK_INTEGRATION_STATUS]\naction = \"BLOCK\"",
+    );
+    assert_ne!(blocking, shipped);
+    let digest = |t: &str| {
+        command_poller::policy::Policy::parse(t)
+            .unwrap()
+            .digest()
+            .to_owned()
+    };
+    let file = std::env::temp_dir().join(format!("sighup-policy-{sfx}.toml"));
+    std::fs::write(&file, &shipped).unwrap();
+    let mut envs = env_for(&sfx);
+    let (port, status_port) = (free_port(), free_port());
+    envs.push(("POLLER__HEALTH__LISTEN".into(), format!("127.0.0.1:{port}")));
+    envs.push((
+        "POLLER__HEALTH__STATUS_LISTEN".into(),
+        format!("127.0.0.1:{status_port}"),
+    ));
+    envs.push(("POLLER__POLICY__FILE".into(), file.display().to_string()));
+    let mut poller = crate::common::isolated(BIN)
+        .args(["run", "--log-format", "json"])
+        .envs(envs.iter().cloned())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(port);
+    assert_eq!(status_digest(status_port), digest(&shipped));
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    let wait_digest = |want: &str| {
+        let t0 = Instant::now();
+        while status_digest(status_port) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "digest never became {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::fs::write(&file, &blocking).unwrap();
+    hup(poller.id());
+    wait_digest(&digest(&blocking));
+    let r = send(&envs, "examples/commands/sop-int-01-check-status.json");
+    assert_eq!(r["status"], "BLOCKED", "{r}");
+
+    // A broken file: refused, the process keeps running on the policy in force.
+    std::fs::write(
+        &file,
+        blocking.replace("floor_severity = \"HIGH\"", "floor_severty = \"HIGH\""),
+    )
+    .unwrap();
+    hup(poller.id());
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(500) {
+        assert!(
+            poller.try_wait().unwrap().is_none(),
+            "SIGHUP stopped the poller"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_digest(status_port), digest(&blocking));
+    let r = send(
+        &envs,
+        "examples/commands/sop-int-03-connect-integration.json",
+    );
+    assert_eq!(r["status"], "BLOCKED");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &poller.id().to_string()])
+        .status();
+    assert!(poller.wait().unwrap().success());
+    let mut logs = String::new();
+    std::io::Read::read_to_string(poller.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("policy reload refused"), "{logs}");
+    assert!(logs.contains("floor_severty"), "the refusal names the key");
+    let _ = std::fs::remove_file(&file);
+}

@@ -64,4 +64,10 @@ const server = http.createServer((req, res) => {
     send(res, 404, { error: 'not found: ' + key });
   });
 });
+// No idle timeout on kept-alive connections. The tests run Code.gs synchronously on the main
+// thread; one that blocks it for longer than Node's default 5 s (the 20,000-answer cache test under
+// load) let this server close the idle socket while the client could not see the close, and the
+// next test's first fetch, reusing that socket, failed with "fetch failed" (reproduced with a
+// 6 s busy test; CI saw it once).
+server.keepAliveTimeout = 0;
 server.listen(0, '127.0.0.1', () => parentPort.postMessage(server.address().port));
