@@ -428,7 +428,10 @@ async fn three_replicas_share_one_bridge_limit_over_a_thousand_commands() {
     let prefix = format!("fleet-{}", suffix());
     let h = Harness::start(Options {
         tweak: Box::new(fleet_settings(backend, &prefix, 25, None)),
-        sim_latency: Duration::from_millis(40),
+        // 200 ms calls: with 40 ms ones, replicas short of CPU (the suite runs tests side by
+        // side on two cores) could not start calls fast enough to overlap 20 of them, and the
+        // run proved nothing (CI saw peaks of 16).
+        sim_latency: Duration::from_millis(200),
         start_poller: false,
         ..Default::default()
     })
