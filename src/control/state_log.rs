@@ -191,11 +191,21 @@ pub async fn write(
         base,
         state: state.clone(),
     };
+    append(publisher, c, &entry, user).await
+}
+
+/// Appends one entry (persistent, confirmed) as `user`.
+async fn append(
+    publisher: &Publisher,
+    c: &ControlSettings,
+    entry: &Entry,
+    user: &str,
+) -> Result<(), BrokerError> {
     publisher
         .publish(&Outgoing {
             exchange: c.state_exchange.clone(),
             routing_key: String::new(),
-            body: serde_json::to_vec(&entry).expect("serializes"),
+            body: serde_json::to_vec(entry).expect("serializes"),
             message_type: crate::broker::names::message_type::CONTROL_STATE,
             user_id: Some(user.to_owned()),
             ..Default::default()
@@ -215,16 +225,7 @@ pub async fn write_agent(
         agent: agent.to_owned(),
         quarantined: quarantined.cloned(),
     };
-    publisher
-        .publish(&Outgoing {
-            exchange: c.state_exchange.clone(),
-            routing_key: String::new(),
-            body: serde_json::to_vec(&entry).expect("serializes"),
-            message_type: crate::broker::names::message_type::CONTROL_STATE,
-            user_id: Some(user.to_owned()),
-            ..Default::default()
-        })
-        .await
+    append(publisher, c, &entry, user).await
 }
 
 /// Tells who wrote an entry from its `user_id`.

@@ -183,12 +183,21 @@ impl Replica {
         };
         let (msg, record) = render::event(&e, &self.names);
         publisher.publish(&msg).await?;
+        self.audit(publisher, &record).await
+    }
+
+    /// Publishes a control audit record; one the audit exchange refused is counted.
+    pub(super) async fn audit(
+        &self,
+        publisher: &Publisher,
+        record: &crate::audit::AuditRecord,
+    ) -> Result<(), BrokerError> {
         let audited = crate::audit::publish_record(
             publisher,
             &self.names.audit_exchange,
             routing::AUDIT_CONTROL,
             &self.names.dead_letter_exchange,
-            &record,
+            record,
             &self.names.poller_user,
         )
         .await?;

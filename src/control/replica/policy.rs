@@ -5,7 +5,6 @@
 
 use super::render::{self, PolicyReload};
 use super::Replica;
-use crate::broker::names::routing;
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Priority;
 
@@ -46,18 +45,7 @@ impl Replica {
             crate::clock::now_rfc3339(),
         );
         publisher.publish(&msg).await?;
-        let audited = crate::audit::publish_record(
-            publisher,
-            &self.names.audit_exchange,
-            routing::AUDIT_CONTROL,
-            &self.names.dead_letter_exchange,
-            &record,
-            &self.names.poller_user,
-        )
-        .await?;
-        if audited != crate::audit::AuditOutcome::Delivered {
-            self.stats.audit_diverted();
-        }
+        self.audit(publisher, &record).await?;
         if let Some(why) = &reload.refused {
             let what = format!(
                 "Policy reload refused on replica {} (asked by {by}): {why}",

@@ -134,7 +134,8 @@ pub struct PolicyReload {
     pub refused: Option<String>,
 }
 
-/// An alert about one agent (its quarantine or release).
+/// An alert about one agent (its quarantine or release): a control alert naming the agent,
+/// its rationale the summary itself.
 pub fn agent_alert(
     names: &Names,
     team: &str,
@@ -144,29 +145,9 @@ pub fn agent_alert(
     todo: &str,
     at: String,
 ) -> Outgoing {
-    let a = Alert {
-        alert_id: uuid::Uuid::new_v4().to_string(),
-        team: team.to_owned(),
-        priority,
-        action_id: None,
-        command_type: None,
-        service: None,
-        agent: Some(agent.clone()),
-        status: None,
-        summary: what.to_owned(),
-        rationale: what.to_owned(),
-        action_required: todo.to_owned(),
-        poller_instance: names.instance.clone(),
-        at,
-        approval: None,
-    };
-    Outgoing {
-        exchange: names.alerts_exchange.clone(),
-        routing_key: a.routing_key(),
-        body: serde_json::to_vec(&a).expect("an alert serializes"),
-        message_type: message_type::ALERT,
-        ..Default::default()
-    }
+    let mut a = control_alert(names, team, priority, what, todo, what, at);
+    a.agent = Some(agent.clone());
+    alert_message(names, &a)
 }
 
 /// A control alert (halt, refused lever, trip, untrusted state): no command attached.
@@ -179,7 +160,20 @@ pub fn alert(
     state: &ControlState,
     at: String,
 ) -> Outgoing {
-    let a = Alert {
+    let a = control_alert(names, team, priority, what, todo, &state.reason, at);
+    alert_message(names, &a)
+}
+
+fn control_alert(
+    names: &Names,
+    team: &str,
+    priority: Priority,
+    what: &str,
+    todo: &str,
+    rationale: &str,
+    at: String,
+) -> Alert {
+    Alert {
         alert_id: uuid::Uuid::new_v4().to_string(),
         team: team.to_owned(),
         priority,
@@ -189,16 +183,19 @@ pub fn alert(
         agent: None,
         status: None,
         summary: what.to_owned(),
-        rationale: state.reason.clone(),
+        rationale: rationale.to_owned(),
         action_required: todo.to_owned(),
         poller_instance: names.instance.clone(),
         at,
         approval: None,
-    };
+    }
+}
+
+fn alert_message(names: &Names, a: &Alert) -> Outgoing {
     Outgoing {
         exchange: names.alerts_exchange.clone(),
         routing_key: a.routing_key(),
-        body: serde_json::to_vec(&a).expect("an alert serializes"),
+        body: serde_json::to_vec(a).expect("an alert serializes"),
         message_type: message_type::ALERT,
         ..Default::default()
     }
