@@ -172,9 +172,13 @@ impl World {
         command_poller::broker::declare(&ch, &settings.topology)
             .await
             .unwrap();
-        command_poller::broker::declare_audit(&conn, &settings.audit)
-            .await
-            .unwrap();
+        command_poller::broker::declare_audit(
+            &conn,
+            &settings.audit,
+            &settings.topology.replication,
+        )
+        .await
+        .unwrap();
         let _ = conn.close(200, "ok".into()).await;
         let secret_text = format!("bench-{sfx}");
         let secret = Secret::new(secret_text.clone());
@@ -613,7 +617,7 @@ async fn pause() -> f64 {
     w.start_poller("b", None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
-    let op = Operator::new(&w.settings, AMQP, Duration::from_millis(500));
+    let op = Operator::new(&w.settings, &common::node(AMQP), Duration::from_millis(500));
     let report = op
         .run(ControlCommand::Pause {
             reason: "bench".into(),

@@ -27,7 +27,8 @@ pub enum SendError {
 
 /// What to send and how.
 pub struct SendOptions<'a> {
-    pub amqp_url: &'a str,
+    /// The agent's broker nodes: their user becomes the command's `user_id`.
+    pub endpoints: &'a crate::broker::Endpoints,
     pub exchange: &'a str,
     /// Wait this long for the result; None: publish and return.
     pub wait: Option<Duration>,
@@ -54,9 +55,8 @@ pub async fn send(
     payload: &[u8],
     opts: SendOptions<'_>,
 ) -> Result<Option<ResultMessage>, SendError> {
-    let url = url::Url::parse(opts.amqp_url).map_err(|e| SendError::Url(e.to_string()))?;
-    let user = crate::broker::user_of(url.as_str());
-    let conn = crate::broker::connect(opts.amqp_url, "command-poller-send")
+    let user = opts.endpoints.user();
+    let (conn, _) = crate::broker::connect(opts.endpoints, "command-poller-send")
         .await
         .map_err(|e| match e {
             crate::broker::BrokerError::Amqp(e) => SendError::Broker(e),

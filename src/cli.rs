@@ -47,7 +47,8 @@ pub enum Command {
         /// How long to wait for the result, in seconds.
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
-        /// Broker URL of the agent (its user becomes the command's user_id). Defaults to amqp.url.
+        /// Broker URL of the agent (its user becomes the command's user_id); a cluster's nodes
+        /// comma-separated. Defaults to amqp.urls (or amqp.url).
         #[arg(long, env = "AGENT_AMQP_URL")]
         amqp_url: Option<String>,
         /// Publish without the user_id property.
@@ -277,7 +278,8 @@ pub enum ApprovalsCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct ApproverArgs {
-    /// The approver's broker URL (its user must be in approval.approvers). Defaults to amqp.url.
+    /// The approver's broker URL (its user must be in approval.approvers); a cluster's nodes
+    /// comma-separated. Defaults to amqp.urls (or amqp.url).
     #[arg(long, env = "APPROVER_AMQP_URL")]
     pub amqp_url: Option<String>,
     /// How long to wait for the answer, in milliseconds.
@@ -316,7 +318,9 @@ pub enum AuditCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct OperatorArgs {
-    /// The operator's broker URL (its user must be in control.operators). Defaults to amqp.url.
+    /// The operator's broker URL (its user must be in control.operators); a cluster's nodes
+    /// comma-separated, tried in turn, so a lever still reaches the replicas with a node down.
+    /// Defaults to amqp.urls (or amqp.url).
     #[arg(long, env = "OPERATOR_AMQP_URL")]
     pub amqp_url: Option<String>,
     /// How long to collect the replicas' answers, in milliseconds.
@@ -414,11 +418,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
             };
-            let url = amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
+            let endpoints = endpoints_of(amqp_url, &settings)?;
             let result = crate::agent::send(
                 &payload,
                 crate::agent::SendOptions {
-                    amqp_url: &url,
+                    endpoints: &endpoints,
                     exchange: &settings.topology.commands_exchange,
                     wait: wait.then(|| Duration::from_secs(timeout_secs)),
                     omit_user_id: no_user_id,
@@ -630,7 +634,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::mcp::server::http::serve(listener, clients, stop).await?;
                 }
                 (_, _, Some(url)) => {
-                    let door = crate::mcp::FrontDoor::new(url, exchange, deadline);
+                    let door = crate::mcp::FrontDoor::new(
+                        endpoints_of(Some(url), &settings)?,
+                        exchange,
+                        deadline,
+                    );
                     tracing::info!(agent = %door.agent(), "MCP front door on stdio");
                     crate::mcp::server::serve_stdio(door).await?;
                 }
@@ -840,10 +848,9 @@ async fn decide(
     req: crate::approval::wire::Request,
 ) -> anyhow::Result<ExitCode> {
     use crate::approval::wire::ReplyOutcome;
-    let url = ap.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
     let approver = crate::approval::approver::Approver {
         settings: &settings.approval,
-        amqp_url: &url,
+        endpoints: endpoints_of(ap.amqp_url, settings)?,
         wait: Duration::from_millis(ap.wait_ms),
     };
     let reply = approver.send(&req).await?;
@@ -855,13 +862,26 @@ async fn decide(
     })
 }
 
+/// The broker nodes a command-line flag names (comma-separated), or the configured ones.
+fn endpoints_of(
+    flag: Option<String>,
+    settings: &Settings,
+) -> anyhow::Result<crate::broker::Endpoints> {
+    match flag {
+        Some(list) => {
+            crate::broker::Endpoints::parse(&list).map_err(|e| anyhow::anyhow!("--amqp-url: {e}"))
+        }
+        None => Ok(settings.amqp.checked_endpoints()),
+    }
+}
+
 async fn operate(
     settings: &Settings,
     op: OperatorArgs,
     cmd: ControlCommand,
 ) -> anyhow::Result<ExitCode> {
-    let url = op.amqp_url.unwrap_or_else(|| settings.amqp.url.clone());
-    let operator = Operator::new(settings, &url, Duration::from_millis(op.wait_ms));
+    let endpoints = endpoints_of(op.amqp_url, settings)?;
+    let operator = Operator::new(settings, &endpoints, Duration::from_millis(op.wait_ms));
     let report = operator.run(cmd).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     let refused = report.replicas.iter().any(|r| !r.accepted);

@@ -129,6 +129,7 @@ async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {
         "processed": c.state.processed.load(Ordering::SeqCst),
         "control": c.state.gate.state(),
         "policy_sha256": *c.state.policy_sha256.lock().unwrap_or_else(|p| p.into_inner()),
+        "broker_node": *c.state.broker_node.lock().unwrap_or_else(|p| p.into_inner()),
         "at_bridge": c.state.gate.at_bridge(),
         "recent_results": c.state.recent_results(),
     }))

@@ -138,23 +138,32 @@ async fn store(s: &Settings) -> Vec<Finding> {
 }
 
 async fn broker(s: &Settings) -> Vec<Finding> {
-    let conn = match crate::broker::connect(&s.amqp.url, "command-poller-check-config").await {
+    let endpoints = s.amqp.checked_endpoints();
+    let key = if s.amqp.urls.is_empty() {
+        "amqp.url"
+    } else {
+        "amqp.urls"
+    };
+    let conn = match crate::broker::connect(&endpoints, "command-poller-check-config").await {
         Ok(c) => c,
         Err(e) => {
             return vec![Finding::problem(
-                "amqp.url",
+                key,
                 format!(
                     "can't connect to {} as the configured user: {e}",
-                    crate::settings::redact_url(&s.amqp.url)
+                    endpoints.redacted().join(", ")
                 ),
             )]
         }
     };
+    let (conn, node) = conn;
     let mut out = vec![Finding::ok(
-        "amqp.url",
+        key,
         format!(
-            "connected to {} as {}",
-            crate::settings::redact_url(&s.amqp.url),
+            "connected to {} (node {} of {}) as {}",
+            node.shown,
+            node.index + 1,
+            endpoints.len(),
             s.poller_user()
         ),
     )];

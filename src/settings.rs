@@ -142,8 +142,14 @@ impl Secrets {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// `amqp://user:password@host:port/vhost`. Holds a password: never logged.
+    /// `amqp://user:password@host:port/vhost`: one broker node. Holds a password: never
+    /// logged. Ignored when `urls` is set.
+    #[serde(default)]
     pub url: String,
+    /// The nodes of a cluster, tried in order (`POLLER__AMQP__URLS` takes them comma-separated).
+    /// Every URL must name the same user. When set, `url` is ignored.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Connection name shown in the broker's management tools.
     pub connection_name: String,
     /// Reconnect backoff bounds (`reconnect_min_ms`, `reconnect_max_ms`).
@@ -157,8 +163,29 @@ impl std::fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &redact_url(&self.url))
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("connection_name", &self.connection_name)
             .finish_non_exhaustive()
+    }
+}
+
+impl AmqpSettings {
+    /// The broker nodes: `urls` when set, else `url`.
+    pub fn endpoints(&self) -> Result<crate::broker::Endpoints, crate::broker::EndpointsError> {
+        if self.urls.is_empty() {
+            crate::broker::Endpoints::new([&self.url])
+        } else {
+            crate::broker::Endpoints::new(&self.urls)
+        }
+    }
+
+    /// The endpoints of settings that were checked when they were loaded.
+    pub fn checked_endpoints(&self) -> crate::broker::Endpoints {
+        self.endpoints()
+            .unwrap_or_else(|e| panic!("amqp settings were checked at load: {e}"))
     }
 }
 
@@ -217,6 +244,40 @@ pub struct TopologySettings {
     pub results_queue: String,
     /// Teams whose alert queue `<alerts_exchange>.<team>` (bound `<team>.*`) the poller declares.
     pub alert_teams: Vec<String>,
+    /// How the quorum queues and streams spread over a cluster (`[topology.replication]`).
+    pub replication: Replication,
+}
+
+/// How each quorum queue and stream is spread over a RabbitMQ cluster when it is first declared.
+/// Redeclaring an existing queue with other values is refused by the broker (an existing
+/// queue keeps its members; grow it with `rabbitmq-queues grow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replication {
+    /// Members of each quorum queue and stream (`x-quorum-initial-group-size`,
+    /// `x-initial-cluster-size`); a cluster with fewer nodes gets one on each. Odd: a quorum
+    /// queue of 3 survives the loss of 1 node, of 5 the loss of 2.
+    pub initial_group_size: u8,
+    /// Where each queue's leader goes (`x-queue-leader-locator`).
+    pub leader_locator: LeaderLocator,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaderLocator {
+    /// Spread over the nodes, so no node leads every queue.
+    Balanced,
+    /// The node the declaring client is connected to.
+    ClientLocal,
+}
+
+impl LeaderLocator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Balanced => "balanced",
+            Self::ClientLocal => "client-local",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -584,6 +645,8 @@ impl Settings {
                     .prefix_separator("__")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("amqp.urls")
                     .source(Some(vars.overrides())),
             )
             .build()?
@@ -596,6 +659,14 @@ impl Settings {
 
     fn check(&self) -> Result<(), SettingsError> {
         let bad = |m: String| Err(SettingsError::Invalid(m));
+        if let Err(e) = self.amqp.endpoints() {
+            let key = if self.amqp.urls.is_empty() {
+                "amqp.url"
+            } else {
+                "amqp.urls"
+            };
+            return bad(format!("{key}: {e}"));
+        }
         if !self.health.status_listen.is_empty() {
             match self.health.status_listen.parse::<std::net::SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => {}
@@ -617,6 +688,12 @@ impl Settings {
                 "processing.max_in_flight: must be at least 1 (0 would mean unlimited prefetch)"
                     .into(),
             );
+        }
+        let members = self.topology.replication.initial_group_size;
+        if members == 0 || members % 2 == 0 {
+            return bad(format!(
+                "topology.replication.initial_group_size: {members} must be odd (a quorum of an even group survives no more losses than the odd group one smaller)"
+            ));
         }
         if self.topology.delivery_limit == 0 {
             return bad("topology.delivery_limit: must be at least 1".into());
@@ -724,7 +801,10 @@ impl Settings {
 
     /// The broker user the poller connects as (its own control messages carry it).
     pub fn poller_user(&self) -> String {
-        broker_user(&self.amqp.url)
+        self.amqp
+            .endpoints()
+            .map(|e| e.user())
+            .unwrap_or_else(|_| broker_user(&self.amqp.url))
     }
 
     pub fn instance(&self) -> String {
@@ -735,5 +815,77 @@ impl Settings {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "poller".into());
         format!("{host}-{}", std::process::id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: Environment) -> Result<Settings, SettingsError> {
+        Settings::load_with(Path::new("config"), "local", &vars)
+    }
+
+    #[test]
+    fn a_cluster_is_given_as_a_comma_separated_list_and_wins_over_the_single_url() {
+        let s = load(Environment::empty().with(
+            "POLLER__AMQP__URLS",
+            "amqp://poller:pw@n1:5672/%2f,amqp://poller:pw@n2:5672/%2f,amqp://poller:pw@n3:5672/%2f",
+        ))
+        .unwrap();
+        let e = s.amqp.endpoints().unwrap();
+        assert_eq!(e.len(), 3);
+        assert!(e.redacted()[2].contains("n3:5672"));
+        assert_eq!(s.poller_user(), "poller", "not the single url's guest");
+        assert!(!format!("{:?}", s.amqp).contains(":pw@"));
+    }
+
+    #[test]
+    fn the_single_url_keeps_working() {
+        let s =
+            load(Environment::empty().with("POLLER__AMQP__URL", "amqp://p:pw@h:5673/v")).unwrap();
+        let e = s.amqp.endpoints().unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(s.poller_user(), "p");
+    }
+
+    #[test]
+    fn nodes_reached_as_different_users_are_refused_by_key_without_a_password() {
+        let e = load(Environment::empty().with(
+            "POLLER__AMQP__URLS",
+            "amqp://poller:secret1@n1/%2f,amqp://ops:secret2@n2/%2f",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("amqp.urls") && e.contains("different users"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        let e = load(Environment::empty().with("POLLER__AMQP__URLS", "http://x:secret3@n1/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("amqp.urls") && !e.contains("secret3"), "{e}");
+    }
+
+    #[test]
+    fn replication_is_odd_and_spread_by_default() {
+        let s = load(Environment::empty()).unwrap();
+        assert_eq!(s.topology.replication, crate::testing::REPLICATION);
+        let e = load(
+            Environment::empty().with("POLLER__TOPOLOGY__REPLICATION__INITIAL_GROUP_SIZE", "4"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("initial_group_size: 4 must be odd"), "{e}");
+        let s = load(Environment::empty().with(
+            "POLLER__TOPOLOGY__REPLICATION__LEADER_LOCATOR",
+            "client-local",
+        ))
+        .unwrap();
+        assert_eq!(
+            s.topology.replication.leader_locator,
+            LeaderLocator::ClientLocal
+        );
     }
 }

@@ -14,6 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The shipped replication (`config/default.toml`), for tests that build parts by hand.
+pub const REPLICATION: crate::settings::Replication = crate::settings::Replication {
+    initial_group_size: 3,
+    leader_locator: crate::settings::LeaderLocator::Balanced,
+};
+
 /// What a scripted judge does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {

@@ -24,8 +24,8 @@ pub enum ApproverError {
 
 pub struct Approver<'a> {
     pub settings: &'a ApprovalSettings,
-    /// The approver's broker URL (its user must be in `approval.approvers`).
-    pub amqp_url: &'a str,
+    /// The approver's broker nodes (their user must be in `approval.approvers`).
+    pub endpoints: broker::Endpoints,
     /// How long to wait for the answer.
     pub wait: Duration,
 }
@@ -33,8 +33,8 @@ pub struct Approver<'a> {
 impl Approver<'_> {
     /// Sends `req` and returns the answer.
     pub async fn send(&self, req: &Request) -> Result<Reply, ApproverError> {
-        let user = broker::user_of(self.amqp_url);
-        let conn = broker::connect(self.amqp_url, "command-poller-approver").await?;
+        let user = self.endpoints.user();
+        let (conn, _) = broker::connect(&self.endpoints, "command-poller-approver").await?;
         let result = self.send_on(&conn, &user, req).await;
         broker::close(&conn, "done").await;
         result

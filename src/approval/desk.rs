@@ -462,6 +462,7 @@ mod tests {
                 dead_letter_exchange: "dlx".into(),
                 instance: "i-1".into(),
                 poller_user: "poller".into(),
+                replication: crate::testing::REPLICATION,
             },
             store,
             store_key: Secret::new("k"),

@@ -185,6 +185,7 @@ mod tests {
             dead_letter_exchange: "dlx".into(),
             instance: "i-1".into(),
             poller_user: "poller".into(),
+            replication: crate::testing::REPLICATION,
         }
     }
 

@@ -29,6 +29,8 @@ pub enum SinkError {
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub amqp: AmqpSettings,
+    /// The broker nodes (from `amqp`).
+    pub endpoints: broker::Endpoints,
     pub audit: AuditSettings,
     /// Where a refused record's security alert goes.
     pub alerts_exchange: String,
@@ -42,6 +44,7 @@ impl SinkConfig {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
             amqp: s.amqp.clone(),
+            endpoints: s.amqp.checked_endpoints(),
             audit: s.audit.clone(),
             alerts_exchange: s.topology.alerts_exchange.clone(),
             dead_letter_exchange: s.topology.dead_letter_exchange.clone(),
@@ -108,13 +111,17 @@ async fn session(
     stop: &CancellationToken,
     appended: &mut u64,
 ) -> Result<(), SinkError> {
-    let conn = broker::connect(
-        &settings.amqp.url,
+    let (conn, node) = broker::connect(
+        &settings.endpoints,
         &format!("{}-audit-sink", settings.amqp.connection_name),
     )
     .await?;
+    tracing::info!(node = %node.shown, "audit sink: connected to the broker");
     let result = consume(settings, &conn, writer, stop, appended).await;
     broker::close(&conn, "audit sink session end").await;
+    if result.is_err() {
+        settings.endpoints.lost(&node);
+    }
     result
 }
 

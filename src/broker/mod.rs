@@ -4,17 +4,19 @@
 //! publish is mandatory, persistent and confirmed (an unroutable or nacked message is an
 //! error, never a silent success).
 
+mod endpoints;
 pub mod names;
 mod publisher;
 mod topology;
 
+pub use endpoints::{connect, Endpoints, EndpointsError, Node};
 pub use publisher::{Outgoing, Publish, Publisher};
 pub use topology::{
     declare, declare_approvals, declare_audit, declare_control, declare_replica_queue,
     expect_exist, Topology,
 };
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -37,6 +39,9 @@ pub enum BrokerError {
     /// The session is no longer usable (a consumer cancelled by the broker, say).
     #[error("broker: {0}")]
     Lost(String),
+    /// No node of a cluster answered: what each said (URLs with passwords masked).
+    #[error("no broker node reachable: {0}")]
+    Unreachable(String),
 }
 
 impl BrokerError {
@@ -49,7 +54,10 @@ impl BrokerError {
     pub fn is_connection(&self) -> bool {
         matches!(
             self,
-            BrokerError::Amqp(_) | BrokerError::Timeout(..) | BrokerError::Lost(_)
+            BrokerError::Amqp(_)
+                | BrokerError::Timeout(..)
+                | BrokerError::Lost(_)
+                | BrokerError::Unreachable(_)
         )
     }
 }
@@ -59,16 +67,6 @@ impl BrokerError {
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// How long closing a connection may take: a dead connection never answers close-ok.
 pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Opens a connection named `name` (shown in the broker's connection list), within
-/// [`CONNECT_TIMEOUT`].
-pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
-        Ok(c) => Ok(c?),
-        Err(_) => Err(BrokerError::Timeout("connecting", CONNECT_TIMEOUT)),
-    }
-}
 
 /// Closes `conn`, giving up after [`CLOSE_TIMEOUT`] (the broker requeues whatever it had
 /// delivered either way).

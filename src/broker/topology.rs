@@ -3,7 +3,7 @@
 
 use super::names::routing;
 use super::BrokerError;
-use crate::settings::{ControlSettings, TopologySettings};
+use crate::settings::{ControlSettings, Replication, TopologySettings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -50,13 +50,13 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
     )
     .await?;
 
-    bound_queue(ch, &t.dead_letter_queue, &t.dead_letter_exchange, "").await?;
+    let rep = &t.replication;
+    bound_queue(ch, &t.dead_letter_queue, &t.dead_letter_exchange, "", rep).await?;
 
     // Quorum queue with a delivery limit, so a command that keeps failing ends in the dead
     // letter queue instead of cycling forever; at-least-once dead-lettering so the broker
     // doesn't drop it on the way (that strategy requires reject-publish overflow).
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
+    let mut args = quorum_arguments(rep);
     args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongInt(t.delivery_limit as i32),
@@ -93,14 +93,30 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
             &t.results_queue,
             &t.results_exchange,
             routing::RESULT_BINDING,
+            rep,
         )
         .await?;
     }
     for team in &t.alert_teams {
         let queue = format!("{}.{team}", t.alerts_exchange);
-        bound_queue(ch, &queue, &t.alerts_exchange, &format!("{team}.*")).await?;
+        bound_queue(ch, &queue, &t.alerts_exchange, &format!("{team}.*"), rep).await?;
     }
     Ok(())
+}
+
+/// A quorum queue's arguments: its type and how it spreads over a cluster.
+pub fn quorum_arguments(rep: &Replication) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert(
+        "x-quorum-initial-group-size".into(),
+        AMQPValue::LongInt(i32::from(rep.initial_group_size)),
+    );
+    args.insert(
+        "x-queue-leader-locator".into(),
+        text(rep.leader_locator.as_str()),
+    );
+    args
 }
 
 /// A durable quorum queue bound to `exchange` with `key`.
@@ -109,10 +125,9 @@ async fn bound_queue(
     queue: &str,
     exchange: &str,
     key: &str,
+    rep: &Replication,
 ) -> Result<(), BrokerError> {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
-    bound(ch, queue, args, exchange, key).await
+    bound(ch, queue, quorum_arguments(rep), exchange, key).await
 }
 
 /// A durable queue with `args` (a stream's, say) bound to `exchange` with `key`.
@@ -136,14 +151,24 @@ async fn bound(
     Ok(())
 }
 
-/// A stream's arguments: retention by age and/or size, whole segments of `segment_bytes`.
+/// A stream's arguments: retention by age and/or size, whole segments of `segment_bytes`,
+/// replicated as `rep` says.
 fn stream_arguments(
     max_age: Option<&str>,
     max_bytes: Option<i64>,
     segment_bytes: i64,
+    rep: &Replication,
 ) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("stream"));
+    args.insert(
+        "x-initial-cluster-size".into(),
+        AMQPValue::LongInt(i32::from(rep.initial_group_size)),
+    );
+    args.insert(
+        "x-queue-leader-locator".into(),
+        text(rep.leader_locator.as_str()),
+    );
     if let Some(age) = max_age {
         args.insert("x-max-age".into(), text(age));
     }
@@ -164,9 +189,10 @@ fn stream_arguments(
 pub async fn declare_audit(
     conn: &lapin::Connection,
     a: &crate::settings::AuditSettings,
+    rep: &Replication,
 ) -> Result<(), BrokerError> {
     let ch = conn.create_channel().await?;
-    match declare_audit_on(&ch, a).await {
+    match declare_audit_on(&ch, a, rep).await {
         Ok(()) => {
             let _ = ch.close(200, "declared".into()).await;
             Ok(())
@@ -215,6 +241,7 @@ pub async fn expect_exist(
 async fn declare_audit_on(
     ch: &Channel,
     a: &crate::settings::AuditSettings,
+    rep: &Replication,
 ) -> Result<(), BrokerError> {
     ch.exchange_declare(
         a.exchange.as_str().into(),
@@ -228,7 +255,7 @@ async fn declare_audit_on(
     bound(
         ch,
         &a.queue,
-        audit_stream_arguments(),
+        audit_stream_arguments(rep),
         &a.exchange,
         routing::AUDIT_BINDING,
     )
@@ -241,8 +268,8 @@ pub const AUDIT_MAX_AGE: &str = "90D";
 pub const AUDIT_SEGMENT_BYTES: i64 = 16_000_000;
 
 /// The audit stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
-pub fn audit_stream_arguments() -> FieldTable {
-    stream_arguments(Some(AUDIT_MAX_AGE), None, AUDIT_SEGMENT_BYTES)
+pub fn audit_stream_arguments(rep: &Replication) -> FieldTable {
+    stream_arguments(Some(AUDIT_MAX_AGE), None, AUDIT_SEGMENT_BYTES, rep)
 }
 
 /// Declares the approvals' topology: the exchange approvers publish decisions to (topic,
@@ -253,6 +280,7 @@ pub async fn declare_approvals(
     a: &crate::settings::ApprovalSettings,
     dead_letter_exchange: &str,
     delivery_limit: u32,
+    rep: &Replication,
 ) -> Result<(), BrokerError> {
     ch.exchange_declare(
         a.exchange.as_str().into(),
@@ -261,8 +289,7 @@ pub async fn declare_approvals(
         FieldTable::default(),
     )
     .await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
+    let mut args = quorum_arguments(rep);
     args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongInt(delivery_limit as i32),
@@ -273,7 +300,11 @@ pub async fn declare_approvals(
 
 /// Declares the control topology: the control exchange (topic, levers and attempts), the state
 /// exchange (fanout) and the state stream it feeds, and the events queue (`event.#`).
-pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), BrokerError> {
+pub async fn declare_control(
+    ch: &Channel,
+    c: &ControlSettings,
+    rep: &Replication,
+) -> Result<(), BrokerError> {
     ch.exchange_declare(
         c.exchange.as_str().into(),
         ExchangeKind::Topic,
@@ -291,12 +322,19 @@ pub async fn declare_control(ch: &Channel, c: &ControlSettings) -> Result<(), Br
     bound(
         ch,
         &c.state_queue,
-        control_state_stream_arguments(),
+        control_state_stream_arguments(rep),
         &c.state_exchange,
         "",
     )
     .await?;
-    bound_queue(ch, &c.events_queue, &c.exchange, routing::EVENT_BINDING).await
+    bound_queue(
+        ch,
+        &c.events_queue,
+        &c.exchange,
+        routing::EVENT_BINDING,
+        rep,
+    )
+    .await
 }
 
 /// A replica's own control queue (exclusive, gone with its connection), bound to levers and
@@ -335,10 +373,11 @@ pub const CONTROL_STATE_SEGMENT_BYTES: i64 = 1_000_000;
 pub const CONTROL_STATE_MAX_BYTES: i64 = 20_000_000;
 
 /// The control state stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
-pub fn control_state_stream_arguments() -> FieldTable {
+pub fn control_state_stream_arguments(rep: &Replication) -> FieldTable {
     stream_arguments(
         None,
         Some(CONTROL_STATE_MAX_BYTES),
         CONTROL_STATE_SEGMENT_BYTES,
+        rep,
     )
 }

@@ -42,10 +42,11 @@ pub struct Parts {
     pub control: ControlSettings,
     pub approval: ApprovalSettings,
     pub commands_queue: String,
-    /// The broker URL whose host, port and vhost the console logs people in at (its own user and
-    /// password are replaced by theirs).
-    pub broker_url: String,
+    /// The broker nodes whose hosts, ports and vhost the console logs people in at (their user
+    /// and password are replaced by theirs).
+    pub endpoints: crate::broker::Endpoints,
     pub poller_user: String,
+    pub replication: crate::settings::Replication,
 }
 
 impl Parts {
@@ -55,8 +56,9 @@ impl Parts {
             control: s.control.clone(),
             approval: s.approval.clone(),
             commands_queue: s.topology.commands_queue.clone(),
-            broker_url: s.amqp.url.clone(),
+            endpoints: s.amqp.checked_endpoints(),
             poller_user: s.poller_user(),
+            replication: s.topology.replication,
         }
     }
 }
@@ -87,11 +89,8 @@ impl Console {
     }
 
     /// The broker URL of `user` with `password`.
-    fn url_for(&self, user: &str, password: &str) -> Option<String> {
-        let mut u = url::Url::parse(&self.parts.broker_url).ok()?;
-        u.set_username(user).ok()?;
-        u.set_password(Some(password)).ok()?;
-        Some(u.to_string())
+    fn endpoints_for(&self, user: &str, password: &str) -> Option<crate::broker::Endpoints> {
+        self.parts.endpoints.with_credentials(user, password)
     }
 
     fn cookie(&self, token: &str) -> String {
@@ -365,15 +364,15 @@ async fn login(
         }
         tracing::warn!(user = %f.user, client = %addr.ip(), why, "console audit: failed login");
     };
-    let Some(url) = c.url_for(&f.user, &f.password) else {
+    let Some(endpoints) = c.endpoints_for(&f.user, &f.password) else {
         fail("unusable user name");
         return refused(
             StatusCode::BAD_REQUEST,
             "That user name can't be used.".into(),
         );
     };
-    let conn = match crate::broker::connect(&url, "command-poller-console").await {
-        Ok(conn) => conn,
+    let conn = match crate::broker::connect(&endpoints, "command-poller-console").await {
+        Ok((conn, _)) => conn,
         Err(e) => {
             let text = e.to_string();
             // Never echo the URL: it holds the password.
@@ -455,7 +454,8 @@ fn operator<'a>(c: &'a Console) -> Operator<'a> {
         control: &c.parts.control,
         commands_queue: &c.parts.commands_queue,
         poller_user: c.parts.poller_user.clone(),
-        amqp_url: "",
+        replication: c.parts.replication,
+        endpoints: c.parts.endpoints.clone(),
         wait: ANSWER_WAIT,
     }
 }
@@ -641,7 +641,7 @@ async fn lever(
 fn approver(c: &Console) -> Approver<'_> {
     Approver {
         settings: &c.parts.approval,
-        amqp_url: "",
+        endpoints: c.parts.endpoints.clone(),
         wait: Duration::from_secs(5),
     }
 }

@@ -50,20 +50,23 @@ pub struct Operator<'a> {
     pub commands_queue: &'a str,
     /// The poller's broker user (it may write the stored state too).
     pub poller_user: String,
-    /// The operator's broker URL; its user must be in `control.operators`.
-    pub amqp_url: &'a str,
+    /// How the control queue and stream spread over a cluster, if the operator declares them.
+    pub replication: crate::settings::Replication,
+    /// The operator's broker nodes; their user must be in `control.operators`.
+    pub endpoints: broker::Endpoints,
     /// How long to collect replica answers.
     pub wait: Duration,
 }
 
 impl<'a> Operator<'a> {
-    /// An operator for the system `settings` describe, connecting with `amqp_url`.
-    pub fn new(settings: &'a Settings, amqp_url: &'a str, wait: Duration) -> Self {
+    /// An operator for the system `settings` describe, connecting to `endpoints`.
+    pub fn new(settings: &'a Settings, endpoints: &broker::Endpoints, wait: Duration) -> Self {
         Self {
             control: &settings.control,
             commands_queue: &settings.topology.commands_queue,
             poller_user: settings.poller_user(),
-            amqp_url,
+            replication: settings.topology.replication,
+            endpoints: endpoints.clone(),
             wait,
         }
     }
@@ -72,8 +75,8 @@ impl<'a> Operator<'a> {
 impl Operator<'_> {
     /// Connects as the operator, runs `cmd`, and closes the connection.
     pub async fn run(&self, cmd: ControlCommand) -> Result<Report, OperatorError> {
-        let user = broker::user_of(self.amqp_url);
-        let conn = broker::connect(self.amqp_url, "command-poller-operator").await?;
+        let user = self.endpoints.user();
+        let (conn, _) = broker::connect(&self.endpoints, "command-poller-operator").await?;
         let report = self.run_on(&conn, &user, cmd).await;
         broker::close(&conn, "done").await;
         report
@@ -92,7 +95,7 @@ impl Operator<'_> {
         // An operator may not configure anything (least privilege): where the declare is
         // refused, the control topology (the replicas declare it) must simply exist.
         let declared = conn.create_channel().await?;
-        match declare_control(&declared, c).await {
+        match declare_control(&declared, c, &self.replication).await {
             Ok(()) => {}
             Err(e) if e.is_access_refused() => expect_control(conn, c).await?,
             Err(e) => return Err(e.into()),

@@ -41,8 +41,8 @@ pub enum CallError {
 
 /// One agent's front door.
 pub struct FrontDoor {
-    /// The agent's broker URL: its user is the identity on every command.
-    pub amqp_url: String,
+    /// The agent's broker nodes: their user is the identity on every command.
+    pub endpoints: broker::Endpoints,
     pub commands_exchange: String,
     /// How long a call waits for its result.
     pub deadline: Duration,
@@ -145,9 +145,13 @@ impl ToolCommand {
 }
 
 impl FrontDoor {
-    pub fn new(amqp_url: String, commands_exchange: String, deadline: Duration) -> Self {
+    pub fn new(
+        endpoints: broker::Endpoints,
+        commands_exchange: String,
+        deadline: Duration,
+    ) -> Self {
         Self {
-            amqp_url,
+            endpoints,
             commands_exchange,
             deadline,
             sent: Mutex::new(Journal::default()),
@@ -156,7 +160,7 @@ impl FrontDoor {
 
     /// The agent's broker user.
     pub fn agent(&self) -> String {
-        broker::user_of(&self.amqp_url)
+        self.endpoints.user()
     }
 
     /// Sends `cmd` as the agent and waits for its result.
@@ -188,7 +192,7 @@ impl FrontDoor {
         body: &serde_json::Value,
         action_id: &str,
     ) -> Result<ResultMessage, CallError> {
-        let conn = broker::connect(&self.amqp_url, "command-poller-mcp").await?;
+        let (conn, _) = broker::connect(&self.endpoints, "command-poller-mcp").await?;
         let answer = self.exchange(&conn, body, action_id).await;
         broker::close(&conn, "done").await;
         answer

@@ -361,14 +361,16 @@ pub mod http {
                         "clients[{i}].token_sha256: 64 hexadecimal characters expected"
                     ));
                 }
-                let user = crate::broker::user_of(&c.amqp_url);
+                let endpoints = crate::broker::Endpoints::parse(&c.amqp_url)
+                    .map_err(|e| format!("clients[{i}].amqp_url: {e}"))?;
+                let user = endpoints.user();
                 if !users.insert(user.clone()) {
                     return Err(format!("clients[{i}]: broker user {user} is already another client's: every client is its own agent"));
                 }
                 by_token.insert(
                     c.token_sha256.to_ascii_lowercase(),
                     Arc::new(FrontDoor::new(
-                        c.amqp_url,
+                        endpoints,
                         commands_exchange.to_owned(),
                         deadline,
                     )),

@@ -274,6 +274,7 @@ impl Poller {
             dead_letter_exchange: settings.topology.dead_letter_exchange.clone(),
             instance: instance.clone(),
             poller_user: settings.poller_user(),
+            replication: settings.topology.replication,
         };
         let wake = Arc::new(tokio::sync::Notify::new());
         let desk = Desk {
@@ -300,6 +301,7 @@ impl Poller {
             wake,
             settings: super::Sections {
                 amqp: settings.amqp.clone(),
+                endpoints: settings.amqp.checked_endpoints(),
                 topology: settings.topology.clone(),
                 audit: settings.audit.clone(),
                 processing: settings.processing.clone(),

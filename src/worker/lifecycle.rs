@@ -23,7 +23,7 @@ impl Poller {
     pub async fn run(&self, shutdown: CancellationToken) {
         let a = &self.settings.amqp;
         let mut backoff = reconnect_backoff(a.reconnect_min, a.reconnect_max);
-        tracing::info!(instance = %self.instance, broker = %crate::settings::redact_url(&a.url), "poller starting");
+        tracing::info!(instance = %self.instance, broker = ?self.settings.endpoints, "poller starting");
         // In-flight commands outlive a lost session: they finish, store their outcome and
         // settle their idempotency claim, so the redelivered copies replay it at once instead of
         // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
@@ -112,10 +112,13 @@ impl Poller {
         tasks: &mut JoinSet<()>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
-        let consume_conn =
-            broker::connect(&s.amqp.url, &format!("{}-consume", s.amqp.connection_name)).await?;
-        let publish_conn = match broker::connect(
-            &s.amqp.url,
+        let endpoints = &s.endpoints;
+        let (consume_conn, node) =
+            broker::connect(endpoints, &format!("{}-consume", s.amqp.connection_name)).await?;
+        // The publisher's connection goes to the same node (now the preferred one) while it
+        // answers.
+        let (publish_conn, publish_node) = match broker::connect(
+            endpoints,
             &format!("{}-publish", s.amqp.connection_name),
         )
         .await
@@ -123,9 +126,12 @@ impl Poller {
             Ok(c) => c,
             Err(e) => {
                 broker::close(&consume_conn, "publisher connection failed").await;
+                endpoints.lost(&node);
                 return Err(e.into());
             }
         };
+        tracing::info!(node = %node.shown, publish_node = %publish_node.shown, "connected to the broker");
+        self.set_node(Some(&node));
         let result = self
             .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
             .await;
@@ -134,12 +140,28 @@ impl Poller {
             .state
             .connected
             .store(false, Ordering::SeqCst);
+        self.set_node(None);
         self.shell.publishers.send_replace(None);
+        if result.is_err() {
+            // Reconnect to the next node: the lost one may be gone for good.
+            endpoints.lost(&node);
+            endpoints.lost(&publish_node);
+        }
         // Closing requeues whatever is still unacked. A dead connection never answers close-ok:
         // bounded, so the reconnect loop can't stall here.
         broker::close(&consume_conn, "command-poller session end").await;
         broker::close(&publish_conn, "command-poller session end").await;
         result
+    }
+
+    fn set_node(&self, node: Option<&broker::Node>) {
+        *self
+            .shell
+            .settler
+            .state
+            .broker_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = node.map(|n| n.shown.clone());
     }
 
     async fn consume(
@@ -158,7 +180,7 @@ impl Poller {
             self.shell.publishers.send_replace(Some(publisher.clone()));
             let ch = consume_conn.create_channel().await?;
             broker::declare(&ch, &s.topology).await?;
-            broker::declare_audit(consume_conn, &s.audit).await?;
+            broker::declare_audit(consume_conn, &s.audit, &s.topology.replication).await?;
 
             // Control first: the stored state is applied before any command is consumed.
             let replica = Arc::new(Replica::new(
@@ -183,6 +205,7 @@ impl Poller {
                 &self.approval,
                 &s.topology.dead_letter_exchange,
                 s.topology.delivery_limit,
+                &s.topology.replication,
             )
             .await?;
             // A consumer the broker stopped feeding without the stream ending or the

@@ -35,6 +35,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub(crate) struct Sections {
     pub amqp: AmqpSettings,
+    /// The broker nodes (from `amqp`), shared by the session's connections.
+    pub endpoints: crate::broker::Endpoints,
     pub topology: TopologySettings,
     pub audit: AuditSettings,
     pub processing: ProcessingSettings,

@@ -28,6 +28,8 @@ pub struct PollerState {
     pub reload: Arc<tokio::sync::Notify>,
     /// The SHA-256 of the policy in force, for `/status`.
     pub policy_sha256: Mutex<String>,
+    /// The broker node the session is connected to (URL, password masked), for `/status`.
+    pub broker_node: Mutex<Option<String>>,
 }
 
 impl PollerState {

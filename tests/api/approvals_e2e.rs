@@ -138,7 +138,7 @@ impl Drop for World {
 async fn ask(h: &Harness, url: &str, req: Request) -> Reply {
     Approver {
         settings: &h.settings.approval,
-        amqp_url: url,
+        endpoints: node(url),
         wait: Duration::from_secs(10),
     }
     .send(&req)

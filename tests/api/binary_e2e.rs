@@ -601,12 +601,20 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         command_poller::broker::declare(&ch, &settings.topology)
             .await
             .unwrap();
-        command_poller::broker::declare_audit(&conn, &settings.audit)
-            .await
-            .unwrap();
-        command_poller::broker::declare_control(&ch, &settings.control)
-            .await
-            .unwrap();
+        command_poller::broker::declare_audit(
+            &conn,
+            &settings.audit,
+            &settings.topology.replication,
+        )
+        .await
+        .unwrap();
+        command_poller::broker::declare_control(
+            &ch,
+            &settings.control,
+            &settings.topology.replication,
+        )
+        .await
+        .unwrap();
         let _ = conn.close(200, "done".into()).await;
     });
     let envs = env_for(&sfx);

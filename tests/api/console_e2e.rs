@@ -482,7 +482,11 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
 
     // A broker that is down is said plainly, never a blank page.
     let mut parts = Parts::from_settings(&h.settings);
-    parts.broker_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    parts.endpoints = command_poller::broker::Endpoints::new([format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        free_port()
+    )])
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();

@@ -293,7 +293,11 @@ async fn a_control_message_from_a_non_operator_is_refused_and_alerted() {
     // The CLI as that user is refused too, before anything is sent.
     let s = h.settings.clone();
     let url = agent.url();
-    let op = command_poller::control::operator::Operator::new(&s, &url, Duration::from_millis(500));
+    let op = command_poller::control::operator::Operator::new(
+        &s,
+        &node(&url),
+        Duration::from_millis(500),
+    );
     assert!(op.run(resume(false)).await.is_err());
     assert_eq!(r.mode(), Mode::Paused);
     r.stop().await;
@@ -592,9 +596,13 @@ async fn publish_state(h: &Harness, body: &[u8]) {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     // Declared as the poller would, in case nothing ran yet.
-    command_poller::broker::declare_control(&ch, &h.settings.control)
-        .await
-        .unwrap();
+    command_poller::broker::declare_control(
+        &ch,
+        &h.settings.control,
+        &h.settings.topology.replication,
+    )
+    .await
+    .unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
     ch.basic_publish(
         h.settings.control.state_exchange.as_str().into(),

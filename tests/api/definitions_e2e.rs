@@ -511,7 +511,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     let ops_url = defs.url("ops-admin");
     let report = command_poller::control::operator::Operator::new(
         &op_settings,
-        &ops_url,
+        &node(&ops_url),
         Duration::from_millis(1500),
     )
     .run(command_poller::control::ControlCommand::Status {
@@ -544,7 +544,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     let approver_url = defs.url("approver");
     let ap = command_poller::approval::approver::Approver {
         settings: &defaults.approval,
-        amqp_url: &approver_url,
+        endpoints: node(&approver_url),
         wait: Duration::from_secs(10),
     };
     let list = ap

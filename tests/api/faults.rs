@@ -235,9 +235,13 @@ impl World {
         command_poller::broker::declare(&ch, &settings.topology)
             .await
             .unwrap();
-        command_poller::broker::declare_audit(&conn, &settings.audit)
-            .await
-            .unwrap();
+        command_poller::broker::declare_audit(
+            &conn,
+            &settings.audit,
+            &settings.topology.replication,
+        )
+        .await
+        .unwrap();
         let _ = conn.close(200, "ok".into()).await;
         let secret = format!("fault-secret-{sfx}");
         let sim_port = free_port();

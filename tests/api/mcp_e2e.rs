@@ -176,7 +176,7 @@ async fn an_agent_carries_out_the_runbook_through_mcp_tools() {
     // A human approves (guest: an approver, not the agent).
     let reply = Approver {
         settings: &h.settings.approval,
-        amqp_url: AMQP,
+        endpoints: node(AMQP),
         wait: Duration::from_secs(10),
     }
     .send(&Request::Approve {

@@ -23,6 +23,8 @@ pub struct Names {
     pub instance: String,
     /// The broker user the poller publishes as.
     pub poller_user: String,
+    /// How the control stream and events queue spread over a cluster when declared.
+    pub replication: crate::settings::Replication,
 }
 
 /// A replica's answer to a control message.
@@ -239,6 +241,7 @@ mod tests {
             dead_letter_exchange: "dlx".into(),
             instance: "poller-1".into(),
             poller_user: "command-poller".into(),
+            replication: crate::testing::REPLICATION,
         }
     }
 

@@ -22,7 +22,7 @@ impl Replica {
         publisher: &Publisher,
     ) -> Result<(lapin::Consumer, Option<StateReader>), BrokerError> {
         let c = &self.control;
-        broker::declare_control(ch, c).await?;
+        broker::declare_control(ch, c, &self.names.replication).await?;
         let q = broker::declare_replica_queue(ch, c).await?;
         // Subscribe before reading the state, so a change in between is not missed.
         let consumer = ch

@@ -9,6 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One broker node, `url`, as the clients take it.
+pub fn node(url: &str) -> command_poller::broker::Endpoints {
+    command_poller::broker::Endpoints::new([url]).expect("an amqp URL")
+}
 /// The private test instances `scripts/ensure-stores.sh` starts (never the machine's own).
 pub const REDIS_PORT: u16 = 6390;
 pub const REDIS: &str = "redis://127.0.0.1:6390";

@@ -101,7 +101,9 @@ impl Harness {
         let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         broker::declare(&ch, &settings.topology).await.unwrap();
-        broker::declare_audit(&conn, &settings.audit).await.unwrap();
+        broker::declare_audit(&conn, &settings.audit, &settings.topology.replication)
+            .await
+            .unwrap();
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let t = &settings.topology;
         tokio::spawn(collect(
@@ -419,7 +421,7 @@ impl Harness {
     pub fn operator(&self) -> command_poller::control::operator::Operator<'_> {
         command_poller::control::operator::Operator::new(
             &self.settings,
-            AMQP,
+            &super::broker::node(AMQP),
             Duration::from_millis(1500),
         )
     }
