@@ -690,7 +690,7 @@ impl Settings {
             );
         }
         let members = self.topology.replication.initial_group_size;
-        if members == 0 || members % 2 == 0 {
+        if members == 0 || members.is_multiple_of(2) {
             return bad(format!(
                 "topology.replication.initial_group_size: {members} must be odd (a quorum of an even group survives no more losses than the odd group one smaller)"
             ));
