@@ -57,6 +57,12 @@ impl ReplicaStats for PollerState {
     fn policy_changed(&self, digest: &str) {
         *self.policy_sha256.lock().unwrap_or_else(|p| p.into_inner()) = digest.to_owned();
     }
+    fn broker_node(&self) -> Option<String> {
+        self.broker_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
     fn recent_results(&self) -> Vec<(String, Status)> {
         self.recent
             .lock()

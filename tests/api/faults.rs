@@ -30,20 +30,23 @@ fn free_port() -> u16 {
 }
 
 /// One scenario's world: names, processes, the simulator behind a switchable proxy.
-struct World {
-    name: &'static str,
-    sfx: String,
-    settings: command_poller::settings::Settings,
+pub(crate) struct World {
+    pub(crate) name: &'static str,
+    /// The broker nodes (the one on 127.0.0.1:5672, or a cluster's): the pollers, the test's
+    /// publisher and its results collector fail over between them.
+    pub(crate) urls: Vec<String>,
+    pub(crate) sfx: String,
+    pub(crate) settings: command_poller::settings::Settings,
     secret: String,
     sim_port: u16,
     proxy_port: u16,
     proxy_up: Arc<AtomicBool>,
     sim: Child,
-    pollers: Vec<Child>,
-    results: Arc<Mutex<Vec<ResultMessage>>>,
-    extra_env: Vec<(String, String)>,
+    pub(crate) pollers: Vec<Child>,
+    pub(crate) results: Arc<Mutex<Vec<ResultMessage>>>,
+    pub(crate) extra_env: Vec<(String, String)>,
     config_dir: std::path::PathBuf,
-    logs: Vec<std::path::PathBuf>,
+    pub(crate) logs: Vec<std::path::PathBuf>,
     _cleanup: Cleanup,
 }
 
@@ -125,7 +128,7 @@ async fn proxy(port: u16, target: u16, up: Arc<AtomicBool>) {
 /// Collects results from the results queue, reconnecting across broker restarts. Delivery to
 /// this consumer is at least once too (an ack lost in a restart redelivers the message), so a
 /// result is counted once per `message_id`, as a real consumer would.
-async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
+async fn collect(urls: Vec<String>, queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
     // Every broker call has a deadline: a call that never answers (a connection half-dead
     // across a broker restart) must not stall the collector silently.
     const STEP: Duration = Duration::from_secs(5);
@@ -133,8 +136,11 @@ async fn collect(queue: String, into: Arc<Mutex<Vec<ResultMessage>>>) {
         tokio::time::timeout(STEP, f).await.ok()?.ok()
     }
     let mut seen = std::collections::HashSet::new();
+    let nodes = command_poller::broker::Endpoints::new(&urls).unwrap();
     loop {
-        let Some(conn) = step(Connection::connect(AMQP, Default::default())).await else {
+        let Some((conn, _)) =
+            step(command_poller::broker::connect(&nodes, "fault-collector")).await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -225,12 +231,18 @@ impl World {
 
     /// A world whose bridge takes `latency_ms` per execution.
     async fn with_latency(name: &'static str, latency_ms: u64) -> World {
+        Self::on(name, latency_ms, vec![AMQP.to_owned()]).await
+    }
+
+    /// A world on the broker nodes `urls`, whose bridge takes `latency_ms` per execution.
+    pub(crate) async fn on(name: &'static str, latency_ms: u64, urls: Vec<String>) -> World {
         let sfx = suffix();
         // The shipped delivery limit and claim timings: crashes must not dead-letter commands.
-        let settings = test_settings(&sfx);
+        let mut settings = test_settings(&sfx);
+        settings.amqp.urls = urls.clone();
         let cleanup = Cleanup(settings.clone());
         // Declare the topology first (the results queue must exist before results flow).
-        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+        let conn = connect_any(&urls).await;
         let ch = conn.create_channel().await.unwrap();
         command_poller::broker::declare(&ch, &settings.topology)
             .await
@@ -263,12 +275,14 @@ impl World {
         tokio::spawn(proxy(proxy_port, sim_port, proxy_up.clone()));
         let results = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(collect(
+            urls.clone(),
             settings.topology.results_queue.clone(),
             results.clone(),
         ));
         let config_dir = fault_config(|t| t);
         let w = World {
             name,
+            urls,
             sfx,
             settings,
             secret,
@@ -309,6 +323,7 @@ impl World {
                 ("POLLER__PROCESSING__MAX_IN_FLIGHT", "32".into()),
                 ("BRIDGE_SECRET", self.secret.clone()),
                 ("POLLER_CONFIG_DIR", self.config_dir.display().to_string()),
+                ("POLLER__AMQP__URLS", self.urls.join(",")),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
@@ -317,7 +332,7 @@ impl World {
         v
     }
 
-    fn spawn_poller(&mut self, replica: &str) -> usize {
+    pub(crate) fn spawn_poller(&mut self, replica: &str) -> usize {
         let path =
             std::env::temp_dir().join(format!("fault-{}-{}-{replica}.log", self.name, self.sfx));
         let log = std::fs::OpenOptions::new()
@@ -357,8 +372,8 @@ impl World {
 
     /// Waits until `queue` exists and has a consumer (passive declares on fresh channels: a
     /// declare of a missing queue closes its channel).
-    async fn wait_consumer(&self, queue: &str) {
-        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    pub(crate) async fn wait_consumer(&self, queue: &str) {
+        let conn = connect_any(&self.urls).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ch = conn.create_channel().await.unwrap();
@@ -388,14 +403,39 @@ impl World {
         let _ = conn.close(200, "ok".into()).await;
     }
 
-    async fn publish(&self, bodies: &[Vec<u8>]) {
-        let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(Default::default()).await.unwrap();
+    /// Publishes `bodies` as an agent would: persistent, mandatory, confirmed. What the broker
+    /// nacks or leaves unconfirmed (a cluster losing the queue's leader mid-publish) is
+    /// published again, as an agent must: the poller answers a repeat from its store.
+    pub(crate) async fn publish(&self, bodies: &[Vec<u8>]) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut pending: Vec<&Vec<u8>> = bodies.iter().collect();
+        while !pending.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} commands still unconfirmed after 90 s",
+                pending.len()
+            );
+            pending = self.publish_once(&pending).await;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    /// One round: returns what was not confirmed.
+    async fn publish_once<'b>(&self, bodies: &[&'b Vec<u8>]) -> Vec<&'b Vec<u8>> {
+        let conn = connect_any(&self.urls).await;
+        let mut failed = Vec::new();
+        let Ok(ch) = conn.create_channel().await else {
+            return bodies.to_vec();
+        };
+        if ch.confirm_select(Default::default()).await.is_err() {
+            return bodies.to_vec();
+        }
         let mut confirms = Vec::new();
         for b in bodies {
-            confirms.push(
-                ch.basic_publish(
+            let sent = ch
+                .basic_publish(
                     self.settings.topology.commands_exchange.as_str().into(),
                     command_poller::agent::routing_key_for(b).as_str().into(),
                     BasicPublishOptions {
@@ -407,22 +447,26 @@ impl World {
                         .with_user_id("guest".into())
                         .with_delivery_mode(2),
                 )
-                .await
-                .unwrap(),
-            );
+                .await;
+            match sent {
+                Ok(c) => confirms.push((*b, c)),
+                Err(_) => failed.push(*b),
+            }
         }
-        for c in confirms {
-            let confirmation = c.await.unwrap();
-            assert!(confirmation.is_ack());
-            assert!(
-                confirmation.take_message().is_none(),
-                "a command was returned unroutable: no queue is bound to the commands exchange"
-            );
+        for (b, c) in confirms {
+            match tokio::time::timeout(Duration::from_secs(30), c).await {
+                Ok(Ok(confirmation)) if confirmation.is_ack() => assert!(
+                    confirmation.take_message().is_none(),
+                    "a command was returned unroutable: no queue is bound to the commands exchange"
+                ),
+                _ => failed.push(b),
+            }
         }
-        let _ = conn.close(200, "ok".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "ok".into())).await;
+        failed
     }
 
-    fn distinct_results(&self) -> usize {
+    pub(crate) fn distinct_results(&self) -> usize {
         let r = self.results.lock().unwrap();
         let mut ids: Vec<&str> = r.iter().filter_map(|r| r.action_id.as_deref()).collect();
         ids.sort();
@@ -430,7 +474,7 @@ impl World {
         ids.len()
     }
 
-    async fn wait_results(&self, n: usize, timeout: Duration) {
+    pub(crate) async fn wait_results(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.distinct_results() < n {
             if Instant::now() > deadline {
@@ -441,7 +485,7 @@ impl World {
     }
 
     /// Waits until every one of `ids` has a result.
-    async fn wait_ids(&self, ids: &[String], timeout: Duration) {
+    pub(crate) async fn wait_ids(&self, ids: &[String], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let have: std::collections::HashSet<String> = self
@@ -471,7 +515,7 @@ impl World {
 
     /// Checks and prints: every id has a result, at most one non-replay result each, at most
     /// one bridge execution each.
-    async fn report(&self, ids: &[String]) -> Row {
+    pub(crate) async fn report(&self, ids: &[String]) -> Row {
         let results = self.results.lock().unwrap().clone();
         let calls = self.sim_calls().await;
         let mut non_replay: HashMap<&str, usize> = HashMap::new();
@@ -548,7 +592,7 @@ impl World {
 impl World {
     /// Replicas share the Redis store (an embedded file can't be shared), under this world's
     /// key prefix; returns the prefix.
-    fn share_redis(&mut self) -> String {
+    pub(crate) fn share_redis(&mut self) -> String {
         let prefix = format!("fault-{}", self.sfx);
         self.extra_env.extend([
             ("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()),
@@ -590,7 +634,7 @@ impl World {
     }
 }
 
-struct Row {
+pub(crate) struct Row {
     scenario: &'static str,
     sent: usize,
     with_result: usize,
@@ -621,7 +665,20 @@ async fn http_post(port: u16, path: &str, body: &str) {
     http(port, format!("POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
 }
 
-fn load(prefix: &str, n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
+/// Connects to the first of `urls` that answers (within 60 s: a cluster may be electing).
+pub(crate) async fn connect_any(urls: &[String]) -> Connection {
+    let nodes = command_poller::broker::Endpoints::new(urls).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match command_poller::broker::connect(&nodes, "fault-test").await {
+            Ok((conn, _)) => return conn,
+            Err(e) => assert!(Instant::now() < deadline, "no broker node answers: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub(crate) fn load(prefix: &str, n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let bodies = ids
         .iter()

@@ -12,6 +12,7 @@ mod bad_input_e2e;
 mod binary_e2e;
 mod builds_the_image;
 mod canary_e2e;
+mod cluster;
 mod console_e2e;
 mod control_e2e;
 mod definitions_e2e;

@@ -23,6 +23,7 @@ impl Replica {
             refusal,
             state: self.gate.state(),
             policy_sha256: self.policy.digest(),
+            broker_node: self.stats.broker_node(),
             in_flight: self.stats.in_flight(),
             at_bridge: self.gate.at_bridge(),
             processed: self.stats.processed(),

@@ -55,6 +55,10 @@ pub trait ReplicaStats: Send + Sync {
     fn recent_results(&self) -> Vec<(String, Status)>;
     /// The digest of the policy now in force (for `/status`).
     fn policy_changed(&self, _digest: &str) {}
+    /// The broker node the replica is connected to, password masked.
+    fn broker_node(&self) -> Option<String> {
+        None
+    }
 }
 
 pub struct Replica {

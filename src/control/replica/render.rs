@@ -39,6 +39,9 @@ pub struct ReplicaReply {
     /// The SHA-256 of the policy this replica runs: a fleet with mixed policies shows here.
     #[serde(default)]
     pub policy_sha256: String,
+    /// The broker node this replica is connected to (URL, password masked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_node: Option<String>,
     pub in_flight: usize,
     pub at_bridge: usize,
     pub processed: usize,
@@ -320,6 +323,7 @@ mod tests {
             refusal: None,
             state: halted(),
             policy_sha256: "p".repeat(64),
+            broker_node: None,
             in_flight: 0,
             at_bridge: 0,
             processed: 3,

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# A three-node RabbitMQ cluster on this machine, for the cluster fault suite
+# (tests/api/cluster.rs). It leaves the broker on 127.0.0.1:5672 (rabbit@localhost) alone.
+#
+#   node  name                AMQP             distribution     distribution connects from
+#   1     rabbitc1@localhost  127.0.0.1:5681   0.0.0.0:25681    127.0.0.11
+#   2     rabbitc2@localhost  127.0.0.1:5682   0.0.0.0:25682    127.0.0.12
+#   3     rabbitc3@localhost  127.0.0.1:5683   0.0.0.0:25683    127.0.0.13
+#
+# Each node runs as the rabbitmq user with its own data directory under $CLUSTER_DIR (default
+# /tmp/command-poller-cluster), cluster_partition_handling = pause_minority (a node cut off
+# from the other two pauses and closes its clients' connections) and a 10 s net_ticktime (a
+# partition is noticed within about 10 s). Each node's distribution connects from its own
+# loopback address, so `partition N` can cut node N off from the other two with nftables while
+# clients and rabbitmqctl still reach every node.
+#
+# Usage:
+#   scripts/cluster.sh start            start the three nodes and cluster them (idempotent)
+#   scripts/cluster.sh stop             stop them and remove their data
+#   scripts/cluster.sh status           cluster_status from node 1
+#   scripts/cluster.sh kill N           SIGKILL node N's Erlang VM
+#   scripts/cluster.sh stop-node N      stop node N (rabbitmqctl stop)
+#   scripts/cluster.sh start-node N     start node N again (it rejoins the cluster; waits for 3)
+#   scripts/cluster.sh safe-to-stop N   wait (60 s at most) until stopping N leaves every quorum
+#                                       queue a majority (rabbitmq-queues' own check)
+#   scripts/cluster.sh partition N      cut node N off from the other two
+#   scripts/cluster.sh heal             remove every cut
+#   scripts/cluster.sh leader QUEUE     the node leading quorum queue QUEUE (1, 2 or 3)
+#   scripts/cluster.sh pid N            node N's Erlang VM pid
+set -euo pipefail
+
+DIR=${CLUSTER_DIR:-/tmp/command-poller-cluster}
+NODES=(1 2 3)
+TABLE=command_poller_cluster
+
+name() { echo "rabbitc$1@localhost"; }
+amqp_port() { echo $((5680 + $1)); }
+dist_port() { echo $((25680 + $1)); }
+ip_of() { echo "127.0.0.$((10 + $1))"; }
+ctl() { local n=$1; shift; rabbitmqctl -q -n "$(name "$n")" "$@"; }
+
+need() {
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    scripts/ensure-rabbitmq.sh >/dev/null
+  fi
+  if ! command -v nft >/dev/null 2>&1; then
+    echo "cluster: installing Debian's nftables (partitions)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null
+  fi
+}
+
+write_config() {
+  local n=$1 b="$DIR/n$1"
+  mkdir -p "$b"
+  cat >"$b/rabbitmq.conf" <<EOF
+listeners.tcp.local = 127.0.0.1:$(amqp_port "$n")
+cluster_partition_handling = pause_minority
+max_message_size = 1048576
+# A test cluster on one small machine: don't refuse publishers for low disk.
+disk_free_limit.absolute = 50MB
+EOF
+  cat >"$b/advanced.config" <<EOF
+[
+  {kernel, [
+    {net_ticktime, 10},
+    {inet_dist_listen_min, $(dist_port "$n")},
+    {inet_dist_listen_max, $(dist_port "$n")},
+    {inet_dist_connect_options, [{ip, {127,0,0,$((10 + n))}}]}
+  ]}
+].
+EOF
+}
+
+running() { ctl "$1" await_startup --timeout 1 >/dev/null 2>&1; }
+
+start_node() {
+  local n=$1 b="$DIR/n$1"
+  if running "$n"; then return 0; fi
+  write_config "$n"
+  chown -R rabbitmq:rabbitmq "$DIR"
+  su rabbitmq -s /bin/sh -c "cd /var/lib/rabbitmq; env RABBITMQ_NODENAME=$(name "$n") \
+    RABBITMQ_NODE_PORT=$(amqp_port "$n") RABBITMQ_DIST_PORT=$(dist_port "$n") \
+    RABBITMQ_MNESIA_BASE=$b/mnesia RABBITMQ_LOG_BASE=$b/log RABBITMQ_PID_FILE=$b/pid \
+    RABBITMQ_CONFIG_FILE=$b/rabbitmq RABBITMQ_ADVANCED_CONFIG_FILE=$b/advanced.config \
+    RABBITMQ_ENABLED_PLUGINS_FILE=$b/enabled_plugins \
+    /usr/lib/rabbitmq/bin/rabbitmq-server -detached" >/dev/null 2>&1
+  # -detached returns before the VM registers with epmd, and await_startup gives up at once on
+  # a node that isn't there yet.
+  for _ in $(seq 1 90); do
+    if ctl "$n" ping >/dev/null 2>&1; then
+      ctl "$n" await_startup --timeout 90 >/dev/null
+      return 0
+    fi
+    sleep 1
+  done
+  echo "cluster: node $n did not start within 90 s (see $b/log)" >&2
+  return 1
+}
+
+in_cluster() { ctl 1 cluster_status --formatter json 2>/dev/null | grep -q "\"$(name "$1")\""; }
+
+start() {
+  need
+  mkdir -p "$DIR"
+  for n in "${NODES[@]}"; do start_node "$n"; done
+  for n in 2 3; do
+    if ! ctl 1 cluster_status --formatter json | python3 -c "import json,sys; sys.exit(0 if '$(name "$n")' in json.load(sys.stdin)['running_nodes'] else 1)"; then
+      ctl "$n" stop_app >/dev/null
+      ctl "$n" reset >/dev/null
+      ctl "$n" join_cluster "$(name 1)" >/dev/null 2>&1
+      ctl "$n" start_app >/dev/null
+    fi
+  done
+  ctl 1 await_online_nodes 3 --timeout 60 >/dev/null
+  echo "cluster: 3 nodes running on 127.0.0.1:$(amqp_port 1),$(amqp_port 2),$(amqp_port 3)"
+}
+
+stop() {
+  heal 2>/dev/null || true
+  for n in "${NODES[@]}"; do
+    ctl "$n" stop >/dev/null 2>&1 || kill_node "$n" 2>/dev/null || true
+  done
+  rm -rf "$DIR"
+  echo "cluster: stopped"
+}
+
+pid_of() {
+  local f="$DIR/n$1/pid"
+  [ -s "$f" ] && cat "$f" && return 0
+  # The pid file is written after boot: fall back to the VM whose node name it is.
+  pgrep -f -- "-sname $(name "$1")|-name $(name "$1")|nodename $(name "$1")" | head -1
+}
+
+kill_node() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -KILL "$p"; }
+
+partition() {
+  local n=$1 me others=() port=() 
+  me=$(ip_of "$n")
+  for m in "${NODES[@]}"; do
+    if [ "$m" != "$n" ]; then others+=("$(ip_of "$m")"); port+=("$(dist_port "$m")"); fi
+  done
+  local o p
+  o=$(IFS=,; echo "${others[*]}"); p=$(IFS=,; echo "${port[*]}")
+  nft add table inet $TABLE
+  nft "add chain inet $TABLE cut { type filter hook output priority 0; policy accept; }"
+  # Node n's connections to the others' listeners, theirs to n's, and the answers both ways.
+  nft add rule inet $TABLE cut ip saddr "$me" tcp dport "{ $p }" drop
+  nft add rule inet $TABLE cut ip saddr "{ $o }" tcp dport "$(dist_port "$n")" drop
+  nft add rule inet $TABLE cut tcp sport "$(dist_port "$n")" ip daddr "{ $o }" drop
+  nft add rule inet $TABLE cut tcp sport "{ $p }" ip daddr "$me" drop
+}
+
+heal() { nft delete table inet $TABLE 2>/dev/null || true; }
+
+leader() {
+  ctl 1 list_queues name leader --formatter json | python3 -c "
+import json,sys
+for q in json.load(sys.stdin):
+    if q['name'] == sys.argv[1]:
+        print(q['leader'].split('@')[0][len('rabbitc'):]); break
+else:
+    sys.exit(1)" "$1"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) ctl 1 cluster_status ;;
+  kill) kill_node "$2" ;;
+  stop-node) ctl "$2" stop >/dev/null ;;
+  start-node) start_node "$2"; ctl "$2" await_online_nodes 3 --timeout 60 >/dev/null ;;
+  safe-to-stop)
+    for _ in $(seq 1 60); do
+      if rabbitmq-queues -q -n "$(name "$2")" check_if_node_is_quorum_critical >/dev/null 2>&1; then exit 0; fi
+      sleep 1
+    done
+    echo "cluster: node $2 is still quorum-critical after 60 s" >&2; exit 1 ;;
+  partition) partition "$2" ;;
+  heal) heal ;;
+  leader) leader "$2" ;;
+  pid) pid_of "$2" ;;
+  *) sed -n '2,31p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,413 @@
+//! The cluster fault suite: the fault suite's worlds (real poller processes, the bridge
+//! simulator, hundreds of commands counted per action_id: exactly one final result, at most one
+//! bridge execution, nothing lost) on a three-node RabbitMQ cluster (`scripts/cluster.sh`),
+//! with a node killed, stopped, cut off, and every node restarted in turn.
+//!
+//! Each scenario also prints how long it took from the node's loss to the first command
+//! processed again: the earliest `completed_at` of a command the poller received after the
+//! loss (`received_at`), minus the moment of the loss, on the pollers' own clock.
+//!
+//! Ignored in the parallel suite: `scripts/test.sh` starts the cluster and runs them one at a
+//! time:
+//!   scripts/cluster.sh start
+//!   cargo test --test api -- --ignored --test-threads=1 --nocapture cluster::
+
+use crate::faults::{connect_any, load, World};
+use command_poller::control::operator::{new_request_id, Operator, Report};
+use command_poller::control::{ControlCommand, Mode};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+const NODES: [u8; 3] = [1, 2, 3];
+
+/// `scripts/cluster.sh ARGS`, which must succeed; its standard output.
+fn cluster(args: &[&str]) -> String {
+    let out = Command::new("scripts/cluster.sh")
+        .args(args)
+        .output()
+        .expect("scripts/cluster.sh runs");
+    assert!(
+        out.status.success(),
+        "scripts/cluster.sh {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn url(node: u8) -> String {
+    format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        5680 + u16::from(node)
+    )
+}
+
+/// The three nodes' URLs, `first` first (the node the pollers connect to while it answers).
+fn urls_from(first: u8) -> Vec<String> {
+    let mut order = vec![first];
+    order.extend(NODES.iter().copied().filter(|n| *n != first));
+    order.into_iter().map(url).collect()
+}
+
+/// The node leading quorum queue `queue`.
+fn leader(queue: &str) -> u8 {
+    cluster(&["leader", queue]).parse().expect("a node number")
+}
+
+/// Starts the cluster if it isn't running; on drop (a failed scenario too) heals any cut and
+/// starts every stopped node, so the next scenario finds three nodes.
+struct Cluster;
+
+impl Cluster {
+    fn up() -> Self {
+        cluster(&["start"]);
+        Cluster
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/cluster.sh").arg("heal").status();
+        let _ = Command::new("scripts/cluster.sh").arg("start").status();
+    }
+}
+
+/// Now, on the wall clock the results' timestamps use.
+fn wall_now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn parse(t: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(t, &Rfc3339).ok()
+}
+
+/// Seconds from `loss` to the first command processed again: the earliest completion of a
+/// command received after the loss.
+fn recovery(w: &World, loss: OffsetDateTime) -> f64 {
+    let results = w.results.lock().unwrap().clone();
+    let first = results
+        .iter()
+        .filter(|r| parse(&r.received_at).is_some_and(|t| t >= loss))
+        .filter_map(|r| parse(&r.completed_at))
+        .min()
+        .expect("a command was processed after the loss");
+    (first - loss).as_seconds_f64()
+}
+
+fn print_row(scenario: &str, what: &str, secs: f64) {
+    println!(
+        "CLUSTER | {scenario} | {what} | first command processed again {secs:.1} s after the loss"
+    );
+}
+
+/// A world on the cluster (its queues declared while all three nodes run), sharing Redis
+/// between its replicas; the pollers are spawned by the scenario, once it has chosen their node.
+async fn world(name: &'static str, latency_ms: u64) -> World {
+    let mut w = World::on(name, latency_ms, urls_from(1)).await;
+    w.share_redis();
+    w
+}
+
+/// Spawns `replicas` connecting to `first` first, and waits for a consumer.
+async fn spawn(w: &mut World, first: u8, replicas: &[&str]) {
+    w.urls = urls_from(first);
+    for r in replicas {
+        w.spawn_poller(r);
+    }
+    let queue = w.settings.topology.commands_queue.clone();
+    w.wait_consumer(&queue).await;
+}
+
+#[tokio::test]
+#[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
+async fn the_node_leading_the_commands_queue_killed_with_sigkill() {
+    let _cluster = Cluster::up();
+    let mut w = world("cluster-leader-sigkill", 30).await;
+    let queue = w.settings.topology.commands_queue.clone();
+    // The pollers use the leader's node: they lose their connections and the queue its leader
+    // at the same instant.
+    let target = leader(&queue);
+    spawn(&mut w, target, &["a", "b"]).await;
+    let (ids, bodies) = load("cls-kill", 400);
+    w.publish(&bodies).await;
+    w.wait_results(100, Duration::from_secs(60)).await;
+    let loss = wall_now();
+    cluster(&["kill", &target.to_string()]);
+    // Commands published after the loss go to the surviving nodes.
+    let (late_ids, late_bodies) = load("cls-kill-late", 100);
+    w.publish(&late_bodies).await;
+    let all: Vec<String> = ids.into_iter().chain(late_ids).collect();
+    w.wait_ids(&all, Duration::from_secs(180)).await;
+    let new_leader = leader(&queue);
+    assert_ne!(new_leader, target, "a new leader was elected");
+    w.report(&all).await;
+    print_row(
+        w.name,
+        &format!(
+            "node {target} (the leader, the pollers' node) SIGKILLed; node {new_leader} leads"
+        ),
+        recovery(&w, loss),
+    );
+}
+
+fn lever(cmd: &str, reason: &str) -> ControlCommand {
+    let request_id = new_request_id();
+    let reason = reason.to_owned();
+    match cmd {
+        "pause" => ControlCommand::Pause { reason, request_id },
+        "halt" => ControlCommand::Halt { reason, request_id },
+        "resume" => ControlCommand::Resume {
+            reason,
+            lift_halt: false,
+            request_id,
+        },
+        "lift" => ControlCommand::Resume {
+            reason,
+            lift_halt: true,
+            request_id,
+        },
+        _ => ControlCommand::Status { request_id },
+    }
+}
+
+/// Pulls a lever through the cluster, as `command-poller pause` with `--amqp-url` listing the
+/// nodes does, and checks that `replicas` replicas accepted it.
+async fn pull(w: &World, cmd: &str, replicas: usize) -> Report {
+    let nodes = command_poller::broker::Endpoints::new(&w.urls).unwrap();
+    let op = Operator::new(&w.settings, &nodes, Duration::from_millis(3000));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match op.run(lever(cmd, "cluster drill")).await {
+            Ok(r) if r.replicas.len() == replicas && r.replicas.iter().all(|r| r.accepted) => {
+                return r
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "{cmd}: not every replica accepted within 60 s: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until every replica's `status` answer shows `mode`.
+async fn every_replica(w: &World, mode: Mode, replicas: usize) -> Report {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = pull(w, "status", replicas).await;
+        if r.replicas.iter().all(|r| r.state.mode == mode) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every replica is {mode:?}: {:?}",
+            r.replicas
+                .iter()
+                .map(|r| (&r.instance, r.state.mode))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
+async fn a_node_the_poller_uses_stopped_and_levers_pulled_while_it_is_down() {
+    let _cluster = Cluster::up();
+    let mut w = world("cluster-node-stopped", 100).await;
+    let queue = w.settings.topology.commands_queue.clone();
+    // Replica a on a node that doesn't lead the queue (its loss is a lost connection, not an
+    // election), replica b on another.
+    let lead = leader(&queue);
+    let target = NODES.into_iter().find(|n| *n != lead).unwrap();
+    let other = NODES
+        .into_iter()
+        .find(|n| *n != lead && *n != target)
+        .unwrap();
+    spawn(&mut w, target, &["a"]).await;
+    spawn(&mut w, other, &["b"]).await;
+    w.urls = urls_from(target);
+    let (ids, bodies) = load("cls-stop", 400);
+    w.publish(&bodies).await;
+    w.wait_results(80, Duration::from_secs(60)).await;
+    let loss = wall_now();
+    cluster(&["stop-node", &target.to_string()]);
+    w.wait_results(w.distinct_results() + 20, Duration::from_secs(60))
+        .await;
+    let recovered = recovery(&w, loss);
+
+    // Levers while the node is down: the operator's URL list starts at the dead node.
+    pull(&w, "pause", 2).await;
+    let paused = every_replica(&w, Mode::Paused, 2).await;
+    let paused_at = wall_now();
+    assert!(
+        paused.replicas.iter().all(|r| r.broker_node.is_some()),
+        "status names each replica's node: {:?}",
+        paused.replicas
+    );
+    assert!(
+        w.distinct_results() < ids.len(),
+        "the load finished before the pause"
+    );
+
+    // The node comes back while paused: the replica that reconnects reads the pause from the
+    // replicated state stream and stays paused.
+    cluster(&["start-node", &target.to_string()]);
+    every_replica(&w, Mode::Paused, 2).await;
+    // A halt and its lift work too; then everything runs again and finishes.
+    pull(&w, "halt", 2).await;
+    every_replica(&w, Mode::Halted, 2).await;
+    let lifted_at = wall_now();
+    pull(&w, "lift", 2).await;
+    every_replica(&w, Mode::Running, 2).await;
+    w.wait_ids(&ids, Duration::from_secs(180)).await;
+    w.report(&ids).await;
+    // Nothing completed while paused or halted, on either replica (what was in flight when
+    // the pause landed had a few seconds to finish).
+    let results = w.results.lock().unwrap().clone();
+    let during: Vec<_> = results
+        .iter()
+        .filter(|r| {
+            parse(&r.completed_at)
+                .is_some_and(|t| t > paused_at + time::Duration::seconds(5) && t < lifted_at)
+        })
+        .map(|r| {
+            (
+                r.action_id.clone(),
+                r.completed_at.clone(),
+                r.poller_instance.clone(),
+            )
+        })
+        .collect();
+    assert!(
+        during.is_empty(),
+        "completed while paused or halted: {during:?}"
+    );
+    print_row(
+        w.name,
+        &format!("node {target} (replica a's, not the leader) stopped; paused, halted, lifted while it was down or back"),
+        recovered,
+    );
+}
+
+#[tokio::test]
+#[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
+async fn a_node_cut_off_from_the_other_two_and_healed() {
+    let _cluster = Cluster::up();
+    let mut w = world("cluster-partition", 30).await;
+    let queue = w.settings.topology.commands_queue.clone();
+    // Cut off the leader, which replica a uses; replica b uses another node.
+    let target = leader(&queue);
+    let other = NODES.into_iter().find(|n| *n != target).unwrap();
+    spawn(&mut w, target, &["a"]).await;
+    spawn(&mut w, other, &["b"]).await;
+    let (ids, bodies) = load("cls-cut", 500);
+    w.publish(&bodies).await;
+    w.wait_results(100, Duration::from_secs(60)).await;
+    let loss = wall_now();
+    cluster(&["partition", &target.to_string()]);
+    // Long enough for the cut-off node to notice (net_ticktime 10 s) and pause itself.
+    let (late_ids, late_bodies) = load("cls-cut-late", 100);
+    w.publish(&late_bodies).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    cluster(&["heal"]);
+    let all: Vec<String> = ids.into_iter().chain(late_ids).collect();
+    w.wait_ids(&all, Duration::from_secs(180)).await;
+    w.report(&all).await;
+    print_row(
+        w.name,
+        &format!("node {target} (the leader, replica a's) cut off for 20 s, then healed"),
+        recovery(&w, loss),
+    );
+}
+
+#[tokio::test]
+#[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
+async fn a_rolling_restart_of_all_three_nodes() {
+    let _cluster = Cluster::up();
+    // Slower bridge calls, so the load outlasts three node restarts.
+    let mut w = world("cluster-rolling-restart", 200).await;
+    w.extra_env
+        .push(("POLLER__BRIDGE__MAX_CONCURRENCY".into(), "4".into()));
+    spawn(&mut w, 1, &["a"]).await;
+    spawn(&mut w, 2, &["b"]).await;
+    let (ids, bodies) = load("cls-roll", 600);
+    w.publish(&bodies).await;
+    w.wait_results(40, Duration::from_secs(60)).await;
+    let mut slowest: f64 = 0.0;
+    for node in NODES {
+        let loss = wall_now();
+        let before = w.distinct_results();
+        // As an operator would: only a node whose loss leaves every quorum queue a majority.
+        cluster(&["safe-to-stop", &node.to_string()]);
+        cluster(&["stop-node", &node.to_string()]);
+        w.wait_results(before + 10, Duration::from_secs(60)).await;
+        slowest = slowest.max(recovery(&w, loss));
+        cluster(&["start-node", &node.to_string()]);
+        assert!(
+            w.distinct_results() < ids.len(),
+            "the load finished before node {node} restarted"
+        );
+    }
+    w.wait_ids(&ids, Duration::from_secs(240)).await;
+    w.report(&ids).await;
+    print_row(
+        w.name,
+        "nodes 1, 2, 3 stopped and started in turn (the slowest of the three)",
+        slowest,
+    );
+}
+
+/// The topology a poller declares on a cluster spreads: every quorum queue and stream has a
+/// member on each of the three nodes, and the leaders are not all on one node.
+#[tokio::test]
+#[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
+async fn the_declared_queues_spread_over_the_cluster() {
+    let _cluster = Cluster::up();
+    let w = world("cluster-topology", 30).await;
+    let conn = connect_any(&w.urls).await;
+    let ch = conn.create_channel().await.unwrap();
+    command_poller::broker::declare_control(
+        &ch,
+        &w.settings.control,
+        &w.settings.topology.replication,
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "-n",
+            "rabbitc1@localhost",
+            "list_queues",
+            "name",
+            "type",
+            "leader",
+            "members",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let queues: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<&serde_json::Value> = queues
+        .iter()
+        .filter(|q| q["name"].as_str().is_some_and(|n| n.contains(&w.sfx)))
+        .collect();
+    assert!(ours.len() >= 6, "{ours:?}");
+    let mut leaders = std::collections::BTreeSet::new();
+    for q in &ours {
+        let members = q["members"].as_array().map(Vec::len).unwrap_or(0);
+        assert_eq!(members, 3, "{} has {members} members: {q}", q["name"]);
+        leaders.insert(q["leader"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(leaders.len() > 1, "every leader on one node: {leaders:?}");
+    println!(
+        "CLUSTER | topology | {} queues and streams, 3 members each, leaders on {} nodes",
+        ours.len(),
+        leaders.len()
+    );
+}
