@@ -26,6 +26,11 @@ pub struct Outgoing {
 
 /// A confirm-mode channel on its own connection, so broker flow control on publishing can't
 /// hold back the consumer's acks.
+/// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
+/// lost node and elect new leaders (RabbitMQ's default net_ticktime is 60 s, noticed within
+/// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
@@ -75,8 +80,19 @@ impl Publisher {
                 &msg.body,
                 props,
             )
-            .await?
             .await?;
+        // A confirm that never comes (a cluster whose queue leader is cut off, before the
+        // election) would hold this command, and its delivery, forever: past the deadline the
+        // session counts as lost, and the outcome goes out on the next one (another node).
+        let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Ok(c) => c?,
+            Err(_) => {
+                return Err(BrokerError::Timeout(
+                    "waiting for the broker's publish confirm",
+                    CONFIRM_TIMEOUT,
+                ))
+            }
+        };
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {

@@ -77,6 +77,9 @@ fn fault_config(edit: impl Fn(String) -> String) -> std::path::PathBuf {
             && !text.contains("max_unapproved_recent = { count = 2")
     );
     std::fs::write(dir.join("default.toml"), edit(text)).unwrap();
+    // APP_ENVIRONMENT=local, as for every test poller: guest is an operator (the levers of
+    // the cluster scenarios).
+    std::fs::copy("config/local.toml", dir.join("local.toml")).unwrap();
     dir
 }
 
@@ -453,14 +456,31 @@ impl World {
                 Err(_) => failed.push(*b),
             }
         }
+        // One deadline for the round: a confirm held by a cut-off leader may never come.
+        let round = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (mut nacked, mut unanswered) = (0, 0);
         for (b, c) in confirms {
-            match tokio::time::timeout(Duration::from_secs(30), c).await {
+            match tokio::time::timeout_at(round, c).await {
                 Ok(Ok(confirmation)) if confirmation.is_ack() => assert!(
                     confirmation.take_message().is_none(),
                     "a command was returned unroutable: no queue is bound to the commands exchange"
                 ),
-                _ => failed.push(b),
+                Ok(_) => {
+                    nacked += 1;
+                    failed.push(b)
+                }
+                Err(_) => {
+                    unanswered += 1;
+                    failed.push(b)
+                }
             }
+        }
+        if !failed.is_empty() {
+            eprintln!(
+                "publisher: {} of {} to publish again ({nacked} nacked, {unanswered} unconfirmed in 20 s)",
+                failed.len(),
+                bodies.len()
+            );
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "ok".into())).await;
         failed
