@@ -28,6 +28,8 @@
 #   scripts/cluster.sh leader QUEUE     the node leading quorum queue QUEUE (1, 2 or 3)
 #   scripts/cluster.sh pid N            node N's Erlang VM pid
 set -euo pipefail
+# Starting nodes as the rabbitmq user and cutting them off with nftables takes root.
+if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
 
 DIR=${CLUSTER_DIR:-/tmp/command-poller-cluster}
 NODES=(1 2 3)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure RabbitMQ, Redis and PostgreSQL are up, then runs every unit,
-# integration and property test, the fault suite, and the Node tests of the Apps Script bridge.
+# integration and property test, the fault suite, the cluster fault suite (three RabbitMQ nodes
+# beside the one on 5672), and the Node tests of the Apps Script bridge.
 # Every step runs even when an earlier one failed; the summary at the end names the failures,
 # and the exit status is non-zero if any step failed.
 # Usage: scripts/test.sh [extra cargo test args]
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 set -e
 scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
-trap 'scripts/stop-stores.sh' EXIT
+trap 'scripts/stop-stores.sh; scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
 if ! command -v node >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "node: not installed; installing Debian's nodejs"
@@ -58,10 +59,30 @@ faults() {
   return $rc
 }
 
+cluster_suite() {
+  # The cluster fault suite (tests/api/cluster.rs): a three-node RabbitMQ cluster beside the
+  # broker on 5672 (scripts/cluster.sh), a node killed, stopped, cut off, all restarted in
+  # turn; one scenario at a time. The full log is target/cluster.log.
+  if ! scripts/cluster.sh start; then
+    scripts/cluster.sh stop >/dev/null 2>&1
+    return 1
+  fi
+  cargo test --test api -- --ignored --test-threads=1 --nocapture cluster:: >target/cluster.log 2>&1
+  local rc=$?
+  grep -E "^RELIABILITY|^CLUSTER|^test |test result" target/cluster.log
+  if [ $rc -ne 0 ]; then
+    echo "---- cluster suite failures (from target/cluster.log) ----"
+    sed -n '/^failures:$/,$p' target/cluster.log
+  fi
+  scripts/cluster.sh stop
+  return $rc
+}
+
 # tests/api/runs_as_shipped.rs runs the release binary the way the image does.
 step "release binary" cargo build --release --locked --bin command-poller
 step "unit, integration and property tests" cargo test --all-targets "$@"
 step "fault suite" faults
+step "cluster fault suite" cluster_suite
 step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
 
 if [ ${#failed[@]} -ne 0 ]; then

@@ -311,3 +311,36 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     assert!(b.attempts > 1);
     assert!(b.error.unwrap().contains("transport error on the POST leg"));
 }
+
+/// `amqp.urls`: a first node that refuses connections is skipped; the poller works on the next
+/// and `/status` (the poller's state) names it, password masked.
+#[tokio::test]
+async fn a_dead_first_node_is_skipped_and_the_node_in_use_is_shown() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| {
+            s.amqp.urls = vec![
+                format!("amqp://guest:guest@127.0.0.1:{dead_port}/%2f"),
+                AMQP.to_owned(),
+            ]
+        }),
+        ..Default::default()
+    })
+    .await;
+    h.send(&cmd(
+        "urls-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
+    assert_eq!(h.result("urls-1").await.status, Status::Success);
+    let node = h.poller_state.broker_node.lock().unwrap().clone();
+    assert_eq!(
+        node.as_deref(),
+        Some("amqp://guest:***@127.0.0.1:5672/%2f"),
+        "the live node, password masked"
+    );
+}
