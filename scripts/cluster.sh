@@ -8,8 +8,8 @@
 #   3     rabbitc3@localhost  127.0.0.1:5683   0.0.0.0:25683    127.0.0.13
 #
 # Each node runs as the rabbitmq user with its own data directory under $CLUSTER_DIR (default
-# /tmp/command-poller-cluster), cluster_partition_handling = pause_minority (a node cut off
-# from the other two pauses and closes its clients' connections) and a 10 s net_ticktime (a
+# /tmp/command-poller-cluster), deploy/rabbitmq/cluster.conf's settings (pause_minority: a node
+# cut off from the other two pauses and closes its clients' connections) and a 10 s net_ticktime (a
 # partition is noticed within about 10 s). Each node's distribution connects from its own
 # loopback address, so `partition N` can cut node N off from the other two with nftables while
 # clients and rabbitmqctl still reach every node.
@@ -31,6 +31,7 @@ set -euo pipefail
 # Starting nodes as the rabbitmq user and cutting them off with nftables takes root.
 if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
 
+HERE=$(cd "$(dirname "$0")" && pwd)
 DIR=${CLUSTER_DIR:-/tmp/command-poller-cluster}
 NODES=(1 2 3)
 TABLE=command_poller_cluster
@@ -56,11 +57,13 @@ write_config() {
   mkdir -p "$b"
   cat >"$b/rabbitmq.conf" <<EOF
 listeners.tcp.local = 127.0.0.1:$(amqp_port "$n")
-cluster_partition_handling = pause_minority
 max_message_size = 1048576
 # A test cluster on one small machine: don't refuse publishers for low disk.
 disk_free_limit.absolute = 50MB
 EOF
+  # The shipped cluster settings (pause_minority, balanced leaders), less the production
+  # node names: these nodes are clustered by hand.
+  grep -vE '^[[:space:]]*(#|$)|cluster_formation' "$HERE/../deploy/rabbitmq/cluster.conf" >>"$b/rabbitmq.conf"
   cat >"$b/advanced.config" <<EOF
 [
   {kernel, [
