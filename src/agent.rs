@@ -15,8 +15,6 @@ use std::time::Duration;
 pub enum SendError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
-    #[error("broker URL: {0}")]
-    Url(String),
     #[error("the broker did not accept the command: {0}")]
     NotAccepted(String),
     #[error("no result within {0:?}")]

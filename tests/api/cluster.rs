@@ -303,12 +303,22 @@ async fn a_node_the_poller_uses_stopped_and_levers_pulled_while_it_is_down() {
         "the load finished before the pause"
     );
 
-    // The node comes back while paused: the replica that reconnects reads the pause from the
-    // replicated state stream and stays paused.
-    cluster(&["start-node", &target.to_string()]);
-    every_replica(&w, Mode::Paused, 2).await;
-    // A halt and its lift work too; then everything runs again and finishes.
+    // Resume and halt with the node still down.
+    let resumed_at = wall_now();
+    pull(&w, "resume", 2).await;
+    every_replica(&w, Mode::Running, 2).await;
+    w.wait_results(w.distinct_results() + 10, Duration::from_secs(60))
+        .await;
     pull(&w, "halt", 2).await;
+    every_replica(&w, Mode::Halted, 2).await;
+    let halted_at = wall_now();
+    assert!(
+        w.distinct_results() < ids.len(),
+        "the load finished before the halt"
+    );
+    // The node comes back while halted: the replica that reconnects to it reads the halt from
+    // the replicated state stream before consuming and stays halted, as does the other.
+    cluster(&["start-node", &target.to_string()]);
     every_replica(&w, Mode::Halted, 2).await;
     let lifted_at = wall_now();
     pull(&w, "lift", 2).await;
@@ -316,13 +326,16 @@ async fn a_node_the_poller_uses_stopped_and_levers_pulled_while_it_is_down() {
     w.wait_ids(&ids, Duration::from_secs(180)).await;
     w.report(&ids).await;
     // Nothing completed while paused or halted, on either replica (what was in flight when
-    // the pause landed had a few seconds to finish).
+    // the lever landed had a few seconds to finish).
+    let held = [(paused_at, resumed_at), (halted_at, lifted_at)];
     let results = w.results.lock().unwrap().clone();
     let during: Vec<_> = results
         .iter()
         .filter(|r| {
-            parse(&r.completed_at)
-                .is_some_and(|t| t > paused_at + time::Duration::seconds(5) && t < lifted_at)
+            parse(&r.completed_at).is_some_and(|t| {
+                held.iter()
+                    .any(|(from, to)| t > *from + time::Duration::seconds(5) && t < *to)
+            })
         })
         .map(|r| {
             (
@@ -338,7 +351,7 @@ async fn a_node_the_poller_uses_stopped_and_levers_pulled_while_it_is_down() {
     );
     print_row(
         w.name,
-        &format!("node {target} (replica a's, not the leader) stopped; paused, halted, lifted while it was down or back"),
+        &format!("node {target} (replica a's, not the leader) stopped; paused, resumed, halted while it was down, the halt held through its return, lifted"),
         &recovery_until(&w, loss, Some(pause_pulled), Some("a")),
     );
 }
