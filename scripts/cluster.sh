@@ -76,11 +76,42 @@ EOF
 EOF
 }
 
-running() { ctl "$1" await_startup --timeout 1 >/dev/null 2>&1; }
+running() { rabbitmq-diagnostics -q -n "$(name "$1")" check_running >/dev/null 2>&1; }
+
+# A node whose VM answers but whose broker isn't running: one that paused itself in a minority
+# and, back among the others, may not finish booting again (RabbitMQ 3.10 was seen stuck on
+# mnesia's inconsistent_database here). Give it 30 s, then restart its app, then its VM.
+revive() {
+  local n=$1
+  for _ in $(seq 1 30); do running "$n" && return 0; sleep 1; done
+  echo "cluster: node $n is up but not running; restarting its app" >&2
+  timeout 60 rabbitmqctl -q -n "$(name "$n")" stop_app >/dev/null 2>&1 || true
+  timeout 120 rabbitmqctl -q -n "$(name "$n")" start_app >/dev/null 2>&1 || true
+  running "$n" && return 0
+  # Its database won't come back: make it a new node, forgotten by the others, that joins again.
+  echo "cluster: node $n still not running; rebuilding it from scratch" >&2
+  kill_node "$n" || true
+  for _ in $(seq 1 30); do ctl "$n" ping >/dev/null 2>&1 || break; sleep 1; done
+  local m
+  m=$(peer_of "$n")
+  ctl "$m" forget_cluster_node "$(name "$n")" >/dev/null 2>&1 || true
+  rm -rf "$DIR/n$n/mnesia" "$DIR/n$n/pid"
+  return 1
+}
+
+# A running node other than $1, to join or to ask.
+peer_of() {
+  local m
+  for m in "${NODES[@]}"; do
+    if [ "$m" != "$1" ] && running "$m"; then echo "$m"; return 0; fi
+  done
+  echo 1
+}
 
 start_node() {
   local n=$1 b="$DIR/n$1"
   if running "$n"; then return 0; fi
+  if ctl "$n" ping >/dev/null 2>&1 && revive "$n"; then return 0; fi
   write_config "$n"
   chown -R rabbitmq:rabbitmq "$DIR"
   su rabbitmq -s /bin/sh -c "cd /var/lib/rabbitmq; env RABBITMQ_NODENAME=$(name "$n") \
@@ -108,11 +139,13 @@ start() {
   need
   mkdir -p "$DIR"
   for n in "${NODES[@]}"; do start_node "$n"; done
-  for n in 2 3; do
-    if ! ctl 1 cluster_status --formatter json | python3 -c "import json,sys; sys.exit(0 if '$(name "$n")' in json.load(sys.stdin)['running_nodes'] else 1)"; then
+  for n in "${NODES[@]}"; do
+    local m
+    m=$(peer_of "$n")
+    if ! ctl "$m" cluster_status --formatter json | python3 -c "import json,sys; sys.exit(0 if '$(name "$n")' in json.load(sys.stdin)['running_nodes'] else 1)"; then
       ctl "$n" stop_app >/dev/null
       ctl "$n" reset >/dev/null
-      ctl "$n" join_cluster "$(name 1)" >/dev/null 2>&1
+      ctl "$n" join_cluster "$(name "$m")" >/dev/null 2>&1
       ctl "$n" start_app >/dev/null
     fi
   done
@@ -136,7 +169,8 @@ pid_of() {
   pgrep -f -- "-sname $(name "$1")|-name $(name "$1")|nodename $(name "$1")" | head -1
 }
 
-kill_node() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -KILL "$p"; }
+# The node's VM (and any CLI still waiting on it): every Erlang process naming the node.
+kill_node() { pkill -KILL -f "beam.*$(name "$1")"; }
 
 partition() {
   local n=$1 me others=() port=() 

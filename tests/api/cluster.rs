@@ -356,9 +356,12 @@ async fn a_node_the_poller_uses_stopped_and_levers_pulled_while_it_is_down() {
     );
 }
 
+// Named to run last (the suite runs one at a time, in name order): RabbitMQ 3.10's paused
+// minority node was seen, once in three runs, never finishing its boot after the heal (mnesia's
+// inconsistent_database), and `scripts/cluster.sh start` could not bring it back either.
 #[tokio::test]
 #[ignore = "cluster fault suite: run by scripts/test.sh, one at a time"]
-async fn a_node_cut_off_from_the_other_two_and_healed() {
+async fn whilst_a_node_is_cut_off_from_the_other_two_then_healed() {
     let _cluster = Cluster::up();
     let mut w = world("cluster-partition", 30).await;
     let queue = w.settings.topology.commands_queue.clone();
