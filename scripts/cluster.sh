@@ -169,8 +169,13 @@ pid_of() {
   pgrep -f -- "-sname $(name "$1")|-name $(name "$1")|nodename $(name "$1")" | head -1
 }
 
-# The node's VM (and any CLI still waiting on it): every Erlang process naming the node.
-kill_node() { pkill -KILL -f "beam.*$(name "$1")"; }
+# The node's VM: whatever listens on its distribution or AMQP port (its command line names it
+# only through the environment), and the pid in its pid file.
+kill_node() {
+  local pids
+  pids=$( { pid_of "$1" 2>/dev/null; ss -ltnpH "( sport = :$(dist_port "$1") or sport = :$(amqp_port "$1") )" | grep -o 'pid=[0-9]*' | cut -d= -f2; } | sort -u)
+  [ -n "$pids" ] && kill -KILL $pids
+}
 
 partition() {
   local n=$1 me others=() port=() 
