@@ -45,35 +45,33 @@ step() {
   if "$@"; then echo "<== $name: passed"; else echo "<== $name: FAILED"; failed+=("$name"); fi
 }
 
-faults() {
-  # The fault suite restarts the broker and kills processes: one scenario at a time, after the
-  # parallel suite. Its RELIABILITY lines (docs/RELIABILITY.md) and, on failure, every failing
-  # scenario's output are shown; the full log is target/faults.log.
-  cargo test --test api -- --ignored --test-threads=1 --nocapture faults:: >target/faults.log 2>&1
+# Runs the ignored scenarios under MODULE:: one at a time into target/NAME.log, shows their
+# RELIABILITY and CLUSTER lines (docs/RELIABILITY.md) and, on failure, every failing scenario's
+# output.
+serial_suite() {
+  local module=$1 log="target/$2.log"
+  cargo test --test api -- --ignored --test-threads=1 --nocapture "$module::" >"$log" 2>&1
   local rc=$?
-  grep -E "^RELIABILITY|^test |test result" target/faults.log
+  grep -E "^RELIABILITY|^CLUSTER|^test |test result" "$log"
   if [ $rc -ne 0 ]; then
-    echo "---- fault suite failures (from target/faults.log) ----"
-    sed -n '/^failures:$/,$p' target/faults.log
+    echo "---- $module failures (from $log) ----"
+    sed -n '/^failures:$/,$p' "$log"
   fi
   return $rc
 }
 
+# The fault suite restarts the broker and kills processes: after the parallel suite.
+faults() { serial_suite faults faults; }
+
 cluster_suite() {
   # The cluster fault suite (tests/api/cluster.rs): a three-node RabbitMQ cluster beside the
-  # broker on 5672 (scripts/cluster.sh), a node killed, stopped, cut off, all restarted in
-  # turn; one scenario at a time. The full log is target/cluster.log.
+  # broker on 5672 (scripts/cluster.sh), a node killed, stopped, cut off, all restarted in turn.
   if ! scripts/cluster.sh start; then
     scripts/cluster.sh stop >/dev/null 2>&1
     return 1
   fi
-  cargo test --test api -- --ignored --test-threads=1 --nocapture cluster:: >target/cluster.log 2>&1
+  serial_suite cluster cluster
   local rc=$?
-  grep -E "^RELIABILITY|^CLUSTER|^test |test result" target/cluster.log
-  if [ $rc -ne 0 ]; then
-    echo "---- cluster suite failures (from target/cluster.log) ----"
-    sed -n '/^failures:$/,$p' target/cluster.log
-  fi
   scripts/cluster.sh stop
   return $rc
 }
