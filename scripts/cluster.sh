@@ -40,7 +40,9 @@ name() { echo "rabbitc$1@localhost"; }
 amqp_port() { echo $((5680 + $1)); }
 dist_port() { echo $((25680 + $1)); }
 ip_of() { echo "127.0.0.$((10 + $1))"; }
-ctl() { local n=$1; shift; rabbitmqctl -q -n "$(name "$n")" "$@"; }
+# Every call has a deadline: a node stuck mid-boot or paused can leave rabbitmqctl waiting
+# forever (it once held a CI run past its limit).
+ctl() { local n=$1; shift; timeout "${CTL_TIMEOUT:-150}" rabbitmqctl -q -n "$(name "$n")" "$@"; }
 
 need() {
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
@@ -76,7 +78,7 @@ EOF
 EOF
 }
 
-running() { rabbitmq-diagnostics -q -n "$(name "$1")" check_running >/dev/null 2>&1; }
+running() { timeout 30 rabbitmq-diagnostics -q -n "$(name "$1")" check_running >/dev/null 2>&1; }
 
 # A node whose VM answers but whose broker isn't running: one that paused itself in a minority
 # and, back among the others, may not finish booting again (RabbitMQ 3.10 was seen stuck on
@@ -85,8 +87,8 @@ revive() {
   local n=$1
   for _ in $(seq 1 30); do running "$n" && return 0; sleep 1; done
   echo "cluster: node $n is up but not running; restarting its app" >&2
-  timeout 60 rabbitmqctl -q -n "$(name "$n")" stop_app >/dev/null 2>&1 || true
-  timeout 120 rabbitmqctl -q -n "$(name "$n")" start_app >/dev/null 2>&1 || true
+  CTL_TIMEOUT=60 ctl "$n" stop_app >/dev/null 2>&1 || true
+  CTL_TIMEOUT=120 ctl "$n" start_app >/dev/null 2>&1 || true
   running "$n" && return 0
   # Its database won't come back: make it a new node, forgotten by the others, that joins again.
   echo "cluster: node $n still not running; rebuilding it from scratch" >&2
@@ -156,7 +158,9 @@ start() {
 stop() {
   heal 2>/dev/null || true
   for n in "${NODES[@]}"; do
-    ctl "$n" stop >/dev/null 2>&1 || kill_node "$n" 2>/dev/null || true
+    CTL_TIMEOUT=60 ctl "$n" stop >/dev/null 2>&1 || true
+    # Whatever still listens on its ports (a VM the stop didn't end) is killed.
+    kill_node "$n" 2>/dev/null || true
   done
   rm -rf "$DIR"
   echo "cluster: stopped"
@@ -173,8 +177,12 @@ pid_of() {
 # only through the environment), and the pid in its pid file.
 kill_node() {
   local pids
-  pids=$( { pid_of "$1" 2>/dev/null; ss -ltnpH "( sport = :$(dist_port "$1") or sport = :$(amqp_port "$1") )" | grep -o 'pid=[0-9]*' | cut -d= -f2; } | sort -u)
-  [ -n "$pids" ] && kill -KILL $pids
+  local p pids=()
+  for p in $( { pid_of "$1" 2>/dev/null; ss -ltnpH "( sport = :$(dist_port "$1") or sport = :$(amqp_port "$1") )" | grep -o 'pid=[0-9]*' | cut -d= -f2; } | sort -u); do
+    # Only an Erlang VM: a stale pid file's pid may since belong to anything.
+    case "$(cat "/proc/$p/comm" 2>/dev/null)" in beam*) pids+=("$p") ;; esac
+  done
+  [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}"
 }
 
 partition() {
@@ -197,7 +205,7 @@ partition() {
 heal() { nft delete table inet $TABLE 2>/dev/null || true; }
 
 leader() {
-  ctl 1 list_queues name leader --formatter json | python3 -c "
+  ctl "$(peer_of 0)" list_queues name leader --formatter json | python3 -c "
 import json,sys
 for q in json.load(sys.stdin):
     if q['name'] == sys.argv[1]:
@@ -209,7 +217,7 @@ else:
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  status) ctl 1 cluster_status ;;
+  status) ctl "$(peer_of 0)" cluster_status ;;
   kill) kill_node "$2" ;;
   stop-node) ctl "$2" stop >/dev/null ;;
   start-node) start_node "$2"; ctl "$2" await_online_nodes 3 --timeout 60 >/dev/null ;;

@@ -54,7 +54,9 @@ serial_suite() {
   local rc=$?
   grep -E "^RELIABILITY|^CLUSTER|^test |test result" "$log"
   if [ $rc -ne 0 ]; then
+    # With --nocapture a scenario's panic is printed where it happened, not under "failures:".
     echo "---- $module failures (from $log) ----"
+    grep -B2 -A12 "panicked at" "$log" | cut -c1-2000
     sed -n '/^failures:$/,$p' "$log"
   fi
   return $rc

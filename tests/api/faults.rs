@@ -589,6 +589,9 @@ impl World {
         if row.lost + row.duplicate_results + row.duplicate_executions > 0 {
             self.print_log_warnings();
         }
+        if !lost.is_empty() {
+            self.explain_lost(&lost).await;
+        }
         assert!(
             lost.is_empty(),
             "{}: lost {:?}",
@@ -628,6 +631,88 @@ impl World {
             ),
         ]);
         prefix
+    }
+
+    /// Where each lost command is: dead-lettered (and why, after how many deliveries), still
+    /// in the commands queue, or nowhere; and the pollers' log lines that name it. CI keeps no
+    /// temp files, so a failed run must say it all.
+    async fn explain_lost(&self, lost: &[&String]) {
+        let t = &self.settings.topology;
+        let conn = connect_any(&self.urls).await;
+        let ch = conn.create_channel().await.unwrap();
+        if let Ok(q) = ch
+            .queue_declare(
+                t.commands_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            eprintln!(
+                "lost: the commands queue holds {} messages, {} consumers",
+                q.message_count(),
+                q.consumer_count()
+            );
+        }
+        // Read the dead-letter queue without acking (the world's cleanup deletes it).
+        let mut dead: HashMap<String, String> = HashMap::new();
+        while let Ok(Some(m)) = ch
+            .basic_get(
+                t.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+        {
+            let body: serde_json::Value =
+                serde_json::from_slice(&m.delivery.data).unwrap_or_default();
+            let id = body["action_id"].as_str().unwrap_or_default().to_owned();
+            let headers = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|h| format!("{:?}", h.inner().keys().collect::<Vec<_>>()))
+                .unwrap_or_default();
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-first-death-reason").cloned())
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_else(|| format!("no x-first-death-reason; headers {headers}"));
+            dead.insert(id, reason);
+        }
+        let logs: Vec<(String, String)> = self
+            .logs
+            .iter()
+            .map(|p| {
+                (
+                    p.display().to_string(),
+                    std::fs::read_to_string(p).unwrap_or_default(),
+                )
+            })
+            .collect();
+        for id in lost {
+            match dead.get(id.as_str()) {
+                Some(why) => eprintln!("lost {id}: in the dead-letter queue ({why})"),
+                None => eprintln!("lost {id}: not in the dead-letter queue"),
+            }
+            let needle = format!("\"{id}\"");
+            for (path, text) in &logs {
+                for l in text
+                    .lines()
+                    .filter(|l| l.contains(&needle) || l.contains(id.as_str()))
+                    .take(12)
+                {
+                    eprintln!("  {path}: {}", &l[..l.len().min(400)]);
+                }
+            }
+        }
+        let _ = conn.close(200, "ok".into()).await;
     }
 
     /// What the pollers warned about, for a failed run (CI keeps no temp files).
