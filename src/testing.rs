@@ -319,6 +319,8 @@ pub enum Refuse {
     Unroutable,
     /// The connection failed.
     ConnectionLost,
+    /// Nacked by the broker this many times, then accepted.
+    Nacked(usize),
 }
 
 /// A publisher that records `publish <routing key>` (plus whatever `note` adds) instead of
@@ -326,6 +328,10 @@ pub enum Refuse {
 pub struct RecordingPublisher {
     pub log: Log,
     pub refuse: Vec<(String, Refuse)>,
+    /// How many nacks each routing key has had ([`Refuse::Nacked`]).
+    pub nacked: Mutex<std::collections::HashMap<String, usize>>,
+    /// Adds each publish's message_id to its line (` id=...`).
+    pub show_ids: bool,
     /// Something to add to each recorded publish, looked up at that moment (what the store
     /// held when the message went out, say).
     #[allow(clippy::type_complexity)]
@@ -337,6 +343,8 @@ impl RecordingPublisher {
         Self {
             log,
             refuse: Vec::new(),
+            nacked: Mutex::default(),
+            show_ids: false,
             note: None,
         }
     }
@@ -354,9 +362,26 @@ impl crate::broker::Publish for RecordingPublisher {
     ) -> BoxFuture<'a, Result<(), crate::broker::BrokerError>> {
         Box::pin(async move {
             let rk = msg.routing_key.clone();
-            if let Some((_, how)) = self.refuse.iter().find(|(k, _)| *k == rk) {
+            let refusal = self
+                .refuse
+                .iter()
+                .find(|(k, _)| *k == rk)
+                .filter(|(_, how)| {
+                    let Refuse::Nacked(times) = how else {
+                        return true;
+                    };
+                    let mut given = self.nacked.lock().unwrap();
+                    let n = given.entry(rk.clone()).or_default();
+                    *n += 1;
+                    *n <= *times
+                });
+            if let Some((_, how)) = refusal {
                 self.log.lock().unwrap().push(format!("refused {rk}"));
                 return Err(match how {
+                    Refuse::Nacked(_) => crate::broker::BrokerError::Nacked {
+                        exchange: msg.exchange.clone(),
+                        routing_key: rk,
+                    },
                     Refuse::ConnectionLost => {
                         crate::broker::BrokerError::Timeout("publishing", Duration::ZERO)
                     }
@@ -370,7 +395,14 @@ impl crate::broker::Publish for RecordingPublisher {
                 Some(f) => format!(" {}", f().await),
                 None => String::new(),
             };
-            self.log.lock().unwrap().push(format!("publish {rk}{note}"));
+            let id = match (&msg.message_id, self.show_ids) {
+                (Some(m), true) => format!(" id={m}"),
+                _ => String::new(),
+            };
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("publish {rk}{note}{id}"));
             Ok(())
         })
     }

@@ -22,6 +22,10 @@ pub struct Outgoing {
     /// delivered it (so a return would be a false failure); everything else is mandatory.
     pub best_effort: bool,
     pub reply_to: Option<String>,
+    /// The message_id to send; a fresh one when `None`. A message published again after a nack
+    /// keeps its first id, so consumers that got the first copy (the nack came from another
+    /// queue it was routed to) see a repeat, not a second message.
+    pub message_id: Option<String>,
 }
 
 /// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
@@ -53,7 +57,12 @@ impl Publisher {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_message_id(
+                msg.message_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+                    .into(),
+            )
             .with_type(msg.message_type.into())
             .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
         if let Some(c) = &msg.correlation_id {

@@ -4,7 +4,7 @@
 use super::render::{Names, Part, Rendered};
 use crate::audit::{self, AuditOutcome};
 use crate::broker::names::routing;
-use crate::broker::{BrokerError, Publish, Publisher};
+use crate::broker::{BrokerError, Outgoing, Publish, Publisher};
 use std::time::Duration;
 
 /// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
@@ -29,10 +29,80 @@ pub async fn rendered(
     .await
 }
 
-/// The messages of `rendered` (not its audit record), in order.
+/// How long a result or alert the broker nacks is published again on the same session before
+/// the command is requeued. A quorum queue nacks what it can't take now (no leader while a
+/// cluster elects one, full under reject-publish); a requeue would spend one of the command's
+/// deliveries on each nack, and a few seconds of them dead-lettered commands that had run.
+pub const NACK_RETRY_BUDGET: Duration = Duration::from_secs(30);
+/// The first pause between tries after a nack; doubled each time, up to [`NACK_RETRY_MAX`].
+const NACK_RETRY_FIRST: Duration = Duration::from_millis(100);
+const NACK_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Publishes `msg`, publishing it again while the broker nacks it, within `budget`. The copies
+/// share one message_id. Anything but a nack ends it at once.
+pub async fn with_nack_retries(
+    publisher: &dyn Publish,
+    msg: &Outgoing,
+    budget: Duration,
+) -> Result<(), BrokerError> {
+    // The id is chosen before the first try: a nack from one queue the message was routed to
+    // doesn't undo its delivery to the others.
+    let pinned;
+    let msg = match msg.message_id {
+        Some(_) => msg,
+        None => {
+            pinned = Outgoing {
+                message_id: Some(uuid::Uuid::new_v4().to_string()),
+                ..msg.clone()
+            };
+            &pinned
+        }
+    };
+    match publisher.publish(msg).await {
+        Err(BrokerError::Nacked { .. }) => {}
+        other => return other,
+    }
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut pause = NACK_RETRY_FIRST;
+    let mut tries = 1u32;
+    loop {
+        if tokio::time::Instant::now() + pause > deadline {
+            tracing::warn!(tries, exchange = %msg.exchange, routing_key = %msg.routing_key, "the broker kept nacking the publish; giving up on this session");
+            return Err(BrokerError::Nacked {
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(NACK_RETRY_MAX);
+        tries += 1;
+        match publisher.publish(msg).await {
+            Err(BrokerError::Nacked { .. }) => {
+                tracing::info!(tries, routing_key = %msg.routing_key, "publish nacked by the broker; trying again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The messages of `rendered` (not its audit record), in order. A result or alert the broker
+/// nacks is published again ([`with_nack_retries`]) before this gives up.
 pub async fn messages(publisher: &dyn Publish, rendered: &Rendered) -> Result<(), BrokerError> {
+    messages_within(publisher, rendered, NACK_RETRY_BUDGET).await
+}
+
+async fn messages_within(
+    publisher: &dyn Publish,
+    rendered: &Rendered,
+    nack_budget: Duration,
+) -> Result<(), BrokerError> {
     for m in &rendered.messages {
-        match (m.part, publisher.publish(&m.outgoing).await) {
+        let sent = match m.part {
+            // A reply the agent's queue refuses is not worth holding the command for.
+            Part::Reply => publisher.publish(&m.outgoing).await,
+            _ => with_nack_retries(publisher, &m.outgoing, nack_budget).await,
+        };
+        match (m.part, sent) {
             (_, Ok(())) => {}
             (Part::Reply, Err(e)) if !e.is_connection() => {
                 let kind = if m.outgoing.best_effort {
@@ -142,6 +212,65 @@ mod tests {
         let (r, sent) = publish_with(vec![("reply", true)]);
         assert!(r.unwrap_err().is_connection());
         assert_eq!(sent, ["result"], "nothing after a lost connection");
+    }
+
+    /// Publishes `rendered()` with `refuse` and a nack budget; the publish log.
+    fn publish_nacking(
+        refuse: Vec<(&'static str, Refuse)>,
+        budget: Duration,
+    ) -> (Result<(), BrokerError>, Vec<String>) {
+        let log = crate::testing::Log::default();
+        let mut p = RecordingPublisher::new(log.clone());
+        p.show_ids = true;
+        for (k, how) in refuse {
+            p = p.refusing(k, how);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let r = rt.block_on(messages_within(&p, &rendered(), budget));
+        let log = log.lock().unwrap().clone();
+        (r, log)
+    }
+
+    #[test]
+    fn a_nacked_result_is_published_again_with_one_message_id_and_nothing_is_skipped() {
+        let (r, log) =
+            publish_nacking(vec![("result", Refuse::Nacked(2))], Duration::from_secs(10));
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(log.len(), 5, "{log:?}");
+        assert_eq!(&log[..2], ["refused result", "refused result"]);
+        assert!(log[2].starts_with("publish result id="), "{log:?}");
+        assert_eq!(log[3], "publish reply");
+        assert!(log[4].starts_with("publish alert id="), "{log:?}");
+    }
+
+    #[test]
+    fn a_nacked_alert_is_retried_too_but_a_nacked_reply_is_not() {
+        let (r, log) = publish_nacking(
+            vec![("alert", Refuse::Nacked(1)), ("reply", Refuse::Nacked(1))],
+            Duration::from_secs(10),
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert!(log[0].starts_with("publish result id="), "{log:?}");
+        assert_eq!(log[1..3], ["refused reply", "refused alert"]);
+        assert!(log[3].starts_with("publish alert id="), "{log:?}");
+        assert_eq!(log.len(), 4, "the reply was not sent again: {log:?}");
+    }
+
+    #[test]
+    fn nacks_past_the_budget_stop_everything_after_them() {
+        let (r, log) = publish_nacking(
+            vec![("result", Refuse::Nacked(usize::MAX))],
+            Duration::from_millis(250),
+        );
+        assert!(matches!(r, Err(BrokerError::Nacked { .. })), "{r:?}");
+        assert_eq!(
+            log,
+            ["refused result", "refused result"],
+            "tried within the budget"
+        );
     }
 
     #[test]

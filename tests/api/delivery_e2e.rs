@@ -258,6 +258,125 @@ async fn an_unpublishable_result_dead_letters_the_command_after_the_delivery_lim
 }
 
 #[tokio::test]
+async fn a_result_the_broker_nacks_for_a_while_goes_out_without_spending_deliveries() {
+    // A quorum queue nacks what it can't take now: no leader during an election, or full
+    // under reject-publish. Each nack requeued the command, spending one of its deliveries:
+    // a result refused for a few seconds dead-lettered a command that had run, and its agent
+    // never heard (the cluster suite's rolling restart lost 2 of 600 this way).
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| {
+            s.topology.delivery_limit = 2;
+            s.processing.publish_failure_pause = Duration::from_millis(100);
+        }),
+        ..Default::default()
+    })
+    .await;
+    h.wait_until("the poller to connect", Duration::from_secs(10), |_| {
+        h.poller_state
+            .connected
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(())
+    })
+    .await;
+    // A full queue that refuses more (reject-publish), bound to the results exchange: every
+    // result is nacked (it still reaches the results queue).
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let ch = h.agent_conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let full = format!("{}.full", h.settings.topology.results_queue);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        full.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        full.as_str().into(),
+        h.settings.topology.results_exchange.as_str().into(),
+        "result.#".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // Filled until it refuses.
+    let mut refused = false;
+    for _ in 0..10 {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                full.as_str().into(),
+                BasicPublishOptions::default(),
+                b"filler",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if c.is_nack() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the full queue refuses publishes");
+    let id = "nacked-result-1";
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW"))
+        .await;
+    h.wait_until("the bridge call", Duration::from_secs(10), |_| {
+        (h.sim.executions(id) == 1).then_some(())
+    })
+    .await;
+    // The refusal lasts 3 s (the fault's length, not a wait for an event): long enough for
+    // the old code to requeue twice and dead-letter the command.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ch.queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let r = h.result(id).await;
+    assert_eq!(r.status, Status::Success);
+    assert!(!r.replay, "the first delivery published it: {r:?}");
+    assert_eq!(h.sim.executions(id), 1);
+    let inbox = h.inbox.lock().unwrap();
+    assert!(
+        inbox
+            .dead
+            .iter()
+            .all(|d| !d.body.windows(id.len()).any(|w| w == id.as_bytes())),
+        "the command was dead-lettered"
+    );
+    // Every copy the nacks left in the results queue is one message: one message_id.
+    let ids: std::collections::BTreeSet<_> = inbox
+        .results
+        .iter()
+        .filter(|(_, r)| r.action_id.as_deref() == Some(id))
+        .map(|(m, _)| m.message_id.clone())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "copies of one result carry one message_id: {ids:?}"
+    );
+}
+
+#[tokio::test]
 async fn bridge_connection_refused_is_retried_then_failed() {
     // Point the poller at a port nobody listens on.
     let mut h = Harness::start(Options {

@@ -15,6 +15,8 @@ pub struct Received {
     pub headers: Option<FieldTable>,
     pub correlation_id: Option<String>,
     pub delivery_mode: Option<u8>,
+    /// Unique per message: a copy published again after a nack carries the same one.
+    pub message_id: Option<String>,
 }
 
 impl Received {
@@ -65,6 +67,7 @@ pub async fn collect(ch: Channel, queue: String, inbox: Arc<Mutex<Inbox>>, kind:
         .expect("consume test queue");
     while let Some(Ok(d)) = c.next().await {
         let r = Received {
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
             routing_key: d.routing_key.to_string(),
             body: d.data.clone(),
             headers: d.properties.headers().clone(),
