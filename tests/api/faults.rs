@@ -576,15 +576,20 @@ impl World {
             reposts,
         };
         // How often a poller found its commands consumer stalled and re-attached.
-        let stalls: usize = self
-            .logs
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .map(|l| l.matches("the commands consumer stalled").count())
-            .sum();
+        let in_logs = |what: &str| -> usize {
+            self.logs
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .map(|l| l.matches(what).count())
+                .sum()
+        };
+        let stalls = in_logs("the commands consumer stalled");
+        // Results and alerts the broker nacked and the poller published again (a cluster
+        // electing a leader), instead of requeueing their commands.
+        let nacks = in_logs("publish nacked by the broker; trying again");
         println!(
-            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {} | re-POSTs {} | stall re-attachments {}",
-            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost, row.reposts, stalls
+            "RELIABILITY | {} | sent {} | results {} | replays {} | duplicate results {} | duplicates executed {} | lost {} | re-POSTs {} | stall re-attachments {} | nacked publishes retried {}",
+            row.scenario, row.sent, row.with_result, row.replays, row.duplicate_results, row.duplicate_executions, row.lost, row.reposts, stalls, nacks
         );
         if row.lost + row.duplicate_results + row.duplicate_executions > 0 {
             self.print_log_warnings();
