@@ -698,6 +698,15 @@ impl Settings {
         if self.topology.delivery_limit == 0 {
             return bad("topology.delivery_limit: must be at least 1".into());
         }
+        // RabbitMQ 3.x counts a lost connection as a delivery: a rolling restart can cost a
+        // command that waits in a replica's prefetch one delivery per node.
+        let nodes = self.amqp.urls.len();
+        if nodes > 1 && self.topology.delivery_limit as usize <= nodes {
+            return bad(format!(
+                "topology.delivery_limit: {} is not above the {nodes} nodes in amqp.urls; a rolling restart can spend one delivery per node (a lost connection counts as one) and dead-letter commands that did nothing wrong",
+                self.topology.delivery_limit
+            ));
+        }
         if self.bridge.mode == BridgeMode::AppsScript && url::Url::parse(&self.bridge.url).is_err()
         {
             return bad(format!(
@@ -866,6 +875,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("amqp.urls") && !e.contains("secret3"), "{e}");
+    }
+
+    #[test]
+    fn a_delivery_limit_a_rolling_restart_could_spend_is_refused() {
+        let three = "amqp://p:pw@n1/%2f,amqp://p:pw@n2/%2f,amqp://p:pw@n3/%2f";
+        let e = load(
+            Environment::empty()
+                .with("POLLER__AMQP__URLS", three)
+                .with("POLLER__TOPOLOGY__DELIVERY_LIMIT", "3"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("topology.delivery_limit: 3 is not above the 3 nodes"),
+            "{e}"
+        );
+        assert!(!e.contains(":pw@"), "{e}");
+        // The shipped limit (5) with three nodes, and a low limit with one broker, are fine.
+        load(Environment::empty().with("POLLER__AMQP__URLS", three)).unwrap();
+        load(Environment::empty().with("POLLER__TOPOLOGY__DELIVERY_LIMIT", "2")).unwrap();
     }
 
     #[test]
