@@ -10,7 +10,7 @@ mod publisher;
 mod topology;
 
 pub use endpoints::{connect, Endpoints, EndpointsError, Node};
-pub use publisher::{Outgoing, Publish, Publisher};
+pub use publisher::{with_nack_retries, Outgoing, Publish, Publisher, NACK_RETRY_BUDGET};
 pub use topology::{
     declare, declare_approvals, declare_audit, declare_control, declare_replica_queue,
     expect_exist, Topology,

@@ -4,7 +4,7 @@
 use super::render::{Names, Part, Rendered};
 use crate::audit::{self, AuditOutcome};
 use crate::broker::names::routing;
-use crate::broker::{BrokerError, Outgoing, Publish, Publisher};
+use crate::broker::{with_nack_retries, BrokerError, Publish, Publisher, NACK_RETRY_BUDGET};
 use std::time::Duration;
 
 /// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
@@ -29,64 +29,9 @@ pub async fn rendered(
     .await
 }
 
-/// How long a result or alert the broker nacks is published again on the same session before
-/// the command is requeued. A quorum queue nacks what it can't take now (no leader while a
-/// cluster elects one, full under reject-publish); a requeue would spend one of the command's
-/// deliveries on each nack, and a few seconds of them dead-lettered commands that had run.
-pub const NACK_RETRY_BUDGET: Duration = Duration::from_secs(30);
-/// The first pause between tries after a nack; doubled each time, up to [`NACK_RETRY_MAX`].
-const NACK_RETRY_FIRST: Duration = Duration::from_millis(100);
-const NACK_RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Publishes `msg`, publishing it again while the broker nacks it, within `budget`. The copies
-/// share one message_id. Anything but a nack ends it at once.
-pub async fn with_nack_retries(
-    publisher: &dyn Publish,
-    msg: &Outgoing,
-    budget: Duration,
-) -> Result<(), BrokerError> {
-    // The id is chosen before the first try: a nack from one queue the message was routed to
-    // doesn't undo its delivery to the others.
-    let pinned;
-    let msg = match msg.message_id {
-        Some(_) => msg,
-        None => {
-            pinned = Outgoing {
-                message_id: Some(uuid::Uuid::new_v4().to_string()),
-                ..msg.clone()
-            };
-            &pinned
-        }
-    };
-    match publisher.publish(msg).await {
-        Err(BrokerError::Nacked { .. }) => {}
-        other => return other,
-    }
-    let deadline = tokio::time::Instant::now() + budget;
-    let mut pause = NACK_RETRY_FIRST;
-    let mut tries = 1u32;
-    loop {
-        if tokio::time::Instant::now() + pause > deadline {
-            tracing::warn!(tries, exchange = %msg.exchange, routing_key = %msg.routing_key, "the broker kept nacking the publish; giving up on this session");
-            return Err(BrokerError::Nacked {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            });
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(NACK_RETRY_MAX);
-        tries += 1;
-        match publisher.publish(msg).await {
-            Err(BrokerError::Nacked { .. }) => {
-                tracing::info!(tries, routing_key = %msg.routing_key, "publish nacked by the broker; trying again");
-            }
-            other => return other,
-        }
-    }
-}
-
 /// The messages of `rendered` (not its audit record), in order. A result or alert the broker
-/// nacks is published again ([`with_nack_retries`]) before this gives up.
+/// nacks is published again ([`with_nack_retries`], for [`NACK_RETRY_BUDGET`]) before this
+/// gives up.
 pub async fn messages(publisher: &dyn Publish, rendered: &Rendered) -> Result<(), BrokerError> {
     messages_within(publisher, rendered, NACK_RETRY_BUDGET).await
 }

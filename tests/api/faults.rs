@@ -92,7 +92,8 @@ impl Drop for World {
         }
         let _ = self.sim.kill();
         let _ = self.sim.wait();
-        if !std::thread::panicking() {
+        // Kept after a failure, or when asked (FAULT_KEEP_LOGS=1) to study a passing run.
+        if !std::thread::panicking() && std::env::var_os("FAULT_KEEP_LOGS").is_none() {
             for l in &self.logs {
                 let _ = std::fs::remove_file(l);
             }
