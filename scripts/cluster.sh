@@ -82,16 +82,14 @@ running() { timeout 30 rabbitmq-diagnostics -q -n "$(name "$1")" check_running >
 
 # A node whose VM answers but whose broker isn't running: one that paused itself in a minority
 # and, back among the others, may not finish booting again (RabbitMQ 3.10 was seen stuck on
-# mnesia's inconsistent_database here). Give it 30 s, then restart its app, then its VM.
+# mnesia's inconsistent_database here, 3 times so far). Give it 30 s (a
+# healthy rejoin takes about 10), then rebuild it: restarting its app never brought one back
+# (it waited out its 120 s in each case), so that step is gone.
 revive() {
   local n=$1
   for _ in $(seq 1 30); do running "$n" && return 0; sleep 1; done
-  echo "cluster: node $n is up but not running; restarting its app" >&2
-  CTL_TIMEOUT=60 ctl "$n" stop_app >/dev/null 2>&1 || true
-  CTL_TIMEOUT=120 ctl "$n" start_app >/dev/null 2>&1 || true
-  running "$n" && return 0
   # Its database won't come back: make it a new node, forgotten by the others, that joins again.
-  echo "cluster: node $n still not running; rebuilding it from scratch" >&2
+  echo "cluster: node $n is up but not running after 30 s; rebuilding it from scratch" >&2
   kill_node "$n" || true
   for _ in $(seq 1 30); do ctl "$n" ping >/dev/null 2>&1 || break; sleep 1; done
   local m
@@ -186,13 +184,26 @@ pid_of() {
 # The node's VM: whatever listens on its distribution or AMQP port (its command line names it
 # only through the environment), and the pid in its pid file.
 kill_node() {
-  local pids
-  local p pids=()
-  for p in $( { pid_of "$1" 2>/dev/null; ss -ltnpH "( sport = :$(dist_port "$1") or sport = :$(amqp_port "$1") )" | grep -o 'pid=[0-9]*' | cut -d= -f2; } | sort -u); do
-    # Only an Erlang VM: a stale pid file's pid may since belong to anything.
-    case "$(cat "/proc/$p/comm" 2>/dev/null)" in beam*) pids+=("$p") ;; esac
+  local try p pids
+  for try in 1 2 3; do
+    pids=()
+    for p in $( { pid_of "$1" 2>/dev/null || true; listeners "$1"; } | sort -u); do
+      # Only an Erlang VM: a stale pid file's pid may since belong to anything.
+      case "$(cat "/proc/$p/comm" 2>/dev/null)" in beam*) pids+=("$p") ;; esac
+    done
+    [ ${#pids[@]} -eq 0 ] && return 0
+    [ "$try" -gt 1 ] && echo "cluster: node $1's VM (${pids[*]}) survived a kill; again" >&2
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    # Gone once nothing listens on its ports any more.
+    for _ in $(seq 1 50); do [ -z "$(listeners "$1")" ] && return 0; sleep 0.1; done
   done
-  [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}"
+  echo "cluster: node $1's VM still holds its ports" >&2
+  return 1
+}
+
+# The pids listening on node $1's distribution or AMQP port.
+listeners() {
+  ss -ltnpH "( sport = :$(dist_port "$1") or sport = :$(amqp_port "$1") )" | grep -o 'pid=[0-9]*' | cut -d= -f2 || true
 }
 
 partition() {
