@@ -374,18 +374,22 @@ async fn whilst_a_node_is_cut_off_from_the_other_two_then_healed() {
     w.publish(&bodies).await;
     w.wait_results(100, Duration::from_secs(60)).await;
     let loss = wall_now();
+    let cut = Instant::now();
     cluster(&["partition", &target.to_string()]);
-    // Long enough for the cut-off node to notice (net_ticktime 10 s) and pause itself.
+    // Published during the cut (the confirms of what reached the cut-off leader never come:
+    // the first round waits its 20 s), then 20 s more: long enough for the cut-off node to
+    // notice (net_ticktime 10 s) and pause itself.
     let (late_ids, late_bodies) = load("cls-cut-late", 100);
     w.publish(&late_bodies).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
     cluster(&["heal"]);
+    let cut_for = cut.elapsed().as_secs_f64();
     let all: Vec<String> = ids.into_iter().chain(late_ids).collect();
     w.wait_ids(&all, Duration::from_secs(180)).await;
     w.report(&all).await;
     print_row(
         w.name,
-        &format!("node {target} (the leader, replica a's) cut off for 20 s, then healed"),
+        &format!("node {target} (the leader, replica a's) cut off for {cut_for:.0} s, then healed"),
         &recovery(&w, loss, Some("a")),
     );
 }
