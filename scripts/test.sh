@@ -56,7 +56,8 @@ serial_suite() {
   if [ $rc -ne 0 ]; then
     # With --nocapture a scenario's panic is printed where it happened, not under "failures:".
     echo "---- $module failures (from $log) ----"
-    grep -B2 -A12 "panicked at" "$log" | cut -c1-2000
+    # The 40 lines before hold the poller warnings a failing scenario prints.
+    grep -B40 -A12 "panicked at" "$log" | cut -c1-2000
     sed -n '/^failures:$/,$p' "$log"
   fi
   return $rc

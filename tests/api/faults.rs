@@ -1170,7 +1170,10 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
     // The poison message is in the dead-letter queue with the reason.
     let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Past the broker's own retry: at-least-once dead-lettering forwards a dead letter again
+    // when its confirm hasn't come within dead_letter_worker_publisher_confirm_timeout (2 min).
+    // A CI run once saw no dead letter within 60 s (cause not established).
+    let deadline = Instant::now() + Duration::from_secs(150);
     let dead = loop {
         if let Some(m) = ch
             .basic_get(
@@ -1184,7 +1187,25 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
         }
         if Instant::now() > deadline {
             w.print_log_warnings();
-            panic!("the poison message never reached the dead-letter queue");
+            let depth = |queue: String| {
+                let ch = ch.clone();
+                async move {
+                    ch.queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(|q| (q.message_count(), q.consumer_count()))
+                }
+            };
+            panic!(
+                "the poison message never reached the dead-letter queue; the commands queue (messages, consumers): {:?}",
+                depth(q.clone()).await
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
