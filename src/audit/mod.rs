@@ -201,14 +201,9 @@ pub async fn publish_record(
     let mut tries = 0;
     let last = loop {
         tries += 1;
-        // A nack (a stream or queue electing a leader) is tried again for a while first.
-        let sent =
-            crate::broker::with_nack_retries(publisher, &msg, crate::broker::NACK_RETRY_BUDGET)
-                .await;
-        match sent {
+        match publisher.publish(&msg).await {
             Ok(()) => return Ok(AuditOutcome::Delivered),
             Err(e) if e.is_connection() => return Err(e),
-            Err(e @ crate::broker::BrokerError::Nacked { .. }) => break e,
             Err(e) if tries >= 2 => break e,
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
@@ -236,56 +231,3 @@ pub async fn publish_record(
 }
 
 pub use crate::clock::now_rfc3339 as now;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{Log, RecordingPublisher, Refuse};
-
-    fn record() -> AuditRecord {
-        AuditRecord {
-            kind: "command".into(),
-            action_id: None,
-            agent: None,
-            instance: "i".into(),
-            at: String::new(),
-            events: Vec::new(),
-        }
-    }
-
-    async fn publish(refuse: Refuse) -> (AuditOutcome, Vec<String>) {
-        let log = Log::default();
-        let p = RecordingPublisher::new(log.clone()).refusing("audit.command", refuse);
-        let out = publish_record(&p, "audit", "audit.command", "dlx", &record(), "poller")
-            .await
-            .unwrap();
-        let log = log.lock().unwrap().clone();
-        (out, log)
-    }
-
-    #[tokio::test]
-    async fn a_record_nacked_for_a_while_is_delivered_not_dead_lettered() {
-        let (out, log) = publish(Refuse::Nacked(2)).await;
-        assert_eq!(out, AuditOutcome::Delivered);
-        assert_eq!(
-            log,
-            [
-                "refused audit.command",
-                "refused audit.command",
-                "publish audit.command"
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_record_refused_otherwise_is_tried_twice_then_sent_to_the_dead_letters() {
-        // The double refuses by routing key, so the dead-letter copy (same key) is refused too,
-        // and the record ends in the log.
-        let (out, log) = publish(Refuse::Unroutable).await;
-        assert_eq!(out, AuditOutcome::Logged);
-        assert_eq!(
-            log, ["refused audit.command"; 3],
-            "two tries and the dead-letter copy"
-        );
-    }
-}
