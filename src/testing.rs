@@ -330,7 +330,7 @@ pub struct RecordingPublisher {
     pub refuse: Vec<(String, Refuse)>,
     /// How many nacks each routing key has had ([`Refuse::Nacked`]).
     pub nacked: Mutex<std::collections::HashMap<String, usize>>,
-    /// Adds each publish's message_id to its line (` id=...`).
+    /// Adds each publish's (and refusal's) message_id to its line (` id=...`).
     pub show_ids: bool,
     /// Something to add to each recorded publish, looked up at that moment (what the store
     /// held when the message went out, say).
@@ -375,8 +375,12 @@ impl crate::broker::Publish for RecordingPublisher {
                     *n += 1;
                     *n <= *times
                 });
+            let id = match (&msg.message_id, self.show_ids) {
+                (Some(m), true) => format!(" id={m}"),
+                _ => String::new(),
+            };
             if let Some((_, how)) = refusal {
-                self.log.lock().unwrap().push(format!("refused {rk}"));
+                self.log.lock().unwrap().push(format!("refused {rk}{id}"));
                 return Err(match how {
                     Refuse::Nacked(_) => crate::broker::BrokerError::Nacked {
                         exchange: msg.exchange.clone(),
@@ -394,10 +398,6 @@ impl crate::broker::Publish for RecordingPublisher {
             let note = match &self.note {
                 Some(f) => format!(" {}", f().await),
                 None => String::new(),
-            };
-            let id = match (&msg.message_id, self.show_ids) {
-                (Some(m), true) => format!(" id={m}"),
-                _ => String::new(),
             };
             self.log
                 .lock()

@@ -119,9 +119,10 @@ impl Publisher {
 }
 
 /// How long a message the broker nacks is published again on the same session (a command's
-/// result and alerts) before its command is requeued. A quorum queue nacks what it can't take now (no leader while a
-/// cluster elects one, full under reject-publish); a requeue would spend one of the command's
-/// deliveries on each nack, and a few seconds of them dead-lettered commands that had run.
+/// result and alerts) before its command is requeued. A quorum queue nacks what it can't take
+/// now (no leader while a cluster elects one, full under reject-publish); a requeue would spend
+/// one of the command's deliveries on each nack, and a few seconds of them dead-lettered
+/// commands that had run.
 pub const NACK_RETRY_BUDGET: Duration = Duration::from_secs(30);
 /// The first pause between tries after a nack; doubled each time, up to [`NACK_RETRY_MAX`].
 const NACK_RETRY_FIRST: Duration = Duration::from_millis(100);

@@ -213,13 +213,7 @@ async fn an_unpublishable_result_dead_letters_the_command_after_the_delivery_lim
     })
     .await;
     // The poller binds at connect: unbind after that.
-    h.wait_until("the poller to connect", Duration::from_secs(10), |_| {
-        h.poller_state
-            .connected
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(())
-    })
-    .await;
+    h.wait_connected().await;
     let ch = h.agent_conn.create_channel().await.unwrap();
     ch.queue_unbind(
         h.settings.topology.results_queue.as_str().into(),
@@ -271,13 +265,7 @@ async fn a_result_the_broker_nacks_for_a_while_goes_out_without_spending_deliver
         ..Default::default()
     })
     .await;
-    h.wait_until("the poller to connect", Duration::from_secs(10), |_| {
-        h.poller_state
-            .connected
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(())
-    })
-    .await;
+    h.wait_connected().await;
     // A full queue that refuses more (reject-publish), bound to the results exchange: every
     // result is nacked (it still reaches the results queue).
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};

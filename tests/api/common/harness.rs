@@ -250,6 +250,17 @@ impl Harness {
         }
     }
 
+    /// Waits until the poller is connected (it has declared and bound its topology).
+    pub async fn wait_connected(&self) {
+        self.wait_until("the poller to connect", Duration::from_secs(10), |_| {
+            self.poller_state
+                .connected
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        })
+        .await
+    }
+
     pub async fn result(&self, action_id: &str) -> ResultMessage {
         self.wait_until(
             &format!("result of {action_id}"),
