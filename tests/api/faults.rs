@@ -646,22 +646,8 @@ impl World {
         let t = &self.settings.topology;
         let conn = connect_any(&self.urls).await;
         let ch = conn.create_channel().await.unwrap();
-        if let Ok(q) = ch
-            .queue_declare(
-                t.commands_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            eprintln!(
-                "lost: the commands queue holds {} messages, {} consumers",
-                q.message_count(),
-                q.consumer_count()
-            );
+        if let Ok((messages, consumers)) = depth(&ch, &t.commands_queue).await {
+            eprintln!("lost: the commands queue holds {messages} messages, {consumers} consumers");
         }
         // Read the dead-letter queue without acking (the world's cleanup deletes it).
         let mut dead: HashMap<String, String> = HashMap::new();
@@ -774,6 +760,20 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
 
 async fn http_post(port: u16, path: &str, body: &str) {
     http(port, format!("POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
+}
+
+/// `queue`'s ready messages and consumers (a passive declare: a missing queue closes `ch`).
+async fn depth(ch: &lapin::Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| (q.message_count(), q.consumer_count()))
 }
 
 /// Connects to the first of `urls` that answers (within 60 s: a cluster may be electing).
@@ -1187,24 +1187,9 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
         }
         if Instant::now() > deadline {
             w.print_log_warnings();
-            let depth = |queue: String| {
-                let ch = ch.clone();
-                async move {
-                    ch.queue_declare(
-                        queue.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map(|q| (q.message_count(), q.consumer_count()))
-                }
-            };
             panic!(
                 "the poison message never reached the dead-letter queue; the commands queue (messages, consumers): {:?}",
-                depth(q.clone()).await
+                depth(&ch, &q).await
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
