@@ -479,6 +479,35 @@ pub struct ControlSettings {
     /// Automatic trips (Emergency-INT-E01), per command type.
     #[serde(default)]
     pub trips: Vec<TripRule>,
+    /// What an empty state stream means. `untrusted` (the default): replicas hold paused until
+    /// an operator's first lever writes the first entry (`command-poller resume` on a new
+    /// deployment), so a stream someone deleted and declared again never reads as RUNNING.
+    /// `running`: a new system runs (local development, config/local.toml).
+    #[serde(default)]
+    pub empty_stream: EmptyStream,
+}
+
+/// What an empty control state stream means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyStream {
+    #[default]
+    Untrusted,
+    Running,
+}
+
+impl EmptyStream {
+    /// What a reader of an empty stream folds to.
+    pub fn fold(self) -> crate::control::state_log::Folded {
+        use crate::control::state_log::Folded;
+        match self {
+            EmptyStream::Running => Folded::Empty,
+            EmptyStream::Untrusted => Folded::Untrusted {
+                last: None,
+                why: "the state stream is empty: an operator's first lever (`command-poller resume`, or `pause`/`halt`) bootstraps it".into(),
+            },
+        }
+    }
 }
 
 /// One automatic trip (Emergency-INT-E01) from config: `count` unapproved attempts

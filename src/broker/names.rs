@@ -50,7 +50,6 @@ pub mod message_type {
     pub const CONTROL_EVENT: &str = "control_event";
     pub const CONTROL_REPLY: &str = "control_reply";
     pub const CONTROL_STATE: &str = "control_state";
-    pub const CONTROL_STATE_MARKER: &str = "control_state_marker";
     pub const AUDIT_REFUSED: &str = "audit_refused";
     pub const APPROVAL_DECISION: &str = "approval_decision";
     pub const APPROVAL_REPLY: &str = "approval_reply";

@@ -7,7 +7,7 @@
 
 use super::replica::{state_writer, ReplicaReply};
 use super::state_log::{self, Folded, StateReader};
-use super::{transition, Actor, ControlCommand, ControlState, Mode};
+use super::{transition, Actor, ControlCommand, ControlState};
 use crate::broker::declare_control;
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::settings::{ControlSettings, Settings};
@@ -104,27 +104,27 @@ impl Operator<'_> {
         let publisher = Publisher::open(conn).await?;
         let state_ch = conn.create_channel().await?;
         let classify = state_writer(&c.operators, &self.poller_user);
-        let reader = StateReader::open(&state_ch, &publisher, c, &user, classify)
+        let reader = StateReader::open(&state_ch, c, classify)
             .await
             .map_err(|e| OperatorError::State(e.to_string()))?;
         let folded = reader.state().clone();
-        drop(reader);
+        let after = reader.position();
+        reader.close().await;
         let _ = state_ch.close(200, "read".into()).await;
         let mut note = None;
-        // What the replicas see: an untrusted state holds them paused.
+        // What the replicas enforce, and what a lever is decided on: an untrusted state is the
+        // last trusted one made stricter (a halt still needs --lift-halt, a quarantine its
+        // release).
         let current = match &folded {
-            Folded::Empty => ControlState::initial(),
-            Folded::State(s) => s.clone(),
-            Folded::Untrusted(why) => {
+            Folded::Untrusted { why, .. } => {
                 note = Some(format!(
-                    "the stored state is untrusted ({why}): replicas hold paused until an operator decides"
+                    "the stored state is untrusted ({why}): replicas enforce the last trusted state made stricter until an operator decides"
                 ));
-                ControlState {
-                    mode: Mode::Paused,
-                    reason: why.clone(),
-                    ..ControlState::initial()
-                }
+                folded
+                    .effective()
+                    .expect("untrusted has an effective state")
             }
+            other => other.effective().unwrap_or_else(ControlState::initial),
         };
         let mut stored_state = match &folded {
             Folded::State(s) => Some(s.clone()),
@@ -140,27 +140,32 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            match &cmd {
+            let change = match &cmd {
                 // Nothing stored: each replica reloads its own file.
-                ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => {}
+                ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => None,
+                // Its own entry, applied in stream order: never a compare-and-set on the mode.
                 ControlCommand::Quarantine { agent, .. }
-                | ControlCommand::Release { agent, .. } => {
-                    // Its own entry, applied in stream order: never a compare-and-set on the
-                    // mode.
-                    state_log::write_agent(&publisher, c, agent, new.quarantined.get(agent), &user)
-                        .await?;
-                    stored_state = Some(new);
-                    stored_by = Some(user.clone());
-                }
+                | ControlCommand::Release { agent, .. } => Some(state_log::Change::Agent {
+                    agent: agent.clone(),
+                    quarantined: new.quarantined.get(agent).cloned(),
+                }),
+                // Decided on the sequence read: if another change landed in between, the fold
+                // lets this one apply only if it is stricter (compare-and-set).
                 ControlCommand::Pause { .. }
                 | ControlCommand::Halt { .. }
                 | ControlCommand::Resume { .. } => {
-                    // Decided on the sequence read: if another change landed in between, the
-                    // fold lets this one apply only if it is stricter (compare-and-set).
-                    state_log::write(&publisher, c, current.seq, &new, &user).await?;
-                    stored_state = Some(new);
-                    stored_by = Some(user.clone());
+                    Some(state_log::Change::Mode { base: current.seq })
                 }
+            };
+            if let Some(change) = change {
+                // A mode decided on what replicas enforce makes the stored state trusted again.
+                let decides = matches!(change, state_log::Change::Mode { .. });
+                state_log::write(&publisher, c, after, change, &new, &user).await?;
+                if decides {
+                    note = None;
+                }
+                stored_state = Some(new);
+                stored_by = Some(user.clone());
             }
         }
 
@@ -177,9 +182,11 @@ impl Operator<'_> {
                 ..Default::default()
             })
             .await;
+        let mut listening = true;
         match sent {
             Ok(()) => {}
             Err(BrokerError::Unroutable { .. }) => {
+                listening = false;
                 note = Some(
                     "no live replica is listening; the stored state applies when replicas start"
                         .into(),
@@ -188,7 +195,8 @@ impl Operator<'_> {
             Err(e) => return Err(e.into()),
         }
         let mut replicas = Vec::new();
-        if note.is_none() {
+        // Every live replica answers, whatever the stored state says.
+        if listening {
             let deadline = Instant::now() + self.wait;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());

@@ -1,49 +1,84 @@
-//! The stored control state: a versioned log in a RabbitMQ stream, folded into one state.
+//! The stored control state: a log of changes in a RabbitMQ stream, each entry carrying the
+//! whole state after it, folded from the latest entry a reader can anchor.
 //!
-//! In: state entries (each a [`ControlState`] with its sequence number and the sequence it was
-//! decided on) and read markers, published through the state exchange with the writer's
-//! broker-checked `user_id`. Out: the state every replica and operator agrees on.
+//! In: entries (an [`Entry`]: one [`Change`], the offset of the last entry its writer had read,
+//! and the whole state after the change), published through the state exchange with the
+//! writer's broker-checked `user_id`. Out: the state every replica and operator agrees on
+//! ([`Folded`]), and what replicas enforce when it can't be trusted ([`Folded::effective`]).
 //!
 //! Why a stream: reading it takes nothing off it, so no reader (a replica starting, an operator,
-//! someone holding messages unacked on purpose) can make the state look empty to another; the
-//! old length-1 queue read by get-then-requeue could, and a replica then came up RUNNING during a
-//! HALT. A reader can't tell the end of a stream from a pause in deliveries, so it first appends
-//! a marker of its own and reads from the start until it meets it: every entry written before
-//! its read is then folded in.
+//! someone holding messages unacked on purpose) can make the state look empty to another.
 //!
-//! The fold ([`fold`], [`apply`]) is pure. Compare-and-set: an entry decided on the current
-//! sequence applies (a trusted transition); one decided on an older sequence lost a race and
-//! applies only if it is more restrictive (a halt always wins; a pause never overwrites a halt;
-//! a resume never overwrites what it didn't see). The poller's own user may only pause a
-//! running system (the automatic trip). An entry that can't be read, or written by anyone
-//! else, makes the fold fail closed: the reader comes up paused and alerts.
+//! **A read appends nothing.** A reader subscribes from the stream's last chunk and makes one
+//! round trip on the same channel: the broker sends what it has before it answers, so what
+//! arrived by then is everything stored (an empty stream sends nothing). It repeats the round
+//! trip until one brings nothing new.
+//!
+//! **A fold starts from a snapshot.** Every entry carries the whole state after it, so the
+//! fold starts at the latest *anchored* entry: written by an operator, and naming (`after`)
+//! the entry just before it, so its writer had read everything before it. From there each
+//! later entry is applied as a change, with compare-and-set: a mode change decided on the
+//! current sequence applies; one decided on an older sequence lost a race and applies only if
+//! it is stricter (a halt always wins; a pause never overwrites a halt; a resume never
+//! overwrites what it didn't see). The poller's own user may only pause a running system and
+//! quarantine. When the last chunk holds no anchor, the reader reads again from the earliest
+//! entry it names, then from the stream's first entry. Old entries dropped by retention cost
+//! nothing: only the latest snapshot matters. A stream whose remaining entries hold no anchor
+//! is untrusted, never "a new system".
+//!
+//! **An untrusted entry never loosens anything.** An entry that can't be read, or written by a
+//! user who is neither an operator nor the poller, makes the state [`Folded::Untrusted`]: the
+//! fleet keeps the last trusted state made stricter (at least PAUSED; a halt and every
+//! quarantine kept) until an operator decides on that stricter state.
+//!
+//! [`step`], [`anchor`], [`fold_records`] and [`walk_back`] are pure; [`StateReader`] reads.
 
-use super::{ControlState, Mode};
+use super::{ControlState, Mode, Quarantined};
+use crate::broker::names::{message_type, text};
 use crate::broker::{BrokerError, Outgoing, Publisher};
 use crate::settings::ControlSettings;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// How long a read may take to meet its own marker before it counts as unreadable.
+/// How long a read (every pass of it) may take before it counts as unreadable.
 pub const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// Deliveries a reader takes per round trip; a round that fills it reads on.
+const PREFETCH: u16 = 500;
+/// Passes a read makes looking for an anchor (the last chunk, the earliest entry it names, the
+/// stream's first entry) before it gives up on the stored state as untrusted.
+const MAX_PASSES: usize = 4;
+/// Entries one pass may read. Only an attack writes that many changes: untrusted beyond it.
+const MAX_RECORDS: usize = 20_000;
 
-/// One message in the state stream.
+/// One entry in the state stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// The stream offset of the last entry its writer had read (`None`: the writer read an
+    /// empty stream, so this is the first entry).
+    pub after: Option<u64>,
+    pub change: Change,
+    /// The whole state after the change, as its writer folded it: where a later read starts
+    /// when the entry is anchored.
+    pub state: ControlState,
+}
+
+/// What one entry changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Entry {
-    /// A new state, decided on the state whose sequence was `base`.
-    State { base: u64, state: ControlState },
-    /// A reader's "I read up to here".
-    Marker { nonce: String },
+pub enum Change {
+    /// The mode (and its provenance) set to the entry's state, decided on the state whose
+    /// sequence was `base`.
+    Mode { base: u64 },
     /// An agent quarantined (`Some`) or released (`None`). Applied in stream order, apart from
     /// the mode's compare-and-set; the poller's own user may only quarantine.
     Agent {
         agent: String,
-        quarantined: Option<super::Quarantined>,
+        quarantined: Option<Quarantined>,
     },
 }
 
@@ -59,11 +94,54 @@ pub enum Writer {
 /// The folded state, or why it can't be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Folded {
-    /// Nothing was ever stored: a new system.
+    /// Nothing was ever stored.
     Empty,
     State(ControlState),
-    /// An entry that can't be read, or from a writer who may not write: fail closed.
-    Untrusted(String),
+    /// An entry that can't be read, from a writer who may not write, or no snapshot to start
+    /// from. `last` is the last trusted state (if any is known); replicas enforce it made
+    /// stricter ([`Folded::effective`]).
+    Untrusted {
+        last: Option<ControlState>,
+        why: String,
+    },
+}
+
+impl Folded {
+    /// What replicas enforce and operators decide on: a trusted state as it is; an untrusted
+    /// one as the last trusted state made stricter (at least PAUSED, a halt and every
+    /// quarantine kept); `None` for an empty stream (the caller's settings decide).
+    pub fn effective(&self) -> Option<ControlState> {
+        match self {
+            Folded::Empty => None,
+            Folded::State(s) => Some(s.clone()),
+            Folded::Untrusted { last, why } => Some(stricter(last.as_ref(), why)),
+        }
+    }
+
+    fn last_trusted(&self) -> Option<ControlState> {
+        match self {
+            Folded::Empty => None,
+            Folded::State(s) => Some(s.clone()),
+            Folded::Untrusted { last, .. } => last.clone(),
+        }
+    }
+}
+
+/// `last` made stricter because of `why`: at least PAUSED, a halt and every quarantine kept,
+/// the sequence unchanged (an operator decides on it).
+pub fn stricter(last: Option<&ControlState>, why: &str) -> ControlState {
+    let base = last.cloned().unwrap_or_else(ControlState::initial);
+    if base.mode == Mode::Halted {
+        return base;
+    }
+    ControlState {
+        mode: Mode::Paused,
+        since: base.since.clone(),
+        by: "(untrusted control state)".into(),
+        reason: format!("the stored control state is untrusted: {why}"),
+        request_id: String::new(),
+        ..base
+    }
 }
 
 fn restrictiveness(m: Mode) -> u8 {
@@ -74,8 +152,8 @@ fn restrictiveness(m: Mode) -> u8 {
     }
 }
 
-/// The state after `entry` (decided on `base`, written by `writer`), or `None` when it doesn't
-/// apply (the current state stands).
+/// The state after a mode entry (`entry`, decided on `base`, written by `writer`), or `None`
+/// when it doesn't apply (the current state stands).
 pub fn apply(
     current: &ControlState,
     base: u64,
@@ -106,7 +184,7 @@ pub fn apply(
 fn apply_agent(
     current: &ControlState,
     agent: &str,
-    quarantined: Option<&super::Quarantined>,
+    quarantined: Option<&Quarantined>,
     writer: Writer,
 ) -> Option<ControlState> {
     let mut new = current.clone();
@@ -124,129 +202,247 @@ fn apply_agent(
     Some(new)
 }
 
-/// Folds one message (body and writer) into `current`.
-pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
-    let (base, state) = match serde_json::from_slice::<Entry>(body) {
-        Ok(Entry::Marker { .. }) => return current,
-        Ok(Entry::State { base, state }) => (base, state),
-        Ok(Entry::Agent { agent, quarantined }) => {
-            return match (current, writer) {
-                (_, Writer::Untrusted) => Folded::Untrusted(format!(
-                    "a quarantine entry for {agent} written by a user who is neither an operator nor the poller"
-                )),
-                (Folded::Untrusted(why), _) => Folded::Untrusted(why),
-                (Folded::Empty, w) => {
-                    let initial = ControlState::initial();
-                    match apply_agent(&initial, &agent, quarantined.as_ref(), w) {
-                        Some(s) => Folded::State(s),
-                        None => Folded::Empty,
-                    }
-                }
-                (Folded::State(c), w) => Folded::State(
-                    apply_agent(&c, &agent, quarantined.as_ref(), w).unwrap_or(c),
-                ),
-            };
-        }
-        Err(e) => return Folded::Untrusted(format!("an unreadable state entry ({e})")),
-    };
-    match (current, writer) {
-        (_, Writer::Untrusted) => Folded::Untrusted(format!(
-            "a state entry ({}) written by a user who is neither an operator nor the poller",
-            state.mode.as_str()
-        )),
-        // The first state, or an operator deciding anew after an untrusted entry (the
-        // recovery the fail-closed alert asks for).
-        (Folded::Empty, _) | (Folded::Untrusted(_), Writer::Operator) => {
-            Folded::State(ControlState {
-                quarantined: Default::default(),
-                ..state
-            })
-        }
-        (Folded::Untrusted(why), Writer::Poller) => Folded::Untrusted(why),
-        (Folded::State(c), w) => Folded::State(apply(&c, base, &state, w).unwrap_or(c)),
+/// Parses one stream message.
+pub fn parse(body: &[u8]) -> Result<Entry, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// `current` made untrusted because of `why`, keeping the last trusted state.
+fn distrust(current: Folded, why: String) -> Folded {
+    match current {
+        // The first reason stays: it is what an operator has to look into.
+        Folded::Untrusted { last, why: first } => Folded::Untrusted { last, why: first },
+        other => Folded::Untrusted {
+            last: other.last_trusted(),
+            why,
+        },
     }
 }
 
-/// Folds messages (body and writer, in stream order) into the state.
-pub fn fold<'a>(entries: impl IntoIterator<Item = (&'a [u8], Writer)>) -> Folded {
-    entries
-        .into_iter()
-        .fold(Folded::Empty, |current, (body, writer)| {
-            step(current, body, writer)
-        })
+/// Folds one message (body and writer) into `current`.
+pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
+    let entry = match parse(body) {
+        Ok(e) => e,
+        Err(e) => return distrust(current, format!("an unreadable state entry ({e})")),
+    };
+    if writer == Writer::Untrusted {
+        return distrust(
+            current,
+            format!(
+                "a state entry ({}) written by a user who is neither an operator nor the poller",
+                describe(&entry.change, &entry.state)
+            ),
+        );
+    }
+    match (current, entry.change) {
+        // The first entry of a new system: an operator's is a snapshot; the poller's applies
+        // to the initial state.
+        (Folded::Empty, _) if writer == Writer::Operator => Folded::State(entry.state),
+        (Folded::Empty, change) => {
+            step_trusted(ControlState::initial(), change, &entry.state, writer)
+        }
+        (Folded::State(c), change) => step_trusted(c, change, &entry.state, writer),
+        (Folded::Untrusted { last, why }, Change::Mode { base }) => {
+            // Decided on the stricter state replicas enforce.
+            let eff = stricter(last.as_ref(), &why);
+            match apply(&eff, base, &entry.state, writer) {
+                // An operator decided on what replicas enforce: trusted again.
+                Some(new) if writer == Writer::Operator && base >= eff.seq => Folded::State(new),
+                Some(new) => Folded::Untrusted {
+                    last: Some(new),
+                    why,
+                },
+                None => Folded::Untrusted { last, why },
+            }
+        }
+        (Folded::Untrusted { last, why }, Change::Agent { agent, quarantined }) => {
+            let base = last.clone().unwrap_or_else(ControlState::initial);
+            let last = apply_agent(&base, &agent, quarantined.as_ref(), writer).or(last);
+            Folded::Untrusted { last, why }
+        }
+    }
 }
 
-use crate::broker::names::text;
+fn step_trusted(current: ControlState, change: Change, state: &ControlState, w: Writer) -> Folded {
+    Folded::State(match change {
+        Change::Mode { base } => apply(&current, base, state, w).unwrap_or(current),
+        Change::Agent { agent, quarantined } => {
+            apply_agent(&current, &agent, quarantined.as_ref(), w).unwrap_or(current)
+        }
+    })
+}
 
-/// Appends a new state decided on `base` (persistent, confirmed). `user` must be the
-/// publishing connection's user.
+fn describe(change: &Change, state: &ControlState) -> String {
+    match change {
+        Change::Mode { .. } => state.mode.as_str().to_owned(),
+        Change::Agent {
+            agent,
+            quarantined: Some(_),
+        } => format!("quarantine {agent}"),
+        Change::Agent { agent, .. } => format!("release {agent}"),
+    }
+}
+
+/// One message read from the stream: its offset, its writer, its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub writer: Writer,
+    pub body: Vec<u8>,
+}
+
+/// Where a pass starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The stream's last chunk.
+    Last,
+    /// The stream's first entry still kept.
+    First,
+    Offset(u64),
+}
+
+impl ReadFrom {
+    fn argument(self) -> AMQPValue {
+        match self {
+            ReadFrom::Last => text("last"),
+            ReadFrom::First => text("first"),
+            ReadFrom::Offset(o) => AMQPValue::LongLongInt(o as i64),
+        }
+    }
+}
+
+/// The index in `records` (read in stream order, starting at `from`) where a fold may start:
+/// the latest entry written by an operator whose `after` names the record just before it, or
+/// the stream's first entry written with `after: None`.
+pub fn anchor(records: &[Record], from: ReadFrom) -> Option<usize> {
+    (0..records.len()).rev().find(|&i| {
+        let r = &records[i];
+        if r.writer != Writer::Operator {
+            return false;
+        }
+        match parse(&r.body).map(|e| e.after) {
+            Err(_) => false,
+            Ok(None) => i == 0 && from == ReadFrom::First,
+            Ok(Some(a)) => i > 0 && records[i - 1].offset == a,
+        }
+    })
+}
+
+/// The state folded from the anchor in `records` over everything after it, or `None` when
+/// they hold no anchor.
+pub fn fold_records(records: &[Record], from: ReadFrom) -> Option<Folded> {
+    let i = anchor(records, from)?;
+    let start = parse(&records[i].body).ok()?.state;
+    Some(
+        records[i + 1..]
+            .iter()
+            .fold(Folded::State(start), |f, r| step(f, &r.body, r.writer)),
+    )
+}
+
+/// Where to read next when `records` (read from `from`) hold no anchor: the earliest entry any
+/// of them names, else the stream's first entry; `None` when nothing earlier can be read.
+pub fn walk_back(records: &[Record], from: ReadFrom) -> Option<ReadFrom> {
+    let first = records.first()?.offset;
+    let earliest = records
+        .iter()
+        .filter(|r| r.writer != Writer::Untrusted)
+        .filter_map(|r| parse(&r.body).ok()?.after)
+        .min();
+    match (from, earliest) {
+        // Read from the first entry kept: nothing earlier is left.
+        (ReadFrom::First, _) => None,
+        (_, Some(a)) if a < first => Some(ReadFrom::Offset(a)),
+        _ => Some(ReadFrom::First),
+    }
+}
+
+/// The best a reader can say when no anchor is left: the latest trusted writer's state, with
+/// the strictest mode and every quarantine any trusted entry it read holds.
+pub fn best_guess(records: &[Record]) -> Option<ControlState> {
+    let trusted: Vec<ControlState> = records
+        .iter()
+        .filter(|r| r.writer != Writer::Untrusted)
+        .filter_map(|r| parse(&r.body).ok().map(|e| e.state))
+        .collect();
+    let mut guess = trusted.last()?.clone();
+    for s in &trusted {
+        if restrictiveness(s.mode) > restrictiveness(guess.mode) {
+            guess.mode = s.mode;
+        }
+        for (agent, q) in &s.quarantined {
+            guess
+                .quarantined
+                .entry(agent.clone())
+                .or_insert_with(|| q.clone());
+        }
+    }
+    Some(guess)
+}
+
+/// Appends one entry (persistent, confirmed) as `user`, who must be the publishing
+/// connection's user. `after` is the offset of the last entry the writer read
+/// ([`StateReader::position`]), `state` the whole state after `change`.
 pub async fn write(
     publisher: &Publisher,
     c: &ControlSettings,
-    base: u64,
+    after: Option<u64>,
+    change: Change,
     state: &ControlState,
     user: &str,
 ) -> Result<(), BrokerError> {
-    let entry = Entry::State {
-        base,
-        state: state.clone(),
-    };
-    append(publisher, c, &entry, user).await
-}
-
-/// Appends one entry (persistent, confirmed) as `user`.
-async fn append(
-    publisher: &Publisher,
-    c: &ControlSettings,
-    entry: &Entry,
-    user: &str,
-) -> Result<(), BrokerError> {
     publisher
-        .publish(&Outgoing {
-            exchange: c.state_exchange.clone(),
-            routing_key: String::new(),
-            body: serde_json::to_vec(entry).expect("serializes"),
-            message_type: crate::broker::names::message_type::CONTROL_STATE,
-            user_id: Some(user.to_owned()),
-            ..Default::default()
-        })
+        .publish(&render(c, after, change, state, user))
         .await
 }
 
-/// Appends a quarantine (`Some`) or release (`None`) of `agent`.
-pub async fn write_agent(
-    publisher: &Publisher,
+/// The message of one entry.
+pub fn render(
     c: &ControlSettings,
-    agent: &str,
-    quarantined: Option<&super::Quarantined>,
+    after: Option<u64>,
+    change: Change,
+    state: &ControlState,
     user: &str,
-) -> Result<(), BrokerError> {
-    let entry = Entry::Agent {
-        agent: agent.to_owned(),
-        quarantined: quarantined.cloned(),
+) -> Outgoing {
+    let entry = Entry {
+        after,
+        change,
+        state: state.clone(),
     };
-    append(publisher, c, &entry, user).await
+    Outgoing {
+        exchange: c.state_exchange.clone(),
+        routing_key: String::new(),
+        body: serde_json::to_vec(&entry).expect("serializes"),
+        message_type: message_type::CONTROL_STATE,
+        user_id: Some(user.to_owned()),
+        ..Default::default()
+    }
 }
 
 /// Tells who wrote an entry from its `user_id`.
 pub type Classify = Box<dyn Fn(Option<&str>) -> Writer + Send + Sync>;
 
-/// A reader of the state stream: the initial fold up to its own marker, then (for replicas)
-/// every entry that follows, as it arrives.
+/// A reader of the state stream: the fold at open, then (for replicas) every entry that
+/// follows, as it arrives.
 pub struct StateReader {
+    channel: Channel,
     consumer: lapin::Consumer,
     classify: Classify,
     current: Folded,
+    /// The offset of the last entry read.
+    position: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("the state stream did not deliver this reader's marker within {0:?}")]
+    #[error("the state stream did not answer within {0:?}")]
     Deadline(Duration),
     #[error("the state stream consumer ended")]
     Ended,
+    #[error("the state stream holds more than {MAX_RECORDS} entries since its last snapshot")]
+    TooLong,
 }
 
 impl From<lapin::Error> for ReadError {
@@ -255,59 +451,115 @@ impl From<lapin::Error> for ReadError {
     }
 }
 
+/// The offset a stream delivery carries.
+fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::Timestamp(o) => Some(*o),
+        _ => None,
+    }
+}
+
 impl StateReader {
-    /// Appends a marker as `user`, then folds the stream from its first entry up to that marker.
-    /// `ch` is used for this reader alone (its prefetch is set here).
+    /// Reads the stored state on `ch` (used for this reader alone) without writing anything:
+    /// the last chunk, then earlier entries until an anchor is found. An empty stream folds as
+    /// `control.empty_stream` says.
     pub async fn open(
         ch: &Channel,
-        publisher: &Publisher,
         c: &ControlSettings,
-        user: &str,
         classify: impl Fn(Option<&str>) -> Writer + Send + Sync + 'static,
     ) -> Result<Self, ReadError> {
-        let nonce = uuid::Uuid::new_v4().to_string();
-        publisher
-            .publish(&Outgoing {
-                exchange: c.state_exchange.clone(),
-                routing_key: String::new(),
-                body: serde_json::to_vec(&Entry::Marker {
-                    nonce: nonce.clone(),
-                })
-                .expect("serializes"),
-                message_type: crate::broker::names::message_type::CONTROL_STATE_MARKER,
-                user_id: Some(user.to_owned()),
-                ..Default::default()
-            })
-            .await?;
-        ch.basic_qos(256, BasicQosOptions::default()).await?;
+        let mut reader = Self {
+            channel: ch.clone(),
+            consumer: Self::subscribe(ch, &c.state_queue, ReadFrom::Last).await?,
+            classify: Box::new(classify),
+            current: Folded::Empty,
+            position: None,
+        };
+        let mut from = ReadFrom::Last;
+        for pass in 0.. {
+            if pass > 0 {
+                reader.consumer = Self::subscribe(ch, &c.state_queue, from).await?;
+            }
+            let records = reader.drain().await?;
+            reader.position = records.last().map(|r| r.offset);
+            if records.is_empty() {
+                reader.current = c.empty_stream.fold();
+                return Ok(reader);
+            }
+            if let Some(folded) = fold_records(&records, from) {
+                reader.current = folded;
+                return Ok(reader);
+            }
+            match walk_back(&records, from) {
+                Some(earlier) if pass + 1 < MAX_PASSES => from = earlier,
+                _ => {
+                    reader.current = Folded::Untrusted {
+                        last: best_guess(&records),
+                        why: "no snapshot to start from: the stream's remaining entries hold no entry an operator anchored (written by another version, or its start dropped)".into(),
+                    };
+                    return Ok(reader);
+                }
+            }
+        }
+        unreachable!("the passes return")
+    }
+
+    async fn subscribe(
+        ch: &Channel,
+        queue: &str,
+        from: ReadFrom,
+    ) -> Result<lapin::Consumer, ReadError> {
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
         let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), text("first"));
-        let consumer = ch
+        args.insert("x-stream-offset".into(), from.argument());
+        Ok(ch
             .basic_consume(
-                c.state_queue.as_str().into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 args,
             )
-            .await?;
-        let mut reader = Self {
-            consumer,
-            classify: Box::new(classify),
-            current: Folded::Empty,
-        };
-        let caught_up = tokio::time::timeout(READ_DEADLINE, async {
+            .await?)
+    }
+
+    /// Everything the stream holds from this consumer's start: round trips on the channel
+    /// until one brings nothing new (the broker sends what it has before it answers).
+    async fn drain(&mut self) -> Result<Vec<Record>, ReadError> {
+        let read = async {
+            let mut records = Vec::new();
             loop {
-                match reader.next_entry().await? {
-                    Some(Entry::Marker { nonce: n }) if n == nonce => return Ok(()),
-                    _ => {}
+                self.channel
+                    .basic_qos(PREFETCH, BasicQosOptions::default())
+                    .await?;
+                let before = records.len();
+                while let Some(next) = self.consumer.next().now_or_never() {
+                    let d = next.ok_or(ReadError::Ended)??;
+                    records.push(self.record(&d));
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                    if records.len() > MAX_RECORDS {
+                        return Err(ReadError::TooLong);
+                    }
+                }
+                if records.len() == before {
+                    return Ok(records);
                 }
             }
-        })
-        .await;
-        match caught_up {
-            Ok(Ok(())) => Ok(reader),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ReadError::Deadline(READ_DEADLINE)),
+        };
+        tokio::time::timeout(READ_DEADLINE, read)
+            .await
+            .map_err(|_| ReadError::Deadline(READ_DEADLINE))?
+    }
+
+    fn record(&self, d: &lapin::message::Delivery) -> Record {
+        Record {
+            // A delivery without an offset can't be placed: it anchors nothing.
+            offset: offset_of(d).unwrap_or(u64::MAX),
+            writer: (self.classify)(d.properties.user_id().as_ref().map(|u| u.as_str())),
+            body: d.data.clone(),
         }
     }
 
@@ -316,35 +568,42 @@ impl StateReader {
         &self.current
     }
 
+    /// The offset of the last entry read: a writer's `after`.
+    pub fn position(&self) -> Option<u64> {
+        self.position
+    }
+
     /// Waits for the next entry and folds it in; returns the state when it changed.
     pub async fn changed(&mut self) -> Result<Folded, ReadError> {
         loop {
+            let d = match self.consumer.next().await {
+                Some(d) => d?,
+                None => return Err(ReadError::Ended),
+            };
+            let r = self.record(&d);
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            self.position = Some(r.offset);
             let before = self.current.clone();
-            if let Some(Entry::State { .. } | Entry::Agent { .. }) = self.next_entry().await? {
-                if self.current != before {
-                    return Ok(self.current.clone());
-                }
+            self.current = step(before.clone(), &r.body, r.writer);
+            if self.current != before {
+                return Ok(self.current.clone());
             }
         }
     }
 
-    /// Reads one message, folds it in, acks it (a stream keeps it regardless).
-    async fn next_entry(&mut self) -> Result<Option<Entry>, ReadError> {
-        let d = match self.consumer.next().await {
-            Some(d) => d?,
-            None => return Err(ReadError::Ended),
-        };
-        let writer = (self.classify)(d.properties.user_id().as_ref().map(|u| u.as_str()));
-        let current = std::mem::replace(&mut self.current, Folded::Empty);
-        self.current = step(current, &d.data, writer);
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-        Ok(serde_json::from_slice::<Entry>(&d.data).ok())
+    /// Stops reading (the channel stays open).
+    pub async fn close(self) {
+        let _ = self
+            .channel
+            .basic_cancel(self.consumer.tag().as_str().into(), Default::default())
+            .await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Writer::*;
 
     fn state(mode: Mode, seq: u64) -> ControlState {
         ControlState {
@@ -354,20 +613,48 @@ mod tests {
         }
     }
 
-    fn entry(base: u64, mode: Mode) -> Vec<u8> {
-        serde_json::to_vec(&Entry::State {
-            base,
+    fn mode_entry(after: Option<u64>, base: u64, mode: Mode) -> Vec<u8> {
+        serde_json::to_vec(&Entry {
+            after,
+            change: Change::Mode { base },
             state: state(mode, base + 1),
         })
         .unwrap()
     }
 
-    fn marker() -> Vec<u8> {
-        serde_json::to_vec(&Entry::Marker { nonce: "n".into() }).unwrap()
+    fn q() -> Quarantined {
+        Quarantined {
+            by: "ops".into(),
+            reason: "r".into(),
+            since: "t".into(),
+            request_id: "q".into(),
+        }
     }
 
+    fn agent_entry(
+        after: Option<u64>,
+        name: &str,
+        quarantine: bool,
+        snapshot: ControlState,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&Entry {
+            after,
+            change: Change::Agent {
+                agent: name.into(),
+                quarantined: quarantine.then(q),
+            },
+            state: snapshot,
+        })
+        .unwrap()
+    }
+
+    /// Folds from a trusted RUNNING state at seq 0.
     fn fold_all(entries: &[(Vec<u8>, Writer)]) -> Folded {
-        fold(entries.iter().map(|(b, w)| (b.as_slice(), *w)))
+        entries
+            .iter()
+            .fold(Folded::State(state(Mode::Running, 0)), |f, (b, w)| {
+                step(f, b, *w)
+            })
     }
 
     fn mode(f: &Folded) -> Mode {
@@ -377,36 +664,30 @@ mod tests {
         }
     }
 
-    use Writer::*;
-
-    #[test]
-    fn an_empty_stream_is_a_new_system_and_markers_change_nothing() {
-        assert_eq!(fold_all(&[]), Folded::Empty);
-        assert_eq!(fold_all(&[(marker(), Untrusted)]), Folded::Empty);
-        let f = fold_all(&[(entry(0, Mode::Halted), Operator), (marker(), Operator)]);
-        assert_eq!(mode(&f), Mode::Halted);
+    fn rec(offset: u64, writer: Writer, body: Vec<u8>) -> Record {
+        Record {
+            offset,
+            writer,
+            body,
+        }
     }
 
     #[test]
     fn a_trip_written_just_after_a_halt_never_downgrades_it() {
-        // Both decided on seq 1 (RUNNING): the operator's halt lands first.
         let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Operator),
-            (entry(1, Mode::Paused), Poller),
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Paused), Poller),
         ]);
         assert_eq!(mode(&f), Mode::Halted);
-        // And an operator's stale pause neither.
         let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Operator),
-            (entry(1, Mode::Paused), Operator),
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Paused), Operator),
         ]);
         assert_eq!(mode(&f), Mode::Halted);
-        // Nor a pause decided on the halt itself (the CLI refuses it; the fold too).
+        // Nor a pause decided on the halt itself.
         let f = fold_all(&[
-            (entry(0, Mode::Halted), Operator),
-            (entry(1, Mode::Paused), Operator),
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 1, Mode::Paused), Operator),
         ]);
         assert_eq!(mode(&f), Mode::Halted);
     }
@@ -414,157 +695,231 @@ mod tests {
     #[test]
     fn a_halt_always_wins_a_race_and_a_stale_resume_never_does() {
         let f = fold_all(&[
-            (entry(0, Mode::Paused), Operator),
-            (entry(1, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (mode_entry(None, 1, Mode::Running), Operator),
+            (mode_entry(None, 1, Mode::Halted), Operator),
         ]);
-        assert_eq!(
-            mode(&f),
-            Mode::Halted,
-            "a halt that lost the race still applies"
-        );
+        assert_eq!(mode(&f), Mode::Halted, "a halt that lost the race applies");
         let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Operator),
-            (entry(1, Mode::Running), Operator),
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Running), Operator),
         ]);
         assert_eq!(mode(&f), Mode::Halted, "a resume that never saw the halt");
-        // Lifting needs an entry decided on the halt.
         let f = fold_all(&[
-            (entry(0, Mode::Halted), Operator),
-            (entry(1, Mode::Running), Operator),
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 1, Mode::Running), Operator),
         ]);
         assert_eq!(mode(&f), Mode::Running);
     }
 
     #[test]
-    fn the_poller_may_only_pause_a_running_system() {
+    fn the_poller_may_only_pause_a_running_system_and_quarantine() {
         let f = fold_all(&[
-            (entry(0, Mode::Paused), Operator),
-            (entry(1, Mode::Running), Poller),
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (mode_entry(None, 1, Mode::Running), Poller),
         ]);
         assert_eq!(mode(&f), Mode::Paused);
-        let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Poller),
-        ]);
+        let f = fold_all(&[(mode_entry(None, 0, Mode::Halted), Poller)]);
         assert_eq!(mode(&f), Mode::Running);
-        let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Paused), Poller),
-        ]);
+        let f = fold_all(&[(mode_entry(None, 0, Mode::Paused), Poller)]);
         assert_eq!(mode(&f), Mode::Paused);
+        let any = state(Mode::Running, 0);
+        let f = fold_all(&[
+            (agent_entry(None, "a", true, any.clone()), Poller),
+            (agent_entry(None, "a", false, any), Poller),
+        ]);
+        let Folded::State(s) = f else { panic!() };
+        assert!(s.quarantined.contains_key("a"), "the poller can't release");
     }
 
     #[test]
-    fn unreadable_or_untrusted_entries_fail_closed() {
-        let f = fold_all(&[
-            (entry(0, Mode::Halted), Operator),
+    fn an_untrusted_entry_never_loosens_anything() {
+        let mut halted = state(Mode::Halted, 1);
+        halted.quarantined.insert("agent-bad".into(), q());
+        let start = Folded::State(halted.clone());
+        for (junk, writer) in [
+            (b"{\"decision\":\"list\"}".to_vec(), Poller),
             (b"garbage".to_vec(), Operator),
-        ]);
-        assert!(
-            matches!(f, Folded::Untrusted(ref why) if why.contains("unreadable")),
-            "{f:?}"
-        );
-        let f = fold_all(&[
-            (entry(0, Mode::Halted), Operator),
-            (entry(1, Mode::Running), Untrusted),
-        ]);
-        assert!(
-            matches!(f, Folded::Untrusted(ref why) if why.contains("neither")),
-            "{f:?}"
-        );
-    }
-
-    #[test]
-    fn an_operator_recovers_from_an_untrusted_entry_and_the_poller_cant() {
-        let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (b"garbage".to_vec(), Operator),
-            (entry(0, Mode::Running), Poller),
-        ]);
-        assert!(matches!(f, Folded::Untrusted(_)));
-        let f = fold_all(&[
-            (b"garbage".to_vec(), Operator),
-            (entry(0, Mode::Running), Operator),
-        ]);
-        assert_eq!(mode(&f), Mode::Running);
-    }
-
-    fn agent(name: &str, quarantine: bool) -> Vec<u8> {
-        serde_json::to_vec(&Entry::Agent {
-            agent: name.into(),
-            quarantined: quarantine.then(|| crate::control::Quarantined {
-                by: "ops".into(),
-                reason: "r".into(),
-                since: "t".into(),
-                request_id: "q".into(),
-            }),
-        })
-        .unwrap()
-    }
-
-    fn quarantined(f: &Folded) -> Vec<String> {
-        match f {
-            Folded::State(s) => s.quarantined.keys().cloned().collect(),
-            other => panic!("{other:?}"),
+            (mode_entry(None, 1, Mode::Running), Untrusted),
+        ] {
+            let f = step(start.clone(), &junk, writer);
+            let Folded::Untrusted { last, .. } = &f else {
+                panic!("{f:?}")
+            };
+            assert_eq!(last.as_ref(), Some(&halted));
+            let eff = f.effective().unwrap();
+            assert_eq!(eff.mode, Mode::Halted, "the halt is kept");
+            assert!(eff.quarantined.contains_key("agent-bad"));
+            // The poller's pause, a stale resume: nothing changes.
+            let f2 = step(f.clone(), &mode_entry(None, 0, Mode::Running), Operator);
+            assert_eq!(f2.effective().unwrap().mode, Mode::Halted);
+            let f2 = step(f.clone(), &mode_entry(None, 1, Mode::Paused), Poller);
+            assert_eq!(f2.effective().unwrap().mode, Mode::Halted);
+            // A later readable entry doesn't hide it.
+            let f3 = step(
+                f.clone(),
+                &agent_entry(None, "x", true, halted.clone()),
+                Poller,
+            );
+            assert!(matches!(f3, Folded::Untrusted { .. }));
+            assert_eq!(f3.effective().unwrap().quarantined.len(), 2);
         }
+        // A running system with a quarantine: untrusted means paused, the quarantine kept.
+        let mut running = state(Mode::Running, 3);
+        running.quarantined.insert("agent-bad".into(), q());
+        let f = step(Folded::State(running), b"nope", Poller);
+        let eff = f.effective().unwrap();
+        assert_eq!(eff.mode, Mode::Paused);
+        assert_eq!(eff.seq, 3);
+        assert!(eff.quarantined.contains_key("agent-bad"));
+        // An operator deciding on it makes it trusted again; the quarantine needs its release.
+        let resumed = ControlState {
+            mode: Mode::Running,
+            seq: 4,
+            ..eff.clone()
+        };
+        let entry = serde_json::to_vec(&Entry {
+            after: None,
+            change: Change::Mode { base: 3 },
+            state: resumed,
+        })
+        .unwrap();
+        let f = step(f, &entry, Operator);
+        let Folded::State(s) = f else { panic!("{f:?}") };
+        assert_eq!(s.mode, Mode::Running);
+        assert!(s.quarantined.contains_key("agent-bad"));
     }
 
     #[test]
     fn quarantines_fold_apart_from_the_mode() {
-        // On a new system, across mode changes, and not undone by a stale mode entry.
+        let any = state(Mode::Running, 0);
         let f = fold_all(&[
-            (agent("a", true), Operator),
-            (entry(0, Mode::Paused), Operator),
-            (agent("b", true), Poller),
-            (entry(1, Mode::Running), Operator),
-            (entry(1, Mode::Halted), Operator),
+            (agent_entry(None, "a", true, any.clone()), Operator),
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (agent_entry(None, "b", true, any.clone()), Poller),
+            (mode_entry(None, 1, Mode::Running), Operator),
+            (mode_entry(None, 1, Mode::Halted), Operator),
         ]);
-        assert_eq!(mode(&f), Mode::Halted);
-        assert_eq!(quarantined(&f), ["a", "b"]);
-        if let Folded::State(s) = &f {
-            assert_eq!(s.seq, 3, "agent entries never move the sequence");
-        }
-        // Only an operator releases; the poller's release is ignored.
-        let f = fold_all(&[(agent("a", true), Poller), (agent("a", false), Poller)]);
-        assert_eq!(quarantined(&f), ["a"]);
-        let f = fold_all(&[(agent("a", true), Poller), (agent("a", false), Operator)]);
-        assert!(quarantined(&f).is_empty());
-        // A state entry's own quarantine list is never trusted over the agent entries.
-        let mut forged = state(Mode::Running, 1);
-        forged.quarantined.clear();
+        let Folded::State(s) = &f else { panic!() };
+        assert_eq!(s.mode, Mode::Halted);
+        assert_eq!(s.quarantined.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(s.seq, 3, "agent entries never move the sequence");
+        // A mode entry's own quarantine list is never trusted over the agent entries.
         let f = fold_all(&[
-            (agent("a", true), Operator),
-            (
-                serde_json::to_vec(&Entry::State {
-                    base: 0,
-                    state: forged,
-                })
-                .unwrap(),
-                Operator,
-            ),
+            (agent_entry(None, "a", true, any.clone()), Operator),
+            (mode_entry(None, 0, Mode::Running), Operator),
         ]);
-        assert_eq!(quarantined(&f), ["a"]);
-        // An untrusted writer fails the fold closed.
-        let f = fold_all(&[(agent("a", true), Operator), (agent("a", false), Untrusted)]);
-        assert!(matches!(f, Folded::Untrusted(_)), "{f:?}");
+        let Folded::State(s) = &f else { panic!() };
+        assert!(s.quarantined.contains_key("a"));
     }
 
     #[test]
-    fn sequences_only_grow() {
-        let f = fold_all(&[
-            (entry(0, Mode::Running), Operator),
-            (entry(1, Mode::Paused), Operator),
-            (entry(2, Mode::Running), Operator),
-            (entry(2, Mode::Halted), Operator),
-        ]);
-        match f {
-            Folded::State(s) => {
-                assert_eq!(s.mode, Mode::Halted);
-                assert_eq!(s.seq, 4);
-            }
-            other => panic!("{other:?}"),
-        }
+    fn a_fold_starts_at_the_latest_entry_an_operator_anchored() {
+        let halted = {
+            let mut s = state(Mode::Halted, 7);
+            s.quarantined.insert("a".into(), q());
+            s
+        };
+        let snapshot = |after| {
+            serde_json::to_vec(&Entry {
+                after,
+                change: Change::Mode { base: 6 },
+                state: halted.clone(),
+            })
+            .unwrap()
+        };
+        // The last chunk alone: nothing before it to anchor on.
+        let last = [rec(40, Operator, snapshot(Some(30)))];
+        assert_eq!(anchor(&last, ReadFrom::Last), None);
+        assert_eq!(walk_back(&last, ReadFrom::Last), Some(ReadFrom::Offset(30)));
+        // Read from 30: the entry before it is the one it names.
+        let from_30 = [
+            rec(30, Operator, b"whatever it was".to_vec()),
+            rec(40, Operator, snapshot(Some(30))),
+        ];
+        assert_eq!(anchor(&from_30, ReadFrom::Offset(30)), Some(1));
+        let f = fold_records(&from_30, ReadFrom::Offset(30)).unwrap();
+        assert_eq!(
+            f,
+            Folded::State(halted.clone()),
+            "an old entry before it costs nothing"
+        );
+        // A concurrent entry between them: the later one isn't anchored, read further back.
+        let raced = [
+            rec(30, Operator, mode_entry(Some(20), 6, Mode::Halted)),
+            rec(35, Operator, mode_entry(Some(20), 6, Mode::Paused)),
+            rec(40, Operator, snapshot(Some(30))),
+        ];
+        assert_eq!(anchor(&raced, ReadFrom::Offset(30)), None);
+        assert_eq!(
+            walk_back(&raced, ReadFrom::Offset(30)),
+            Some(ReadFrom::Offset(20))
+        );
+        // The poller's entries never anchor: its snapshot could claim anything.
+        let poller = [
+            rec(30, Operator, b"x".to_vec()),
+            rec(40, Poller, mode_entry(Some(30), 0, Mode::Running)),
+        ];
+        assert_eq!(anchor(&poller, ReadFrom::Offset(30)), None);
+        // The stream's first entry anchors with `after: None`, anywhere else it doesn't.
+        let genesis = [rec(0, Operator, mode_entry(None, 0, Mode::Running))];
+        assert_eq!(anchor(&genesis, ReadFrom::First), Some(0));
+        assert_eq!(anchor(&genesis, ReadFrom::Last), None);
+        assert_eq!(walk_back(&genesis, ReadFrom::Last), Some(ReadFrom::First));
+        // Retention dropped the start: nothing earlier, untrusted with the best guess.
+        let dropped = [
+            rec(
+                500,
+                Poller,
+                agent_entry(Some(400), "b", true, halted.clone()),
+            ),
+            rec(501, Operator, b"unreadable".to_vec()),
+        ];
+        assert_eq!(walk_back(&dropped, ReadFrom::First), None);
+        let guess = best_guess(&dropped).unwrap();
+        assert_eq!(guess.mode, Mode::Halted);
+        assert!(guess.quarantined.contains_key("a"));
+    }
+
+    #[test]
+    fn an_anchor_then_changes_fold_like_a_full_history() {
+        // The same history folded from its start and from a snapshot in its middle.
+        let s1 = state(Mode::Paused, 1);
+        let history = [
+            rec(1, Operator, mode_entry(None, 0, Mode::Paused)),
+            rec(
+                2,
+                Operator,
+                serde_json::to_vec(&Entry {
+                    after: Some(1),
+                    change: Change::Agent {
+                        agent: "a".into(),
+                        quarantined: Some(q()),
+                    },
+                    state: ControlState {
+                        quarantined: [("a".to_string(), q())].into(),
+                        ..s1.clone()
+                    },
+                })
+                .unwrap(),
+            ),
+            rec(3, Poller, agent_entry(Some(2), "b", true, s1.clone())),
+            rec(4, Operator, mode_entry(Some(2), 1, Mode::Halted)),
+        ];
+        let from_first = history
+            .iter()
+            .fold(Folded::Empty, |f, r| step(f, &r.body, r.writer));
+        assert_eq!(
+            anchor(&history, ReadFrom::First),
+            Some(1),
+            "the latest anchor"
+        );
+        let from_2 = fold_records(&history, ReadFrom::First).unwrap();
+        assert_eq!(from_first, from_2);
+        let Folded::State(s) = from_first else {
+            panic!()
+        };
+        assert_eq!(s.mode, Mode::Halted);
+        assert_eq!(s.quarantined.len(), 2);
     }
 }

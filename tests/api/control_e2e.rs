@@ -566,8 +566,9 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
     let base = before.stored_state.map_or(0, |s| s.seq);
     h.operator().run(halt("E02")).await.unwrap();
     // The stale pause, decided on the state before the halt.
-    let stale = command_poller::control::state_log::Entry::State {
-        base,
+    let stale = command_poller::control::state_log::Entry {
+        after: None,
+        change: command_poller::control::state_log::Change::Mode { base },
         state: command_poller::control::ControlState {
             mode: Mode::Paused,
             reason: "automatic trip".into(),

@@ -75,9 +75,26 @@ pub struct Replica {
     /// Quarantine requests already announced here (a lever and the stored state both bring
     /// one; the tripping replica also receives its own lever).
     announced: Mutex<std::collections::VecDeque<String>>,
+    /// The offset of the last state entry this replica read: its own entries' `after`.
+    state_position: Mutex<Option<u64>>,
 }
 
 impl Replica {
+    fn set_state_position(&self, p: Option<u64>) {
+        *self
+            .state_position
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = p;
+    }
+
+    /// The `after` of an entry this replica writes.
+    fn state_position(&self) -> Option<u64> {
+        *self
+            .state_position
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn new(
         control: ControlSettings,
         names: Names,
@@ -96,6 +113,7 @@ impl Replica {
             policy,
             reload,
             announced: Mutex::new(Default::default()),
+            state_position: Mutex::new(None),
         }
     }
 
@@ -120,6 +138,9 @@ impl Replica {
                     continue;
                 }
                 folded = changed => {
+                    if let Some(r) = state.as_ref() {
+                        self.set_state_position(r.position());
+                    }
                     match folded {
                         Ok(f) => self.apply_stored(&publisher, f, true).await?,
                         Err(state_log::ReadError::Broker(e)) => return Err(e),

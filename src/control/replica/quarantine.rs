@@ -117,11 +117,15 @@ impl Replica {
         }
         self.gate.set(new.clone());
         self.first_announcement(cmd.request_id());
-        state_log::write_agent(
+        state_log::write(
             publisher,
             &self.control,
-            &t.agent,
-            new.quarantined.get(&t.agent),
+            self.state_position(),
+            state_log::Change::Agent {
+                agent: t.agent.clone(),
+                quarantined: new.quarantined.get(&t.agent).cloned(),
+            },
+            &new,
             &self.names.poller_user,
         )
         .await?;

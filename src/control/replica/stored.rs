@@ -34,17 +34,19 @@ impl Replica {
             )
             .await?;
         let classify = state_writer(&c.operators, &self.names.poller_user);
-        match StateReader::open(state_ch, publisher, c, &self.names.poller_user, classify).await {
+        match StateReader::open(state_ch, c, classify).await {
             Ok(reader) => {
                 let folded = reader.state().clone();
+                self.set_state_position(reader.position());
                 self.apply_stored(publisher, folded, false).await?;
                 Ok((consumer, Some(reader)))
             }
             Err(state_log::ReadError::Broker(e)) if e.is_connection() => Err(e),
             Err(e) => {
                 // Can't read it: never assume RUNNING.
-                self.fail_closed(publisher, format!("could not be read ({e})"))
-                    .await?;
+                let why = format!("could not be read ({e})");
+                let held = state_log::stricter(Some(&self.gate.state()), &why);
+                self.fail_closed(publisher, why, held).await?;
                 Ok((consumer, None))
             }
         }
@@ -75,7 +77,12 @@ impl Replica {
                 }
                 Ok(())
             }
-            Folded::Untrusted(why) => self.fail_closed(publisher, why).await,
+            Folded::Untrusted { ref why, .. } => {
+                let held = folded
+                    .effective()
+                    .expect("untrusted has an effective state");
+                self.fail_closed(publisher, why.clone(), held).await
+            }
         }
     }
 
@@ -110,28 +117,40 @@ impl Replica {
         Ok(())
     }
 
-    /// Comes up (or goes) paused and alerts security: the stored state can't be trusted.
+    /// Comes up (or goes) at least paused and alerts security: the stored state can't be
+    /// trusted. `held` is what the fold says to enforce (the last trusted state made stricter);
+    /// what this replica enforces already is never loosened by it.
     pub(super) async fn fail_closed(
         &self,
         publisher: &Publisher,
         why: String,
+        held: ControlState,
     ) -> Result<(), BrokerError> {
         let why = format!(
-            "the stored control state is untrusted: {why}; paused until an operator decides"
+            "the stored control state is untrusted: {why}; held at least paused (a halt and every quarantine kept) until an operator decides"
         );
         tracing::error!("{why}");
-        if self.gate.mode() != Mode::Halted {
-            let current = self.gate.state();
-            self.gate.set(ControlState {
-                mode: Mode::Paused,
-                since: crate::clock::now_rfc3339(),
-                by: self.names.instance.clone(),
-                reason: why.clone(),
-                request_id: String::new(),
-                seq: current.seq,
-                quarantined: current.quarantined,
-            });
+        let current = self.gate.state();
+        let mut new = held;
+        if current.mode == Mode::Halted {
+            new.mode = Mode::Halted;
         }
-        self.alert(publisher, "security", Priority::High, &why, "Inspect the control state stream and who can write to it (control.state_exchange), then decide with `command-poller resume` (or `halt`) as an operator.").await
+        if new.mode == Mode::Running {
+            new.mode = Mode::Paused;
+        }
+        if new.mode != current.mode {
+            new.since = crate::clock::now_rfc3339();
+            new.by = self.names.instance.clone();
+            new.reason = why.clone();
+            new.request_id = String::new();
+        }
+        new.seq = new.seq.max(current.seq);
+        for (agent, q) in &current.quarantined {
+            new.quarantined.entry(agent.clone()).or_insert(q.clone());
+        }
+        if new != current {
+            self.gate.set(new);
+        }
+        self.alert(publisher, "security", Priority::High, &why, "Inspect the control state stream and who can write to it (control.state_exchange), then decide with `command-poller resume` (or `halt`) as an operator: the lever is decided on the state replicas now enforce.").await
     }
 }

@@ -92,7 +92,8 @@ impl Replica {
         state_log::write(
             publisher,
             &self.control,
-            current.seq,
+            self.state_position(),
+            state_log::Change::Mode { base: current.seq },
             &new,
             &self.names.poller_user,
         )
