@@ -46,6 +46,9 @@ use std::time::Duration;
 
 /// How long a read (every pass of it) may take before it counts as unreadable.
 pub const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a reader waits for a stream's first delivery before it takes the stream for empty
+/// (the broker starts sending only once the stream's writer answers it).
+pub const EMPTY_GRACE: Duration = Duration::from_secs(1);
 /// Deliveries a reader takes per round trip; a round that fills it reads on.
 const PREFETCH: u16 = 500;
 /// Passes a read makes looking for an anchor (the last chunk, the earliest entry it names, the
@@ -426,11 +429,17 @@ pub type Classify = Box<dyn Fn(Option<&str>) -> Writer + Send + Sync>;
 /// follows, as it arrives.
 pub struct StateReader {
     channel: Channel,
+    queue: String,
     consumer: lapin::Consumer,
     classify: Classify,
     current: Folded,
     /// The offset of the last entry read.
     position: Option<u64>,
+    /// What an empty stream folds to.
+    empty: crate::settings::EmptyStream,
+    /// The stream sent nothing within the grace: an entry that then arrives and isn't the
+    /// stream's first means it wasn't empty, and the stream is read again.
+    assumed_empty: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -465,8 +474,8 @@ fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
 
 impl StateReader {
     /// Reads the stored state on `ch` (used for this reader alone) without writing anything:
-    /// the last chunk, then earlier entries until an anchor is found. An empty stream folds as
-    /// `control.empty_stream` says.
+    /// the last chunk, then earlier entries until an anchor is found. A stream that sends
+    /// nothing within [`EMPTY_GRACE`] is empty, and folds as `control.empty_stream` says.
     pub async fn open(
         ch: &Channel,
         c: &ControlSettings,
@@ -474,38 +483,54 @@ impl StateReader {
     ) -> Result<Self, ReadError> {
         let mut reader = Self {
             channel: ch.clone(),
+            queue: c.state_queue.clone(),
             consumer: Self::subscribe(ch, &c.state_queue, ReadFrom::Last).await?,
             classify: Box::new(classify),
             current: Folded::Empty,
             position: None,
+            empty: c.empty_stream,
+            assumed_empty: false,
         };
+        reader.read(true).await?;
+        Ok(reader)
+    }
+
+    /// The passes of a read; the consumer is already subscribed from the last chunk.
+    async fn read(&mut self, first_may_be_empty: bool) -> Result<(), ReadError> {
         let mut from = ReadFrom::Last;
-        for pass in 0.. {
+        for pass in 0..MAX_PASSES {
             if pass > 0 {
-                reader.consumer = Self::subscribe(ch, &c.state_queue, from).await?;
+                self.resubscribe(from).await?;
             }
-            let records = reader.drain().await?;
-            reader.position = records.last().map(|r| r.offset);
+            let grace = if pass == 0 && first_may_be_empty {
+                EMPTY_GRACE
+            } else {
+                READ_DEADLINE
+            };
+            let records = self.drain(grace).await?;
+            self.position = records.last().map(|r| r.offset);
             if records.is_empty() {
-                reader.current = c.empty_stream.fold();
-                return Ok(reader);
+                self.current = self.empty.fold();
+                self.assumed_empty = true;
+                return Ok(());
             }
+            self.assumed_empty = false;
             if let Some(folded) = fold_records(&records, from) {
-                reader.current = folded;
-                return Ok(reader);
+                self.current = folded;
+                return Ok(());
             }
             match walk_back(&records, from) {
                 Some(earlier) if pass + 1 < MAX_PASSES => from = earlier,
                 _ => {
-                    reader.current = Folded::Untrusted {
+                    self.current = Folded::Untrusted {
                         last: best_guess(&records),
                         why: "no snapshot to start from: the stream's remaining entries hold no entry an operator anchored (written by another version, or its start dropped)".into(),
                     };
-                    return Ok(reader);
+                    return Ok(());
                 }
             }
         }
-        unreachable!("the passes return")
+        unreachable!("the last pass returns")
     }
 
     async fn subscribe(
@@ -526,11 +551,31 @@ impl StateReader {
             .await?)
     }
 
-    /// Everything the stream holds from this consumer's start: round trips on the channel
-    /// until one brings nothing new (the broker sends what it has before it answers).
-    async fn drain(&mut self) -> Result<Vec<Record>, ReadError> {
+    /// Cancels the current consumer and reads again from `from`.
+    async fn resubscribe(&mut self, from: ReadFrom) -> Result<(), ReadError> {
+        self.channel
+            .basic_cancel(self.consumer.tag().as_str().into(), Default::default())
+            .await?;
+        self.consumer = Self::subscribe(&self.channel, &self.queue, from).await?;
+        Ok(())
+    }
+
+    /// Everything the stream holds from this consumer's start. The broker reads a stream for a
+    /// new consumer only once its writer answers, so the first delivery is waited for (up to
+    /// `first`: nothing by then is an empty stream); from then on it sends what it has before
+    /// it answers a round trip on the channel, so round trips repeat until one brings nothing.
+    async fn drain(&mut self, first: Duration) -> Result<Vec<Record>, ReadError> {
+        let mut records = Vec::new();
+        match tokio::time::timeout(first, self.consumer.next()).await {
+            Err(_) => return Ok(records),
+            Ok(None) => return Err(ReadError::Ended),
+            Ok(Some(d)) => {
+                let d = d?;
+                records.push(self.record(&d));
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            }
+        }
         let read = async {
-            let mut records = Vec::new();
             loop {
                 self.channel
                     .basic_qos(PREFETCH, BasicQosOptions::default())
@@ -545,13 +590,14 @@ impl StateReader {
                     }
                 }
                 if records.len() == before {
-                    return Ok(records);
+                    return Ok(());
                 }
             }
         };
         tokio::time::timeout(READ_DEADLINE, read)
             .await
-            .map_err(|_| ReadError::Deadline(READ_DEADLINE))?
+            .map_err(|_| ReadError::Deadline(READ_DEADLINE))??;
+        Ok(records)
     }
 
     fn record(&self, d: &lapin::message::Delivery) -> Record {
@@ -584,6 +630,18 @@ impl StateReader {
             let _ = d.acker.ack(BasicAckOptions::default()).await;
             self.position = Some(r.offset);
             let before = self.current.clone();
+            if std::mem::take(&mut self.assumed_empty)
+                && parse(&r.body).map_or(true, |e| e.after.is_some())
+            {
+                // Not the stream's first entry: it was not empty, only slow. Read it properly.
+                tracing::warn!("the control state stream sent its entries after the grace; reading it again");
+                self.resubscribe(ReadFrom::Last).await?;
+                self.read(false).await?;
+                if self.current != before {
+                    return Ok(self.current.clone());
+                }
+                continue;
+            }
             self.current = step(before.clone(), &r.body, r.writer);
             if self.current != before {
                 return Ok(self.current.clone());

@@ -31,3 +31,4 @@ mod runs_as_shipped;
 mod scripts_e2e;
 mod security_e2e;
 mod sop_e2e;
+mod state_log_e2e;

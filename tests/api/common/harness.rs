@@ -104,6 +104,7 @@ impl Harness {
         broker::declare_audit(&conn, &settings.audit, &settings.topology.replication)
             .await
             .unwrap();
+        bootstrap_control(&conn, &settings).await;
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let t = &settings.topology;
         tokio::spawn(collect(
@@ -532,4 +533,32 @@ pub fn spawn_sink(
             panic!("audit sink: {e}");
         }
     })
+}
+
+/// Declares the control topology and writes its first entry (RUNNING) as the operator guest,
+/// as `command-poller resume` does on a new deployment: a stream that holds nothing is only
+/// known empty after [`command_poller::control::state_log::EMPTY_GRACE`].
+pub async fn bootstrap_control(conn: &Connection, settings: &Settings) {
+    use command_poller::control::state_log::{self, Change};
+    let ch = conn.create_channel().await.unwrap();
+    broker::declare_control(&ch, &settings.control, &settings.topology.replication)
+        .await
+        .unwrap();
+    let publisher = command_poller::broker::Publisher::open(conn).await.unwrap();
+    let genesis = command_poller::control::ControlState {
+        by: "guest".into(),
+        reason: "test bootstrap".into(),
+        ..command_poller::control::ControlState::initial()
+    };
+    state_log::write(
+        &publisher,
+        &settings.control,
+        None,
+        Change::Mode { base: 0 },
+        &genesis,
+        "guest",
+    )
+    .await
+    .unwrap();
+    let _ = ch.close(200, "declared".into()).await;
 }
