@@ -487,6 +487,10 @@ pub struct ControlSettings {
     pub empty_stream: EmptyStream,
 }
 
+fn default_decisions_per_minute() -> u32 {
+    120
+}
+
 /// What an empty control state stream means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -593,6 +597,10 @@ pub struct ApprovalSettings {
     pub sweep_interval: Duration,
     /// Largest decision message accepted, in bytes.
     pub max_decision_bytes: usize,
+    /// Decision messages one approver may send per minute (every replica counts its own);
+    /// beyond it each is refused unread, and security is alerted once a minute.
+    #[serde(default = "default_decisions_per_minute")]
+    pub max_decisions_per_minute: u32,
     /// Environment variable holding a Slack-compatible incoming-webhook URL that is told of
     /// every parked approval and reminded before it expires; unset or empty: no webhook.
     /// Never logged.

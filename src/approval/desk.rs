@@ -60,6 +60,39 @@ pub struct Desk {
     /// Wakes this replica's sweeper when a decision ends a wait.
     pub wake: Arc<Notify>,
     pub audit_exchange: String,
+    /// Decisions counted per approver this minute.
+    pub budget: DecisionBudget,
+}
+
+/// Decision messages per approver in the current minute.
+#[derive(Debug, Default)]
+pub struct DecisionBudget(std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>);
+
+/// What the budget says of one more decision message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Within,
+    /// The first over the cap this minute: refused and alerted.
+    JustOver,
+    /// Refused, already alerted this minute.
+    Over,
+}
+
+impl DecisionBudget {
+    /// Counts one message from `by` at `now` (unix seconds) against `cap` per minute.
+    pub fn take(&self, by: &str, now: u64, cap: u32) -> Budget {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let minute = now / 60;
+        // Forget other minutes: the map holds at most the senders of this one.
+        m.retain(|_, (w, _)| *w == minute);
+        let (_, n) = m.entry(by.to_owned()).or_insert((minute, 0));
+        *n = n.saturating_add(1);
+        match (*n).cmp(&cap.saturating_add(1)) {
+            std::cmp::Ordering::Less => Budget::Within,
+            std::cmp::Ordering::Equal => Budget::JustOver,
+            std::cmp::Ordering::Greater => Budget::Over,
+        }
+    }
 }
 
 /// Compare-and-set attempts before a decision is refused as contended.
@@ -119,6 +152,35 @@ impl Desk {
             event.refusal = Some(why.clone());
             self.answer(ReplyOutcome::Refused, why, event, abuse, rec)
         };
+        // Answers go to direct reply-to only: any other `reply_to` would make this replica
+        // publish, as the poller's user, into a queue of the decider's choosing.
+        if let Some(rt) = msg.reply_to.as_deref() {
+            if !crate::broker::names::is_direct_reply_to(rt) {
+                return refuse(
+                    event,
+                    format!("answers go to direct reply-to (amq.rabbitmq.reply-to) only; this decision asked for {rt:?}"),
+                    true,
+                    None,
+                );
+            }
+        }
+        match self
+            .budget
+            .take(&event.by, now, self.settings.max_decisions_per_minute)
+        {
+            Budget::Within => {}
+            over => {
+                return refuse(
+                    event,
+                    format!(
+                        "more than {} decision messages this minute from this user",
+                        self.settings.max_decisions_per_minute
+                    ),
+                    over == Budget::JustOver,
+                    None,
+                )
+            }
+        }
         let req = match wire::parse(&msg.body, self.settings.max_decision_bytes) {
             Ok(r) => r,
             Err(why) => {
@@ -372,7 +434,11 @@ impl Desk {
         h: &Handled,
     ) -> Result<(), BrokerError> {
         self.state.metrics.approval_decision(&h.event.outcome);
-        if let Some(to) = &msg.reply_to {
+        if let Some(to) = msg
+            .reply_to
+            .as_deref()
+            .filter(|r| crate::broker::names::is_direct_reply_to(r))
+        {
             let reply = render::reply(to, msg.correlation_id.as_deref(), &h.reply);
             if let Err(e) = publisher.publish(&reply).await {
                 if e.is_connection() {
@@ -471,6 +537,7 @@ mod tests {
             state: Arc::new(crate::worker::PollerState::default()),
             wake: Arc::new(Notify::new()),
             audit_exchange: "audit".into(),
+            budget: Default::default(),
         }
     }
 
@@ -482,6 +549,72 @@ mod tests {
             correlation_id: None,
             redelivered,
         }
+    }
+
+    #[tokio::test]
+    async fn a_decision_asking_for_an_answer_anywhere_but_direct_reply_to_is_refused_as_abuse() {
+        let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
+        let d = desk(store);
+        for target in [
+            "mcp.control.state.log",
+            "mcp.commands",
+            "reply.agent-marketing.x",
+        ] {
+            let mut msg = decision("alice", serde_json::json!({"decision": "list"}), false);
+            msg.reply_to = Some(target.into());
+            let h = d.handle(&msg).await;
+            assert_eq!(h.reply.outcome, ReplyOutcome::Refused, "{target}");
+            assert!(h.abuse, "{target}: security is alerted");
+            assert!(
+                h.reply.message.contains("direct reply-to"),
+                "{}",
+                h.reply.message
+            );
+            // And nothing is published to it.
+            let log = crate::testing::Log::default();
+            let sink = crate::testing::RecordingPublisher::new(log.clone());
+            d.publish(&sink, &msg, &h).await.unwrap();
+            let sent = log.lock().unwrap().clone();
+            assert!(
+                sent.iter().all(|line| !line.contains(target)),
+                "{target}: {sent:?}"
+            );
+            assert!(sent.iter().any(|l| l.contains("security.high")), "{sent:?}");
+        }
+        let mut msg = decision("alice", serde_json::json!({"decision": "list"}), false);
+        msg.reply_to = Some("amq.rabbitmq.reply-to.g1h2AA.abc".into());
+        assert_eq!(d.handle(&msg).await.reply.outcome, ReplyOutcome::Listed);
+    }
+
+    #[tokio::test]
+    async fn decisions_per_approver_are_capped_and_alerted_once_a_minute() {
+        let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
+        let mut d = desk(store);
+        d.settings.max_decisions_per_minute = 5;
+        let list = || decision("alice", serde_json::json!({"decision": "list"}), false);
+        let mut outcomes = Vec::new();
+        for _ in 0..8 {
+            let h = d.handle(&list()).await;
+            outcomes.push((h.reply.outcome, h.abuse));
+        }
+        assert!(outcomes[..5]
+            .iter()
+            .all(|o| *o == (ReplyOutcome::Listed, false)));
+        assert_eq!(outcomes[5], (ReplyOutcome::Refused, true), "the first over");
+        assert!(outcomes[6..]
+            .iter()
+            .all(|o| *o == (ReplyOutcome::Refused, false)));
+        // Another approver is not held back by alice.
+        let h = d
+            .handle(&decision(
+                "bob",
+                serde_json::json!({"decision": "list"}),
+                false,
+            ))
+            .await;
+        assert_eq!(h.reply.outcome, ReplyOutcome::Listed);
+        // A new minute, a new budget.
+        assert_eq!(d.budget.take("alice", 60 * 1_000_000, 5), Budget::Within);
     }
 
     #[tokio::test]

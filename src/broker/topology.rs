@@ -305,6 +305,16 @@ pub async fn declare_control(
     c: &ControlSettings,
     rep: &Replication,
 ) -> Result<(), BrokerError> {
+    declare_levers(ch, c, rep).await?;
+    declare_state(ch, c, rep).await
+}
+
+/// The control exchange and the events queue.
+async fn declare_levers(
+    ch: &Channel,
+    c: &ControlSettings,
+    rep: &Replication,
+) -> Result<(), BrokerError> {
     ch.exchange_declare(
         c.exchange.as_str().into(),
         ExchangeKind::Topic,
@@ -312,6 +322,22 @@ pub async fn declare_control(
         FieldTable::default(),
     )
     .await?;
+    bound_queue(
+        ch,
+        &c.events_queue,
+        &c.exchange,
+        routing::EVENT_BINDING,
+        rep,
+    )
+    .await
+}
+
+/// The state exchange and the state stream it feeds.
+async fn declare_state(
+    ch: &Channel,
+    c: &ControlSettings,
+    rep: &Replication,
+) -> Result<(), BrokerError> {
     ch.exchange_declare(
         c.state_exchange.as_str().into(),
         ExchangeKind::Fanout,
@@ -326,15 +352,38 @@ pub async fn declare_control(
         &c.state_exchange,
         "",
     )
-    .await?;
-    bound_queue(
-        ch,
-        &c.events_queue,
-        &c.exchange,
-        routing::EVENT_BINDING,
-        rep,
-    )
     .await
+}
+
+/// The control topology as a replica declares it, on channels of its own: the levers'
+/// exchange and events queue, then the state exchange and stream. A user that may not
+/// configure the state stream (least privilege: `deploy/rabbitmq/definitions.json` creates it,
+/// so the poller's credentials can't delete it and bring a replica up on an empty stream
+/// during a halt) checks instead that both exist.
+pub async fn declare_replica_control(
+    conn: &lapin::Connection,
+    c: &ControlSettings,
+    rep: &Replication,
+) -> Result<(), BrokerError> {
+    let ch = conn.create_channel().await?;
+    declare_levers(&ch, c, rep).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    let ch = conn.create_channel().await?;
+    match declare_state(&ch, c, rep).await {
+        Ok(()) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) if e.is_access_refused() => {
+            expect_exist(
+                conn,
+                &[c.state_exchange.as_str()],
+                &[c.state_queue.as_str()],
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A replica's own control queue (exclusive, gone with its connection), bound to levers and

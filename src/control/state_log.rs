@@ -634,7 +634,9 @@ impl StateReader {
                 && parse(&r.body).map_or(true, |e| e.after.is_some())
             {
                 // Not the stream's first entry: it was not empty, only slow. Read it properly.
-                tracing::warn!("the control state stream sent its entries after the grace; reading it again");
+                tracing::warn!(
+                    "the control state stream sent its entries after the grace; reading it again"
+                );
                 self.resubscribe(ReadFrom::Last).await?;
                 self.read(false).await?;
                 if self.current != before {

@@ -287,6 +287,7 @@ impl Poller {
             state: shell.settler.state.clone(),
             wake: wake.clone(),
             audit_exchange: settings.audit.exchange.clone(),
+            budget: Default::default(),
         };
         // `from_settings` has checked it.
         let notifier = settings.secrets.approval_webhook.clone().and_then(|url| {

@@ -405,6 +405,38 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         .to_string();
     assert!(e.contains("ACCESS_REFUSED"), "{e}");
 
+    // Nor the control state stream or its exchange (item 4 of the levers issue: with them it
+    // deleted the stream, and the next replica came up on an empty one during a halt).
+    for (what, deleted) in [
+        (
+            "stream",
+            poller_conn
+                .create_channel()
+                .await
+                .unwrap()
+                .queue_delete(
+                    "mcp.control.state.log".into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "exchange",
+            poller_conn
+                .create_channel()
+                .await
+                .unwrap()
+                .exchange_delete("mcp.control.state".into(), ExchangeDeleteOptions::default())
+                .await,
+        ),
+    ] {
+        let e = deleted
+            .expect_err(&format!("the poller deleted the control state {what}"))
+            .to_string();
+        assert!(e.contains("ACCESS_REFUSED"), "{what}: {e}");
+    }
+
     // The poller runs on its own user: declares the same topology (arguments must match the
     // definitions), consumes the agent's command, publishes the result.
     let mut settings = test_settings(&sfx);
@@ -446,6 +478,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     )
     .unwrap();
     let store_path = settings.idempotency.path.clone();
+    let operator_settings = settings.clone();
     let poller = command_poller::worker::Poller::new(settings, policy, panel, bridge, stores, None);
     let state = poller.state();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -459,6 +492,24 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         || state.connected.load(std::sync::atomic::Ordering::SeqCst),
     )
     .await;
+    // A new deployment's state stream is empty: untrusted, so the poller holds paused until an
+    // operator's first lever writes the first entry.
+    assert_eq!(state.gate.mode(), command_poller::control::Mode::Paused);
+    let ops_node = command_poller::broker::Endpoints::new([defs.url("ops-admin")]).unwrap();
+    let report = command_poller::control::operator::Operator::new(
+        &operator_settings,
+        &ops_node,
+        Duration::from_millis(1500),
+    )
+    .run(command_poller::control::ControlCommand::Resume {
+        reason: "bootstrap".into(),
+        lift_halt: false,
+        request_id: command_poller::control::operator::new_request_id(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.replicas.len(), 1, "{report:?}");
+    assert_eq!(state.gate.mode(), command_poller::control::Mode::Running);
     // The agent sends a command with a reply queue of its own.
     let mut replies = ch
         .basic_consume(

@@ -150,9 +150,11 @@ async fn an_unreadable_entry_never_loosens_a_halt_or_a_quarantine_live_or_starti
         assert_eq!(quarantined(r), ["agent-bad"], "{}", r.instance);
     }
     let r4 = h.spawn_replica("u4", None);
-    eventually("a fourth replica connected", Duration::from_secs(15), || {
-        r4.connected()
-    })
+    eventually(
+        "a fourth replica connected",
+        Duration::from_secs(15),
+        || r4.connected(),
+    )
     .await;
     assert_eq!(r4.mode(), Mode::Running);
     assert_eq!(quarantined(&r4), ["agent-bad"]);
@@ -219,8 +221,14 @@ impl TinyStream {
         .await
         .unwrap();
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(max_bytes));
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(max_bytes),
+        );
         args.insert(
             "x-stream-max-segment-size-bytes".into(),
             AMQPValue::LongLongInt(segment_bytes),
@@ -260,7 +268,10 @@ impl TinyStream {
         let ch = self.conn.create_channel().await.unwrap();
         ch.basic_qos(1, Default::default()).await.unwrap();
         let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
         let mut consumer = ch
             .basic_consume(
                 self.c.state_queue.as_str().into(),
@@ -312,7 +323,10 @@ async fn operator_writes(
     change: impl FnOnce(&ControlState) -> (Change, ControlState),
 ) {
     let reader = t.read("t-poller").await;
-    let current = reader.state().effective().unwrap_or_else(ControlState::initial);
+    let current = reader
+        .state()
+        .effective()
+        .unwrap_or_else(ControlState::initial);
     let (change, new) = change(&current);
     state_log::write(publisher, &t.c, reader.position(), change, &new, "guest")
         .await
@@ -440,14 +454,18 @@ async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
             .unwrap(),
     );
     let classify = || state_writer(&h.settings.control.operators, "t-not-the-poller");
-    let first = StateReader::open(&conn.create_channel().await.unwrap(), &h.settings.control, classify())
-        .await
-        .unwrap();
+    let first = StateReader::open(
+        &conn.create_channel().await.unwrap(),
+        &h.settings.control,
+        classify(),
+    )
+    .await
+    .unwrap();
     let position = first.position();
     assert!(position.is_some());
-    // 100,000 reads, 16 at a time (as many consoles, CLIs and replicas starting).
-    const READS: usize = 100_000;
-    const READERS: usize = 16;
+    // 100,000 reads, 32 at a time (as many consoles, CLIs and replicas starting).
+    let reads: usize = std::env::var("STATE_READS").map_or(100_000, |v| v.parse().unwrap());
+    const READERS: usize = 32;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..READERS {
@@ -455,8 +473,8 @@ async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
         let c = h.settings.control.clone();
         let ops = h.settings.control.operators.clone();
         tasks.push(tokio::spawn(async move {
-            for _ in 0..READS / READERS {
-                let ch = conn.create_channel().await.unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            for _ in 0..reads / READERS {
                 let r = StateReader::open(&ch, &c, state_writer(&ops, "t-not-the-poller"))
                     .await
                     .unwrap();
@@ -468,17 +486,21 @@ async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
                 );
                 assert_eq!(r.position(), position, "every read saw the last entry");
                 r.close().await;
-                let _ = ch.close(200, "read".into()).await;
             }
+            let _ = ch.close(200, "read".into()).await;
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
     let read_time = started.elapsed();
-    let after = StateReader::open(&conn.create_channel().await.unwrap(), &h.settings.control, classify())
-        .await
-        .unwrap();
+    let after = StateReader::open(
+        &conn.create_channel().await.unwrap(),
+        &h.settings.control,
+        classify(),
+    )
+    .await
+    .unwrap();
     assert_eq!(after.position(), position, "the reads appended nothing");
     // Every lever, each written within a second (the operator waits `wait` for answers).
     let wait = Duration::from_millis(300);
@@ -491,6 +513,6 @@ async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
         assert!(took < Duration::from_secs(1), "{l} took {took:?}");
         assert_eq!(report.replicas.len(), 1, "{l}: {report:?}");
     }
-    eprintln!("{READS} reads in {read_time:?}");
+    eprintln!("{reads} reads in {read_time:?}");
     let _ = conn.close(200, "done".into()).await;
 }

@@ -17,12 +17,13 @@ impl Replica {
     /// state that can't be read or trusted brings the replica up paused, with an alert.
     pub async fn attach(
         &self,
+        conn: &lapin::Connection,
         ch: &Channel,
         state_ch: &Channel,
         publisher: &Publisher,
     ) -> Result<(lapin::Consumer, Option<StateReader>), BrokerError> {
         let c = &self.control;
-        broker::declare_control(ch, c, &self.names.replication).await?;
+        broker::declare_replica_control(conn, c, &self.names.replication).await?;
         let q = broker::declare_replica_queue(ch, c).await?;
         // Subscribe before reading the state, so a change in between is not missed.
         let consumer = ch
