@@ -120,7 +120,31 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/actions", get(actions))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(hardened))
         .with_state(console)
+}
+
+/// The headers every console answer carries: never framed (the levers can't be clicked through
+/// another page), never cached, never sniffed, no referrer.
+pub const HARDENING: [(&str, &str); 5] = [
+    ("x-frame-options", "DENY"),
+    (
+        "content-security-policy",
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    ),
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
+
+async fn hardened(mut r: Response) -> Response {
+    for (name, value) in HARDENING {
+        r.headers_mut().insert(
+            header::HeaderName::from_static(name),
+            header::HeaderValue::from_static(value),
+        );
+    }
+    r
 }
 
 /// Serves the console on `listener` until `stop`; idle sessions are ended every few seconds.
@@ -232,7 +256,16 @@ fn urlencode(s: &str) -> String {
 /// it comes from.
 /// `Some(refusal)` when the form is not allowed.
 fn form_refused(w: &Who, csrf: Option<&str>, headers: &HeaderMap) -> Option<Response> {
-    let cross_site = match (
+    let cross_site = cross_site(headers);
+    if cross_site || !session::csrf_ok(&w.viewer.csrf, csrf) {
+        return Some(refused_form(w, cross_site));
+    }
+    None
+}
+
+/// The browser says the request comes from another site than the one it was sent to.
+fn cross_site(headers: &HeaderMap) -> bool {
+    match (
         headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()),
         headers.get(header::HOST).and_then(|h| h.to_str().ok()),
     ) {
@@ -251,22 +284,23 @@ fn form_refused(w: &Who, csrf: Option<&str>, headers: &HeaderMap) -> Option<Resp
                 != Some(host)
         }
         _ => false,
-    };
-    if cross_site || !session::csrf_ok(&w.viewer.csrf, csrf) {
-        tracing::warn!(user = %w.viewer.user, cross_site, "console: a form without this session's token (cross-site?) refused");
-        return Some((
-            StatusCode::FORBIDDEN,
-            Html(pages::message(
-                Some(&w.viewer),
-                "Refused",
-                "err",
-                "This form did not come from this console page (cross-site request or a stale page): nothing was done. Reload the page and try again.",
-                "/",
-            )),
-        )
-            .into_response());
     }
-    None
+}
+
+/// Refuses: the form, and the same line in the log.
+fn refused_form(w: &Who, cross_site: bool) -> Response {
+    tracing::warn!(user = %w.viewer.user, cross_site, "console: a form without this session's token (cross-site?) refused");
+    (
+        StatusCode::FORBIDDEN,
+        Html(pages::message(
+            Some(&w.viewer),
+            "Refused",
+            "err",
+            "This form did not come from this console page (cross-site request or a stale page): nothing was done. Reload the page and try again.",
+            "/",
+        )),
+    )
+        .into_response()
 }
 
 fn page(status: StatusCode, html: String) -> Response {
@@ -308,10 +342,30 @@ async fn login_page(Query(q): Query<LoginQuery>) -> Response {
     )
 }
 
-/// Only a path on this site.
-fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+/// Only a path on this site: no control character or backslash anywhere (browsers drop tabs
+/// and newlines, so `/%09/evil.example` would become `//evil.example`), and resolved against
+/// this console's own origin to the same origin.
+pub fn safe_next(next: Option<&str>) -> String {
+    const HERE: &str = "http://console.invalid/";
+    let Some(n) = next else { return "/".into() };
+    let plain = |t: &str| !t.chars().any(|c| c.is_control() || c == '\\');
+    if !n.starts_with('/') || n.starts_with("//") || !plain(n) {
+        return "/".into();
+    }
+    let Ok(base) = url::Url::parse(HERE) else {
+        return "/".into();
+    };
+    match base.join(n) {
+        Ok(u) if u.origin() == base.origin() => {
+            let path = &u[url::Position::BeforePath..];
+            // What the browser will do with it once decoded must still be a plain path.
+            let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+            if path.starts_with("//") || !plain(&decoded) || decoded.starts_with("//") {
+                "/".into()
+            } else {
+                path.to_owned()
+            }
+        }
         _ => "/".into(),
     }
 }
@@ -326,10 +380,34 @@ struct LoginForm {
 async fn login(
     State(c): State<Arc<Console>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
     let now = Instant::now();
-    let keys = [format!("user:{}", f.user), format!("addr:{}", addr.ip())];
+    // A login posted from another site (login CSRF: the victim's console logged in as the
+    // attacker) is refused before anything is checked.
+    if cross_site(&headers) {
+        tracing::warn!(client = %addr.ip(), "console: a login form from another site refused");
+        return page(
+            StatusCode::FORBIDDEN,
+            pages::render(
+                "login",
+                "Log in",
+                None,
+                Some(Flash {
+                    kind: "err",
+                    text: "This login did not come from this console's page: refused.".into(),
+                }),
+                context! { next => "/" },
+            ),
+        );
+    }
+    // Only the failing client is throttled: a user-name counter would let anyone lock an
+    // operator out of the console during an incident with five wrong passwords.
+    let client = format!("addr:{}", addr.ip());
+    let named = format!("user:{}", f.user);
+    // Built before any session opens: a target that can't be a redirect never gets that far.
+    let target = safe_next(f.next.as_deref());
     let refused = |status: StatusCode, text: String| {
         page(
             status,
@@ -344,7 +422,7 @@ async fn login(
     };
     {
         let mut limiter = lock(&c.limiter);
-        for k in &keys {
+        for k in [&client] {
             if let Err(wait) = limiter.check(k, now) {
                 tracing::warn!(user = %f.user, client = %addr.ip(), "console audit: login refused, too many failed attempts");
                 return refused(
@@ -359,10 +437,13 @@ async fn login(
     }
     let fail = |why: &str| {
         let mut limiter = lock(&c.limiter);
-        for k in &keys {
-            limiter.fail(k, now);
-        }
+        limiter.fail(&client, now);
+        // Counted per name too, never to refuse it: to tell security.
+        limiter.fail(&named, now);
         tracing::warn!(user = %f.user, client = %addr.ip(), why, "console audit: failed login");
+        if limiter.check(&named, now).is_err() {
+            tracing::error!(user = %f.user, "console security: repeated failed logins against this user name (from any address); its correct password still logs in");
+        }
     };
     let Some(endpoints) = c.endpoints_for(&f.user, &f.password) else {
         fail("unusable user name");
@@ -404,12 +485,11 @@ async fn login(
             ),
         );
     }
-    for k in &keys {
-        lock(&c.limiter).succeed(k);
-    }
+    lock(&c.limiter).succeed(&client);
+    lock(&c.limiter).succeed(&named);
     let token = lock(&c.sessions).open(&f.user, roles, Arc::new(conn), now);
     tracing::info!(user = %f.user, client = %addr.ip(), operator = roles.operator, approver = roles.approver, "console audit: logged in");
-    let mut r = Redirect::to(&safe_next(f.next.as_deref())).into_response();
+    let mut r = Redirect::to(&target).into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
         c.cookie(&token).parse().expect("a valid header"),
@@ -842,6 +922,21 @@ mod tests {
         assert_eq!(safe_next(Some("https://evil.example")), "/");
         assert_eq!(safe_next(Some("/\\evil")), "/");
         assert_eq!(safe_next(None), "/");
+        // What the query string decodes to (the open redirect: Chromium drops the tab
+        // and lands on //evil.example).
+        for bad in [
+            "/\t/evil.example/login",
+            "/%09/evil.example/login",
+            "/%0a/evil.example",
+            "/\nx",
+            "/%5Cevil.example",
+            "/%2F/evil.example",
+            "/\u{7f}/x",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(Some("/actions?id=a%20b")), "/actions?id=a%20b");
+        assert_eq!(safe_next(Some("/overview/../approvals")), "/approvals");
     }
 
     #[test]

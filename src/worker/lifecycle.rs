@@ -194,7 +194,7 @@ impl Poller {
             let control_ch = consume_conn.create_channel().await?;
             let state_ch = consume_conn.create_channel().await?;
             let (control_consumer, state_reader) = replica
-                .attach(&consume_conn, &control_ch, &state_ch, &publisher)
+                .attach(consume_conn, &control_ch, &state_ch, &publisher)
                 .await?;
             ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
                 .await?;

@@ -502,3 +502,89 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
     assert!(!body.contains("agent-pass"), "the password is never echoed");
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_stranger_cant_lock_an_operator_out_redirect_away_or_frame_the_levers() {
+    let op = BrokerUser::create();
+    let op_name = op.0.clone();
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| {
+            s.control.operators = vec![op_name];
+            s.console.max_failed_logins = 3;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(Parts::from_settings(&h.settings)),
+        stop.clone(),
+    ));
+    let client = |from: [u8; 4]| {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(std::net::IpAddr::from(from))
+            .build()
+            .unwrap()
+    };
+    // Item 10: five wrong passwords for the operator's name from another address.
+    let stranger = client([127, 0, 0, 2]);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            http_login(&stranger, &base, &op.0, "guessing")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 429, 429],
+        "the stranger is throttled"
+    );
+    // The operator, from its own address, with the right password: in.
+    let operator = client([127, 0, 0, 1]);
+    let r = http_login(&operator, &base, &op.0, "agent-pass").await;
+    assert_eq!(r.status(), 303, "the operator was locked out by a stranger");
+
+    // Item 11: no redirect off the site after login, and no 500 for a newline.
+    for next in [
+        "%2F%09%2Fevil.example%2Flogin",
+        "%2F%5Cevil.example",
+        "%2F%0A%2Fevil.example",
+        "https%3A%2F%2Fevil.example",
+    ] {
+        let r = operator
+            .post(format!("{base}/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("user={}&password=agent-pass&next={next}", op.0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{next}");
+        assert_eq!(r.headers()["location"], "/", "{next}");
+    }
+
+    // Item 12: a login posted from another site is refused; every answer carries the headers.
+    let r = operator
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", "http://evil.example")
+        .body(format!("user={}&password=agent-pass", op.0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    for path in ["/login", "/overview", "/nope"] {
+        let r = operator.get(format!("{base}{path}")).send().await.unwrap();
+        for (name, value) in command_poller::console::HARDENING {
+            assert_eq!(r.headers()[name], value, "{path}: {name}");
+        }
+    }
+    stop.cancel();
+}

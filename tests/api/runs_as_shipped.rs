@@ -180,6 +180,10 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
         format!("shipped-{sfx}"),
     ));
     env.push(("APP_ENVIRONMENT".into(), "production".into()));
+    // A new deployment holds paused until an operator's first lever; this broker has no
+    // operator user for production's `control.operators` (definitions_e2e shows that
+    // bootstrap), so this run takes its empty state stream for a new system.
+    env.push(("POLLER__CONTROL__EMPTY_STREAM".into(), "running".into()));
 
     let log = std::env::temp_dir().join(format!("image-run-{sfx}.log"));
     let poller = Kill(

@@ -441,7 +441,10 @@ async fn retention_dropping_old_segments_never_drops_the_halt_or_the_quarantines
     t.delete().await;
 }
 
+/// About five minutes on the CI machine: `scripts/test.sh` runs it in a step of its own
+/// (`STATE_READS=N` runs fewer).
 #[tokio::test]
+#[ignore = "100,000 reads: its own step in scripts/test.sh"]
 async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
     let h = Harness::start(Options::default()).await;
     h.operator()

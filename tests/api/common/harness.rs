@@ -535,7 +535,8 @@ pub fn spawn_sink(
     })
 }
 
-/// Declares the control topology and writes its first entry (RUNNING) as the operator guest,
+/// Declares the control topology and writes its first entry (RUNNING) as the operator guest
+/// (when guest is one),
 /// as `command-poller resume` does on a new deployment: a stream that holds nothing is only
 /// known empty after [`command_poller::control::state_log::EMPTY_GRACE`].
 pub async fn bootstrap_control(conn: &Connection, settings: &Settings) {
@@ -544,6 +545,12 @@ pub async fn bootstrap_control(conn: &Connection, settings: &Settings) {
     broker::declare_control(&ch, &settings.control, &settings.topology.replication)
         .await
         .unwrap();
+    if !settings.control.operators.iter().any(|o| o == "guest") {
+        // Only an operator's entry anchors the state: left empty (a new system, after the
+        // grace, with `empty_stream = "running"`).
+        let _ = ch.close(200, "declared".into()).await;
+        return;
+    }
     let publisher = command_poller::broker::Publisher::open(conn).await.unwrap();
     let genesis = command_poller::control::ControlState {
         by: "guest".into(),
