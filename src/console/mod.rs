@@ -125,7 +125,7 @@ pub fn router(console: Arc<Console>) -> Router {
 }
 
 /// The headers every console answer carries: never framed (the levers can't be clicked through
-/// another page), never cached, never sniffed, no referrer.
+/// another page), never cached, never sniffed, no referrer to other sites.
 pub const HARDENING: [(&str, &str); 5] = [
     ("x-frame-options", "DENY"),
     (
@@ -134,7 +134,7 @@ pub const HARDENING: [(&str, &str); 5] = [
     ),
     ("cache-control", "no-store"),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    ("referrer-policy", "same-origin"),
 ];
 
 async fn hardened(mut r: Response) -> Response {

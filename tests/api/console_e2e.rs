@@ -588,3 +588,61 @@ async fn a_stranger_cant_lock_an_operator_out_redirect_away_or_frame_the_levers(
     }
     stop.cancel();
 }
+
+#[tokio::test]
+async fn in_chromium_the_login_never_redirects_off_the_site_and_the_levers_are_never_framed() {
+    let op = BrokerUser::create();
+    let op_name = op.0.clone();
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| s.control.operators = vec![op_name]),
+        ..Default::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(Parts::from_settings(&h.settings)),
+        stop.clone(),
+    ));
+    // Another page on this machine that frames the levers.
+    let framer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let framer_url = format!("http://{}/", framer.local_addr().unwrap());
+    let page = format!(
+        "<html><body><h1>framer</h1><iframe id=\"f\" src=\"{base}/overview\" width=800 height=600></iframe></body></html>"
+    );
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || {
+                let page = page.clone();
+                async move { axum::response::Html(page) }
+            }),
+        );
+        let _ = axum::serve(framer, app).await;
+    });
+    let (_driver, c) = browser().await;
+    // Item 11: a tab in `next` (browsers drop it) used to land on //evil.example.
+    c.goto(&format!("{base}/login?next=%2F%09%2Fevil.example%2Flogin"))
+        .await
+        .unwrap();
+    type_into(&c, "#user", &op.0).await;
+    type_into(&c, "#password", "agent-pass").await;
+    click(&c, "#login").await;
+    shows(&c, "Pause").await;
+    let at = c.current_url().await.unwrap();
+    assert!(at.as_str().starts_with(&base), "landed on {at}");
+    // Item 12: logged in, the levers inside another page: Chromium refuses to render them.
+    c.goto(&framer_url).await.unwrap();
+    shows(&c, "framer").await;
+    c.clone().enter_frame(0).await.unwrap();
+    let inside = c.source().await.unwrap();
+    assert!(
+        !inside.contains("command-poller") && !inside.contains("name=\"csrf\""),
+        "the levers rendered inside another page:\n{inside}"
+    );
+    screenshot(&c, "framed").await;
+    c.close().await.unwrap();
+    stop.cancel();
+}
