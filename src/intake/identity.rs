@@ -16,6 +16,32 @@ pub struct Agent {
     pub verified: bool,
 }
 
+impl Agent {
+    /// The name trips, quarantines and the gate know this agent by: its id when the broker
+    /// verified it, `unverified:<id>` when it is only the payload's claim, so unverified claims
+    /// never trip or quarantine the real, verified agent of that name.
+    pub fn control_key(&self) -> String {
+        if self.verified {
+            self.id.to_string()
+        } else {
+            format!("{UNVERIFIED_PREFIX}{}", self.id)
+        }
+    }
+
+    /// The per-agent admission window this agent counts in: its own when verified; one for all
+    /// unverified traffic (an unverified id is free to invent).
+    pub fn admission_key(&self) -> String {
+        if self.verified {
+            format!("admission:{}", self.id)
+        } else {
+            "admission:unverified".into()
+        }
+    }
+}
+
+/// How trips and quarantines name an agent the broker did not verify.
+pub const UNVERIFIED_PREFIX: &str = "unverified:";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     #[error("user_id: missing; commands must be published with the AMQP user_id property set to the publishing broker user")]
@@ -164,6 +190,26 @@ mod tests {
             identify(Some("a.b"), None, false).unwrap_err().field(),
             "user_id"
         );
+    }
+
+    #[test]
+    fn unverified_claims_are_keyed_apart_and_share_one_admission_window() {
+        let real = Agent {
+            id: AgentId::parse("agent-marketing").unwrap(),
+            verified: true,
+        };
+        let claim = Agent {
+            verified: false,
+            ..real.clone()
+        };
+        assert_eq!(real.control_key(), "agent-marketing");
+        assert_eq!(claim.control_key(), "unverified:agent-marketing");
+        assert_eq!(real.admission_key(), "admission:agent-marketing");
+        let other = Agent {
+            id: AgentId::parse("agent-sales").unwrap(),
+            verified: false,
+        };
+        assert_eq!(claim.admission_key(), other.admission_key());
     }
 
     #[test]

@@ -10,4 +10,6 @@ mod identity;
 
 pub use command::{ActionId, AgentId, Command, CommandType, Service, Severity};
 pub use decode::{decode, salvage_action_id, DecodeError, DecodeLimits};
-pub use identity::{identify, reply_target, Agent, IdentityError, ReplyTarget, ReplyToRefused};
+pub use identity::{
+    identify, reply_target, Agent, IdentityError, ReplyTarget, ReplyToRefused, UNVERIFIED_PREFIX,
+};

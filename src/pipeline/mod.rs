@@ -315,11 +315,7 @@ impl Pipeline {
             // Before the claim, the judges and the bridge: a flood is refused at the cost of
             // one count in the shared store. A redelivered command counts once (its action_id
             // is the member).
-            let key = format!(
-                "admission:{}{}",
-                if agent.verified { "" } else { "unverified:" },
-                agent.id
-            );
+            let key = agent.admission_key();
             match a
                 .windows
                 .hit(&key, cmd.action_id.as_str(), a.limit.count, a.limit.window)
@@ -384,10 +380,10 @@ impl Pipeline {
             }
         };
 
-        if let Some(q) = self.gate.quarantine_of(agent.id.as_str()) {
+        if let Some(q) = self.gate.quarantine_of(&agent.control_key()) {
             // Never judged or executed; not stored, so the agent's own retry after a release
             // is decided afresh.
-            let reason = quarantine_reason(agent.id.as_str(), &q);
+            let reason = quarantine_reason(&agent.control_key(), &q);
             tracing::warn!(by = %q.by, "command refused: agent in quarantine");
             if let Err(e) = claim.release().await {
                 tracing::warn!(error = %e, "could not release the claim of a quarantined agent's command; it expires");
@@ -500,7 +496,8 @@ impl Pipeline {
         let unapproved =
             matches!(result.status, Status::NeedsApproval | Status::Blocked).then(|| {
                 UnapprovedAttempt {
-                    agent: agent.id.to_string(),
+                    // Unverified claims trip and quarantine apart from the verified agent.
+                    agent: agent.control_key(),
                     command_type: cmd.command_type,
                     action_id: cmd.action_id.to_string(),
                     status: result.status,
@@ -902,7 +899,7 @@ impl Pipeline {
                 )));
             }
         };
-        let _ticket = match self.gate.begin_bridge(agent.id.as_str()) {
+        let _ticket = match self.gate.begin_bridge(&agent.control_key()) {
             Ok(t) => t,
             Err(Held::Mode(mode)) => {
                 slot.not_sent().await;
@@ -915,7 +912,7 @@ impl Pipeline {
                 // Quarantined while it was being decided (or waiting for approvers).
                 slot.not_sent().await;
                 tracing::warn!(by = %q.by, "agent quarantined before the bridge call; not executed");
-                return Ok(draft.rejected("agent", quarantine_reason(agent.id.as_str(), &q)));
+                return Ok(draft.rejected("agent", quarantine_reason(&agent.control_key(), &q)));
             }
         };
         let repost = slot.earlier();

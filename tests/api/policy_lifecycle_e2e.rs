@@ -581,3 +581,58 @@ async fn the_agent_scoped_trip_quarantines_the_offender_and_the_fleet_keeps_runn
     r1.stop().await;
     r2.stop().await;
 }
+
+/// Item 6 of the levers issue: three unverified CONNECT_INTEGRATION claiming a verified agent's
+/// name quarantined the real agent. Unverified claims trip and quarantine as `unverified:<id>`.
+#[tokio::test]
+async fn unverified_claims_never_quarantine_the_verified_agent_of_that_name() {
+    let policy = PolicyFile::new(SHIPPED);
+    let file = policy.0.clone();
+    let h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(move |s| {
+            s.policy.file = file;
+            s.intake.allow_unverified_agents = true;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("u1", None);
+    ready(&[&r]).await;
+    // The verified agent is guest (the harness's sender); the claims say agent_id = guest.
+    for i in 1..=3 {
+        let id = format!("claim-ci-{i}");
+        let mut c = cmd(&id, "CONNECT_INTEGRATION", "salesforce", "HIGH");
+        c["agent_id"] = "guest".into();
+        h.publish(
+            c.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+        assert_eq!(h.result(&id).await.status, Status::Blocked);
+    }
+    eventually(
+        "the unverified claimant quarantined",
+        Duration::from_secs(10),
+        || r.state.gate.quarantine_of("unverified:guest").is_some(),
+    )
+    .await;
+    assert!(
+        r.state.gate.quarantine_of("guest").is_none(),
+        "the verified agent was quarantined by claims of its name"
+    );
+    h.send(&check("verified-still-runs")).await;
+    assert_eq!(
+        h.result("verified-still-runs").await.status,
+        Status::Success
+    );
+    let mut c = check("claim-then-check");
+    c["agent_id"] = "guest".into();
+    h.publish(
+        c.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await;
+    assert_eq!(h.result("claim-then-check").await.status, Status::Rejected);
+    r.stop().await;
+}

@@ -152,8 +152,25 @@ impl Replica {
     }
 }
 
+/// The agent a quarantine names: `unverified:<id>` is the payload's unverified claim of `<id>`.
 fn agent_view(agent: &str) -> Option<AgentView> {
-    AgentId::parse(agent)
-        .ok()
-        .map(|id| AgentView { id, verified: true })
+    let (id, verified) = match agent.strip_prefix(crate::intake::UNVERIFIED_PREFIX) {
+        Some(claimed) => (claimed, false),
+        None => (agent, true),
+    };
+    AgentId::parse(id).ok().map(|id| AgentView { id, verified })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unverified_claim_is_its_own_agent_in_a_quarantine() {
+        let v = agent_view("unverified:agent-marketing").unwrap();
+        assert_eq!(v.id.as_str(), "agent-marketing");
+        assert!(!v.verified);
+        let v = agent_view("agent-marketing").unwrap();
+        assert!(v.verified);
+    }
 }
