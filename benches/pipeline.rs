@@ -180,7 +180,7 @@ impl World {
         .await
         .unwrap();
         let _ = conn.close(200, "ok".into()).await;
-        let secret_text = format!("bench-{sfx}");
+        let secret_text = format!("bench-{sfx}-with-enough-bytes");
         let secret = Secret::new(secret_text.clone());
         let mut cfg = SimulatorConfig::new(secret.clone());
         cfg.latency = latency;
@@ -646,7 +646,9 @@ async fn scale(n: usize, replicas: usize, judged: bool) -> (f64, usize) {
             s.idempotency.backend = command_poller::idempotency::Backend::Redis;
             s.idempotency.url = common::REDIS.into();
             s.idempotency.key_prefix = prefix;
-            s.secrets.store_key = Some(Secret::new(String::from("bench-store-key")));
+            s.secrets.store_key = Some(Secret::new(String::from(
+                "bench-store-key-with-enough-bytes",
+            )));
         },
         Duration::from_millis(200),
     )
@@ -697,7 +699,9 @@ async fn flood(flood: usize, seconds: usize, limit: bool) -> (f64, f64, f64) {
             s.idempotency.backend = command_poller::idempotency::Backend::Redis;
             s.idempotency.url = common::REDIS.into();
             s.idempotency.key_prefix = prefix;
-            s.secrets.store_key = Some(Secret::new(String::from("bench-store-key")));
+            s.secrets.store_key = Some(Secret::new(String::from(
+                "bench-store-key-with-enough-bytes",
+            )));
             s.intake.per_agent_limit = limit.then_some(command_poller::settings::AdmissionLimit {
                 count: LIMIT_COUNT,
                 window: Duration::from_secs(1),

@@ -679,17 +679,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let policy = crate::policy::Policy::load(&settings.policy.file)?;
             crate::approval::check_ttls(&policy, settings.idempotency.retention)
                 .map_err(anyhow::Error::msg)?;
-            if online {
-                let findings = crate::preflight::check(&settings).await;
-                for f in &findings {
-                    let mark = if f.ok { "ok     " } else { "PROBLEM" };
-                    println!("{mark} {}: {}", f.key, f.detail);
-                }
-                let problems = findings.iter().filter(|f| !f.ok).count();
-                if problems > 0 {
-                    eprintln!("check-config --online: {problems} problem(s); `run` would fail or misbehave");
-                    return Ok(ExitCode::FAILURE);
-                }
+            // Offline: only the secrets, and only their problems are printed.
+            let findings = if online {
+                crate::preflight::check(&settings).await
+            } else {
+                crate::preflight::secrets(&settings)
+            };
+            for f in findings.iter().filter(|f| online || !f.ok) {
+                let mark = if f.ok { "ok     " } else { "PROBLEM" };
+                println!("{mark} {}: {}", f.key, f.detail);
+            }
+            let problems = findings.iter().filter(|f| !f.ok).count();
+            if problems > 0 {
+                eprintln!("check-config: {problems} problem(s); `run` would fail or misbehave");
+                return Ok(ExitCode::FAILURE);
             }
             println!(
                 "configuration OK: {} judge(s), quorum {}, bridge {:?}, policy {} (sha256 {})",

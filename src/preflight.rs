@@ -57,9 +57,40 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
         Err(e) => out.push(Finding::problem("panel.judges", e.to_string())),
     }
     out.push(bridge(settings));
+    out.extend(audit_key(settings));
     out.extend(store(settings).await);
     out.extend(broker(settings).await);
     out
+}
+
+/// What can be told of the secrets without connecting anywhere (`check-config` without
+/// `--online`): the bridge's secret and URL, the store key, the audit chain key, each when set;
+/// placeholders and short keys are problems.
+pub fn secrets(s: &Settings) -> Vec<Finding> {
+    let mut out = Vec::new();
+    // A secret not set is `--online`'s to report (a config checked without its secrets).
+    if s.bridge.mode == BridgeMode::AppsScript && s.secrets.bridge.is_some() {
+        out.push(bridge(s));
+    }
+    if let Some(k) = &s.secrets.store_key {
+        out.push(match k.check_strong(&s.idempotency.key_env) {
+            Ok(()) => Finding::ok("idempotency.key_env", "the store key is set"),
+            Err(why) => Finding::problem("idempotency.key_env", why),
+        });
+    }
+    out.extend(audit_key(s));
+    out
+}
+
+/// The audit chain key, when one is set.
+fn audit_key(s: &Settings) -> Option<Finding> {
+    s.secrets
+        .audit_chain_key
+        .as_ref()
+        .map(|k| match k.check_strong(&s.audit.chain_key_env) {
+            Ok(()) => Finding::ok("audit.chain_key_env", "the chain key is set"),
+            Err(why) => Finding::problem("audit.chain_key_env", why),
+        })
 }
 
 fn bridge(s: &Settings) -> Finding {
@@ -74,13 +105,30 @@ fn bridge(s: &Settings) -> Finding {
             "bridge.secret_env",
             format!("the environment variable {} is not set", b.secret_env),
         ),
-        BridgeMode::AppsScript => match url::Url::parse(&b.url) {
-            Ok(_) => Finding::ok(
+        BridgeMode::AppsScript => match s
+            .secrets
+            .bridge
+            .as_ref()
+            .map(|k| k.check_strong(&b.secret_env))
+        {
+            Some(Err(why)) => Finding::problem("bridge.secret_env", why),
+            _ if crate::bridge::signing::is_placeholder(&b.url) => Finding::problem(
                 "bridge.url",
-                format!("{} set; the URL parses", b.secret_env),
+                "holds a placeholder (as the shipped Secret template does): set the web app's /exec URL",
             ),
-            Err(e) => Finding::problem("bridge.url", format!("not a URL: {e}")),
+            _ => bridge_url(b),
         },
+    }
+}
+
+/// The web app's URL (for the apps_script bridge).
+fn bridge_url(b: &crate::settings::BridgeSettings) -> Finding {
+    match url::Url::parse(&b.url) {
+        Ok(_) => Finding::ok(
+            "bridge.url",
+            format!("{} set; the URL parses", b.secret_env),
+        ),
+        Err(e) => Finding::problem("bridge.url", format!("not a URL: {e}")),
     }
 }
 

@@ -23,6 +23,8 @@ pub enum SinkError {
     Broker(#[from] BrokerError),
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("the audit chain key: {0}")]
+    WeakKey(String),
 }
 
 /// What the sink needs: its sections of the settings, two names, and the chain key.
@@ -62,6 +64,10 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<u64, SinkError> {
     let key = settings.chain_key.clone();
+    if let Some(k) = &key {
+        k.check_strong(&settings.audit.chain_key_env)
+            .map_err(SinkError::WeakKey)?;
+    }
     if key.is_none() {
         tracing::warn!(
             variable = %settings.audit.chain_key_env,

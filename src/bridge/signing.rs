@@ -6,6 +6,24 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The shortest secret accepted for the bridge, the store seal and the audit chain.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// True for the values templates ship and people type where a secret belongs.
+pub fn is_placeholder(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    [
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace-me",
+        "replaceme",
+    ]
+    .iter()
+    .any(|p| v.contains(p))
+        || ["secret", "password", "placeholder", "todo", "xxx", "test"].contains(&v.as_str())
+}
+
 /// A shared secret. Its `Debug` never shows the value, so it can't leak into a log line.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
@@ -25,6 +43,22 @@ impl Secret {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Refuses a template's placeholder or a key shorter than [`MIN_SECRET_BYTES`], naming the
+    /// variable `var` (never the value): a key someone could guess seals nothing.
+    pub fn check_strong(&self, var: &str) -> Result<(), String> {
+        if is_placeholder(&String::from_utf8_lossy(&self.0)) {
+            return Err(format!(
+                "{var} holds a placeholder (as the shipped templates do): set a random value of at least {MIN_SECRET_BYTES} bytes"
+            ));
+        }
+        if self.0.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "{var} is shorter than {MIN_SECRET_BYTES} bytes: set a random value (`openssl rand -hex 32`)"
+            ));
+        }
+        Ok(())
     }
 
     /// The value as text, for a client that sends it itself (an API key as a Bearer token).
@@ -80,6 +114,23 @@ pub fn verify(secret: &Secret, ts: i64, body: &[u8], sig_hex: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_and_short_keys_are_refused_naming_the_variable_only() {
+        for weak in [
+            "CHANGE-ME",
+            "change-me-please-0123456789abcdef0123",
+            "k3y-1234",
+        ] {
+            let e = Secret::new(weak).check_strong("BRIDGE_SECRET").unwrap_err();
+            assert!(e.contains("BRIDGE_SECRET"), "{e}");
+            assert!(!e.contains(weak), "the value echoed: {e}");
+        }
+        assert!(Secret::random().check_strong("X").is_ok());
+        assert!(is_placeholder(
+            "https://script.google.com/macros/s/CHANGE-ME/exec"
+        ));
+    }
 
     #[test]
     fn known_vector_and_roundtrip() {

@@ -280,6 +280,7 @@ pub fn store_key(
 ) -> Result<crate::bridge::signing::Secret, StoreError> {
     use crate::bridge::signing::Secret;
     if let Some(k) = from_env {
+        k.check_strong(&s.key_env).map_err(StoreError::Backend)?;
         return Ok(k);
     }
     if s.backend != Backend::Embedded {

@@ -133,6 +133,14 @@ pub async fn build_bridge(
                     settings.secret_env
                 ))
             })?;
+            secret
+                .check_strong(&settings.secret_env)
+                .map_err(StartError::Bridge)?;
+            if crate::bridge::signing::is_placeholder(&settings.url) {
+                return Err(StartError::Bridge(
+                    "bridge.url holds a placeholder (as the shipped Secret template does): set the web app's /exec URL".into(),
+                ));
+            }
             let url = url::Url::parse(&settings.url)
                 .map_err(|e| StartError::Bridge(format!("bridge.url: {e}")))?;
             let client = AppsScriptBridge::new(client_config(settings, url, secret))

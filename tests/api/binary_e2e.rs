@@ -9,7 +9,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
 
 fn env_for(sfx: &str) -> Vec<(String, String)> {
     let mut env = crate::common::poller_env(&test_settings(sfx));
-    env.push(("BRIDGE_SECRET".into(), format!("binary-test-{sfx}")));
+    env.push((
+        "BRIDGE_SECRET".into(),
+        format!("binary-test-{sfx}-with-enough-bytes"),
+    ));
     env
 }
 
@@ -134,7 +137,7 @@ fn run_send_and_sigterm() {
         "no span field in logs"
     );
     assert!(
-        !logs.contains(&format!("binary-test-{sfx}")),
+        !logs.contains(&format!("binary-test-{sfx}-with-enough-bytes")),
         "the bridge secret leaked into the logs"
     );
     assert!(
@@ -252,6 +255,43 @@ fn claim_timings_that_would_spend_the_delivery_limit_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("claim_ttl_secs"));
 }
 
+/// Item 14 of the levers issue: `run` and `check-config` took the Secret template's CHANGE-ME
+/// for the bridge secret, the store key and the bridge URL; a record sealed with the template's
+/// key then executed a REFRESH_TOKEN nobody asked for.
+#[test]
+fn placeholders_and_short_keys_are_refused_as_secrets() {
+    let out = check_config(&[
+        ("POLLER__BRIDGE__MODE", "apps_script"),
+        (
+            "POLLER__BRIDGE__URL",
+            "https://script.google.com/macros/s/CHANGE-ME/exec",
+        ),
+        ("BRIDGE_SECRET", "0123456789abcdef0123456789abcdef"),
+        ("POLLER_STORE_KEY", "CHANGE-ME"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("PROBLEM bridge.url"), "{text}");
+    assert!(text.contains("PROBLEM idempotency.key_env"), "{text}");
+    let out = check_config(&[
+        ("POLLER__BRIDGE__MODE", "apps_script"),
+        (
+            "POLLER__BRIDGE__URL",
+            "https://script.google.com/macros/s/abc/exec",
+        ),
+        ("BRIDGE_SECRET", "CHANGE-ME"),
+        ("POLLER_STORE_KEY", "a-key-of-twenty-byte"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("PROBLEM bridge.secret_env"), "{text}");
+    assert!(text.contains("shorter than 32 bytes"), "{text}");
+    assert!(
+        !text.contains("a-key-of-twenty-byte"),
+        "the key echoed: {text}"
+    );
+}
+
 /// Every message body waiting in `queue`, taken off it, as text.
 fn drain_queue(queue: &str) -> Vec<String> {
     drain_queue_messages(queue)
@@ -307,7 +347,7 @@ fn no_bridge_url_or_signature_leaves_the_process() {
     let settings = test_settings(&sfx);
     let _cleanup = Cleanup(settings.clone());
     let deployment = format!("AKfycbDEPLOYMENT{sfx}");
-    let secret = format!("binary-test-{sfx}");
+    let secret = format!("binary-test-{sfx}-with-enough-bytes");
     // Nobody listens there: every POST is a transport error.
     let port = free_port();
     let mut envs = env_for(&sfx);

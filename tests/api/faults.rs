@@ -259,7 +259,7 @@ impl World {
         .await
         .unwrap();
         let _ = conn.close(200, "ok".into()).await;
-        let secret = format!("fault-secret-{sfx}");
+        let secret = format!("fault-secret-{sfx}-with-enough-bytes");
         let sim_port = free_port();
         let sim = crate::common::isolated(BIN)
             .args([
@@ -633,7 +633,7 @@ impl World {
             // A shared store needs the same sealing key on every replica.
             (
                 "POLLER_STORE_KEY".into(),
-                format!("fault-store-key-{}", self.sfx),
+                format!("fault-store-key-{}-with-enough-bytes", self.sfx),
             ),
         ]);
         prefix

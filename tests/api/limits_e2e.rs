@@ -402,7 +402,7 @@ fn fleet_settings(
             Backend::Postgres => POSTGRES.into(),
         };
         s.secrets.store_key = Some(command_poller::bridge::signing::Secret::new(String::from(
-            "limits-test-store-key",
+            "limits-test-store-key-with-enough-bytes",
         )));
         s.bridge.max_concurrency = limit;
         s.processing.max_in_flight = 64;

@@ -125,7 +125,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
         .success());
 
     // The bridge the Secret points at: a simulator process.
-    let secret = format!("shipped-{sfx}");
+    let secret = format!("shipped-{sfx}-with-enough-bytes");
     let sim_port = free_port();
     let _sim = Kill(
         crate::common::isolated(DEBUG_BIN)
@@ -150,7 +150,7 @@ fn the_release_binary_runs_as_the_image_does_and_carries_the_three_sops() {
             "POLLER__BRIDGE__URL" => format!("http://127.0.0.1:{sim_port}/exec"),
             "BRIDGE_SECRET" => secret.clone(),
             "POLLER__IDEMPOTENCY__URL" => crate::common::REDIS.to_owned(),
-            "POLLER_STORE_KEY" => format!("store-key-{sfx}"),
+            "POLLER_STORE_KEY" => format!("store-key-{sfx}-with-enough-bytes"),
             _ => String::new(),
         };
         env.push((var, value));
