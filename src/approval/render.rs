@@ -115,6 +115,7 @@ pub fn abuse_alert(e: &ApprovalEvent, rec: Option<&Parked>, names: &Names) -> Ou
         body: serde_json::to_vec(&a).expect("an alert serializes"),
         correlation_id: e.approval_id.clone(),
         message_type: message_type::ALERT,
+        user_id: Some(names.poller_user.clone()),
         ..Default::default()
     }
 }
@@ -215,6 +216,7 @@ mod tests {
         let a = abuse_alert(&e, Some(&rec), &names());
         assert_eq!(a.routing_key, "security.high");
         let alert: Alert = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(a.user_id.as_deref(), Some(names().poller_user.as_str()));
         assert!(alert.summary.contains("agent-7"));
         assert_eq!(alert.action_id.unwrap(), "a-1");
         let r = audit(&e, Some(&rec), &names());

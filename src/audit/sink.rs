@@ -244,6 +244,8 @@ async fn refuse(conn: &lapin::Connection, settings: &SinkConfig, body: &[u8], wh
             routing_key: alert.routing_key(),
             body: serde_json::to_vec(&alert).expect("alert serializes"),
             message_type: crate::broker::names::message_type::ALERT,
+            // The sink's own user: never mistaken for the poller's alerts.
+            user_id: Some(settings.endpoints.user()),
             ..Default::default()
         })
         .await?;

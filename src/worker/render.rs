@@ -141,6 +141,8 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
                 body: serde_json::to_vec(alert).expect("alert serializes"),
                 correlation_id: alert.action_id.as_ref().map(ToString::to_string),
                 message_type: message_type::ALERT,
+                // Consumers check it: only the poller's alerts carry the poller's user.
+                user_id: Some(names.poller_user.clone()),
                 ..Default::default()
             },
         });
@@ -368,6 +370,11 @@ mod tests {
         assert!(reply_msg.best_effort, "direct replies are not mandatory");
         assert_eq!(alert_msg.exchange, "a");
         assert_eq!(alert_msg.message_type, "alert");
+        // Consumers tell the poller's alerts from anyone else's by the broker-checked user.
+        assert_eq!(
+            alert_msg.user_id.as_deref(),
+            Some(names().poller_user.as_str())
+        );
         let back: ResultMessage = serde_json::from_slice(&result_msg.body).unwrap();
         assert_eq!(back.status, Status::NeedsApproval);
         assert!(matches!(

@@ -112,13 +112,17 @@ async fn an_unreadable_entry_never_loosens_a_halt_or_a_quarantine_live_or_starti
     .unwrap();
     newer["schema"] = 2.into();
     append_raw(&h, &serde_json::to_vec(&newer).unwrap()).await;
-    h.wait_until("the fail-closed alert", Duration::from_secs(10), |i| {
-        i.alerts
-            .iter()
-            .any(|(_, a)| a.summary.contains("untrusted"))
-            .then_some(())
-    })
-    .await;
+    let (alert, _) = h
+        .wait_until("the fail-closed alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("untrusted"))
+                .cloned()
+        })
+        .await;
+    // Item 15: alerts carry the poller's broker-checked user, so consumers can tell them from
+    // anyone else's (guest is the poller's user here).
+    assert_eq!(alert.user_id.as_deref(), Some("guest"));
     // Live replicas: still halted, the quarantine kept.
     for r in [&r1, &r2] {
         assert_eq!(r.mode(), Mode::Halted);

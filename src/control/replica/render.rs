@@ -202,6 +202,7 @@ fn alert_message(names: &Names, a: &Alert) -> Outgoing {
         routing_key: a.routing_key(),
         body: serde_json::to_vec(a).expect("an alert serializes"),
         message_type: message_type::ALERT,
+        user_id: Some(names.poller_user.clone()),
         ..Default::default()
     }
 }

@@ -17,6 +17,8 @@ pub struct Received {
     pub delivery_mode: Option<u8>,
     /// Unique per message: a copy published again after a nack carries the same one.
     pub message_id: Option<String>,
+    /// The broker-checked publishing user.
+    pub user_id: Option<String>,
 }
 
 impl Received {
@@ -68,6 +70,7 @@ pub async fn collect(ch: Channel, queue: String, inbox: Arc<Mutex<Inbox>>, kind:
     while let Some(Ok(d)) = c.next().await {
         let r = Received {
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            user_id: d.properties.user_id().as_ref().map(|u| u.to_string()),
             routing_key: d.routing_key.to_string(),
             body: d.data.clone(),
             headers: d.properties.headers().clone(),
