@@ -40,8 +40,10 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "Deployment",
             "Namespace",
             "NetworkPolicy",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "ScaledObject",
+            "Secret",
             "Secret",
             "Secret",
             "Secret",
@@ -255,8 +257,40 @@ fn more_than_one_replica_always_shares_a_store() {
         serde_norway::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
     let env = &compose["services"]["poller"]["environment"];
     assert_eq!(env["POLLER__IDEMPOTENCY__BACKEND"], "redis");
-    assert_eq!(env["POLLER__IDEMPOTENCY__URL"], "redis://redis:6379");
+    assert_eq!(
+        env["POLLER__IDEMPOTENCY__URL"],
+        "redis://poller:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379"
+    );
     assert!(compose["services"]["redis"].is_object());
+    let cmd = compose["services"]["redis"]["command"].to_string();
+    assert!(cmd.contains(r#""default","off""#), "{cmd}");
+    // Item 13 of the levers issue: any pod could plant slot leases in the shipped Redis.
+    let sts = redis.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let args: Vec<String> = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let default_off = args.windows(3).any(|w| w == ["--user", "default", "off"]);
+    assert!(default_off, "the default user must be off: {args:?}");
+    assert!(args.iter().any(|a| a == ">$(REDIS_PASSWORD)"), "{args:?}");
+    let url = secret["POLLER__IDEMPOTENCY__URL"].as_str().unwrap();
+    assert!(url.starts_with("redis://poller:"), "{url}");
+    let np = redis
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy for Redis");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "command-poller-redis"
+    );
+    let from = &np["spec"]["ingress"][0]["from"];
+    assert_eq!(from.as_array().unwrap().len(), 1, "only the poller's pods");
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "command-poller"
+    );
 }
 
 #[test]
