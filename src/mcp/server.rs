@@ -389,33 +389,117 @@ pub mod http {
         }
     }
 
-    /// Puts the client's front door on the request, or answers 401.
-    async fn authenticate(
-        State(clients): State<Clients>,
-        mut req: Request,
-        next: Next,
-    ) -> Response {
-        let door = req
+    /// What the authentication layer holds: the clients, and which token opened each session.
+    #[derive(Clone)]
+    struct Door {
+        clients: Clients,
+        /// `Mcp-Session-Id` → (the SHA-256 of the token that opened it, when).
+        sessions: Arc<std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>>,
+    }
+
+    /// How long a session stays bound to its token after it opened (longer than any session
+    /// the server keeps).
+    const SESSION_BINDING: Duration = Duration::from_secs(24 * 3600);
+    /// Bindings kept at most; the oldest go first.
+    const MAX_BINDINGS: usize = 10_000;
+
+    /// True when `origin` is a loopback page (`http(s)://127.0.0.1|localhost|[::1]`, any port):
+    /// the MCP specification requires servers to validate Origin on streamable HTTP, so a web
+    /// page elsewhere can't drive an agent's tools through a browser on this machine.
+    pub fn origin_allowed(origin: &str) -> bool {
+        url::Url::parse(origin).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && match u.host() {
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                }
+        })
+    }
+
+    /// Puts the client's front door on the request, or answers 401; refuses a foreign Origin
+    /// (403) and a session opened with another client's token (403).
+    async fn authenticate(State(door): State<Door>, mut req: Request, next: Next) -> Response {
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            if !origin.to_str().is_ok_and(origin_allowed) {
+                tracing::warn!("mcp http: a request from a foreign Origin refused");
+                return (
+                    StatusCode::FORBIDDEN,
+                    "this Origin may not use the front door",
+                )
+                    .into_response();
+            }
+        }
+        let token = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|t| clients.find(t.trim()));
-        match door {
-            Some(d) => {
-                req.extensions_mut().insert(d);
-                next.run(req).await
-            }
-            None => {
-                tracing::warn!("mcp http: a request without a known bearer token refused");
-                (
-                    StatusCode::UNAUTHORIZED,
-                    [(header::WWW_AUTHENTICATE, "Bearer")],
-                    "a bearer token of a configured client is required",
-                )
-                    .into_response()
+            .map(|t| t.trim().to_owned());
+        let Some((token, d)) = token.and_then(|t| door.clients.find(&t).map(|d| (t, d))) else {
+            tracing::warn!("mcp http: a request without a known bearer token refused");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a bearer token of a configured client is required",
+            )
+                .into_response();
+        };
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        let asked = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(id) = &asked {
+            let bound = door
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .map(|(t, _)| t.clone());
+            match bound {
+                Some(t) if t == digest => {}
+                Some(_) => {
+                    tracing::warn!("mcp http: a session used with another client's token refused");
+                    return (
+                        StatusCode::FORBIDDEN,
+                        "this session belongs to another client",
+                    )
+                        .into_response();
+                }
+                // Every session this door opened is bound: an unknown one is gone (the client
+                // initializes again, as the specification says for a 404).
+                None => {
+                    return (StatusCode::NOT_FOUND, "no such session").into_response();
+                }
             }
         }
+        req.extensions_mut().insert(d);
+        let resp = next.run(req).await;
+        if asked.is_none() {
+            if let Some(id) = resp
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+            {
+                let now = std::time::Instant::now();
+                let mut s = door.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                s.retain(|_, (_, at)| now.duration_since(*at) < SESSION_BINDING);
+                if s.len() >= MAX_BINDINGS {
+                    if let Some(oldest) = s
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(k, _)| k.clone())
+                    {
+                        s.remove(&oldest);
+                    }
+                }
+                s.insert(id.to_owned(), (digest, now));
+            }
+        }
+        resp
     }
 
     /// Serves the tools at `/mcp` on `listener` (loopback only) until `stop`.
@@ -435,9 +519,15 @@ pub mod http {
             Arc::new(LocalSessionManager::default()),
             config,
         );
-        let app = axum::Router::new()
-            .nest_service("/mcp", service)
-            .layer(axum::middleware::from_fn_with_state(clients, authenticate));
+        let app = axum::Router::new().nest_service("/mcp", service).layer(
+            axum::middleware::from_fn_with_state(
+                Door {
+                    clients,
+                    sessions: Default::default(),
+                },
+                authenticate,
+            ),
+        );
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await?;

@@ -340,6 +340,49 @@ async fn over_streamable_http_each_client_is_its_own_agent() {
     };
     assert_eq!(unauthenticated.status(), 401);
 
+    // Item 8 of the levers issue: a session answers only the token that opened it, and a page
+    // of a foreign Origin is refused (the MCP specification requires servers to check it).
+    let initialize = |token: &str, session: Option<&str>, origin: Option<&str>| {
+        let mut r = http
+            .post(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": "2025-06-18", "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"}}})
+                .to_string(),
+            );
+        if let Some(s) = session {
+            r = r.header("mcp-session-id", s);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let opened = initialize(&ta, None, None).await.unwrap();
+    assert_eq!(opened.status(), 200);
+    let session = opened.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let stolen = initialize(&tb, Some(&session), None).await.unwrap();
+    assert_eq!(stolen.status(), 403, "B was served on A's session");
+    let unknown = initialize(&ta, Some("no-such-session"), None)
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let foreign = initialize(&ta, None, Some("http://evil.example"))
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403, "a foreign Origin was served");
+    let local = initialize(&ta, None, Some(&format!("http://localhost:{port}")))
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+
     let mut host_a = Host::http(&url, &ta);
     let mut host_b = Host::http(&url, &tb);
     let ra = host_a
