@@ -487,7 +487,11 @@ async fn login(
     }
     lock(&c.limiter).succeed(&client);
     lock(&c.limiter).succeed(&named);
-    let token = lock(&c.sessions).open(&f.user, roles, Arc::new(conn), now);
+    let (token, evicted) = lock(&c.sessions).open(&f.user, roles, Arc::new(conn), now);
+    if let Some(old) = evicted {
+        tracing::info!(user = %f.user, "console audit: the user's oldest session ended (at most {} at once)", session::PER_USER);
+        crate::broker::close(&old, "console: too many sessions of this user").await;
+    }
     tracing::info!(user = %f.user, client = %addr.ip(), operator = roles.operator, approver = roles.approver, "console audit: logged in");
     let mut r = Redirect::to(&target).into_response();
     r.headers_mut().insert(

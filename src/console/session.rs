@@ -31,7 +31,15 @@ pub struct Session<C> {
     /// The broker connection opened with the person's own credentials.
     pub conn: C,
     last_seen: Instant,
+    /// When it opened: past [`LIFETIME`] it ends, however busy (the page's refresh every few
+    /// seconds would keep it alive forever otherwise).
+    opened: Instant,
 }
+
+/// The longest a session lives, busy or not: a shift.
+pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Sessions one user may hold at once; opening one more ends that user's oldest.
+pub const PER_USER: usize = 5;
 
 /// What a cookie's token comes to.
 #[derive(Debug)]
@@ -66,8 +74,24 @@ impl<C> Sessions<C> {
         }
     }
 
-    /// Opens a session; returns its cookie token.
-    pub fn open(&mut self, user: &str, roles: Roles, conn: C, now: Instant) -> String {
+    /// Opens a session; returns its cookie token, and the connection of the user's oldest
+    /// session when this one is beyond [`PER_USER`] (ended, to close).
+    pub fn open(&mut self, user: &str, roles: Roles, conn: C, now: Instant) -> (String, Option<C>) {
+        let mine: Vec<(&String, Instant)> = self
+            .live
+            .iter()
+            .filter(|(_, s)| s.user == user)
+            .map(|(t, s)| (t, s.opened))
+            .collect();
+        let evicted = if mine.len() >= PER_USER {
+            let oldest = mine
+                .iter()
+                .min_by_key(|(_, at)| *at)
+                .map(|(t, _)| (*t).clone());
+            oldest.and_then(|t| self.live.remove(&t).map(|s| s.conn))
+        } else {
+            None
+        };
         let t = token();
         self.live.insert(
             t.clone(),
@@ -77,16 +101,22 @@ impl<C> Sessions<C> {
                 csrf: token(),
                 conn,
                 last_seen: now,
+                opened: now,
             },
         );
-        t
+        (t, evicted)
+    }
+
+    /// Idle too long, or past its lifetime.
+    fn over(&self, s: &Session<C>, now: Instant) -> bool {
+        now.duration_since(s.last_seen) > self.idle || now.duration_since(s.opened) > LIFETIME
     }
 
     /// The session of `token`, seen now (an idle one is ended).
     pub fn touch(&mut self, token: &str, now: Instant) -> Lookup<'_, C> {
         let expired = match self.live.get(token) {
             None => return Lookup::Unknown,
-            Some(s) => now.duration_since(s.last_seen) > self.idle,
+            Some(s) => self.over(s, now),
         };
         if expired {
             let s = self.live.remove(token).expect("present");
@@ -104,11 +134,10 @@ impl<C> Sessions<C> {
 
     /// Ends every idle session; their connections are handed back to be closed.
     pub fn expire(&mut self, now: Instant) -> Vec<C> {
-        let idle = self.idle;
         let gone: Vec<String> = self
             .live
             .iter()
-            .filter(|(_, s)| now.duration_since(s.last_seen) > idle)
+            .filter(|(_, s)| self.over(s, now))
             .map(|(t, _)| t.clone())
             .collect();
         gone.into_iter()
@@ -190,7 +219,7 @@ mod tests {
             operator: true,
             approver: false,
         };
-        let tok = s.open("ops", roles, "conn-1", t0);
+        let (tok, _) = s.open("ops", roles, "conn-1", t0);
         assert_eq!(tok.len(), 64);
         match s.touch(&tok, t0 + Duration::from_secs(50)) {
             Lookup::Found(x) => assert_eq!(x.user, "ops"),
@@ -216,12 +245,39 @@ mod tests {
     fn logout_and_the_idle_sweep_hand_back_the_connections() {
         let t0 = Instant::now();
         let mut s = Sessions::new(Duration::from_secs(10));
-        let a = s.open("a", Roles::default(), 1, t0);
+        let (a, _) = s.open("a", Roles::default(), 1, t0);
         s.open("b", Roles::default(), 2, t0);
         assert_eq!(s.close(&a), Some(1));
         assert_eq!(s.close(&a), None);
         assert_eq!(s.expire(t0 + Duration::from_secs(11)), vec![2]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_busy_session_still_ends_at_its_lifetime_and_a_user_holds_at_most_five() {
+        let t0 = Instant::now();
+        let mut s = Sessions::new(Duration::from_secs(60));
+        let (tok, _) = s.open("ops", Roles::default(), 0, t0);
+        // Refreshed every 5 s (the console page does) for the whole lifetime.
+        let mut t = t0;
+        while t.duration_since(t0) <= LIFETIME {
+            t += Duration::from_secs(5);
+            if t.duration_since(t0) > LIFETIME {
+                break;
+            }
+            assert!(matches!(s.touch(&tok, t), Lookup::Found(_)), "{:?}", t - t0);
+        }
+        assert!(matches!(s.touch(&tok, t), Lookup::Expired(0)));
+        // A sixth login of one user ends that user's oldest session, never another user's.
+        let mut s = Sessions::new(Duration::from_secs(60));
+        s.open("other", Roles::default(), 100, t0);
+        let mut evicted = Vec::new();
+        for i in 0..7 {
+            let (_, e) = s.open("ops", Roles::default(), i, t0 + Duration::from_secs(i));
+            evicted.extend(e);
+        }
+        assert_eq!(evicted, [0, 1]);
+        assert_eq!(s.len(), PER_USER + 1);
     }
 
     #[test]
