@@ -82,7 +82,7 @@ cluster_suite() {
 # tests/api/runs_as_shipped.rs runs the release binary the way the image does.
 step "release binary" cargo build --release --locked --bin command-poller
 step "unit, integration and property tests" cargo test --all-targets "$@"
-# 100,000 reads of the control state, then every lever (about five minutes): on its own.
+# 100,000 reads of the control state, then every lever (366 s in a CI run): on its own.
 step "control state reads" cargo test --test api -- --ignored --exact \
   state_log_e2e::a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast
 step "fault suite" faults

@@ -500,20 +500,6 @@ pub enum EmptyStream {
     Running,
 }
 
-impl EmptyStream {
-    /// What a reader of an empty stream folds to.
-    pub fn fold(self) -> crate::control::state_log::Folded {
-        use crate::control::state_log::Folded;
-        match self {
-            EmptyStream::Running => Folded::Empty,
-            EmptyStream::Untrusted => Folded::Untrusted {
-                last: None,
-                why: "the state stream is empty: an operator's first lever (`command-poller resume`, or `pause`/`halt`) bootstraps it".into(),
-            },
-        }
-    }
-}
-
 /// One automatic trip (Emergency-INT-E01) from config: `count` unapproved attempts
 /// (NEEDS_APPROVAL or BLOCKED) of `command_type` by one agent within `window_secs` pause the
 /// system.

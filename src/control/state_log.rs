@@ -205,6 +205,17 @@ fn apply_agent(
     Some(new)
 }
 
+/// What a reader of an empty stream folds to, as `control.empty_stream` says.
+pub fn empty(e: crate::settings::EmptyStream) -> Folded {
+    match e {
+        crate::settings::EmptyStream::Running => Folded::Empty,
+        crate::settings::EmptyStream::Untrusted => Folded::Untrusted {
+            last: None,
+            why: "the state stream is empty: an operator's first lever (`command-poller resume`, or `pause`/`halt`) bootstraps it".into(),
+        },
+    }
+}
+
 /// Parses one stream message.
 pub fn parse(body: &[u8]) -> Result<Entry, serde_json::Error> {
     serde_json::from_slice(body)
@@ -510,7 +521,7 @@ impl StateReader {
             let records = self.drain(grace).await?;
             self.position = records.last().map(|r| r.offset);
             if records.is_empty() {
-                self.current = self.empty.fold();
+                self.current = empty(self.empty);
                 self.assumed_empty = true;
                 return Ok(());
             }

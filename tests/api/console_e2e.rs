@@ -161,14 +161,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
         second.connected()
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(command_poller::console::serve(
-        listener,
-        Console::new(Parts::from_settings(&h.settings)),
-        stop.clone(),
-    ));
+    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
     let (_driver, c) = browser().await;
 
     // An agent's credentials never get a session.
@@ -352,6 +345,19 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     second.stop().await;
 }
 
+/// Serves a console of `parts` on a free loopback port: its base URL, and what stops it.
+async fn serve_console(parts: Parts) -> (String, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(command_poller::console::serve(
+        listener,
+        Console::new(parts),
+        stop.clone(),
+    ));
+    (base, stop)
+}
+
 /// Logs in with a plain HTTP client; returns the session cookie (`name=value`).
 async fn http_login(
     http: &reqwest::Client,
@@ -392,14 +398,7 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
         ..Default::default()
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(command_poller::console::serve(
-        listener,
-        Console::new(Parts::from_settings(&h.settings)),
-        stop.clone(),
-    ));
+    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -487,14 +486,7 @@ async fn expiry_bad_input_rate_limits_and_a_broker_that_is_down_are_said_plainly
         free_port()
     )])
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(command_poller::console::serve(
-        listener,
-        Console::new(parts),
-        stop.clone(),
-    ));
+    let (base, stop) = serve_console(parts).await;
     let r = http_login(&http, &base, &op.0, "agent-pass").await;
     assert_eq!(r.status(), 502);
     let body = r.text().await.unwrap();
@@ -515,14 +507,7 @@ async fn a_stranger_cant_lock_an_operator_out_redirect_away_or_frame_the_levers(
         ..Default::default()
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(command_poller::console::serve(
-        listener,
-        Console::new(Parts::from_settings(&h.settings)),
-        stop.clone(),
-    ));
+    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
     let client = |from: [u8; 4]| {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -598,14 +583,7 @@ async fn in_chromium_the_login_never_redirects_off_the_site_and_the_levers_are_n
         ..Default::default()
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(command_poller::console::serve(
-        listener,
-        Console::new(Parts::from_settings(&h.settings)),
-        stop.clone(),
-    ));
+    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
     // Another page on this machine that frames the levers.
     let framer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let framer_url = format!("http://{}/", framer.local_addr().unwrap());

@@ -525,7 +525,7 @@ async fn an_unreadable_stored_state_brings_a_replica_up_paused_and_alerts() {
     })
     .await;
     // An operator's tooling writes garbage into the state stream.
-    publish_state(&h, b"{\"kind\":\"state\",\"oops\":1}").await;
+    append_state(&h, b"{\"kind\":\"state\",\"oops\":1}").await;
     let r = h.spawn_replica("garbage", None);
     eventually("the replica to connect", Duration::from_secs(15), || {
         r.connected()
@@ -576,7 +576,7 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
             ..command_poller::control::ControlState::initial()
         },
     };
-    publish_state(&h, &serde_json::to_vec(&stale).unwrap()).await;
+    append_state(&h, &serde_json::to_vec(&stale).unwrap()).await;
     let status = h
         .operator()
         .run(ControlCommand::Status {
@@ -588,33 +588,4 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
     assert!(status.replicas.iter().all(|r| r.state.mode == Mode::Halted));
     let e = h.operator().run(resume(false)).await.unwrap_err();
     assert!(e.to_string().contains("lift-halt"), "{e}");
-}
-
-/// Appends `body` to the stored-state stream as the operator (guest).
-async fn publish_state(h: &Harness, body: &[u8]) {
-    let conn = lapin::Connection::connect(AMQP, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    // Declared as the poller would, in case nothing ran yet.
-    command_poller::broker::declare_control(
-        &ch,
-        &h.settings.control,
-        &h.settings.topology.replication,
-    )
-    .await
-    .unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        h.settings.control.state_exchange.as_str().into(),
-        "".into(),
-        Default::default(),
-        body,
-        lapin::BasicProperties::default().with_user_id("guest".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "ok".into()).await;
 }

@@ -55,28 +55,6 @@ fn lever(cmd: &str, agent: &str) -> ControlCommand {
     }
 }
 
-/// Appends `body` to the state stream as guest (an operator in config/local.toml): an operator
-/// CLI of another version, say.
-async fn append_raw(h: &Harness, body: &[u8]) {
-    let conn = lapin::Connection::connect(AMQP, Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        h.settings.control.state_exchange.as_str().into(),
-        "".into(),
-        Default::default(),
-        body,
-        lapin::BasicProperties::default().with_user_id("guest".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let _ = conn.close(200, "ok".into()).await;
-}
-
 fn quarantined(r: &ReplicaHandle) -> Vec<String> {
     r.state.gate.state().quarantined.keys().cloned().collect()
 }
@@ -111,7 +89,7 @@ async fn an_unreadable_entry_never_loosens_a_halt_or_a_quarantine_live_or_starti
     })
     .unwrap();
     newer["schema"] = 2.into();
-    append_raw(&h, &serde_json::to_vec(&newer).unwrap()).await;
+    append_state(&h, &serde_json::to_vec(&newer).unwrap()).await;
     let (alert, _) = h
         .wait_until("the fail-closed alert", Duration::from_secs(10), |i| {
             i.alerts
@@ -178,7 +156,7 @@ async fn a_plain_resume_after_an_unreadable_entry_keeps_every_quarantine() {
         .unwrap();
     h.operator().run(lever("pause", "")).await.unwrap();
     // What an approver's answer used to put there.
-    append_raw(&h, br#"{"outcome":"listed","pending":[]}"#).await;
+    append_state(&h, br#"{"outcome":"listed","pending":[]}"#).await;
     let status = h.operator().run(lever("status", "")).await.unwrap();
     assert!(status.note.as_deref().unwrap_or("").contains("untrusted"));
     assert!(status
@@ -445,7 +423,7 @@ async fn retention_dropping_old_segments_never_drops_the_halt_or_the_quarantines
     t.delete().await;
 }
 
-/// About five minutes on the CI machine: `scripts/test.sh` runs it in a step of its own
+/// 366 s in a fresh-clone CI run on this machine: `scripts/test.sh` runs it in a step of its own
 /// (`STATE_READS=N` runs fewer).
 #[tokio::test]
 #[ignore = "100,000 reads: its own step in scripts/test.sh"]

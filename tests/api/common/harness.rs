@@ -569,3 +569,32 @@ pub async fn bootstrap_control(conn: &Connection, settings: &Settings) {
     .unwrap();
     let _ = ch.close(200, "declared".into()).await;
 }
+
+/// Appends `body` to the stored-state stream as the operator (guest).
+pub async fn append_state(h: &Harness, body: &[u8]) {
+    let conn = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // Declared as the poller would, in case nothing ran yet.
+    command_poller::broker::declare_control(
+        &ch,
+        &h.settings.control,
+        &h.settings.topology.replication,
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        h.settings.control.state_exchange.as_str().into(),
+        "".into(),
+        Default::default(),
+        body,
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+}
