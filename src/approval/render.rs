@@ -11,7 +11,7 @@ use crate::audit::{AuditEvent, AuditRecord};
 use crate::broker::names::{message_type, routing};
 use crate::broker::Outgoing;
 use crate::control::replica::Names;
-use crate::outcome::{Alert, ApprovalNotice, Priority};
+use crate::outcome::{Alert, ApprovalNotice, Priority, Status};
 use serde::{Deserialize, Serialize};
 
 /// What a decision message came to, for the event and the audit record.
@@ -114,6 +114,39 @@ pub fn abuse_alert(e: &ApprovalEvent, rec: Option<&Parked>, names: &Names) -> Ou
         routing_key: a.routing_key(),
         body: serde_json::to_vec(&a).expect("an alert serializes"),
         correlation_id: e.approval_id.clone(),
+        message_type: message_type::ALERT,
+        user_id: Some(names.poller_user.clone()),
+        ..Default::default()
+    }
+}
+
+/// Security's alert about an approved record that was not executed because no NEEDS_APPROVAL
+/// result for its command backs it ([`super::rules::backed`]).
+pub fn unbacked_alert(rec: &Parked, why: &str, names: &Names) -> Outgoing {
+    let a = Alert {
+        alert_id: uuid::Uuid::new_v4().to_string(),
+        team: "security".into(),
+        priority: Priority::High,
+        action_id: Some(rec.action_id.clone()),
+        command_type: Some(rec.command_type),
+        service: Some(rec.service.clone()),
+        agent: Some(rec.agent.clone()),
+        status: Some(Status::Denied),
+        summary: format!(
+            "Approved command not executed: approval {} is not backed by its NEEDS_APPROVAL result",
+            rec.approval_id
+        ),
+        rationale: why.to_owned(),
+        action_required: "An approval record the poller did not park (or whose command's result was replaced) was found approved in the shared store. Treat the store and the store key (POLLER_STORE_KEY) as compromised: rotate the key, check who can write the store, and pause (Emergency-INT-E01) until you know.".into(),
+        poller_instance: names.instance.clone(),
+        at: crate::clock::now_rfc3339(),
+        approval: None,
+    };
+    Outgoing {
+        exchange: names.alerts_exchange.clone(),
+        routing_key: a.routing_key(),
+        body: serde_json::to_vec(&a).expect("an alert serializes"),
+        correlation_id: Some(rec.approval_id.clone()),
         message_type: message_type::ALERT,
         user_id: Some(names.poller_user.clone()),
         ..Default::default()

@@ -192,6 +192,48 @@ pub fn sweep(rec: &Parked, now: u64, remind_before: u64, webhook: bool) -> Sweep
     }
 }
 
+/// Whether an approved record may be executed: only when the command's key holds the sealed
+/// NEEDS_APPROVAL result that parked it, for the same approval and the same command digest
+/// (`parked`: what the key holds, already unsealed with the store key). A record without it was
+/// not parked by a poller for that command (planted with a stolen or template key, or its
+/// command's result replaced): never executed. The reason is `Err`.
+pub fn backed(
+    rec: &Parked,
+    parked: Option<&crate::idempotency::StoredOutcome>,
+) -> Result<(), String> {
+    let Some(stored) = parked else {
+        return Err(format!(
+            "no NEEDS_APPROVAL result is stored under {}",
+            rec.action_key
+        ));
+    };
+    if stored.result.status != crate::outcome::Status::NeedsApproval {
+        return Err(format!(
+            "the result stored under {} is {}, not NEEDS_APPROVAL",
+            rec.action_key, stored.result.status
+        ));
+    }
+    let ticket = stored
+        .result
+        .approval
+        .as_ref()
+        .map(|t| t.approval_id.as_str());
+    if ticket != Some(rec.approval_id.as_str()) {
+        return Err(format!(
+            "the NEEDS_APPROVAL result under {} names another approval ({})",
+            rec.action_key,
+            ticket.unwrap_or("none")
+        ));
+    }
+    if stored.command_digest.as_deref() != Some(rec.command_digest.as_str()) {
+        return Err(format!(
+            "the NEEDS_APPROVAL result under {} is for another command (its digest differs)",
+            rec.action_key
+        ));
+    }
+    Ok(())
+}
+
 /// The record expired at `now`.
 pub fn expire(rec: &Parked, now: u64) -> Parked {
     Parked {
@@ -314,6 +356,55 @@ mod tests {
         let expired = expire(&rec, 2000);
         let r = decide(&expired, "alice", &Choice::Deny, "x", &ctx(&a, &p)).unwrap_err();
         assert!(r.reason.contains("expired"));
+    }
+
+    /// Only the NEEDS_APPROVAL result that parked this record, for this command, backs it.
+    #[test]
+    fn an_approved_record_is_executed_only_over_its_own_needs_approval_result() {
+        use crate::idempotency::StoredOutcome;
+        use crate::outcome::{ResultMessage, Status};
+        let rec = parked();
+        let mut result: ResultMessage = serde_json::from_value(serde_json::json!({
+            "status": "NEEDS_APPROVAL", "rationale": "not approved by the judges",
+            "received_at": "2026-11-27T00:00:00Z", "completed_at": "2026-11-27T00:00:01Z",
+            "poller_instance": "p-1",
+        }))
+        .unwrap();
+        result.approval = Some(rec.ticket());
+        let own = StoredOutcome {
+            published: true,
+            result,
+            command_digest: Some(rec.command_digest.clone()),
+        };
+        assert_eq!(backed(&rec, Some(&own)), Ok(()));
+        assert!(backed(&rec, None)
+            .unwrap_err()
+            .contains("no NEEDS_APPROVAL"));
+        let other_command = StoredOutcome {
+            command_digest: Some("d".repeat(64)),
+            ..own.clone()
+        };
+        assert!(backed(&rec, Some(&other_command))
+            .unwrap_err()
+            .contains("another command"));
+        let undigested = StoredOutcome {
+            command_digest: None,
+            ..own.clone()
+        };
+        assert!(backed(&rec, Some(&undigested)).is_err());
+        let mut other_ticket = own.clone();
+        other_ticket.result.approval.as_mut().unwrap().approval_id = "appr-other".into();
+        assert!(backed(&rec, Some(&other_ticket))
+            .unwrap_err()
+            .contains("another approval"));
+        let mut untracked = own.clone();
+        untracked.result.approval = None;
+        assert!(backed(&rec, Some(&untracked)).is_err());
+        let mut executed = own;
+        executed.result.status = Status::Success;
+        assert!(backed(&rec, Some(&executed))
+            .unwrap_err()
+            .contains("SUCCESS"));
     }
 
     #[test]

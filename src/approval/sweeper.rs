@@ -178,6 +178,14 @@ impl Sweeper {
         .await;
     }
 
+    /// Security's alert for an approved record that no NEEDS_APPROVAL result backs.
+    async fn unbacked(&self, publisher: &Publisher, rec: &Parked, why: &str) {
+        let alert = render::unbacked_alert(rec, why, &self.names);
+        if let Err(err) = publisher.publish(&alert).await {
+            tracing::error!(error = %err, alert = %String::from_utf8_lossy(&alert.body), "security alert not published; here it is");
+        }
+    }
+
     /// Publishes a decided record's one final result (executing an approved command first),
     /// under the command's idempotency claim, then closes the record.
     async fn finalize(&self, publisher: &Publisher, rec: Parked, sealed: String) {
@@ -189,6 +197,12 @@ impl Sweeper {
 
     async fn finalize_in_span(&self, publisher: &Publisher, rec: Parked, sealed: String) {
         let p = &self.shell.pipeline;
+        if rec.state == State::Approved && p.gate.mode() != crate::control::Mode::Running {
+            // Held back until the system runs again: no claim taken, no bridge slot asked for,
+            // so a paused or halted fleet leaves the command's key free (checked again under
+            // the claim, before the bridge call).
+            return;
+        }
         let claim = match ClaimGuard::hold(
             p.store.clone(),
             rec.action_key.clone(),
@@ -234,16 +248,26 @@ impl Sweeper {
                     claim: Some(claim),
                 }
             }
-            _ => {
+            parked => {
+                let parked = parked.and_then(Result::ok);
                 let result = match rec.state {
-                    State::Approved => match p.approved(&rec).await {
-                        Ok(r) => r,
+                    State::Approved => match rules::backed(&rec, parked.as_ref()) {
                         Err(why) => {
-                            // Paused or halted: held, executed once the system runs again.
-                            tracing::info!(why = %why, "approved command held back");
-                            let _ = claim.release().await;
-                            return;
+                            // Not parked by a poller for this command: planted, or the
+                            // command's result replaced. Never executed; security hears of it.
+                            tracing::error!(why = %why, "approvals: an approved record without its NEEDS_APPROVAL result; not executed");
+                            self.unbacked(publisher, &rec, &why).await;
+                            p.unbacked(&rec, &why)
                         }
+                        Ok(()) => match p.approved(&rec).await {
+                            Ok(r) => r,
+                            Err(why) => {
+                                // Paused or halted: held, executed once the system runs again.
+                                tracing::info!(why = %why, "approved command held back");
+                                let _ = claim.release().await;
+                                return;
+                            }
+                        },
                     },
                     State::Denied | State::Expired => p.closed(&rec),
                     State::Pending => {

@@ -621,6 +621,20 @@ impl Pipeline {
         }
     }
 
+    /// The final result of an approved record that no NEEDS_APPROVAL result backs: denied,
+    /// never executed.
+    pub fn unbacked(&self, rec: &Parked, why: &str) -> ResultMessage {
+        let mut r = Draft::of(rec, &self.instance).finish(
+            Status::Denied,
+            format!(
+                "Approved by {}, but not executed: {why}. Send it again under a new action_id.",
+                approvers(rec)
+            ),
+        );
+        r.approvals = rec.approvals.clone();
+        r
+    }
+
     /// The final result of a parked command that will never be executed (denied, expired).
     pub fn closed(&self, rec: &Parked) -> ResultMessage {
         let draft = Draft::of(rec, &self.instance);

@@ -34,7 +34,7 @@ impl Poller {
             shutdown.clone(),
         ));
         // Parked approvals: expired, executed and finalized by whichever replica sweeps first.
-        let sweeper = tokio::spawn(
+        let mut sweeper = Some(tokio::spawn(
             crate::approval::sweeper::Sweeper {
                 shell: self.shell.clone(),
                 settings: self.approval.clone(),
@@ -44,13 +44,16 @@ impl Poller {
                 wake: self.wake.clone(),
             }
             .run(shutdown.clone()),
-        );
+        ));
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             let mut consumed_any = false;
-            match self.session(&shutdown, &mut consumed_any, &mut tasks).await {
+            match self
+                .session(&shutdown, &mut consumed_any, &mut tasks, &mut sweeper)
+                .await
+            {
                 Ok(()) => break,
                 Err(e) => {
                     self.shell
@@ -76,8 +79,22 @@ impl Poller {
             }
         }
         self.drain(&mut tasks).await;
+        self.finish_sweep(&mut sweeper).await;
         store_watch.abort();
-        sweeper.abort();
+    }
+
+    /// Lets a sweep in progress finish within the drain timeout (it stops at the next one):
+    /// aborted mid-finalize, an approved command at the bridge would leave its result
+    /// unpublished and its claim to its TTL, and the next sweeper would post it again.
+    async fn finish_sweep(&self, sweeper: &mut Option<tokio::task::JoinHandle<()>>) {
+        let Some(mut task) = sweeper.take() else {
+            return;
+        };
+        let drain = self.settings.processing.drain_timeout;
+        if tokio::time::timeout(drain, &mut task).await.is_err() {
+            tracing::warn!("drain timeout; the approvals sweep in progress is abandoned");
+            task.abort();
+        }
     }
 
     /// Lets in-flight commands finish within the drain timeout; the rest are aborted (their
@@ -110,6 +127,7 @@ impl Poller {
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
         tasks: &mut JoinSet<()>,
+        sweeper: &mut Option<tokio::task::JoinHandle<()>>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
         let endpoints = &s.endpoints;
@@ -133,7 +151,14 @@ impl Poller {
         tracing::info!(node = %node.shown, publish_node = %publish_node.shown, "connected to the broker");
         self.set_node(Some(&node));
         let result = self
-            .consume(&consume_conn, &publish_conn, shutdown, consumed_any, tasks)
+            .consume(
+                &consume_conn,
+                &publish_conn,
+                shutdown,
+                consumed_any,
+                tasks,
+                sweeper,
+            )
             .await;
         self.shell
             .settler
@@ -171,6 +196,7 @@ impl Poller {
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
         tasks: &mut JoinSet<()>,
+        sweeper: &mut Option<tokio::task::JoinHandle<()>>,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
         // Setting up is bounded: a broker half-way through a restart can leave a call without
@@ -334,9 +360,11 @@ impl Poller {
         desk_task.abort();
         if outcome.is_ok() {
             // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
-            // while the connections are still open, so results and acks go out.
+            // and the approvals sweep in progress while the connections are still open, so
+            // results and acks go out.
             let _ = commands.cancel().await;
             self.drain(tasks).await;
+            self.finish_sweep(sweeper).await;
         }
         // A lost session leaves its tasks running: see `run`.
         outcome

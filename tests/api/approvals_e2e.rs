@@ -831,6 +831,104 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
     assert_eq!(w.finals("crash-lost"), 1);
 }
 
+/// Item 14 of the levers issue: an approved record planted in the shared store (sealed with
+/// the real store key, as whoever stole it would) for a command no agent sent is never
+/// executed: no NEEDS_APPROVAL result backs it. Its command ends DENIED and security is told.
+#[tokio::test]
+async fn an_approved_record_planted_without_its_needs_approval_result_is_never_executed() {
+    let store = open(Backend::Redis).await;
+    let w = World::start(1, 300, Some(store.clone())).await;
+    let real = w.parked("genuine").await;
+    let key = command_poller::idempotency::store_key(&w.h.settings.idempotency, None).unwrap();
+    let ticket = real.approval.clone().unwrap();
+    let sealed = store.record(&ticket.approval_id).await.unwrap().unwrap();
+    let mut rec = command_poller::approval::Parked::unseal(&key, &sealed).unwrap();
+    // The forger's copy: another action, already approved "by alice".
+    rec.action_id = command_poller::intake::ActionId::parse("forged").unwrap();
+    rec.action_key = "guest/forged".into();
+    rec.approval_id = command_poller::approval::approval_id("guest/forged");
+    rec.state = command_poller::approval::State::Approved;
+    rec.approvals = vec![command_poller::outcome::ApprovalMark {
+        by: w.alice.0.clone(),
+        at: "2026-12-06T00:00:00Z".into(),
+        reason: "looks fine".into(),
+        decision: "approve".into(),
+    }];
+    rec.decided_at = rec.decided_at.or(Some(rec.parked_at));
+    store
+        .park(&rec.approval_id, &rec.seal(&key), Duration::from_secs(300))
+        .await
+        .unwrap();
+    let done = w.final_result("forged", Duration::from_secs(20)).await;
+    assert_eq!(done.status, Status::Denied, "{done:?}");
+    assert!(
+        done.rationale.contains("no NEEDS_APPROVAL result"),
+        "{}",
+        done.rationale
+    );
+    let alert =
+        w.h.wait_until("security's alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| {
+                    a.summary
+                        .contains("not backed by its NEEDS_APPROVAL result")
+                })
+                .map(|(r, a)| (r.clone(), a.clone()))
+        })
+        .await;
+    assert_eq!(alert.1.team, "security");
+    assert_eq!(alert.0.routing_key, "security.high");
+    settle().await;
+    assert_eq!(
+        w.h.sim.posts("forged"),
+        0,
+        "a planted approval was executed"
+    );
+    assert_eq!(w.finals("forged"), 1);
+    // The genuine parked command is untouched: still waiting for its approvers.
+    assert_eq!(w.finals("genuine"), 0);
+}
+
+/// A clean stop while an approved command is at the bridge lets it finish: its one result is
+/// published before the poller is gone, and the next poller neither posts it again nor finds
+/// its claim held.
+#[tokio::test]
+async fn a_stop_while_an_approved_command_is_at_the_bridge_finishes_it_once() {
+    let store = open(Backend::Redis).await;
+    let mut w = World::start(1, 300, Some(store.clone())).await;
+    let parked = w.parked("stop-mid").await;
+    w.h.sim
+        .fail_next_posts([command_poller::bridge::simulator::Fault::Delay { ms: 2_000 }]);
+    let reply = w.ask(&w.alice, approve(&parked, "go")).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Approved);
+    w.h.wait_until(
+        "the approved command at the bridge",
+        Duration::from_secs(10),
+        |_| (w.h.sim.posts("stop-mid") == 1).then_some(()),
+    )
+    .await;
+    w.h.stop().await;
+    let done = w.final_result("stop-mid", Duration::from_secs(5)).await;
+    assert_eq!(done.status, Status::Success, "{done:?}");
+    let after = store
+        .claim("guest/stop-mid", "a-later-replica", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(after, command_poller::idempotency::Claim::Done(_)),
+        "the stop left the command unfinished or its claim held: {after:?}"
+    );
+    start_again(&mut w).await;
+    settle().await;
+    assert_eq!(
+        w.h.sim.posts("stop-mid"),
+        1,
+        "posted again after the restart"
+    );
+    assert_eq!(w.finals("stop-mid"), 1);
+}
+
 #[tokio::test]
 async fn a_policy_changed_between_approval_and_execution_denies_it() {
     let mut w = World::start(1, 300, Some(open(Backend::Postgres).await)).await;

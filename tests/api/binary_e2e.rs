@@ -756,6 +756,41 @@ fn audit_verify_takes_the_chain_key() {
     let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
 }
 
+/// With a chain key configured, an unkeyed chain (one rewritten without the key looks just like
+/// it) is refused; checking it as unkeyed takes `--unkeyed`, which says what it does not prove.
+#[test]
+fn audit_verify_with_a_key_refuses_an_unkeyed_chain_unless_asked() {
+    let file = std::env::temp_dir().join(format!("unkeyed-{}.jsonl", suffix()));
+    let mut w = command_poller::audit::chain::ChainWriter::open_keyed(&file, None).unwrap();
+    w.append(r#"{"kind":"command","action_id":"u-1"}"#).unwrap();
+    drop(w);
+    let verify = |extra: &[&str]| {
+        crate::common::isolated(BIN)
+            .args(["audit", "verify"])
+            .arg(&file)
+            .args(extra)
+            .env("AUDIT_CHAIN_KEY", "binary-chain-key")
+            .output()
+            .unwrap()
+    };
+    let keyed = verify(&[]);
+    assert!(!keyed.status.success());
+    assert!(
+        String::from_utf8_lossy(&keyed.stdout).contains("an unkeyed record in a keyed chain"),
+        "{}",
+        String::from_utf8_lossy(&keyed.stdout)
+    );
+    let asked = verify(&["--unkeyed"]);
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stdout)
+    );
+    assert!(String::from_utf8_lossy(&asked.stderr).contains("without the chain key"));
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
+}
+
 #[test]
 fn production_refuses_the_embedded_store_unless_allowed() {
     let sfx = suffix();
