@@ -782,6 +782,9 @@ impl Settings {
                 i.claim_ttl.as_secs()
             ));
         }
+        if i.max_waiting_duplicates_per_agent == 0 {
+            return bad("idempotency.max_waiting_duplicates_per_agent: must be at least 1 (a redelivered copy after a lost connection waits for its original)".into());
+        }
         if i.wait_for_in_flight <= i.claim_ttl {
             return bad(format!(
                 "idempotency.wait_for_in_flight_ms: {} must exceed claim_ttl_secs ({} s), or a duplicate of a crashed replica's command goes back to the queue before the dead claim expires, spending its delivery limit",

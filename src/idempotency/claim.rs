@@ -9,7 +9,8 @@
 use super::{Claim, ResultStore, StoreError};
 use crate::bridge::signing::Secret;
 use crate::outcome::ResultMessage;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the store keeps per action: the result, and whether it was confirmed published (with
@@ -65,6 +66,69 @@ pub struct ClaimGuard {
     retention: Duration,
     renewal: tokio::task::JoinHandle<()>,
     finished: bool,
+}
+
+/// Copies of in-flight actions waiting on this replica, counted per agent and capped: each
+/// waiting copy holds a delivery slot, so a flood of copies of one slow action would otherwise
+/// take every slot and make every other agent's commands wait.
+#[derive(Debug, Clone)]
+pub struct Waiters {
+    cap: usize,
+    by_agent: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One copy's place among its agent's waiting copies; dropping it frees the place.
+#[derive(Debug)]
+pub struct WaitPermit {
+    agent: String,
+    by_agent: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Waiters {
+    /// At most `cap` waiting copies per agent (at least one).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            by_agent: Arc::default(),
+        }
+    }
+
+    /// A place for one more of `agent`'s copies to wait, or `None` when `cap` already wait.
+    pub fn enter(&self, agent: &str) -> Option<WaitPermit> {
+        let mut map = self.by_agent.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(agent.to_owned()).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(WaitPermit {
+            agent: agent.to_owned(),
+            by_agent: self.by_agent.clone(),
+        })
+    }
+
+    /// How many of `agent`'s copies wait now.
+    pub fn waiting(&self, agent: &str) -> usize {
+        let map = self.by_agent.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(agent).copied().unwrap_or(0)
+    }
+
+    /// The cap per agent.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+impl Drop for WaitPermit {
+    fn drop(&mut self) {
+        let mut map = self.by_agent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.agent);
+            }
+        }
+    }
 }
 
 /// How long [`ClaimGuard::take`] sleeps between asking again while another delivery holds it.
@@ -255,6 +319,26 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    /// An agent's waiting copies are capped, each agent on its own, and a place is freed when
+    /// its copy stops waiting (the map forgets an agent with none).
+    #[test]
+    fn waiting_copies_are_capped_per_agent_and_freed_on_drop() {
+        let w = Waiters::new(2);
+        let a1 = w.enter("a").unwrap();
+        let _a2 = w.enter("a").unwrap();
+        assert!(w.enter("a").is_none(), "a third copy of agent a waits");
+        let _b = w.enter("b").expect("agent b is not held back by agent a");
+        assert_eq!(w.waiting("a"), 2);
+        drop(a1);
+        assert_eq!(w.waiting("a"), 1);
+        let _a3 = w.enter("a").expect("the freed place is taken again");
+        drop(_a3);
+        drop(_a2);
+        assert_eq!(w.waiting("a"), 0);
+        assert!(w.by_agent.lock().unwrap().get("a").is_none());
+        assert_eq!(Waiters::new(0).cap(), 1);
     }
 
     /// A guard dropped unfinished (its task aborted at shutdown, say) frees the action for the

@@ -11,7 +11,7 @@ pub(crate) mod embedded;
 mod postgres;
 mod redis_store;
 
-pub use claim::{ClaimGuard, StoredOutcome, Taken, Unsealed};
+pub use claim::{ClaimGuard, StoredOutcome, Taken, Unsealed, WaitPermit, Waiters};
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
 pub use redis_store::RedisStore;
@@ -157,6 +157,15 @@ pub struct IdempotencySettings {
         deserialize_with = "crate::clock::de::millis"
     )]
     pub wait_for_in_flight: Duration,
+    /// How many copies of in-flight actions one agent may have waiting on a replica
+    /// (`max_waiting_duplicates_per_agent`, at least 1); a copy beyond it goes to the
+    /// dead-letter queue at once instead of holding a delivery slot.
+    #[serde(default = "default_max_waiting_duplicates")]
+    pub max_waiting_duplicates_per_agent: usize,
+}
+
+fn default_max_waiting_duplicates() -> usize {
+    2
 }
 
 fn default_pool_size() -> usize {

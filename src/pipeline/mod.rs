@@ -65,6 +65,8 @@ pub struct Pipeline {
     pub store: Arc<dyn ResultStore>,
     pub claim_ttl: Duration,
     pub wait_for_in_flight: Duration,
+    /// Copies of in-flight actions waiting on this replica, capped per agent.
+    pub waiting: crate::idempotency::Waiters,
     /// How long final results are kept and replayed.
     pub retention: Duration,
     /// Seals stored outcomes (HMAC), so a planted value is refused, not replayed.
@@ -349,15 +351,47 @@ impl Pipeline {
         // Unverified agents (where allowed) have a key space of their own.
         let digest = crate::idempotency::command_digest(&agent, &cmd);
         let key = crate::idempotency::action_key(&agent, &cmd.action_id);
-        let taken = ClaimGuard::take(
-            self.store.clone(),
-            key.clone(),
-            &self.instance,
-            self.claim_ttl,
-            self.retention,
-            self.wait_for_in_flight,
-        )
-        .await;
+        let take = |wait| {
+            ClaimGuard::take(
+                self.store.clone(),
+                key.clone(),
+                &self.instance,
+                self.claim_ttl,
+                self.retention,
+                wait,
+            )
+        };
+        // A copy of an action in flight waits for its result, holding its delivery slot: only
+        // a few fresh copies per agent at a time, so copies of one slow action can't take every
+        // slot. A redelivered message always waits: it may be the original itself, back after a
+        // crash while its dead claim runs out, and must never be turned away.
+        let taken = match take(Duration::ZERO).await {
+            Ok(Taken::Busy(_)) if msg.redelivered => take(self.wait_for_in_flight).await,
+            Ok(Taken::Busy(owner)) => match self.waiting.enter(agent.admission_key().as_str()) {
+                Some(_place) => take(self.wait_for_in_flight).await,
+                None => {
+                    let reason = format!(
+                        "a copy of action {} of agent {}, which is in flight on {owner}; {} copies of this agent's in-flight actions already wait on this replica, so this one does not (the original's result is published when it concludes)",
+                        cmd.action_id,
+                        agent.id,
+                        self.waiting.cap()
+                    );
+                    tracing::warn!("{reason}");
+                    trail.push(rejected_event("action_id", &reason));
+                    return Disposition::DeadLetter {
+                        letter: DeadLetter {
+                            field: "action_id".into(),
+                            reason,
+                            body: DeadLetterBody::Original,
+                        },
+                        result: None,
+                        reply,
+                        audit: trail,
+                    };
+                }
+            },
+            other => other,
+        };
         let claim = match taken {
             Ok(Taken::Mine(guard)) => guard,
             Ok(Taken::Done(stored)) => {

@@ -251,6 +251,9 @@ impl Poller {
             store: stores.results,
             claim_ttl: settings.idempotency.claim_ttl,
             wait_for_in_flight: settings.idempotency.wait_for_in_flight,
+            waiting: crate::idempotency::Waiters::new(
+                settings.idempotency.max_waiting_duplicates_per_agent,
+            ),
             retention: settings.idempotency.retention,
             store_key,
         };

@@ -27,6 +27,7 @@ fn settings(backend: Backend) -> IdempotencySettings {
         retention: Duration::from_secs(60),
         claim_ttl: Duration::from_secs(120),
         wait_for_in_flight: Duration::from_millis(10_000),
+        max_waiting_duplicates_per_agent: 2,
     }
 }
 
@@ -614,4 +615,98 @@ async fn readyz_says_not_ready_while_the_store_is_unreachable() {
     relay.set(true);
     wait_for(200).await;
     stop.cancel();
+}
+
+/// Item 5 of the levers issue: copies of one slow action used to park in delivery slots
+/// waiting for it (admission counts an action_id once), so every other command waited for the
+/// slow one. Now at most `max_waiting_duplicates_per_agent` copies wait; the rest go to the
+/// dead-letter queue at once, naming the original, and other commands flow meanwhile.
+#[tokio::test]
+async fn copies_of_a_slow_action_wait_a_few_at_a_time_and_never_starve_other_commands() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| {
+            s.processing.max_in_flight = 4;
+            s.idempotency.max_waiting_duplicates_per_agent = 2;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let slow = cmd("slow-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW");
+    h.sim
+        .fail_next_posts([command_poller::bridge::simulator::Fault::Delay { ms: 3_000 }]);
+    h.send(&slow).await;
+    h.wait_until(
+        "the original at the bridge",
+        Duration::from_secs(10),
+        |_| (h.sim.posts("slow-1") == 1).then_some(()),
+    )
+    .await;
+    for _ in 0..10 {
+        h.send(&slow).await;
+    }
+    h.send(&cmd(
+        "other-1",
+        "CHECK_INTEGRATION_STATUS",
+        "mailchimp",
+        "LOW",
+    ))
+    .await;
+    let copies = h
+        .wait_until("8 copies dead-lettered", Duration::from_secs(10), |i| {
+            let d: Vec<_> = i
+                .dead
+                .iter()
+                .filter(|d| d.header("x-poller-field").as_deref() == Some("action_id"))
+                .cloned()
+                .collect();
+            (d.len() >= 8).then_some(d)
+        })
+        .await;
+    for d in &copies {
+        let why = d.header("x-poller-reason").unwrap();
+        assert!(why.contains("a copy of action slow-1"), "{why}");
+    }
+    let other = h.result("other-1").await;
+    assert_eq!(other.status, Status::Success, "{other:?}");
+    assert!(
+        h.inbox
+            .lock()
+            .unwrap()
+            .results
+            .iter()
+            .all(|(_, r)| r.action_id.as_deref() != Some("slow-1")),
+        "another agent's command waited for the slow action (its result came first)"
+    );
+    // The original concludes once; the two copies that waited replay it.
+    h.wait_until(
+        "the original and two replays",
+        Duration::from_secs(20),
+        |i| {
+            let n = i
+                .results
+                .iter()
+                .filter(|(_, r)| r.action_id.as_deref() == Some("slow-1"))
+                .count();
+            (n == 3).then_some(())
+        },
+    )
+    .await;
+    settle().await;
+    let results = h.inbox.lock().unwrap().results.clone();
+    let slow: Vec<_> = results
+        .iter()
+        .filter(|(_, r)| r.action_id.as_deref() == Some("slow-1"))
+        .collect();
+    assert_eq!(slow.len(), 3, "{slow:?}");
+    assert!(
+        slow.iter().all(|(_, r)| r.status == Status::Success),
+        "{slow:?}"
+    );
+    assert_eq!(slow.iter().filter(|(_, r)| r.replay).count(), 2);
+    assert_eq!(h.sim.posts("slow-1"), 1);
+    assert_eq!(
+        h.inbox.lock().unwrap().dead.len(),
+        8,
+        "only the copies beyond the cap are dead-lettered"
+    );
 }

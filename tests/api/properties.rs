@@ -150,6 +150,7 @@ fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool
         store,
         claim_ttl: Duration::from_secs(60),
         wait_for_in_flight: Duration::from_millis(10),
+        waiting: command_poller::idempotency::Waiters::new(2),
         retention: Duration::from_secs(3600),
         store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
     }
