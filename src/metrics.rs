@@ -72,6 +72,7 @@ pub struct Metrics {
     commands: Family<CommandLabels, Counter>,
     dead_letters: Counter,
     deferred: Counter,
+    lookups: Counter,
     judge_verdicts: Family<VerdictLabels, Counter>,
     judge_latency: HistogramFamily<JudgeLabels>,
     bridge_latency: Histogram,
@@ -103,6 +104,7 @@ impl Metrics {
             commands: Family::default(),
             dead_letters: Counter::default(),
             deferred: Counter::default(),
+            lookups: Counter::default(),
             judge_verdicts: Family::default(),
             judge_latency: Family::new_with_constructor(latency_histogram),
             bridge_latency: latency_histogram(),
@@ -141,6 +143,11 @@ impl Metrics {
             "deferred",
             "Commands sent back to the queue because the system was paused or halted",
             m.deferred.clone(),
+        );
+        registry.register(
+            "lookups",
+            "Lookups of a stored result (get_action) answered from the store",
+            m.lookups.clone(),
         );
         registry.register(
             "judge_verdicts",
@@ -262,6 +269,9 @@ impl Metrics {
             Disposition::Replay { outcome, .. } => {
                 self.command(&outcome.result);
                 self.alerts(&outcome.alerts);
+            }
+            Disposition::Answer { .. } => {
+                self.lookups.inc();
             }
         }
     }

@@ -42,6 +42,11 @@ pub mod routing {
 /// AMQP `type` property of each kind of message.
 pub mod message_type {
     pub const RESULT: &str = "result";
+    /// An agent's command (the `type` the front doors set; any other but [`LOOKUP`] is one).
+    pub const COMMAND: &str = "command";
+    /// A lookup of an action's stored result (`get_action`): answered from the store to the
+    /// asker only, never judged, executed or published as a result.
+    pub const LOOKUP: &str = "lookup";
     pub const ALERT: &str = "alert";
     pub const DEAD_LETTER: &str = "dead_letter";
     pub const AUDIT: &str = "audit";

@@ -14,7 +14,7 @@
 pub mod outcome;
 pub mod server;
 
-use crate::broker::names::DIRECT_REPLY_TO;
+use crate::broker::names::{message_type, DIRECT_REPLY_TO};
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::intake::{ActionId, CommandType, Service, Severity};
 use crate::outcome::ResultMessage;
@@ -170,11 +170,12 @@ impl FrontDoor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remember(cmd.action_id.as_str(), body.clone());
-        self.send(&body, cmd.action_id.as_str()).await
+        self.send(&body, cmd.action_id.as_str(), message_type::COMMAND)
+            .await
     }
 
-    /// The stored outcome of an earlier call: the same command sent again, which the poller
-    /// answers from its store (a replay), never executing it twice.
+    /// The stored outcome of an earlier call: a lookup the poller answers from its store and
+    /// never acts on (EXPIRED when nothing is stored any more).
     pub async fn get(&self, action_id: &str) -> Result<ResultMessage, CallError> {
         let body = self
             .sent
@@ -184,16 +185,17 @@ impl FrontDoor {
             .get(action_id)
             .cloned()
             .ok_or_else(|| CallError::Unknown(action_id.to_owned()))?;
-        self.send(&body, action_id).await
+        self.send(&body, action_id, message_type::LOOKUP).await
     }
 
     async fn send(
         &self,
         body: &serde_json::Value,
         action_id: &str,
+        kind: &'static str,
     ) -> Result<ResultMessage, CallError> {
         let (conn, _) = broker::connect(&self.endpoints, "command-poller-mcp").await?;
-        let answer = self.exchange(&conn, body, action_id).await;
+        let answer = self.exchange(&conn, body, action_id, kind).await;
         broker::close(&conn, "done").await;
         answer
     }
@@ -203,6 +205,7 @@ impl FrontDoor {
         conn: &lapin::Connection,
         body: &serde_json::Value,
         action_id: &str,
+        kind: &'static str,
     ) -> Result<ResultMessage, CallError> {
         let publisher = Publisher::open(conn).await?;
         let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
@@ -213,7 +216,7 @@ impl FrontDoor {
                 routing_key: crate::agent::routing_key_for(&bytes),
                 body: bytes,
                 correlation_id: Some(action_id.to_owned()),
-                message_type: "command",
+                message_type: kind,
                 user_id: Some(self.agent()),
                 reply_to: Some(DIRECT_REPLY_TO.into()),
                 ..Default::default()

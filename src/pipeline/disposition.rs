@@ -10,7 +10,7 @@ use crate::idempotency::ClaimGuard;
 use crate::intake::ReplyTarget;
 use crate::outcome::{Alert, ResultMessage};
 
-/// The four ways a delivery ends.
+/// The five ways a delivery ends.
 #[derive(Debug)]
 pub enum Disposition {
     /// Back to the queue unprocessed: paused or halted before the judges or the bridge, a
@@ -40,6 +40,13 @@ pub enum Disposition {
     Replay {
         outcome: Concluded,
         claim: Option<ClaimGuard>,
+    },
+    /// A lookup answered from the store (`get_action`): to the asker's reply target only, never
+    /// on the results exchange; nothing claimed, stored, judged or executed.
+    Answer {
+        result: ResultMessage,
+        reply: ReplyTarget,
+        audit: Vec<AuditEvent>,
     },
 }
 
@@ -82,6 +89,8 @@ pub struct Publication<'a> {
     pub reply: &'a ReplyTarget,
     pub alerts: &'a [Alert],
     pub audit: &'a [AuditEvent],
+    /// Whether the result goes to the results exchange (false: to the reply target only).
+    pub to_results: bool,
 }
 
 impl Disposition {
@@ -91,7 +100,7 @@ impl Disposition {
             Disposition::Defer { claim, .. }
             | Disposition::Conclude { claim, .. }
             | Disposition::Replay { claim, .. } => claim.take(),
-            Disposition::DeadLetter { .. } => None,
+            Disposition::DeadLetter { .. } | Disposition::Answer { .. } => None,
         }
     }
 
@@ -110,6 +119,19 @@ impl Disposition {
                 reply,
                 alerts: &[],
                 audit,
+                to_results: true,
+            }),
+            Disposition::Answer {
+                result,
+                reply,
+                audit,
+            } => Some(Publication {
+                dead_letter: None,
+                result: Some(result),
+                reply,
+                alerts: &[],
+                audit,
+                to_results: false,
             }),
             Disposition::Conclude { outcome, .. } | Disposition::Replay { outcome, .. } => {
                 Some(outcome.publication())
@@ -131,6 +153,7 @@ impl Concluded {
             reply: &self.reply,
             alerts: &self.alerts,
             audit: &self.audit,
+            to_results: true,
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Inbound {
     pub content_type: Option<String>,
     pub routing_key: String,
     pub redelivered: bool,
+    /// The AMQP `type` ([`crate::broker::names::message_type::LOOKUP`] marks a lookup).
+    pub message_type: Option<String>,
 }
 
 pub struct Pipeline {
@@ -312,6 +314,10 @@ impl Pipeline {
                 };
             }
         };
+
+        if msg.message_type.as_deref() == Some(crate::broker::names::message_type::LOOKUP) {
+            return self.lookup(&agent, &cmd, reply, trail, draft).await;
+        }
 
         if let Some(a) = &self.admission {
             // Before the claim, the judges and the bridge: a flood is refused at the cost of
@@ -827,6 +833,84 @@ impl Pipeline {
         Disposition::Conclude {
             outcome,
             claim: None,
+        }
+    }
+
+    /// A lookup (`get_action`): what the store holds under the agent's action, answered to the
+    /// asker only. Never claims, judges, executes or stores anything: an action older than the
+    /// store's retention is answered EXPIRED, never sent again as new.
+    async fn lookup(
+        &self,
+        agent: &Agent,
+        cmd: &Command,
+        reply: ReplyTarget,
+        mut trail: Vec<AuditEvent>,
+        draft: Draft,
+    ) -> Disposition {
+        if reply.routing_key().is_none() {
+            let reason = "a lookup needs reply_to (its answer goes to the asker only)".to_owned();
+            trail.push(rejected_event("reply_to", &reason));
+            return Disposition::DeadLetter {
+                letter: DeadLetter {
+                    field: "reply_to".into(),
+                    reason,
+                    body: DeadLetterBody::Original,
+                },
+                result: None,
+                reply,
+                audit: trail,
+            };
+        }
+        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let stored = match self.store.result(&key).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "idempotency store unavailable; the lookup waits (fail closed)");
+                tokio::time::sleep(STORE_DOWN_PAUSE).await;
+                return deferred(e.to_string(), None, trail);
+            }
+        };
+        let digest = crate::idempotency::command_digest(agent, cmd);
+        let result = match stored.map(|s| StoredOutcome::unseal(&self.store_key, &s)) {
+            None => draft.finish(
+                Status::Expired,
+                format!(
+                    "Nothing is stored for action {} of agent {}: it concluded longer ago than the store keeps results ({} s), was never received, or is still queued or in progress. Nothing was sent, judged or executed by this lookup.",
+                    cmd.action_id,
+                    agent.id,
+                    self.retention.as_secs()
+                ),
+            ),
+            Some(Ok(s)) if s.command_digest.as_deref().is_some_and(|d| d != digest) => draft
+                .rejected(
+                    "action_id",
+                    format!(
+                        "action_id {} was used by this agent for a different command (concluded {}); this lookup names another",
+                        cmd.action_id, s.result.status
+                    ),
+                ),
+            Some(Ok(s)) => {
+                let mut r = s.result;
+                r.replay = true;
+                r
+            }
+            Some(Err(Unsealed::Tampered(why))) => {
+                tracing::error!(why = %why, "lookup: the stored outcome failed its integrity check");
+                draft.finish(
+                    Status::UnknownOutcome,
+                    format!("the stored outcome of this action failed its integrity check ({why}): a human must check the service and the idempotency store"),
+                )
+            }
+            Some(Err(Unsealed::Unreadable(e))) => {
+                tracing::error!(error = %e, "lookup: stored result unreadable");
+                return deferred(format!("stored result unreadable: {e}"), None, trail);
+            }
+        };
+        tracing::info!(status = %result.status, "lookup answered from the store");
+        Disposition::Answer {
+            result,
+            reply,
+            audit: trail,
         }
     }
 

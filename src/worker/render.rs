@@ -102,10 +102,12 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
     if let Some(result) = p.result {
         let body = serde_json::to_vec(result).expect("result serializes");
         if let Some(queue) = p.reply.routing_key() {
-            messages.push(Message {
-                part: Part::Result,
-                outgoing: result_message(names, result, body.clone()),
-            });
+            if p.to_results {
+                messages.push(Message {
+                    part: Part::Result,
+                    outgoing: result_message(names, result, body.clone()),
+                });
+            }
             messages.push(Message {
                 part: Part::Reply,
                 outgoing: Outgoing {
@@ -119,7 +121,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
                     ..Default::default()
                 },
             });
-        } else {
+        } else if p.to_results {
             messages.push(Message {
                 part: Part::Result,
                 outgoing: result_message(names, result, body),
@@ -228,6 +230,7 @@ mod tests {
             content_type: None,
             routing_key: "commands".into(),
             redelivered: false,
+            message_type: None,
         }
     }
 
@@ -250,6 +253,44 @@ mod tests {
         }
     }
 
+    /// A lookup's answer goes to the asker's reply target only, never to the results exchange
+    /// (consumers of results see one final result per action, not one per lookup).
+    #[test]
+    fn a_lookup_answer_goes_to_the_asker_only() {
+        let r = result(Status::Success);
+        let reply = ReplyTarget::DirectReplyTo("amq.rabbitmq.reply-to.abc".into());
+        let rendered = command(
+            Publication {
+                dead_letter: None,
+                result: Some(&r),
+                reply: &reply,
+                alerts: &[],
+                audit: &[],
+                to_results: false,
+            },
+            &inbound(),
+            &names(),
+        );
+        assert_eq!(rendered.messages.len(), 1);
+        assert_eq!(rendered.messages[0].part, Part::Reply);
+        let o = &rendered.messages[0].outgoing;
+        assert_eq!(o.exchange, "");
+        assert_eq!(o.routing_key, "amq.rabbitmq.reply-to.abc");
+        let nobody = command(
+            Publication {
+                dead_letter: None,
+                result: Some(&r),
+                reply: &ReplyTarget::None,
+                alerts: &[],
+                audit: &[],
+                to_results: false,
+            },
+            &inbound(),
+            &names(),
+        );
+        assert!(nobody.messages.is_empty());
+    }
+
     #[test]
     fn a_dead_letter_carries_the_body_and_why_and_the_audit_record_says_so() {
         let letter = DeadLetter {
@@ -264,6 +305,7 @@ mod tests {
                 reply: &ReplyTarget::None,
                 alerts: &[],
                 audit: &[],
+                to_results: true,
             },
             &inbound(),
             &names(),
@@ -317,6 +359,7 @@ mod tests {
             reply: &ReplyTarget::None,
             alerts: &[],
             audit: &[],
+            to_results: true,
         };
         let dl = &command(p, &inbound(), &names()).messages[0].outgoing;
         assert!(dl.body.is_empty());
@@ -349,6 +392,7 @@ mod tests {
                 reply: &reply,
                 alerts: &alerts,
                 audit: &[],
+                to_results: true,
             },
             &inbound(),
             &names(),
@@ -399,6 +443,7 @@ mod tests {
                 reply: &reply,
                 alerts: &[],
                 audit: &[],
+                to_results: true,
             },
             &inbound(),
             &names(),

@@ -128,7 +128,7 @@ impl Settler {
                 }
                 return Settled::Deferred;
             }
-            Disposition::DeadLetter { .. } => None,
+            Disposition::DeadLetter { .. } | Disposition::Answer { .. } => None,
             Disposition::Conclude { outcome, .. } => {
                 // Stored (unpublished) before it is published: a crash in between publishes
                 // the stored outcome instead of redoing the action.
@@ -248,7 +248,9 @@ impl Settler {
             Disposition::Conclude { outcome, .. } | Disposition::Replay { outcome, .. } => {
                 Some(outcome)
             }
-            Disposition::Defer { .. } | Disposition::DeadLetter { .. } => None,
+            Disposition::Defer { .. }
+            | Disposition::DeadLetter { .. }
+            | Disposition::Answer { .. } => None,
         };
         self.mark_published(claim, outcome).await;
         Ok(published)
@@ -274,6 +276,7 @@ pub(crate) async fn delivery(
         content_type: props.content_type().as_ref().map(|u| u.to_string()),
         routing_key: delivery.routing_key.to_string(),
         redelivered: delivery.redelivered,
+        message_type: props.kind().as_ref().map(|k| k.to_string()),
     };
     let mut disposition = shell.pipeline.process(&inbound).await;
     if let Disposition::DeadLetter { letter, .. } = &disposition {

@@ -415,3 +415,81 @@ async fn over_streamable_http_each_client_is_its_own_agent() {
     let _ = server.wait();
     let _ = std::fs::remove_file(&file);
 }
+
+/// Item 9 of the levers issue: `get_action` used to send the command again, so for an action
+/// older than the store's retention it was judged and posted to the bridge a second time. It is
+/// now a lookup the poller answers from the store to the asker only: the stored outcome while
+/// it is kept, EXPIRED once it is gone, and never a bridge call or a new result.
+#[tokio::test]
+async fn get_action_is_a_lookup_and_never_acts_on_an_action_older_than_retention() {
+    let mut s = test_settings(&suffix()).idempotency;
+    s.backend = command_poller::idempotency::Backend::Redis;
+    s.url = REDIS.into();
+    s.key_prefix = format!("t-{}", suffix());
+    let prefix = s.key_prefix.clone();
+    let store = command_poller::idempotency::open(&s).await.unwrap();
+    let h = Harness::start(Options {
+        store: Some(store),
+        ..Default::default()
+    })
+    .await;
+    let agent = BrokerUser::create();
+    let mut host = Host::start(&h, &agent, 10);
+    let r = host
+        .call(
+            "check_integration_status",
+            json!({"service": "google", "action_id": "old-1"}),
+        )
+        .await;
+    assert_eq!(r["structured"]["status"], "SUCCESS", "{r}");
+    assert_eq!(h.sim.posts("old-1"), 1);
+
+    // While it is kept: the stored outcome, marked as such.
+    let r = host.call("get_action", json!({"action_id": "old-1"})).await;
+    assert_eq!(r["structured"]["status"], "SUCCESS", "{r}");
+    assert_eq!(r["structured"]["replay"], true, "{r}");
+    assert!(
+        r["text"].as_str().unwrap().contains("the stored outcome"),
+        "{r}"
+    );
+
+    // Retention runs out: the store forgets the result (Redis drops the key at its TTL).
+    let mut redis = redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dropped: i64 = redis::cmd("DEL")
+        .arg(format!("{prefix}:done:{}/old-1", agent.0))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(dropped, 1, "the stored result's key");
+    let r = host.call("get_action", json!({"action_id": "old-1"})).await;
+    assert_eq!(r["structured"]["status"], "EXPIRED", "{r}");
+    let text = r["text"].as_str().unwrap();
+    assert!(text.contains("Nothing is stored"), "{text}");
+    assert!(
+        text.contains("Nothing was sent, judged or executed"),
+        "{text}"
+    );
+
+    settle().await;
+    assert_eq!(
+        h.sim.posts("old-1"),
+        1,
+        "the lookup posted the action again"
+    );
+    let published = h
+        .inbox
+        .lock()
+        .unwrap()
+        .results
+        .iter()
+        .filter(|(_, r)| r.action_id.as_deref() == Some("old-1"))
+        .count();
+    assert_eq!(
+        published, 1,
+        "a lookup's answer goes to the asker only, never to the results exchange"
+    );
+}

@@ -176,6 +176,7 @@ proptest! {
         agent_id in prop::option::of(prop_oneof![Just("agent-1".to_string()), Just("admin".to_string())]),
         allow_unverified in any::<bool>(),
         reply_to in prop::option::of(prop_oneof![Just("amq.rabbitmq.reply-to.x".to_string()), Just("mcp.commands".to_string())]),
+        lookup in any::<bool>(),
     ) {
         let types = ["CHECK_INTEGRATION_STATUS", "REFRESH_TOKEN", "CONNECT_INTEGRATION"];
         let bridge = Arc::new(RecordingBridge::default());
@@ -189,10 +190,20 @@ proptest! {
             content_type: Some("application/json".into()),
             routing_key: "command.check_integration_status".into(),
             redelivered: false,
+            message_type: Some(if lookup { "lookup" } else { "command" }.into()),
         }));
         let reached = bridge.calls();
         if actions[t] == "BLOCK" {
             prop_assert_eq!(reached, 0, "{} is BLOCK but reached the bridge", types[t]);
+        }
+        if lookup {
+            // A lookup never acts, and its answer never goes to the results exchange.
+            prop_assert_eq!(reached, 0, "a lookup reached the bridge");
+            let claimed = matches!(d, Disposition::Conclude { claim: Some(_), .. } | Disposition::Replay { .. });
+            prop_assert!(!claimed, "a lookup claimed the action (it would store a result)");
+            if let Disposition::Answer { .. } = d {
+                prop_assert!(!d.publication().unwrap().to_results);
+            }
         }
         // Every message ends as a result or a dead letter (never silently dropped).
         let dead_lettered = matches!(d, Disposition::DeadLetter { .. });
