@@ -635,7 +635,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info!(addr = %listener.local_addr()?, "MCP front door on streamable HTTP at /mcp");
                     let stop = CancellationToken::new();
                     tokio::spawn(watch_signals(stop.clone()));
-                    crate::mcp::server::http::serve(listener, clients, stop).await?;
+                    crate::mcp::server::http::serve(listener, clients, settings.mcp.clone(), stop)
+                        .await?;
                 }
                 (_, _, Some(url)) => {
                     let door = crate::mcp::FrontDoor::new(

@@ -35,6 +35,7 @@ pub struct Settings {
     pub idempotency: crate::idempotency::IdempotencySettings,
     pub approval: ApprovalSettings,
     pub console: ConsoleSettings,
+    pub mcp: McpSettings,
     /// The secrets the sections name, read from the environment with the settings (not a
     /// configuration key; never logged).
     #[serde(skip)]
@@ -565,6 +566,42 @@ pub struct ConsoleSettings {
     pub audit_file: String,
 }
 
+/// The MCP front door over streamable HTTP (`command-poller mcp --http`, the `[mcp]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    /// Page origins (`scheme://host[:port]`) allowed to call besides loopback pages; a request
+    /// with any other `Origin` is refused (403). Requests without `Origin` (not from a browser)
+    /// are not affected.
+    pub allowed_origins: Vec<String>,
+    /// Requests one client (token) may have in flight at once; one more is refused (429).
+    pub max_calls_in_flight: usize,
+    /// Live sessions one client (token) may hold; one more `initialize` is refused (429).
+    pub max_sessions: usize,
+    /// A session without a request for this long ends (`session_idle_secs`).
+    #[serde(rename = "session_idle_secs", deserialize_with = "de::secs")]
+    pub session_idle: Duration,
+}
+
+impl McpSettings {
+    /// `text` as a page origin (`scheme://host[:port]`, http or https, nothing after it), in the
+    /// form browsers send.
+    pub fn origin_of(text: &str) -> Result<String, String> {
+        let u = url::Url::parse(text).map_err(|e| e.to_string())?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err("http or https only".into());
+        }
+        if u.path() != "/"
+            || u.query().is_some()
+            || u.fragment().is_some()
+            || !u.username().is_empty()
+        {
+            return Err("an origin is scheme://host[:port], with nothing after it".into());
+        }
+        Ok(u.origin().ascii_serialization())
+    }
+}
+
 /// Human approval of NEEDS_APPROVAL commands (the `[approval]` section).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -670,6 +707,7 @@ impl Settings {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("amqp.urls")
+                    .with_list_parse_key("mcp.allowed_origins")
                     .source(Some(vars.overrides())),
             )
             .build()?
@@ -689,6 +727,15 @@ impl Settings {
                 "amqp.urls"
             };
             return bad(format!("{key}: {e}"));
+        }
+        let m = &self.mcp;
+        if m.max_calls_in_flight == 0 || m.max_sessions == 0 || m.session_idle.is_zero() {
+            return bad("mcp.max_calls_in_flight, mcp.max_sessions and mcp.session_idle_secs: each at least 1".into());
+        }
+        for o in &m.allowed_origins {
+            if let Err(e) = McpSettings::origin_of(o) {
+                return bad(format!("mcp.allowed_origins: {o:?}: {e}"));
+            }
         }
         if !self.health.status_listen.is_empty() {
             match self.health.status_listen.parse::<std::net::SocketAddr>() {

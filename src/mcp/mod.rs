@@ -20,7 +20,7 @@ use crate::intake::{ActionId, CommandType, Service, Severity};
 use crate::outcome::ResultMessage;
 use futures::StreamExt;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a tool call has no result.
@@ -50,6 +50,10 @@ pub struct FrontDoor {
     /// sends the same command again, and the poller answers with what it stored (never executing
     /// it twice).
     sent: Mutex<Journal>,
+    /// The agent's one broker connection, opened on first use and again once it is lost; each
+    /// call takes a channel of its own on it (a connection per call cost a thread and megabytes
+    /// each, and let one client open hundreds).
+    conn: tokio::sync::Mutex<Option<Arc<lapin::Connection>>>,
 }
 
 /// How many sent commands a front door remembers for `get_action` (a long-lived HTTP front door
@@ -155,7 +159,20 @@ impl FrontDoor {
             commands_exchange,
             deadline,
             sent: Mutex::new(Journal::default()),
+            conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The agent's connection: the open one, or a new one when there is none or it was lost.
+    async fn connection(&self) -> Result<Arc<lapin::Connection>, CallError> {
+        let mut held = self.conn.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| c.status().connected()) {
+            return Ok(c.clone());
+        }
+        let (conn, _) = broker::connect(&self.endpoints, "command-poller-mcp").await?;
+        let conn = Arc::new(conn);
+        *held = Some(conn.clone());
+        Ok(conn)
     }
 
     /// The agent's broker user.
@@ -194,20 +211,20 @@ impl FrontDoor {
         action_id: &str,
         kind: &'static str,
     ) -> Result<ResultMessage, CallError> {
-        let (conn, _) = broker::connect(&self.endpoints, "command-poller-mcp").await?;
-        let answer = self.exchange(&conn, body, action_id, kind).await;
-        broker::close(&conn, "done").await;
+        let conn = self.connection().await?;
+        let publisher = Publisher::open(&conn).await?;
+        let answer = self.exchange(&publisher, body, action_id, kind).await;
+        let _ = publisher.channel().close(200, "done".into()).await;
         answer
     }
 
     async fn exchange(
         &self,
-        conn: &lapin::Connection,
+        publisher: &Publisher,
         body: &serde_json::Value,
         action_id: &str,
         kind: &'static str,
     ) -> Result<ResultMessage, CallError> {
-        let publisher = Publisher::open(conn).await?;
         let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
         let bytes = serde_json::to_vec(body).expect("serializes");
         publisher

@@ -389,12 +389,55 @@ pub mod http {
         }
     }
 
-    /// What the authentication layer holds: the clients, and which token opened each session.
+    /// What the authentication layer holds: the clients, which token opened each session, the
+    /// sessions alive, and each client's requests in flight.
     #[derive(Clone)]
     struct Door {
         clients: Clients,
         /// `Mcp-Session-Id` → (the SHA-256 of the token that opened it, when).
         sessions: Arc<std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>>,
+        /// The sessions the server keeps (those gone idle are dropped by it).
+        manager: Arc<LocalSessionManager>,
+        /// Each client's requests in flight (by token SHA-256), capped.
+        in_flight: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+        limits: Arc<crate::settings::McpSettings>,
+        /// `limits.allowed_origins`, as browsers send them.
+        origins: Arc<Vec<String>>,
+    }
+
+    impl Door {
+        /// The client's in-flight gate.
+        fn gate(&self, digest: &str) -> Arc<tokio::sync::Semaphore> {
+            let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            g.entry(digest.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(self.limits.max_calls_in_flight))
+                })
+                .clone()
+        }
+
+        /// Sessions the client opened that the server still keeps (bindings of ended ones go).
+        async fn live_sessions(&self, digest: &str) -> usize {
+            let live = self.manager.sessions.read().await;
+            let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            s.retain(|id, _| live.contains_key(id.as_str()));
+            s.values().filter(|(t, _)| t == digest).count()
+        }
+
+        fn origin_allowed(&self, origin: &str) -> bool {
+            origin_allowed(origin)
+                || url::Url::parse(origin)
+                    .is_ok_and(|u| self.origins.contains(&u.origin().ascii_serialization()))
+        }
+    }
+
+    fn too_many(what: &str) -> Response {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            what.to_owned(),
+        )
+            .into_response()
     }
 
     /// How long a session stays bound to its token after it opened (longer than any session
@@ -422,7 +465,7 @@ pub mod http {
     /// (403) and a session opened with another client's token (403).
     async fn authenticate(State(door): State<Door>, mut req: Request, next: Next) -> Response {
         if let Some(origin) = req.headers().get(header::ORIGIN) {
-            if !origin.to_str().is_ok_and(origin_allowed) {
+            if !origin.to_str().is_ok_and(|o| door.origin_allowed(o)) {
                 tracing::warn!("mcp http: a request from a foreign Origin refused");
                 return (
                     StatusCode::FORBIDDEN,
@@ -476,8 +519,40 @@ pub mod http {
                 }
             }
         }
+        if asked.is_none() && door.live_sessions(&digest).await >= door.limits.max_sessions {
+            tracing::warn!(
+                max = door.limits.max_sessions,
+                "mcp http: a client over its sessions refused"
+            );
+            return too_many(
+                "this client holds as many sessions as it may: end one (DELETE) or let one go idle",
+            );
+        }
+        // A POST (a call) holds its place until its answer's body is done (a tool call's answer
+        // streams); the GET stream of server messages is one per session, capped with them.
+        let permit = if req.method() == axum::http::Method::POST {
+            match door.gate(&digest).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::warn!(
+                        max = door.limits.max_calls_in_flight,
+                        "mcp http: a client over its requests in flight refused"
+                    );
+                    return too_many("this client has as many requests in flight as it may: wait for one to finish");
+                }
+            }
+        } else {
+            None
+        };
         req.extensions_mut().insert(d);
         let resp = next.run(req).await;
+        let resp = resp.map(|body| {
+            use futures::StreamExt;
+            axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _held = &permit;
+                chunk
+            }))
+        });
         if asked.is_none() {
             if let Some(id) = resp
                 .headers()
@@ -506,6 +581,7 @@ pub mod http {
     pub async fn serve(
         listener: tokio::net::TcpListener,
         clients: Clients,
+        limits: crate::settings::McpSettings,
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
@@ -514,16 +590,25 @@ pub mod http {
         }
         let mut config = StreamableHttpServerConfig::default();
         config.cancellation_token = stop.child_token();
-        let service = StreamableHttpService::new(
-            || Ok(Tools::per_request()),
-            Arc::new(LocalSessionManager::default()),
-            config,
-        );
+        let mut manager = LocalSessionManager::default();
+        manager.session_config.keep_alive = Some(limits.session_idle);
+        let manager = Arc::new(manager);
+        let service =
+            StreamableHttpService::new(|| Ok(Tools::per_request()), manager.clone(), config);
+        let origins = limits
+            .allowed_origins
+            .iter()
+            .map(|o| crate::settings::McpSettings::origin_of(o).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let app = axum::Router::new().nest_service("/mcp", service).layer(
             axum::middleware::from_fn_with_state(
                 Door {
                     clients,
                     sessions: Default::default(),
+                    manager,
+                    in_flight: Default::default(),
+                    limits: Arc::new(limits),
+                    origins: Arc::new(origins),
                 },
                 authenticate,
             ),

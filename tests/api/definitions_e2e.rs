@@ -640,3 +640,30 @@ async fn next_result(
         }
     }
 }
+
+/// Item 7 of the levers issue: an agent's user is capped in connections and channels by the
+/// definitions (the MCP front door holds one connection per client, a channel per call), so
+/// one agent can't take the broker's connections from everyone else.
+#[tokio::test]
+async fn an_agent_holds_at_most_its_connection_limit() {
+    let sfx = suffix();
+    let defs = tokio::task::spawn_blocking({
+        let sfx = sfx.clone();
+        move || Imported::load(&sfx)
+    })
+    .await
+    .unwrap();
+    let url = defs.url("agent-marketing");
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let c = Connection::connect(&url, Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("connection {} refused: {e}", i + 1));
+        held.push(c);
+    }
+    let ninth = Connection::connect(&url, Default::default()).await;
+    assert!(ninth.is_err(), "a ninth connection was accepted");
+    for c in held {
+        let _ = c.close(200, "done".into()).await;
+    }
+}

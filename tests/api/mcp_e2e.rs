@@ -416,6 +416,156 @@ async fn over_streamable_http_each_client_is_its_own_agent() {
     let _ = std::fs::remove_file(&file);
 }
 
+/// Broker connections open as `user`.
+fn connections_of(user: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "user"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim() == user)
+        .count()
+}
+
+/// Items 7 and 8 of the levers issue: one client's calls each held a broker connection, a
+/// thread and megabytes, and its sessions were unbounded. Now a client holds one broker
+/// connection (a channel per call), at most `mcp.max_calls_in_flight` requests in flight and
+/// `mcp.max_sessions` live sessions (429 beyond), and pages of `mcp.allowed_origins` are served
+/// besides loopback ones.
+#[tokio::test]
+async fn over_streamable_http_a_client_is_capped_and_holds_one_broker_connection() {
+    let mut h = world().await;
+    let a = BrokerUser::create();
+    let token = format!("token-c-{}", suffix());
+    let file = std::env::temp_dir().join(format!("mcp-clients-{}.json", suffix()));
+    std::fs::write(
+        &file,
+        json!({"clients": [{"token_sha256": sha256(&token), "amqp_url": a.url()}]}).to_string(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = crate::common::isolated(BIN)
+        .envs(poller_env(&h.settings))
+        .env("POLLER__MCP__MAX_SESSIONS", "2")
+        .env("POLLER__MCP__MAX_CALLS_IN_FLIGHT", "2")
+        .env("POLLER__MCP__ALLOWED_ORIGINS", "https://agents.example")
+        .args(["mcp", "--timeout-secs", "4", "--http"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--clients")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let http = reqwest::Client::new();
+    let post = |session: Option<&str>, origin: Option<&str>, body: Value| {
+        let mut r = http
+            .post(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18")
+            .body(body.to_string());
+        if let Some(s) = session {
+            r = r.header("mcp-session-id", s);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"}}});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        match post(None, Some("https://agents.example"), init.clone()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never answered: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(first.status(), 200, "a configured Origin was refused");
+    let s1 = first.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let foreign = post(None, Some("https://evil.example"), init.clone())
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+
+    // Sessions: two live at most; ending one makes room.
+    let second = post(None, None, init.clone()).await.unwrap();
+    assert_eq!(second.status(), 200);
+    let s2 = second.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let third = post(None, None, init.clone()).await.unwrap();
+    assert_eq!(third.status(), 429, "a third session was opened");
+    let ended = http
+        .delete(&url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("mcp-session-id", &s2)
+        .header("mcp-protocol-version", "2025-06-18")
+        .send()
+        .await
+        .unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    let again = post(None, None, init.clone()).await.unwrap();
+    assert_eq!(again.status(), 200, "ending a session made no room");
+
+    // Calls: one broker connection however many calls, a channel each.
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let r = post(Some(&s1), None, initialized).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let call = |id: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "check_integration_status", "arguments": {"service": "google"}}})
+    };
+    for id in 10..14 {
+        let r = post(Some(&s1), None, call(id)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("SUCCESS"), "{text}");
+    }
+    assert_eq!(connections_of(&a.0), 1, "one broker connection per client");
+
+    // In flight: with the poller stopped, two calls wait for their deadline; a third is refused.
+    h.stop().await;
+    let w1 = post(Some(&s1), None, call(20)).await.unwrap();
+    let w2 = post(Some(&s1), None, call(21)).await.unwrap();
+    assert_eq!((w1.status().as_u16(), w2.status().as_u16()), (200, 200));
+    let over = post(Some(&s1), None, call(22)).await.unwrap();
+    assert_eq!(over.status(), 429, "a third call in flight was taken");
+    for w in [w1, w2] {
+        let text = w.text().await.unwrap();
+        assert!(text.contains("no result from the poller"), "{text}");
+    }
+    let after = post(Some(&s1), None, call(23)).await.unwrap();
+    assert_eq!(
+        after.status(),
+        200,
+        "the finished calls gave their places back"
+    );
+    let _ = after.text().await;
+    assert_eq!(connections_of(&a.0), 1, "one broker connection per client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_file(&file);
+}
+
 /// Item 9 of the levers issue: `get_action` used to send the command again, so for an action
 /// older than the store's retention it was judged and posted to the bridge a second time. It is
 /// now a lookup the poller answers from the store to the asker only: the stored outcome while
