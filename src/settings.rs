@@ -56,6 +56,8 @@ pub struct Secrets {
     pub audit_chain_key: Option<Secret>,
     /// `approval.webhook_url_env`: the webhook's URL (Slack's carry their token in the path).
     pub approval_webhook: Option<Secret>,
+    /// `console.alert_url_env`: the broker URL the console publishes its security alerts as.
+    pub console_alert_url: Option<Secret>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -70,6 +72,7 @@ impl std::fmt::Debug for Secrets {
             .field("store_key", &set(&self.store_key))
             .field("audit_chain_key", &set(&self.audit_chain_key))
             .field("approval_webhook", &set(&self.approval_webhook))
+            .field("console_alert_url", &set(&self.console_alert_url))
             .finish()
     }
 }
@@ -136,6 +139,7 @@ impl Secrets {
             store_key: env.secret(&s.idempotency.key_env),
             audit_chain_key: env.secret(&s.audit.chain_key_env),
             approval_webhook: env.secret(&s.approval.webhook_url_env),
+            console_alert_url: env.secret(&s.console.alert_url_env),
         }
     }
 }
@@ -564,6 +568,20 @@ pub struct ConsoleSettings {
     /// The audit chain file `command-poller audit sink` writes, for an action's story; empty:
     /// the story page says it is not configured.
     pub audit_file: String,
+    /// Addresses of reverse proxies in front of the console: from them, the client is the last
+    /// address in `X-Forwarded-For` that is not one of them (throttled as that client). From
+    /// anyone else the header is ignored, so it can't be forged to dodge the throttle.
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Environment variable holding the broker URL (`amqp://console:…`) the console publishes
+    /// its security alerts as (repeated failed logins against an operator's name); unset: they
+    /// are logged only. Never logged.
+    #[serde(default = "default_console_alert_url_env")]
+    pub alert_url_env: String,
+}
+
+fn default_console_alert_url_env() -> String {
+    "CONSOLE_ALERT_AMQP_URL".into()
 }
 
 /// The MCP front door over streamable HTTP (`command-poller mcp --http`, the `[mcp]` section).

@@ -7,6 +7,7 @@
 //! that user and keeps it for the session ([`session`]); nothing can be done here without the
 //! broker rights the CLI would need. Stateless across processes: run as many as you like.
 
+pub mod alerts;
 pub mod pages;
 pub mod session;
 
@@ -24,7 +25,7 @@ use minijinja::context;
 use pages::{Flash, Viewer};
 use serde::Deserialize;
 use session::{LoginLimiter, Lookup, Roles, Sessions};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,8 @@ pub struct Parts {
     pub endpoints: crate::broker::Endpoints,
     pub poller_user: String,
     pub replication: crate::settings::Replication,
+    /// Where the console's own security alerts go (`None`: logged only).
+    pub alerts: Option<alerts::AlertSink>,
 }
 
 impl Parts {
@@ -59,6 +62,19 @@ impl Parts {
             endpoints: s.amqp.checked_endpoints(),
             poller_user: s.poller_user(),
             replication: s.topology.replication,
+            alerts: s.secrets.console_alert_url.as_ref().and_then(|url| {
+                match crate::broker::Endpoints::parse(&url.expose()) {
+                    Ok(endpoints) => Some(alerts::AlertSink {
+                        endpoints,
+                        exchange: s.topology.alerts_exchange.clone(),
+                        instance: format!("console@{}", s.instance()),
+                    }),
+                    Err(e) => {
+                        tracing::error!(variable = %s.console.alert_url_env, error = %e, "console: the alert URL can't be used; failed logins are logged only");
+                        None
+                    }
+                }
+            }),
         }
     }
 }
@@ -67,9 +83,44 @@ pub struct Console {
     parts: Parts,
     sessions: Mutex<Sessions<Arc<lapin::Connection>>>,
     limiter: Mutex<LoginLimiter>,
+    /// When security was last alerted about each operator name (once per login window).
+    alerted: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl Console {
+    /// Tells security (once per login window per name) that an operator's name is under a
+    /// password-guessing attack. Names that are not operators are only logged.
+    fn alert_login_abuse(&self, user: &str, client: &str, now: Instant) {
+        if !self.roles(user).operator {
+            return;
+        }
+        let window = self.parts.console.login_window;
+        {
+            let mut alerted = lock(&self.alerted);
+            alerted.retain(|_, at| now.duration_since(*at) < window);
+            if alerted.contains_key(user) {
+                return;
+            }
+            alerted.insert(user.to_owned(), now);
+        }
+        let Some(sink) = self.parts.alerts.clone() else {
+            tracing::error!(user, "console security: no alert URL configured (console.alert_url_env); security is not alerted");
+            return;
+        };
+        let alert = alerts::login_abuse(
+            user,
+            client,
+            self.parts.console.max_failed_logins,
+            window,
+            &sink.instance,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = sink.publish(&alert).await {
+                tracing::error!(error = %e, alert = %serde_json::to_string(&alert).unwrap_or_default(), "console security alert not published; here it is");
+            }
+        });
+    }
+
     pub fn new(parts: Parts) -> Arc<Self> {
         Arc::new(Self {
             sessions: Mutex::new(Sessions::new(parts.console.idle_timeout)),
@@ -77,6 +128,7 @@ impl Console {
                 parts.console.max_failed_logins,
                 parts.console.login_window,
             )),
+            alerted: Mutex::default(),
             parts,
         })
     }
@@ -342,6 +394,25 @@ async fn login_page(Query(q): Query<LoginQuery>) -> Response {
     )
 }
 
+/// The client a request comes from: `peer`, or, when `peer` is one of `trusted` proxies, the
+/// last address in `X-Forwarded-For` (`forwarded`, its values in order) that is not a proxy
+/// itself. A header that can't be read names nobody else: the peer stays the client.
+pub fn client_address(peer: IpAddr, forwarded: &[&str], trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Option<Vec<IpAddr>> = forwarded
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|a| a.trim().parse().ok())
+        .collect();
+    hops.unwrap_or_default()
+        .into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
+}
+
 /// Only a path on this site: no control character or backslash anywhere (browsers drop tabs
 /// and newlines, so `/%09/evil.example` would become `//evil.example`), and resolved against
 /// this console's own origin to the same origin.
@@ -404,7 +475,13 @@ async fn login(
     }
     // Only the failing client is throttled: a user-name counter would let anyone lock an
     // operator out of the console during an incident with five wrong passwords.
-    let client = format!("addr:{}", addr.ip());
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let from = client_address(addr.ip(), &forwarded, &c.parts.console.trusted_proxies);
+    let client = format!("addr:{from}");
     let named = format!("user:{}", f.user);
     // Built before any session opens: a target that can't be a redirect never gets that far.
     let target = safe_next(f.next.as_deref());
@@ -424,7 +501,7 @@ async fn login(
         let mut limiter = lock(&c.limiter);
         for k in [&client] {
             if let Err(wait) = limiter.check(k, now) {
-                tracing::warn!(user = %f.user, client = %addr.ip(), "console audit: login refused, too many failed attempts");
+                tracing::warn!(user = %f.user, client = %from, "console audit: login refused, too many failed attempts");
                 return refused(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
@@ -440,9 +517,11 @@ async fn login(
         limiter.fail(&client, now);
         // Counted per name too, never to refuse it: to tell security.
         limiter.fail(&named, now);
-        tracing::warn!(user = %f.user, client = %addr.ip(), why, "console audit: failed login");
+        tracing::warn!(user = %f.user, client = %from, why, "console audit: failed login");
         if limiter.check(&named, now).is_err() {
             tracing::error!(user = %f.user, "console security: repeated failed logins against this user name (from any address); its correct password still logs in");
+            drop(limiter);
+            c.alert_login_abuse(&f.user, &from.to_string(), now);
         }
     };
     let Some(endpoints) = c.endpoints_for(&f.user, &f.password) else {
@@ -464,7 +543,7 @@ async fn login(
                 fail("wrong user or password");
                 return refused(StatusCode::UNAUTHORIZED, "Wrong user or password.".into());
             }
-            tracing::error!(client = %addr.ip(), "console: the broker is unreachable for a login");
+            tracing::error!(client = %from, "console: the broker is unreachable for a login");
             return refused(
                 StatusCode::BAD_GATEWAY,
                 "The broker is unreachable, so nobody can log in (or do anything) right now. Use the CLI from a machine that reaches it, or try again.".into(),
@@ -492,7 +571,7 @@ async fn login(
         tracing::info!(user = %f.user, "console audit: the user's oldest session ended (at most {} at once)", session::PER_USER);
         crate::broker::close(&old, "console: too many sessions of this user").await;
     }
-    tracing::info!(user = %f.user, client = %addr.ip(), operator = roles.operator, approver = roles.approver, "console audit: logged in");
+    tracing::info!(user = %f.user, client = %from, operator = roles.operator, approver = roles.approver, "console audit: logged in");
     let mut r = Redirect::to(&target).into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -918,6 +997,37 @@ async fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Behind a trusted proxy the client is the last forwarded address that is not a proxy;
+    /// from anyone else `X-Forwarded-For` changes nothing (a forged one can't dodge the
+    /// throttle), and a garbled one names nobody.
+    #[test]
+    fn the_client_is_read_from_a_trusted_proxy_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.7");
+        let trusted = [proxy, ip("10.0.0.8")];
+        assert_eq!(
+            client_address(proxy, &["203.0.113.5"], &trusted),
+            ip("203.0.113.5")
+        );
+        // A client's own X-Forwarded-For is to the left of what the proxies add.
+        assert_eq!(
+            client_address(proxy, &["1.2.3.4, 203.0.113.5, 10.0.0.8"], &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_address(proxy, &["1.2.3.4", "203.0.113.5"], &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_address(ip("198.51.100.9"), &["1.2.3.4"], &trusted),
+            ip("198.51.100.9"),
+            "an untrusted peer forged the header"
+        );
+        assert_eq!(client_address(proxy, &["not-an-address"], &trusted), proxy);
+        assert_eq!(client_address(proxy, &[], &trusted), proxy);
+        assert_eq!(client_address(proxy, &["10.0.0.8"], &trusted), proxy);
+    }
 
     #[test]
     fn next_stays_on_this_site() {

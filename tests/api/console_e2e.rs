@@ -503,11 +503,19 @@ async fn a_stranger_cant_lock_an_operator_out_redirect_away_or_frame_the_levers(
         tweak: Box::new(move |s| {
             s.control.operators = vec![op_name];
             s.console.max_failed_logins = 3;
+            s.console.trusted_proxies = vec![std::net::Ipv4Addr::new(127, 0, 0, 3).into()];
         }),
         ..Default::default()
     })
     .await;
-    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
+    let mut parts = Parts::from_settings(&h.settings);
+    // The console's own alerts, as a user that may publish alerts (guest on the test broker).
+    parts.alerts = Some(command_poller::console::alerts::AlertSink {
+        endpoints: node(AMQP),
+        exchange: h.settings.topology.alerts_exchange.clone(),
+        instance: "console-test".into(),
+    });
+    let (base, stop) = serve_console(parts).await;
     let client = |from: [u8; 4]| {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -535,6 +543,81 @@ async fn a_stranger_cant_lock_an_operator_out_redirect_away_or_frame_the_levers(
     let operator = client([127, 0, 0, 1]);
     let r = http_login(&operator, &base, &op.0, "agent-pass").await;
     assert_eq!(r.status(), 303, "the operator was locked out by a stranger");
+    // Security hears of it once (the operator's name is under attack), as the console's user.
+    let (received, alert) = h
+        .wait_until("security's alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains(&format!("as operator {}", op.0)))
+                .cloned()
+        })
+        .await;
+    assert_eq!(received.routing_key, "security.high");
+    assert_eq!(received.user_id.as_deref(), Some("guest"));
+    assert!(alert.summary.contains("127.0.0.2"), "{}", alert.summary);
+    // Behind a trusted proxy (127.0.0.3) each forwarded client is throttled on its own; a
+    // forged X-Forwarded-For from anyone else changes nothing.
+    let proxy = client([127, 0, 0, 3]);
+    let via = |xff: &'static str, password: &'static str| {
+        proxy
+            .post(format!("{base}/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", xff)
+            .body(format!("user={}&password={password}&next=%2F", op.0))
+            .send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            via("203.0.113.5", "guessing")
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 429],
+        "the forwarded client is throttled"
+    );
+    let other = via("203.0.113.6", "agent-pass").await.unwrap();
+    assert_eq!(
+        other.status(),
+        303,
+        "another client behind the proxy was throttled"
+    );
+    let forged = stranger
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(format!("user={}&password=guessing&next=%2F", op.0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forged.status(),
+        429,
+        "a forged X-Forwarded-For dodged the throttle"
+    );
+    // A name that is no operator's is logged, never alerted.
+    let nobody = client([127, 0, 0, 4]);
+    for _ in 0..3 {
+        let _ = http_login(&nobody, &base, "nobody-at-all", "x").await;
+    }
+    settle().await;
+    let alerts = h.inbox.lock().unwrap().alerts.clone();
+    assert!(!alerts
+        .iter()
+        .any(|(_, a)| a.summary.contains("nobody-at-all")));
+    assert_eq!(
+        alerts
+            .iter()
+            .filter(|(_, a)| a.summary.contains("failed console logins"))
+            .count(),
+        1,
+        "security is alerted once per window per name"
+    );
 
     // Item 11: no redirect off the site after login, and no 500 for a newline.
     for next in [
