@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod pages;
 pub mod session;
+pub mod state;
 
 use crate::approval::approver::Approver;
 use crate::approval::wire::{PendingView, ReplyOutcome, Request};
@@ -85,6 +86,8 @@ pub struct Console {
     limiter: Mutex<LoginLimiter>,
     /// When security was last alerted about each operator name (once per login window).
     alerted: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Operators' sessions' followers of the state stream, by session token.
+    followers: Mutex<std::collections::HashMap<String, state::Follower>>,
 }
 
 impl Console {
@@ -129,6 +132,7 @@ impl Console {
                 parts.console.login_window,
             )),
             alerted: Mutex::default(),
+            followers: Mutex::default(),
             parts,
         })
     }
@@ -566,7 +570,17 @@ async fn login(
     }
     lock(&c.limiter).succeed(&client);
     lock(&c.limiter).succeed(&named);
-    let (token, evicted) = lock(&c.sessions).open(&f.user, roles, Arc::new(conn), now);
+    let conn = Arc::new(conn);
+    let (token, evicted) = lock(&c.sessions).open(&f.user, roles, conn.clone(), now);
+    if roles.operator {
+        // The overview shows the state this follower folds, instead of reading the stream on
+        // every refresh. Followers of ended sessions (their connection closed) are dropped.
+        let follower =
+            state::Follower::start(conn, c.parts.control.clone(), c.parts.poller_user.clone());
+        let mut followers = lock(&c.followers);
+        followers.retain(|_, f| !f.stopped());
+        followers.insert(token.clone(), follower);
+    }
     if let Some(old) = evicted {
         tracing::info!(user = %f.user, "console audit: the user's oldest session ended (at most {} at once)", session::PER_USER);
         crate::broker::close(&old, "console: too many sessions of this user").await;
@@ -598,6 +612,7 @@ async fn logout(
         return r;
     }
     let closed = lock(&c.sessions).close(&w.token);
+    lock(&c.followers).remove(&w.token);
     if let Some(conn) = closed {
         crate::broker::close(&conn, "console logout").await;
     }
@@ -649,12 +664,21 @@ fn broker_down(w: &Who, e: &dyn std::fmt::Display) -> Response {
     )
 }
 
-/// The overview, with `flash` (a lever's outcome) on top.
+/// The overview, with `flash` (a lever's outcome) on top. A plain visit (the refresh every few
+/// seconds) shows the state the session's follower folded; right after a lever the stream is
+/// read afresh, so the page shows what the lever wrote.
 async fn overview_page(c: &Console, w: &Who, flash: Option<Flash>) -> Response {
     let status = ControlCommand::Status {
         request_id: new_request_id(),
     };
-    match operator(c).run_on(&w.conn, &w.viewer.user, status).await {
+    let known = match flash {
+        None => lock(&c.followers).get(&w.token).and_then(|f| f.current()),
+        Some(_) => None,
+    };
+    match operator(c)
+        .run_known(&w.conn, &w.viewer.user, status, known)
+        .await
+    {
         Ok(r) => {
             let s = r.stored_state.clone();
             page(

@@ -90,6 +90,19 @@ impl Operator<'_> {
         user: &str,
         cmd: ControlCommand,
     ) -> Result<Report, OperatorError> {
+        self.run_known(conn, user, cmd, None).await
+    }
+
+    /// As [`Operator::run_on`]; for `status`, `known` is the stored state as a follower of the
+    /// stream already folded it (the console's), so the stream is not read again. A lever
+    /// always reads it afresh: it is decided on, and written after, the latest entry.
+    pub async fn run_known(
+        &self,
+        conn: &lapin::Connection,
+        user: &str,
+        cmd: ControlCommand,
+        known: Option<Folded>,
+    ) -> Result<Report, OperatorError> {
         let c = self.control;
         let user = user.to_owned();
         // An operator may not configure anything (least privilege): where the declare is
@@ -102,15 +115,20 @@ impl Operator<'_> {
         }
         let ch = conn.create_channel().await?;
         let publisher = Publisher::open(conn).await?;
-        let state_ch = conn.create_channel().await?;
-        let classify = state_writer(&c.operators, &self.poller_user);
-        let reader = StateReader::open(&state_ch, c, classify)
-            .await
-            .map_err(|e| OperatorError::State(e.to_string()))?;
-        let folded = reader.state().clone();
-        let after = reader.position();
-        reader.close().await;
-        let _ = state_ch.close(200, "read".into()).await;
+        let (folded, after) = match known.filter(|_| matches!(cmd, ControlCommand::Status { .. })) {
+            Some(folded) => (folded, None),
+            None => {
+                let state_ch = conn.create_channel().await?;
+                let classify = state_writer(&c.operators, &self.poller_user);
+                let reader = StateReader::open(&state_ch, c, classify)
+                    .await
+                    .map_err(|e| OperatorError::State(e.to_string()))?;
+                let read = (reader.state().clone(), reader.position());
+                reader.close().await;
+                let _ = state_ch.close(200, "read".into()).await;
+                read
+            }
+        };
         let mut note = None;
         // What the replicas enforce, and what a lever is decided on: an untrusted state is the
         // last trusted one made stricter (a halt still needs --lift-halt, a quarantine its

@@ -707,3 +707,79 @@ async fn in_chromium_the_login_never_redirects_off_the_site_and_the_levers_are_n
     c.close().await.unwrap();
     stop.cancel();
 }
+
+/// Item 3 of the levers issue: the overview read the state stream on every refresh (every 5 s
+/// per open tab). Now an operator's session follows the stream from its login: with its read
+/// right on the stream taken away after login, the overview still shows the state (a read per
+/// page would be refused), and a lever pulled elsewhere shows up on the next refresh.
+#[tokio::test]
+async fn the_overview_follows_the_state_instead_of_reading_it_per_page() {
+    let op = BrokerUser::create();
+    let op_name = op.0.clone();
+    let h = Harness::start(Options {
+        tweak: Box::new(move |s| {
+            s.control.operators = vec![op_name, "guest".into()];
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (base, stop) = serve_console(Parts::from_settings(&h.settings)).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http_login(&http, &base, &op.0, "agent-pass").await;
+    assert_eq!(r.status(), 303);
+    let cookie = session_cookie(&r);
+    let overview = || async {
+        let r = http
+            .get(format!("{base}/overview"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (status, page) = overview().await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("RUNNING"), "{page}");
+    // The follower is reading: take the session's user's right to read the state stream.
+    let state_queue = regex_escape(&h.settings.control.state_queue);
+    let revoked = std::process::Command::new("rabbitmqctl")
+        .args(["set_permissions", "-p", "/", &op.0, ".*", ".*"])
+        .arg(format!("^(?!{state_queue}$).*"))
+        .output()
+        .unwrap();
+    assert!(revoked.status.success());
+    for _ in 0..3 {
+        let (status, page) = overview().await;
+        assert_eq!(status, 200, "the page read the stream again: {page}");
+        assert!(page.contains("RUNNING"), "{page}");
+    }
+    // Another operator pauses from the CLI: the next refresh shows it.
+    h.operator()
+        .run(command_poller::control::ControlCommand::Pause {
+            reason: "incident drill".into(),
+            request_id: command_poller::control::operator::new_request_id(),
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, page) = overview().await;
+        assert_eq!(status, 200, "{page}");
+        if page.contains("PAUSED") && page.contains("incident drill") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pause never showed: {page}"
+        );
+    }
+    stop.cancel();
+}
+
+/// `s` with the regular-expression metacharacters of queue names escaped.
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
+}

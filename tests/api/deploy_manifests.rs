@@ -276,7 +276,7 @@ fn more_than_one_replica_always_shares_a_store() {
     assert!(default_off, "the default user must be off: {args:?}");
     assert!(args.iter().any(|a| a == ">$(REDIS_PASSWORD)"), "{args:?}");
     let url = secret["POLLER__IDEMPOTENCY__URL"].as_str().unwrap();
-    assert!(url.starts_with("redis://poller:"), "{url}");
+    assert!(url.starts_with("rediss://poller:"), "{url}");
     let np = redis
         .iter()
         .find(|d| d["kind"] == "NetworkPolicy")
@@ -324,4 +324,160 @@ fn the_readme_users_table_matches_the_definitions() {
         table, users,
         "README users table vs deploy/rabbitmq/definitions.json"
     );
+}
+
+/// The test CA's directory (scripts/ensure-stores.sh): the server's key lives beside the
+/// private servers when root made it, else in this checkout.
+fn test_tls_dir() -> std::path::PathBuf {
+    let shared = Path::new("/var/tmp/command-poller-test-stores/tls");
+    if shared.join("server.key").exists() {
+        shared.to_owned()
+    } else {
+        Path::new("target/test-stores/tls").to_owned()
+    }
+}
+
+/// Item 13 of the levers issue, replayed: the shipped Redis StatefulSet's own arguments run by
+/// the real redis-server (its certificate paths pointed at the test CA's, its port moved): it
+/// speaks TLS only, its default user is off, and the poller's store reaches it as `poller` over
+/// `rediss://`, verifying the certificate against the CA file the ConfigMap names.
+#[tokio::test]
+async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
+    let redis = docs(Path::new("deploy/k8s/redis.yaml"));
+    let sts = redis.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let tls_mount = mounts
+        .iter()
+        .find(|m| m["name"] == "tls")
+        .expect("a tls mount");
+    assert_eq!(tls_mount["mountPath"], "/tls");
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(volumes
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "command-poller-redis-tls"));
+    // The poller mounts the CA only, where the ConfigMap's ca_file says.
+    let cm = &docs(Path::new("deploy/k8s/configmap.yaml"))[0];
+    let prod: toml::Value =
+        toml::from_str(cm["data"]["production.toml"].as_str().unwrap()).unwrap();
+    let ca_file = prod["idempotency"]["ca_file"].as_str().unwrap().to_owned();
+    let dep = &docs(Path::new("deploy/k8s/deployment.yaml"))[0]["spec"]["template"]["spec"];
+    let ca_vol = dep["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "command-poller-redis-tls")
+        .expect("the poller mounts the Redis CA");
+    assert_eq!(
+        ca_vol["secret"]["items"].as_array().unwrap().len(),
+        1,
+        "the CA only"
+    );
+    assert_eq!(ca_vol["secret"]["items"][0]["key"], "ca.crt");
+    let ca_mount = dep["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == ca_vol["name"])
+        .unwrap();
+    assert_eq!(
+        format!("{}/ca.crt", ca_mount["mountPath"].as_str().unwrap()),
+        ca_file
+    );
+
+    // The arguments, as Kubernetes passes them, with this machine's paths and a free port.
+    let tls = test_tls_dir();
+    let dir = std::env::temp_dir().join(format!("redis-replay-{}", crate::common::suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let password = format!("pw-{}", crate::common::suffix());
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(args[0], "redis-server");
+    let mut replayed = Vec::new();
+    for a in &args[1..] {
+        replayed.push(match a.as_str() {
+            "/tls/tls.crt" => tls.join("server.pem").display().to_string(),
+            "/tls/tls.key" => tls.join("server.key").display().to_string(),
+            "/tls/ca.crt" => tls.join("ca.pem").display().to_string(),
+            "/data" => dir.display().to_string(),
+            "6379" => port.to_string(),
+            other => other.replace("$(REDIS_PASSWORD)", &password),
+        });
+    }
+    replayed.extend([
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--save".into(),
+        "".into(),
+    ]);
+    let mut server = std::process::Command::new("redis-server")
+        .args(&replayed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/ensure-stores.sh installs it)");
+    let settings = |url: String| {
+        let mut s = crate::common::test_settings(&crate::common::suffix()).idempotency;
+        s.backend = command_poller::idempotency::Backend::Redis;
+        s.url = url;
+        s.ca_file = Some(tls.join("ca.pem"));
+        s.key_prefix = format!("t-{}", crate::common::suffix());
+        s
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let store = loop {
+        let tls_url = format!("rediss://poller:{password}@127.0.0.1:{port}");
+        match command_poller::idempotency::open(&settings(tls_url)).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the poller never reached the shipped Redis over TLS: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        store
+            .claim("k", "owner", std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+        command_poller::idempotency::Claim::Mine
+    );
+    // In the clear, or as the default user, or with a wrong password: nothing.
+    let refused = [
+        format!("redis://poller:{password}@127.0.0.1:{port}"),
+        format!("rediss://127.0.0.1:{port}"),
+        format!("rediss://poller:wrong@127.0.0.1:{port}"),
+    ];
+    for url in refused {
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            command_poller::idempotency::open(&settings(url.clone())),
+        )
+        .await;
+        let reached = match got {
+            Ok(Ok(s)) => s
+                .claim("k2", "o", std::time::Duration::from_secs(5))
+                .await
+                .is_ok(),
+            _ => false,
+        };
+        assert!(!reached, "{url} reached the store");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
