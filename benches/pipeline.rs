@@ -426,6 +426,83 @@ async fn binary_overhead(n: usize, filter: Option<&str>, embedded_simulator: boo
     arrivals.rate()
 }
 
+/// CPU time (user + system) the process `pid` has used so far, from /proc.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces), from its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// CPU per command: the release binary (ALLOW, the benchmark's simulator at 0 ms, the embedded
+/// store, the shipped log filter) takes `n` CHECK_INTEGRATION_STATUS; its own CPU time while
+/// they are processed (what it used idle after start-up subtracted), per command, in µs.
+/// `BENCH_CPU_BIN` and `BENCH_CPU_DIR` run another build (its binary and its checkout, whose
+/// config/ it reads) for a before/after comparison.
+async fn cpu_per_command(n: usize) -> f64 {
+    let w = World::new(|_| {}, Duration::ZERO).await;
+    std::fs::create_dir_all(&w.store_dir).unwrap();
+    let log = std::fs::File::create(w.store_dir.join("poller.log")).unwrap();
+    let mut env: Vec<(String, String)> = common::poller_env(&w.settings);
+    env.extend([
+        (
+            "POLLER__IDEMPOTENCY__PATH".into(),
+            w.store_dir.join("cpu.redb").display().to_string(),
+        ),
+        ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
+        ("BRIDGE_SECRET".into(), w.secret_text.clone()),
+        ("POLLER__BRIDGE__MODE".into(), "apps_script".into()),
+        ("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()),
+    ]);
+    env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
+    let bin = std::env::var("BENCH_CPU_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_command-poller").to_owned());
+    let mut cmd = common::isolated(&bin);
+    if let Ok(dir) = std::env::var("BENCH_CPU_DIR") {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
+    // Started and idle: what start-up cost is not counted.
+    let warm = checks("cpu-warm", 1);
+    preload(&w.settings.topology.commands_exchange.clone(), &warm).await;
+    arrivals.wait(1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_of(pid);
+    preload(
+        &w.settings.topology.commands_exchange.clone(),
+        &checks("cpu", n),
+    )
+    .await;
+    arrivals.wait(n + 1, Duration::from_secs(300)).await;
+    let used = cpu_of(pid) - before;
+    let _ = child.kill();
+    let _ = child.wait();
+    used.as_secs_f64() * 1e6 / n as f64
+}
+
 /// Benchmark 3: A slow bridge: 200 ms, concurrency limit 25. Returns (commands/s, simulator peak).
 async fn slow_bridge(n: usize) -> (f64, usize) {
     let mut w = World::new(
@@ -984,6 +1061,18 @@ async fn main() {
                 "| scale, {what}, fleet bridge limit 25: 1 / 2 / 3 replicas | {one:.1} / {two:.1} / {three:.1} cmd/s, bridge peak {peak} (highest of all runs) | peak <= 25 |"
             ));
         }
+    }
+    if wanted("cpu") {
+        let mut per = vec![];
+        for _ in 0..REPEATS {
+            let us = cpu_per_command(n).await;
+            println!("  run: the release binary used {us:.0} µs of CPU per command");
+            per.push(us);
+        }
+        rows.push(format!(
+            "| CPU per command: the release binary, ALLOW, bridge 0 ms, embedded store (idle start-up not counted) | {:.0} µs | |",
+            median(per)
+        ));
     }
     if wanted("flood") {
         let flood_n: usize = std::env::var("BENCH_FLOOD")
