@@ -382,6 +382,33 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
 /// `APP_ENVIRONMENT=local`, its own embedded simulator replaced by the benchmark's at 0 ms, logs
 /// to a file at the shipped filter) draining the same preloaded CHECK commands. `filter`
 /// overrides the log filter (a diagnostic: what the logging costs).
+/// The release binary's environment in `w` (its embedded store `<store>.redb`, any free health
+/// port, the shipped log filter; with `simulator`, the benchmark's simulator as its bridge,
+/// otherwise its own embedded one at 0 ms), and the file its log goes to.
+fn binary_env(w: &World, store: &str, simulator: bool) -> (Vec<(String, String)>, std::fs::File) {
+    std::fs::create_dir_all(&w.store_dir).unwrap();
+    let log = std::fs::File::create(w.store_dir.join("poller.log")).unwrap();
+    let mut env: Vec<(String, String)> = common::poller_env(&w.settings);
+    env.extend([
+        (
+            "POLLER__IDEMPOTENCY__PATH".into(),
+            w.store_dir
+                .join(format!("{store}.redb"))
+                .display()
+                .to_string(),
+        ),
+        ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
+        ("BRIDGE_SECRET".into(), w.secret_text.clone()),
+    ]);
+    if simulator {
+        env.push(("POLLER__BRIDGE__MODE".into(), "apps_script".into()));
+        env.push(("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()));
+    }
+    // The shipped log filter (a caller may set another).
+    env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
+    (env, log)
+}
+
 async fn binary_overhead(n: usize, filter: Option<&str>, embedded_simulator: bool) -> f64 {
     let w = World::new(|_| {}, Duration::ZERO).await;
     preload(
@@ -390,25 +417,7 @@ async fn binary_overhead(n: usize, filter: Option<&str>, embedded_simulator: boo
     )
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
-    std::fs::create_dir_all(&w.store_dir).unwrap();
-    let log = std::fs::File::create(w.store_dir.join("poller.log")).unwrap();
-    let mut env: Vec<(String, String)> = common::poller_env(&w.settings);
-    env.extend([
-        (
-            "POLLER__IDEMPOTENCY__PATH".into(),
-            w.store_dir.join("bin.redb").display().to_string(),
-        ),
-        ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
-        ("BRIDGE_SECRET".into(), w.secret_text.clone()),
-    ]);
-    if !embedded_simulator {
-        // The benchmark's simulator, as the in-process poller uses; otherwise the shipped
-        // default: the binary's own embedded simulator at 0 ms.
-        env.push(("POLLER__BRIDGE__MODE".into(), "apps_script".into()));
-        env.push(("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()));
-    }
-    // The shipped log filter, unless the diagnostic overrides it.
-    env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
+    let (mut env, log) = binary_env(&w, "bin", !embedded_simulator);
     if let Some(f) = filter {
         env.push(("POLLER__LOGGING__FILTER".into(), f.into()));
     }
@@ -455,20 +464,7 @@ fn cpu_of(pid: u32) -> Duration {
 /// config/ it reads) for a before/after comparison.
 async fn cpu_per_command(n: usize) -> f64 {
     let w = World::new(|_| {}, Duration::ZERO).await;
-    std::fs::create_dir_all(&w.store_dir).unwrap();
-    let log = std::fs::File::create(w.store_dir.join("poller.log")).unwrap();
-    let mut env: Vec<(String, String)> = common::poller_env(&w.settings);
-    env.extend([
-        (
-            "POLLER__IDEMPOTENCY__PATH".into(),
-            w.store_dir.join("cpu.redb").display().to_string(),
-        ),
-        ("POLLER__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
-        ("BRIDGE_SECRET".into(), w.secret_text.clone()),
-        ("POLLER__BRIDGE__MODE".into(), "apps_script".into()),
-        ("POLLER__BRIDGE__URL".into(), w.sim.url().to_string()),
-    ]);
-    env.retain(|(k, _)| k != "POLLER__LOGGING__FILTER" && k != "RUST_LOG");
+    let (env, log) = binary_env(&w, "cpu", true);
     let bin = std::env::var("BENCH_CPU_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_command-poller").to_owned());
     let mut cmd = common::isolated(&bin);
