@@ -108,7 +108,8 @@ impl Waiters {
     }
 
     /// How many of `agent`'s copies wait now.
-    pub fn waiting(&self, agent: &str) -> usize {
+    #[cfg(test)]
+    fn waiting(&self, agent: &str) -> usize {
         let map = self.by_agent.lock().unwrap_or_else(|p| p.into_inner());
         map.get(agent).copied().unwrap_or(0)
     }
