@@ -210,7 +210,7 @@ impl World {
         &mut self,
         name: &str,
         panel: Option<Panel>,
-        store: Option<command_poller::idempotency::Stores>,
+        store: Option<command_poller::store::Stores>,
         bridge: Option<Arc<dyn command_poller::bridge::Bridge>>,
     ) {
         let mut s = self.settings.clone();
@@ -219,7 +219,7 @@ impl World {
         let policy = Arc::new(Policy::load(&s.policy.file).unwrap());
         let stores = match store {
             Some(st) => st,
-            None => command_poller::idempotency::open_all(&s.idempotency)
+            None => command_poller::store::open_all(&s.idempotency)
                 .await
                 .unwrap(),
         };
@@ -365,9 +365,7 @@ async fn overhead(n: usize, in_memory: bool, stub_bridge: bool) -> f64 {
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
     let store = in_memory.then(|| {
-        command_poller::idempotency::Stores::local(Arc::new(
-            command_poller::testing::MemStore::default(),
-        ))
+        command_poller::store::Stores::local(Arc::new(command_poller::testing::MemStore::default()))
     });
     let bridge = stub_bridge.then(|| {
         Arc::new(command_poller::testing::RecordingBridge::default())
@@ -716,7 +714,7 @@ async fn scale(n: usize, replicas: usize, judged: bool) -> (f64, usize) {
         |s| {
             s.bridge.max_concurrency = 25;
             s.processing.max_in_flight = 32;
-            s.idempotency.backend = command_poller::idempotency::Backend::Redis;
+            s.idempotency.backend = command_poller::store::Backend::Redis;
             s.idempotency.url = common::REDIS.into();
             s.idempotency.key_prefix = prefix;
             s.secrets.store_key = Some(Secret::new(String::from(
@@ -740,7 +738,7 @@ async fn scale(n: usize, replicas: usize, judged: bool) -> (f64, usize) {
     preload(&w.settings.topology.commands_exchange.clone(), &bodies).await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
     for r in 0..replicas {
-        let stores = command_poller::idempotency::open_all(&w.settings.idempotency)
+        let stores = command_poller::store::open_all(&w.settings.idempotency)
             .await
             .unwrap();
         let panel = judged.then(|| {
@@ -769,7 +767,7 @@ async fn flood(flood: usize, seconds: usize, limit: bool) -> (f64, f64, f64) {
     let prefix = format!("bench-flood-{}", suffix());
     let mut w = World::new(
         |s| {
-            s.idempotency.backend = command_poller::idempotency::Backend::Redis;
+            s.idempotency.backend = command_poller::store::Backend::Redis;
             s.idempotency.url = common::REDIS.into();
             s.idempotency.key_prefix = prefix;
             s.secrets.store_key = Some(Secret::new(String::from(
@@ -792,7 +790,7 @@ async fn flood(flood: usize, seconds: usize, limit: bool) -> (f64, f64, f64) {
     let arrivals = collect(w.settings.topology.results_queue.clone(), true).await;
     let t0 = Instant::now();
     for r in 0..2 {
-        let stores = command_poller::idempotency::open_all(&w.settings.idempotency)
+        let stores = command_poller::store::open_all(&w.settings.idempotency)
             .await
             .unwrap();
         w.start_poller_with(&format!("f{r}"), None, Some(stores), None)

@@ -19,27 +19,25 @@
 //! that speak the Model Context Protocol. [`cli`], [`agent`] and
 //! [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
 
+pub use poller_core::{clock, intake, outcome};
+
 pub mod agent;
 pub mod approval;
 pub mod audit;
 pub mod bridge;
 pub mod broker;
 pub mod cli;
-pub mod clock;
 pub mod console;
 pub mod control;
 pub mod health;
-pub mod idempotency;
-pub mod intake;
 pub mod judging;
-pub mod limits;
 pub mod mcp;
 pub mod metrics;
-pub mod outcome;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;
 pub mod settings;
+pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod tls;

@@ -45,7 +45,7 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
     match crate::worker::build_panel(
         &settings.panel,
         &settings.secrets.judge_api_keys,
-        std::sync::Arc::new(crate::limits::local::MemWindows::default()),
+        std::sync::Arc::new(crate::store::local::MemWindows::default()),
     ) {
         Ok(p) => out.push(Finding::ok(
             "panel.judges",
@@ -140,7 +140,7 @@ async fn store(s: &Settings) -> Vec<Finding> {
             format!("`run` refuses it: {why}"),
         ));
     }
-    match crate::idempotency::store_key(&s.idempotency, s.secrets.store_key.clone()) {
+    match crate::store::store_key(&s.idempotency, s.secrets.store_key.clone()) {
         Ok(_) => out.push(Finding::ok(
             "idempotency.key_env",
             "the store key is available",
@@ -148,14 +148,11 @@ async fn store(s: &Settings) -> Vec<Finding> {
         Err(e) => out.push(Finding::problem("idempotency.key_env", e.to_string())),
     }
     let key = match s.idempotency.backend {
-        crate::idempotency::Backend::Embedded => "idempotency.path",
+        crate::store::Backend::Embedded => "idempotency.path",
         _ => "idempotency.url",
     };
-    let opened = tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::idempotency::open(&s.idempotency),
-    )
-    .await;
+    let opened =
+        tokio::time::timeout(Duration::from_secs(10), crate::store::open(&s.idempotency)).await;
     let store = match opened {
         Ok(Ok(store)) => store,
         Ok(Err(e)) => {

@@ -32,7 +32,7 @@ pub struct Settings {
     pub health: HealthSettings,
     pub control: ControlSettings,
     pub audit: AuditSettings,
-    pub idempotency: crate::idempotency::IdempotencySettings,
+    pub idempotency: crate::store::IdempotencySettings,
     pub approval: ApprovalSettings,
     pub console: ConsoleSettings,
     pub mcp: McpSettings,
@@ -505,32 +505,7 @@ pub enum EmptyStream {
     Running,
 }
 
-/// One automatic trip (Emergency-INT-E01) from config: `count` unapproved attempts
-/// (NEEDS_APPROVAL or BLOCKED) of `command_type` by one agent within `window_secs` pause the
-/// system.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TripRule {
-    pub command_type: crate::intake::CommandType,
-    /// Unapproved attempts (NEEDS_APPROVAL or BLOCKED) that trip.
-    pub count: usize,
-    /// The window the attempts fall in (key `window_secs`, whole seconds).
-    #[serde(rename = "window_secs", deserialize_with = "de::secs")]
-    pub window: Duration,
-    /// `fleet` (the default, Emergency-INT-E01): pause every replica. `agent`: quarantine the
-    /// offending agent everywhere, and every other agent's commands keep flowing.
-    #[serde(default)]
-    pub scope: TripScope,
-}
-
-/// What an automatic trip stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TripScope {
-    #[default]
-    Fleet,
-    Agent,
-}
+pub use crate::control::trip::{TripRule, TripScope};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -686,7 +661,7 @@ impl Settings {
     pub fn embedded_store_refused(&self) -> Option<&'static str> {
         let i = &self.idempotency;
         (self.environment == DEFAULT_ENVIRONMENT
-            && i.backend == crate::idempotency::Backend::Embedded
+            && i.backend == crate::store::Backend::Embedded
             && !i.allow_embedded_in_production)
             .then_some("\"embedded\" keeps results in one poller's file, and production runs several replicas; configure redis or postgres (idempotency.url), or set idempotency.allow_embedded_in_production = true for a single replica on a volume of its own")
     }
@@ -838,7 +813,7 @@ impl Settings {
             }
         }
         let i = &self.idempotency;
-        if i.backend != crate::idempotency::Backend::Embedded && i.url.is_empty() {
+        if i.backend != crate::store::Backend::Embedded && i.url.is_empty() {
             return bad("idempotency.url: required with the redis and postgres backends".into());
         }
         if i.claim_ttl < Duration::from_secs(3) {

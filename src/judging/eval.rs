@@ -14,9 +14,9 @@ use super::history::Attempt;
 use super::panel::{tally, DecisionRule, PanelOutcome};
 use super::{JudgeError, JudgeRequest, Panel, Verdict};
 use crate::intake::{decode, Agent, AgentId, DecodeLimits};
-use crate::limits::{Hit, LimitError, RateWindows};
 use crate::outcome::{Status, Vote};
 use crate::policy::{Handling, Policy};
+use crate::store::{Hit, LimitError, RateWindows};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -139,7 +139,7 @@ impl RateWindows for CaseWindows {
                 .enumerate()
                 .map(|(i, ago)| (format!("earlier-{i}"), now - ago))
                 .collect();
-            Ok(crate::limits::local::slide(
+            Ok(crate::store::local::slide(
                 &mut events,
                 member,
                 limit,
@@ -221,7 +221,7 @@ pub async fn run_case(
         },
     );
     windows.seed(&case.history);
-    let now = crate::idempotency::now_millis() / 1000;
+    let now = crate::store::now_millis() / 1000;
     let request = JudgeRequest {
         action_id: cmd.action_id.to_string(),
         command_type: cmd.command_type,

@@ -6,9 +6,9 @@
 
 use crate::audit::AuditEvent;
 use crate::control::trip::UnapprovedAttempt;
-use crate::idempotency::ClaimGuard;
 use crate::intake::ReplyTarget;
 use crate::outcome::{Alert, ResultMessage};
+use crate::store::ClaimGuard;
 
 /// The five ways a delivery ends.
 #[derive(Debug)]

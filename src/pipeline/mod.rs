@@ -13,7 +13,6 @@ use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
 use crate::control::gate::{Gate, Held};
 use crate::control::trip::UnapprovedAttempt;
-use crate::idempotency::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
 use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, ActionId, Agent, AgentId, Command,
     CommandType, DecodeLimits, ReplyTarget, Service,
@@ -26,6 +25,7 @@ use crate::outcome::{
 };
 use crate::policy::shared::SharedPolicy;
 use crate::policy::{Decision, Facts, Handling, Policy};
+use crate::store::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,13 +62,13 @@ pub struct Pipeline {
     /// The fleet's bridge slots (Apps Script allows 30 simultaneous executions per user, for
     /// every replica together); the gate is checked after a slot is taken, so a pause also holds
     /// back queued calls.
-    pub bridge_slots: crate::limits::Slots,
+    pub bridge_slots: crate::store::Slots,
     /// Final results by `<agent>/<action_id>`.
     pub store: Arc<dyn ResultStore>,
     pub claim_ttl: Duration,
     pub wait_for_in_flight: Duration,
     /// Copies of in-flight actions waiting on this replica, capped per agent.
-    pub waiting: crate::idempotency::Waiters,
+    pub waiting: crate::store::Waiters,
     /// How long final results are kept and replayed.
     pub retention: Duration,
     /// Seals stored outcomes (HMAC), so a planted value is refused, not replayed.
@@ -78,7 +78,7 @@ pub struct Pipeline {
 /// Per-agent admission at intake: at most `limit.count` commands per agent within
 /// `limit.window`, for the whole fleet.
 pub struct Admission {
-    pub windows: Arc<dyn crate::limits::RateWindows>,
+    pub windows: Arc<dyn crate::store::RateWindows>,
     pub limit: crate::settings::AdmissionLimit,
 }
 
@@ -355,8 +355,8 @@ impl Pipeline {
 
         // Idempotency: per agent, so one agent can't pre-empt another's action_ids.
         // Unverified agents (where allowed) have a key space of their own.
-        let digest = crate::idempotency::command_digest(&agent, &cmd);
-        let key = crate::idempotency::action_key(&agent, &cmd.action_id);
+        let digest = crate::store::command_digest(&agent, &cmd);
+        let key = crate::store::action_key(&agent, &cmd.action_id);
         let take = |wait| {
             ClaimGuard::take(
                 self.store.clone(),
@@ -565,8 +565,8 @@ impl Pipeline {
         result: &ResultMessage,
         policy: &Policy,
     ) -> Result<Parked, String> {
-        let command_digest = &crate::idempotency::command_digest(agent, cmd);
-        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let command_digest = &crate::store::command_digest(agent, cmd);
+        let key = crate::store::action_key(agent, &cmd.action_id);
         let rule = policy.rule(cmd.command_type);
         let now = crate::clock::unix_now();
         let policy_digest = policy.digest().to_owned();
@@ -861,7 +861,7 @@ impl Pipeline {
                 audit: trail,
             };
         }
-        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let key = crate::store::action_key(agent, &cmd.action_id);
         let stored = match self.store.result(&key).await {
             Ok(s) => s,
             Err(e) => {
@@ -870,7 +870,7 @@ impl Pipeline {
                 return deferred(e.to_string(), None, trail);
             }
         };
-        let digest = crate::idempotency::command_digest(agent, cmd);
+        let digest = crate::store::command_digest(agent, cmd);
         let result = match stored.map(|s| StoredOutcome::unseal(&self.store_key, &s)) {
             None => draft.finish(
                 Status::Expired,
@@ -1018,7 +1018,7 @@ impl Pipeline {
         draft: Draft,
         rationale: String,
     ) -> Result<ResultMessage, Deferred> {
-        let key = crate::idempotency::action_key(agent, &cmd.action_id);
+        let key = crate::store::action_key(agent, &cmd.action_id);
         let slot = match self.bridge_slots.acquire(&key).await {
             Ok(slot) => slot,
             // Fail closed: no bridge call starts without a slot of the fleet's limit. The store

@@ -10,16 +10,16 @@ use crate::approval::webhook::Notifier;
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
-use crate::idempotency::Stores;
 use crate::intake::DecodeLimits;
 use crate::judging::llm::{LlmJudge, LlmJudgeConfig};
 use crate::judging::rules::RuleJudge;
 use crate::judging::{Judge, Panel};
-use crate::limits::{RateWindows, Slots};
 use crate::pipeline::Pipeline;
 use crate::policy::shared::SharedPolicy;
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
+use crate::store::Stores;
+use crate::store::{RateWindows, Slots};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("panel: {0}")]
     Judge(String),
     #[error(transparent)]
-    Store(#[from] crate::idempotency::StoreError),
+    Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Approval(String),
 }
@@ -167,18 +167,18 @@ impl Poller {
     pub async fn from_settings(settings: Settings) -> Result<Self, StartError> {
         let policy = Policy::load(&settings.policy.file)?;
         if let Some(why) = settings.embedded_store_refused() {
-            return Err(StartError::Store(crate::idempotency::StoreError::Backend(
+            return Err(StartError::Store(crate::store::StoreError::Backend(
                 format!("idempotency.backend: {why}"),
             )));
         }
-        let stores = crate::idempotency::open_all(&settings.idempotency).await?;
+        let stores = crate::store::open_all(&settings.idempotency).await?;
         let panel = build_panel(
             &settings.panel,
             &settings.secrets.judge_api_keys,
             stores.windows.clone(),
         )?;
         let (bridge, sim) = build_bridge(&settings.bridge, settings.secrets.bridge.clone()).await?;
-        crate::idempotency::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
+        crate::store::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
         crate::approval::check_ttls(&policy, settings.idempotency.retention)
             .map_err(StartError::Approval)?;
         if let Some(url) = &settings.secrets.approval_webhook {
@@ -209,11 +209,9 @@ impl Poller {
         let state = Arc::new(PollerState::default());
         crate::control::replica::ReplicaStats::policy_changed(state.as_ref(), policy.digest());
         // `from_settings` has checked it can be had; tests use the embedded store's key file.
-        let store_key = crate::idempotency::store_key(
-            &settings.idempotency,
-            settings.secrets.store_key.clone(),
-        )
-        .expect("the idempotency store key (checked at start)");
+        let store_key =
+            crate::store::store_key(&settings.idempotency, settings.secrets.store_key.clone())
+                .expect("the idempotency store key (checked at start)");
         let pipeline = Pipeline {
             limits: DecodeLimits {
                 max_payload_bytes: settings.intake.max_payload_bytes,
@@ -251,7 +249,7 @@ impl Poller {
             store: stores.results,
             claim_ttl: settings.idempotency.claim_ttl,
             wait_for_in_flight: settings.idempotency.wait_for_in_flight,
-            waiting: crate::idempotency::Waiters::new(
+            waiting: crate::store::Waiters::new(
                 settings.idempotency.max_waiting_duplicates_per_agent,
             ),
             retention: settings.idempotency.retention,

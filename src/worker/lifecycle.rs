@@ -9,7 +9,7 @@ use super::Poller;
 use crate::broker::{self, BrokerError, Publisher};
 use crate::control::replica::Replica;
 use crate::control::Mode;
-use crate::idempotency::ResultStore;
+use crate::store::ResultStore;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::BasicQosOptions;
 use std::sync::atomic::Ordering;

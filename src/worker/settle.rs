@@ -16,8 +16,8 @@ use crate::audit::AuditOutcome;
 use crate::bridge::signing::Secret;
 use crate::broker::{BrokerError, Publish, Publisher};
 use crate::control::trip::{self, TripRule};
-use crate::idempotency::{ClaimGuard, StoredOutcome};
 use crate::pipeline::{Concluded, DeadLetterBody, Disposition, Inbound, Pipeline, Publication};
+use crate::store::{ClaimGuard, StoredOutcome};
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -335,10 +335,10 @@ fn stored(outcome: &Concluded, published: bool) -> StoredOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::idempotency::{EmbeddedStore, ResultStore, Taken};
     use crate::intake::ReplyTarget;
     use crate::outcome::ResultMessage;
     use crate::pipeline::{DeadLetter, DeadLetterBody};
+    use crate::store::{EmbeddedStore, ResultStore, Taken};
     use crate::testing::{Log, RecordingAcker, RecordingPublisher, Refuse};
 
     const KEY: &str = "agent-7/a-1";
@@ -395,7 +395,7 @@ mod tests {
                             .claim(KEY, "probe", Duration::from_secs(1))
                             .await
                             .unwrap(),
-                        crate::idempotency::Claim::Done(_)
+                        crate::store::Claim::Done(_)
                     );
                     format!("stored={stored}")
                 })
@@ -431,7 +431,7 @@ mod tests {
                 .await
                 .unwrap()
             {
-                crate::idempotency::Claim::Done(v) => Some(
+                crate::store::Claim::Done(v) => Some(
                     StoredOutcome::unseal(&self.settler.store_key, &v)
                         .unwrap()
                         .published,
@@ -583,7 +583,7 @@ mod tests {
                 .claim(KEY, "someone-else", Duration::from_secs(5))
                 .await
                 .unwrap(),
-            crate::idempotency::Claim::Mine,
+            crate::store::Claim::Mine,
             "released"
         );
     }

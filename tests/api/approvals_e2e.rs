@@ -6,8 +6,8 @@ use command_poller::approval::approver::Approver;
 use command_poller::approval::wire::{Reply, ReplyOutcome, Request};
 use command_poller::control::operator::new_request_id;
 use command_poller::control::ControlCommand;
-use command_poller::idempotency::{self, Backend, ResultStore};
 use command_poller::outcome::{ResultMessage, Status};
+use command_poller::store::{self, Backend, ResultStore};
 use command_poller::testing::Script;
 use futures::StreamExt;
 use lapin::options::*;
@@ -162,7 +162,7 @@ fn deny(r: &ResultMessage, reason: &str) -> Request {
     }
 }
 
-fn store_settings(backend: Backend) -> idempotency::IdempotencySettings {
+fn store_settings(backend: Backend) -> store::IdempotencySettings {
     let mut s = test_settings(&suffix()).idempotency;
     s.backend = backend;
     s.key_prefix = format!("t-{}", suffix());
@@ -175,7 +175,7 @@ fn store_settings(backend: Backend) -> idempotency::IdempotencySettings {
 }
 
 async fn open(backend: Backend) -> Arc<dyn ResultStore> {
-    idempotency::open(&store_settings(backend))
+    store::open(&store_settings(backend))
         .await
         .unwrap_or_else(|e| panic!("{backend:?}: {e}"))
 }
@@ -770,7 +770,7 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
     w.h.stop().await;
     // Bad luck on top: "crash-done" had been executed and its SUCCESS stored, but the crash came
     // before it was published (the store is written first).
-    let key = command_poller::idempotency::store_key(&w.h.settings.idempotency, None).unwrap();
+    let key = command_poller::store::store_key(&w.h.settings.idempotency, None).unwrap();
     let agent = command_poller::intake::Agent {
         id: command_poller::intake::AgentId::parse("guest").unwrap(),
         verified: true,
@@ -787,12 +787,10 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
     executed.status = Status::Success;
     executed.rationale = "executed just before the crash".into();
     executed.approval = None;
-    let outcome = command_poller::idempotency::StoredOutcome {
+    let outcome = command_poller::store::StoredOutcome {
         published: false,
         result: executed,
-        command_digest: Some(command_poller::idempotency::command_digest(
-            &agent, &command,
-        )),
+        command_digest: Some(command_poller::store::command_digest(&agent, &command)),
     };
     let ttl = Duration::from_secs(60);
     assert_eq!(
@@ -800,7 +798,7 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
             .hold("guest/crash-done", "crashed-replica", ttl)
             .await
             .unwrap(),
-        command_poller::idempotency::Claim::Mine
+        command_poller::store::Claim::Mine
     );
     store
         .complete(
@@ -839,7 +837,7 @@ async fn an_approved_record_planted_without_its_needs_approval_result_is_never_e
     let store = open(Backend::Redis).await;
     let w = World::start(1, 300, Some(store.clone())).await;
     let real = w.parked("genuine").await;
-    let key = command_poller::idempotency::store_key(&w.h.settings.idempotency, None).unwrap();
+    let key = command_poller::store::store_key(&w.h.settings.idempotency, None).unwrap();
     let ticket = real.approval.clone().unwrap();
     let sealed = store.record(&ticket.approval_id).await.unwrap().unwrap();
     let mut rec = command_poller::approval::Parked::unseal(&key, &sealed).unwrap();
@@ -916,7 +914,7 @@ async fn a_stop_while_an_approved_command_is_at_the_bridge_finishes_it_once() {
         .await
         .unwrap();
     assert!(
-        matches!(after, command_poller::idempotency::Claim::Done(_)),
+        matches!(after, command_poller::store::Claim::Done(_)),
         "the stop left the command unfinished or its claim held: {after:?}"
     );
     start_again(&mut w).await;

@@ -468,7 +468,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
         &sim,
         command_poller::bridge::signing::Secret::new("defs"),
     );
-    let stores = command_poller::idempotency::open_all(&settings.idempotency)
+    let stores = command_poller::store::open_all(&settings.idempotency)
         .await
         .unwrap();
     let panel = command_poller::worker::build_panel(

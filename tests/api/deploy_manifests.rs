@@ -429,7 +429,7 @@ async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
         .expect("redis-server (scripts/ensure-stores.sh installs it)");
     let settings = |url: String| {
         let mut s = crate::common::test_settings(&crate::common::suffix()).idempotency;
-        s.backend = command_poller::idempotency::Backend::Redis;
+        s.backend = command_poller::store::Backend::Redis;
         s.url = url;
         s.ca_file = Some(tls.join("ca.pem"));
         s.key_prefix = format!("t-{}", crate::common::suffix());
@@ -438,7 +438,7 @@ async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let store = loop {
         let tls_url = format!("rediss://poller:{password}@127.0.0.1:{port}");
-        match command_poller::idempotency::open(&settings(tls_url)).await {
+        match command_poller::store::open(&settings(tls_url)).await {
             Ok(s) => break s,
             Err(e) => {
                 assert!(
@@ -454,7 +454,7 @@ async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
             .claim("k", "owner", std::time::Duration::from_secs(5))
             .await
             .unwrap(),
-        command_poller::idempotency::Claim::Mine
+        command_poller::store::Claim::Mine
     );
     // In the clear, or as the default user, or with a wrong password: nothing.
     let refused = [
@@ -465,7 +465,7 @@ async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
     for url in refused {
         let got = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            command_poller::idempotency::open(&settings(url.clone())),
+            command_poller::store::open(&settings(url.clone())),
         )
         .await;
         let reached = match got {

@@ -2,10 +2,8 @@
 //! private instances `scripts/ensure-stores.sh` starts).
 
 use crate::common::*;
-use command_poller::idempotency::{
-    self, Backend, Claim, IdempotencySettings, ResultStore, StoreError,
-};
 use command_poller::outcome::Status;
+use command_poller::store::{self, Backend, Claim, IdempotencySettings, ResultStore, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +32,7 @@ fn settings(backend: Backend) -> IdempotencySettings {
 async fn store(backend: Backend) -> (Arc<dyn ResultStore>, IdempotencySettings) {
     let s = settings(backend);
     (
-        idempotency::open(&s)
+        store::open(&s)
             .await
             .unwrap_or_else(|e| panic!("{backend:?}: {e}")),
         s,
@@ -269,7 +267,7 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
 async fn the_embedded_store_survives_a_restart() {
     let cfg = settings(Backend::Embedded);
     {
-        let s = idempotency::open(&cfg).await.unwrap();
+        let s = store::open(&cfg).await.unwrap();
         s.claim("agent/x", "old-process", Duration::from_secs(600))
             .await
             .unwrap();
@@ -287,7 +285,7 @@ async fn the_embedded_store_survives_a_restart() {
         .await
         .unwrap();
     }
-    let s = idempotency::open(&cfg).await.unwrap();
+    let s = store::open(&cfg).await.unwrap();
     assert_eq!(
         s.claim("agent/y", "new", Duration::from_secs(60))
             .await
@@ -571,7 +569,7 @@ async fn readyz_says_not_ready_while_the_store_is_unreachable() {
     let relay = Relay::start(crate::common::REDIS_PORT).await;
     let mut s = settings(Backend::Redis);
     s.url = format!("redis://127.0.0.1:{}", relay.port);
-    let store = idempotency::open(&s).await.unwrap();
+    let store = store::open(&s).await.unwrap();
     let h = Harness::start(Options {
         store: Some(store),
         // The sweeper's calls every 200 ms (the failed reconnect they trigger during the outage

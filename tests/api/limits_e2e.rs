@@ -1,14 +1,14 @@
-//! Limits that hold for the fleet (`command_poller::limits`): the bridge's concurrency limit and
+//! Limits that hold for the fleet (`command_poller::store`): the bridge's concurrency limit and
 //! the compliance judge's rate window, shared through Redis and PostgreSQL by several replicas
 //! (each with connections of its own, as another process would have), kept across a restart,
 //! and failing closed when the store is gone; the PostgreSQL store riding out killed
 //! connections.
 
 use crate::common::*;
-use command_poller::idempotency::{self, Backend, IdempotencySettings, Stores};
-use command_poller::limits::Slots;
 use command_poller::outcome::Status;
 use command_poller::settings::JudgeSettings;
+use command_poller::store::Slots;
+use command_poller::store::{self, Backend, IdempotencySettings, Stores};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ fn store_settings(backend: Backend, prefix: &str) -> IdempotencySettings {
 
 /// A replica's own connection to the backend (`prefix` shared by the fleet).
 async fn open(s: &IdempotencySettings) -> Stores {
-    idempotency::open_all(s)
+    store::open_all(s)
         .await
         .unwrap_or_else(|e| panic!("{:?}: {e}", s.backend))
 }
@@ -256,14 +256,14 @@ async fn no_bridge_slot_is_granted_while_the_store_is_unreachable() {
 /// PostgreSQL would when unreachable.
 #[derive(Default)]
 struct Unreachable {
-    inner: command_poller::limits::local::LocalSlots,
+    inner: command_poller::store::local::LocalSlots,
     down: std::sync::atomic::AtomicBool,
 }
 
 impl Unreachable {
-    fn check(&self) -> Result<(), command_poller::limits::LimitError> {
+    fn check(&self) -> Result<(), command_poller::store::LimitError> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(command_poller::limits::LimitError::Backend(
+            return Err(command_poller::store::LimitError::Backend(
                 "redis: connection refused".into(),
             ));
         }
@@ -271,7 +271,7 @@ impl Unreachable {
     }
 }
 
-impl command_poller::limits::BridgeSlots for Unreachable {
+impl command_poller::store::BridgeSlots for Unreachable {
     fn try_take<'a>(
         &'a self,
         holder: &'a str,
@@ -281,7 +281,7 @@ impl command_poller::limits::BridgeSlots for Unreachable {
         remember: Duration,
     ) -> futures::future::BoxFuture<
         'a,
-        Result<Option<command_poller::limits::Grant>, command_poller::limits::LimitError>,
+        Result<Option<command_poller::store::Grant>, command_poller::store::LimitError>,
     > {
         Box::pin(async move {
             self.check()?;
@@ -294,7 +294,7 @@ impl command_poller::limits::BridgeSlots for Unreachable {
         &'a self,
         holder: &'a str,
         lease: Duration,
-    ) -> futures::future::BoxFuture<'a, Result<bool, command_poller::limits::LimitError>> {
+    ) -> futures::future::BoxFuture<'a, Result<bool, command_poller::store::LimitError>> {
         Box::pin(async move {
             self.check()?;
             self.inner.renew(holder, lease).await
@@ -303,7 +303,7 @@ impl command_poller::limits::BridgeSlots for Unreachable {
     fn give_back<'a>(
         &'a self,
         holder: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::limits::LimitError>> {
+    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::store::LimitError>> {
         Box::pin(async move {
             self.check()?;
             self.inner.give_back(holder).await
@@ -312,7 +312,7 @@ impl command_poller::limits::BridgeSlots for Unreachable {
     fn forget_sent<'a>(
         &'a self,
         key: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::limits::LimitError>> {
+    ) -> futures::future::BoxFuture<'a, Result<(), command_poller::store::LimitError>> {
         Box::pin(async move {
             self.check()?;
             self.inner.forget_sent(key).await
@@ -320,7 +320,7 @@ impl command_poller::limits::BridgeSlots for Unreachable {
     }
     fn holders(
         &self,
-    ) -> futures::future::BoxFuture<'_, Result<Vec<String>, command_poller::limits::LimitError>>
+    ) -> futures::future::BoxFuture<'_, Result<Vec<String>, command_poller::store::LimitError>>
     {
         Box::pin(async move {
             self.check()?;
@@ -650,7 +650,7 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
         s.url = url;
         // Without the CA, the server's certificate is refused: TLS verifies, it doesn't just
         // encrypt.
-        let refused = idempotency::open_all(&s).await.err().unwrap_or_else(|| {
+        let refused = store::open_all(&s).await.err().unwrap_or_else(|| {
             panic!("{backend:?}: connected to a server whose CA it does not know")
         });
         assert!(
@@ -666,7 +666,7 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
             r.claim("agent/tls-1", "me", Duration::from_secs(30))
                 .await
                 .unwrap(),
-            command_poller::idempotency::Claim::Mine
+            command_poller::store::Claim::Mine
         );
         r.complete(
             "agent/tls-1",

@@ -573,11 +573,11 @@ async fn over_streamable_http_a_client_is_capped_and_holds_one_broker_connection
 #[tokio::test]
 async fn get_action_is_a_lookup_and_never_acts_on_an_action_older_than_retention() {
     let mut s = test_settings(&suffix()).idempotency;
-    s.backend = command_poller::idempotency::Backend::Redis;
+    s.backend = command_poller::store::Backend::Redis;
     s.url = REDIS.into();
     s.key_prefix = format!("t-{}", suffix());
     let prefix = s.key_prefix.clone();
-    let store = command_poller::idempotency::open(&s).await.unwrap();
+    let store = command_poller::store::open(&s).await.unwrap();
     let h = Harness::start(Options {
         store: Some(store),
         ..Default::default()

@@ -107,14 +107,14 @@ fn policy_text(actions: [&str; 3]) -> String {
 }
 
 /// One store for the whole test process (action_ids are unique per case).
-fn store() -> Arc<command_poller::idempotency::EmbeddedStore> {
-    static STORE: std::sync::OnceLock<Arc<command_poller::idempotency::EmbeddedStore>> =
+fn store() -> Arc<command_poller::store::EmbeddedStore> {
+    static STORE: std::sync::OnceLock<Arc<command_poller::store::EmbeddedStore>> =
         std::sync::OnceLock::new();
     STORE
         .get_or_init(|| {
             let path =
                 std::env::temp_dir().join(format!("poller-props-{}.redb", std::process::id()));
-            Arc::new(command_poller::idempotency::EmbeddedStore::open(&path, "p").unwrap())
+            Arc::new(command_poller::store::EmbeddedStore::open(&path, "p").unwrap())
         })
         .clone()
 }
@@ -140,8 +140,8 @@ fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool
         instance: "prop".into(),
         history: Default::default(),
         gate: Arc::new(Gate::default()),
-        bridge_slots: command_poller::limits::Slots::new(
-            Arc::new(command_poller::limits::local::LocalSlots::default()),
+        bridge_slots: command_poller::store::Slots::new(
+            Arc::new(command_poller::store::local::LocalSlots::default()),
             4,
             Duration::from_secs(15),
             Duration::from_secs(60),
@@ -150,7 +150,7 @@ fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool
         store,
         claim_ttl: Duration::from_secs(60),
         wait_for_in_flight: Duration::from_millis(10),
-        waiting: command_poller::idempotency::Waiters::new(2),
+        waiting: command_poller::store::Waiters::new(2),
         retention: Duration::from_secs(3600),
         store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
     }

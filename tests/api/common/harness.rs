@@ -7,11 +7,11 @@ use command_poller::bridge::signing::Secret;
 use command_poller::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use command_poller::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
 use command_poller::broker;
-use command_poller::idempotency::Stores;
 use command_poller::judging::Panel;
 use command_poller::outcome::{Alert, ResultMessage};
 use command_poller::policy::Policy;
 use command_poller::settings::Settings;
+use command_poller::store::Stores;
 use command_poller::worker::{build_panel, Poller};
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -31,7 +31,7 @@ pub struct Harness {
     pub poller_state: Arc<command_poller::worker::PollerState>,
     pub secret: Secret,
     /// Shared by this harness's replicas (as Redis or PostgreSQL would be).
-    pub store: Arc<dyn command_poller::idempotency::ResultStore>,
+    pub store: Arc<dyn command_poller::store::ResultStore>,
     /// The store behind all its boundaries (results, bridge slots, rate windows).
     pub stores: Stores,
     _cleanup: Cleanup,
@@ -40,7 +40,7 @@ pub struct Harness {
 pub struct Options {
     /// The idempotency store, with bridge slots and rate windows of this harness's own;
     /// default: an embedded store in a temp file.
-    pub store: Option<Arc<dyn command_poller::idempotency::ResultStore>>,
+    pub store: Option<Arc<dyn command_poller::store::ResultStore>>,
     /// A backend behind all its boundaries (the fleet limits shared through it); wins over
     /// `store`.
     pub stores: Option<Stores>,
@@ -139,7 +139,7 @@ impl Harness {
         let stores = match (opts.stores, opts.store) {
             (Some(stores), _) => stores,
             (None, Some(results)) => Stores::local(results),
-            (None, None) => command_poller::idempotency::open_all(&settings.idempotency)
+            (None, None) => command_poller::store::open_all(&settings.idempotency)
                 .await
                 .expect("store opens"),
         };

@@ -1,0 +1,438 @@
+//! Operator control: the runbook's two levers, pause (Emergency-INT-E01) and the master
+//! shut-off (halt, Emergency-INT-E02), across every replica, plus the automatic trip.
+//!
+//! In: control messages on the control exchange (from operators, or from a replica that
+//! tripped), and the last state stored in the broker. Out: the [`gate::Gate`] the pipeline
+//! checks before judging and before every bridge call, events, and alerts. The state
+//! transitions ([`transition`]) and the trip counting ([`trip`]) are pure.
+
+pub mod gate;
+pub mod trip;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One agent held out: its commands end REJECTED, never judged or executed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub by: String,
+    pub reason: String,
+    /// RFC 3339.
+    pub since: String,
+    pub request_id: String,
+}
+
+/// The system's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Mode {
+    Running,
+    Paused,
+    Halted,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Running => "RUNNING",
+            Mode::Paused => "PAUSED",
+            Mode::Halted => "HALTED",
+        }
+    }
+}
+
+/// The state with its provenance: who, when, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    pub mode: Mode,
+    /// RFC 3339.
+    pub since: String,
+    pub by: String,
+    pub reason: String,
+    /// The control request that set it.
+    pub request_id: String,
+    /// Its place in the stored state's history: every change is one more (see
+    /// [`state_log`]).
+    #[serde(default)]
+    pub seq: u64,
+    /// Agents in quarantine, by agent id. Kept apart from the mode: a quarantine or release
+    /// is its own entry in the stored state and never moves `seq`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quarantined: BTreeMap<String, Quarantined>,
+}
+
+impl ControlState {
+    /// The state of a system nobody has paused yet.
+    pub fn initial() -> Self {
+        Self {
+            mode: Mode::Running,
+            since: now(),
+            by: "(start)".into(),
+            reason: "no control state stored".into(),
+            request_id: String::new(),
+            seq: 0,
+            quarantined: BTreeMap::new(),
+        }
+    }
+}
+
+/// What an operator (or a tripping replica) asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlCommand {
+    Pause {
+        reason: String,
+        request_id: String,
+    },
+    Halt {
+        reason: String,
+        request_id: String,
+    },
+    /// `lift_halt` is the explicit confirmation a halt needs to be lifted.
+    Resume {
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        lift_halt: bool,
+        request_id: String,
+    },
+    Status {
+        request_id: String,
+    },
+    /// Every replica reloads its policy file (validated whole, swapped at once; an invalid
+    /// file is refused and the old policy stays).
+    ReloadPolicy {
+        request_id: String,
+    },
+    /// One agent's commands end REJECTED while every other agent's flow.
+    Quarantine {
+        agent: String,
+        reason: String,
+        request_id: String,
+    },
+    Release {
+        agent: String,
+        #[serde(default)]
+        reason: String,
+        request_id: String,
+    },
+}
+
+impl ControlCommand {
+    pub fn request_id(&self) -> &str {
+        match self {
+            ControlCommand::Pause { request_id, .. }
+            | ControlCommand::Halt { request_id, .. }
+            | ControlCommand::Resume { request_id, .. }
+            | ControlCommand::Status { request_id }
+            | ControlCommand::ReloadPolicy { request_id }
+            | ControlCommand::Quarantine { request_id, .. }
+            | ControlCommand::Release { request_id, .. } => request_id,
+        }
+    }
+
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            ControlCommand::Pause { .. } => "control.pause",
+            ControlCommand::Halt { .. } => "control.halt",
+            ControlCommand::Resume { .. } => "control.resume",
+            ControlCommand::Status { .. } => "control.status",
+            ControlCommand::ReloadPolicy { .. } => "control.policy_reload",
+            ControlCommand::Quarantine { .. } => "control.quarantine",
+            ControlCommand::Release { .. } => "control.release",
+        }
+    }
+}
+
+/// Who sent a control message, by its broker-checked `user_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    Operator(String),
+    /// The poller's own broker user: a replica that tripped. It may only pause.
+    Poller(String),
+    /// Anyone else, including a message without `user_id`.
+    Other(Option<String>),
+}
+
+impl Actor {
+    pub fn classify(user_id: Option<&str>, operators: &[String], poller_user: &str) -> Actor {
+        match user_id {
+            Some(u) if operators.iter().any(|o| o == u) => Actor::Operator(u.to_owned()),
+            Some(u) if u == poller_user => Actor::Poller(u.to_owned()),
+            other => Actor::Other(other.map(str::to_owned)),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Actor::Operator(u) | Actor::Poller(u) => u.clone(),
+            Actor::Other(Some(u)) => u.clone(),
+            Actor::Other(None) => "(no user_id)".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is not an operator")]
+    NotOperator(String),
+    #[error("the poller's own user may only pause or quarantine")]
+    PollerMayOnlyPause,
+    #[error("not an agent id: {0}")]
+    BadAgent(String),
+    #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
+    HaltNeedsConfirmation,
+    #[error("the system is halted; a pause changes nothing")]
+    AlreadyHalted,
+}
+
+impl Refusal {
+    /// A refusal that smells of an attack (alerted to security), rather than operator error.
+    pub fn is_security_relevant(&self) -> bool {
+        matches!(self, Refusal::NotOperator(_) | Refusal::PollerMayOnlyPause)
+    }
+}
+
+pub use crate::clock::now_rfc3339 as now;
+
+/// The new state after `cmd` from `actor`, or why it is refused. `Status` never changes state.
+pub fn transition(
+    current: &ControlState,
+    cmd: &ControlCommand,
+    actor: &Actor,
+) -> Result<ControlState, Refusal> {
+    let by = match actor {
+        Actor::Other(u) => {
+            return Err(Refusal::NotOperator(
+                u.clone().unwrap_or_else(|| "(no user_id)".into()),
+            ))
+        }
+        Actor::Poller(_)
+            if !matches!(
+                cmd,
+                ControlCommand::Pause { .. }
+                    | ControlCommand::Status { .. }
+                    | ControlCommand::Quarantine { .. }
+            ) =>
+        {
+            return Err(Refusal::PollerMayOnlyPause)
+        }
+        a => a.name(),
+    };
+    let set = |mode: Mode, reason: &str| ControlState {
+        mode,
+        since: now(),
+        by: by.clone(),
+        reason: reason.to_owned(),
+        request_id: cmd.request_id().to_owned(),
+        seq: current.seq + 1,
+        quarantined: current.quarantined.clone(),
+    };
+    match cmd {
+        ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
+        ControlCommand::Quarantine { agent, reason, .. } => {
+            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+            let mut new = current.clone();
+            // Already quarantined: keep who did it first and why.
+            new.quarantined
+                .entry(agent.clone())
+                .or_insert_with(|| Quarantined {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                    since: now(),
+                    request_id: cmd.request_id().to_owned(),
+                });
+            Ok(new)
+        }
+        ControlCommand::Release { agent, .. } => {
+            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+            let mut new = current.clone();
+            new.quarantined.remove(agent);
+            Ok(new)
+        }
+        ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
+        ControlCommand::Pause { reason, .. } => match current.mode {
+            Mode::Halted => Err(Refusal::AlreadyHalted),
+            // Already paused: keep who paused first and why.
+            Mode::Paused => Ok(current.clone()),
+            Mode::Running => Ok(set(Mode::Paused, reason)),
+        },
+        ControlCommand::Resume {
+            reason, lift_halt, ..
+        } => match current.mode {
+            Mode::Halted if !lift_halt => Err(Refusal::HaltNeedsConfirmation),
+            Mode::Running => Ok(current.clone()),
+            _ => Ok(set(
+                Mode::Running,
+                if reason.is_empty() { "resumed" } else { reason },
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op() -> Actor {
+        Actor::Operator("ops".into())
+    }
+    fn pause() -> ControlCommand {
+        ControlCommand::Pause {
+            reason: "E01".into(),
+            request_id: "r1".into(),
+        }
+    }
+    fn halt() -> ControlCommand {
+        ControlCommand::Halt {
+            reason: "E02".into(),
+            request_id: "r2".into(),
+        }
+    }
+    fn resume(lift: bool) -> ControlCommand {
+        ControlCommand::Resume {
+            reason: String::new(),
+            lift_halt: lift,
+            request_id: "r3".into(),
+        }
+    }
+    fn state(mode: Mode) -> ControlState {
+        ControlState {
+            mode,
+            ..ControlState::initial()
+        }
+    }
+
+    #[test]
+    fn operators_pull_the_levers() {
+        let s = transition(&state(Mode::Running), &pause(), &op()).unwrap();
+        assert_eq!(s.mode, Mode::Paused);
+        assert_eq!(s.by, "ops");
+        assert_eq!(s.reason, "E01");
+        assert_eq!(
+            transition(&s, &resume(false), &op()).unwrap().mode,
+            Mode::Running
+        );
+        let h = transition(&s, &halt(), &op()).unwrap();
+        assert_eq!(h.mode, Mode::Halted);
+    }
+
+    #[test]
+    fn a_halt_needs_the_confirmation_to_lift() {
+        let h = state(Mode::Halted);
+        assert_eq!(
+            transition(&h, &resume(false), &op()),
+            Err(Refusal::HaltNeedsConfirmation)
+        );
+        assert_eq!(
+            transition(&h, &resume(true), &op()).unwrap().mode,
+            Mode::Running
+        );
+        assert_eq!(transition(&h, &pause(), &op()), Err(Refusal::AlreadyHalted));
+    }
+
+    #[test]
+    fn nobody_else_can() {
+        for cmd in [pause(), halt(), resume(true)] {
+            let e = transition(
+                &state(Mode::Paused),
+                &cmd,
+                &Actor::Other(Some("agent-7".into())),
+            )
+            .unwrap_err();
+            assert!(e.is_security_relevant());
+            assert!(transition(&state(Mode::Paused), &cmd, &Actor::Other(None)).is_err());
+        }
+        let poller = Actor::Poller("poller".into());
+        assert_eq!(
+            transition(&state(Mode::Running), &pause(), &poller)
+                .unwrap()
+                .mode,
+            Mode::Paused
+        );
+        assert_eq!(
+            transition(&state(Mode::Paused), &resume(false), &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        assert_eq!(
+            transition(&state(Mode::Running), &halt(), &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+    }
+
+    #[test]
+    fn classify_by_user_id() {
+        let ops = vec!["ops".to_string()];
+        assert_eq!(
+            Actor::classify(Some("ops"), &ops, "poller"),
+            Actor::Operator("ops".into())
+        );
+        assert_eq!(
+            Actor::classify(Some("poller"), &ops, "poller"),
+            Actor::Poller("poller".into())
+        );
+        assert_eq!(
+            Actor::classify(Some("x"), &ops, "poller"),
+            Actor::Other(Some("x".into()))
+        );
+        assert_eq!(Actor::classify(None, &ops, "poller"), Actor::Other(None));
+    }
+
+    fn quarantine(agent: &str) -> ControlCommand {
+        ControlCommand::Quarantine {
+            agent: agent.into(),
+            reason: "looping".into(),
+            request_id: "q1".into(),
+        }
+    }
+
+    #[test]
+    fn quarantine_holds_one_agent_and_only_an_operator_releases() {
+        let release = ControlCommand::Release {
+            agent: "agent-7".into(),
+            reason: String::new(),
+            request_id: "q2".into(),
+        };
+        let s = transition(&state(Mode::Running), &quarantine("agent-7"), &op()).unwrap();
+        assert_eq!(s.mode, Mode::Running, "the fleet keeps running");
+        assert_eq!(s.seq, 0, "a quarantine never moves the mode's sequence");
+        assert_eq!(s.quarantined["agent-7"].by, "ops");
+        let again = transition(
+            &s,
+            &ControlCommand::Quarantine {
+                agent: "agent-7".into(),
+                reason: "other".into(),
+                request_id: "q3".into(),
+            },
+            &op(),
+        )
+        .unwrap();
+        assert_eq!(
+            again.quarantined["agent-7"].reason, "looping",
+            "the first stays"
+        );
+        // A pause keeps the quarantine list.
+        let paused = transition(&s, &pause(), &op()).unwrap();
+        assert!(paused.quarantined.contains_key("agent-7"));
+        let poller = Actor::Poller("poller".into());
+        assert!(transition(&state(Mode::Halted), &quarantine("a"), &poller).is_ok());
+        assert_eq!(
+            transition(&s, &release, &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        assert!(transition(&s, &release, &Actor::Other(Some("agent-7".into()))).is_err());
+        assert!(transition(&s, &release, &op())
+            .unwrap()
+            .quarantined
+            .is_empty());
+        assert!(matches!(
+            transition(&s, &quarantine("no such agent!"), &op()),
+            Err(Refusal::BadAgent(_))
+        ));
+        let reload = ControlCommand::ReloadPolicy {
+            request_id: "r".into(),
+        };
+        assert_eq!(transition(&s, &reload, &op()).unwrap(), s);
+        assert!(transition(&s, &reload, &poller).is_err());
+    }
+}
