@@ -466,61 +466,10 @@ pub struct LoggingSettings {
     pub filter: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlSettings {
-    /// Topic exchange operators publish pause/resume/halt/status to; every replica listens.
-    pub exchange: String,
-    /// Fanout exchange the stored control state is written through (operators and the
-    /// poller's trip), feeding `state_queue`.
-    pub state_exchange: String,
-    /// Stream holding the control state's history: every replica folds it at start and after
-    /// every reconnect, before it consumes anything, and follows it while running.
-    pub state_queue: String,
-    /// Durable queue collecting control events (`event.#`): who changed what, when, why.
-    pub events_queue: String,
-    /// Broker users allowed to pull the levers (checked against the AMQP user_id).
-    pub operators: Vec<String>,
-    /// Automatic trips (Emergency-INT-E01), per command type.
-    #[serde(default)]
-    pub trips: Vec<TripRule>,
-    /// What an empty state stream means. `untrusted` (the default): replicas hold paused until
-    /// an operator's first lever writes the first entry (`command-poller resume` on a new
-    /// deployment), so a stream someone deleted and declared again never reads as RUNNING.
-    /// `running`: a new system runs (local development, config/local.toml).
-    #[serde(default)]
-    pub empty_stream: EmptyStream,
-}
-
-fn default_decisions_per_minute() -> u32 {
-    120
-}
-
-/// What an empty control state stream means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EmptyStream {
-    #[default]
-    Untrusted,
-    Running,
-}
-
+pub use crate::approval::ApprovalSettings;
+pub use crate::audit::AuditSettings;
 pub use crate::control::trip::{TripRule, TripScope};
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditSettings {
-    /// Topic exchange audit records are published to (`audit.command`, `audit.control`).
-    pub exchange: String,
-    /// The stream bound `audit.#`, read by `command-poller audit sink`.
-    pub queue: String,
-    /// Broker users whose records the sink accepts (the poller's); a record published by anyone
-    /// else (checked `user_id`) is refused: dead-lettered with the reason, not appended.
-    pub publishers: Vec<String>,
-    /// Environment variable holding the chain key: with it the chain's links are HMACs, so
-    /// rewriting the file needs the key; `audit verify` reads the same variable. Never logged.
-    pub chain_key_env: String,
-}
+pub use crate::control::{ControlSettings, EmptyStream};
 
 /// The operator console (`command-poller console`, the `[console]` section).
 #[derive(Debug, Clone, Deserialize)]
@@ -593,41 +542,6 @@ impl McpSettings {
         }
         Ok(u.origin().ascii_serialization())
     }
-}
-
-/// Human approval of NEEDS_APPROVAL commands (the `[approval]` section).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApprovalSettings {
-    /// Broker users allowed to approve or deny (their AMQP user_id is checked by the broker).
-    /// Anyone else is refused and security is alerted; an agent never decides its own command.
-    pub approvers: Vec<String>,
-    /// Topic exchange approvers publish decisions to (`approval.<decision>`); agents must have
-    /// no write permission on it.
-    pub exchange: String,
-    /// Durable quorum queue of decisions, shared by the replicas (each decision is handled
-    /// once); dead-letters what keeps failing.
-    pub queue: String,
-    /// How often each replica looks for decided or expired approvals (`sweep_interval_ms`).
-    #[serde(rename = "sweep_interval_ms", deserialize_with = "de::millis")]
-    pub sweep_interval: Duration,
-    /// Largest decision message accepted, in bytes.
-    pub max_decision_bytes: usize,
-    /// Decision messages one approver may send per minute (every replica counts its own);
-    /// beyond it each is refused unread, and security is alerted once a minute.
-    #[serde(default = "default_decisions_per_minute")]
-    pub max_decisions_per_minute: u32,
-    /// Environment variable holding a Slack-compatible incoming-webhook URL that is told of
-    /// every parked approval and reminded before it expires; unset or empty: no webhook.
-    /// Never logged.
-    pub webhook_url_env: String,
-    /// The reminder goes out this long before expiry (`remind_before_secs`).
-    #[serde(rename = "remind_before_secs", deserialize_with = "de::secs")]
-    pub remind_before: Duration,
-    /// Each webhook post's deadline (`webhook_timeout_ms`); failed posts are retried with
-    /// backoff for up to a minute, off the command path.
-    #[serde(rename = "webhook_timeout_ms", deserialize_with = "de::millis")]
-    pub webhook_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

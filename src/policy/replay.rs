@@ -12,18 +12,11 @@
 
 use super::{Facts, Handling, Policy};
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::intake::{ActionId, Command, CommandType, Service, Severity};
-use serde::{Deserialize, Serialize};
+use crate::intake::{ActionId, Command, CommandType, Severity};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
-/// The validated fields of a decided command, as the audit records them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DecidedCommand {
-    pub command_type: CommandType,
-    pub service: Service,
-    pub agent: String,
-    pub agent_verified: bool,
-}
+pub use crate::audit::DecidedCommand;
 
 /// One recorded decision, read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,7 +255,7 @@ impl ReplayReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::AgentId;
+    use crate::intake::{AgentId, Service};
 
     fn record(
         action_id: &str,

@@ -15,6 +15,7 @@
 //! broker, store or network (`cargo test -p poller-core`).
 
 pub mod approval;
+pub mod audit;
 pub mod bridge;
 pub mod clock;
 pub mod control;

@@ -140,6 +140,54 @@ pub fn digest(command_digest: &str, policy_digest: &str) -> String {
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
+/// Human approval of NEEDS_APPROVAL commands (the `[approval]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSettings {
+    /// Broker users allowed to approve or deny (their AMQP user_id is checked by the broker).
+    /// Anyone else is refused and security is alerted; an agent never decides its own command.
+    pub approvers: Vec<String>,
+    /// Topic exchange approvers publish decisions to (`approval.<decision>`); agents must have
+    /// no write permission on it.
+    pub exchange: String,
+    /// Durable quorum queue of decisions, shared by the replicas (each decision is handled
+    /// once); dead-letters what keeps failing.
+    pub queue: String,
+    /// How often each replica looks for decided or expired approvals (`sweep_interval_ms`).
+    #[serde(
+        rename = "sweep_interval_ms",
+        deserialize_with = "crate::clock::de::millis"
+    )]
+    pub sweep_interval: std::time::Duration,
+    /// Largest decision message accepted, in bytes.
+    pub max_decision_bytes: usize,
+    /// Decision messages one approver may send per minute (every replica counts its own);
+    /// beyond it each is refused unread, and security is alerted once a minute.
+    #[serde(default = "default_decisions_per_minute")]
+    pub max_decisions_per_minute: u32,
+    /// Environment variable holding a Slack-compatible incoming-webhook URL that is told of
+    /// every parked approval and reminded before it expires; unset or empty: no webhook.
+    /// Never logged.
+    pub webhook_url_env: String,
+    /// The reminder goes out this long before expiry (`remind_before_secs`).
+    #[serde(
+        rename = "remind_before_secs",
+        deserialize_with = "crate::clock::de::secs"
+    )]
+    pub remind_before: std::time::Duration,
+    /// Each webhook post's deadline (`webhook_timeout_ms`); failed posts are retried with
+    /// backoff for up to a minute, off the command path.
+    #[serde(
+        rename = "webhook_timeout_ms",
+        deserialize_with = "crate::clock::de::millis"
+    )]
+    pub webhook_timeout: std::time::Duration,
+}
+
+fn default_decisions_per_minute() -> u32 {
+    120
+}
+
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util {
     use super::*;

@@ -7,7 +7,10 @@
 //! transitions ([`transition`]) and the trip counting ([`trip`]) are pure.
 
 pub mod gate;
+mod settings;
 pub mod trip;
+
+pub use settings::{ControlSettings, EmptyStream};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
