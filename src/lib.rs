@@ -19,13 +19,12 @@
 //! that speak the Model Context Protocol. [`cli`], [`agent`] and
 //! [`preflight`] are the command line. `docs/ARCHITECTURE.md` follows a command through these files.
 
+pub use poller_adapters::{bridge, broker, store, tls};
 pub use poller_core::{clock, intake, outcome};
 
 pub mod agent;
 pub mod approval;
 pub mod audit;
-pub mod bridge;
-pub mod broker;
 pub mod cli;
 pub mod console;
 pub mod control;
@@ -37,8 +36,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod preflight;
 pub mod settings;
-pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
-pub mod tls;
 pub mod worker;

@@ -10,4 +10,4 @@ pub mod approver;
 pub mod desk;
 pub mod render;
 pub mod sweeper;
-pub mod webhook;
+pub use poller_adapters::webhook;

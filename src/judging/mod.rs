@@ -5,4 +5,4 @@
 pub use poller_core::judging::*;
 
 pub mod eval;
-pub mod llm;
+pub use poller_adapters::judge::llm;

@@ -398,7 +398,7 @@ mod tests {
         .unwrap();
         let req = super::super::BridgeRequest {
             action_id: "a".into(),
-            command_type: crate::intake::CommandType::CheckIntegrationStatus,
+            command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
             params: super::super::BridgeParams {
                 service: "google".into(),
             },

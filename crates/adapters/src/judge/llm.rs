@@ -7,9 +7,9 @@
 //! not approving) with its cause. The command's fields are agent-controlled: they travel as
 //! JSON data in the user message, never inside the instructions.
 
-use super::{Judge, JudgeError, JudgeRequest, Verdict};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
+use poller_core::judging::{Judge, JudgeError, JudgeRequest, Verdict};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};

@@ -9,8 +9,8 @@
 //! publishes (`user_id`), and a replica that became another user on failover would lose its
 //! operator or poller identity.
 
+use super::settings::{broker_user, redact_url};
 use super::{BrokerError, CONNECT_TIMEOUT};
-use crate::settings::{broker_user, redact_url};
 use lapin::{Connection, ConnectionProperties};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

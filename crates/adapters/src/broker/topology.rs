@@ -2,11 +2,12 @@
 //! the same arguments is a no-op, so every replica does it at every (re)connect.
 
 use super::names::routing;
+use super::settings::{Replication, TopologySettings};
 use super::BrokerError;
-use crate::settings::{ControlSettings, Replication, TopologySettings};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
+use poller_core::control::ControlSettings;
 
 /// The names in use, from settings.
 pub type Topology = TopologySettings;
@@ -188,7 +189,7 @@ fn stream_arguments(
 /// that both exist.
 pub async fn declare_audit(
     conn: &lapin::Connection,
-    a: &crate::settings::AuditSettings,
+    a: &poller_core::audit::AuditSettings,
     rep: &Replication,
 ) -> Result<(), BrokerError> {
     let ch = conn.create_channel().await?;
@@ -240,7 +241,7 @@ pub async fn expect_exist(
 
 async fn declare_audit_on(
     ch: &Channel,
-    a: &crate::settings::AuditSettings,
+    a: &poller_core::audit::AuditSettings,
     rep: &Replication,
 ) -> Result<(), BrokerError> {
     ch.exchange_declare(
@@ -277,7 +278,7 @@ pub fn audit_stream_arguments(rep: &Replication) -> FieldTable {
 /// that keeps failing is dead-lettered after `delivery_limit` deliveries, never cycled forever.
 pub async fn declare_approvals(
     ch: &Channel,
-    a: &crate::settings::ApprovalSettings,
+    a: &poller_core::approval::ApprovalSettings,
     dead_letter_exchange: &str,
     delivery_limit: u32,
     rep: &Replication,

@@ -9,13 +9,13 @@
 
 use super::signing::{verify, Secret};
 use super::BridgeRequest;
-use crate::intake::CommandType;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use poller_core::intake::CommandType;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -346,7 +346,7 @@ fn act(cfg: &SimulatorConfig, req: &BridgeRequest) -> serde_json::Value {
             false,
         );
     }
-    let now = crate::clock::now_rfc3339();
+    let now = poller_core::clock::now_rfc3339();
     match req.command_type {
         CommandType::CheckIntegrationStatus => serde_json::json!({
             "status": "success",

@@ -7,6 +7,7 @@
 mod endpoints;
 pub mod names;
 mod publisher;
+pub mod settings;
 mod topology;
 
 pub use endpoints::{connect, Endpoints, EndpointsError, Node};
@@ -74,7 +75,7 @@ pub async fn close(conn: &Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }
 
-pub use crate::settings::broker_user as user_of;
+pub use settings::broker_user as user_of;
 
 /// Consumes direct reply-to on `ch` (no-ack, as RabbitMQ requires); must start before the
 /// request is published on the same channel.
