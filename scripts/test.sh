@@ -7,6 +7,10 @@
 # Usage: scripts/test.sh [extra cargo test args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The core's tests need no broker, store or network: they run first, before anything is started.
+echo "==> core (no broker, store or network)"
+cargo test -p poller-core "$@" || { echo "<== core: FAILED"; exit 1; }
+echo "<== core: passed"
 set -e
 scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
@@ -81,7 +85,7 @@ cluster_suite() {
 
 # tests/api/runs_as_shipped.rs runs the release binary the way the image does.
 step "release binary" cargo build --release --locked --bin command-poller
-step "unit, integration and property tests" cargo test --all-targets "$@"
+step "unit, integration and property tests" cargo test --workspace --all-targets "$@"
 # 100,000 reads of the control state, then every lever (366 s in a CI run): on its own.
 step "control state reads" cargo test --test api -- --ignored --exact \
   state_log_e2e::a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast

@@ -1,8 +1,6 @@
-//! Judging's adapters and tools: the LLM judge (an HTTP client) and the offline evaluation of
-//! judges against labelled cases. The port ([`Judge`]), the panel and the rule judges are the
-//! core's ([`poller_core::judging`], re-exported here).
+//! Judging's offline tool: [`eval`] scores judges against labelled cases. The panel, the rule
+//! judges and the LLM judge are the layers below (re-exported here).
 
-pub use poller_core::judging::*;
+pub use poller_runtime::judging::*;
 
 pub mod eval;
-pub use poller_adapters::judge::llm;

@@ -471,7 +471,7 @@ impl Pipeline {
             severity_mismatch: decision.severity_mismatch,
             rationale: decision.rationale.clone(),
             policy_sha256: policy.digest().to_owned(),
-            command: Some(crate::policy::replay::DecidedCommand {
+            command: Some(crate::audit::DecidedCommand {
                 command_type: cmd.command_type,
                 service: cmd.service.clone(),
                 agent: agent.id.to_string(),

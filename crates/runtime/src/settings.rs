@@ -675,7 +675,7 @@ mod tests {
     use super::*;
 
     fn load(vars: Environment) -> Result<Settings, SettingsError> {
-        Settings::load_with(Path::new("config"), "local", &vars)
+        Settings::load_with(&crate::testing::repo_root().join("config"), "local", &vars)
     }
 
     #[test]

@@ -513,8 +513,10 @@ mod tests {
     use crate::approval::test_util::parked;
 
     fn desk(store: Arc<dyn ResultStore>) -> Desk {
-        let s = crate::settings::Settings::load_isolated(std::path::Path::new("config"), "local")
+        let root = crate::testing::repo_root();
+        let mut s = crate::settings::Settings::load_isolated(&root.join("config"), "local")
             .expect("config loads");
+        s.policy.file = root.join(&s.policy.file);
         let policy = crate::policy::Policy::load(&s.policy.file).expect("policy loads");
         Desk {
             settings: ApprovalSettings {

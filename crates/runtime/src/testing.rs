@@ -126,3 +126,9 @@ impl crate::worker::settle::Acker for RecordingAcker {
         Box::pin(async { true })
     }
 }
+
+/// The repository's root (the shipped `config/` is under it), whatever directory the tests run
+/// in.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}

@@ -1,0 +1,36 @@
+//! command-poller's runtime: the long-running parts, composed from the core's stages and the
+//! adapters.
+//!
+//! # Layout
+//!
+//! [`worker`] consumes commands, runs each through [`pipeline`] (the core's stages strung
+//! together for one command, returning a [`pipeline::Disposition`]) and settles the disposition
+//! in one `match` (store, publish with confirms, ack), riding out broker restarts. [`control`]
+//! adds to the core's control state the operator's client, the stored state stream and each
+//! replica's follower of it; [`approval`] the desk that takes human decisions, the sweeper that
+//! expires, executes and finalizes, and the approver's client; [`audit`] publishes the core's
+//! records and chains them in the sink. [`health`] and [`metrics`] are what orchestrators
+//! scrape; [`settings`] aggregates each component's config section and the secrets.
+//!
+//! The modules of the layers below are re-exported under their own names, so this crate and
+//! the surfaces above name every part the same way.
+
+pub use poller_adapters::{bridge, broker, store, tls};
+pub use poller_core::{clock, intake, outcome, policy};
+
+/// The judges: the core's panel and rule judges, and the LLM judge adapter.
+pub mod judging {
+    pub use poller_adapters::judge::llm;
+    pub use poller_core::judging::*;
+}
+
+pub mod approval;
+pub mod audit;
+pub mod control;
+pub mod health;
+pub mod metrics;
+pub mod pipeline;
+pub mod settings;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+pub mod worker;
