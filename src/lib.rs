@@ -20,9 +20,29 @@
 #[cfg(any(test, feature = "test-util"))]
 pub use poller_runtime::testing;
 pub use poller_runtime::{
-    approval, audit, bridge, broker, clock, control, health, intake, metrics, outcome, pipeline,
-    settings, store, tls, worker,
+    bridge, broker, clock, health, intake, metrics, outcome, pipeline, settings, store, tls, worker,
 };
+
+/// Approval: the core's rules, record and wire format, the runtime's desk, sweeper and
+/// approver's client, and the webhook adapter.
+pub mod approval {
+    pub use poller_adapters::webhook;
+    pub use poller_core::approval::*;
+    pub use poller_runtime::approval::*;
+}
+
+/// Audit: the core's record, the runtime's publishing, chain and sink.
+pub mod audit {
+    pub use poller_core::audit::*;
+    pub use poller_runtime::audit::*;
+}
+
+/// Operator control: the core's state, transitions, gate and trips, the runtime's operator
+/// client, state stream and replica.
+pub mod control {
+    pub use poller_core::control::*;
+    pub use poller_runtime::control::*;
+}
 
 pub mod agent;
 pub mod cli;

@@ -7,6 +7,7 @@
 mod common;
 
 mod approvals_e2e;
+mod architecture;
 mod audit_metrics_e2e;
 mod bad_input_e2e;
 mod binary_e2e;

@@ -19,6 +19,7 @@ pub mod audit;
 pub mod bridge;
 pub mod clock;
 pub mod control;
+pub mod history;
 pub mod intake;
 pub mod judging;
 pub mod names;

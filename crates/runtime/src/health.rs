@@ -6,12 +6,12 @@
 //! control state, recent action ids and statuses), which is for the operator on the machine.
 
 use crate::control::replica::ReplicaStats;
-use crate::control::Mode;
 use crate::worker::PollerState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use poller_core::control::Mode;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

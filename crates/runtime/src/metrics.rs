@@ -4,9 +4,9 @@
 //! format. Names follow Prometheus conventions (`command_poller_` prefix, `_total` counters,
 //! `_seconds` histograms).
 
-use crate::control::Mode;
 use crate::outcome::{Alert, ResultMessage, Vote};
 use crate::pipeline::Disposition;
+use poller_core::control::Mode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -288,9 +288,9 @@ impl Metrics {
     }
 
     /// What the shadow rules would have decided, from the command's policy decision.
-    fn shadows(&self, trail: &[crate::audit::AuditEvent]) {
+    fn shadows(&self, trail: &[poller_core::audit::AuditEvent]) {
         for e in trail {
-            if let crate::audit::AuditEvent::PolicyDecision {
+            if let poller_core::audit::AuditEvent::PolicyDecision {
                 handling, shadows, ..
             } = e
             {

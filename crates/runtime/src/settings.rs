@@ -329,10 +329,10 @@ pub struct LoggingSettings {
     pub filter: String,
 }
 
-pub use crate::approval::ApprovalSettings;
-pub use crate::audit::AuditSettings;
-pub use crate::control::trip::{TripRule, TripScope};
-pub use crate::control::{ControlSettings, EmptyStream};
+pub use poller_core::approval::ApprovalSettings;
+pub use poller_core::audit::AuditSettings;
+pub use poller_core::control::trip::{TripRule, TripScope};
+pub use poller_core::control::{ControlSettings, EmptyStream};
 
 /// The operator console (`command-poller console`, the `[console]` section).
 #[derive(Debug, Clone, Deserialize)]

@@ -5,7 +5,7 @@
 //! language models); the vote counting in [`panel::tally`] is pure.
 
 pub mod canary;
-pub mod history;
+pub use crate::history;
 pub mod panel;
 pub mod rules;
 

@@ -8,7 +8,7 @@
 
 use super::{Facts, Handling, Policy, Shadow};
 use crate::intake::{Command, Severity};
-use crate::judging::DecisionRule;
+use crate::outcome::DecisionRule;
 use crate::outcome::{Priority, Status};
 use serde::Serialize;
 

@@ -11,7 +11,7 @@ pub mod explain;
 pub mod shared;
 
 use crate::intake::{Command, CommandType, Severity};
-use crate::judging::DecisionRule;
+use crate::outcome::DecisionRule;
 use crate::outcome::{Priority, Status, Team};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -150,8 +150,8 @@ impl Facts<'static> {
 
 /// The longest window and the most attempts a history condition may ask about: what the
 /// pipeline's attempt history keeps (`judging::history`).
-pub const MAX_ESCALATION_WINDOW: std::time::Duration = crate::judging::history::WINDOW;
-pub const MAX_ESCALATION_ATTEMPTS: u32 = crate::judging::history::PER_KEY as u32 - 1;
+pub const MAX_ESCALATION_WINDOW: std::time::Duration = crate::history::WINDOW;
+pub const MAX_ESCALATION_ATTEMPTS: u32 = crate::history::PER_KEY as u32 - 1;
 
 /// What a shadow rule would have decided.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

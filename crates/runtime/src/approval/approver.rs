@@ -4,10 +4,10 @@
 //! In: the approver's broker URL and a [`Request`]. Out: the replica's [`Reply`] (over direct
 //! reply-to), or why none came.
 
-use super::wire::{Reply, Request};
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::settings::ApprovalSettings;
 use futures::StreamExt;
+use poller_core::approval::wire::{Reply, Request};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,6 @@
 //! store I/O and decides with [`rules::decide`]; [`Desk::listen`] consumes and publishes.
 
 use super::render::{self, ApprovalEvent};
-use super::rules::{self, Choice, Verdict};
-use super::wire::{self, PendingView, Reply, ReplyOutcome, Request};
-use super::{Parked, State};
 use crate::bridge::signing::Secret;
 use crate::broker::names::routing;
 use crate::broker::{BrokerError, Publish};
@@ -19,6 +16,9 @@ use crate::store::ResultStore;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use poller_core::approval::rules::{self, Choice, Verdict};
+use poller_core::approval::wire::{self, PendingView, Reply, ReplyOutcome, Request};
+use poller_core::approval::{Parked, State};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -510,7 +510,7 @@ fn wire_name(o: ReplyOutcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approval::test_util::parked;
+    use poller_core::approval::test_util::parked;
 
     fn desk(store: Arc<dyn ResultStore>) -> Desk {
         let root = crate::testing::repo_root();
@@ -626,7 +626,7 @@ mod tests {
         let mut rec = parked();
         rec.required = 1;
         rec.policy_digest = d.policy.digest();
-        rec.digest = crate::approval::digest(&rec.command_digest, &rec.policy_digest);
+        rec.digest = poller_core::approval::digest(&rec.command_digest, &rec.policy_digest);
         rec.expires_at = crate::clock::unix_now() + 600;
         store
             .park(

@@ -4,10 +4,7 @@
 //! sweeper that expires, executes and finalizes, the approver's client, the webhook and the
 //! rendering of what they publish.
 
-pub use poller_core::approval::*;
-
 pub mod approver;
 pub mod desk;
 pub mod render;
 pub mod sweeper;
-pub use poller_adapters::webhook;

@@ -5,13 +5,13 @@
 //! In: the replica's names and what happened. Out: [`Outgoing`] messages, audit records and
 //! JSON. No I/O: tested without a broker.
 
-use super::wire::Reply;
-use super::Parked;
-use crate::audit::{AuditEvent, AuditRecord};
 use crate::broker::names::{message_type, routing};
 use crate::broker::Outgoing;
 use crate::control::replica::Names;
 use crate::outcome::{Alert, ApprovalNotice, Priority, Status};
+use poller_core::approval::wire::Reply;
+use poller_core::approval::Parked;
+use poller_core::audit::{AuditEvent, AuditRecord};
 use serde::{Deserialize, Serialize};
 
 /// What a decision message came to, for the event and the audit record.
@@ -121,7 +121,7 @@ pub fn abuse_alert(e: &ApprovalEvent, rec: Option<&Parked>, names: &Names) -> Ou
 }
 
 /// Security's alert about an approved record that was not executed because no NEEDS_APPROVAL
-/// result for its command backs it ([`super::rules::backed`]).
+/// result for its command backs it ([`poller_core::approval::rules::backed`]).
 pub fn unbacked_alert(rec: &Parked, why: &str, names: &Names) -> Outgoing {
     let a = Alert {
         alert_id: uuid::Uuid::new_v4().to_string(),
@@ -208,8 +208,8 @@ pub fn webhook_notice(rec: &Parked, reminder: bool, now: u64) -> serde_json::Val
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::parked;
     use super::*;
+    use poller_core::approval::test_util::parked;
 
     fn names() -> Names {
         Names {

@@ -11,9 +11,6 @@
 //! is republished, never executed again.
 
 use super::render::{self, ApprovalEvent};
-use super::rules::{self, Sweep};
-use super::webhook::Notifier;
-use super::{Parked, State};
 use crate::broker::names::routing;
 use crate::broker::Publisher;
 use crate::control::replica::Names;
@@ -23,6 +20,9 @@ use crate::settings::ApprovalSettings;
 use crate::store::{ClaimGuard, StoredOutcome};
 use crate::worker::settle::{Acker, Settled, Shell};
 use futures::future::BoxFuture;
+use poller_adapters::webhook::Notifier;
+use poller_core::approval::rules::{self, Sweep};
+use poller_core::approval::{Parked, State};
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -197,7 +197,7 @@ impl Sweeper {
 
     async fn finalize_in_span(&self, publisher: &Publisher, rec: Parked, sealed: String) {
         let p = &self.shell.pipeline;
-        if rec.state == State::Approved && p.gate.mode() != crate::control::Mode::Running {
+        if rec.state == State::Approved && p.gate.mode() != poller_core::control::Mode::Running {
             // Held back until the system runs again: no claim taken, no bridge slot asked for,
             // so a paused or halted fleet leaves the command's key free (checked again under
             // the claim, before the bridge call).

@@ -2,10 +2,10 @@
 //! confirmed before the command is acked; [`chain`] appends them to a hash-chained JSON-lines
 //! file that can be verified and queried; [`sink`] is the consumer that does so.
 
-pub use poller_core::audit::*;
-
 pub mod chain;
 pub mod sink;
+
+use poller_core::audit::{AuditOutcome, AuditRecord};
 
 /// Publishes an audit record without letting a refusal hold back what it records: results and
 /// alerts are already out when this runs, and the command is acked whatever the audit exchange

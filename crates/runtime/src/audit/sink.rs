@@ -236,7 +236,7 @@ async fn refuse(conn: &lapin::Connection, settings: &SinkConfig, body: &[u8], wh
             rationale: why.to_owned(),
             action_required: "Someone published to the audit exchange who is not the poller: find who holds those broker credentials and why; the record is in the dead-letter queue and still in the audit stream.".into(),
             poller_instance: "audit-sink".into(),
-            at: crate::audit::now(),
+            at: poller_core::audit::now(),
             approval: None,
         };
         p.publish(&broker::Outgoing {

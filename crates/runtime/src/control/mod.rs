@@ -2,8 +2,6 @@
 //! stream and each replica's follower of it. The state, its transitions, the gate and the trips
 //! are the core's ([`poller_core::control`], re-exported here).
 
-pub use poller_core::control::*;
-
 pub mod operator;
 pub mod replica;
 pub mod state_log;

@@ -7,13 +7,13 @@
 
 use super::replica::{state_writer, ReplicaReply};
 use super::state_log::{self, Folded, StateReader};
-use super::{transition, Actor, ControlCommand, ControlState};
 use crate::broker::declare_control;
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
 use crate::settings::{ControlSettings, Settings};
 use futures::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use poller_core::control::{transition, Actor, ControlCommand, ControlState};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 

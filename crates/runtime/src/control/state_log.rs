@@ -33,7 +33,6 @@
 //!
 //! [`step`], [`anchor`], [`fold_records`] and [`walk_back`] are pure; [`StateReader`] reads.
 
-use super::{ControlState, Mode, Quarantined};
 use crate::broker::names::{message_type, text};
 use crate::broker::{BrokerError, Outgoing, Publisher};
 use crate::settings::ControlSettings;
@@ -41,6 +40,7 @@ use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
+use poller_core::control::{ControlState, Mode, Quarantined};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

@@ -4,11 +4,11 @@
 //! `match`: requeue, or store, publish and ack) and by the metrics (one `match`), so a new
 //! variant can't be forgotten in either. Holds the idempotency claim where one was taken.
 
-use crate::audit::AuditEvent;
-use crate::control::trip::UnapprovedAttempt;
 use crate::intake::ReplyTarget;
 use crate::outcome::{Alert, ResultMessage};
 use crate::store::ClaimGuard;
+use poller_core::audit::AuditEvent;
+use poller_core::control::trip::UnapprovedAttempt;
 
 /// The five ways a delivery ends.
 #[derive(Debug)]

@@ -8,11 +8,7 @@ mod disposition;
 
 pub use disposition::{Concluded, DeadLetter, DeadLetterBody, Disposition, Publication};
 
-use crate::approval::Parked;
-use crate::audit::AuditEvent;
 use crate::bridge::{Bridge, BridgeParams, BridgeRequest};
-use crate::control::gate::{Gate, Held};
-use crate::control::trip::UnapprovedAttempt;
 use crate::intake::{
     self, decode, identify, reply_target, salvage_action_id, ActionId, Agent, AgentId, Command,
     CommandType, DecodeLimits, ReplyTarget, Service,
@@ -26,6 +22,10 @@ use crate::outcome::{
 use crate::policy::shared::SharedPolicy;
 use crate::policy::{Decision, Facts, Handling, Policy};
 use crate::store::{ClaimGuard, ResultStore, StoredOutcome, Taken, Unsealed};
+use poller_core::approval::Parked;
+use poller_core::audit::AuditEvent;
+use poller_core::control::gate::{Gate, Held};
+use poller_core::control::trip::UnapprovedAttempt;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -471,7 +471,7 @@ impl Pipeline {
             severity_mismatch: decision.severity_mismatch,
             rationale: decision.rationale.clone(),
             policy_sha256: policy.digest().to_owned(),
-            command: Some(crate::audit::DecidedCommand {
+            command: Some(poller_core::audit::DecidedCommand {
                 command_type: cmd.command_type,
                 service: cmd.service.clone(),
                 agent: agent.id.to_string(),
@@ -571,7 +571,7 @@ impl Pipeline {
         let now = crate::clock::unix_now();
         let policy_digest = policy.digest().to_owned();
         let rec = Parked {
-            approval_id: crate::approval::approval_id(&key),
+            approval_id: poller_core::approval::approval_id(&key),
             action_key: key,
             action_id: cmd.action_id.clone(),
             command_type: cmd.command_type,
@@ -585,13 +585,13 @@ impl Pipeline {
             severity_view: result.severity.clone(),
             received_at: result.received_at.clone(),
             rationale: result.rationale.clone(),
-            digest: crate::approval::digest(command_digest, &policy_digest),
+            digest: poller_core::approval::digest(command_digest, &policy_digest),
             command_digest: command_digest.to_owned(),
             policy_digest,
             required: rule.approvals_required,
             parked_at: now,
             expires_at: now + rule.approval_ttl.as_secs(),
-            state: crate::approval::State::Pending,
+            state: poller_core::approval::State::Pending,
             approvals: Vec::new(),
             denial: None,
             decided_at: None,
@@ -702,7 +702,7 @@ impl Pipeline {
     pub fn conclude_parked(&self, rec: &Parked, result: ResultMessage) -> Concluded {
         let by = match (&rec.denial, rec.state) {
             (Some(d), _) => d.by.clone(),
-            (None, crate::approval::State::Expired) => "(expiry)".to_owned(),
+            (None, poller_core::approval::State::Expired) => "(expiry)".to_owned(),
             (None, _) => approvers(rec),
         };
         let trail = vec![AuditEvent::ApprovalDecision {
@@ -1118,7 +1118,7 @@ impl Pipeline {
 }
 
 /// Why a quarantined agent's command is refused.
-fn quarantine_reason(agent: &str, q: &crate::control::Quarantined) -> String {
+fn quarantine_reason(agent: &str, q: &poller_core::control::Quarantined) -> String {
     format!(
         "agent {agent} is in quarantine (by {} since {}: {}); its commands are neither judged nor executed until an operator releases it (`command-poller release {agent}`)",
         q.by, q.since, q.reason

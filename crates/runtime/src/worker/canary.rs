@@ -8,9 +8,9 @@
 use super::settle::Shell;
 use crate::broker::Publisher;
 use crate::control::replica::Replica;
-use crate::control::Mode;
 use crate::judging::canary::{self, Canary, CanarySettings, Finding};
 use crate::judging::PanelOutcome;
+use poller_core::control::Mode;
 use std::sync::Arc;
 
 /// Runs until the task is aborted (at the end of the session).

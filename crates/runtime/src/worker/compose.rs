@@ -6,7 +6,6 @@ use super::settle::{Settler, Shell};
 use super::state::PollerState;
 use super::Poller;
 use crate::approval::desk::Desk;
-use crate::approval::webhook::Notifier;
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
 use crate::bridge::{AppsScriptBridge, Bridge, BridgeClientConfig};
@@ -20,6 +19,7 @@ use crate::policy::Policy;
 use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
 use crate::store::Stores;
 use crate::store::{RateWindows, Slots};
+use poller_adapters::webhook::Notifier;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,7 +179,7 @@ impl Poller {
         )?;
         let (bridge, sim) = build_bridge(&settings.bridge, settings.secrets.bridge.clone()).await?;
         crate::store::store_key(&settings.idempotency, settings.secrets.store_key.clone())?;
-        crate::approval::check_ttls(&policy, settings.idempotency.retention)
+        poller_core::approval::check_ttls(&policy, settings.idempotency.retention)
             .map_err(StartError::Approval)?;
         if let Some(url) = &settings.secrets.approval_webhook {
             Notifier::new(url.clone(), settings.approval.webhook_timeout)
@@ -230,7 +230,7 @@ impl Poller {
                 {
                     let retention = settings.idempotency.retention;
                     Some(Box::new(move |p: &Policy| {
-                        crate::approval::check_ttls(p, retention)
+                        poller_core::approval::check_ttls(p, retention)
                     }))
                 },
             )),

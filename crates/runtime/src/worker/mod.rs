@@ -58,6 +58,6 @@ pub struct Poller {
     desk: Arc<crate::approval::desk::Desk>,
     /// The approval section, the webhook (if configured), and the sweeper's wake-up.
     approval: crate::settings::ApprovalSettings,
-    notifier: Option<crate::approval::webhook::Notifier>,
+    notifier: Option<poller_adapters::webhook::Notifier>,
     wake: Arc<tokio::sync::Notify>,
 }

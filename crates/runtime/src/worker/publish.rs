@@ -2,9 +2,10 @@
 //! [`Publish`] boundary; and the next session's publisher for an outcome whose session was lost.
 
 use super::render::{Names, Part, Rendered};
-use crate::audit::{self, AuditOutcome};
+use crate::audit;
 use crate::broker::names::routing;
 use crate::broker::{with_nack_retries, BrokerError, Publish, Publisher, NACK_RETRY_BUDGET};
+use poller_core::audit::AuditOutcome;
 use std::time::Duration;
 
 /// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
@@ -86,10 +87,10 @@ pub(crate) async fn next_publisher(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditRecord;
     use crate::broker::Outgoing;
     use crate::testing::{RecordingPublisher, Refuse};
     use crate::worker::render::Message;
+    use poller_core::audit::AuditRecord;
 
     fn rendered() -> Rendered {
         let m = |part, key: &str| Message {

@@ -5,14 +5,14 @@
 //! reply, alerts) and the command's audit record, built from the broker name constants. No
 //! I/O: tested without a broker.
 
-use crate::audit::{AuditEvent, AuditRecord};
 use crate::broker::names::{header, message_type, routing, text};
 use crate::broker::Outgoing;
 use crate::clock::now_rfc3339;
-use crate::control::trip::UnapprovedAttempt;
 use crate::intake::ReplyTarget;
 use crate::pipeline::{DeadLetterBody, Inbound, Publication};
 use lapin::types::{AMQPValue, FieldTable};
+use poller_core::audit::{AuditEvent, AuditRecord};
+use poller_core::control::trip::UnapprovedAttempt;
 
 /// Where the command path publishes, and as whom.
 #[derive(Debug, Clone)]

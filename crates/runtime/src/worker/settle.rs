@@ -12,15 +12,15 @@
 use super::publish;
 use super::render::{self, Names, Rendered};
 use super::state::{InFlight, PollerState};
-use crate::audit::AuditOutcome;
 use crate::bridge::signing::Secret;
 use crate::broker::{BrokerError, Publish, Publisher};
-use crate::control::trip::{self, TripRule};
 use crate::pipeline::{Concluded, DeadLetterBody, Disposition, Inbound, Pipeline, Publication};
 use crate::store::{ClaimGuard, StoredOutcome};
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use poller_core::audit::AuditOutcome;
+use poller_core::control::trip::{self, TripRule};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -528,7 +528,7 @@ mod tests {
             .settler
             .state
             .metrics
-            .render(0, crate::control::Mode::Running);
+            .render(0, poller_core::control::Mode::Running);
         assert!(
             metrics.contains("command_poller_publish_failures_total 1"),
             "{metrics}"

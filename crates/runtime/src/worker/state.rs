@@ -1,10 +1,10 @@
 //! Live state of a running poller, shared with the health server, `/status` and the control
 //! plane: connected, store reachable, in flight, processed, recent results, the gate, metrics.
 
-use crate::control::gate::Gate;
 use crate::control::replica::ReplicaStats;
 use crate::metrics::Metrics;
 use crate::outcome::Status;
+use poller_core::control::gate::Gate;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

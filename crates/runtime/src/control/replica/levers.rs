@@ -6,8 +6,8 @@ use super::render::{self, ControlEvent, ReplicaReply};
 use super::Replica;
 use crate::broker::names::{self, routing};
 use crate::broker::{BrokerError, Publisher};
-use crate::control::{transition, Actor, ControlCommand, Refusal};
 use crate::outcome::Priority;
+use poller_core::control::{transition, Actor, ControlCommand, Refusal};
 
 impl Replica {
     pub(super) fn reply(
@@ -191,7 +191,7 @@ impl Replica {
     pub(super) async fn audit(
         &self,
         publisher: &Publisher,
-        record: &crate::audit::AuditRecord,
+        record: &poller_core::audit::AuditRecord,
     ) -> Result<(), BrokerError> {
         let audited = crate::audit::publish_record(
             publisher,
@@ -202,7 +202,7 @@ impl Replica {
             &self.names.poller_user,
         )
         .await?;
-        if audited != crate::audit::AuditOutcome::Delivered {
+        if audited != poller_core::audit::AuditOutcome::Delivered {
             self.stats.audit_diverted();
         }
         Ok(())

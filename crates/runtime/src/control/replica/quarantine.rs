@@ -6,10 +6,10 @@ use super::render;
 use super::Replica;
 use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
-use crate::control::trip::Trip;
-use crate::control::{transition, Actor, ControlCommand};
 use crate::intake::AgentId;
 use crate::outcome::{AgentView, Priority};
+use poller_core::control::trip::Trip;
+use poller_core::control::{transition, Actor, ControlCommand};
 
 impl Replica {
     /// Announces a quarantine or release this replica applied: the event and audit record,

@@ -5,11 +5,11 @@
 //! In: the replica's [`Names`] and what happened. Out: [`Outgoing`] messages and audit records
 //! built from the broker name constants. No I/O: tested without a broker.
 
-use crate::audit::{AuditEvent, AuditRecord};
 use crate::broker::names::{message_type, routing};
 use crate::broker::Outgoing;
-use crate::control::{ControlCommand, ControlState};
 use crate::outcome::{Alert, Priority, Status};
+use poller_core::audit::{AuditEvent, AuditRecord};
+use poller_core::control::{ControlCommand, ControlState};
 use serde::{Deserialize, Serialize};
 
 /// Where the control path publishes, and as whom.
@@ -235,7 +235,7 @@ pub fn lever(cmd: &ControlCommand, names: &Names) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::Mode;
+    use poller_core::control::Mode;
 
     fn names() -> Names {
         Names {

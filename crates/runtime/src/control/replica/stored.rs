@@ -4,11 +4,11 @@
 use super::{state_writer, Replica};
 use crate::broker::{self, BrokerError, Publisher};
 use crate::control::state_log::{self, Folded, StateReader};
-use crate::control::{ControlState, Mode};
 use crate::outcome::Priority;
 use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;
+use poller_core::control::{ControlState, Mode};
 
 impl Replica {
     /// Declares, subscribes, then applies the stored state (folded from the state stream on

@@ -5,10 +5,10 @@ use super::render;
 use super::Replica;
 use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
-use crate::control::trip::{Trip, TripScope, UnapprovedAttempt};
-use crate::control::{transition, Actor, ControlCommand};
 use crate::judging::canary::Finding;
 use crate::outcome::Priority;
+use poller_core::control::trip::{Trip, TripScope, UnapprovedAttempt};
+use poller_core::control::{transition, Actor, ControlCommand};
 
 impl Replica {
     pub(super) async fn on_attempt(

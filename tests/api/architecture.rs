@@ -1,0 +1,300 @@
+//! The layering `docs/ARCHITECTURE.md` describes, checked against the code: which workspace
+//! member may depend on which, which members may hold the I/O crates, and that no crate has a
+//! cycle between its top-level modules. Reads `cargo metadata` and the sources; no broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The members, bottom up, and the members each may depend on.
+const LAYERS: &[(&str, &[&str])] = &[
+    ("poller-core", &[]),
+    ("poller-adapters", &["poller-core"]),
+    ("poller-runtime", &["poller-core", "poller-adapters"]),
+    (
+        "command-poller",
+        &["poller-core", "poller-adapters", "poller-runtime"],
+    ),
+];
+
+/// The crates that reach outside the process, and the members allowed to depend on them.
+const IO_CRATES: &[(&str, &[&str])] = &[
+    // The broker: the adapters, the runtime's consumers and the surfaces' clients.
+    (
+        "lapin",
+        &["poller-adapters", "poller-runtime", "command-poller"],
+    ),
+    // The stores: the adapters only.
+    ("redb", &["poller-adapters"]),
+    ("redis", &["poller-adapters"]),
+    ("tokio-postgres", &["poller-adapters"]),
+    ("deadpool-postgres", &["poller-adapters"]),
+    // HTTP clients: the adapters, and the runtime's health probe of the bridge.
+    ("reqwest", &["poller-adapters", "poller-runtime"]),
+    // HTTP servers: the bridge simulator, the health endpoint, the console and MCP.
+    (
+        "axum",
+        &["poller-adapters", "poller-runtime", "command-poller"],
+    ),
+    ("rmcp", &["command-poller"]),
+];
+
+fn metadata() -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("cargo metadata is JSON")
+}
+
+/// Each member's normal (not dev or build) dependencies, by name.
+fn normal_dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    let meta = metadata();
+    meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            let deps = p["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                .filter(|d| d["kind"].is_null())
+                .map(|d| d["name"].as_str().expect("name").to_owned())
+                .collect();
+            (p["name"].as_str().expect("name").to_owned(), deps)
+        })
+        .collect()
+}
+
+#[test]
+fn each_member_depends_only_on_the_layers_below_it() {
+    let deps = normal_dependencies();
+    let members: BTreeSet<&str> = LAYERS.iter().map(|(m, _)| *m).collect();
+    assert_eq!(
+        deps.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        members,
+        "the workspace's members are the layers"
+    );
+    for (member, allowed) in LAYERS {
+        let on_members: BTreeSet<&str> = deps[*member]
+            .iter()
+            .map(String::as_str)
+            .filter(|d| members.contains(d))
+            .collect();
+        assert_eq!(
+            on_members,
+            allowed.iter().copied().collect::<BTreeSet<_>>(),
+            "{member} depends on members {on_members:?}; it may depend on {allowed:?} only"
+        );
+    }
+}
+
+#[test]
+fn the_io_crates_appear_only_in_the_members_that_hold_them() {
+    let deps = normal_dependencies();
+    for (krate, holders) in IO_CRATES {
+        for (member, d) in &deps {
+            if d.contains(*krate) {
+                assert!(
+                    holders.contains(&member.as_str()),
+                    "{member} depends on {krate}; only {holders:?} may"
+                );
+            }
+        }
+    }
+}
+
+/// The `.rs` files under `dir`.
+fn sources(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("source dir") {
+        let p = entry.expect("entry").path();
+        if p.is_dir() {
+            out.extend(sources(&p));
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The top-level modules named by `crate::<module>` in `code` (also inside `use crate::{..}`).
+fn crate_references(code: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut rest = code;
+    while let Some(i) = rest.find("crate::") {
+        let after = &rest[i + "crate::".len()..];
+        let preceded_by_ident = rest[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !preceded_by_ident {
+            if let Some(group) = after.strip_prefix('{') {
+                let end = group.find('}').unwrap_or(group.len());
+                // A nested group's inner names are not top-level: take the first ident of each
+                // comma-separated part at depth 0.
+                let mut depth = 0;
+                let mut start = 0;
+                let g = &group[..];
+                for (j, c) in g.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => {
+                            found.insert(ident(&g[start..j]));
+                            break;
+                        }
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            found.insert(ident(&g[start..j]));
+                            start = j + 1;
+                        }
+                        _ => {}
+                    }
+                }
+                let _ = end;
+            } else {
+                found.insert(ident(after));
+            }
+        }
+        rest = after;
+    }
+    found.retain(|m| !m.is_empty());
+    found
+}
+
+/// The code of a file that is not a comment and not test code (a `#[cfg(test)]` module is at
+/// the end of the files that have one).
+fn production_code(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("#[cfg(test)]") {
+            break;
+        }
+        if t.starts_with("//") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// For the crate whose sources are in `src`: top-level module → the top-level modules it uses.
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in sources(src) {
+        let rel = file.strip_prefix(src).expect("under src");
+        let top = rel
+            .components()
+            .next()
+            .expect("a component")
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_owned();
+        // The crate root and the test doubles are not modules of the layering.
+        if ["lib", "main", "testing", "test_util"].contains(&top.as_str()) {
+            continue;
+        }
+        let code = production_code(&std::fs::read_to_string(&file).expect("readable"));
+        let uses = graph.entry(top.clone()).or_default();
+        for m in crate_references(&code) {
+            if m != top {
+                uses.insert(m);
+            }
+        }
+    }
+    graph
+}
+
+/// A cycle in `graph`, if there is one (its modules in order).
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == node) {
+            return Some(path[at..].to_vec());
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for node in graph.keys() {
+        if let Some(c) = visit(node, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn no_crate_has_a_cycle_between_its_modules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for src in [
+        root.join("crates/core/src"),
+        root.join("crates/adapters/src"),
+        root.join("crates/runtime/src"),
+        root.join("src"),
+    ] {
+        let graph = module_graph(&src);
+        assert!(graph.len() > 3, "{}: modules found", src.display());
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "{}: the modules {} use each other in a circle",
+                src.display(),
+                cycle.join(" → ")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle() {
+    let refs = crate_references("use crate::{a::X, b::{c, d}};\nlet y = crate::e::f();");
+    assert_eq!(
+        refs,
+        ["a", "b", "e"].into_iter().map(String::from).collect()
+    );
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    g.entry("a".into()).or_default().insert("b".into());
+    g.entry("b".into()).or_default().insert("c".into());
+    g.entry("c".into()).or_default();
+    assert_eq!(find_cycle(&g), None);
+    g.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(
+        find_cycle(&g),
+        Some(vec!["a".into(), "b".into(), "c".into()])
+    );
+}
