@@ -31,6 +31,7 @@ pub mod health;
 pub mod metrics;
 pub mod pipeline;
 pub mod settings;
+pub mod settle;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod worker;

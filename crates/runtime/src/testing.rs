@@ -115,7 +115,7 @@ impl crate::broker::Publish for RecordingPublisher {
 /// A delivery's acker that records `ack` and `requeue`.
 pub struct RecordingAcker(pub Log);
 
-impl crate::worker::settle::Acker for RecordingAcker {
+impl crate::settle::Acker for RecordingAcker {
     fn ack(&self) -> BoxFuture<'_, bool> {
         self.0.lock().unwrap().push("ack".into());
         Box::pin(async { true })

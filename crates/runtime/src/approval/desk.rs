@@ -56,7 +56,7 @@ pub struct Desk {
     /// The policy file, read again at each approval: an approval is refused when it changed.
     pub policy_file: PathBuf,
     /// Its metrics are counted here.
-    pub state: Arc<crate::worker::PollerState>,
+    pub state: Arc<crate::settle::state::PollerState>,
     /// Wakes this replica's sweeper when a decision ends a wait.
     pub wake: Arc<Notify>,
     pub audit_exchange: String,
@@ -536,7 +536,7 @@ mod tests {
             store_key: Secret::new("k"),
             policy: Arc::new(crate::policy::shared::SharedPolicy::fixed(Arc::new(policy))),
             policy_file: s.policy.file.clone(),
-            state: Arc::new(crate::worker::PollerState::default()),
+            state: Arc::new(crate::settle::state::PollerState::default()),
             wake: Arc::new(Notify::new()),
             audit_exchange: "audit".into(),
             budget: Default::default(),

@@ -4,7 +4,7 @@
 //!
 //! In: the open records of the shared store. Out: each decided record's one final result,
 //! stored under the command's idempotency key and published like any command's (through the
-//! worker's [`Settler`](crate::worker::settle::Settler)), then the record closed. Every step is a
+//! worker's [`Settler`](crate::settle::Settler)), then the record closed. Every step is a
 //! compare-and-set or happens under the command's idempotency claim, so with many replicas each
 //! record is expired once and executed once; a replica that dies mid-way leaves the record
 //! decided and open, and the next sweep (anywhere) finishes it: the final result already stored
@@ -17,8 +17,8 @@ use crate::control::replica::Names;
 use crate::outcome::Status;
 use crate::pipeline::{Disposition, Inbound};
 use crate::settings::ApprovalSettings;
+use crate::settle::{Acker, Settled, Shell};
 use crate::store::{ClaimGuard, StoredOutcome};
-use crate::worker::settle::{Acker, Settled, Shell};
 use futures::future::BoxFuture;
 use poller_adapters::webhook::Notifier;
 use poller_core::approval::rules::{self, Sweep};

@@ -5,11 +5,11 @@
 //! In: the pipeline's panel and policy, the gate, a session's publisher. Out: metrics, logs,
 //! and [`Replica::canary_failed`]. Nothing is executed, stored or published as a result.
 
-use super::settle::Shell;
 use crate::broker::Publisher;
 use crate::control::replica::Replica;
 use crate::judging::canary::{self, Canary, CanarySettings, Finding};
 use crate::judging::PanelOutcome;
+use crate::settle::Shell;
 use poller_core::control::Mode;
 use std::sync::Arc;
 

@@ -1,9 +1,6 @@
 //! The composition root: builds a [`Poller`] from settings (policy, judges, bridge, store) or
 //! from parts (tests inject judges and bridges).
 
-use super::render::Names;
-use super::settle::{Settler, Shell};
-use super::state::PollerState;
 use super::Poller;
 use crate::approval::desk::Desk;
 use crate::bridge::signing::Secret;
@@ -17,6 +14,9 @@ use crate::pipeline::Pipeline;
 use crate::policy::shared::SharedPolicy;
 use crate::policy::Policy;
 use crate::settings::{BridgeMode, BridgeSettings, JudgeSettings, PanelSettings, Settings};
+use crate::settle::render::Names;
+use crate::settle::state::PollerState;
+use crate::settle::{Settler, Shell};
 use crate::store::Stores;
 use crate::store::{RateWindows, Slots};
 use poller_adapters::webhook::Notifier;

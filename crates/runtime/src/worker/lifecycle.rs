@@ -3,11 +3,11 @@
 //! gate, and draining in-flight commands on shutdown.
 
 use super::consumer::{consumer_stalled, CommandConsumer, SETUP_TIMEOUT, STALL_CHECK_EVERY};
-use super::settle;
-use super::state::PollerState;
 use super::Poller;
 use crate::broker::{self, BrokerError, Publisher};
 use crate::control::replica::Replica;
+use crate::settle;
+use crate::settle::state::PollerState;
 use crate::store::ResultStore;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::BasicQosOptions;

@@ -8,21 +8,17 @@
 //! bridge's dedup (per agent and action_id) makes a re-run after a lost ack safe.
 //!
 //! One file per concern: [`compose`] builds the worker from settings, [`lifecycle`] runs
-//! sessions, [`consumer`] manages the commands consumer, [`settle`] settles one delivery,
-//! [`render`] builds every outgoing message (pure), [`publish`] sends them, [`state`] is what
-//! health and status read.
+//! sessions, [`consumer`] manages the commands consumer. Settling one delivery (store, publish,
+//! ack), rendering every outgoing message and the state health reads are [`crate::settle`]'s,
+//! which the approval sweeper settles through too.
 
 mod canary;
 pub mod compose;
 mod consumer;
 mod lifecycle;
-pub mod publish;
-pub mod render;
-pub mod settle;
-pub mod state;
 
+pub use crate::settle::state::PollerState;
 pub use compose::{build_bridge, build_panel, StartError};
-pub use state::PollerState;
 
 use crate::bridge::simulator::SimulatorHandle;
 use crate::settings::{
@@ -48,7 +44,7 @@ pub(crate) struct Sections {
 /// then [`Poller::run`] it until shutdown.
 pub struct Poller {
     settings: Sections,
-    shell: Arc<settle::Shell>,
+    shell: Arc<crate::settle::Shell>,
     instance: String,
     /// Where the control replica publishes.
     control_names: crate::control::replica::Names,

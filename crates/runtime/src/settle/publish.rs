@@ -88,8 +88,8 @@ pub(crate) async fn next_publisher(
 mod tests {
     use super::*;
     use crate::broker::Outgoing;
+    use crate::settle::render::Message;
     use crate::testing::{RecordingPublisher, Refuse};
-    use crate::worker::render::Message;
     use poller_core::audit::AuditRecord;
 
     fn rendered() -> Rendered {

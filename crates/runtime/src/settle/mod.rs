@@ -1,5 +1,5 @@
-//! Settlement of one delivery: run it through the pipeline, then carry the [`Disposition`] out
-//! in one `match`: requeue a deferred command (its claim released), or store the result under
+//! Settlement of one delivery (the worker's, and the approval sweeper's): run it through the
+//! pipeline, then carry the [`Disposition`] out in one `match`: requeue a deferred command (its claim released), or store the result under
 //! the claim, publish everything with confirms, mark it published, and only then ack.
 //!
 //! In: a delivery and the session's publisher. Out: messages on the broker, the store updated,
@@ -9,9 +9,10 @@
 //! between the disposition and the ack, behind the [`Publish`] and [`Acker`] boundaries, so
 //! it is unit-tested with recording doubles.
 
-use super::publish;
-use super::render::{self, Names, Rendered};
-use super::state::{InFlight, PollerState};
+pub mod publish;
+pub mod render;
+pub mod state;
+
 use crate::bridge::signing::Secret;
 use crate::broker::{BrokerError, Publish, Publisher};
 use crate::pipeline::{Concluded, DeadLetterBody, Disposition, Inbound, Pipeline, Publication};
@@ -21,6 +22,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use poller_core::audit::AuditOutcome;
 use poller_core::control::trip::{self, TripRule};
+use render::{Names, Rendered};
+use state::{InFlight, PollerState};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
