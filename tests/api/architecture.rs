@@ -147,13 +147,11 @@ fn crate_references(code: &str) -> BTreeSet<String> {
             .next_back()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
         if !preceded_by_ident {
-            if let Some(group) = after.strip_prefix('{') {
-                let end = group.find('}').unwrap_or(group.len());
+            if let Some(g) = after.strip_prefix('{') {
                 // A nested group's inner names are not top-level: take the first ident of each
                 // comma-separated part at depth 0.
                 let mut depth = 0;
                 let mut start = 0;
-                let g = &group[..];
                 for (j, c) in g.char_indices() {
                     match c {
                         '{' => depth += 1,
@@ -169,7 +167,6 @@ fn crate_references(code: &str) -> BTreeSet<String> {
                         _ => {}
                     }
                 }
-                let _ = end;
             } else {
                 found.insert(ident(after));
             }
