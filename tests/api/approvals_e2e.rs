@@ -806,8 +806,8 @@ async fn a_crash_after_approval_neither_loses_nor_repeats_it() {
             "crashed-replica",
             &outcome.seal(&key),
             ttl,
-            true,
-            false,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
         )
         .await
         .unwrap();

@@ -91,9 +91,16 @@ async fn the_approval_records_contract_holds_for_every_backend() {
         // The stored result reads back without a claim.
         s.claim("agent/r1", "o", ttl).await.unwrap();
         assert_eq!(s.result("agent/r1").await.unwrap(), None);
-        s.complete("agent/r1", "o", "{}", ttl, true, false)
-            .await
-            .unwrap();
+        s.complete(
+            "agent/r1",
+            "o",
+            "{}",
+            ttl,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.result("agent/r1").await.unwrap().as_deref(), Some("{}"));
     }
 }
@@ -142,8 +149,8 @@ async fn the_store_contract_holds_for_every_backend() {
             "r2",
             r#"{"status":"SUCCESS"}"#,
             Duration::from_secs(60),
-            true,
-            false,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
         )
         .await
         .unwrap();
@@ -167,9 +174,16 @@ async fn the_store_contract_holds_for_every_backend() {
         );
         // Results expire after the retention.
         s.claim("agent/a3", "r1", ttl).await.unwrap();
-        s.complete("agent/a3", "r1", "{}", Duration::from_secs(1), true, false)
-            .await
-            .unwrap();
+        s.complete(
+            "agent/a3",
+            "r1",
+            "{}",
+            Duration::from_secs(1),
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(
             s.claim("agent/a3", "r1", ttl).await.unwrap(),
@@ -198,7 +212,14 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         // Expired and nobody else holds it: still not the old owner's to complete.
         let refused = s
-            .complete("agent/s1", "old", "{\"by\":\"old\"}", keep, true, false)
+            .complete(
+                "agent/s1",
+                "old",
+                "{\"by\":\"old\"}",
+                keep,
+                command_poller::store::Durability::Synced,
+                command_poller::store::ClaimAfter::Ended,
+            )
             .await;
         assert!(
             matches!(refused, Err(StoreError::NotOwner)),
@@ -210,7 +231,14 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
             "{backend:?}"
         );
         let refused = s
-            .complete("agent/s1", "old", "{\"by\":\"old\"}", keep, true, false)
+            .complete(
+                "agent/s1",
+                "old",
+                "{\"by\":\"old\"}",
+                keep,
+                command_poller::store::Durability::Synced,
+                command_poller::store::ClaimAfter::Ended,
+            )
             .await;
         assert!(
             matches!(refused, Err(StoreError::NotOwner)),
@@ -227,8 +255,8 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
             "new",
             "{\"by\":\"new\",\"published\":false}",
             keep,
-            true,
-            true,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Kept,
         )
         .await
         .unwrap();
@@ -237,9 +265,16 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
             Claim::Busy("new".into()),
             "{backend:?}: the claim was kept"
         );
-        s.complete("agent/s1", "new", "{\"by\":\"new\"}", keep, false, false)
-            .await
-            .unwrap();
+        s.complete(
+            "agent/s1",
+            "new",
+            "{\"by\":\"new\"}",
+            keep,
+            command_poller::store::Durability::Buffered,
+            command_poller::store::ClaimAfter::Ended,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             s.claim("agent/s1", "third", ttl).await.unwrap(),
             Claim::Done("{\"by\":\"new\"}".into()),
@@ -247,7 +282,14 @@ async fn every_backend_refuses_a_complete_from_a_stale_owner() {
         );
         // Done, but the claim is gone: a stale second complete is refused too.
         let refused = s
-            .complete("agent/s1", "new", "{}", keep, false, false)
+            .complete(
+                "agent/s1",
+                "new",
+                "{}",
+                keep,
+                command_poller::store::Durability::Buffered,
+                command_poller::store::ClaimAfter::Ended,
+            )
             .await;
         assert!(
             matches!(refused, Err(StoreError::NotOwner)),
@@ -279,8 +321,8 @@ async fn the_embedded_store_survives_a_restart() {
             "old-process",
             r#"{"kept":true}"#,
             Duration::from_secs(60),
-            true,
-            false,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
         )
         .await
         .unwrap();
@@ -511,8 +553,8 @@ async fn a_value_planted_in_the_store_is_refused_not_replayed_with_every_backend
                 "attacker",
                 &planted,
                 Duration::from_secs(60),
-                true,
-                false,
+                command_poller::store::Durability::Synced,
+                command_poller::store::ClaimAfter::Ended,
             )
             .await
             .unwrap();

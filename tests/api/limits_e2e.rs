@@ -673,8 +673,8 @@ async fn the_shared_stores_speak_tls_and_verify_the_server() {
             "me",
             "{}",
             Duration::from_secs(60),
-            true,
-            false,
+            command_poller::store::Durability::Synced,
+            command_poller::store::ClaimAfter::Ended,
         )
         .await
         .unwrap();

@@ -185,9 +185,10 @@ impl ResultStore for MemStore {
         owner: &'a str,
         result_json: &'a str,
         _retention: Duration,
-        _durable: bool,
-        keep_claim: bool,
+        _durability: crate::store::Durability,
+        after: crate::store::ClaimAfter,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let keep_claim = after == crate::store::ClaimAfter::Kept;
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let answer = if m.holder(key) != Some(owner) {
             Err(StoreError::NotOwner)
@@ -285,17 +286,41 @@ mod tests {
             Claim::Busy("a".into())
         );
         assert!(matches!(
-            s.complete("k", "b", "{}", ttl, false, false).await,
+            s.complete(
+                "k",
+                "b",
+                "{}",
+                ttl,
+                crate::store::Durability::Buffered,
+                crate::store::ClaimAfter::Ended
+            )
+            .await,
             Err(StoreError::NotOwner)
         ));
-        s.complete("k", "a", "{}", ttl, false, true).await.unwrap();
+        s.complete(
+            "k",
+            "a",
+            "{}",
+            ttl,
+            crate::store::Durability::Buffered,
+            crate::store::ClaimAfter::Kept,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             s.hold("k", "b", ttl).await.unwrap(),
             Claim::Busy("a".into())
         );
-        s.complete("k", "a", "{\"done\":1}", ttl, false, false)
-            .await
-            .unwrap();
+        s.complete(
+            "k",
+            "a",
+            "{\"done\":1}",
+            ttl,
+            crate::store::Durability::Buffered,
+            crate::store::ClaimAfter::Ended,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             s.claim("k", "b", ttl).await.unwrap(),
             Claim::Done("{\"done\":1}".into())

@@ -6,7 +6,7 @@
 //! lives, through storing and publishing the result, and is finished by [`ClaimGuard::complete`]
 //! or [`ClaimGuard::release`]; dropped unfinished, it stops renewing and releases the claim.
 
-use super::{Claim, ResultStore, StoreError};
+use super::{Claim, ClaimAfter, Durability, ResultStore, StoreError};
 use crate::bridge::signing::Secret;
 use crate::outcome::ResultMessage;
 use std::collections::HashMap;
@@ -237,8 +237,8 @@ impl ClaimGuard {
                 &self.owner,
                 &outcome.seal(seal),
                 self.retention,
-                true,
-                true,
+                Durability::Synced,
+                ClaimAfter::Kept,
             )
             .await
     }
@@ -258,8 +258,8 @@ impl ClaimGuard {
                 &self.owner,
                 &outcome.seal(seal),
                 self.retention,
-                false,
-                false,
+                Durability::Buffered,
+                ClaimAfter::Ended,
             )
             .await;
         self.finished = done.is_ok();

@@ -60,18 +60,16 @@ pub trait ResultStore: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
     /// Stores the final result (kept for `retention`), only while `owner` holds a live claim on
-    /// `key` ([`StoreError::NotOwner`] otherwise, and nothing is written). `keep_claim`: the
-    /// claim stays (the result is stored before it is published; the claim ends with a second
-    /// `complete` once it is), else it is dropped. `durable`: on disk before returning (the
-    /// embedded store skips the fsync otherwise; shared stores always persist).
+    /// `key` ([`StoreError::NotOwner`] otherwise, and nothing is written). `durability`: whether
+    /// it is on disk before this returns; `after`: whether the claim stays (see their types).
     fn complete<'a>(
         &'a self,
         key: &'a str,
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
-        durable: bool,
-        keep_claim: bool,
+        durability: Durability,
+        after: ClaimAfter,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Drops `owner`'s claim without a result (the command went back to the queue).
     fn release<'a>(&'a self, key: &'a str, owner: &'a str)
@@ -103,6 +101,27 @@ pub trait ResultStore: Send + Sync {
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Every open record (parked, not yet finalized).
     fn open_records(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+}
+
+/// Whether a stored result is on disk before [`ResultStore::complete`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk first: the result is stored before it is published, so a crash in between
+    /// publishes it instead of redoing the action.
+    Synced,
+    /// The embedded store may skip the fsync (losing the write costs a replay, not a redo);
+    /// the shared stores always persist.
+    Buffered,
+}
+
+/// Whether the claim outlives [`ResultStore::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimAfter {
+    /// The claim stays: the result is stored before it is published, and a second `complete`
+    /// ends the claim once it is.
+    Kept,
+    /// The claim ends with the write.
+    Ended,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -508,9 +508,11 @@ impl ResultStore for EmbeddedStore {
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
-        durable: bool,
-        keep_claim: bool,
+        durability: crate::store::Durability,
+        after: crate::store::ClaimAfter,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let durable = durability == crate::store::Durability::Synced;
+        let keep_claim = after == crate::store::ClaimAfter::Kept;
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let op = Op::Complete {

@@ -301,9 +301,10 @@ impl ResultStore for PostgresStore {
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
-        _durable: bool,
-        keep_claim: bool,
+        _durability: crate::store::Durability,
+        after: crate::store::ClaimAfter,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let keep_claim = after == crate::store::ClaimAfter::Kept;
         Box::pin(async move {
             let key = self.key(key);
             let secs = retention.as_secs() as f64;

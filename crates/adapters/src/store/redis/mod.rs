@@ -299,9 +299,10 @@ impl ResultStore for RedisStore {
         owner: &'a str,
         result_json: &'a str,
         retention: Duration,
-        _durable: bool,
-        keep_claim: bool,
+        _durability: crate::store::Durability,
+        after: crate::store::ClaimAfter,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let keep_claim = after == crate::store::ClaimAfter::Kept;
         Box::pin(async move {
             let mut c = self.conn.clone();
             // Only the live claim's owner writes the result: checked and written atomically.
