@@ -121,39 +121,46 @@ fn store() -> Arc<command_poller::store::EmbeddedStore> {
 
 fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool) -> Pipeline {
     let store = store();
-    Pipeline {
-        admission: None,
-        limits: DecodeLimits::default(),
-        allow_unverified,
-        policy: Arc::new(command_poller::policy::shared::SharedPolicy::fixed(
-            Arc::new(policy),
-        )),
-        panel: Panel::new(
-            vec![(
-                Arc::new(ScriptedJudge::new("yes", Script::Approve, Duration::ZERO))
-                    as Arc<dyn Judge>,
-                Duration::from_secs(1),
-            )],
-            1,
-        ),
-        bridge,
-        instance: "prop".into(),
-        history: Default::default(),
-        gate: Arc::new(Gate::default()),
-        bridge_slots: command_poller::store::Slots::new(
-            Arc::new(command_poller::store::local::LocalSlots::default()),
-            4,
-            Duration::from_secs(15),
-            Duration::from_secs(60),
-            "props",
-        ),
-        store,
-        claim_ttl: Duration::from_secs(60),
-        wait_for_in_flight: Duration::from_millis(10),
-        waiting: command_poller::store::Waiters::new(2),
-        retention: Duration::from_secs(3600),
-        store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
-    }
+    Pipeline::new(
+        "prop",
+        command_poller::pipeline::IntakeParts {
+            limits: DecodeLimits::default(),
+            allow_unverified,
+            admission: None,
+        },
+        command_poller::pipeline::Deciders {
+            policy: Arc::new(command_poller::policy::shared::SharedPolicy::fixed(
+                Arc::new(policy),
+            )),
+            panel: Panel::new(
+                vec![(
+                    Arc::new(ScriptedJudge::new("yes", Script::Approve, Duration::ZERO))
+                        as Arc<dyn Judge>,
+                    Duration::from_secs(1),
+                )],
+                1,
+            ),
+        },
+        command_poller::pipeline::Execution {
+            bridge,
+            gate: Arc::new(Gate::default()),
+            slots: command_poller::store::Slots::new(
+                Arc::new(command_poller::store::local::LocalSlots::default()),
+                4,
+                Duration::from_secs(15),
+                Duration::from_secs(60),
+                "props",
+            ),
+        },
+        command_poller::pipeline::Keeping {
+            store,
+            store_key: command_poller::bridge::signing::Secret::new("property-test-key"),
+            claim_ttl: Duration::from_secs(60),
+            wait_for_in_flight: Duration::from_millis(10),
+            max_waiting_per_agent: 2,
+            retention: Duration::from_secs(3600),
+        },
+    )
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -18,7 +18,7 @@ use crate::outcome::Status;
 use crate::pipeline::{Disposition, Inbound};
 use crate::settings::ApprovalSettings;
 use crate::settle::{Acker, Settled, Shell};
-use crate::store::{ClaimGuard, StoredOutcome};
+use crate::store::StoredOutcome;
 use futures::future::BoxFuture;
 use poller_adapters::webhook::Notifier;
 use poller_core::approval::rules::{self, Sweep};
@@ -71,7 +71,7 @@ impl Sweeper {
     /// One sweep over every open record.
     pub async fn sweep(&self, publisher: &Publisher) {
         let p = &self.shell.pipeline;
-        let records = match p.store.open_records().await {
+        let records = match p.store().open_records().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "approvals: the store did not answer; sweeping later");
@@ -81,7 +81,7 @@ impl Sweeper {
         let now = crate::clock::unix_now();
         let mut pending = 0;
         for sealed in records {
-            let rec = match Parked::unseal(&p.store_key, &sealed) {
+            let rec = match Parked::unseal(p.store_key(), &sealed) {
                 Ok(r) => r,
                 Err(e) => {
                     // Never acted on: it may be planted. A human looks.
@@ -98,9 +98,9 @@ impl Sweeper {
                 Sweep::Notify { reminder } => self.notify(&rec, &sealed, reminder, now).await,
                 Sweep::Expire => {
                     let next = rules::expire(&rec, now);
-                    let sealed_next = next.seal(&p.store_key);
+                    let sealed_next = next.seal(p.store_key());
                     match p
-                        .store
+                        .store()
                         .swap(&rec.approval_id, &sealed, &sealed_next, true)
                         .await
                     {
@@ -129,8 +129,8 @@ impl Sweeper {
         }
         // Marked first (compare-and-set): one replica posts it.
         if let Ok(true) = p
-            .store
-            .swap(&rec.approval_id, sealed, &next.seal(&p.store_key), true)
+            .store()
+            .swap(&rec.approval_id, sealed, &next.seal(p.store_key()), true)
             .await
         {
             n.post(
@@ -197,21 +197,13 @@ impl Sweeper {
 
     async fn finalize_in_span(&self, publisher: &Publisher, rec: Parked, sealed: String) {
         let p = &self.shell.pipeline;
-        if rec.state == State::Approved && p.gate.mode() != poller_core::control::Mode::Running {
+        if rec.state == State::Approved && !p.running() {
             // Held back until the system runs again: no claim taken, no bridge slot asked for,
             // so a paused or halted fleet leaves the command's key free (checked again under
             // the claim, before the bridge call).
             return;
         }
-        let claim = match ClaimGuard::hold(
-            p.store.clone(),
-            rec.action_key.clone(),
-            &p.instance,
-            p.claim_ttl,
-            p.retention,
-        )
-        .await
-        {
+        let claim = match p.hold_claim(&rec.action_key).await {
             Ok(Some(c)) => c,
             Ok(None) => return, // another replica is on it
             Err(e) => {
@@ -221,8 +213,8 @@ impl Sweeper {
         };
         // What the command's key holds now: the NEEDS_APPROVAL result, or the final one stored by
         // an earlier sweep that did not get to publish it or to close the record.
-        let stored = match p.store.result(&rec.action_key).await {
-            Ok(s) => s.map(|s| StoredOutcome::unseal(&p.store_key, &s)),
+        let stored = match p.store().result(&rec.action_key).await {
+            Ok(s) => s.map(|s| StoredOutcome::unseal(p.store_key(), &s)),
             Err(e) => {
                 tracing::warn!(error = %e, "approvals: could not read the stored result");
                 let _ = claim.release().await;
@@ -302,17 +294,17 @@ impl Sweeper {
     async fn close(&self, rec: &Parked, mut sealed: String, status: Status) {
         let p = &self.shell.pipeline;
         for _ in 0..5 {
-            let mut current = match Parked::unseal(&p.store_key, &sealed) {
+            let mut current = match Parked::unseal(p.store_key(), &sealed) {
                 Ok(r) => r,
                 Err(_) => rec.clone(),
             };
             current.finalized = Some(status);
             match p
-                .store
+                .store()
                 .swap(
                     &rec.approval_id,
                     &sealed,
-                    &current.seal(&p.store_key),
+                    &current.seal(p.store_key()),
                     false,
                 )
                 .await
@@ -321,7 +313,7 @@ impl Sweeper {
                     tracing::info!(status = %status, "approval finalized");
                     return;
                 }
-                Ok(false) => match p.store.record(&rec.approval_id).await {
+                Ok(false) => match p.store().record(&rec.approval_id).await {
                     Ok(Some(now)) => sealed = now,
                     _ => return,
                 },

@@ -33,8 +33,8 @@ pub(crate) async fn watch(
         for which in Canary::ALL {
             let pipeline = &shell.pipeline;
             let (request, rule) =
-                canary::request(which, &pipeline.policy.snapshot(), &settings.agent, n);
-            let report = pipeline.panel.convene(&request, rule).await;
+                canary::request(which, &pipeline.policy().snapshot(), &settings.agent, n);
+            let report = pipeline.panel().convene(&request, rule).await;
             let approved = report.outcome == PanelOutcome::Approved;
             shell.settler.state.metrics.canary(which.as_str(), approved);
             let finding = canary::finding(which, report.outcome);

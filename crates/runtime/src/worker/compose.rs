@@ -212,49 +212,53 @@ impl Poller {
         let store_key =
             crate::store::store_key(&settings.idempotency, settings.secrets.store_key.clone())
                 .expect("the idempotency store key (checked at start)");
-        let pipeline = Pipeline {
-            limits: DecodeLimits {
-                max_payload_bytes: settings.intake.max_payload_bytes,
-            },
-            allow_unverified: settings.intake.allow_unverified_agents,
-            admission: settings
-                .intake
-                .per_agent_limit
-                .map(|limit| crate::pipeline::Admission {
-                    windows: stores.windows.clone(),
-                    limit,
-                }),
-            policy: Arc::new(SharedPolicy::from_file(
-                policy,
-                settings.policy.file.clone(),
-                {
-                    let retention = settings.idempotency.retention;
-                    Some(Box::new(move |p: &Policy| {
-                        poller_core::approval::check_ttls(p, retention)
-                    }))
+        let pipeline = Pipeline::new(
+            instance.clone(),
+            crate::pipeline::IntakeParts {
+                limits: DecodeLimits {
+                    max_payload_bytes: settings.intake.max_payload_bytes,
                 },
-            )),
-            panel,
-            bridge,
-            instance: instance.clone(),
-            history: Default::default(),
-            gate: state.gate.clone(),
-            bridge_slots: Slots::new(
-                stores.slots,
-                settings.bridge.max_concurrency,
-                settings.bridge.slot_lease,
-                settings.idempotency.retention,
-                &instance,
-            ),
-            store: stores.results,
-            claim_ttl: settings.idempotency.claim_ttl,
-            wait_for_in_flight: settings.idempotency.wait_for_in_flight,
-            waiting: crate::store::Waiters::new(
-                settings.idempotency.max_waiting_duplicates_per_agent,
-            ),
-            retention: settings.idempotency.retention,
-            store_key,
-        };
+                allow_unverified: settings.intake.allow_unverified_agents,
+                admission: settings.intake.per_agent_limit.map(|limit| {
+                    crate::pipeline::Admission {
+                        windows: stores.windows.clone(),
+                        limit,
+                    }
+                }),
+            },
+            crate::pipeline::Deciders {
+                policy: Arc::new(SharedPolicy::from_file(
+                    policy,
+                    settings.policy.file.clone(),
+                    {
+                        let retention = settings.idempotency.retention;
+                        Some(Box::new(move |p: &Policy| {
+                            poller_core::approval::check_ttls(p, retention)
+                        }))
+                    },
+                )),
+                panel,
+            },
+            crate::pipeline::Execution {
+                bridge,
+                gate: state.gate.clone(),
+                slots: Slots::new(
+                    stores.slots,
+                    settings.bridge.max_concurrency,
+                    settings.bridge.slot_lease,
+                    settings.idempotency.retention,
+                    &instance,
+                ),
+            },
+            crate::pipeline::Keeping {
+                store: stores.results,
+                store_key,
+                claim_ttl: settings.idempotency.claim_ttl,
+                wait_for_in_flight: settings.idempotency.wait_for_in_flight,
+                max_waiting_per_agent: settings.idempotency.max_waiting_duplicates_per_agent,
+                retention: settings.idempotency.retention,
+            },
+        );
         let names = Names {
             results_exchange: settings.topology.results_exchange.clone(),
             alerts_exchange: settings.topology.alerts_exchange.clone(),
@@ -269,7 +273,7 @@ impl Poller {
             names,
             trips: settings.control.trips.clone(),
             publish_failure_pause: settings.processing.publish_failure_pause,
-            store_key: pipeline.store_key.clone(),
+            store_key: pipeline.store_key().clone(),
         };
         let shell = Shell {
             pipeline: Arc::new(pipeline),
@@ -289,9 +293,9 @@ impl Poller {
         let desk = Desk {
             settings: settings.approval.clone(),
             names: control_names.clone(),
-            store: shell.pipeline.store.clone(),
-            store_key: shell.pipeline.store_key.clone(),
-            policy: shell.pipeline.policy.clone(),
+            store: shell.pipeline.store().clone(),
+            store_key: shell.pipeline.store_key().clone(),
+            policy: shell.pipeline.policy().clone(),
             policy_file: settings.policy.file.clone(),
             state: shell.settler.state.clone(),
             wake: wake.clone(),

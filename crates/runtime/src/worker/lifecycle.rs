@@ -29,7 +29,7 @@ impl Poller {
         // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
         let mut tasks: JoinSet<()> = JoinSet::new();
         let store_watch = tokio::spawn(watch_store(
-            self.shell.pipeline.store.clone(),
+            self.shell.pipeline.store().clone(),
             self.shell.settler.state.clone(),
             shutdown.clone(),
         ));
@@ -214,7 +214,7 @@ impl Poller {
                 self.control_names.clone(),
                 self.shell.settler.state.gate.clone(),
                 self.shell.settler.state.clone(),
-                self.shell.pipeline.policy.clone(),
+                self.shell.pipeline.policy().clone(),
                 self.shell.settler.state.reload.clone(),
             ));
             let control_ch = consume_conn.create_channel().await?;

@@ -1,0 +1,112 @@
+//! The bridge stage: a slot of the fleet's limit, the operator gate, then the Apps Script
+//! bridge. Out: the result of the call (SUCCESS, FAILED, UNKNOWN_OUTCOME), a refusal when the
+//! agent was quarantined meanwhile, or [`Deferred`] when held back.
+
+use super::*;
+
+impl Pipeline {
+    pub(super) async fn execute(
+        &self,
+        cmd: &Command,
+        agent: &Agent,
+        draft: Draft,
+        rationale: String,
+    ) -> Result<ResultMessage, Deferred> {
+        let key = crate::store::action_key(agent, &cmd.action_id);
+        let slot = match self.bridge_slots.acquire(&key).await {
+            Ok(slot) => slot,
+            // Fail closed: no bridge call starts without a slot of the fleet's limit. The store
+            // is down: as for the claim, don't spin (the requeue costs a delivery).
+            Err(e) => {
+                tracing::error!(error = %e, "bridge slots unavailable; not calling the bridge (fail closed)");
+                tokio::time::sleep(STORE_DOWN_PAUSE).await;
+                return Err(Deferred(format!(
+                    "no bridge slot: the fleet's limit can't be checked ({e})"
+                )));
+            }
+        };
+        let _ticket = match self.gate.begin_bridge(&agent.control_key()) {
+            Ok(t) => t,
+            Err(Held::Mode(mode)) => {
+                slot.not_sent().await;
+                return Err(Deferred(format!(
+                    "{} before the bridge call",
+                    mode.as_str().to_ascii_lowercase()
+                )));
+            }
+            Err(Held::Quarantined(q)) => {
+                // Quarantined while it was being decided (or waiting for approvers).
+                slot.not_sent().await;
+                tracing::warn!(by = %q.by, "agent quarantined before the bridge call; not executed");
+                return Ok(draft.rejected("agent", quarantine_reason(&agent.control_key(), &q)));
+            }
+        };
+        let repost = slot.earlier();
+        if repost {
+            tracing::warn!("re-POST: an earlier attempt already sent this action to the bridge; only the bridge's dedup keeps it from acting twice");
+        }
+        let request = BridgeRequest {
+            action_id: cmd.action_id.to_string(),
+            command_type: cmd.command_type,
+            params: BridgeParams {
+                service: cmd.service.to_string(),
+            },
+            agent: agent.id.to_string(),
+            agent_verified: agent.verified,
+            requested_at: now_rfc3339(),
+            lookup: false,
+        };
+        let started = Instant::now();
+        let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
+        let ms = started.elapsed().as_millis() as u64;
+        match answer {
+            Ok(a) => {
+                tracing::info!(attempts = a.attempts, ms, "bridge call succeeded");
+                let mut r = draft.finish(Status::Success, rationale);
+                r.tool_result = Some(a.tool_result);
+                r.bridge = Some(BridgeSummary {
+                    attempts: a.attempts,
+                    ms,
+                    error: None,
+                    repost,
+                });
+                Ok(r)
+            }
+            Err(crate::bridge::BridgeError::Held { attempts, why }) => Err(Deferred(format!(
+                "{why} (after {attempts} attempt(s) that did not complete)"
+            ))),
+            Err(e @ crate::bridge::BridgeError::UnknownOutcome { .. }) => {
+                tracing::error!(error = %e, ms, "bridge outcome unknown");
+                let mut r = draft.finish(
+                    Status::UnknownOutcome,
+                    format!("{rationale} The bridge ran the action, but its answer was lost and it remembered none: whether it took effect is unknown. A human must check the service; it is not retried."),
+                );
+                r.bridge = Some(BridgeSummary {
+                    attempts: 1,
+                    ms,
+                    error: Some(e.to_string()),
+                    repost,
+                });
+                Ok(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ms, "bridge call failed");
+                let attempts = match &e {
+                    crate::bridge::BridgeError::Exhausted { attempts, .. } => *attempts,
+                    _ => 1,
+                };
+                let mut r = draft.finish(
+                    Status::Failed,
+                    format!("{rationale} The bridge call failed: {e}"),
+                );
+                r.bridge = Some(BridgeSummary {
+                    attempts,
+                    ms,
+                    error: Some(e.to_string()),
+                    repost,
+                });
+                Ok(r)
+            }
+        }
+    }
+}
