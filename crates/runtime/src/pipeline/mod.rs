@@ -277,3 +277,6 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,363 @@
+//! Every way a command can leave the pipeline, on in-memory doubles of the store, the judges
+//! and the bridge: no broker, store or network.
+
+use super::*;
+use crate::store::local::{LocalSlots, MemWindows};
+use crate::store::ResultStore;
+use crate::testing::{scripted_panel, MemStore, RecordingBridge, Script};
+use poller_core::control::{ControlState, Mode, Quarantined};
+
+const SHIPPED_POLICY: &str = include_str!("../../../../config/policy.toml");
+
+/// The parts a test changes; the rest is the shipped policy, a panel of one judge, a recording
+/// bridge and a store in memory.
+struct Fixture {
+    store: Arc<MemStore>,
+    bridge: Arc<RecordingBridge>,
+    gate: Arc<Gate>,
+    judge: Script,
+    admission: Option<usize>,
+    allow_unverified: bool,
+    max_payload_bytes: usize,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self {
+            store: Arc::new(MemStore::default()),
+            bridge: Arc::new(RecordingBridge::default()),
+            gate: Arc::new(Gate::default()),
+            judge: Script::Approve,
+            admission: None,
+            allow_unverified: false,
+            max_payload_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Fixture {
+    fn pipeline(&self) -> Pipeline {
+        let admission = self.admission.map(|count| Admission {
+            windows: Arc::new(MemWindows::default()),
+            limit: crate::settings::AdmissionLimit {
+                count,
+                window: Duration::from_secs(60),
+            },
+        });
+        Pipeline::new(
+            "test-replica",
+            IntakeParts {
+                limits: DecodeLimits {
+                    max_payload_bytes: self.max_payload_bytes,
+                },
+                allow_unverified: self.allow_unverified,
+                admission,
+            },
+            Deciders {
+                policy: Arc::new(SharedPolicy::fixed(Arc::new(
+                    Policy::parse(SHIPPED_POLICY).expect("the shipped policy parses"),
+                ))),
+                panel: scripted_panel(vec![("judge", self.judge, 0)], Duration::from_secs(1), 1),
+            },
+            Execution {
+                bridge: self.bridge.clone(),
+                gate: self.gate.clone(),
+                slots: Slots::new(
+                    Arc::new(LocalSlots::default()),
+                    4,
+                    Duration::from_secs(15),
+                    Duration::from_secs(60),
+                    "test-replica",
+                ),
+            },
+            Keeping {
+                store: self.store.clone(),
+                store_key: Secret::new("pipeline-unit-test-key"),
+                claim_ttl: Duration::from_secs(30),
+                wait_for_in_flight: Duration::from_millis(20),
+                max_waiting_per_agent: 1,
+                retention: Duration::from_secs(600),
+            },
+        )
+    }
+}
+
+/// A command from the broker-verified `agent-1`.
+fn command(action_id: &str, command_type: &str) -> Inbound {
+    Inbound {
+        payload: serde_json::json!({
+            "action_id": action_id,
+            "command_type": command_type,
+            "params": {"service": "mailchimp"},
+            "severity": "LOW",
+        })
+        .to_string()
+        .into_bytes(),
+        user_id: Some("agent-1".into()),
+        reply_to: None,
+        content_type: Some("application/json".into()),
+        routing_key: format!("command.{}", command_type.to_ascii_lowercase()),
+        redelivered: false,
+        message_type: Some(crate::broker::names::message_type::COMMAND.into()),
+    }
+}
+
+/// The status and error field of a concluded command; panics on any other disposition.
+fn concluded(d: &Disposition) -> (Status, Option<&str>, bool) {
+    match d {
+        Disposition::Conclude { outcome, claim } => (
+            outcome.result.status,
+            outcome.result.error_field.as_deref(),
+            claim.is_some(),
+        ),
+        other => panic!("expected a conclusion, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_payload_is_dead_lettered_by_its_digest_alone() {
+    let f = Fixture {
+        max_payload_bytes: 64,
+        ..Fixture::default()
+    };
+    let d = f
+        .pipeline()
+        .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))
+        .await;
+    match d {
+        Disposition::DeadLetter { letter, result, .. } => {
+            assert_eq!(letter.field, "payload");
+            assert!(matches!(letter.body, DeadLetterBody::Withheld { .. }));
+            assert!(result.is_none(), "nothing of an oversized body is read");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn an_undecodable_command_is_dead_lettered_with_a_rejection_when_its_id_is_readable() {
+    let f = Fixture::default();
+    let mut msg = command("a-1", "CHECK_INTEGRATION_STATUS");
+    msg.payload = br#"{"action_id":"a-1","command_type":"DELETE_EVERYTHING"}"#.to_vec();
+    match f.pipeline().process(&msg).await {
+        Disposition::DeadLetter { letter, result, .. } => {
+            assert_eq!(letter.field, "command_type");
+            assert!(matches!(letter.body, DeadLetterBody::Original));
+            let r = result.expect("the action_id was readable");
+            assert_eq!(r.status, Status::Rejected);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unverified_sender_is_rejected_without_a_claim() {
+    let f = Fixture::default();
+    let mut msg = command("a-1", "CHECK_INTEGRATION_STATUS");
+    msg.user_id = None;
+    let d = f.pipeline().process(&msg).await;
+    let (status, _, claimed) = concluded(&d);
+    assert_eq!(status, Status::Rejected);
+    assert!(!claimed);
+    assert_eq!(f.store.result("agent-1/a-1").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_reply_to_another_agents_queue_is_rejected() {
+    let f = Fixture::default();
+    let mut msg = command("a-1", "CHECK_INTEGRATION_STATUS");
+    msg.reply_to = Some("agent.agent-2.replies".into());
+    let d = f.pipeline().process(&msg).await;
+    assert_eq!(concluded(&d), (Status::Rejected, Some("reply_to"), false));
+}
+
+#[tokio::test]
+async fn an_agent_over_its_admission_limit_is_rejected_before_the_claim() {
+    let f = Fixture {
+        admission: Some(1),
+        ..Fixture::default()
+    };
+    let p = f.pipeline();
+    let first = p.process(&command("a-1", "CHECK_INTEGRATION_STATUS")).await;
+    assert_eq!(concluded(&first).0, Status::Success);
+    let second = p.process(&command("a-2", "CHECK_INTEGRATION_STATUS")).await;
+    assert_eq!(
+        concluded(&second),
+        (Status::Rejected, Some("rate_limited"), false)
+    );
+    assert_eq!(f.bridge.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_quarantined_agents_command_is_rejected_and_its_claim_released() {
+    let f = Fixture::default();
+    let mut state = ControlState::initial();
+    state.quarantined.insert(
+        "agent-1".into(),
+        Quarantined {
+            by: "ops".into(),
+            reason: "test".into(),
+            since: crate::clock::now_rfc3339(),
+            request_id: "r-1".into(),
+        },
+    );
+    f.gate.set(state);
+    let d = f
+        .pipeline()
+        .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))
+        .await;
+    assert_eq!(concluded(&d), (Status::Rejected, Some("agent"), false));
+    assert_eq!(
+        f.store
+            .claim("agent-1/a-1", "other", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        crate::store::Claim::Mine,
+        "the claim was released"
+    );
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn an_allowed_command_runs_once_and_a_copy_replays_its_result() {
+    let f = Fixture::default();
+    let p = f.pipeline();
+    let d = p.process(&command("a-1", "CHECK_INTEGRATION_STATUS")).await;
+    assert_eq!(concluded(&d), (Status::Success, None, true));
+    // Settled as the worker does: stored under the claim, then the claim ended.
+    let Disposition::Conclude {
+        outcome,
+        claim: Some(claim),
+    } = d
+    else {
+        unreachable!()
+    };
+    let stored = crate::store::StoredOutcome {
+        result: outcome.result,
+        published: true,
+        command_digest: outcome.command_digest,
+    };
+    claim.complete(&stored, p.store_key()).await.unwrap();
+    match p.process(&command("a-1", "CHECK_INTEGRATION_STATUS")).await {
+        Disposition::Replay { outcome, .. } => {
+            assert_eq!(outcome.result.status, Status::Success);
+            assert!(outcome.result.replay);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.bridge.calls(), 1, "executed once");
+}
+
+#[tokio::test]
+async fn a_blocked_type_never_reaches_the_judges_or_the_bridge() {
+    let f = Fixture::default();
+    let d = f
+        .pipeline()
+        .process(&command("a-1", "CONNECT_INTEGRATION"))
+        .await;
+    assert_eq!(concluded(&d), (Status::Blocked, None, true));
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_judged_command_the_panel_denies_is_parked_for_approval() {
+    let f = Fixture {
+        judge: Script::Deny,
+        ..Fixture::default()
+    };
+    let d = f.pipeline().process(&command("a-1", "REFRESH_TOKEN")).await;
+    match &d {
+        Disposition::Conclude { outcome, claim } => {
+            assert_eq!(outcome.result.status, Status::NeedsApproval);
+            let ticket = outcome
+                .result
+                .approval
+                .as_ref()
+                .expect("an approval ticket");
+            assert!(claim.is_some());
+            assert!(outcome.unapproved.is_some(), "counted for the trip");
+            let parked = f.store.record(&ticket.approval_id).await.unwrap();
+            assert!(parked.is_some(), "the record approvers decide on");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_judged_command_the_panel_approves_is_executed() {
+    let f = Fixture::default();
+    let d = f.pipeline().process(&command("a-1", "REFRESH_TOKEN")).await;
+    assert_eq!(concluded(&d).0, Status::Success);
+    assert_eq!(f.bridge.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_paused_system_defers_the_command_with_its_claim_to_release() {
+    let f = Fixture::default();
+    f.gate.set(ControlState {
+        mode: Mode::Paused,
+        ..ControlState::initial()
+    });
+    match f
+        .pipeline()
+        .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))
+        .await
+    {
+        Disposition::Defer { claim, why, .. } => {
+            assert!(claim.is_some(), "released by the settler");
+            assert!(why.contains("paused"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_copy_of_an_action_in_flight_waits_then_defers_and_copies_over_the_cap_are_dead_lettered()
+{
+    let f = Fixture::default();
+    let p = Arc::new(f.pipeline());
+    // The original is in flight on another replica.
+    f.store
+        .claim("agent-1/a-1", "elsewhere", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let copy = command("a-1", "CHECK_INTEGRATION_STATUS");
+    let (first, second) = tokio::join!(p.process(&copy), async {
+        // The first copy takes the one waiting place; this one finds none.
+        tokio::task::yield_now().await;
+        p.process(&copy).await
+    });
+    let kinds = [&first, &second].map(|d| match d {
+        Disposition::Defer { claim: None, .. } => "defer",
+        Disposition::DeadLetter { letter, .. } if letter.field == "action_id" => "dead letter",
+        other => panic!("{other:?}"),
+    });
+    let mut sorted = kinds.to_vec();
+    sorted.sort();
+    assert_eq!(sorted, ["dead letter", "defer"]);
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_lookup_is_answered_from_the_store_and_claims_nothing() {
+    let f = Fixture::default();
+    let mut msg = command("a-9", "CHECK_INTEGRATION_STATUS");
+    msg.message_type = Some(crate::broker::names::message_type::LOOKUP.into());
+    msg.reply_to = Some(crate::broker::names::DIRECT_REPLY_TO.into());
+    match f.pipeline().process(&msg).await {
+        Disposition::Answer { result, .. } => assert_eq!(result.status, Status::Expired),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.store
+            .claim("agent-1/a-9", "other", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        crate::store::Claim::Mine,
+        "no claim taken"
+    );
+    assert_eq!(f.bridge.calls(), 0);
+}
