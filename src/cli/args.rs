@@ -1,0 +1,325 @@
+//! The command line's arguments: every subcommand and its flags, as clap reads them.
+
+use crate::settings::LogFormat;
+use std::path::PathBuf;
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "command-poller",
+    version,
+    about = "MCP Orchestrator command poller"
+)]
+pub struct Cli {
+    /// Directory holding default.toml (and <APP_ENVIRONMENT>.toml).
+    #[arg(
+        long,
+        global = true,
+        default_value = "config",
+        env = "POLLER_CONFIG_DIR"
+    )]
+    pub config_dir: PathBuf,
+    /// Log format; overrides logging.format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Run the poller (the default).
+    Run,
+    /// Publish a command file as an agent would, and print its result.
+    Send {
+        /// The command JSON file ("-" for standard input).
+        file: PathBuf,
+        /// Wait for the result and print it.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for the result, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Broker URL of the agent (its user becomes the command's user_id); a cluster's nodes
+        /// comma-separated. Defaults to amqp.urls (or amqp.url).
+        #[arg(long, env = "AGENT_AMQP_URL")]
+        amqp_url: Option<String>,
+        /// Publish without the user_id property.
+        #[arg(long)]
+        no_user_id: bool,
+    },
+    /// Run the bridge simulator as a standalone HTTP server (secret from bridge.secret_env).
+    BridgeSimulator {
+        /// Address to serve the web app's contract on (POST /exec, GET /echo, GET /_sim/calls).
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        /// Simulated execution time of each action, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Load and check the configuration and the policy file, then exit.
+    CheckConfig {
+        /// Also check what `run` would trip on: prompt files, API-key and bridge-secret
+        /// variables, the idempotency store (reachable, writable), the broker (reachable as the
+        /// configured user, the exchanges and queues in place). Each problem names its key.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Pause every replica (Emergency-INT-E01): no new commands, no bridge call starts.
+    Pause {
+        /// Why (recorded in the stored state, the events and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Resume every replica. A halt is lifted only with --lift-halt.
+    Resume {
+        /// Why (recorded in the stored state, the events and the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Explicit confirmation that the master shut-off may be lifted.
+        #[arg(long)]
+        lift_halt: bool,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// The master shut-off (Emergency-INT-E02): no bridge calls, no judge calls, everywhere.
+    Halt {
+        /// Why (recorded in the stored state, the events and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Show the stored control state, the queue depth, and every live replica's state.
+    Status {
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Quarantine one agent: its commands end REJECTED (never judged or executed) on every
+    /// replica, while every other agent's commands flow. Stored with the control state.
+    Quarantine {
+        /// The agent id.
+        agent: String,
+        /// Why (recorded in the stored state, the events, the alert and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Release an agent from quarantine.
+    Release {
+        agent: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// The policy: test a command, replay the audit under a candidate, reload every replica.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// The judges: measure the configured panel on a labelled case set.
+    Judges {
+        #[command(subcommand)]
+        command: JudgesCommand,
+    },
+    /// The audit trail: sink, verify, show.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// The operator console: a web page for operators and approvers, who log in with their own
+    /// broker user (see the README's "Operator console").
+    Console {
+        /// Address to serve on (default: console.listen).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// The MCP front door on stdin/stdout: the runbook's commands as tools, for one agent whose
+    /// host launches it with that agent's broker credentials (see the README's "Agents over MCP").
+    Mcp {
+        /// The agent's broker URL (its user is the identity on every command). Required: the
+        /// front door never falls back to the poller's or an operator's credentials.
+        #[arg(long, env = "AGENT_AMQP_URL", required_unless_present = "http")]
+        amqp_url: Option<String>,
+        /// How long a tool call waits for its result before answering with an error, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Serve the streamable HTTP transport at http://ADDR/mcp instead of stdio (loopback
+        /// only), each client authenticated by its own bearer token (see --clients).
+        #[arg(long, requires = "clients", conflicts_with = "amqp_url")]
+        http: Option<std::net::SocketAddr>,
+        /// With --http: the clients file, mapping each client's token (its SHA-256) to its own
+        /// agent's broker URL (mode 0600; it holds broker passwords).
+        #[arg(long)]
+        clients: Option<PathBuf>,
+    },
+    /// Parked NEEDS_APPROVAL commands: `approvals list`.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
+    /// Approve a parked NEEDS_APPROVAL command (as an approver; never your own command). It
+    /// executes once the approvals it needs are in, when the system is running.
+    Approve {
+        /// The approval id (from the alert, the result or `approvals list`).
+        approval_id: String,
+        /// The digest shown with it: your approval binds to exactly what is parked.
+        #[arg(long)]
+        digest: String,
+        /// Why (goes into the result and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+    /// Deny a parked NEEDS_APPROVAL command: it is never executed.
+    Deny {
+        approval_id: String,
+        /// Why (goes into the result and the audit trail).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Print the decision for a command file: handling, effective severity and mismatch,
+    /// rationale, the judges that would be asked and under which rule, the alerts each outcome
+    /// would send. Nothing is published, judged or executed.
+    Test {
+        /// The command JSON as an agent sends it ("-" for standard input).
+        file: PathBuf,
+        /// The policy file (default: policy.file).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The sending agent (taken as verified by the broker), for agent-group overrides and
+        /// history conditions.
+        #[arg(long)]
+        agent: Option<String>,
+        /// The agent's earlier attempts of this type within every window a history condition
+        /// asks about.
+        #[arg(long, default_value_t = 0, requires = "agent")]
+        earlier_attempts: usize,
+    },
+    /// Re-decide every command recorded in an audit file under a candidate policy and print the
+    /// difference (counts by old -> new handling, and each changed command). Nothing is
+    /// executed, judged or published.
+    Replay {
+        /// The audit chain file (or JSON lines of audit records).
+        #[arg(long)]
+        audit: PathBuf,
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make every live replica reload its policy file (validated whole, swapped at once; an
+    /// invalid file is refused and the old policy stays). SIGHUP does the same for one replica.
+    Reload {
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum JudgesCommand {
+    /// Run a labelled case set (JSON lines) through the configured panel and each judge alone,
+    /// and print false-approve, false-deny and unavailable rates and latency. Nothing is
+    /// executed or published; LLM judges are really asked.
+    Eval {
+        /// The cases, e.g. eval/judges.jsonl.
+        file: PathBuf,
+        /// A decision rule to score the panel under (repeatable): majority, unanimous, veto,
+        /// or policy (each command type's rule from the policy). Default: all four.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        /// The policy to decide with (default: policy.file).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print JSON (rows, mistakes and every case's answers) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// A report printed earlier with --json: exit 1 if any row has more false approvals
+        /// or more false denials than it.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Exit 1 if policy + panel approves more than this share of the cases it should deny
+        /// (0.0 to 1.0).
+        #[arg(long)]
+        max_false_approve: Option<f64>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// The pending approvals: command, agent, the judges' votes, age, expiry, digest.
+    List {
+        #[command(flatten)]
+        ap: ApproverArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ApproverArgs {
+    /// The approver's broker URL (its user must be in approval.approvers); a cluster's nodes
+    /// comma-separated. Defaults to amqp.urls (or amqp.url).
+    #[arg(long, env = "APPROVER_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub wait_ms: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Read the audit stream and append to a hash-chained JSON-lines file (one writer).
+    Sink {
+        /// The chain file (created if missing; its head goes to <file>.head).
+        #[arg(long, default_value = "audit.jsonl")]
+        file: PathBuf,
+    },
+    /// Check the chain (and the head file); report the first bad record.
+    Verify {
+        /// The chain file to check.
+        file: PathBuf,
+        /// Check an unkeyed chain although a chain key is configured (otherwise its first
+        /// unkeyed record is reported: a chain rewritten without the key looks just like one).
+        #[arg(long)]
+        unkeyed: bool,
+    },
+    /// Print the records of one action, or of one agent since a time.
+    Show {
+        /// The chain file to read.
+        file: PathBuf,
+        /// Only the records of this action_id.
+        #[arg(long)]
+        action_id: Option<String>,
+        /// Only the records of this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// RFC 3339, e.g. 2026-11-24T00:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// The operator's broker URL (its user must be in control.operators); a cluster's nodes
+    /// comma-separated, tried in turn, so a lever still reaches the replicas with a node down.
+    /// Defaults to amqp.urls (or amqp.url).
+    #[arg(long, env = "OPERATOR_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// How long to collect the replicas' answers, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub wait_ms: u64,
+}

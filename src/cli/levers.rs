@@ -1,0 +1,61 @@
+//! The operator's and approvers' levers from the command line: each sends one request to the
+//! control or approvals exchange as the person's own broker user and prints the answers.
+
+use super::args::{ApproverArgs, OperatorArgs};
+use crate::control::operator::Operator;
+use crate::control::ControlCommand;
+use crate::settings::Settings;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Sends an approver's request and prints the answer; exit status 3 when it was refused.
+pub(super) async fn decide(
+    settings: &Settings,
+    ap: ApproverArgs,
+    req: crate::approval::wire::Request,
+) -> anyhow::Result<ExitCode> {
+    use crate::approval::wire::ReplyOutcome;
+    let approver = crate::approval::approver::Approver {
+        settings: &settings.approval,
+        endpoints: endpoints_of(ap.amqp_url, settings)?,
+        wait: Duration::from_millis(ap.wait_ms),
+    };
+    let reply = approver.send(&req).await?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(if reply.outcome == ReplyOutcome::Refused {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The broker nodes a command-line flag names (comma-separated), or the configured ones.
+pub(super) fn endpoints_of(
+    flag: Option<String>,
+    settings: &Settings,
+) -> anyhow::Result<crate::broker::Endpoints> {
+    match flag {
+        Some(list) => {
+            crate::broker::Endpoints::parse(&list).map_err(|e| anyhow::anyhow!("--amqp-url: {e}"))
+        }
+        None => Ok(settings.amqp.checked_endpoints()),
+    }
+}
+
+/// Pulls a lever and prints every replica's answer; exit status 1 when one refused it.
+pub(super) async fn operate(
+    settings: &Settings,
+    op: OperatorArgs,
+    cmd: ControlCommand,
+) -> anyhow::Result<ExitCode> {
+    let endpoints = endpoints_of(op.amqp_url, settings)?;
+    let operator = Operator::new(settings, &endpoints, Duration::from_millis(op.wait_ms));
+    let report = operator.run(cmd).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let refused = report.replicas.iter().any(|r| !r.accepted);
+    Ok(if refused {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

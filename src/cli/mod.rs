@@ -1,0 +1,196 @@
+//! Command line: `run` (the poller), `send` (act as an agent), `bridge-simulator`,
+//! `check-config`, the operator and approver levers, and the offline tools. The only place
+//! `anyhow` is used: errors here are reported, not handled.
+//!
+//! [`args`] is what clap reads; [`dispatch`] picks the function of each subcommand from
+//! [`serve`] (the long-running modes), [`levers`] (operators and approvers) or [`tools`] (the
+//! one-shot tools).
+
+mod args;
+mod levers;
+mod serve;
+mod tools;
+
+pub use args::{
+    ApprovalsCommand, ApproverArgs, AuditCommand, Cli, Command, JudgesCommand, OperatorArgs,
+    PolicyCommand,
+};
+
+use crate::approval::wire::Request;
+use crate::control::operator::new_request_id;
+use crate::control::ControlCommand;
+use crate::settings::{LogFormat, Settings};
+use anyhow::Context;
+use clap::Parser;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings, flag: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.logging.filter));
+    // Colours only for a person at a terminal: never escape codes in a log file or a pipe.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let _ = match flag.unwrap_or(settings.logging.format) {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Loads the settings and runs the subcommand.
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&cli.config_dir)
+        .with_context(|| format!("loading configuration from {}", cli.config_dir.display()))?;
+    init_logging(&settings, cli.log_format);
+    let s = &settings;
+    let request_id = new_request_id();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => serve::poller(settings).await,
+        Command::Send {
+            file,
+            wait,
+            timeout_secs,
+            amqp_url,
+            no_user_id,
+        } => {
+            let wait = wait.then(|| Duration::from_secs(timeout_secs));
+            tools::send(s, &file, wait, amqp_url, no_user_id).await
+        }
+        Command::BridgeSimulator { listen, latency_ms } => {
+            serve::bridge_simulator(s, listen, latency_ms).await
+        }
+        Command::Pause { reason, op } => {
+            levers::operate(s, op, ControlCommand::Pause { reason, request_id }).await
+        }
+        Command::Resume {
+            reason,
+            lift_halt,
+            op,
+        } => {
+            let cmd = ControlCommand::Resume {
+                reason,
+                lift_halt,
+                request_id,
+            };
+            levers::operate(s, op, cmd).await
+        }
+        Command::Halt { reason, op } => {
+            levers::operate(s, op, ControlCommand::Halt { reason, request_id }).await
+        }
+        Command::Status { op } => {
+            levers::operate(s, op, ControlCommand::Status { request_id }).await
+        }
+        Command::Quarantine { agent, reason, op } => {
+            let cmd = ControlCommand::Quarantine {
+                agent,
+                reason,
+                request_id,
+            };
+            levers::operate(s, op, cmd).await
+        }
+        Command::Release { agent, reason, op } => {
+            let cmd = ControlCommand::Release {
+                agent,
+                reason,
+                request_id,
+            };
+            levers::operate(s, op, cmd).await
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Test {
+                file,
+                policy,
+                json,
+                agent,
+                earlier_attempts,
+            } => tools::policy_test(s, &file, policy, json, agent, earlier_attempts),
+            PolicyCommand::Replay {
+                audit,
+                policy,
+                json,
+            } => tools::policy_replay(&audit, &policy, json),
+            PolicyCommand::Reload { op } => {
+                levers::operate(s, op, ControlCommand::ReloadPolicy { request_id }).await
+            }
+        },
+        Command::Audit { command } => tools::audit(s, command).await,
+        Command::Judges {
+            command:
+                JudgesCommand::Eval {
+                    file,
+                    rules,
+                    policy,
+                    json,
+                    baseline,
+                    max_false_approve,
+                },
+        } => tools::judges_eval(s, &file, &rules, policy, json, baseline, max_false_approve).await,
+        Command::Console { listen } => serve::console(s, listen).await,
+        Command::Mcp {
+            amqp_url,
+            timeout_secs,
+            http,
+            clients,
+        } => serve::mcp(s, amqp_url, timeout_secs, http, clients).await,
+        Command::Approvals {
+            command: ApprovalsCommand::List { ap },
+        } => levers::decide(s, ap, Request::List).await,
+        Command::Approve {
+            approval_id,
+            digest,
+            reason,
+            ap,
+        } => {
+            let req = Request::Approve {
+                approval_id,
+                digest,
+                reason,
+            };
+            levers::decide(s, ap, req).await
+        }
+        Command::Deny {
+            approval_id,
+            reason,
+            ap,
+        } => {
+            levers::decide(
+                s,
+                ap,
+                Request::Deny {
+                    approval_id,
+                    reason,
+                },
+            )
+            .await
+        }
+        Command::CheckConfig { online } => tools::check_config(s, online).await,
+    }
+}
