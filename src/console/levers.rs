@@ -1,0 +1,180 @@
+//! The overview and the operator's levers: the state every replica applies, and pause,
+//! resume, halt and lift, each published as the logged-in person.
+
+use super::guard::{broker_down, Need, Who};
+use super::*;
+
+fn operator<'a>(c: &'a Console) -> Operator<'a> {
+    Operator {
+        control: &c.parts.control,
+        commands_queue: &c.parts.commands_queue,
+        poller_user: c.parts.poller_user.clone(),
+        replication: c.parts.replication,
+        endpoints: c.parts.endpoints.clone(),
+        wait: ANSWER_WAIT,
+    }
+}
+
+/// The overview, with `flash` (a lever's outcome) on top. A plain visit (the refresh every few
+/// seconds) shows the state the session's follower folded; right after a lever the stream is
+/// read afresh, so the page shows what the lever wrote.
+async fn overview_page(c: &Console, w: &Who, flash: Option<Flash>) -> Response {
+    let status = ControlCommand::Status {
+        request_id: new_request_id(),
+    };
+    let known = match flash {
+        None => lock(&c.followers).get(&w.token).and_then(|f| f.current()),
+        Some(_) => None,
+    };
+    match operator(c)
+        .run_known(&w.conn, &w.viewer.user, status, known)
+        .await
+    {
+        Ok(r) => {
+            let s = r.stored_state.clone();
+            page(
+                StatusCode::OK,
+                pages::render(
+                    "overview",
+                    "Overview",
+                    Some(&w.viewer),
+                    flash,
+                    context! {
+                        mode => s.as_ref().map_or("RUNNING".to_owned(), |s| s.mode.as_str().to_owned()),
+                        since => s.as_ref().map(|s| s.since.clone()),
+                        by => r.stored_by.clone(),
+                        reason => s.as_ref().map(|s| s.reason.clone()),
+                        note => r.note.clone(),
+                        depth => r.queue_depth,
+                        replicas => ser(&r.replicas),
+                        refresh => 5,
+                    },
+                ),
+            )
+        }
+        Err(e) => broker_down(w, &e),
+    }
+}
+
+pub(super) async fn overview(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
+    let w = match c
+        .page_session(
+            &headers,
+            "/overview",
+            Need::Operator("see or pull the operator levers (not in control.operators)"),
+        )
+        .await
+    {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    overview_page(&c, &w, None).await
+}
+
+#[derive(Deserialize)]
+pub(super) struct LeverForm {
+    csrf: Option<String>,
+    action: String,
+    reason: String,
+    confirm: Option<String>,
+}
+
+pub(super) async fn lever(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    Form(f): Form<LeverForm>,
+) -> Response {
+    let w = match c
+        .form_session(
+            &headers,
+            "/overview",
+            f.csrf.as_deref(),
+            Need::Operator("pull the operator levers"),
+        )
+        .await
+    {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let reason = f.reason.trim().to_owned();
+    if reason.is_empty() {
+        let flash = Flash {
+            kind: "err",
+            text: "A reason is required: it goes into the stored state, the events and the audit trail. Nothing was done.".into(),
+        };
+        return overview_page(&c, &w, Some(flash)).await;
+    }
+    let confirmed = f.confirm.as_deref() == Some("yes");
+    let request_id = new_request_id();
+    let cmd = match f.action.as_str() {
+        "pause" => ControlCommand::Pause { reason, request_id },
+        "resume" => ControlCommand::Resume {
+            reason,
+            lift_halt: false,
+            request_id,
+        },
+        "halt" | "lift" if !confirmed => {
+            let (what, warning) = if f.action == "halt" {
+                ("halt everything", "The master shut-off (Emergency-INT-E02): no bridge call and no judge call on any replica until the halt is lifted after the post-mortem.")
+            } else {
+                ("lift the halt", "Lifting the master shut-off: every replica runs again and commands flow to the bridge. Only after the post-mortem (Emergency-INT-E02 step 4).")
+            };
+            return page(
+                StatusCode::OK,
+                pages::render(
+                    "confirm",
+                    "Confirm",
+                    Some(&w.viewer),
+                    None,
+                    context! { what => what, warning => warning, action => f.action, reason => reason },
+                ),
+            );
+        }
+        "halt" => ControlCommand::Halt { reason, request_id },
+        "lift" => ControlCommand::Resume {
+            reason,
+            lift_halt: true,
+            request_id,
+        },
+        other => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                pages::message(
+                    Some(&w.viewer),
+                    "Unknown lever",
+                    "err",
+                    &format!("There is no lever {other:?}; nothing was done."),
+                    "/overview",
+                ),
+            )
+        }
+    };
+    let what = f.action.clone();
+    let flash = match operator(&c).run_on(&w.conn, &w.viewer.user, cmd).await {
+        Ok(r) if r.replicas.iter().all(|x| x.accepted) => Flash {
+            kind: "ok",
+            text: format!(
+                "{what}: done ({} replica(s) answered{}).",
+                r.replicas.len(),
+                r.note.map(|n| format!("; {n}")).unwrap_or_default()
+            ),
+        },
+        Ok(r) => Flash {
+            kind: "err",
+            text: format!(
+                "{what}: refused by {}",
+                r.replicas
+                    .iter()
+                    .filter_map(|x| x.refusal.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        },
+        Err(e) => Flash {
+            kind: "err",
+            text: format!("{what}: {e}"),
+        },
+    };
+    tracing::info!(user = %w.viewer.user, lever = %what, outcome = %flash.text, "console audit: lever");
+    overview_page(&c, &w, Some(flash)).await
+}
