@@ -6,6 +6,7 @@
 //! checks before judging and before every bridge call, events, and alerts. The state
 //! transitions ([`transition`]) and the trip counting ([`trip`]) are pure.
 
+pub mod fold;
 pub mod gate;
 mod settings;
 pub mod trip;

@@ -1,0 +1,671 @@
+//! The fold of the stored control state: the entries of the state stream (each one change and
+//! the whole state after it), who wrote them, and the state every replica and operator agrees
+//! on. Pure: the runtime's reader feeds it the records it read.
+//!
+//! **A fold starts from a snapshot.** Every entry carries the whole state after it, so the
+//! fold starts at the latest *anchored* entry: written by an operator, and naming (`after`)
+//! the entry just before it, so its writer had read everything before it. From there each
+//! later entry is applied as a change, with compare-and-set: a mode change decided on the
+//! current sequence applies; one decided on an older sequence lost a race and applies only if
+//! it is stricter (a halt always wins; a pause never overwrites a halt; a resume never
+//! overwrites what it didn't see). The poller's own user may only pause a running system and
+//! quarantine. When the records hold no anchor, [`walk_back`] says where to read next.
+//!
+//! **An untrusted entry never loosens anything.** An entry that can't be read, or written by a
+//! user who is neither an operator nor the poller, makes the state [`Folded::Untrusted`]: the
+//! fleet keeps the last trusted state made stricter (at least PAUSED; a halt and every
+//! quarantine kept) until an operator decides on that stricter state.
+
+use super::{ControlState, Mode, Quarantined};
+use serde::{Deserialize, Serialize};
+
+/// One entry in the state stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// The stream offset of the last entry its writer had read (`None`: the writer read an
+    /// empty stream, so this is the first entry).
+    pub after: Option<u64>,
+    pub change: Change,
+    /// The whole state after the change, as its writer folded it: where a later read starts
+    /// when the entry is anchored.
+    pub state: ControlState,
+}
+
+/// What one entry changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    /// The mode (and its provenance) set to the entry's state, decided on the state whose
+    /// sequence was `base`.
+    Mode { base: u64 },
+    /// An agent quarantined (`Some`) or released (`None`). Applied in stream order, apart from
+    /// the mode's compare-and-set; the poller's own user may only quarantine.
+    Agent {
+        agent: String,
+        quarantined: Option<Quarantined>,
+    },
+}
+
+/// Who wrote an entry, by its broker-checked `user_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Operator,
+    /// The poller's own user: a replica that tripped.
+    Poller,
+    Untrusted,
+}
+
+/// The folded state, or why it can't be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Folded {
+    /// Nothing was ever stored.
+    Empty,
+    State(ControlState),
+    /// An entry that can't be read, from a writer who may not write, or no snapshot to start
+    /// from. `last` is the last trusted state (if any is known); replicas enforce it made
+    /// stricter ([`Folded::effective`]).
+    Untrusted {
+        last: Option<ControlState>,
+        why: String,
+    },
+}
+
+impl Folded {
+    /// What replicas enforce and operators decide on: a trusted state as it is; an untrusted
+    /// one as the last trusted state made stricter (at least PAUSED, a halt and every
+    /// quarantine kept); `None` for an empty stream (the caller's settings decide).
+    pub fn effective(&self) -> Option<ControlState> {
+        match self {
+            Folded::Empty => None,
+            Folded::State(s) => Some(s.clone()),
+            Folded::Untrusted { last, why } => Some(stricter(last.as_ref(), why)),
+        }
+    }
+
+    fn last_trusted(&self) -> Option<ControlState> {
+        match self {
+            Folded::Empty => None,
+            Folded::State(s) => Some(s.clone()),
+            Folded::Untrusted { last, .. } => last.clone(),
+        }
+    }
+}
+
+/// `last` made stricter because of `why`: at least PAUSED, a halt and every quarantine kept,
+/// the sequence unchanged (an operator decides on it).
+pub fn stricter(last: Option<&ControlState>, why: &str) -> ControlState {
+    let base = last.cloned().unwrap_or_else(ControlState::initial);
+    if base.mode == Mode::Halted {
+        return base;
+    }
+    ControlState {
+        mode: Mode::Paused,
+        since: base.since.clone(),
+        by: "(untrusted control state)".into(),
+        reason: format!("the stored control state is untrusted: {why}"),
+        request_id: String::new(),
+        ..base
+    }
+}
+
+fn restrictiveness(m: Mode) -> u8 {
+    match m {
+        Mode::Running => 0,
+        Mode::Paused => 1,
+        Mode::Halted => 2,
+    }
+}
+
+/// The state after a mode entry (`entry`, decided on `base`, written by `writer`), or `None`
+/// when it doesn't apply (the current state stands).
+pub fn apply(
+    current: &ControlState,
+    base: u64,
+    entry: &ControlState,
+    writer: Writer,
+) -> Option<ControlState> {
+    let applies = match writer {
+        Writer::Untrusted => false,
+        // The automatic trip: it may pause a running system, nothing else.
+        Writer::Poller => entry.mode == Mode::Paused && current.mode == Mode::Running,
+        // Decided on what is current (or on entries this reader never saw): a transition the
+        // writer checked. A pause still never overwrites a halt.
+        Writer::Operator if base >= current.seq => {
+            !(current.mode == Mode::Halted && entry.mode == Mode::Paused)
+        }
+        // Lost a race with a newer entry: only a stricter state still applies.
+        Writer::Operator => restrictiveness(entry.mode) > restrictiveness(current.mode),
+    };
+    applies.then(|| ControlState {
+        seq: (current.seq + 1).max(entry.seq),
+        // The quarantine list is folded from its own entries, never from a mode entry.
+        quarantined: current.quarantined.clone(),
+        ..entry.clone()
+    })
+}
+
+/// The state after an agent entry, or `None` when the writer may not write it.
+fn apply_agent(
+    current: &ControlState,
+    agent: &str,
+    quarantined: Option<&Quarantined>,
+    writer: Writer,
+) -> Option<ControlState> {
+    let mut new = current.clone();
+    match (quarantined, writer) {
+        (_, Writer::Untrusted) | (None, Writer::Poller) => return None,
+        (Some(q), _) => {
+            new.quarantined
+                .entry(agent.to_owned())
+                .or_insert_with(|| q.clone());
+        }
+        (None, Writer::Operator) => {
+            new.quarantined.remove(agent);
+        }
+    }
+    Some(new)
+}
+
+/// What a reader of an empty stream folds to, as `control.empty_stream` says.
+pub fn empty(e: super::EmptyStream) -> Folded {
+    match e {
+        super::EmptyStream::Running => Folded::Empty,
+        super::EmptyStream::Untrusted => Folded::Untrusted {
+            last: None,
+            why: "the state stream is empty: an operator's first lever (`command-poller resume`, or `pause`/`halt`) bootstraps it".into(),
+        },
+    }
+}
+
+/// Parses one stream message.
+pub fn parse(body: &[u8]) -> Result<Entry, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// `current` made untrusted because of `why`, keeping the last trusted state.
+fn distrust(current: Folded, why: String) -> Folded {
+    match current {
+        // The first reason stays: it is what an operator has to look into.
+        Folded::Untrusted { last, why: first } => Folded::Untrusted { last, why: first },
+        other => Folded::Untrusted {
+            last: other.last_trusted(),
+            why,
+        },
+    }
+}
+
+/// Folds one message (body and writer) into `current`.
+pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
+    let entry = match parse(body) {
+        Ok(e) => e,
+        Err(e) => return distrust(current, format!("an unreadable state entry ({e})")),
+    };
+    if writer == Writer::Untrusted {
+        return distrust(
+            current,
+            format!(
+                "a state entry ({}) written by a user who is neither an operator nor the poller",
+                describe(&entry.change, &entry.state)
+            ),
+        );
+    }
+    match (current, entry.change) {
+        // The first entry of a new system: an operator's is a snapshot; the poller's applies
+        // to the initial state.
+        (Folded::Empty, _) if writer == Writer::Operator => Folded::State(entry.state),
+        (Folded::Empty, change) => {
+            step_trusted(ControlState::initial(), change, &entry.state, writer)
+        }
+        (Folded::State(c), change) => step_trusted(c, change, &entry.state, writer),
+        (Folded::Untrusted { last, why }, Change::Mode { base }) => {
+            // Decided on the stricter state replicas enforce.
+            let eff = stricter(last.as_ref(), &why);
+            match apply(&eff, base, &entry.state, writer) {
+                // An operator decided on what replicas enforce: trusted again.
+                Some(new) if writer == Writer::Operator && base >= eff.seq => Folded::State(new),
+                Some(new) => Folded::Untrusted {
+                    last: Some(new),
+                    why,
+                },
+                None => Folded::Untrusted { last, why },
+            }
+        }
+        (Folded::Untrusted { last, why }, Change::Agent { agent, quarantined }) => {
+            let base = last.clone().unwrap_or_else(ControlState::initial);
+            let last = apply_agent(&base, &agent, quarantined.as_ref(), writer).or(last);
+            Folded::Untrusted { last, why }
+        }
+    }
+}
+
+fn step_trusted(current: ControlState, change: Change, state: &ControlState, w: Writer) -> Folded {
+    Folded::State(match change {
+        Change::Mode { base } => apply(&current, base, state, w).unwrap_or(current),
+        Change::Agent { agent, quarantined } => {
+            apply_agent(&current, &agent, quarantined.as_ref(), w).unwrap_or(current)
+        }
+    })
+}
+
+fn describe(change: &Change, state: &ControlState) -> String {
+    match change {
+        Change::Mode { .. } => state.mode.as_str().to_owned(),
+        Change::Agent {
+            agent,
+            quarantined: Some(_),
+        } => format!("quarantine {agent}"),
+        Change::Agent { agent, .. } => format!("release {agent}"),
+    }
+}
+
+/// One message read from the stream: its offset, its writer, its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub writer: Writer,
+    pub body: Vec<u8>,
+}
+
+/// Where a pass starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The stream's last chunk.
+    Last,
+    /// The stream's first entry still kept.
+    First,
+    Offset(u64),
+}
+
+/// The index in `records` (read in stream order, starting at `from`) where a fold may start:
+/// the latest entry written by an operator whose `after` names the record just before it, or
+/// the stream's first entry written with `after: None`.
+pub fn anchor(records: &[Record], from: ReadFrom) -> Option<usize> {
+    (0..records.len()).rev().find(|&i| {
+        let r = &records[i];
+        if r.writer != Writer::Operator {
+            return false;
+        }
+        match parse(&r.body).map(|e| e.after) {
+            Err(_) => false,
+            Ok(None) => i == 0 && from == ReadFrom::First,
+            Ok(Some(a)) => i > 0 && records[i - 1].offset == a,
+        }
+    })
+}
+
+/// The state folded from the anchor in `records` over everything after it, or `None` when
+/// they hold no anchor.
+pub fn fold_records(records: &[Record], from: ReadFrom) -> Option<Folded> {
+    let i = anchor(records, from)?;
+    let start = parse(&records[i].body).ok()?.state;
+    Some(
+        records[i + 1..]
+            .iter()
+            .fold(Folded::State(start), |f, r| step(f, &r.body, r.writer)),
+    )
+}
+
+/// Where to read next when `records` (read from `from`) hold no anchor: the earliest entry any
+/// of them names, else the stream's first entry; `None` when nothing earlier can be read.
+pub fn walk_back(records: &[Record], from: ReadFrom) -> Option<ReadFrom> {
+    let first = records.first()?.offset;
+    let earliest = records
+        .iter()
+        .filter(|r| r.writer != Writer::Untrusted)
+        .filter_map(|r| parse(&r.body).ok()?.after)
+        .min();
+    match (from, earliest) {
+        // Read from the first entry kept: nothing earlier is left.
+        (ReadFrom::First, _) => None,
+        (_, Some(a)) if a < first => Some(ReadFrom::Offset(a)),
+        _ => Some(ReadFrom::First),
+    }
+}
+
+/// The best a reader can say when no anchor is left: the latest trusted writer's state, with
+/// the strictest mode and every quarantine any trusted entry it read holds.
+pub fn best_guess(records: &[Record]) -> Option<ControlState> {
+    let trusted: Vec<ControlState> = records
+        .iter()
+        .filter(|r| r.writer != Writer::Untrusted)
+        .filter_map(|r| parse(&r.body).ok().map(|e| e.state))
+        .collect();
+    let mut guess = trusted.last()?.clone();
+    for s in &trusted {
+        if restrictiveness(s.mode) > restrictiveness(guess.mode) {
+            guess.mode = s.mode;
+        }
+        for (agent, q) in &s.quarantined {
+            guess
+                .quarantined
+                .entry(agent.clone())
+                .or_insert_with(|| q.clone());
+        }
+    }
+    Some(guess)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Writer::*;
+
+    fn state(mode: Mode, seq: u64) -> ControlState {
+        ControlState {
+            mode,
+            seq,
+            ..ControlState::initial()
+        }
+    }
+
+    fn mode_entry(after: Option<u64>, base: u64, mode: Mode) -> Vec<u8> {
+        serde_json::to_vec(&Entry {
+            after,
+            change: Change::Mode { base },
+            state: state(mode, base + 1),
+        })
+        .unwrap()
+    }
+
+    fn q() -> Quarantined {
+        Quarantined {
+            by: "ops".into(),
+            reason: "r".into(),
+            since: "t".into(),
+            request_id: "q".into(),
+        }
+    }
+
+    fn agent_entry(
+        after: Option<u64>,
+        name: &str,
+        quarantine: bool,
+        snapshot: ControlState,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&Entry {
+            after,
+            change: Change::Agent {
+                agent: name.into(),
+                quarantined: quarantine.then(q),
+            },
+            state: snapshot,
+        })
+        .unwrap()
+    }
+
+    /// Folds from a trusted RUNNING state at seq 0.
+    fn fold_all(entries: &[(Vec<u8>, Writer)]) -> Folded {
+        entries
+            .iter()
+            .fold(Folded::State(state(Mode::Running, 0)), |f, (b, w)| {
+                step(f, b, *w)
+            })
+    }
+
+    fn mode(f: &Folded) -> Mode {
+        match f {
+            Folded::State(s) => s.mode,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn rec(offset: u64, writer: Writer, body: Vec<u8>) -> Record {
+        Record {
+            offset,
+            writer,
+            body,
+        }
+    }
+
+    #[test]
+    fn a_trip_written_just_after_a_halt_never_downgrades_it() {
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Paused), Poller),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted);
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Paused), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted);
+        // Nor a pause decided on the halt itself.
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 1, Mode::Paused), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted);
+    }
+
+    #[test]
+    fn a_halt_always_wins_a_race_and_a_stale_resume_never_does() {
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (mode_entry(None, 1, Mode::Running), Operator),
+            (mode_entry(None, 1, Mode::Halted), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted, "a halt that lost the race applies");
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 0, Mode::Running), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Halted, "a resume that never saw the halt");
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Halted), Operator),
+            (mode_entry(None, 1, Mode::Running), Operator),
+        ]);
+        assert_eq!(mode(&f), Mode::Running);
+    }
+
+    #[test]
+    fn the_poller_may_only_pause_a_running_system_and_quarantine() {
+        let f = fold_all(&[
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (mode_entry(None, 1, Mode::Running), Poller),
+        ]);
+        assert_eq!(mode(&f), Mode::Paused);
+        let f = fold_all(&[(mode_entry(None, 0, Mode::Halted), Poller)]);
+        assert_eq!(mode(&f), Mode::Running);
+        let f = fold_all(&[(mode_entry(None, 0, Mode::Paused), Poller)]);
+        assert_eq!(mode(&f), Mode::Paused);
+        let any = state(Mode::Running, 0);
+        let f = fold_all(&[
+            (agent_entry(None, "a", true, any.clone()), Poller),
+            (agent_entry(None, "a", false, any), Poller),
+        ]);
+        let Folded::State(s) = f else { panic!() };
+        assert!(s.quarantined.contains_key("a"), "the poller can't release");
+    }
+
+    #[test]
+    fn an_untrusted_entry_never_loosens_anything() {
+        let mut halted = state(Mode::Halted, 1);
+        halted.quarantined.insert("agent-bad".into(), q());
+        let start = Folded::State(halted.clone());
+        for (junk, writer) in [
+            (b"{\"decision\":\"list\"}".to_vec(), Poller),
+            (b"garbage".to_vec(), Operator),
+            (mode_entry(None, 1, Mode::Running), Untrusted),
+        ] {
+            let f = step(start.clone(), &junk, writer);
+            let Folded::Untrusted { last, .. } = &f else {
+                panic!("{f:?}")
+            };
+            assert_eq!(last.as_ref(), Some(&halted));
+            let eff = f.effective().unwrap();
+            assert_eq!(eff.mode, Mode::Halted, "the halt is kept");
+            assert!(eff.quarantined.contains_key("agent-bad"));
+            // The poller's pause, a stale resume: nothing changes.
+            let f2 = step(f.clone(), &mode_entry(None, 0, Mode::Running), Operator);
+            assert_eq!(f2.effective().unwrap().mode, Mode::Halted);
+            let f2 = step(f.clone(), &mode_entry(None, 1, Mode::Paused), Poller);
+            assert_eq!(f2.effective().unwrap().mode, Mode::Halted);
+            // A later readable entry doesn't hide it.
+            let f3 = step(
+                f.clone(),
+                &agent_entry(None, "x", true, halted.clone()),
+                Poller,
+            );
+            assert!(matches!(f3, Folded::Untrusted { .. }));
+            assert_eq!(f3.effective().unwrap().quarantined.len(), 2);
+        }
+        // A running system with a quarantine: untrusted means paused, the quarantine kept.
+        let mut running = state(Mode::Running, 3);
+        running.quarantined.insert("agent-bad".into(), q());
+        let f = step(Folded::State(running), b"nope", Poller);
+        let eff = f.effective().unwrap();
+        assert_eq!(eff.mode, Mode::Paused);
+        assert_eq!(eff.seq, 3);
+        assert!(eff.quarantined.contains_key("agent-bad"));
+        // An operator deciding on it makes it trusted again; the quarantine needs its release.
+        let resumed = ControlState {
+            mode: Mode::Running,
+            seq: 4,
+            ..eff.clone()
+        };
+        let entry = serde_json::to_vec(&Entry {
+            after: None,
+            change: Change::Mode { base: 3 },
+            state: resumed,
+        })
+        .unwrap();
+        let f = step(f, &entry, Operator);
+        let Folded::State(s) = f else { panic!("{f:?}") };
+        assert_eq!(s.mode, Mode::Running);
+        assert!(s.quarantined.contains_key("agent-bad"));
+    }
+
+    #[test]
+    fn quarantines_fold_apart_from_the_mode() {
+        let any = state(Mode::Running, 0);
+        let f = fold_all(&[
+            (agent_entry(None, "a", true, any.clone()), Operator),
+            (mode_entry(None, 0, Mode::Paused), Operator),
+            (agent_entry(None, "b", true, any.clone()), Poller),
+            (mode_entry(None, 1, Mode::Running), Operator),
+            (mode_entry(None, 1, Mode::Halted), Operator),
+        ]);
+        let Folded::State(s) = &f else { panic!() };
+        assert_eq!(s.mode, Mode::Halted);
+        assert_eq!(s.quarantined.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(s.seq, 3, "agent entries never move the sequence");
+        // A mode entry's own quarantine list is never trusted over the agent entries.
+        let f = fold_all(&[
+            (agent_entry(None, "a", true, any.clone()), Operator),
+            (mode_entry(None, 0, Mode::Running), Operator),
+        ]);
+        let Folded::State(s) = &f else { panic!() };
+        assert!(s.quarantined.contains_key("a"));
+    }
+
+    #[test]
+    fn a_fold_starts_at_the_latest_entry_an_operator_anchored() {
+        let halted = {
+            let mut s = state(Mode::Halted, 7);
+            s.quarantined.insert("a".into(), q());
+            s
+        };
+        let snapshot = |after| {
+            serde_json::to_vec(&Entry {
+                after,
+                change: Change::Mode { base: 6 },
+                state: halted.clone(),
+            })
+            .unwrap()
+        };
+        // The last chunk alone: nothing before it to anchor on.
+        let last = [rec(40, Operator, snapshot(Some(30)))];
+        assert_eq!(anchor(&last, ReadFrom::Last), None);
+        assert_eq!(walk_back(&last, ReadFrom::Last), Some(ReadFrom::Offset(30)));
+        // Read from 30: the entry before it is the one it names.
+        let from_30 = [
+            rec(30, Operator, b"whatever it was".to_vec()),
+            rec(40, Operator, snapshot(Some(30))),
+        ];
+        assert_eq!(anchor(&from_30, ReadFrom::Offset(30)), Some(1));
+        let f = fold_records(&from_30, ReadFrom::Offset(30)).unwrap();
+        assert_eq!(
+            f,
+            Folded::State(halted.clone()),
+            "an old entry before it costs nothing"
+        );
+        // A concurrent entry between them: the later one isn't anchored, read further back.
+        let raced = [
+            rec(30, Operator, mode_entry(Some(20), 6, Mode::Halted)),
+            rec(35, Operator, mode_entry(Some(20), 6, Mode::Paused)),
+            rec(40, Operator, snapshot(Some(30))),
+        ];
+        assert_eq!(anchor(&raced, ReadFrom::Offset(30)), None);
+        assert_eq!(
+            walk_back(&raced, ReadFrom::Offset(30)),
+            Some(ReadFrom::Offset(20))
+        );
+        // The poller's entries never anchor: its snapshot could claim anything.
+        let poller = [
+            rec(30, Operator, b"x".to_vec()),
+            rec(40, Poller, mode_entry(Some(30), 0, Mode::Running)),
+        ];
+        assert_eq!(anchor(&poller, ReadFrom::Offset(30)), None);
+        // The stream's first entry anchors with `after: None`, anywhere else it doesn't.
+        let genesis = [rec(0, Operator, mode_entry(None, 0, Mode::Running))];
+        assert_eq!(anchor(&genesis, ReadFrom::First), Some(0));
+        assert_eq!(anchor(&genesis, ReadFrom::Last), None);
+        assert_eq!(walk_back(&genesis, ReadFrom::Last), Some(ReadFrom::First));
+        // Retention dropped the start: nothing earlier, untrusted with the best guess.
+        let dropped = [
+            rec(
+                500,
+                Poller,
+                agent_entry(Some(400), "b", true, halted.clone()),
+            ),
+            rec(501, Operator, b"unreadable".to_vec()),
+        ];
+        assert_eq!(walk_back(&dropped, ReadFrom::First), None);
+        let guess = best_guess(&dropped).unwrap();
+        assert_eq!(guess.mode, Mode::Halted);
+        assert!(guess.quarantined.contains_key("a"));
+    }
+
+    #[test]
+    fn an_anchor_then_changes_fold_like_a_full_history() {
+        // The same history folded from its start and from a snapshot in its middle.
+        let s1 = state(Mode::Paused, 1);
+        let history = [
+            rec(1, Operator, mode_entry(None, 0, Mode::Paused)),
+            rec(
+                2,
+                Operator,
+                serde_json::to_vec(&Entry {
+                    after: Some(1),
+                    change: Change::Agent {
+                        agent: "a".into(),
+                        quarantined: Some(q()),
+                    },
+                    state: ControlState {
+                        quarantined: [("a".to_string(), q())].into(),
+                        ..s1.clone()
+                    },
+                })
+                .unwrap(),
+            ),
+            rec(3, Poller, agent_entry(Some(2), "b", true, s1.clone())),
+            rec(4, Operator, mode_entry(Some(2), 1, Mode::Halted)),
+        ];
+        let from_first = history
+            .iter()
+            .fold(Folded::Empty, |f, r| step(f, &r.body, r.writer));
+        assert_eq!(
+            anchor(&history, ReadFrom::First),
+            Some(1),
+            "the latest anchor"
+        );
+        let from_2 = fold_records(&history, ReadFrom::First).unwrap();
+        assert_eq!(from_first, from_2);
+        let Folded::State(s) = from_first else {
+            panic!()
+        };
+        assert_eq!(s.mode, Mode::Halted);
+        assert_eq!(s.quarantined.len(), 2);
+    }
+}
