@@ -7,12 +7,13 @@ mod common;
 
 use command_poller::bridge::signing::Secret;
 use command_poller::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
+use command_poller::compose::build_panel;
 use command_poller::control::operator::{new_request_id, Operator};
 use command_poller::control::ControlCommand;
 use command_poller::judging::{Judge, JudgeError, JudgeRequest, Panel, Verdict};
 use command_poller::outcome::ResultMessage;
 use command_poller::policy::Policy;
-use command_poller::worker::{build_panel, Poller};
+use command_poller::worker::Poller;
 use common::{bridge_client, cmd, suffix, test_settings, Cleanup, AMQP};
 use futures::future::BoxFuture;
 use futures::StreamExt;

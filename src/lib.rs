@@ -20,7 +20,8 @@
 #[cfg(any(test, feature = "test-util"))]
 pub use poller_runtime::testing;
 pub use poller_runtime::{
-    bridge, broker, clock, health, intake, metrics, outcome, pipeline, settings, store, tls, worker,
+    bridge, broker, clock, compose, health, intake, metrics, outcome, pipeline, settings, settle,
+    store, tls, worker,
 };
 
 /// Approval: the core's rules, record and wire format, the runtime's desk, sweeper and

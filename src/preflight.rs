@@ -42,7 +42,7 @@ impl Finding {
 /// Runs every check; never stops at the first problem.
 pub async fn check(settings: &Settings) -> Vec<Finding> {
     let mut out = Vec::new();
-    match crate::worker::build_panel(
+    match crate::compose::build_panel(
         &settings.panel,
         &settings.secrets.judge_api_keys,
         std::sync::Arc::new(crate::store::local::MemWindows::default()),

@@ -163,7 +163,7 @@ pub(super) async fn judges_eval(
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     let cases = eval::load_cases(&text).with_context(|| format!("{}", file.display()))?;
     let windows = Arc::new(eval::CaseWindows::default());
-    let panel = crate::worker::build_panel(
+    let panel = crate::compose::build_panel(
         &settings.panel,
         &settings.secrets.judge_api_keys,
         windows.clone(),

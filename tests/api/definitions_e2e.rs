@@ -471,7 +471,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     let stores = command_poller::store::open_all(&settings.idempotency)
         .await
         .unwrap();
-    let panel = command_poller::worker::build_panel(
+    let panel = command_poller::compose::build_panel(
         &settings.panel,
         &settings.secrets.judge_api_keys,
         stores.windows.clone(),

@@ -393,7 +393,7 @@ async fn bridge_connection_refused_is_retried_then_failed() {
     let poller = command_poller::worker::Poller::new(
         h.settings.clone(),
         policy,
-        command_poller::worker::build_panel(
+        command_poller::compose::build_panel(
             &h.settings.panel,
             &h.settings.secrets.judge_api_keys,
             h.stores.windows.clone(),

@@ -17,6 +17,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Address of the health endpoint (/healthz, /readyz, /metrics); port 0 picks a free one.
+    pub listen: std::net::SocketAddr,
+    /// Address of `/status` (recent action ids, who paused and why): loopback only, so it is
+    /// never served on the pod's port. Empty: not served.
+    pub status_listen: String,
+}
+
 #[derive(Clone)]
 struct Ctx {
     state: Arc<PollerState>,

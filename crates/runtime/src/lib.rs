@@ -18,16 +18,12 @@
 pub use poller_adapters::{bridge, broker, store, tls};
 pub use poller_core::{clock, intake, outcome, policy};
 
-/// The judges: the core's panel and rule judges, and the LLM judge adapter.
-pub mod judging {
-    pub use poller_adapters::judge::llm;
-    pub use poller_core::judging::*;
-}
-
 pub mod approval;
 pub mod audit;
+pub mod compose;
 pub mod control;
 pub mod health;
+pub mod judging;
 pub mod metrics;
 pub mod pipeline;
 pub mod settings;

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The shipped replication (`config/default.toml`), for tests that build parts by hand.
-pub const REPLICATION: crate::settings::Replication = crate::settings::Replication {
-    initial_group_size: 3,
-    leader_locator: crate::settings::LeaderLocator::Balanced,
-};
+pub const REPLICATION: crate::broker::settings::Replication =
+    crate::broker::settings::Replication {
+        initial_group_size: 3,
+        leader_locator: crate::broker::settings::LeaderLocator::Balanced,
+    };
 
 /// A log shared by the publishing and acking doubles, in the order things happened.
 pub type Log = Arc<Mutex<Vec<String>>>;

@@ -5,6 +5,7 @@
 pub use poller_core::bridge::*;
 
 pub mod client;
+pub mod settings;
 pub mod simulator;
 
 pub use client::{AppsScriptBridge, BridgeClientConfig};

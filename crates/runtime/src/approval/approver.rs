@@ -5,9 +5,9 @@
 //! reply-to), or why none came.
 
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
-use crate::settings::ApprovalSettings;
 use futures::StreamExt;
 use poller_core::approval::wire::{Reply, Request};
+use poller_core::approval::ApprovalSettings;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]

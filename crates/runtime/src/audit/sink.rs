@@ -7,11 +7,12 @@ use super::chain::{ChainError, ChainWriter};
 use crate::broker::{self, BrokerError};
 
 use crate::bridge::signing::Secret;
-use crate::settings::{AmqpSettings, AuditSettings, Settings};
+use crate::broker::settings::AmqpSettings;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use poller_core::audit::AuditSettings;
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
@@ -40,19 +41,6 @@ pub struct SinkConfig {
     pub dead_letter_exchange: String,
     /// `audit.chain_key_env`'s value, when set.
     pub chain_key: Option<Secret>,
-}
-
-impl SinkConfig {
-    pub fn from_settings(s: &Settings) -> Self {
-        Self {
-            amqp: s.amqp.clone(),
-            endpoints: s.amqp.checked_endpoints(),
-            audit: s.audit.clone(),
-            alerts_exchange: s.topology.alerts_exchange.clone(),
-            dead_letter_exchange: s.topology.dead_letter_exchange.clone(),
-            chain_key: s.secrets.audit_chain_key.clone(),
-        }
-    }
 }
 
 /// Runs until `stop` is cancelled, reconnecting (with backoff, forever) when the broker

@@ -9,10 +9,10 @@ use super::replica::{state_writer, ReplicaReply};
 use super::state_log::{self, Folded, StateReader};
 use crate::broker::declare_control;
 use crate::broker::{self, BrokerError, Outgoing, Publisher};
-use crate::settings::{ControlSettings, Settings};
 use futures::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use poller_core::control::ControlSettings;
 use poller_core::control::{transition, Actor, ControlCommand, ControlState};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -51,25 +51,11 @@ pub struct Operator<'a> {
     /// The poller's broker user (it may write the stored state too).
     pub poller_user: String,
     /// How the control queue and stream spread over a cluster, if the operator declares them.
-    pub replication: crate::settings::Replication,
+    pub replication: crate::broker::settings::Replication,
     /// The operator's broker nodes; their user must be in `control.operators`.
     pub endpoints: broker::Endpoints,
     /// How long to collect replica answers.
     pub wait: Duration,
-}
-
-impl<'a> Operator<'a> {
-    /// An operator for the system `settings` describe, connecting to `endpoints`.
-    pub fn new(settings: &'a Settings, endpoints: &broker::Endpoints, wait: Duration) -> Self {
-        Self {
-            control: &settings.control,
-            commands_queue: &settings.topology.commands_queue,
-            poller_user: settings.poller_user(),
-            replication: settings.topology.replication,
-            endpoints: endpoints.clone(),
-            wait,
-        }
-    }
 }
 
 impl Operator<'_> {
@@ -264,7 +250,7 @@ impl Operator<'_> {
 /// Checks, without configuring anything, that the control exchanges and the state stream exist.
 async fn expect_control(
     conn: &lapin::Connection,
-    c: &crate::settings::ControlSettings,
+    c: &poller_core::control::ControlSettings,
 ) -> Result<(), OperatorError> {
     broker::expect_exist(
         conn,

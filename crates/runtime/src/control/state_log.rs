@@ -40,11 +40,11 @@ pub use poller_core::control::fold::*;
 
 use crate::broker::names::{message_type, text};
 use crate::broker::{BrokerError, Outgoing, Publisher};
-use crate::settings::ControlSettings;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
+use poller_core::control::ControlSettings;
 use poller_core::control::ControlState;
 use std::time::Duration;
 
@@ -123,7 +123,7 @@ pub struct StateReader {
     /// The offset of the last entry read.
     position: Option<u64>,
     /// What an empty stream folds to.
-    empty: crate::settings::EmptyStream,
+    empty: poller_core::control::EmptyStream,
     /// The stream sent nothing within the grace: an entry that then arrives and isn't the
     /// stream's first means it wasn't empty, and the stream is read again.
     assumed_empty: bool,

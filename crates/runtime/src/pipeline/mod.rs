@@ -17,6 +17,7 @@ mod intake;
 mod panel;
 mod policy;
 mod replay;
+pub mod settings;
 
 pub use disposition::{Concluded, DeadLetter, DeadLetterBody, Disposition, Publication};
 
@@ -134,7 +135,7 @@ pub struct Keeping {
 /// `limit.window`, for the whole fleet.
 pub struct Admission {
     pub windows: Arc<dyn crate::store::RateWindows>,
-    pub limit: crate::settings::AdmissionLimit,
+    pub limit: crate::pipeline::settings::AdmissionLimit,
 }
 
 /// A stage ending the command here, with its disposition (boxed: the stages' `Ok` values are

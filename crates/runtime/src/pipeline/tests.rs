@@ -39,7 +39,7 @@ impl Fixture {
     fn pipeline(&self) -> Pipeline {
         let admission = self.admission.map(|count| Admission {
             windows: Arc::new(MemWindows::default()),
-            limit: crate::settings::AdmissionLimit {
+            limit: crate::pipeline::settings::AdmissionLimit {
                 count,
                 window: Duration::from_secs(60),
             },

@@ -7,23 +7,24 @@
 //! shutdown. Anything unacked when a connection goes away is requeued by the broker; the
 //! bridge's dedup (per agent and action_id) makes a re-run after a lost ack safe.
 //!
-//! One file per concern: [`compose`] builds the worker from settings, [`lifecycle`] runs
+//! One file per concern ([`crate::compose`] builds the worker from settings): [`lifecycle`] runs
 //! sessions, [`consumer`] manages the commands consumer. Settling one delivery (store, publish,
 //! ack), rendering every outgoing message and the state health reads are [`crate::settle`]'s,
 //! which the approval sweeper settles through too.
 
 mod canary;
-pub mod compose;
 mod consumer;
 mod lifecycle;
+pub mod settings;
 
 pub use crate::settle::state::PollerState;
-pub use compose::{build_bridge, build_panel, StartError};
 
 use crate::bridge::simulator::SimulatorHandle;
-use crate::settings::{
-    AmqpSettings, AuditSettings, ControlSettings, ProcessingSettings, TopologySettings,
-};
+use crate::broker::settings::{AmqpSettings, TopologySettings};
+use poller_core::approval::ApprovalSettings;
+use poller_core::audit::AuditSettings;
+use poller_core::control::ControlSettings;
+use settings::ProcessingSettings;
 use std::sync::Arc;
 
 /// The sections of the settings the worker's lifecycle uses (the rest went into the pipeline
@@ -43,17 +44,17 @@ pub(crate) struct Sections {
 /// A poller replica: build it with [`Poller::from_settings`] (or [`Poller::new`] from parts),
 /// then [`Poller::run`] it until shutdown.
 pub struct Poller {
-    settings: Sections,
-    shell: Arc<crate::settle::Shell>,
-    instance: String,
+    pub(crate) settings: Sections,
+    pub(crate) shell: Arc<crate::settle::Shell>,
+    pub(crate) instance: String,
     /// Where the control replica publishes.
-    control_names: crate::control::replica::Names,
+    pub(crate) control_names: crate::control::replica::Names,
     /// Keeps the embedded bridge simulator running, when it is the configured bridge.
-    _simulator: Option<SimulatorHandle>,
+    pub(crate) _simulator: Option<SimulatorHandle>,
     /// Where approval decisions are handled (each session consumes for it).
-    desk: Arc<crate::approval::desk::Desk>,
+    pub(crate) desk: Arc<crate::approval::desk::Desk>,
     /// The approval section, the webhook (if configured), and the sweeper's wake-up.
-    approval: crate::settings::ApprovalSettings,
-    notifier: Option<poller_adapters::webhook::Notifier>,
-    wake: Arc<tokio::sync::Notify>,
+    pub(crate) approval: ApprovalSettings,
+    pub(crate) notifier: Option<poller_adapters::webhook::Notifier>,
+    pub(crate) wake: Arc<tokio::sync::Notify>,
 }

@@ -25,11 +25,11 @@ use super::state_log::{self, StateReader};
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Status;
 use crate::policy::shared::SharedPolicy;
-use crate::settings::ControlSettings;
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use poller_core::control::gate::Gate;
 use poller_core::control::trip::TripWire;
+use poller_core::control::ControlSettings;
 use std::sync::{Arc, Mutex};
 
 /// Who may write the stored state, by broker user: operators and the poller's own user.

@@ -24,7 +24,7 @@ pub struct Names {
     /// The broker user the poller publishes as.
     pub poller_user: String,
     /// How the control stream and events queue spread over a cluster when declared.
-    pub replication: crate::settings::Replication,
+    pub replication: crate::broker::settings::Replication,
 }
 
 /// A replica's answer to a control message.

@@ -1,7 +1,7 @@
-//! The composition root: builds a [`Poller`] from settings (policy, judges, bridge, store) or
-//! from parts (tests inject judges and bridges).
+//! The composition root: builds a [`Poller`] from the whole settings (policy, judges, bridge,
+//! store) or from parts (tests inject judges and bridges). The only module besides
+//! [`crate::settings`] that sees every section.
 
-use super::Poller;
 use crate::approval::desk::Desk;
 use crate::bridge::signing::Secret;
 use crate::bridge::simulator::{self, SimulatorConfig, SimulatorHandle};
@@ -19,6 +19,7 @@ use crate::settle::state::PollerState;
 use crate::settle::{Settler, Shell};
 use crate::store::Stores;
 use crate::store::{RateWindows, Slots};
+use crate::worker::{Poller, Sections};
 use poller_adapters::webhook::Notifier;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -313,7 +314,7 @@ impl Poller {
             approval: settings.approval.clone(),
             notifier,
             wake,
-            settings: super::Sections {
+            settings: Sections {
                 amqp: settings.amqp.clone(),
                 endpoints: settings.amqp.checked_endpoints(),
                 topology: settings.topology.clone(),
