@@ -11,7 +11,6 @@ use command_poller::store::{self, Backend, ResultStore};
 use command_poller::testing::Script;
 use futures::StreamExt;
 use lapin::options::*;
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -458,18 +457,7 @@ async fn events(h: &Harness, key: &str) -> usize {
 async fn raw(h: &Harness, url: &str, user_id: Option<&str>, body: &[u8]) -> Reply {
     let conn = Connection::connect(url, Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let mut replies = ch
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = crate::common::consume_all(&ch, "amq.rabbitmq.reply-to").await;
     let mut props = BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into());
     if let Some(u) = user_id {
         props = props.with_user_id(u.into());

@@ -150,18 +150,7 @@ async fn reply_to_direct_reply_to_gets_the_result_and_foreign_queues_are_refused
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = crate::common::consume_all(&ch, "amq.rabbitmq.reply-to").await;
     let c = cmd("reply-1", "CHECK_INTEGRATION_STATUS", "mailchimp", "LOW").to_string();
     ch.basic_publish(
         h.settings.topology.commands_exchange.as_str().into(),
@@ -229,18 +218,7 @@ async fn reply_to_the_agents_own_queue_is_delivered() {
     )
     .await
     .unwrap();
-    let mut c = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut c = crate::common::consume_all(&ch, &queue).await;
     h.publish(
         cmd("own-reply-1", "CONNECT_INTEGRATION", "hubspot", "HIGH")
             .to_string()

@@ -1,6 +1,7 @@
 //! The shipped binary, as an operator and an agent use it: `run` configured through
 //! environment overrides, `send --wait` for the runbook's examples, SIGTERM for a clean exit.
 
+use crate::common::free_port;
 use crate::common::{suffix, test_settings, Cleanup};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,14 +15,6 @@ fn env_for(sfx: &str) -> Vec<(String, String)> {
         format!("binary-test-{sfx}-with-enough-bytes"),
     ));
     env
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs `check-config` with these environment overrides.

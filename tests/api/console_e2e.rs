@@ -3,6 +3,7 @@
 //! refused at login, an operator pauses and resumes, an approver approves a parked command, a
 //! forged cross-site POST is refused. Screenshots go to `target/console/`.
 
+use crate::common::free_port;
 use crate::common::*;
 use command_poller::console::{Console, Parts};
 use command_poller::outcome::Status;
@@ -18,14 +19,6 @@ impl Drop for Driver {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// chromedriver on a port of its own, and a headless Chromium session through it.

@@ -142,13 +142,7 @@ async fn a_replica_started_while_paused_consumes_nothing() {
     settle().await;
     assert_eq!(h.queue_depth().await, 3);
     assert!(h.inbox.lock().unwrap().results.is_empty());
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     assert_eq!(status.replicas.len(), 1);
     let s = &status.replicas[0];
     assert_eq!(s.state.mode, Mode::Paused);
@@ -159,13 +153,7 @@ async fn a_replica_started_while_paused_consumes_nothing() {
     for i in 0..3 {
         assert_eq!(h.result(&format!("late-{i}")).await.status, Status::Success);
     }
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     assert_eq!(status.replicas[0].recent_results.len(), 3);
     r.stop().await;
 }
@@ -361,13 +349,7 @@ async fn the_automatic_trip_fires_on_the_nth_unapproved_refresh_and_not_before()
         .count();
     assert_eq!(trips, 1);
     // Recorded: the stored state says why, and new commands wait.
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     let stored = status.stored_state.unwrap();
     assert_eq!(stored.mode, Mode::Paused);
     assert!(
@@ -556,13 +538,7 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
     // Low finding: a trip's PAUSED written just after an operator's HALTED replaced it (last
     // writer wins), and a plain `resume` then lifted the halt.
     let h = Harness::start(Options::default()).await;
-    let before = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let before = h.status().await;
     let base = before.stored_state.map_or(0, |s| s.seq);
     h.operator().run(halt("E02")).await.unwrap();
     // The stale pause, decided on the state before the halt.
@@ -577,13 +553,7 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
         },
     };
     append_state(&h, &serde_json::to_vec(&stale).unwrap()).await;
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     assert_eq!(status.stored_state.unwrap().mode, Mode::Halted);
     assert!(status.replicas.iter().all(|r| r.state.mode == Mode::Halted));
     let e = h.operator().run(resume(false)).await.unwrap_err();

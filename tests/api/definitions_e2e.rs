@@ -511,18 +511,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     assert_eq!(report.replicas.len(), 1, "{report:?}");
     assert_eq!(state.gate.mode(), command_poller::control::Mode::Running);
     // The agent sends a command with a reply queue of its own.
-    let mut replies = ch
-        .basic_consume(
-            own.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = crate::common::consume_all(&ch, &own).await;
     let pch = agent.create_channel().await.unwrap();
     pch.confirm_select(Default::default()).await.unwrap();
     pch.basic_publish(

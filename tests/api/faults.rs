@@ -7,6 +7,7 @@
 //! and run one at a time by `scripts/test.sh`:
 //!   cargo test --test faults -- --ignored --test-threads=1 --nocapture
 
+use crate::common::free_port;
 use crate::common::{cmd, suffix, test_settings, Cleanup, AMQP};
 use command_poller::outcome::ResultMessage;
 use futures::StreamExt;
@@ -20,14 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One scenario's world: names, processes, the simulator behind a switchable proxy.
 pub(crate) struct World {

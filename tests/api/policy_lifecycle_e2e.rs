@@ -166,13 +166,7 @@ async fn a_reload_reaches_every_replica_and_a_refused_file_keeps_the_old_policy(
         || *r1.state.policy_sha256.lock().unwrap() == digest_of(SHIPPED),
     )
     .await;
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     let mut digests: Vec<(String, String)> = status
         .replicas
         .iter()
@@ -568,13 +562,7 @@ async fn the_agent_scoped_trip_quarantines_the_offender_and_the_fleet_keeps_runn
     h.send(&check("others-flow")).await;
     assert_eq!(h.result("others-flow").await.status, Status::Success);
     // Stored: what the operator sees.
-    let status = h
-        .operator()
-        .run(ControlCommand::Status {
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
+    let status = h.status().await;
     let stored = status.stored_state.unwrap();
     assert_eq!(stored.mode, Mode::Running);
     assert!(stored.quarantined[&bad.0].reason.contains("automatic trip"));

@@ -6,6 +6,7 @@
 //! replays what the container would do. Needs root (to switch users) and the release binary
 //! (`scripts/test.sh` builds it first).
 
+use crate::common::free_port;
 use crate::common::{suffix, test_settings, Cleanup};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,14 +23,6 @@ fn release_binary() -> PathBuf {
         "no release binary: run `cargo build --release --bin command-poller` (scripts/test.sh does)"
     );
     p.to_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -431,6 +431,15 @@ impl Harness {
         }
     }
 
+    /// The fleet's status, as an operator asks for it (every replica's answer and the stored
+    /// state).
+    pub async fn status(&self) -> command_poller::control::operator::Report {
+        self.operator()
+            .run(status_request())
+            .await
+            .expect("status answered")
+    }
+
     pub fn operator(&self) -> command_poller::control::operator::Operator<'_> {
         command_poller::control::operator::Operator::new(
             &self.settings,
@@ -438,6 +447,38 @@ impl Harness {
             Duration::from_millis(1500),
         )
     }
+}
+
+/// A status request with a new request id.
+pub fn status_request() -> command_poller::control::ControlCommand {
+    command_poller::control::ControlCommand::Status {
+        request_id: command_poller::control::operator::new_request_id(),
+    }
+}
+
+/// A port free on 127.0.0.1 right now (for a process the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A consumer of `queue` on `ch` that acks nothing (the broker counts each delivery as done):
+/// for reading what the poller published, or direct reply-to.
+pub async fn consume_all(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        lapin::options::BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Polls `f` until it holds, or panics after `timeout`.
