@@ -2,15 +2,14 @@
 //! reconnecting with backoff after broker failures, pausing and resuming the consumer with the
 //! gate, and draining in-flight commands on shutdown.
 
-use super::consumer::{consumer_stalled, CommandConsumer, SETUP_TIMEOUT, STALL_CHECK_EVERY};
+use super::consumer::{consumer_stalled, STALL_CHECK_EVERY};
+use super::session::Parts;
 use super::Poller;
-use crate::broker::{self, BrokerError, Publisher};
-use crate::control::replica::Replica;
+use crate::broker::{self, BrokerError};
 use crate::settle;
 use crate::settle::state::PollerState;
 use crate::store::ResultStore;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::options::BasicQosOptions;
 use poller_core::control::Mode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -189,6 +188,8 @@ impl Poller {
             .unwrap_or_else(|p| p.into_inner()) = node.map(|n| n.shown.clone());
     }
 
+    /// Consumes for one session: sets it up, starts its components, then settles each
+    /// delivery until shutdown or a broken session, following the gate's mode.
     async fn consume(
         &self,
         consume_conn: &lapin::Connection,
@@ -198,70 +199,8 @@ impl Poller {
         tasks: &mut JoinSet<()>,
         sweeper: &mut Option<tokio::task::JoinHandle<()>>,
     ) -> Result<(), SessionError> {
-        let s = &self.settings;
-        // Setting up is bounded: a broker half-way through a restart can leave a call without
-        // an answer, and the session must then start over rather than wait forever.
-        let setup = async {
-            let publisher = Publisher::open(publish_conn).await?;
-            self.shell.publishers.send_replace(Some(publisher.clone()));
-            let ch = consume_conn.create_channel().await?;
-            broker::declare(&ch, &s.topology).await?;
-            broker::declare_audit(consume_conn, &s.audit, &s.topology.replication).await?;
-
-            // Control first: the stored state is applied before any command is consumed.
-            let replica = Arc::new(Replica::new(
-                s.control.clone(),
-                self.control_names.clone(),
-                self.shell.settler.state.gate.clone(),
-                self.shell.settler.state.clone(),
-                self.shell.pipeline.policy().clone(),
-                self.shell.settler.state.reload.clone(),
-            ));
-            let control_ch = consume_conn.create_channel().await?;
-            let state_ch = consume_conn.create_channel().await?;
-            let (control_consumer, state_reader) = replica
-                .attach(consume_conn, &control_ch, &state_ch, &publisher)
-                .await?;
-            ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
-                .await?;
-            // Approval decisions: accepted whatever the mode (an approval while halted waits
-            // for the lift in its record, not in the queue).
-            let approvals_ch = consume_conn.create_channel().await?;
-            broker::declare_approvals(
-                &approvals_ch,
-                &self.approval,
-                &s.topology.dead_letter_exchange,
-                s.topology.delivery_limit,
-                &s.topology.replication,
-            )
-            .await?;
-            // A consumer the broker stopped feeding without the stream ending or the
-            // connection reporting it: checked while running and quiet (`consumer_stalled`).
-            let watch_ch = consume_conn.create_channel().await?;
-            let mut commands = CommandConsumer::new(
-                ch.clone(),
-                s.topology.commands_queue.clone(),
-                self.instance.clone(),
-            );
-            if self.shell.settler.state.gate.mode() == Mode::Running {
-                commands.start().await?;
-            } else {
-                tracing::warn!(
-                    mode = self.shell.settler.state.gate.mode().as_str(),
-                    "not consuming: the system is paused or halted"
-                );
-            }
-            Ok::<_, SessionError>((
-                publisher,
-                replica,
-                control_consumer,
-                state_reader,
-                commands,
-                watch_ch,
-                approvals_ch,
-            ))
-        };
-        let (
+        let queue = &self.settings.topology.commands_queue;
+        let Parts {
             publisher,
             replica,
             control_consumer,
@@ -269,44 +208,17 @@ impl Poller {
             mut commands,
             watch_ch,
             approvals_ch,
-        ) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-            Ok(parts) => parts?,
-            Err(_) => {
-                return Err(SessionError::Lost(format!(
-                    "setting up the session took longer than {SETUP_TIMEOUT:?}"
-                )))
-            }
-        };
-        let mut control_task = {
-            let replica = replica.clone();
-            let publisher = publisher.clone();
-            tokio::spawn(async move {
-                replica
-                    .listen(control_consumer, state_reader, publisher)
-                    .await
-            })
-        };
-        let canary_task = self.settings.canary.enabled.then(|| {
-            tokio::spawn(super::canary::watch(
-                self.settings.canary.clone(),
-                self.shell.clone(),
-                replica.clone(),
-                publisher.clone(),
-            ))
-        });
-        let desk_stop = CancellationToken::new();
-        let mut desk_task = tokio::spawn(self.desk.clone().listen(
+        } = self.set_up(consume_conn, publish_conn).await?;
+        let mut components = self.start_components(
+            replica,
+            control_consumer,
+            state_reader,
             approvals_ch,
-            publisher.clone(),
-            desk_stop.clone(),
-        ));
-        let mut mode = self.shell.settler.state.gate.watch();
-        self.shell
-            .settler
-            .state
-            .connected
-            .store(true, Ordering::SeqCst);
-
+            &publisher,
+        );
+        let state = &self.shell.settler.state;
+        let mut mode = state.gate.watch();
+        state.connected.store(true, Ordering::SeqCst);
         let broken = CancellationToken::new();
         let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
         stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -314,21 +226,21 @@ impl Poller {
         let outcome = loop {
             tokio::select! {
                 _ = stall_check.tick() => {
-                    if self.shell.settler.state.gate.mode() != Mode::Running
+                    if state.gate.mode() != Mode::Running
                         || !commands.is_active()
                         || last_delivery.elapsed() < STALL_CHECK_EVERY
                     {
                         continue;
                     }
-                    if let Some(why) = consumer_stalled(&watch_ch, &s.topology.commands_queue).await {
+                    if let Some(why) = consumer_stalled(&watch_ch, queue).await {
                         tracing::warn!(why = %why, "the commands consumer stalled; reconnecting");
                         break Err(SessionError::Lost(why));
                     }
                 }
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
-                ended = &mut control_task => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
-                ended = &mut desk_task => break Err(SessionError::Lost(format!("approvals desk ended: {ended:?}"))),
+                ended = &mut components.control => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
+                ended = &mut components.desk => break Err(SessionError::Lost(format!("approvals desk ended: {ended:?}"))),
                 changed = mode.changed() => {
                     if changed.is_err() { continue; }
                     let now = *mode.borrow_and_update();
@@ -352,12 +264,7 @@ impl Poller {
                 }
             }
         };
-        control_task.abort();
-        if let Some(t) = canary_task {
-            t.abort();
-        }
-        desk_stop.cancel();
-        desk_task.abort();
+        components.stop();
         if outcome.is_ok() {
             // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
             // and the approvals sweep in progress while the connections are still open, so
@@ -412,7 +319,7 @@ pub(crate) async fn watch_store(
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(super) enum SessionError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("{0}")]

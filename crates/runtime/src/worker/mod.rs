@@ -15,6 +15,7 @@
 mod canary;
 mod consumer;
 mod lifecycle;
+mod session;
 pub mod settings;
 
 pub use crate::settle::state::PollerState;
