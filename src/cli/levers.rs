@@ -59,3 +59,67 @@ pub(super) async fn operate(
         ExitCode::SUCCESS
     })
 }
+
+/// `approve`: an approver's approval of a parked command, bound to its digest.
+pub(super) async fn approve(
+    settings: &Settings,
+    ap: ApproverArgs,
+    approval_id: String,
+    digest: String,
+    reason: String,
+) -> anyhow::Result<ExitCode> {
+    let req = crate::approval::wire::Request::Approve {
+        approval_id,
+        digest,
+        reason,
+    };
+    decide(settings, ap, req).await
+}
+
+/// `resume`: the fleet runs again (`lift_halt`: after the post-mortem, a halt too).
+pub(super) async fn resume(
+    settings: &Settings,
+    op: OperatorArgs,
+    reason: String,
+    lift_halt: bool,
+    request_id: String,
+) -> anyhow::Result<ExitCode> {
+    let cmd = ControlCommand::Resume {
+        reason,
+        lift_halt,
+        request_id,
+    };
+    operate(settings, op, cmd).await
+}
+
+/// `quarantine`: one agent's commands are neither judged nor executed until released.
+pub(super) async fn quarantine(
+    settings: &Settings,
+    op: OperatorArgs,
+    agent: String,
+    reason: String,
+    request_id: String,
+) -> anyhow::Result<ExitCode> {
+    let cmd = ControlCommand::Quarantine {
+        agent,
+        reason,
+        request_id,
+    };
+    operate(settings, op, cmd).await
+}
+
+/// `release`: a quarantined agent's commands flow again.
+pub(super) async fn release(
+    settings: &Settings,
+    op: OperatorArgs,
+    agent: String,
+    reason: String,
+    request_id: String,
+) -> anyhow::Result<ExitCode> {
+    let cmd = ControlCommand::Release {
+        agent,
+        reason,
+        request_id,
+    };
+    operate(settings, op, cmd).await
+}

@@ -94,14 +94,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
             lift_halt,
             op,
-        } => {
-            let cmd = ControlCommand::Resume {
-                reason,
-                lift_halt,
-                request_id,
-            };
-            levers::operate(s, op, cmd).await
-        }
+        } => levers::resume(s, op, reason, lift_halt, request_id).await,
         Command::Halt { reason, op } => {
             levers::operate(s, op, ControlCommand::Halt { reason, request_id }).await
         }
@@ -109,38 +102,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             levers::operate(s, op, ControlCommand::Status { request_id }).await
         }
         Command::Quarantine { agent, reason, op } => {
-            let cmd = ControlCommand::Quarantine {
-                agent,
-                reason,
-                request_id,
-            };
-            levers::operate(s, op, cmd).await
+            levers::quarantine(s, op, agent, reason, request_id).await
         }
         Command::Release { agent, reason, op } => {
-            let cmd = ControlCommand::Release {
-                agent,
-                reason,
-                request_id,
-            };
-            levers::operate(s, op, cmd).await
+            levers::release(s, op, agent, reason, request_id).await
         }
-        Command::Policy { command } => match command {
-            PolicyCommand::Test {
-                file,
-                policy,
-                json,
-                agent,
-                earlier_attempts,
-            } => tools::policy_test(s, &file, policy, json, agent, earlier_attempts),
-            PolicyCommand::Replay {
-                audit,
-                policy,
-                json,
-            } => tools::policy_replay(&audit, &policy, json),
-            PolicyCommand::Reload { op } => {
-                levers::operate(s, op, ControlCommand::ReloadPolicy { request_id }).await
-            }
-        },
+        Command::Policy { command } => tools::policy(s, command, request_id).await,
         Command::Audit { command } => tools::audit(s, command).await,
         Command::Judges {
             command:
@@ -168,14 +135,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             digest,
             reason,
             ap,
-        } => {
-            let req = Request::Approve {
-                approval_id,
-                digest,
-                reason,
-            };
-            levers::decide(s, ap, req).await
-        }
+        } => levers::approve(s, ap, approval_id, digest, reason).await,
         Command::Deny {
             approval_id,
             reason,

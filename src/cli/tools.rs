@@ -1,7 +1,7 @@
 //! The command line's one-shot tools: `send` as an agent, `policy test` and `policy replay`,
 //! `judges eval`, `audit` (sink, show, verify) and `check-config`.
 
-use super::args::AuditCommand;
+use super::args::{AuditCommand, PolicyCommand};
 use super::levers::endpoints_of;
 use super::serve::watch_signals;
 use crate::settings::Settings;
@@ -49,8 +49,34 @@ pub(super) async fn send(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `policy test`, `policy replay`, and `policy reload` (a lever: every replica reloads).
+pub(super) async fn policy(
+    settings: &Settings,
+    command: PolicyCommand,
+    request_id: String,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Test {
+            file,
+            policy,
+            json,
+            agent,
+            earlier_attempts,
+        } => policy_test(settings, &file, policy, json, agent, earlier_attempts),
+        PolicyCommand::Replay {
+            audit,
+            policy,
+            json,
+        } => policy_replay(&audit, &policy, json),
+        PolicyCommand::Reload { op } => {
+            let cmd = crate::control::ControlCommand::ReloadPolicy { request_id };
+            super::levers::operate(settings, op, cmd).await
+        }
+    }
+}
+
 /// `policy test`: how the policy (and the configured panel) would handle one command.
-pub(super) fn policy_test(
+fn policy_test(
     settings: &Settings,
     file: &Path,
     policy: Option<PathBuf>,
@@ -86,7 +112,7 @@ pub(super) fn policy_test(
 }
 
 /// `policy replay`: the audit's commands re-decided under a candidate policy.
-pub(super) fn policy_replay(audit: &Path, policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
+fn policy_replay(audit: &Path, policy: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let candidate = crate::policy::Policy::load(policy)?;
     let text = std::fs::read_to_string(audit).with_context(|| format!("{}", audit.display()))?;
     let (recorded, skipped) =

@@ -103,17 +103,7 @@ impl Operator<'_> {
         let publisher = Publisher::open(conn).await?;
         let (folded, after) = match known.filter(|_| matches!(cmd, ControlCommand::Status { .. })) {
             Some(folded) => (folded, None),
-            None => {
-                let state_ch = conn.create_channel().await?;
-                let classify = state_writer(&c.operators, &self.poller_user);
-                let reader = StateReader::open(&state_ch, c, classify)
-                    .await
-                    .map_err(|e| OperatorError::State(e.to_string()))?;
-                let read = (reader.state().clone(), reader.position());
-                reader.close().await;
-                let _ = state_ch.close(200, "read".into()).await;
-                read
-            }
+            None => self.read_state(conn).await?,
         };
         let mut note = None;
         // What the replicas enforce, and what a lever is decided on: an untrusted state is the
@@ -144,24 +134,7 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            let change = match &cmd {
-                // Nothing stored: each replica reloads its own file.
-                ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => None,
-                // Its own entry, applied in stream order: never a compare-and-set on the mode.
-                ControlCommand::Quarantine { agent, .. }
-                | ControlCommand::Release { agent, .. } => Some(state_log::Change::Agent {
-                    agent: agent.clone(),
-                    quarantined: new.quarantined.get(agent).cloned(),
-                }),
-                // Decided on the sequence read: if another change landed in between, the fold
-                // lets this one apply only if it is stricter (compare-and-set).
-                ControlCommand::Pause { .. }
-                | ControlCommand::Halt { .. }
-                | ControlCommand::Resume { .. } => {
-                    Some(state_log::Change::Mode { base: current.seq })
-                }
-            };
-            if let Some(change) = change {
+            if let Some(change) = stored_change(&cmd, &new, current.seq) {
                 // A mode decided on what replicas enforce makes the stored state trusted again.
                 let decides = matches!(change, state_log::Change::Mode { .. });
                 state_log::write(&publisher, c, after, change, &new, &user).await?;
@@ -173,20 +146,77 @@ impl Operator<'_> {
             }
         }
 
+        let (mut replicas, unheard) = self.send(&publisher, &cmd, &user).await?;
+        if unheard.is_some() {
+            note = unheard;
+        }
+        let depth = ch
+            .queue_declare(
+                self.commands_queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        // The connection may be a console session's, kept open: close what this run opened.
+        for done in [&ch, &declared, publisher.channel()] {
+            let _ = done.close(200, "done".into()).await;
+        }
+        replicas.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(Report {
+            request_id: cmd.request_id().to_owned(),
+            stored_state,
+            stored_by,
+            replicas,
+            queue_depth: depth,
+            note,
+        })
+    }
+
+    /// The stored state, read afresh from the stream, and the offset of its last entry.
+    async fn read_state(
+        &self,
+        conn: &lapin::Connection,
+    ) -> Result<(Folded, Option<u64>), OperatorError> {
+        let state_ch = conn.create_channel().await?;
+        let classify = state_writer(&self.control.operators, &self.poller_user);
+        let reader = StateReader::open(&state_ch, self.control, classify)
+            .await
+            .map_err(|e| OperatorError::State(e.to_string()))?;
+        let read = (reader.state().clone(), reader.position());
+        reader.close().await;
+        let _ = state_ch.close(200, "read".into()).await;
+        Ok(read)
+    }
+
+    /// Sends `cmd` to every live replica and collects their answers until `wait` runs out;
+    /// with a note when no replica is listening.
+    async fn send(
+        &self,
+        publisher: &Publisher,
+        cmd: &ControlCommand,
+        user: &str,
+    ) -> Result<(Vec<ReplicaReply>, Option<String>), OperatorError> {
+        let c = self.control;
         // Direct reply-to: consume the pseudo-queue before publishing on the same channel.
         let mut replies = broker::consume_direct_replies(publisher.channel()).await?;
         let sent = publisher
             .publish(&Outgoing {
                 exchange: c.exchange.clone(),
                 routing_key: cmd.routing_key().into(),
-                body: serde_json::to_vec(&cmd).expect("serializes"),
+                body: serde_json::to_vec(cmd).expect("serializes"),
                 message_type: crate::broker::names::message_type::CONTROL,
-                user_id: Some(user.clone()),
+                user_id: Some(user.to_owned()),
                 reply_to: Some(crate::broker::names::DIRECT_REPLY_TO.into()),
                 ..Default::default()
             })
             .await;
         let mut listening = true;
+        let mut note = None;
         match sent {
             Ok(()) => {}
             Err(BrokerError::Unroutable { .. }) => {
@@ -219,31 +249,27 @@ impl Operator<'_> {
                 }
             }
         }
-        let depth = ch
-            .queue_declare(
-                self.commands_queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()
-            .map(|q| q.message_count());
-        // The connection may be a console session's, kept open: close what this run opened.
-        for done in [&ch, &declared, publisher.channel()] {
-            let _ = done.close(200, "done".into()).await;
+        Ok((replicas, note))
+    }
+}
+
+/// What a lever stores in the state stream, if anything.
+fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<state_log::Change> {
+    match cmd {
+        // Nothing stored: each replica reloads its own file.
+        ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => None,
+        // Its own entry, applied in stream order: never a compare-and-set on the mode.
+        ControlCommand::Quarantine { agent, .. } | ControlCommand::Release { agent, .. } => {
+            Some(state_log::Change::Agent {
+                agent: agent.clone(),
+                quarantined: new.quarantined.get(agent).cloned(),
+            })
         }
-        replicas.sort_by(|a, b| a.instance.cmp(&b.instance));
-        Ok(Report {
-            request_id: cmd.request_id().to_owned(),
-            stored_state,
-            stored_by,
-            replicas,
-            queue_depth: depth,
-            note,
-        })
+        // Decided on the sequence read: if another change landed in between, the fold lets
+        // this one apply only if it is stricter (compare-and-set).
+        ControlCommand::Pause { .. }
+        | ControlCommand::Halt { .. }
+        | ControlCommand::Resume { .. } => Some(state_log::Change::Mode { base }),
     }
 }
 
