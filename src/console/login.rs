@@ -98,18 +98,10 @@ pub(super) async fn login(
     // attacker) is refused before anything is checked.
     if cross_site(&headers) {
         tracing::warn!(client = %addr.ip(), "console: a login form from another site refused");
-        return page(
+        return login_refused(
             StatusCode::FORBIDDEN,
-            pages::render(
-                "login",
-                "Log in",
-                None,
-                Some(Flash {
-                    kind: "err",
-                    text: "This login did not come from this console's page: refused.".into(),
-                }),
-                context! { next => "/" },
-            ),
+            "This login did not come from this console's page: refused.".into(),
+            None,
         );
     }
     // Only the failing client is throttled: a user-name counter would let anyone lock an
@@ -124,18 +116,7 @@ pub(super) async fn login(
     let named = format!("user:{}", f.user);
     // Built before any session opens: a target that can't be a redirect never gets that far.
     let target = safe_next(f.next.as_deref());
-    let refused = |status: StatusCode, text: String| {
-        page(
-            status,
-            pages::render(
-                "login",
-                "Log in",
-                None,
-                Some(Flash { kind: "err", text }),
-                context! { next => safe_next(f.next.as_deref()) },
-            ),
-        )
-    };
+    let refused = |status: StatusCode, text: String| login_refused(status, text, Some(&target));
     {
         let mut limiter = lock(&c.limiter);
         for k in [&client] {
@@ -205,8 +186,41 @@ pub(super) async fn login(
     }
     lock(&c.limiter).succeed(&client);
     lock(&c.limiter).succeed(&named);
+    let token = start_session(&c, &f.user, roles, conn, now).await;
+    tracing::info!(user = %f.user, client = %from, operator = roles.operator, approver = roles.approver, "console audit: logged in");
+    let mut r = Redirect::to(&target).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        c.cookie(&token).parse().expect("a valid header"),
+    );
+    r
+}
+
+/// The login page again, saying why the login was refused.
+fn login_refused(status: StatusCode, text: String, next: Option<&str>) -> Response {
+    page(
+        status,
+        pages::render(
+            "login",
+            "Log in",
+            None,
+            Some(Flash { kind: "err", text }),
+            context! { next => next.unwrap_or("/") },
+        ),
+    )
+}
+
+/// Opens `user`'s session on their own broker connection (and, for an operator, a follower
+/// of the state stream); a user over their sessions loses the oldest. Returns its token.
+async fn start_session(
+    c: &Console,
+    user: &str,
+    roles: Roles,
+    conn: lapin::Connection,
+    now: Instant,
+) -> String {
     let conn = Arc::new(conn);
-    let (token, evicted) = lock(&c.sessions).open(&f.user, roles, conn.clone(), now);
+    let (token, evicted) = lock(&c.sessions).open(user, roles, conn.clone(), now);
     if roles.operator {
         // The overview shows the state this follower folds, instead of reading the stream on
         // every refresh. Followers of ended sessions (their connection closed) are dropped.
@@ -217,16 +231,10 @@ pub(super) async fn login(
         followers.insert(token.clone(), follower);
     }
     if let Some(old) = evicted {
-        tracing::info!(user = %f.user, "console audit: the user's oldest session ended (at most {} at once)", session::PER_USER);
+        tracing::info!(user = %user, "console audit: the user's oldest session ended (at most {} at once)", session::PER_USER);
         crate::broker::close(&old, "console: too many sessions of this user").await;
     }
-    tracing::info!(user = %f.user, client = %from, operator = roles.operator, approver = roles.approver, "console audit: logged in");
-    let mut r = Redirect::to(&target).into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        c.cookie(&token).parse().expect("a valid header"),
-    );
-    r
+    token
 }
 
 #[derive(Deserialize)]

@@ -157,52 +157,10 @@ impl Panel {
                 vetoers_pending -= 1;
                 vetoer_unavailable |= answer.is_err();
             }
-            let ms = took.as_millis() as u64;
-            let vote = match answer {
-                Ok(Verdict::Approve { reason }) => JudgeVote {
-                    name,
-                    verdict: Vote::Approve,
-                    reason,
-                    ms,
-                    cause: None,
-                    rule: None,
-                },
-                Ok(Verdict::Deny { reason }) => JudgeVote {
-                    name,
-                    verdict: Vote::Deny,
-                    reason,
-                    ms,
-                    cause: None,
-                    rule: None,
-                },
-                Ok(Verdict::Veto { rule, reason }) => {
-                    tracing::info!(judge = %name, rule, "vetoed by a hard rule");
-                    veto.get_or_insert((name.clone(), rule.to_owned(), reason.clone()));
-                    JudgeVote {
-                        name,
-                        verdict: Vote::Veto,
-                        reason,
-                        ms,
-                        cause: None,
-                        rule: Some(rule.to_owned()),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(judge = %name, cause = %e, "judge unavailable; counted as not approving");
-                    JudgeVote {
-                        name,
-                        verdict: Vote::Unavailable,
-                        reason: if can_veto {
-                            "no verdict: its hard rules went unchecked (not approved)".into()
-                        } else {
-                            "no verdict (counted as not approving)".into()
-                        },
-                        ms,
-                        cause: Some(e.to_string()),
-                        rule: None,
-                    }
-                }
-            };
+            let (vote, vetoed) = vote_of(name, can_veto, answer, took.as_millis() as u64);
+            if let Some(v) = vetoed {
+                veto.get_or_insert(v);
+            }
             cast.push(vote.verdict);
             votes[i] = Some(vote);
             outcome = tally(
@@ -239,6 +197,70 @@ impl Panel {
             panel_size: n,
             votes,
             veto,
+        }
+    }
+}
+
+/// One judge's answer as its vote, and the veto it casts (judge, rule, reason), if any.
+fn vote_of(
+    name: String,
+    can_veto: bool,
+    answer: Result<Verdict, JudgeError>,
+    ms: u64,
+) -> (JudgeVote, Option<(String, String, String)>) {
+    match answer {
+        Ok(Verdict::Approve { reason }) => (
+            JudgeVote {
+                name,
+                verdict: Vote::Approve,
+                reason,
+                ms,
+                cause: None,
+                rule: None,
+            },
+            None,
+        ),
+        Ok(Verdict::Deny { reason }) => (
+            JudgeVote {
+                name,
+                verdict: Vote::Deny,
+                reason,
+                ms,
+                cause: None,
+                rule: None,
+            },
+            None,
+        ),
+        Ok(Verdict::Veto { rule, reason }) => {
+            tracing::info!(judge = %name, rule, "vetoed by a hard rule");
+            let vetoed = (name.clone(), rule.to_owned(), reason.clone());
+            (
+                JudgeVote {
+                    name,
+                    verdict: Vote::Veto,
+                    reason,
+                    ms,
+                    cause: None,
+                    rule: Some(rule.to_owned()),
+                },
+                Some(vetoed),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(judge = %name, cause = %e, "judge unavailable; counted as not approving");
+            let vote = JudgeVote {
+                name,
+                verdict: Vote::Unavailable,
+                reason: if can_veto {
+                    "no verdict: its hard rules went unchecked (not approved)".into()
+                } else {
+                    "no verdict (counted as not approving)".into()
+                },
+                ms,
+                cause: Some(e.to_string()),
+                rule: None,
+            };
+            (vote, None)
         }
     }
 }
