@@ -213,53 +213,7 @@ impl Poller {
         let store_key =
             crate::store::store_key(&settings.idempotency, settings.secrets.store_key.clone())
                 .expect("the idempotency store key (checked at start)");
-        let pipeline = Pipeline::new(
-            instance.clone(),
-            crate::pipeline::IntakeParts {
-                limits: DecodeLimits {
-                    max_payload_bytes: settings.intake.max_payload_bytes,
-                },
-                allow_unverified: settings.intake.allow_unverified_agents,
-                admission: settings.intake.per_agent_limit.map(|limit| {
-                    crate::pipeline::Admission {
-                        windows: stores.windows.clone(),
-                        limit,
-                    }
-                }),
-            },
-            crate::pipeline::Deciders {
-                policy: Arc::new(SharedPolicy::from_file(
-                    policy,
-                    settings.policy.file.clone(),
-                    {
-                        let retention = settings.idempotency.retention;
-                        Some(Box::new(move |p: &Policy| {
-                            poller_core::approval::check_ttls(p, retention)
-                        }))
-                    },
-                )),
-                panel,
-            },
-            crate::pipeline::Execution {
-                bridge,
-                gate: state.gate.clone(),
-                slots: Slots::new(
-                    stores.slots,
-                    settings.bridge.max_concurrency,
-                    settings.bridge.slot_lease,
-                    settings.idempotency.retention,
-                    &instance,
-                ),
-            },
-            crate::pipeline::Keeping {
-                store: stores.results,
-                store_key,
-                claim_ttl: settings.idempotency.claim_ttl,
-                wait_for_in_flight: settings.idempotency.wait_for_in_flight,
-                max_waiting_per_agent: settings.idempotency.max_waiting_duplicates_per_agent,
-                retention: settings.idempotency.retention,
-            },
-        );
+        let pipeline = pipeline_of(&settings, policy, panel, bridge, stores, &state, store_key);
         let names = Names {
             results_exchange: settings.topology.results_exchange.clone(),
             alerts_exchange: settings.topology.alerts_exchange.clone(),
@@ -337,4 +291,65 @@ impl Poller {
     pub fn instance(&self) -> &str {
         &self.instance
     }
+}
+
+/// The pipeline of the system `settings` describe, on `stores`, behind `state`'s gate.
+fn pipeline_of(
+    settings: &Settings,
+    policy: Arc<Policy>,
+    panel: Panel,
+    bridge: Arc<dyn Bridge>,
+    stores: Stores,
+    state: &PollerState,
+    store_key: Secret,
+) -> Pipeline {
+    let instance = settings.instance();
+    Pipeline::new(
+        instance.clone(),
+        crate::pipeline::IntakeParts {
+            limits: DecodeLimits {
+                max_payload_bytes: settings.intake.max_payload_bytes,
+            },
+            allow_unverified: settings.intake.allow_unverified_agents,
+            admission: settings
+                .intake
+                .per_agent_limit
+                .map(|limit| crate::pipeline::Admission {
+                    windows: stores.windows.clone(),
+                    limit,
+                }),
+        },
+        crate::pipeline::Deciders {
+            policy: Arc::new(SharedPolicy::from_file(
+                policy,
+                settings.policy.file.clone(),
+                {
+                    let retention = settings.idempotency.retention;
+                    Some(Box::new(move |p: &Policy| {
+                        poller_core::approval::check_ttls(p, retention)
+                    }))
+                },
+            )),
+            panel,
+        },
+        crate::pipeline::Execution {
+            bridge,
+            gate: state.gate.clone(),
+            slots: Slots::new(
+                stores.slots,
+                settings.bridge.max_concurrency,
+                settings.bridge.slot_lease,
+                settings.idempotency.retention,
+                &instance,
+            ),
+        },
+        crate::pipeline::Keeping {
+            store: stores.results,
+            store_key,
+            claim_ttl: settings.idempotency.claim_ttl,
+            wait_for_in_flight: settings.idempotency.wait_for_in_flight,
+            max_waiting_per_agent: settings.idempotency.max_waiting_duplicates_per_agent,
+            retention: settings.idempotency.retention,
+        },
+    )
 }

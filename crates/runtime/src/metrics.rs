@@ -124,107 +124,119 @@ impl Metrics {
             approval_time_to_decision: Histogram::new(exponential_buckets(1.0, 2.0, 18)),
             registry: Registry::default(),
         };
+        m.register_commands(&mut registry);
+        m.register_shell(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// The command path's metrics: commands, dead letters, deferrals, lookups, judges and the
+    /// bridge.
+    fn register_commands(&self, registry: &mut Registry) {
         registry.register(
             "commands",
             "Commands concluded, by type and final status",
-            m.commands.clone(),
+            self.commands.clone(),
         );
         registry.register(
             "policy_shadow",
             "Commands a shadow rule matched, by rule, the enforced handling and the handling it would have decided",
-            m.policy_shadow.clone(),
+            self.policy_shadow.clone(),
         );
         registry.register(
             "dead_letters",
             "Undecodable commands copied to the dead-letter queue",
-            m.dead_letters.clone(),
+            self.dead_letters.clone(),
         );
         registry.register(
             "deferred",
             "Commands sent back to the queue because the system was paused or halted",
-            m.deferred.clone(),
+            self.deferred.clone(),
         );
         registry.register(
             "lookups",
             "Lookups of a stored result (get_action) answered from the store",
-            m.lookups.clone(),
+            self.lookups.clone(),
         );
         registry.register(
             "judge_verdicts",
             "Judge verdicts, by judge and verdict",
-            m.judge_verdicts.clone(),
+            self.judge_verdicts.clone(),
         );
         registry.register(
             "judge_latency_seconds",
             "Time each judge took to answer",
-            m.judge_latency.clone(),
+            self.judge_latency.clone(),
         );
         registry.register(
             "bridge_latency_seconds",
             "Time of bridge calls, retries included",
-            m.bridge_latency.clone(),
+            self.bridge_latency.clone(),
         );
         registry.register(
             "bridge_retries",
             "Bridge POSTs beyond the first",
-            m.bridge_retries.clone(),
+            self.bridge_retries.clone(),
         );
+    }
+
+    /// The shell's and the levers' metrics: reposts, canaries, alerts, the audit, publishing,
+    /// in flight, the control mode and approvals.
+    fn register_shell(&self, registry: &mut Registry) {
         registry.register(
             "bridge_errors",
             "Bridge calls that ended in failure",
-            m.bridge_errors.clone(),
+            self.bridge_errors.clone(),
         );
         registry.register(
             "bridge_reposts",
             "Bridge calls for an action an earlier attempt had already sent (a replica crashed or lost its claim): safe only while the bridge remembers the first answer",
-            m.bridge_reposts.clone(),
+            self.bridge_reposts.clone(),
         );
         registry.register(
             "canaries",
             "Canary panel checks, by canary (known_bad, known_good) and outcome (approved, not_approved)",
-            m.canaries.clone(),
+            self.canaries.clone(),
         );
         registry.register(
             "alerts",
             "Alerts published, by team and priority",
-            m.alerts.clone(),
+            self.alerts.clone(),
         );
         registry.register(
             "audit_diverted",
             "Audit records the audit exchange refused twice: dead-lettered (or, failing that, logged) instead",
-            m.audit_diverted.clone(),
+            self.audit_diverted.clone(),
         );
         registry.register(
             "publish_failures",
             "Dispositions that could not be published (the command was not acked)",
-            m.publish_failures.clone(),
+            self.publish_failures.clone(),
         );
         registry.register(
             "in_flight_commands",
             "Commands being processed",
-            m.in_flight.clone(),
+            self.in_flight.clone(),
         );
         registry.register(
             "control_mode",
             "1 for the current control mode (RUNNING, PAUSED, HALTED)",
-            m.control_mode.clone(),
+            self.control_mode.clone(),
         );
         registry.register(
             "approvals_pending",
             "NEEDS_APPROVAL commands waiting for approvers (as of this replica's last sweep)",
-            m.approvals_pending.clone(),
+            self.approvals_pending.clone(),
         );
         registry.register(
             "approval_decisions",
             "Decisions on parked commands, by outcome (counted, approved, denied, refused, expired)",
-            m.approval_decisions.clone(),
+            self.approval_decisions.clone(),
         );
         registry.register(
             "approval_time_to_decision_seconds",
             "From parking to the decision that ended the wait (approved, denied or expired)",
-            m.approval_time_to_decision.clone(),
+            self.approval_time_to_decision.clone(),
         );
-        Self { registry, ..m }
     }
 
     /// A decision on a parked command (`outcome` as the reply and the audit spell it).
