@@ -106,31 +106,19 @@ pub(super) async fn login(
     }
     // Only the failing client is throttled: a user-name counter would let anyone lock an
     // operator out of the console during an incident with five wrong passwords.
-    let forwarded: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let from = client_address(addr.ip(), &forwarded, &c.parts.console.trusted_proxies);
+    let from = client_of(&c, addr, &headers);
     let client = format!("addr:{from}");
     let named = format!("user:{}", f.user);
     // Built before any session opens: a target that can't be a redirect never gets that far.
     let target = safe_next(f.next.as_deref());
     let refused = |status: StatusCode, text: String| login_refused(status, text, Some(&target));
-    {
-        let mut limiter = lock(&c.limiter);
-        for k in [&client] {
-            if let Err(wait) = limiter.check(k, now) {
-                tracing::warn!(user = %f.user, client = %from, "console audit: login refused, too many failed attempts");
-                return refused(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "Too many failed logins: try again in {} s.",
-                        wait.as_secs().max(1)
-                    ),
-                );
-            }
-        }
+    if let Err(wait) = lock(&c.limiter).check(&client, now) {
+        tracing::warn!(user = %f.user, client = %from, "console audit: login refused, too many failed attempts");
+        let text = format!(
+            "Too many failed logins: try again in {} s.",
+            wait.as_secs().max(1)
+        );
+        return refused(StatusCode::TOO_MANY_REQUESTS, text);
     }
     let fail = |why: &str| {
         let mut limiter = lock(&c.limiter);
@@ -194,6 +182,16 @@ pub(super) async fn login(
         c.cookie(&token).parse().expect("a valid header"),
     );
     r
+}
+
+/// The client a login comes from (through a trusted proxy, the address it forwarded).
+fn client_of(c: &Console, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    client_address(peer.ip(), &forwarded, &c.parts.console.trusted_proxies)
 }
 
 /// The login page again, saying why the login was refused.

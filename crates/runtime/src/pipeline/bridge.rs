@@ -58,55 +58,67 @@ impl Pipeline {
         };
         let started = Instant::now();
         let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
-        let ms = started.elapsed().as_millis() as u64;
-        match answer {
-            Ok(a) => {
-                tracing::info!(attempts = a.attempts, ms, "bridge call succeeded");
-                let mut r = draft.finish(Status::Success, rationale);
-                r.tool_result = Some(a.tool_result);
-                r.bridge = Some(BridgeSummary {
-                    attempts: a.attempts,
-                    ms,
-                    error: None,
-                    repost,
-                });
-                Ok(r)
-            }
-            Err(crate::bridge::BridgeError::Held { attempts, why }) => Err(Deferred(format!(
-                "{why} (after {attempts} attempt(s) that did not complete)"
-            ))),
-            Err(e @ crate::bridge::BridgeError::UnknownOutcome { .. }) => {
-                tracing::error!(error = %e, ms, "bridge outcome unknown");
-                let mut r = draft.finish(
-                    Status::UnknownOutcome,
-                    format!("{rationale} The bridge ran the action, but its answer was lost and it remembered none: whether it took effect is unknown. A human must check the service; it is not retried."),
-                );
-                r.bridge = Some(BridgeSummary {
-                    attempts: 1,
-                    ms,
-                    error: Some(e.to_string()),
-                    repost,
-                });
-                Ok(r)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ms, "bridge call failed");
-                let attempts = match &e {
-                    crate::bridge::BridgeError::Exhausted { attempts, .. } => *attempts,
-                    _ => 1,
-                };
-                let mut r = draft.finish(
-                    Status::Failed,
-                    format!("{rationale} The bridge call failed: {e}"),
-                );
-                r.bridge = Some(BridgeSummary {
-                    attempts,
-                    ms,
-                    error: Some(e.to_string()),
-                    repost,
-                });
-                Ok(r)
-            }
+        call_result(draft, rationale, answer, started.elapsed(), repost)
+    }
+}
+
+/// The result of a bridge call: SUCCESS with the tool's result, FAILED, or UNKNOWN_OUTCOME when
+/// the bridge ran the action and its answer was lost; `Deferred` when the gate held it back.
+fn call_result(
+    draft: Draft,
+    rationale: String,
+    answer: Result<crate::bridge::BridgeAnswer, crate::bridge::BridgeError>,
+    took: std::time::Duration,
+    repost: bool,
+) -> Result<ResultMessage, Deferred> {
+    let ms = took.as_millis() as u64;
+    match answer {
+        Ok(a) => {
+            tracing::info!(attempts = a.attempts, ms, "bridge call succeeded");
+            let mut r = draft.finish(Status::Success, rationale);
+            r.tool_result = Some(a.tool_result);
+            r.bridge = Some(BridgeSummary {
+                attempts: a.attempts,
+                ms,
+                error: None,
+                repost,
+            });
+            Ok(r)
+        }
+        Err(crate::bridge::BridgeError::Held { attempts, why }) => Err(Deferred(format!(
+            "{why} (after {attempts} attempt(s) that did not complete)"
+        ))),
+        Err(e @ crate::bridge::BridgeError::UnknownOutcome { .. }) => {
+            tracing::error!(error = %e, ms, "bridge outcome unknown");
+            let mut r = draft.finish(
+                Status::UnknownOutcome,
+                format!("{rationale} The bridge ran the action, but its answer was lost and it remembered none: whether it took effect is unknown. A human must check the service; it is not retried."),
+            );
+            r.bridge = Some(BridgeSummary {
+                attempts: 1,
+                ms,
+                error: Some(e.to_string()),
+                repost,
+            });
+            Ok(r)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, ms, "bridge call failed");
+            let attempts = match &e {
+                crate::bridge::BridgeError::Exhausted { attempts, .. } => *attempts,
+                _ => 1,
+            };
+            let mut r = draft.finish(
+                Status::Failed,
+                format!("{rationale} The bridge call failed: {e}"),
+            );
+            r.bridge = Some(BridgeSummary {
+                attempts,
+                ms,
+                error: Some(e.to_string()),
+                repost,
+            });
+            Ok(r)
         }
     }
 }

@@ -61,39 +61,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
     let mut messages = Vec::new();
     let mut trail = p.audit.to_vec();
     if let Some(dl) = p.dead_letter {
-        let mut headers = FieldTable::default();
-        headers.insert(header::REASON.into(), text(&dl.reason));
-        headers.insert(header::FIELD.into(), text(&dl.field));
-        headers.insert(
-            header::ORIGINAL_ROUTING_KEY.into(),
-            text(&inbound.routing_key),
-        );
-        if let Some(u) = &inbound.user_id {
-            headers.insert(header::ORIGINAL_USER_ID.into(), text(u));
-        }
-        headers.insert(header::INSTANCE.into(), text(&names.instance));
-        let body = match &dl.body {
-            DeadLetterBody::Original => inbound.payload.clone(),
-            DeadLetterBody::Withheld { sha256, bytes } => {
-                headers.insert(header::PAYLOAD_SHA256.into(), text(sha256));
-                headers.insert(
-                    header::PAYLOAD_BYTES.into(),
-                    AMQPValue::LongLongInt(i64::try_from(*bytes).unwrap_or(i64::MAX)),
-                );
-                Vec::new()
-            }
-        };
-        messages.push(Message {
-            part: Part::DeadLetter,
-            outgoing: Outgoing {
-                exchange: names.dead_letter_exchange.clone(),
-                routing_key: inbound.routing_key.clone(),
-                body,
-                message_type: message_type::DEAD_LETTER,
-                headers: Some(headers),
-                ..Default::default()
-            },
-        });
+        messages.push(dead_letter(dl, inbound, names));
         trail.push(AuditEvent::DeadLettered {
             at: now_rfc3339(),
             reason: dl.reason.clone(),
@@ -171,6 +139,44 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
         events: trail,
     };
     Rendered { messages, audit }
+}
+
+/// A dead letter: the original body (or only its digest and size, for an oversized one) with
+/// why, which field, and where it came from in its headers.
+fn dead_letter(dl: &crate::pipeline::DeadLetter, inbound: &Inbound, names: &Names) -> Message {
+    let mut headers = FieldTable::default();
+    headers.insert(header::REASON.into(), text(&dl.reason));
+    headers.insert(header::FIELD.into(), text(&dl.field));
+    headers.insert(
+        header::ORIGINAL_ROUTING_KEY.into(),
+        text(&inbound.routing_key),
+    );
+    if let Some(u) = &inbound.user_id {
+        headers.insert(header::ORIGINAL_USER_ID.into(), text(u));
+    }
+    headers.insert(header::INSTANCE.into(), text(&names.instance));
+    let body = match &dl.body {
+        DeadLetterBody::Original => inbound.payload.clone(),
+        DeadLetterBody::Withheld { sha256, bytes } => {
+            headers.insert(header::PAYLOAD_SHA256.into(), text(sha256));
+            headers.insert(
+                header::PAYLOAD_BYTES.into(),
+                AMQPValue::LongLongInt(i64::try_from(*bytes).unwrap_or(i64::MAX)),
+            );
+            Vec::new()
+        }
+    };
+    Message {
+        part: Part::DeadLetter,
+        outgoing: Outgoing {
+            exchange: names.dead_letter_exchange.clone(),
+            routing_key: inbound.routing_key.clone(),
+            body,
+            message_type: message_type::DEAD_LETTER,
+            headers: Some(headers),
+            ..Default::default()
+        },
+    }
 }
 
 fn result_message(

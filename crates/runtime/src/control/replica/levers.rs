@@ -58,20 +58,8 @@ impl Replica {
         };
         let request_id = cmd.request_id().to_owned();
         if matches!(cmd, ControlCommand::Status { .. }) {
-            if !matches!(actor, Actor::Operator(_)) {
-                let r = Refusal::NotOperator(actor.name());
-                self.refused(publisher, &actor, &request_id, &r.to_string(), true)
-                    .await?;
-                return self
-                    .answer(
-                        publisher,
-                        reply_to,
-                        self.reply(&request_id, false, Some(r.to_string())),
-                    )
-                    .await;
-            }
             return self
-                .answer(publisher, reply_to, self.reply(&request_id, true, None))
+                .on_status(&actor, &request_id, reply_to, publisher)
                 .await;
         }
         let current = self.gate.state();
@@ -134,6 +122,30 @@ impl Replica {
                 .await
             }
         }
+    }
+
+    /// A status request: answered to operators, refused (and alerted) to anyone else.
+    async fn on_status(
+        &self,
+        actor: &Actor,
+        request_id: &str,
+        reply_to: Option<&str>,
+        publisher: &Publisher,
+    ) -> Result<(), BrokerError> {
+        if !matches!(actor, Actor::Operator(_)) {
+            let r = Refusal::NotOperator(actor.name());
+            self.refused(publisher, actor, request_id, &r.to_string(), true)
+                .await?;
+            return self
+                .answer(
+                    publisher,
+                    reply_to,
+                    self.reply(request_id, false, Some(r.to_string())),
+                )
+                .await;
+        }
+        self.answer(publisher, reply_to, self.reply(request_id, true, None))
+            .await
     }
 
     pub(super) async fn refused(
