@@ -208,8 +208,9 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             .to_string_lossy()
             .trim_end_matches(".rs")
             .to_owned();
-        // The crate root and the test doubles are not modules of the layering.
-        if ["lib", "main", "testing", "test_util"].contains(&top.as_str()) {
+        // The crate root, the test doubles and test modules are not part of the layering.
+        let test_file = file.file_name().is_some_and(|n| n == "tests.rs");
+        if test_file || ["lib", "main", "testing", "test_util"].contains(&top.as_str()) {
             continue;
         }
         let code = production_code(&std::fs::read_to_string(&file).expect("readable"));
@@ -294,4 +295,92 @@ fn the_cycle_check_finds_a_cycle() {
         find_cycle(&g),
         Some(vec!["a".into(), "b".into(), "c".into()])
     );
+}
+
+/// The production part of a file: its lines before a `#[cfg(test)]` module.
+fn production_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .take_while(|l| !l.trim_start().starts_with("#[cfg(test)]"))
+        .collect()
+}
+
+/// The functions of `lines` longer than `max` lines, signature to closing brace, by name.
+fn long_functions(lines: &[&str], max: usize) -> Vec<(String, usize)> {
+    let mut long = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let indent = &line[..line.len() - t.len()];
+        let sig = ["pub(crate) ", "pub(super) ", "pub ", ""]
+            .iter()
+            .filter_map(|v| t.strip_prefix(v))
+            .find_map(|r| {
+                r.strip_prefix("async fn ")
+                    .or_else(|| r.strip_prefix("fn "))
+            });
+        let Some(rest) = sig else { continue };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        // A declaration without a body (a trait's) ends at ';' before any '{'.
+        let ahead = lines[i..lines.len().min(i + 12)].join(" ");
+        match (ahead.find('{'), ahead.find(';')) {
+            (Some(b), Some(s)) if s < b => continue,
+            (None, _) => continue,
+            _ => {}
+        }
+        let close = format!("{indent}}}");
+        let end = lines[i + 1..]
+            .iter()
+            .position(|l| l.starts_with(&close) && !l.starts_with(&format!("{close} else")))
+            .map_or(lines.len(), |p| i + 1 + p);
+        let len = end - i + 1;
+        if len > max {
+            long.push((name, len));
+        }
+    }
+    long
+}
+
+#[test]
+fn no_production_file_or_function_is_too_long() {
+    const MAX_FILE: usize = 500;
+    const MAX_FN: usize = 100;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut over = Vec::new();
+    for src in [
+        root.join("crates/core/src"),
+        root.join("crates/adapters/src"),
+        root.join("crates/runtime/src"),
+        root.join("src"),
+    ] {
+        for file in sources(&src) {
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            // Test doubles and test modules are not production code.
+            if ["tests.rs", "test_util.rs", "testing.rs"].contains(&name.as_str()) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let lines = production_lines(&text);
+            if lines.len() > MAX_FILE {
+                over.push(format!("{}: {} lines", file.display(), lines.len()));
+            }
+            for (f, n) in long_functions(&lines, MAX_FN) {
+                over.push(format!("{}: fn {f} is {n} lines", file.display()));
+            }
+        }
+    }
+    assert!(
+        over.is_empty(),
+        "over {MAX_FILE} lines a file or {MAX_FN} a function:\n{}",
+        over.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_measures_functions_from_signature_to_brace() {
+    let text = "trait T {\n    fn decl(&self) -> u8;\n}\nfn short() {\n    let x = 1;\n}\n";
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(long_functions(&lines, 3).is_empty());
+    assert_eq!(long_functions(&lines, 2), vec![("short".to_owned(), 3)]);
 }
