@@ -294,7 +294,7 @@ fn more_than_one_replica_always_shares_a_store() {
 }
 
 #[test]
-fn the_readme_users_table_matches_the_definitions() {
+fn the_deploying_guides_users_table_matches_the_definitions() {
     let defs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string("deploy/rabbitmq/definitions.json").unwrap())
             .unwrap();
@@ -305,7 +305,7 @@ fn the_readme_users_table_matches_the_definitions() {
         .map(|u| u["name"].as_str().unwrap().to_owned())
         .collect();
     users.sort();
-    let readme = std::fs::read_to_string("README.md").unwrap();
+    let readme = std::fs::read_to_string("docs/deploying.md").unwrap();
     let start = readme
         .find("The users in the definitions:")
         .expect("the users table");
@@ -322,7 +322,7 @@ fn the_readme_users_table_matches_the_definitions() {
     table.sort();
     assert_eq!(
         table, users,
-        "README users table vs deploy/rabbitmq/definitions.json"
+        "docs/deploying.md users table vs deploy/rabbitmq/definitions.json"
     );
 }
 
