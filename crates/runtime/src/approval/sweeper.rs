@@ -15,10 +15,9 @@ use crate::broker::names::routing;
 use crate::broker::Publisher;
 use crate::control::replica::Names;
 use crate::outcome::Status;
-use crate::pipeline::{Disposition, Inbound};
-use crate::settle::{Acker, Settled, Shell};
+use crate::pipeline::Disposition;
+use crate::settle::{Settled, Shell, Source};
 use crate::store::StoredOutcome;
-use futures::future::BoxFuture;
 use poller_adapters::webhook::Notifier;
 use poller_core::approval::rules::{self, Sweep};
 use poller_core::approval::ApprovalSettings;
@@ -35,19 +34,6 @@ pub(crate) struct Sweeper {
     pub audit_exchange: String,
     pub notifier: Option<Notifier>,
     pub wake: Arc<Notify>,
-}
-
-/// A parked command's final result is not a delivery: nothing to ack or requeue (an unfinished
-/// one stays open and the next sweep finishes it).
-struct NoDelivery;
-
-impl Acker for NoDelivery {
-    fn ack(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async { true })
-    }
-    fn requeue(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async { true })
-    }
 }
 
 impl Sweeper {
@@ -279,7 +265,7 @@ impl Sweeper {
         let settled = self
             .shell
             .settler
-            .settle(&d, &mut claim, &Inbound::default(), publisher, &NoDelivery)
+            .settle(&d, &mut claim, Source::Parked, publisher)
             .await;
         match (settled, status) {
             (Settled::Acked, Some(status)) => self.close(&rec, sealed, status).await,

@@ -51,6 +51,44 @@ pub struct Settler {
     pub store_key: Secret,
 }
 
+/// What is settled: a delivery off the commands queue (acked or requeued once settled), or a
+/// parked command's final result the approvals sweeper concluded (no delivery: nothing to ack
+/// or requeue; an unfinished one stays open and the next sweep finishes it).
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Delivery {
+        inbound: &'a Inbound,
+        acker: &'a dyn Acker,
+    },
+    Parked,
+}
+
+impl Source<'_> {
+    /// Acks the delivery, if there is one; false when its channel is gone.
+    async fn ack(&self) -> bool {
+        match self {
+            Source::Delivery { acker, .. } => acker.ack().await,
+            Source::Parked => true,
+        }
+    }
+
+    /// Sends the delivery back to its queue, if there is one; false when its channel is gone.
+    async fn requeue(&self) -> bool {
+        match self {
+            Source::Delivery { acker, .. } => acker.requeue().await,
+            Source::Parked => true,
+        }
+    }
+
+    /// The message that was delivered, if any.
+    fn inbound(&self) -> Option<&Inbound> {
+        match self {
+            Source::Delivery { inbound, .. } => Some(inbound),
+            Source::Parked => None,
+        }
+    }
+}
+
 /// The boundary to the delivery being settled: lapin's acker, or a test double.
 pub trait Acker: Send + Sync {
     /// Acks it; false when the channel is gone (the broker redelivers it).
@@ -111,9 +149,8 @@ impl Settler {
         &self,
         d: &Disposition,
         claim: &mut Option<ClaimGuard>,
-        inbound: &Inbound,
+        source: Source<'_>,
         publisher: &dyn Publish,
-        acker: &dyn Acker,
     ) -> Settled {
         let outcome = match d {
             Disposition::Defer { .. } => {
@@ -124,7 +161,7 @@ impl Settler {
                     }
                 }
                 // Paused or halted before judges or bridge: back to the queue, unprocessed.
-                if !acker.requeue().await {
+                if !source.requeue().await {
                     tracing::warn!(
                         "requeue not sent (channel gone); the broker requeues it on close"
                     );
@@ -143,7 +180,7 @@ impl Settler {
                         if let Some(c) = claim.take() {
                             let _ = c.release().await;
                         }
-                        return self.requeue_after_pause(acker).await;
+                        return self.requeue_after_pause(source).await;
                     }
                 }
                 Some(outcome)
@@ -151,7 +188,7 @@ impl Settler {
             Disposition::Replay { outcome, .. } => Some(outcome),
         };
         let publication = d.publication().expect("only a deferral publishes nothing");
-        let rendered = render::command(publication, inbound, &self.names);
+        let rendered = render::command(publication, source.inbound(), &self.names);
         match publish::rendered(publisher, &rendered, &self.names).await {
             Ok(audited) => {
                 if audited != AuditOutcome::Delivered {
@@ -167,7 +204,7 @@ impl Settler {
                 if let Disposition::Conclude { outcome, .. } = d {
                     self.report_unapproved(publisher, outcome).await;
                 }
-                acker.ack().await;
+                source.ack().await;
                 Settled::Acked
             }
             Err(e) => {
@@ -177,16 +214,16 @@ impl Settler {
                     return Settled::ConnectionLost;
                 }
                 // Message-level refusal (unroutable, nacked): retry later.
-                self.requeue_after_pause(acker).await
+                self.requeue_after_pause(source).await
             }
         }
     }
 
     /// Requeues after the pause (each requeue costs one of the queue's delivery limit, so
     /// never in a tight loop).
-    async fn requeue_after_pause(&self, acker: &dyn Acker) -> Settled {
+    async fn requeue_after_pause(&self, source: Source<'_>) -> Settled {
         tokio::time::sleep(self.publish_failure_pause).await;
-        if acker.requeue().await {
+        if source.requeue().await {
             Settled::Requeued
         } else {
             Settled::ChannelGone
@@ -231,7 +268,7 @@ impl Settler {
         publisher: &dyn Publish,
         d: &Disposition,
         claim: Option<ClaimGuard>,
-        inbound: &Inbound,
+        inbound: Option<&Inbound>,
     ) -> Result<AuditOutcome, BrokerError> {
         let p = d.publication().expect("only a deferral publishes nothing");
         let mut result = p.result.cloned();
@@ -293,9 +330,11 @@ pub(crate) async fn delivery(
         .settle(
             &disposition,
             &mut claim,
-            &inbound,
+            Source::Delivery {
+                inbound: &inbound,
+                acker: &delivery.acker,
+            },
             &publisher,
-            &delivery.acker,
         )
         .await;
     match settled {
@@ -311,7 +350,7 @@ pub(crate) async fn delivery(
                 return;
             };
             match settler
-                .republish(&next, &disposition, claim.take(), &inbound)
+                .republish(&next, &disposition, claim.take(), Some(&inbound))
                 .await
             {
                 Ok(_) => tracing::info!("outcome published on the new session"),
@@ -455,14 +494,13 @@ mod tests {
             inbound: &Inbound,
             refuse: Vec<(&'static str, Refuse)>,
         ) -> Settled {
+            let acker = RecordingAcker(self.log.clone());
+            let source = Source::Delivery {
+                inbound,
+                acker: &acker,
+            };
             self.settler
-                .settle(
-                    d,
-                    claim,
-                    inbound,
-                    &self.publisher(refuse),
-                    &RecordingAcker(self.log.clone()),
-                )
+                .settle(d, claim, source, &self.publisher(refuse))
                 .await
         }
     }
@@ -505,6 +543,30 @@ mod tests {
                 "publish audit.command stored=true",
                 "ack"
             ]
+        );
+        assert_eq!(f.stored().await, Some(true), "marked published after");
+        assert!(claim.is_none(), "the claim ended with the outcome");
+    }
+
+    /// A parked command's final result (the approvals sweeper's) settles the same way, with no
+    /// delivery to ack or requeue.
+    #[tokio::test]
+    async fn a_parked_commands_result_is_stored_then_published_with_nothing_to_ack() {
+        let f = fixture();
+        let mut claim = Some(f.claim().await);
+        let d = conclude();
+        let settled = f
+            .settler
+            .settle(&d, &mut claim, Source::Parked, &f.publisher(vec![]))
+            .await;
+        assert_eq!(settled, Settled::Acked);
+        assert_eq!(
+            f.log(),
+            [
+                "publish result.success stored=true",
+                "publish audit.command stored=true",
+            ],
+            "published, and no ack or requeue of a delivery that does not exist"
         );
         assert_eq!(f.stored().await, Some(true), "marked published after");
         assert!(claim.is_none(), "the claim ended with the outcome");
@@ -563,7 +625,7 @@ mod tests {
         // Published on the next session, marked as a replay, then marked published.
         let next = f.publisher(vec![]);
         f.settler
-            .republish(&next, &d, claim.take(), &Inbound::default())
+            .republish(&next, &d, claim.take(), Some(&Inbound::default()))
             .await
             .unwrap();
         assert_eq!(f.stored().await, Some(true));

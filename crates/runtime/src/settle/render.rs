@@ -1,6 +1,7 @@
 //! Pure rendering of every message the command path publishes.
 //!
-//! In: what a disposition publishes ([`Publication`]), the inbound message, and the names the
+//! In: what a disposition publishes ([`Publication`]), the inbound message (none for a parked
+//! command's result), and the names the
 //! worker publishes to ([`Names`]). Out: the messages in publishing order (dead letter, result,
 //! reply, alerts) and the command's audit record, built from the broker name constants. No
 //! I/O: tested without a broker.
@@ -57,10 +58,11 @@ pub struct Rendered {
 /// Renders a disposition's publication. The audit record lists what is published (the
 /// publisher sends them in this order and stops at the first failure, so a record that goes
 /// out describes what went out).
-pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered {
+pub fn command(p: Publication<'_>, inbound: Option<&Inbound>, names: &Names) -> Rendered {
     let mut messages = Vec::new();
     let mut trail = p.audit.to_vec();
-    if let Some(dl) = p.dead_letter {
+    // Only a delivery is dead-lettered: a parked command's result never is.
+    if let (Some(dl), Some(inbound)) = (p.dead_letter, inbound) {
         messages.push(dead_letter(dl, inbound, names));
         trail.push(AuditEvent::DeadLettered {
             at: now_rfc3339(),
@@ -130,8 +132,7 @@ pub fn command(p: Publication<'_>, inbound: &Inbound, names: &Names) -> Rendered
             .and_then(|r| r.agent.as_ref().map(|a| a.id.clone()))
             .or_else(|| {
                 inbound
-                    .user_id
-                    .as_deref()
+                    .and_then(|i| i.user_id.as_deref())
                     .and_then(|u| crate::intake::AgentId::parse(u).ok())
             }),
         instance: names.instance.clone(),
@@ -274,7 +275,7 @@ mod tests {
                 audit: &[],
                 to_results: false,
             },
-            &inbound(),
+            Some(&inbound()),
             &names(),
         );
         assert_eq!(rendered.messages.len(), 1);
@@ -291,7 +292,7 @@ mod tests {
                 audit: &[],
                 to_results: false,
             },
-            &inbound(),
+            Some(&inbound()),
             &names(),
         );
         assert!(nobody.messages.is_empty());
@@ -313,7 +314,7 @@ mod tests {
                 audit: &[],
                 to_results: true,
             },
-            &inbound(),
+            Some(&inbound()),
             &names(),
         );
         assert_eq!(r.messages.len(), 1);
@@ -367,7 +368,7 @@ mod tests {
             audit: &[],
             to_results: true,
         };
-        let dl = &command(p, &inbound(), &names()).messages[0].outgoing;
+        let dl = &command(p, Some(&inbound()), &names()).messages[0].outgoing;
         assert!(dl.body.is_empty());
         assert_eq!(
             header_text(dl, "x-poller-payload-sha256").as_deref(),
@@ -400,7 +401,7 @@ mod tests {
                 audit: &[],
                 to_results: true,
             },
-            &inbound(),
+            Some(&inbound()),
             &names(),
         );
         let parts: Vec<Part> = r.messages.iter().map(|m| m.part).collect();
@@ -451,7 +452,7 @@ mod tests {
                 audit: &[],
                 to_results: true,
             },
-            &inbound(),
+            Some(&inbound()),
             &names(),
         );
         assert_eq!(r.messages[1].part, Part::Reply);
