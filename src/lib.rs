@@ -17,6 +17,9 @@
 //!
 //! Every module of the layers below is re-exported here under its own name.
 
+// An item only this crate uses is not `pub` (its own `pub` items are all reachable from the root).
+#![warn(unreachable_pub)]
+
 #[cfg(any(test, feature = "test-util"))]
 pub use poller_runtime::testing;
 pub use poller_runtime::{

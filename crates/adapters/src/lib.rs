@@ -12,6 +12,9 @@
 //! This is the only member that may use lapin, redb, redis, tokio-postgres and the HTTP
 //! client (the runtime above also consumes with lapin and serves with axum).
 
+// An item only this crate uses is not `pub` (its own `pub` items are all reachable from the root).
+#![warn(unreachable_pub)]
+
 pub mod bridge;
 pub mod broker;
 pub mod judge;

@@ -14,6 +14,9 @@
 //! Nothing in this crate opens a socket or a file on the command path: its tests need no
 //! broker, store or network (`cargo test -p poller-core`).
 
+// An item only this crate uses is not `pub` (its own `pub` items are all reachable from the root).
+#![warn(unreachable_pub)]
+
 pub mod approval;
 pub mod audit;
 pub mod bridge;

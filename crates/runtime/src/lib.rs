@@ -15,6 +15,9 @@
 //! The modules of the layers below are re-exported under their own names, so this crate and
 //! the surfaces above name every part the same way.
 
+// An item only this crate uses is not `pub` (its own `pub` items are all reachable from the root).
+#![warn(unreachable_pub)]
+
 pub use poller_adapters::{bridge, broker, store, tls};
 pub use poller_core::{clock, intake, outcome, policy};
 

@@ -32,7 +32,7 @@ pub struct Outgoing {
 /// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
 /// lost node and elect new leaders (RabbitMQ's default net_ticktime is 60 s, noticed within
 /// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
-pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+pub(crate) const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// A confirm-mode channel on its own connection, so broker flow control on publishing can't
 /// hold back the consumer's acks.

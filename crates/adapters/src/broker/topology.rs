@@ -106,7 +106,7 @@ pub async fn declare(ch: &Channel, t: &Topology) -> Result<(), BrokerError> {
 }
 
 /// A quorum queue's arguments: its type and how it spreads over a cluster.
-pub fn quorum_arguments(rep: &Replication) -> FieldTable {
+pub(crate) fn quorum_arguments(rep: &Replication) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
     args.insert(
@@ -265,11 +265,11 @@ async fn declare_audit_on(
 
 /// How long the audit stream keeps records (the sink copies them into the chain file well
 /// before), and its segment size: retention drops whole segments.
-pub const AUDIT_MAX_AGE: &str = "90D";
-pub const AUDIT_SEGMENT_BYTES: i64 = 16_000_000;
+pub(crate) const AUDIT_MAX_AGE: &str = "90D";
+pub(crate) const AUDIT_SEGMENT_BYTES: i64 = 16_000_000;
 
 /// The audit stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
-pub fn audit_stream_arguments(rep: &Replication) -> FieldTable {
+pub(crate) fn audit_stream_arguments(rep: &Replication) -> FieldTable {
     stream_arguments(Some(AUDIT_MAX_AGE), None, AUDIT_SEGMENT_BYTES, rep)
 }
 
@@ -419,11 +419,11 @@ pub async fn declare_replica_queue(
 
 /// Retention of the control state stream: whole segments of this size are dropped once the
 /// stream exceeds [`CONTROL_STATE_MAX_BYTES`]. An entry is a few hundred bytes.
-pub const CONTROL_STATE_SEGMENT_BYTES: i64 = 1_000_000;
-pub const CONTROL_STATE_MAX_BYTES: i64 = 20_000_000;
+pub(crate) const CONTROL_STATE_SEGMENT_BYTES: i64 = 1_000_000;
+pub(crate) const CONTROL_STATE_MAX_BYTES: i64 = 20_000_000;
 
 /// The control state stream's arguments (the same in `deploy/rabbitmq/definitions.json`).
-pub fn control_state_stream_arguments(rep: &Replication) -> FieldTable {
+pub(crate) fn control_state_stream_arguments(rep: &Replication) -> FieldTable {
     stream_arguments(
         None,
         Some(CONTROL_STATE_MAX_BYTES),

@@ -38,7 +38,7 @@ pub(crate) struct Sweeper {
 
 impl Sweeper {
     /// Sweeps until `stop`, on the current session's publisher (none between sessions: no sweep).
-    pub async fn run(self, stop: CancellationToken) {
+    pub(crate) async fn run(self, stop: CancellationToken) {
         let mut every = tokio::time::interval(self.settings.sweep_interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -55,7 +55,7 @@ impl Sweeper {
     }
 
     /// One sweep over every open record.
-    pub async fn sweep(&self, publisher: &Publisher) {
+    pub(crate) async fn sweep(&self, publisher: &Publisher) {
         let p = &self.shell.pipeline;
         let records = match p.store().open_records().await {
             Ok(r) => r,

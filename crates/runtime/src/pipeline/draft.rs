@@ -24,17 +24,17 @@ pub(super) struct Subject<'a> {
 
 impl Trace {
     /// The audit events so far, for a disposition that ends the command here.
-    pub fn trail(&mut self) -> Vec<AuditEvent> {
+    pub(crate) fn trail(&mut self) -> Vec<AuditEvent> {
         std::mem::take(&mut self.trail)
     }
 
     /// The result's fields so far, to finish the result with.
-    pub fn draft(&mut self) -> Draft {
+    pub(crate) fn draft(&mut self) -> Draft {
         std::mem::take(&mut self.draft)
     }
 
     /// A refusal of `field`: recorded in the audit, and the REJECTED result that says why.
-    pub fn reject(&mut self, field: &str, reason: String) -> ResultMessage {
+    pub(crate) fn reject(&mut self, field: &str, reason: String) -> ResultMessage {
         self.trail.push(rejected_event(field, &reason));
         self.draft().rejected(field, reason)
     }
@@ -56,7 +56,7 @@ pub(super) struct Draft {
 
 impl Draft {
     /// The fields of a parked command, for its final result.
-    pub fn of(rec: &Parked, instance: &str) -> Self {
+    pub(crate) fn of(rec: &Parked, instance: &str) -> Self {
         Self {
             received_at: rec.received_at.clone(),
             instance: instance.to_owned(),
@@ -70,7 +70,7 @@ impl Draft {
         }
     }
 
-    pub fn finish(self, status: Status, rationale: String) -> ResultMessage {
+    pub(crate) fn finish(self, status: Status, rationale: String) -> ResultMessage {
         ResultMessage {
             action_id: self.action_id,
             command_type: self.command_type,
@@ -93,7 +93,7 @@ impl Draft {
         }
     }
 
-    pub fn rejected(self, field: &str, reason: String) -> ResultMessage {
+    pub(crate) fn rejected(self, field: &str, reason: String) -> ResultMessage {
         let mut r = self.finish(Status::Rejected, format!("Command rejected: {reason}"));
         r.error_field = Some(field.to_owned());
         r

@@ -37,7 +37,7 @@ pub(super) struct Components {
 
 impl Components {
     /// Stops every component of the session.
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         self.control.abort();
         if let Some(t) = self.canary {
             t.abort();
