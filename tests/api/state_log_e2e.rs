@@ -501,3 +501,85 @@ async fn a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast() {
     eprintln!("{reads} reads in {read_time:?}");
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// A replica follows the stream in a `select!` beside its levers: a lever arriving at the same
+/// moment as a stream entry drops the follower's wait for it. An entry taken off the stream
+/// must still be folded (before that, a quarantine written and sent together with its lever
+/// was lost on the follower, and the next entry's fold took it off the replica's gate).
+/// Here every wait is dropped after its first poll, the way a lost `select!` race drops it.
+#[tokio::test]
+async fn an_entry_taken_off_the_stream_is_folded_even_when_the_wait_for_it_is_dropped() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let c = &h.settings.control;
+    let conn = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    command_poller::broker::declare_control(&ch, c, &h.settings.topology.replication)
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&conn).await.unwrap();
+    let classify = state_writer(&c.operators, "guest");
+    let state_ch = conn.create_channel().await.unwrap();
+    let mut reader = StateReader::open(&state_ch, c, classify).await.unwrap();
+    let mut state = match reader.state() {
+        Folded::State(s) => s.clone(),
+        _ => ControlState::initial(),
+    };
+    for i in 0..5 {
+        let agent = format!("agent-{i}");
+        state.quarantined.insert(
+            agent.clone(),
+            Quarantined {
+                by: "guest".into(),
+                reason: "looping".into(),
+                since: "t".into(),
+                request_id: new_request_id(),
+            },
+        );
+        state_log::write(
+            &publisher,
+            c,
+            reader.position(),
+            Change::Agent {
+                agent: agent.clone(),
+                quarantined: state.quarantined.get(&agent).cloned(),
+            },
+            &state,
+            "guest",
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // One poll, then dropped: what a select! that picked the lever does to it.
+            let mut wait = Box::pin(reader.changed());
+            let _ = futures::poll!(&mut wait);
+            drop(wait);
+            let folded = match reader.state() {
+                Folded::State(s) => s.quarantined.contains_key(&agent),
+                _ => false,
+            };
+            if folded {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{agent}'s entry was taken off the stream and never folded: {:?}",
+                reader.state()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    // The changes folded while the waits were dropped are still reported, at once, so the
+    // replica applies them.
+    match tokio::time::timeout(Duration::from_secs(5), reader.changed()).await {
+        Ok(Ok(Folded::State(s))) => assert_eq!(s.quarantined.len(), 5, "{s:?}"),
+        other => panic!("the folded changes were not reported: {other:?}"),
+    }
+    let _ = conn.close(200, "ok".into()).await;
+}

@@ -127,6 +127,10 @@ pub struct StateReader {
     /// The stream sent nothing within the grace: an entry that then arrives and isn't the
     /// stream's first means it wasn't empty, and the stream is read again.
     assumed_empty: bool,
+    /// That re-read is due (set before it starts, cleared when it is done).
+    reread: bool,
+    /// The state [`StateReader::changed`] returned last (or the one read at open).
+    reported: Folded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,8 +181,11 @@ impl StateReader {
             position: None,
             empty: c.empty_stream,
             assumed_empty: false,
+            reread: false,
+            reported: Folded::Empty,
         };
         reader.read(true).await?;
+        reader.reported = reader.current.clone();
         Ok(reader)
     }
 
@@ -306,35 +313,42 @@ impl StateReader {
         self.position
     }
 
-    /// Waits for the next entry and folds it in; returns the state when it changed.
+    /// Waits for the next entry and folds it in; returns the state when it changed since it was
+    /// last returned (or read at open).
+    ///
+    /// Cancel-safe: a replica waits on this in a `select!` beside its levers, and a lever that
+    /// wins the race drops the wait. An entry taken off the consumer is folded before anything
+    /// else is awaited, and a change not yet returned is returned by the next call.
     pub async fn changed(&mut self) -> Result<Folded, ReadError> {
         loop {
+            if self.reread {
+                // Not the stream's first entry: it was not empty, only slow. Read it properly
+                // (again, if a dropped wait left this half done).
+                self.resubscribe(ReadFrom::Last).await?;
+                self.read(false).await?;
+                self.reread = false;
+            }
+            if self.current != self.reported {
+                self.reported = self.current.clone();
+                return Ok(self.current.clone());
+            }
             let d = match self.consumer.next().await {
                 Some(d) => d?,
                 None => return Err(ReadError::Ended),
             };
             let r = self.record(&d);
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
             self.position = Some(r.offset);
-            let before = self.current.clone();
             if std::mem::take(&mut self.assumed_empty)
                 && parse(&r.body).map_or(true, |e| e.after.is_some())
             {
-                // Not the stream's first entry: it was not empty, only slow. Read it properly.
                 tracing::warn!(
                     "the control state stream sent its entries after the grace; reading it again"
                 );
-                self.resubscribe(ReadFrom::Last).await?;
-                self.read(false).await?;
-                if self.current != before {
-                    return Ok(self.current.clone());
-                }
-                continue;
+                self.reread = true;
+            } else {
+                self.current = step(self.current.clone(), &r.body, r.writer);
             }
-            self.current = step(before.clone(), &r.body, r.writer);
-            if self.current != before {
-                return Ok(self.current.clone());
-            }
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
     }
 
