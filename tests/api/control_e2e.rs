@@ -559,3 +559,41 @@ async fn a_pause_decided_before_a_halt_never_downgrades_it() {
     let e = h.operator().run(resume(false)).await.unwrap_err();
     assert!(e.to_string().contains("lift-halt"), "{e}");
 }
+
+/// The supervisor's one health view: every component the replica hosts is reported, the
+/// consumer says it waits while paused, and an orderly stop reports each one stopped.
+#[tokio::test]
+async fn one_view_reports_every_component_and_follows_a_pause_and_the_stop() {
+    use command_poller::settle::state::{Component, Health};
+    let mut h = Harness::start(Options::default()).await;
+    let components = h.poller_state.components.clone();
+    let hosted = [
+        Component::Consumer,
+        Component::ControlReplica,
+        Component::ApprovalDesk,
+        Component::ApprovalSweeper,
+        Component::StoreProbe,
+    ];
+    eventually("every component running", Duration::from_secs(15), || {
+        let v = components.snapshot();
+        hosted.iter().all(|c| v.get(c) == Some(&Health::Running))
+    })
+    .await;
+    h.operator().run(pause("view drill")).await.unwrap();
+    eventually("the consumer waiting", Duration::from_secs(10), || {
+        matches!(
+            components.snapshot().get(&Component::Consumer),
+            Some(Health::Waiting { why }) if why.contains("paused")
+        )
+    })
+    .await;
+    // The rest keep running while paused (the desk takes approvals, the sweeper sweeps).
+    let v = components.snapshot();
+    assert_eq!(v[&Component::ApprovalDesk], Health::Running);
+    assert_eq!(v[&Component::ControlReplica], Health::Running);
+    h.stop().await;
+    let v = components.snapshot();
+    for c in hosted {
+        assert_eq!(v.get(&c), Some(&Health::Stopped), "{c:?}: {v:?}");
+    }
+}

@@ -6,12 +6,14 @@
 //! control state, recent action ids and statuses), which is for the operator on the machine.
 
 use crate::control::replica::ReplicaStats;
+use crate::settle::state::{Component, Health};
 use crate::worker::PollerState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use poller_core::control::Mode;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,21 +82,42 @@ pub async fn serve_status(
     bind_and_serve(addr, app, stop, "status endpoint").await
 }
 
-async fn readyz(State(c): State<Ctx>) -> (StatusCode, &'static str) {
-    if !c.state.connected.load(Ordering::SeqCst) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not connected to the broker",
-        )
-    } else if !c.state.store_ok.load(Ordering::SeqCst) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the idempotency store is unreachable",
-        )
-    } else if c.state.gate.mode() == Mode::Halted {
-        (StatusCode::SERVICE_UNAVAILABLE, "halted (master shut-off)")
-    } else {
-        (StatusCode::OK, "ready")
+async fn readyz(State(c): State<Ctx>) -> (StatusCode, String) {
+    let s = &c.state;
+    match readiness(
+        s.connected.load(Ordering::SeqCst),
+        s.store_ok.load(Ordering::SeqCst),
+        s.gate.mode(),
+        &s.components.snapshot(),
+    ) {
+        Ok(()) => (StatusCode::OK, "ready".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// Ready: connected, the store answering, not halted, and no component failed (a failed one
+/// is started again by the supervisor, or its session is).
+fn readiness(
+    connected: bool,
+    store_ok: bool,
+    mode: Mode,
+    components: &BTreeMap<Component, Health>,
+) -> Result<(), String> {
+    if !connected {
+        return Err("not connected to the broker".into());
+    }
+    if !store_ok {
+        return Err("the idempotency store is unreachable".into());
+    }
+    if mode == Mode::Halted {
+        return Err("halted (master shut-off)".into());
+    }
+    match components
+        .iter()
+        .find(|(_, h)| matches!(h, Health::Failed { .. }))
+    {
+        Some((c, Health::Failed { error })) => Err(format!("{} failed: {error}", c.name())),
+        _ => Ok(()),
     }
 }
 
@@ -142,12 +165,52 @@ async fn status(State(c): State<Ctx>) -> Json<serde_json::Value> {
         "broker_node": *c.state.broker_node.lock().unwrap_or_else(|p| p.into_inner()),
         "at_bridge": c.state.gate.at_bridge(),
         "recent_results": c.state.recent_results(),
+        "components": c.state.components.snapshot(),
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_component_makes_the_replica_unready_and_says_which() {
+        let mut components = BTreeMap::new();
+        components.insert(
+            Component::Consumer,
+            Health::Waiting {
+                why: "paused".into(),
+            },
+        );
+        assert_eq!(readiness(true, true, Mode::Paused, &components), Ok(()));
+        components.insert(
+            Component::ApprovalSweeper,
+            Health::Failed {
+                error: "panicked".into(),
+            },
+        );
+        assert_eq!(
+            readiness(true, true, Mode::Running, &components),
+            Err("approval_sweeper failed: panicked".into())
+        );
+        assert!(readiness(true, true, Mode::Halted, &BTreeMap::new()).is_err());
+        assert!(readiness(true, false, Mode::Running, &BTreeMap::new()).is_err());
+        assert!(readiness(false, true, Mode::Running, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn a_components_name_is_its_json_name() {
+        for c in [
+            Component::Consumer,
+            Component::ControlReplica,
+            Component::ApprovalDesk,
+            Component::ApprovalSweeper,
+            Component::Canary,
+            Component::StoreProbe,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.name());
+        }
+    }
 
     async fn get_status(addr: SocketAddr, path: &str) -> u16 {
         crate::tls::ensure_crypto_provider();

@@ -23,6 +23,15 @@ pub enum Held {
     Quarantined(super::Quarantined),
 }
 
+/// What [`Gate::enforce`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// The mode (running, paused, halted).
+    pub mode: bool,
+    /// The set of quarantined agents or a quarantine's details.
+    pub quarantine: bool,
+}
+
 /// Held for the duration of one bridge call.
 pub struct BridgeTicket(Arc<AtomicUsize>);
 
@@ -65,11 +74,28 @@ impl Gate {
         self.mode_tx.subscribe()
     }
 
-    /// Sets the state; when this returns, the gate admits according to it.
-    pub fn set(&self, new: ControlState) {
-        let mode = new.mode;
-        *self.lock() = new;
+    /// The one way the enforced state changes: `decide` sees the current state under the lock
+    /// that admits bridge calls and returns the next one (or none) with whatever its caller
+    /// needs; a next state that differs is set before the lock is let go, so no decision is
+    /// made on a state another one replaced meanwhile. When this returns, the gate admits
+    /// according to it.
+    pub fn enforce<R>(
+        &self,
+        decide: impl FnOnce(&ControlState) -> (Option<ControlState>, R),
+    ) -> (R, Changed) {
+        let mut state = self.lock();
+        let (next, r) = decide(&state);
+        let Some(next) = next.filter(|n| n != &*state) else {
+            return (r, Changed::default());
+        };
+        let changed = Changed {
+            mode: next.mode != state.mode,
+            quarantine: next.quarantined != state.quarantined,
+        };
+        let mode = next.mode;
+        *state = next;
         self.mode_tx.send_replace(mode);
+        (r, changed)
     }
 
     /// The agent's quarantine, if it is in one.
@@ -123,26 +149,59 @@ impl crate::bridge::Admission for Gate {
 mod tests {
     use super::*;
 
+    fn set(g: &Gate, s: ControlState) -> Changed {
+        g.enforce(|_| (Some(s), ())).1
+    }
+
+    #[test]
+    fn enforcing_reports_what_changed_and_an_equal_state_changes_nothing() {
+        let g = Gate::default();
+        let w = g.watch();
+        assert_eq!(set(&g, g.state()), Changed::default());
+        assert!(!w.has_changed().unwrap());
+        let paused = ControlState {
+            mode: Mode::Paused,
+            ..ControlState::initial()
+        };
+        assert_eq!(
+            set(&g, paused.clone()),
+            Changed {
+                mode: true,
+                quarantine: false
+            }
+        );
+        assert!(w.has_changed().unwrap());
+        // The decision sees the state it replaces.
+        let (seen, changed) = g.enforce(|current| (None, current.mode));
+        assert_eq!((seen, changed), (Mode::Paused, Changed::default()));
+    }
+
     #[test]
     fn nothing_is_admitted_after_a_pause() {
         let g = Gate::default();
         let t = g.begin_bridge("a").expect("running admits");
         assert_eq!(g.at_bridge(), 1);
-        g.set(ControlState {
-            mode: Mode::Paused,
-            ..ControlState::initial()
-        });
+        set(
+            &g,
+            ControlState {
+                mode: Mode::Paused,
+                ..ControlState::initial()
+            },
+        );
         assert_eq!(g.begin_bridge("a").err(), Some(Held::Mode(Mode::Paused)));
         assert!(g.may_judge());
         drop(t);
         assert_eq!(g.at_bridge(), 0);
-        g.set(ControlState {
-            mode: Mode::Halted,
-            ..ControlState::initial()
-        });
+        set(
+            &g,
+            ControlState {
+                mode: Mode::Halted,
+                ..ControlState::initial()
+            },
+        );
         assert!(!g.may_judge());
         let mut w = g.watch();
-        g.set(ControlState::initial());
+        set(&g, ControlState::initial());
         assert!(w.has_changed().unwrap());
         assert_eq!(*w.borrow_and_update(), Mode::Running);
     }
@@ -158,7 +217,7 @@ mod tests {
             request_id: "q".into(),
         };
         s.quarantined.insert("bad".into(), q.clone());
-        g.set(s);
+        set(&g, s);
         assert_eq!(
             g.begin_bridge("bad").err(),
             Some(Held::Quarantined(q.clone()))

@@ -202,7 +202,7 @@ async fn a_quarantined_agents_command_is_rejected_and_its_claim_released() {
             request_id: "r-1".into(),
         },
     );
-    f.gate.set(state);
+    f.gate.enforce(|_| (Some(state), ()));
     let d = f
         .pipeline()
         .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))
@@ -296,10 +296,11 @@ async fn a_judged_command_the_panel_approves_is_executed() {
 #[tokio::test]
 async fn a_paused_system_defers_the_command_with_its_claim_to_release() {
     let f = Fixture::default();
-    f.gate.set(ControlState {
+    let paused = ControlState {
         mode: Mode::Paused,
         ..ControlState::initial()
-    });
+    };
+    f.gate.enforce(|_| (Some(paused), ()));
     match f
         .pipeline()
         .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))

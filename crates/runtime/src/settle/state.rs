@@ -5,7 +5,8 @@ use crate::control::replica::ReplicaStats;
 use crate::metrics::Metrics;
 use crate::outcome::Status;
 use poller_core::control::gate::Gate;
-use std::collections::VecDeque;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +31,8 @@ pub struct PollerState {
     pub policy_sha256: Mutex<String>,
     /// The broker node the session is connected to (URL, password masked), for `/status`.
     pub broker_node: Mutex<Option<String>>,
+    /// How each of the worker's components is doing (`/status`, `/readyz`).
+    pub components: Arc<Components>,
 }
 
 impl PollerState {
@@ -86,5 +89,72 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The worker's components, as `/status` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// The commands consumer (the session loop).
+    Consumer,
+    /// The control listener: levers, the state stream, trips.
+    ControlReplica,
+    /// Approval decisions from the approvals queue.
+    ApprovalDesk,
+    /// Parked approvals: expired, executed, finalized.
+    ApprovalSweeper,
+    /// The known-bad and known-good questions to the panel.
+    Canary,
+    /// The idempotency store's readiness probe.
+    StoreProbe,
+}
+
+impl Component {
+    /// The name `/status` and the logs use (serde's spelling too).
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Consumer => "consumer",
+            Component::ControlReplica => "control_replica",
+            Component::ApprovalDesk => "approval_desk",
+            Component::ApprovalSweeper => "approval_sweeper",
+            Component::Canary => "canary",
+            Component::StoreProbe => "store_probe",
+        }
+    }
+}
+
+/// How a component is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Running,
+    /// Up, but holding back on purpose (the consumer while paused or halted).
+    Waiting {
+        why: String,
+    },
+    /// Stopped by the supervisor (shutdown, or the end of its session).
+    Stopped,
+    /// Ended on its own, or answered wrong (the store probe): `error` says how.
+    Failed {
+        error: String,
+    },
+}
+
+/// Every component's health: one view, shared by the process and its sessions.
+#[derive(Debug, Default)]
+pub struct Components(Mutex<BTreeMap<Component, Health>>);
+
+impl Components {
+    pub fn set(&self, c: Component, h: Health) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c, h);
+    }
+
+    /// What each component reported last (those never hosted are absent).
+    pub fn snapshot(&self) -> BTreeMap<Component, Health> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

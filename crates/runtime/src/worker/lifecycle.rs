@@ -4,10 +4,11 @@
 
 use super::consumer::{consumer_stalled, STALL_CHECK_EVERY};
 use super::session::Parts;
+use super::supervisor::{Stop, Supervisor};
 use super::Poller;
 use crate::broker::{self, BrokerError};
 use crate::settle;
-use crate::settle::state::PollerState;
+use crate::settle::state::{Component, Health, PollerState};
 use crate::store::ResultStore;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use poller_core::control::Mode;
@@ -27,30 +28,19 @@ impl Poller {
         // settle their idempotency claim, so the redelivered copies replay it at once instead of
         // waiting out an orphaned claim. Drained (or aborted) only at shutdown.
         let mut tasks: JoinSet<()> = JoinSet::new();
-        let store_watch = tokio::spawn(watch_store(
-            self.shell.pipeline.store().clone(),
-            self.shell.settler.state.clone(),
-            shutdown.clone(),
-        ));
-        // Parked approvals: expired, executed and finalized by whichever replica sweeps first.
-        let mut sweeper = Some(tokio::spawn(
-            crate::approval::sweeper::Sweeper {
-                shell: self.shell.clone(),
-                settings: self.approval.clone(),
-                names: self.control_names.clone(),
-                audit_exchange: self.settings.audit.exchange.clone(),
-                notifier: self.notifier.clone(),
-                wake: self.wake.clone(),
-            }
-            .run(shutdown.clone()),
-        ));
+        // The components that live as long as the process: the store probe, and the approvals
+        // sweeper (parked approvals expired, executed and finalized by whichever replica sweeps
+        // first). Each session hosts its own in a scope of this supervisor.
+        let mut process = Supervisor::new(self.shell.settler.state.components.clone(), &shutdown);
+        self.host_process_component(&mut process, Component::StoreProbe);
+        self.host_process_component(&mut process, Component::ApprovalSweeper);
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             let mut consumed_any = false;
             match self
-                .session(&shutdown, &mut consumed_any, &mut tasks, &mut sweeper)
+                .session(&shutdown, &mut consumed_any, &mut tasks, &mut process)
                 .await
             {
                 Ok(()) => break,
@@ -78,21 +68,49 @@ impl Poller {
             }
         }
         self.drain(&mut tasks).await;
-        self.finish_sweep(&mut sweeper).await;
-        store_watch.abort();
+        process
+            .shut_down(self.settings.processing.drain_timeout)
+            .await;
     }
 
-    /// Lets a sweep in progress finish within the drain timeout (it stops at the next one):
-    /// aborted mid-finalize, an approved command at the bridge would leave its result
-    /// unpublished and its claim to its TTL, and the next sweeper would post it again.
-    async fn finish_sweep(&self, sweeper: &mut Option<tokio::task::JoinHandle<()>>) {
-        let Some(mut task) = sweeper.take() else {
-            return;
-        };
-        let drain = self.settings.processing.drain_timeout;
-        if tokio::time::timeout(drain, &mut task).await.is_err() {
-            tracing::warn!("drain timeout; the approvals sweep in progress is abandoned");
-            task.abort();
+    /// Hosts one of the process's components (again, if it ended on its own). The sweeper is
+    /// let finish at shutdown: aborted mid-finalize, an approved command at the bridge would
+    /// leave its result unpublished and its claim to its TTL, and the next sweeper would post
+    /// it again. The store probe holds nothing and is aborted.
+    fn host_process_component(&self, process: &mut Supervisor, component: Component) {
+        let state = &self.shell.settler.state;
+        match component {
+            Component::StoreProbe => {
+                let probe = watch_store(
+                    self.shell.pipeline.store().clone(),
+                    state.clone(),
+                    process.token(),
+                );
+                process.host(component, Stop::Abort, async move {
+                    probe.await;
+                    Ok::<(), std::convert::Infallible>(())
+                });
+            }
+            Component::ApprovalSweeper => {
+                let sweep = crate::approval::sweeper::Sweeper {
+                    shell: self.shell.clone(),
+                    settings: self.approval.clone(),
+                    names: self.control_names.clone(),
+                    audit_exchange: self.settings.audit.exchange.clone(),
+                    notifier: self.notifier.clone(),
+                    wake: self.wake.clone(),
+                }
+                .run(process.token());
+                process.host(component, Stop::Finish, async move {
+                    sweep.await;
+                    Ok::<(), std::convert::Infallible>(())
+                });
+            }
+            // A session's components: hosted by its scope (`start_components`).
+            Component::Consumer
+            | Component::ControlReplica
+            | Component::ApprovalDesk
+            | Component::Canary => {}
         }
     }
 
@@ -126,7 +144,7 @@ impl Poller {
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
         tasks: &mut JoinSet<()>,
-        sweeper: &mut Option<tokio::task::JoinHandle<()>>,
+        process: &mut Supervisor,
     ) -> Result<(), SessionError> {
         let s = &self.settings;
         let endpoints = &s.endpoints;
@@ -156,7 +174,7 @@ impl Poller {
                 shutdown,
                 consumed_any,
                 tasks,
-                sweeper,
+                process,
             )
             .await;
         self.shell
@@ -197,7 +215,7 @@ impl Poller {
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
         tasks: &mut JoinSet<()>,
-        sweeper: &mut Option<tokio::task::JoinHandle<()>>,
+        process: &mut Supervisor,
     ) -> Result<(), SessionError> {
         let queue = &self.settings.topology.commands_queue;
         let Parts {
@@ -209,7 +227,9 @@ impl Poller {
             watch_ch,
             approvals_ch,
         } = self.set_up(consume_conn, publish_conn).await?;
-        let mut components = self.start_components(
+        let mut session = process.scope();
+        self.start_components(
+            &mut session,
             replica,
             control_consumer,
             state_reader,
@@ -218,6 +238,8 @@ impl Poller {
         );
         let state = &self.shell.settler.state;
         let mut mode = state.gate.watch();
+        let components = &state.components;
+        components.set(Component::Consumer, consumer_health(state.gate.mode()));
         state.connected.store(true, Ordering::SeqCst);
         let broken = CancellationToken::new();
         let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
@@ -239,11 +261,19 @@ impl Poller {
                 }
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = broken.cancelled() => break Err(SessionError::Lost("publishing failed on the broker connection".into())),
-                ended = &mut components.control => break Err(SessionError::Lost(format!("control listener ended: {ended:?}"))),
-                ended = &mut components.desk => break Err(SessionError::Lost(format!("approvals desk ended: {ended:?}"))),
+                (component, ended) = session.ended() => {
+                    // A component stopped by the shutdown itself is no lost session.
+                    if shutdown.is_cancelled() { break Ok(()) }
+                    break Err(SessionError::Lost(format!("{} ended: {}", component.name(), ended.err().unwrap_or_else(|| "without an error".into()))))
+                }
+                (component, ended) = process.ended() => {
+                    tracing::error!(component = component.name(), error = ?ended.err(), "component ended on its own; starting it again");
+                    self.host_process_component(process, component);
+                }
                 changed = mode.changed() => {
                     if changed.is_err() { continue; }
                     let now = *mode.borrow_and_update();
+                    components.set(Component::Consumer, consumer_health(now));
                     if now == Mode::Running {
                         commands.start().await?;
                         tracing::info!("resumed: consuming commands");
@@ -264,14 +294,25 @@ impl Poller {
                 }
             }
         };
-        components.stop();
+        session.shut_down(Duration::ZERO).await;
+        components.set(
+            Component::Consumer,
+            match &outcome {
+                Ok(()) => Health::Stopped,
+                Err(e) => Health::Failed {
+                    error: e.to_string(),
+                },
+            },
+        );
         if outcome.is_ok() {
-            // Orderly shutdown: stop deliveries first; `run` then drains what is in flight
-            // and the approvals sweep in progress while the connections are still open, so
+            // Orderly shutdown: stop deliveries first, then drain what is in flight and let
+            // the approvals sweep in progress finish while the connections are still open, so
             // results and acks go out.
             let _ = commands.cancel().await;
             self.drain(tasks).await;
-            self.finish_sweep(sweeper).await;
+            process
+                .shut_down(self.settings.processing.drain_timeout)
+                .await;
         }
         // A lost session leaves its tasks running: see `run`.
         outcome
@@ -305,6 +346,16 @@ pub(crate) async fn watch_store(
             tokio::time::timeout(STORE_CHECK_EVERY, probe).await,
             Ok(Ok(()))
         );
+        state.components.set(
+            Component::StoreProbe,
+            if ok {
+                Health::Running
+            } else {
+                Health::Failed {
+                    error: "the idempotency store did not answer a claim and its release".into(),
+                }
+            },
+        );
         let was = state.store_ok.swap(ok, Ordering::SeqCst);
         if was != ok {
             if ok {
@@ -316,6 +367,16 @@ pub(crate) async fn watch_store(
             }
         }
     }
+}
+
+/// The consumer's health in `mode`: consuming only while running.
+fn consumer_health(mode: Mode) -> Health {
+    let why = match mode {
+        Mode::Running => return Health::Running,
+        Mode::Paused => "not consuming while paused",
+        Mode::Halted => "not consuming while halted",
+    };
+    Health::Waiting { why: why.into() }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,7 @@ mod consumer;
 mod lifecycle;
 mod session;
 pub mod settings;
+mod supervisor;
 
 pub use crate::settle::state::PollerState;
 

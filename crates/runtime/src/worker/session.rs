@@ -1,19 +1,19 @@
 //! One session's parts: what is set up on the broker before any command is consumed (the
 //! publisher, the topology, the control replica with the stored state applied, the approvals
 //! queue, the commands consumer), and the components that run beside the consumer for the
-//! session (the control listener, the canary, the approvals desk), stopped together.
+//! session in its supervisor scope (the control listener, the canary, the approvals desk).
 
 use super::consumer::{CommandConsumer, SETUP_TIMEOUT};
 use super::lifecycle::SessionError;
+use super::supervisor::{Stop, Supervisor};
 use super::Poller;
-use crate::broker::{self, BrokerError, Publisher};
+use crate::broker::{self, Publisher};
 use crate::control::replica::Replica;
 use crate::control::state_log::StateReader;
+use crate::settle::state::Component;
 use lapin::options::BasicQosOptions;
 use poller_core::control::Mode;
 use std::sync::Arc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// What a session consumes with, set up in order.
 pub(super) struct Parts {
@@ -25,26 +25,6 @@ pub(super) struct Parts {
     /// A channel of its own for the stall check.
     pub watch_ch: lapin::Channel,
     pub approvals_ch: lapin::Channel,
-}
-
-/// The components running beside the commands consumer for one session.
-pub(super) struct Components {
-    pub control: JoinHandle<Result<(), BrokerError>>,
-    pub desk: JoinHandle<Result<(), BrokerError>>,
-    canary: Option<JoinHandle<()>>,
-    desk_stop: CancellationToken,
-}
-
-impl Components {
-    /// Stops every component of the session.
-    pub(crate) fn stop(self) {
-        self.control.abort();
-        if let Some(t) = self.canary {
-            t.abort();
-        }
-        self.desk_stop.cancel();
-        self.desk.abort();
-    }
 }
 
 impl Poller {
@@ -134,43 +114,42 @@ impl Poller {
         })
     }
 
-    /// Starts the session's components: the control listener (levers and the state stream),
-    /// the canary when enabled, and the approvals desk.
+    /// Starts the session's components in its supervisor scope: the control listener (levers
+    /// and the state stream), the canary when enabled, and the approvals desk. Each is aborted
+    /// when the session ends.
     pub(super) fn start_components(
         &self,
+        session: &mut Supervisor,
         replica: Arc<Replica>,
         control_consumer: lapin::Consumer,
         state_reader: Option<StateReader>,
         approvals_ch: lapin::Channel,
         publisher: &Publisher,
-    ) -> Components {
-        let control = {
+    ) {
+        {
             let (replica, publisher) = (replica.clone(), publisher.clone());
-            tokio::spawn(async move {
+            session.host(Component::ControlReplica, Stop::Abort, async move {
                 replica
                     .listen(control_consumer, state_reader, publisher)
                     .await
-            })
-        };
-        let canary = self.settings.canary.enabled.then(|| {
-            tokio::spawn(super::canary::watch(
+            });
+        }
+        if self.settings.canary.enabled {
+            let watch = super::canary::watch(
                 self.settings.canary.clone(),
                 self.shell.clone(),
                 replica,
                 publisher.clone(),
-            ))
-        });
-        let desk_stop = CancellationToken::new();
-        let desk = tokio::spawn(self.desk.clone().listen(
-            approvals_ch,
-            publisher.clone(),
-            desk_stop.clone(),
-        ));
-        Components {
-            control,
-            desk,
-            canary,
-            desk_stop,
+            );
+            session.host(Component::Canary, Stop::Abort, async move {
+                watch.await;
+                Ok::<(), std::convert::Infallible>(())
+            });
         }
+        let desk = self
+            .desk
+            .clone()
+            .listen(approvals_ch, publisher.clone(), session.token());
+        session.host(Component::ApprovalDesk, Stop::Abort, desk);
     }
 }

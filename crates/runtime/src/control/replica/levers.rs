@@ -3,7 +3,7 @@
 //! [`super::render`].
 
 use super::render::{self, ControlEvent, ReplicaReply};
-use super::Replica;
+use super::{Cause, Replica};
 use crate::broker::names::{self, routing};
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Priority;
@@ -62,9 +62,28 @@ impl Replica {
                 .on_status(&actor, &request_id, reply_to, publisher)
                 .await;
         }
-        let current = self.gate.state();
-        match transition(&current, &cmd, &actor) {
-            Ok(_) if matches!(cmd, ControlCommand::ReloadPolicy { .. }) => {
+        let reload = matches!(cmd, ControlCommand::ReloadPolicy { .. });
+        let agent = matches!(
+            cmd,
+            ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
+        );
+        // Decided and enforced on the state as it is under the gate's lock.
+        let (decided, changed) = self.enforce(Cause::Lever, |current| {
+            match transition(current, &cmd, &actor) {
+                Ok(_) if reload => (None, Ok(None)),
+                Ok(new) => {
+                    let applies = if agent {
+                        new.quarantined != current.quarantined
+                    } else {
+                        new.mode != current.mode
+                    };
+                    (applies.then(|| new.clone()), Ok(Some(new)))
+                }
+                Err(refusal) => (None, Err(refusal)),
+            }
+        });
+        match decided {
+            Ok(None) => {
                 let refusal = self
                     .reload_policy(publisher, &actor.name(), &request_id)
                     .await?;
@@ -76,15 +95,7 @@ impl Replica {
                 )
                 .await
             }
-            Ok(new)
-                if matches!(
-                    cmd,
-                    ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
-                ) =>
-            {
-                if new.quarantined != current.quarantined {
-                    self.gate.set(new);
-                }
+            Ok(Some(_)) if agent => {
                 // Announced once per request on this replica, whether the lever or the stored
                 // state (written first, and followed) brought the change.
                 if self.first_announcement(&request_id) {
@@ -95,10 +106,10 @@ impl Replica {
                 self.answer(publisher, reply_to, self.reply(&request_id, true, None))
                     .await
             }
-            Ok(new) => {
-                if new.mode != current.mode {
-                    // The gate flip is the acknowledgement: from here no bridge call starts.
-                    self.gate.set(new.clone());
+            Ok(Some(new)) => {
+                // The gate flip (done above) is the acknowledgement: from here no bridge call
+                // starts.
+                if changed.mode {
                     self.mode_changed(publisher, &new).await?;
                 }
                 self.answer(publisher, reply_to, self.reply(&request_id, true, None))

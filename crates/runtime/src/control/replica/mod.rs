@@ -27,9 +27,10 @@ use crate::outcome::Status;
 use crate::policy::shared::SharedPolicy;
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
-use poller_core::control::gate::Gate;
+use poller_core::control::gate::{Changed, Gate};
 use poller_core::control::trip::TripWire;
 use poller_core::control::ControlSettings;
+use poller_core::control::ControlState;
 use std::sync::{Arc, Mutex};
 
 /// Who may write the stored state, by broker user: operators and the poller's own user.
@@ -79,7 +80,59 @@ pub struct Replica {
     state_position: Mutex<Option<u64>>,
 }
 
+/// What brought a change to the enforced state (for the log line every change writes).
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    /// An operator's lever on this replica's control queue.
+    Lever,
+    /// The stored state, read before anything is consumed.
+    StoredAtStart,
+    /// The stored state, followed while running (another replica's trip, a lever this
+    /// replica's queue has not brought yet).
+    StoredFollowed,
+    /// A stored state that can't be trusted, held at least paused.
+    Untrusted,
+    /// This replica's own trip (unapproved attempts, a failed canary).
+    Trip,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Lever => "lever",
+            Cause::StoredAtStart => "stored state at start",
+            Cause::StoredFollowed => "stored state followed",
+            Cause::Untrusted => "untrusted stored state",
+            Cause::Trip => "trip",
+        }
+    }
+}
+
 impl Replica {
+    /// The one way this replica changes what it enforces, whichever path brought the change:
+    /// `decide` runs on the enforced state under the gate's lock (see [`Gate::enforce`]), and
+    /// every change is logged with its cause. The callers announce what changed.
+    fn enforce<R>(
+        &self,
+        cause: Cause,
+        decide: impl FnOnce(&ControlState) -> (Option<ControlState>, R),
+    ) -> (R, Changed) {
+        let (r, changed) = self.gate.enforce(decide);
+        if changed != Changed::default() {
+            let s = self.gate.state();
+            tracing::info!(
+                cause = cause.as_str(),
+                mode = s.mode.as_str(),
+                seq = s.seq,
+                mode_changed = changed.mode,
+                quarantine_changed = changed.quarantine,
+                quarantined = s.quarantined.len(),
+                "enforcing a new control state"
+            );
+        }
+        (r, changed)
+    }
+
     fn set_state_position(&self, p: Option<u64>) {
         *self
             .state_position

@@ -3,7 +3,7 @@
 //! Each is an event, an audit record and an alert.
 
 use super::render;
-use super::Replica;
+use super::{Cause, Replica};
 use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
 use crate::intake::AgentId;
@@ -108,14 +108,16 @@ impl Replica {
             request_id: uuid::Uuid::new_v4().to_string(),
         };
         let actor = Actor::Poller(self.names.poller_user.clone());
-        let current = self.gate.state();
-        let Ok(new) = transition(&current, &cmd, &actor) else {
+        let (decided, _) = self.enforce(Cause::Trip, |current| {
+            match transition(current, &cmd, &actor) {
+                Ok(new) if new.quarantined != current.quarantined => (Some(new.clone()), Some(new)),
+                // Quarantined already, or not a change the transition allows.
+                _ => (None, None),
+            }
+        });
+        let Some(new) = decided else {
             return Ok(());
         };
-        if new.quarantined == current.quarantined {
-            return Ok(()); // quarantined already
-        }
-        self.gate.set(new.clone());
         self.first_announcement(cmd.request_id());
         state_log::write(
             publisher,

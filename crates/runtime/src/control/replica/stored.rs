@@ -1,7 +1,7 @@
 //! Reading, applying and following the stored control state: before anything is consumed, and
 //! live while running. A state that can't be read or trusted holds the replica paused.
 
-use super::{state_writer, Replica};
+use super::{state_writer, Cause, Replica};
 use crate::broker::{self, BrokerError, Publisher};
 use crate::control::state_log::{self, Folded, StateReader};
 use crate::outcome::Priority;
@@ -65,11 +65,13 @@ impl Replica {
             // A new system: nothing was ever stored.
             Folded::Empty => Ok(()),
             Folded::State(state) => {
-                let mode_changed = state.mode != self.gate.mode();
-                if state != self.gate.state() {
-                    self.gate.set(state.clone());
-                }
-                if mode_changed {
+                let cause = if announce {
+                    Cause::StoredFollowed
+                } else {
+                    Cause::StoredAtStart
+                };
+                let ((), changed) = self.enforce(cause, |_| (Some(state.clone()), ()));
+                if changed.mode {
                     if announce {
                         self.mode_changed(publisher, &state).await?;
                     } else {
@@ -131,27 +133,26 @@ impl Replica {
             "the stored control state is untrusted: {why}; held at least paused (a halt and every quarantine kept) until an operator decides"
         );
         tracing::error!("{why}");
-        let current = self.gate.state();
-        let mut new = held;
-        if current.mode == Mode::Halted {
-            new.mode = Mode::Halted;
-        }
-        if new.mode == Mode::Running {
-            new.mode = Mode::Paused;
-        }
-        if new.mode != current.mode {
-            new.since = crate::clock::now_rfc3339();
-            new.by = self.names.instance.clone();
-            new.reason = why.clone();
-            new.request_id = String::new();
-        }
-        new.seq = new.seq.max(current.seq);
-        for (agent, q) in &current.quarantined {
-            new.quarantined.entry(agent.clone()).or_insert(q.clone());
-        }
-        if new != current {
-            self.gate.set(new);
-        }
+        self.enforce(Cause::Untrusted, |current| {
+            let mut new = held;
+            if current.mode == Mode::Halted {
+                new.mode = Mode::Halted;
+            }
+            if new.mode == Mode::Running {
+                new.mode = Mode::Paused;
+            }
+            if new.mode != current.mode {
+                new.since = crate::clock::now_rfc3339();
+                new.by = self.names.instance.clone();
+                new.reason = why.clone();
+                new.request_id = String::new();
+            }
+            new.seq = new.seq.max(current.seq);
+            for (agent, q) in &current.quarantined {
+                new.quarantined.entry(agent.clone()).or_insert(q.clone());
+            }
+            (Some(new), ())
+        });
         self.alert(publisher, "security", Priority::High, &why, "Inspect the control state stream and who can write to it (control.state_exchange), then decide with `command-poller resume` (or `halt`) as an operator: the lever is decided on the state replicas now enforce.").await
     }
 }

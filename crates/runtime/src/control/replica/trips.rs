@@ -2,7 +2,7 @@
 //! report; the one whose own attempt trips pauses everywhere.
 
 use super::render;
-use super::Replica;
+use super::{Cause, Replica};
 use crate::broker::{BrokerError, Publisher};
 use crate::control::state_log;
 use crate::judging::canary::Finding;
@@ -84,16 +84,20 @@ impl Replica {
             request_id: request_id.clone(),
         };
         let actor = Actor::Poller(self.names.poller_user.clone());
-        let current = self.gate.state();
-        let Ok(new) = transition(&current, &cmd, &actor) else {
+        let (decided, _) = self.enforce(Cause::Trip, |current| {
+            match transition(current, &cmd, &actor) {
+                Ok(new) => (Some(new.clone()), Some((new, current.seq))),
+                Err(_) => (None, None),
+            }
+        });
+        let Some((new, base)) = decided else {
             return Ok(false);
         };
-        self.gate.set(new.clone());
         state_log::write(
             publisher,
             &self.control,
             self.state_position(),
-            state_log::Change::Mode { base: current.seq },
+            state_log::Change::Mode { base },
             &new,
             &self.names.poller_user,
         )
