@@ -55,6 +55,17 @@ struct World {
 }
 
 impl World {
+    /// Waits until this replica has finished `n` more sweeps (an absence is asserted after
+    /// sweeps that could have broken it, not after a guessed time).
+    async fn sweeps(&self, n: u64) {
+        let m = &self.h.poller_state.metrics;
+        let from = m.approval_sweeps();
+        eventually(&format!("{n} more sweeps"), Duration::from_secs(20), || {
+            m.approval_sweeps() >= from + n
+        })
+        .await;
+    }
+
     async fn start(m: u32, ttl_secs: u64, store: Option<Arc<dyn ResultStore>>) -> World {
         Self::start_with(m, ttl_secs, store, |_| {}).await
     }
@@ -370,8 +381,8 @@ async fn an_approval_while_halted_waits_for_the_lift_then_executes_once() {
     halt(&w.h).await;
     let r = w.ask(&w.alice, approve(&parked, "go ahead")).await;
     assert_eq!(r.outcome, ReplyOutcome::Approved, "{r:?}");
-    // Five sweeps (every 200 ms) while halted: nothing executes.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Five sweeps while halted: nothing executes.
+    w.sweeps(5).await;
     assert_eq!(w.h.sim.posts("halt-1"), 0, "an approval bypassed the halt");
     assert_eq!(w.finals("halt-1"), 0);
     lift(&w.h).await;
@@ -420,8 +431,8 @@ async fn two_replicas_execute_once_and_expire_once() {
             .status,
         Status::Expired
     );
-    // Many sweeps by three replicas later: still one of each.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Many sweeps later: still one of each.
+    w.sweeps(5).await;
     assert_eq!(w.h.sim.executions("rep-1"), 1);
     assert_eq!(w.finals("rep-1"), 1);
     assert_eq!(w.finals("rep-exp"), 1);

@@ -87,6 +87,7 @@ pub struct Metrics {
     in_flight: Gauge,
     control_mode: Family<ModeLabels, Gauge>,
     approvals_pending: Gauge,
+    approval_sweeps: Counter,
     approval_decisions: Family<DecisionLabels, Counter>,
     approval_time_to_decision: Histogram,
 }
@@ -119,6 +120,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             control_mode: Family::default(),
             approvals_pending: Gauge::default(),
+            approval_sweeps: Counter::default(),
             approval_decisions: Family::default(),
             // 1 s to ~36 h.
             approval_time_to_decision: Histogram::new(exponential_buckets(1.0, 2.0, 18)),
@@ -228,6 +230,11 @@ impl Metrics {
             self.approvals_pending.clone(),
         );
         registry.register(
+            "approval_sweeps",
+            "Sweeps of the parked approvals this replica finished (expire, notify, finalize)",
+            self.approval_sweeps.clone(),
+        );
+        registry.register(
             "approval_decisions",
             "Decisions on parked commands, by outcome (counted, approved, denied, refused, expired)",
             self.approval_decisions.clone(),
@@ -253,9 +260,15 @@ impl Metrics {
         self.approval_time_to_decision.observe(secs as f64);
     }
 
-    /// Parked commands still waiting.
-    pub fn approvals_pending(&self, n: usize) {
+    /// A sweep finished with `n` parked commands still waiting.
+    pub fn approvals_swept(&self, n: usize) {
         self.approvals_pending.set(n as i64);
+        self.approval_sweeps.inc();
+    }
+
+    /// Sweeps finished so far.
+    pub fn approval_sweeps(&self) -> u64 {
+        self.approval_sweeps.get()
     }
 
     /// Records a settled disposition: one `match`, so a new kind of disposition can't go

@@ -101,7 +101,7 @@ impl Sweeper {
                 Sweep::Finalize => self.finalize(publisher, rec, sealed).await,
             }
         }
-        self.shell.settler.state.metrics.approvals_pending(pending);
+        self.shell.settler.state.metrics.approvals_swept(pending);
     }
 
     async fn notify(&self, rec: &Parked, sealed: &str, reminder: bool, now: u64) {
