@@ -294,8 +294,24 @@ impl Poller {
                 }
             }
         };
+        self.end_session(outcome, session, commands, tasks, process)
+            .await
+    }
+
+    /// Ends a session: its components stop and the consumer reports how the session ended.
+    /// An orderly shutdown stops deliveries first, then drains what is in flight and lets the
+    /// approvals sweep in progress finish while the connections are still open, so results and
+    /// acks go out. A lost session leaves its tasks running: see `run`.
+    async fn end_session(
+        &self,
+        outcome: Result<(), SessionError>,
+        mut session: Supervisor,
+        mut commands: super::consumer::CommandConsumer,
+        tasks: &mut JoinSet<()>,
+        process: &mut Supervisor,
+    ) -> Result<(), SessionError> {
         session.shut_down(Duration::ZERO).await;
-        components.set(
+        self.shell.settler.state.components.set(
             Component::Consumer,
             match &outcome {
                 Ok(()) => Health::Stopped,
@@ -305,16 +321,12 @@ impl Poller {
             },
         );
         if outcome.is_ok() {
-            // Orderly shutdown: stop deliveries first, then drain what is in flight and let
-            // the approvals sweep in progress finish while the connections are still open, so
-            // results and acks go out.
             let _ = commands.cancel().await;
             self.drain(tasks).await;
             process
                 .shut_down(self.settings.processing.drain_timeout)
                 .await;
         }
-        // A lost session leaves its tasks running: see `run`.
         outcome
     }
 }

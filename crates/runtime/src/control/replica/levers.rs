@@ -7,7 +7,30 @@ use super::{Cause, Replica};
 use crate::broker::names::{self, routing};
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Priority;
-use poller_core::control::{transition, Actor, ControlCommand, Refusal};
+use poller_core::control::{transition, Actor, ControlCommand, ControlState, Refusal};
+
+/// A lever on `current`: the state to enforce (none when nothing changes) and what the lever
+/// did: `Ok(None)` for a policy reload (the gate is not its business), `Ok(Some(new))` for a
+/// transition, or its refusal.
+fn lever_decision(
+    current: &ControlState,
+    cmd: &ControlCommand,
+    actor: &Actor,
+) -> (Option<ControlState>, Result<Option<ControlState>, Refusal>) {
+    match transition(current, cmd, actor) {
+        Ok(_) if matches!(cmd, ControlCommand::ReloadPolicy { .. }) => (None, Ok(None)),
+        Ok(new) => {
+            let applies = match cmd {
+                ControlCommand::Quarantine { .. } | ControlCommand::Release { .. } => {
+                    new.quarantined != current.quarantined
+                }
+                _ => new.mode != current.mode,
+            };
+            (applies.then(|| new.clone()), Ok(Some(new)))
+        }
+        Err(refusal) => (None, Err(refusal)),
+    }
+}
 
 impl Replica {
     pub(super) fn reply(
@@ -62,25 +85,13 @@ impl Replica {
                 .on_status(&actor, &request_id, reply_to, publisher)
                 .await;
         }
-        let reload = matches!(cmd, ControlCommand::ReloadPolicy { .. });
         let agent = matches!(
             cmd,
             ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
         );
         // Decided and enforced on the state as it is under the gate's lock.
         let (decided, changed) = self.enforce(Cause::Lever, |current| {
-            match transition(current, &cmd, &actor) {
-                Ok(_) if reload => (None, Ok(None)),
-                Ok(new) => {
-                    let applies = if agent {
-                        new.quarantined != current.quarantined
-                    } else {
-                        new.mode != current.mode
-                    };
-                    (applies.then(|| new.clone()), Ok(Some(new)))
-                }
-                Err(refusal) => (None, Err(refusal)),
-            }
+            lever_decision(current, &cmd, &actor)
         });
         match decided {
             Ok(None) => {
