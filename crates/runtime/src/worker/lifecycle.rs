@@ -267,6 +267,9 @@ impl Poller {
                     break Err(SessionError::Lost(format!("{} ended: {}", component.name(), ended.err().unwrap_or_else(|| "without an error".into()))))
                 }
                 (component, ended) = process.ended() => {
+                    // Its token is a child of the shutdown's: ended by the shutdown itself
+                    // (the select may see that first), it is not restarted.
+                    if shutdown.is_cancelled() { break Ok(()) }
                     tracing::error!(component = component.name(), error = ?ended.err(), "component ended on its own; starting it again");
                     self.host_process_component(process, component);
                 }
