@@ -7,6 +7,7 @@ use command_poller::control::{ControlCommand, Mode};
 use command_poller::judging::{Judge, Panel};
 use command_poller::outcome::{Priority, Status};
 use command_poller::testing::Script;
+use futures::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -248,6 +249,68 @@ async fn publish_control(h: &Harness, url: &str, user: &str, key: &str, body: &[
     .await
     .unwrap();
     let _ = conn.close(200, "ok".into()).await;
+}
+
+/// Publishes `cmd` as the operator `guest` (a lever as the CLI sends it, but without storing
+/// the change first) and returns the replica's answer.
+async fn raw_lever(
+    h: &Harness,
+    cmd: &ControlCommand,
+) -> command_poller::control::replica::ReplicaReply {
+    let conn = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut replies = command_poller::broker::consume_direct_replies(&ch)
+        .await
+        .unwrap();
+    ch.basic_publish(
+        h.settings.control.exchange.as_str().into(),
+        cmd.routing_key().into(),
+        Default::default(),
+        &serde_json::to_vec(cmd).unwrap(),
+        lapin::BasicProperties::default()
+            .with_user_id("guest".into())
+            .with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("the replica answers within 10 s")
+        .unwrap()
+        .unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+    serde_json::from_slice(&d.data).unwrap()
+}
+
+/// The stored state is the one path by which control state reaches a replica: an operator's
+/// lever whose change was never stored pauses nothing (it used to flip the gate by itself, so
+/// two replicas could enforce different states), and is answered with why.
+#[tokio::test]
+async fn a_lever_whose_change_was_never_stored_changes_nothing() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("one-path", None);
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+    let lever = pause("not stored");
+    let answer = raw_lever(&h, &lever).await;
+    assert_eq!(answer.request_id, lever.request_id());
+    assert!(!answer.accepted, "{answer:?}");
+    let why = answer.refusal.unwrap_or_default();
+    assert!(why.contains("stored control state does not show"), "{why}");
+    assert_eq!(answer.state.mode, Mode::Running);
+    assert_eq!(r.mode(), Mode::Running, "a lever alone paused the replica");
+    h.send(&check("after-raw-lever")).await;
+    assert_eq!(h.result("after-raw-lever").await.status, Status::Success);
+    // Stored first (as the CLI does), the same lever is answered once the replica enforces it.
+    let report = h.operator().run(pause("stored")).await.unwrap();
+    assert!(report.replicas.iter().all(|a| a.accepted), "{report:?}");
+    assert_eq!(r.mode(), Mode::Paused);
+    r.stop().await;
 }
 
 #[tokio::test]

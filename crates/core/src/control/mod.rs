@@ -188,6 +188,11 @@ pub enum Refusal {
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
     AlreadyHalted,
+    /// A lever whose change the stored state (read afresh) does not show: it was never
+    /// written to the state stream, or a concurrent change won. A lever changes nothing by
+    /// itself.
+    #[error("the stored control state does not show this change (read afresh): a lever takes effect only through the state stream, which `command-poller` writes before it sends the lever")]
+    NotStored,
 }
 
 impl Refusal {
@@ -198,6 +203,21 @@ impl Refusal {
 }
 
 pub use crate::clock::now_rfc3339 as now;
+
+/// Whether `state` shows what `cmd` asks for. A lever never changes what a replica enforces:
+/// the stored state (the state stream) does, and the lever is answered once the state the
+/// replica enforces shows it. A pause is shown by a halt too (stricter), a release by an agent
+/// not in quarantine; `status` and `policy reload` ask for no state.
+pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
+    match cmd {
+        ControlCommand::Pause { .. } => state.mode != Mode::Running,
+        ControlCommand::Halt { .. } => state.mode == Mode::Halted,
+        ControlCommand::Resume { .. } => state.mode == Mode::Running,
+        ControlCommand::Quarantine { agent, .. } => state.quarantined.contains_key(agent),
+        ControlCommand::Release { agent, .. } => !state.quarantined.contains_key(agent),
+        ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => true,
+    }
+}
 
 /// The new state after `cmd` from `actor`, or why it is refused. `Status` never changes state.
 pub fn transition(
@@ -438,5 +458,47 @@ mod tests {
         };
         assert_eq!(transition(&s, &reload, &op()).unwrap(), s);
         assert!(transition(&s, &reload, &poller).is_err());
+    }
+
+    #[test]
+    fn a_state_shows_a_lever_when_it_holds_what_the_lever_asks_for() {
+        let (running, paused, halted) = (
+            state(Mode::Running),
+            state(Mode::Paused),
+            state(Mode::Halted),
+        );
+        assert!(!shows(&running, &pause()));
+        assert!(shows(&paused, &pause()));
+        assert!(shows(&halted, &pause()), "a halt is stricter than a pause");
+        assert!(!shows(&paused, &halt()));
+        assert!(shows(&halted, &halt()));
+        assert!(!shows(&halted, &resume(true)));
+        assert!(!shows(&paused, &resume(false)));
+        assert!(shows(&running, &resume(false)));
+        // What the transition makes always shows the lever.
+        for (from, cmd) in [
+            (&running, pause()),
+            (&paused, halt()),
+            (&halted, resume(true)),
+            (&running, quarantine("agent-7")),
+        ] {
+            let to = transition(from, &cmd, &op()).unwrap();
+            assert!(shows(&to, &cmd), "{cmd:?}");
+            assert!(!shows(from, &cmd), "{cmd:?}");
+        }
+        let held = transition(&running, &quarantine("agent-7"), &op()).unwrap();
+        let release = ControlCommand::Release {
+            agent: "agent-7".into(),
+            reason: String::new(),
+            request_id: "r".into(),
+        };
+        assert!(shows(&held, &quarantine("agent-7")));
+        assert!(!shows(&held, &release));
+        assert!(shows(&running, &release));
+        assert!(!shows(&running, &quarantine("agent-7")));
+        let status = ControlCommand::Status {
+            request_id: "r".into(),
+        };
+        assert!(shows(&halted, &status));
     }
 }

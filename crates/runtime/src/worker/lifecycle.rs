@@ -222,7 +222,7 @@ impl Poller {
             publisher,
             replica,
             control_consumer,
-            state_reader,
+            state_follower,
             mut commands,
             watch_ch,
             approvals_ch,
@@ -232,7 +232,7 @@ impl Poller {
             &mut session,
             replica,
             control_consumer,
-            state_reader,
+            state_follower,
             approvals_ch,
             &publisher,
         );

@@ -8,8 +8,8 @@ use super::lifecycle::SessionError;
 use super::supervisor::{Stop, Supervisor};
 use super::Poller;
 use crate::broker::{self, Publisher};
+use crate::control::replica::Follower;
 use crate::control::replica::Replica;
-use crate::control::state_log::StateReader;
 use crate::settle::state::Component;
 use lapin::options::BasicQosOptions;
 use poller_core::control::Mode;
@@ -20,7 +20,7 @@ pub(super) struct Parts {
     pub publisher: Publisher,
     pub replica: Arc<Replica>,
     pub control_consumer: lapin::Consumer,
-    pub state_reader: Option<StateReader>,
+    pub state_follower: Follower,
     pub commands: CommandConsumer,
     /// A channel of its own for the stall check.
     pub watch_ch: lapin::Channel,
@@ -71,7 +71,7 @@ impl Poller {
         ));
         let control_ch = consume_conn.create_channel().await?;
         let state_ch = consume_conn.create_channel().await?;
-        let (control_consumer, state_reader) = replica
+        let (control_consumer, state_follower) = replica
             .attach(consume_conn, &control_ch, &state_ch, &publisher)
             .await?;
         ch.basic_qos(s.processing.max_in_flight, BasicQosOptions::default())
@@ -107,7 +107,7 @@ impl Poller {
             publisher,
             replica,
             control_consumer,
-            state_reader,
+            state_follower,
             commands,
             watch_ch,
             approvals_ch,
@@ -122,7 +122,7 @@ impl Poller {
         session: &mut Supervisor,
         replica: Arc<Replica>,
         control_consumer: lapin::Consumer,
-        state_reader: Option<StateReader>,
+        state_follower: Follower,
         approvals_ch: lapin::Channel,
         publisher: &Publisher,
     ) {
@@ -130,7 +130,7 @@ impl Poller {
             let (replica, publisher) = (replica.clone(), publisher.clone());
             session.host(Component::ControlReplica, Stop::Abort, async move {
                 replica
-                    .listen(control_consumer, state_reader, publisher)
+                    .listen(control_consumer, state_follower, publisher)
                     .await
             });
         }

@@ -1,35 +1,32 @@
-//! Levers from operators (pause, resume, halt, status): checked by the pure `transition`,
-//! applied to the gate, answered, and recorded (events, audit, alerts), each message rendered by
-//! [`super::render`].
+//! Levers from operators (pause, resume, halt, quarantine, release, status, policy reload):
+//! checked by the pure `transition`, refused or answered, and recorded (events, audit, alerts),
+//! each message rendered by [`super::render`]. A lever changes nothing by itself: the operator
+//! stores the change first, the replica's follower of the stored state enforces it, and the
+//! lever is answered once the enforced state shows it (the pure [`shows`]).
 
 use super::render::{self, ControlEvent, ReplicaReply};
-use super::{Cause, Replica};
+use super::Replica;
 use crate::broker::names::{self, routing};
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Priority;
-use poller_core::control::{transition, Actor, ControlCommand, ControlState, Refusal};
+use poller_core::control::{shows, transition, Actor, ControlCommand, Refusal};
+use std::time::Duration;
+use tokio::time::Instant;
 
-/// A lever on `current`: the state to enforce (none when nothing changes) and what the lever
-/// did: `Ok(None)` for a policy reload (the gate is not its business), `Ok(Some(new))` for a
-/// transition, or its refusal.
-fn lever_decision(
-    current: &ControlState,
-    cmd: &ControlCommand,
-    actor: &Actor,
-) -> (Option<ControlState>, Result<Option<ControlState>, Refusal>) {
-    match transition(current, cmd, actor) {
-        Ok(_) if matches!(cmd, ControlCommand::ReloadPolicy { .. }) => (None, Ok(None)),
-        Ok(new) => {
-            let applies = match cmd {
-                ControlCommand::Quarantine { .. } | ControlCommand::Release { .. } => {
-                    new.quarantined != current.quarantined
-                }
-                _ => new.mode != current.mode,
-            };
-            (applies.then(|| new.clone()), Ok(Some(new)))
-        }
-        Err(refusal) => (None, Err(refusal)),
-    }
+/// How long a lever waits for the state this replica follows to show it before the stream is
+/// read afresh. The operator writes the stored state before it sends the lever, so the
+/// follower normally has it first or within milliseconds; the CLI collects answers for 2 s.
+pub(super) const SHOWN_WITHIN: Duration = Duration::from_millis(750);
+
+/// A lever accepted for checking and waiting for the state this replica enforces to show it.
+/// Only the stored state changes what a replica enforces: the lever is the operator's request
+/// for an answer (and, for a quarantine or release, for its announcement).
+pub(super) struct Pending {
+    cmd: ControlCommand,
+    actor: Actor,
+    reply_to: Option<String>,
+    /// When the stream is read afresh; a lever still not shown after that is refused.
+    pub(super) deadline: Instant,
 }
 
 impl Replica {
@@ -54,13 +51,16 @@ impl Replica {
         }
     }
 
+    /// A control message: a status or policy reload is handled at once, a lever refused at once
+    /// when the transition refuses it, and otherwise returned to wait until the enforced state
+    /// shows it ([`Replica::answer_shown`]).
     pub(super) async fn on_control(
         &self,
         body: &[u8],
         user: Option<&str>,
-        reply_to: Option<&str>,
+        reply_to: Option<String>,
         publisher: &Publisher,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<Pending>, BrokerError> {
         let actor = Actor::classify(user, &self.control.operators, &self.names.poller_user);
         let cmd: ControlCommand = match serde_json::from_slice(body) {
             Ok(c) => c,
@@ -76,25 +76,20 @@ impl Replica {
                     )
                     .await?;
                 }
-                return Ok(());
+                return Ok(None);
             }
         };
         let request_id = cmd.request_id().to_owned();
+        let reply_to = reply_to.as_deref();
         if matches!(cmd, ControlCommand::Status { .. }) {
-            return self
-                .on_status(&actor, &request_id, reply_to, publisher)
-                .await;
+            self.on_status(&actor, &request_id, reply_to, publisher)
+                .await?;
+            return Ok(None);
         }
-        let agent = matches!(
-            cmd,
-            ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
-        );
-        // Decided and enforced on the state as it is under the gate's lock.
-        let (decided, changed) = self.enforce(Cause::Lever, |current| {
-            lever_decision(current, &cmd, &actor)
-        });
-        match decided {
-            Ok(None) => {
+        // Checked on the state this replica enforces, for the refusal only: the change itself
+        // comes from the stored state.
+        match transition(&self.gate.state(), &cmd, &actor) {
+            Ok(_) if matches!(cmd, ControlCommand::ReloadPolicy { .. }) => {
                 let refusal = self
                     .reload_policy(publisher, &actor.name(), &request_id)
                     .await?;
@@ -104,46 +99,90 @@ impl Replica {
                     reply_to,
                     self.reply(&request_id, accepted, refusal),
                 )
-                .await
-            }
-            Ok(Some(_)) if agent => {
-                // Announced once per request on this replica, whether the lever or the stored
-                // state (written first, and followed) brought the change.
-                if self.first_announcement(&request_id) {
-                    let alert = !matches!(actor, Actor::Poller(_));
-                    self.quarantine_changed(publisher, &cmd, &actor, alert)
-                        .await?;
-                }
-                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
-                    .await
-            }
-            Ok(Some(new)) => {
-                // The gate flip (done above) is the acknowledgement: from here no bridge call
-                // starts.
-                if changed.mode {
-                    self.mode_changed(publisher, &new).await?;
-                }
-                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
-                    .await
-            }
-            Err(refusal) => {
-                tracing::warn!(actor = %actor.name(), refusal = %refusal, "control message refused");
-                self.refused(
-                    publisher,
-                    &actor,
-                    &request_id,
-                    &refusal.to_string(),
-                    refusal.is_security_relevant(),
-                )
                 .await?;
-                self.answer(
-                    publisher,
-                    reply_to,
-                    self.reply(&request_id, false, Some(refusal.to_string())),
-                )
-                .await
+                Ok(None)
+            }
+            Ok(_) => Ok(Some(Pending {
+                cmd,
+                actor,
+                reply_to: reply_to.map(str::to_owned),
+                deadline: Instant::now() + SHOWN_WITHIN,
+            })),
+            Err(refusal) => {
+                self.lever_refused(publisher, &actor, &request_id, reply_to, refusal)
+                    .await?;
+                Ok(None)
             }
         }
+    }
+
+    /// Answers every pending lever the enforced state now shows (a quarantine or release is
+    /// announced first, once per request on this replica); with `expired`, refuses those past
+    /// their deadline that it still does not show.
+    pub(super) async fn answer_shown(
+        &self,
+        pending: &mut Vec<Pending>,
+        publisher: &Publisher,
+        expired: bool,
+    ) -> Result<(), BrokerError> {
+        let state = self.gate.state();
+        let now = Instant::now();
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(pending)
+            .into_iter()
+            .partition(|p| shows(&state, &p.cmd) || (expired && p.deadline <= now));
+        *pending = waiting;
+        for p in done {
+            let request_id = p.cmd.request_id().to_owned();
+            let reply_to = p.reply_to.as_deref();
+            if !shows(&state, &p.cmd) {
+                self.lever_refused(
+                    publisher,
+                    &p.actor,
+                    &request_id,
+                    reply_to,
+                    Refusal::NotStored,
+                )
+                .await?;
+                continue;
+            }
+            let agent = matches!(
+                p.cmd,
+                ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
+            );
+            if agent && self.first_announcement(&request_id) {
+                let alert = !matches!(p.actor, Actor::Poller(_));
+                self.quarantine_changed(publisher, &p.cmd, &p.actor, alert)
+                    .await?;
+            }
+            self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn lever_refused(
+        &self,
+        publisher: &Publisher,
+        actor: &Actor,
+        request_id: &str,
+        reply_to: Option<&str>,
+        refusal: Refusal,
+    ) -> Result<(), BrokerError> {
+        tracing::warn!(actor = %actor.name(), refusal = %refusal, "control message refused");
+        self.refused(
+            publisher,
+            actor,
+            request_id,
+            &refusal.to_string(),
+            refusal.is_security_relevant(),
+        )
+        .await?;
+        self.answer(
+            publisher,
+            reply_to,
+            self.reply(request_id, false, Some(refusal.to_string())),
+        )
+        .await
     }
 
     /// A status request: answered to operators, refused (and alerted) to anyone else.

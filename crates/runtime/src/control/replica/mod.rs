@@ -7,6 +7,9 @@
 //! (halt, refused levers, trips, an untrusted state) and, on a trip, the new stored state and a
 //! `control.pause` for the other replicas.
 //!
+//! The stored state is the one path by which control state reaches the replica: a lever is
+//! answered once the state it enforces shows the change (`levers.rs`), never applied by itself.
+//!
 //! One file per concern: `stored.rs` (reading, applying and following the stored state),
 //! `levers.rs` (operators' levers and what they publish), `trips.rs` (the cross-replica trip),
 //! `quarantine.rs` (one agent held out), `policy.rs` (the policy reload and its record),
@@ -20,8 +23,9 @@ mod stored;
 mod trips;
 
 pub use render::{ControlEvent, Names, ReplicaReply};
+pub use stored::Follower;
 
-use super::state_log::{self, StateReader};
+use super::state_log;
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Status;
 use crate::policy::shared::SharedPolicy;
@@ -73,8 +77,8 @@ pub struct Replica {
     policy: Arc<SharedPolicy>,
     /// Signalled on SIGHUP: reload the policy (held until a session listens).
     reload: Arc<tokio::sync::Notify>,
-    /// Quarantine requests already announced here (a lever and the stored state both bring
-    /// one; the tripping replica also receives its own lever).
+    /// Quarantine requests already announced here (the tripping replica announces its own and
+    /// then receives its own lever; a lever can be delivered again after a reconnect).
     announced: Mutex<std::collections::VecDeque<String>>,
     /// The offset of the last state entry this replica read: its own entries' `after`.
     state_position: Mutex<Option<u64>>,
@@ -83,13 +87,13 @@ pub struct Replica {
 /// What brought a change to the enforced state (for the log line every change writes).
 #[derive(Debug, Clone, Copy)]
 enum Cause {
-    /// An operator's lever on this replica's control queue.
-    Lever,
     /// The stored state, read before anything is consumed.
     StoredAtStart,
-    /// The stored state, followed while running (another replica's trip, a lever this
-    /// replica's queue has not brought yet).
+    /// The stored state, followed while running (an operator's lever, another replica's trip).
     StoredFollowed,
+    /// The stored state, read afresh because a lever was not shown in time (the follower may
+    /// be behind or stuck), or because it could not be read before.
+    StoredReread,
     /// A stored state that can't be trusted, held at least paused.
     Untrusted,
     /// This replica's own trip (unapproved attempts, a failed canary).
@@ -99,9 +103,9 @@ enum Cause {
 impl Cause {
     fn as_str(self) -> &'static str {
         match self {
-            Cause::Lever => "lever",
             Cause::StoredAtStart => "stored state at start",
             Cause::StoredFollowed => "stored state followed",
+            Cause::StoredReread => "stored state read afresh",
             Cause::Untrusted => "untrusted stored state",
             Cause::Trip => "trip",
         }
@@ -109,8 +113,8 @@ impl Cause {
 }
 
 impl Replica {
-    /// The one way this replica changes what it enforces, whichever path brought the change:
-    /// `decide` runs on the enforced state under the gate's lock (see [`Gate::enforce`]), and
+    /// The one way this replica changes what it enforces (the stored state, a state that can't
+    /// be trusted, its own trip; never a lever by itself): `decide` runs on the enforced state under the gate's lock (see [`Gate::enforce`]), and
     /// every change is logged with its cause. The callers announce what changed.
     fn enforce<R>(
         &self,
@@ -170,32 +174,40 @@ impl Replica {
         }
     }
 
-    /// Handles control deliveries and follows the stored state until either ends.
+    /// Handles control deliveries and follows the stored state until either ends. A lever is
+    /// answered once the state this replica enforces shows it ([`levers::Pending`]); one not
+    /// shown within [`levers::SHOWN_WITHIN`] makes the replica read the stream afresh.
     pub async fn listen(
         &self,
         mut consumer: lapin::Consumer,
-        mut state: Option<StateReader>,
+        mut follower: Follower,
         publisher: Publisher,
     ) -> Result<(), BrokerError> {
+        let mut pending: Vec<levers::Pending> = Vec::new();
         loop {
-            let changed = async {
-                match state.as_mut() {
-                    Some(r) => r.changed().await,
-                    None => futures::future::pending().await,
-                }
-            };
+            let due = pending.iter().map(|p| p.deadline).min();
             let d = tokio::select! {
                 d = consumer.next() => d,
                 _ = self.reload.notified() => {
                     self.reload_policy(&publisher, "SIGHUP", "").await?;
                     continue;
                 }
-                folded = changed => {
-                    if let Some(r) = state.as_ref() {
-                        self.set_state_position(r.position());
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    // The follower did not bring a lever's change in time: it may be behind, or
+                    // its consumer stuck. Read the stream afresh, then answer.
+                    if !follower.is_open() {
+                        tracing::warn!("the control state channel closed; restarting the session");
+                        return Ok(());
                     }
+                    tracing::warn!(levers = pending.len(), "a lever was not shown by the followed state in time; reading the stored state afresh");
+                    self.read_stored(&mut follower, &publisher, Cause::StoredReread).await?;
+                    self.answer_shown(&mut pending, &publisher, true).await?;
+                    continue;
+                }
+                folded = follower.changed() => {
+                    self.set_state_position(follower.position());
                     match folded {
-                        Ok(f) => self.apply_stored(&publisher, f, true).await?,
+                        Ok(f) => self.apply_stored(&publisher, f, Cause::StoredFollowed).await?,
                         Err(state_log::ReadError::Broker(e)) => return Err(e),
                         Err(e) => {
                             // The stream consumer is gone: restart the session (and re-read).
@@ -203,6 +215,7 @@ impl Replica {
                             return Ok(());
                         }
                     }
+                    self.answer_shown(&mut pending, &publisher, false).await?;
                     continue;
                 }
             };
@@ -214,8 +227,17 @@ impl Replica {
             let outcome = if key.starts_with("attempt.") {
                 self.on_attempt(&d.data, user.as_deref(), &publisher).await
             } else {
-                self.on_control(&d.data, user.as_deref(), reply_to.as_deref(), &publisher)
+                match self
+                    .on_control(&d.data, user.as_deref(), reply_to, &publisher)
                     .await
+                {
+                    Ok(Some(lever)) => {
+                        pending.push(lever);
+                        self.answer_shown(&mut pending, &publisher, false).await
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
             };
             if let Err(e) = outcome {
                 if e.is_connection() {

@@ -1,6 +1,6 @@
-//! One agent held out: an operator's quarantine or release (applied from the lever at once, and
-//! from the stored state by replicas that start later), and the agent-scoped automatic trip.
-//! Each is an event, an audit record and an alert.
+//! One agent held out: an operator's quarantine or release (enforced from the stored state,
+//! announced from its lever once shown), and the agent-scoped automatic trip. Each is an event,
+//! an audit record and an alert.
 
 use super::render;
 use super::{Cause, Replica};

@@ -1,5 +1,6 @@
 //! Reading, applying and following the stored control state: before anything is consumed, and
-//! live while running. A state that can't be read or trusted holds the replica paused.
+//! live while running. The stream is the one way the state reaches a replica ([`Follower`]);
+//! a state that can't be read or trusted holds the replica paused.
 
 use super::{state_writer, Cause, Replica};
 use crate::broker::{self, BrokerError, Publisher};
@@ -10,10 +11,38 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 use poller_core::control::{ControlState, Mode};
 
+/// The replica's follower of the state stream: the one path by which the stored state reaches
+/// it. Its channel is kept, so the stream can be read afresh on it; the reader is `None` while
+/// the stream can't be read (the replica is then held paused).
+pub struct Follower {
+    channel: Channel,
+    reader: Option<StateReader>,
+}
+
+impl Follower {
+    /// Waits for the next change of the folded state; never returns while the stream can't be
+    /// read. Cancel-safe (see [`StateReader::changed`]).
+    pub(super) async fn changed(&mut self) -> Result<Folded, state_log::ReadError> {
+        match self.reader.as_mut() {
+            Some(r) => r.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub(super) fn position(&self) -> Option<u64> {
+        self.reader.as_ref().and_then(StateReader::position)
+    }
+
+    /// Whether the stream can still be read on its channel.
+    pub(super) fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+}
+
 impl Replica {
     /// Declares, subscribes, then applies the stored state (folded from the state stream on
     /// `state_ch`, a channel for that alone). Returns the consumer of this replica's control
-    /// queue and the state reader to follow; nothing else is consumed before this returns. A
+    /// queue and the follower of the stream; nothing else is consumed before this returns. A
     /// state that can't be read or trusted brings the replica up paused, with an alert.
     pub async fn attach(
         &self,
@@ -21,7 +50,7 @@ impl Replica {
         ch: &Channel,
         state_ch: &Channel,
         publisher: &Publisher,
-    ) -> Result<(lapin::Consumer, Option<StateReader>), BrokerError> {
+    ) -> Result<(lapin::Consumer, Follower), BrokerError> {
         let c = &self.control;
         broker::declare_replica_control(conn, c, &self.names.replication).await?;
         let q = broker::declare_replica_queue(ch, c).await?;
@@ -34,48 +63,63 @@ impl Replica {
                 FieldTable::default(),
             )
             .await?;
-        let classify = state_writer(&c.operators, &self.names.poller_user);
-        match StateReader::open(state_ch, c, classify).await {
+        let mut follower = Follower {
+            channel: state_ch.clone(),
+            reader: None,
+        };
+        self.read_stored(&mut follower, publisher, Cause::StoredAtStart)
+            .await?;
+        Ok((consumer, follower))
+    }
+
+    /// Reads the stored state afresh on the follower's channel (a reader it had is closed and
+    /// replaced) and applies it. A stream that can't be read holds the replica paused, and the
+    /// follower has no reader until a later read succeeds.
+    pub(super) async fn read_stored(
+        &self,
+        follower: &mut Follower,
+        publisher: &Publisher,
+        cause: Cause,
+    ) -> Result<(), BrokerError> {
+        if let Some(old) = follower.reader.take() {
+            old.close().await;
+        }
+        let classify = state_writer(&self.control.operators, &self.names.poller_user);
+        match StateReader::open(&follower.channel, &self.control, classify).await {
             Ok(reader) => {
                 let folded = reader.state().clone();
                 self.set_state_position(reader.position());
-                self.apply_stored(publisher, folded, false).await?;
-                Ok((consumer, Some(reader)))
+                follower.reader = Some(reader);
+                self.apply_stored(publisher, folded, cause).await
             }
             Err(state_log::ReadError::Broker(e)) if e.is_connection() => Err(e),
             Err(e) => {
                 // Can't read it: never assume RUNNING.
                 let why = format!("could not be read ({e})");
                 let held = state_log::stricter(Some(&self.gate.state()), &why);
-                self.fail_closed(publisher, why, held).await?;
-                Ok((consumer, None))
+                self.fail_closed(publisher, why, held).await
             }
         }
     }
 
-    /// Applies a folded stored state to the gate; `announce`s a mode change when it comes
-    /// from following the stream (not when read at start).
+    /// Applies a folded stored state to the gate; announces a mode change unless it was read
+    /// at start.
     pub(super) async fn apply_stored(
         &self,
         publisher: &Publisher,
         folded: Folded,
-        announce: bool,
+        cause: Cause,
     ) -> Result<(), BrokerError> {
         match folded {
             // A new system: nothing was ever stored.
             Folded::Empty => Ok(()),
             Folded::State(state) => {
-                let cause = if announce {
-                    Cause::StoredFollowed
-                } else {
-                    Cause::StoredAtStart
-                };
                 let ((), changed) = self.enforce(cause, |_| (Some(state.clone()), ()));
                 if changed.mode {
-                    if announce {
-                        self.mode_changed(publisher, &state).await?;
-                    } else {
+                    if matches!(cause, Cause::StoredAtStart) {
                         tracing::warn!(mode = state.mode.as_str(), by = %state.by, reason = %state.reason, seq = state.seq, "applying the stored control state");
+                    } else {
+                        self.mode_changed(publisher, &state).await?;
                     }
                 }
                 Ok(())
@@ -90,8 +134,7 @@ impl Replica {
     }
 
     /// Announces a mode change this replica made: the event, and for a halt the shut-off alerts.
-    /// Whichever path brings the change (the control message or the state stream) announces it;
-    /// the other then finds the mode unchanged.
+    /// A change the stream brings is announced here; this replica's own trip announces its own.
     pub(super) async fn mode_changed(
         &self,
         publisher: &Publisher,
