@@ -5,6 +5,7 @@
 //! and runs one scenario at a time: `cargo test --test api -- --ignored --test-threads=1 faults::`.
 
 mod common;
+mod configuration_doc;
 
 mod approvals_e2e;
 mod architecture;
