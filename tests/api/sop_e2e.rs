@@ -37,7 +37,7 @@ async fn sop_int_01_check_integration_status_succeeds_silently() {
     );
     assert_eq!(rx.delivery_mode, Some(2));
     // Silent: no alert. Give a stray alert time to show up before asserting none did.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle().await;
     assert!(h.alerts_for("status-check-mailchimp-123").is_empty());
     assert_eq!(h.queue_depth().await, 0, "acked");
 }
