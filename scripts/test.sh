@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure RabbitMQ, Redis and PostgreSQL are up, then runs every unit,
 # integration and property test, the fault suite, the cluster fault suite (three RabbitMQ nodes
-# beside the one on 5672), and the Node tests of the Apps Script bridge.
+# beside the one on 5672), the Node tests of the Apps Script bridge, and the CPU per command gate
+# (benches/pipeline/cpu.rs).
 # Every step runs even when an earlier one failed; the summary at the end names the failures,
 # and the exit status is non-zero if any step failed.
 # Usage: scripts/test.sh [extra cargo test args]
@@ -92,6 +93,9 @@ step "control state reads" cargo test --test api -- --ignored --exact \
 step "fault suite" faults
 step "cluster fault suite" cluster_suite
 step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
+# CPU per command against the raw relay's CPU per message, same run (about a minute after the
+# build): fails when the ratio is more than 30% above benches/cpu-baseline.toml.
+step "CPU per command gate" env BENCH_ONLY=gate cargo bench --bench pipeline
 
 if [ ${#failed[@]} -ne 0 ]; then
   echo "FAILED steps: ${failed[*]}"

@@ -18,6 +18,9 @@ pub struct RedisStore {
 
 /// The store's atomic compare-and-set steps, built (and hashed) once.
 struct Scripts {
+    /// Claim a key in one round trip: `done` with the stored result, `busy` with another live
+    /// owner, or `mine` (taken, or renewed if it was already this owner's).
+    claim: redis::Script,
     /// Take or renew a claim unless another owner's is live: returns the holder.
     hold: redis::Script,
     /// Store the result only while the owner holds the claim; drop the claim unless kept.
@@ -33,6 +36,17 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
+            claim: redis::Script::new(
+                "local r = redis.call('GET', KEYS[1])
+                 if r then return {'done', r} end
+                 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+                   return {'mine', ''}
+                 end
+                 local h = redis.call('GET', KEYS[2])
+                 if h and h ~= ARGV[1] then return {'busy', h} end
+                 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+                 return {'mine', ''}",
+            ),
             hold: redis::Script::new(
                 "local h = redis.call('GET', KEYS[1])
                  if h == false or h == ARGV[1] then
@@ -227,44 +241,25 @@ impl ResultStore for RedisStore {
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            if let Some(r) = c
-                .get::<_, Option<String>>(self.done(key))
-                .await
-                .map_err(err)?
-            {
-                return Ok(Claim::Done(r));
-            }
-            let ck = self.claim_key(key);
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&ck)
+            // One script, so one round trip and atomic: the stored result, or the claim.
+            let (what, value): (String, String) = self
+                .scripts
+                .claim
+                .key(self.done(key))
+                .key(self.claim_key(key))
                 .arg(owner)
-                .arg("NX")
-                .arg("PX")
                 .arg(ttl.as_millis() as u64)
-                .query_async(&mut c)
+                .invoke_async(&mut c)
                 .await
                 .map_err(err)?;
-            if set.is_none() {
-                let holder: Option<String> = c.get(&ck).await.map_err(err)?;
-                match holder {
-                    Some(h) if h != owner => return Ok(Claim::Busy(h)),
-                    _ => {
-                        let _: () = c
-                            .pset_ex(&ck, owner, ttl.as_millis() as u64)
-                            .await
-                            .map_err(err)?;
-                    }
-                }
+            match what.as_str() {
+                "done" => Ok(Claim::Done(value)),
+                "busy" => Ok(Claim::Busy(value)),
+                "mine" => Ok(Claim::Mine),
+                other => Err(StoreError::Backend(format!(
+                    "the claim script answered {other:?}"
+                ))),
             }
-            if let Some(r) = c
-                .get::<_, Option<String>>(self.done(key))
-                .await
-                .map_err(err)?
-            {
-                let _: () = c.del(&ck).await.map_err(err)?;
-                return Ok(Claim::Done(r));
-            }
-            Ok(Claim::Mine)
         })
     }
 
