@@ -315,34 +315,7 @@ async fn ceiling(n: usize, publishes: usize) -> f64 {
     let relay = tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             let (pch, body, out) = (pch.clone(), body.clone(), out.clone());
-            tokio::spawn(async move {
-                // The first message goes to the measured queue; extra ones (the poller also
-                // publishes an audit record per command) to a second queue, same cost.
-                for i in 0..publishes {
-                    let target = if i == 0 {
-                        out.clone()
-                    } else {
-                        format!("{out}.extra")
-                    };
-                    let c = pch
-                        .basic_publish(
-                            "".into(),
-                            target.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            &body,
-                            BasicProperties::default().with_delivery_mode(2),
-                        )
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                    assert!(c.is_ack());
-                }
-                d.acker.ack(Default::default()).await.unwrap();
-            });
+            tokio::spawn(cpu::relay_one(d, pch, body, out, publishes));
         }
     });
     arrivals.wait(n, Duration::from_secs(120)).await;

@@ -247,30 +247,7 @@ pub async fn relay_process(spec: &str) {
         taken += 1;
         let (pch, body, out, done) = (pch.clone(), body.clone(), out.clone(), done_tx.clone());
         tokio::spawn(async move {
-            for i in 0..RELAY_PUBLISHES {
-                let target = if i == 0 {
-                    out.clone()
-                } else {
-                    format!("{out}.extra")
-                };
-                let c = pch
-                    .basic_publish(
-                        "".into(),
-                        target.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &body,
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(c.is_ack());
-            }
-            d.acker.ack(Default::default()).await.unwrap();
+            relay_one(d, pch, body, out, RELAY_PUBLISHES).await;
             let _ = done.send(());
         });
     }
@@ -279,6 +256,42 @@ pub async fn relay_process(spec: &str) {
     }
     let used = cpu_of(std::process::id()) - before;
     println!("relay cpu_us={}", used.as_micros());
+}
+
+/// The relay's work for one delivery: `publishes` persistent, mandatory, confirmed publishes of
+/// `body` (the first to `out`, the others, as the poller's audit record, to `<out>.extra`), then
+/// the ack.
+pub async fn relay_one(
+    d: lapin::message::Delivery,
+    pch: lapin::Channel,
+    body: Vec<u8>,
+    out: String,
+    publishes: usize,
+) {
+    for i in 0..publishes {
+        let target = if i == 0 {
+            out.clone()
+        } else {
+            format!("{out}.extra")
+        };
+        let c = pch
+            .basic_publish(
+                "".into(),
+                target.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    d.acker.ack(Default::default()).await.unwrap();
 }
 
 /// The baseline ratio committed in [`BASELINE`].
