@@ -59,11 +59,67 @@ impl Store {
     }
 }
 
+/// What the commands of a CPU run are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// CHECK_INTEGRATION_STATUS: ALLOW, straight to the bridge.
+    Allow,
+    /// REFRESH_TOKEN at its MEDIUM floor: judged by the shipped rule panel (its compliance
+    /// judge counts the agent's requests in the store), then, approved by the majority, to the
+    /// bridge.
+    Judged,
+    /// CHECK_INTEGRATION_STATUS over the agent's admission limit (one an hour, spent by the
+    /// warm-up command): REJECTED rate_limited at intake, never claimed, judged or executed.
+    Refused,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Allow => "ALLOW",
+            Kind::Judged => "judged by the rule panel",
+            Kind::Refused => "refused at intake (rate_limited)",
+        }
+    }
+
+    fn commands(self, prefix: &str, n: usize) -> Vec<Vec<u8>> {
+        match self {
+            Kind::Allow | Kind::Refused => checks(prefix, n),
+            Kind::Judged => (0..n)
+                .map(|i| {
+                    common::cmd(
+                        &format!("{prefix}-{i}"),
+                        "REFRESH_TOKEN",
+                        "google",
+                        "MEDIUM",
+                    )
+                    .to_string()
+                    .into_bytes()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One run of the release binary on `store`: commands per second, and CPU per command in µs
 /// (what it used idle after start-up not counted).
 pub async fn binary(n: usize, store: Store) -> (f64, f64) {
+    binary_of(n, store, Kind::Allow).await
+}
+
+/// One run of the release binary on `store` with commands of `kind`.
+pub async fn binary_of(n: usize, store: Store, kind: Kind) -> (f64, f64) {
     let w = World::new(|_| {}, Duration::ZERO).await;
     let (mut env, log) = binary_env(&w, "cpu", true);
+    if kind == Kind::Refused {
+        env.extend([
+            ("POLLER__INTAKE__PER_AGENT_LIMIT__COUNT".into(), "1".into()),
+            (
+                "POLLER__INTAKE__PER_AGENT_LIMIT__WINDOW_SECS".into(),
+                "3600".into(),
+            ),
+        ]);
+    }
     if store == Store::Redis {
         env.extend([
             ("POLLER__IDEMPOTENCY__BACKEND".into(), "redis".into()),
@@ -88,8 +144,14 @@ pub async fn binary(n: usize, store: Store) -> (f64, f64) {
     let bin = std::env::var("BENCH_CPU_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_command-poller").to_owned());
     let mut cmd = common::isolated(&bin);
-    if let Ok(dir) = std::env::var("BENCH_CPU_DIR") {
-        cmd.current_dir(dir);
+    let dir = std::env::var("BENCH_CPU_DIR").unwrap_or_else(|_| ".".into());
+    match kind {
+        Kind::Judged => {
+            cmd.current_dir(judged_config(&dir, &w.store_dir));
+        }
+        Kind::Allow | Kind::Refused => {
+            cmd.current_dir(dir);
+        }
     }
     let mut child = cmd
         .arg("run")
@@ -110,7 +172,7 @@ pub async fn binary(n: usize, store: Store) -> (f64, f64) {
     let before = cpu_of(pid);
     preload(
         &w.settings.topology.commands_exchange.clone(),
-        &checks("cpu", n),
+        &kind.commands("cpu", n),
     )
     .await;
     arrivals.wait(n + 1, Duration::from_secs(300)).await;
@@ -126,6 +188,56 @@ pub async fn binary(n: usize, store: Store) -> (f64, f64) {
     let _ = child.wait();
     (arrivals.rate(), used.as_secs_f64() * 1e6 / n as f64)
 }
+
+/// A copy of `checkout`'s config/ under `into`, for the judged runs: the shipped rule panel with
+/// its compliance judge's per-agent counts set high enough for one agent's thousands of
+/// REFRESH_TOKEN (it still counts each in the store, as shipped), so they are approved and run
+/// rather than parked, which would trip Emergency-INT-E01 and pause the poller. The directory
+/// the binary runs in.
+fn judged_config(checkout: &str, into: &std::path::Path) -> std::path::PathBuf {
+    let root = into.join("judged");
+    let config = root.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    for f in ["default.toml", "policy.toml", "local.toml"] {
+        std::fs::copy(format!("{checkout}/config/{f}"), config.join(f)).unwrap();
+    }
+    let mut local = std::fs::read_to_string(config.join("local.toml")).unwrap();
+    local.push_str(JUDGED_PANEL);
+    std::fs::write(config.join("local.toml"), local).unwrap();
+    root
+}
+
+/// The shipped panel (config/default.toml), the compliance judge's counts raised.
+const JUDGED_PANEL: &str = r#"
+[panel]
+quorum = 2
+
+[[panel.judges]]
+name = "security"
+kind = "rules"
+timeout_ms = 5000
+[panel.judges.rules]
+require_verified_agent = true
+allowed_services = ["mailchimp", "meta", "google"]
+deny_understated_severity = true
+
+[[panel.judges]]
+name = "compliance"
+kind = "rules"
+timeout_ms = 5000
+[panel.judges.rules]
+max_per_agent = { count = 1000000, window_secs = 3600 }
+max_burst = { count = 1000000, window_secs = 600 }
+max_unapproved_recent = { count = 2, window_secs = 3600 }
+denied_command_types = ["CONNECT_INTEGRATION"]
+
+[[panel.judges]]
+name = "business"
+kind = "rules"
+timeout_ms = 5000
+[panel.judges.rules]
+allowed_services = ["mailchimp", "meta", "google"]
+"#;
 
 /// With `BENCH_PERF=<prefix>`, `perf record` on the poller while it works, with call graphs,
 /// into `<prefix>-<embedded|redis>.data` (docs/PERFORMANCE.md: the flame graphs).

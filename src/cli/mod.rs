@@ -37,7 +37,15 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    // On a worker, not on this thread: block_on's future runs on the calling thread, so the
+    // consumer's loop there had every delivery wake this thread to spawn the command's task
+    // onto a worker, and every finished task wake it again (two hand-offs per command).
+    let done = runtime.block_on(async { tokio::spawn(dispatch(cli)).await });
+    let done = match done {
+        Ok(done) => done,
+        Err(e) => Err(anyhow::anyhow!("the command's task failed: {e}")),
+    };
+    match done {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -41,6 +41,8 @@ pub struct RecordingPublisher {
     /// held when the message went out, say).
     #[allow(clippy::type_complexity)]
     pub note: Option<Box<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>>,
+    /// The connection was refused ([`Refuse::ConnectionLost`]): every send after fails too.
+    pub lost: Mutex<bool>,
 }
 
 impl RecordingPublisher {
@@ -51,6 +53,7 @@ impl RecordingPublisher {
             nacked: Mutex::default(),
             show_ids: false,
             note: None,
+            lost: Mutex::default(),
         }
     }
 
@@ -61,12 +64,24 @@ impl RecordingPublisher {
 }
 
 impl crate::broker::Publish for RecordingPublisher {
-    fn publish<'a>(
+    /// Records the message as it is sent. A connection refused at send fails the send and
+    /// every send after it (the connection is gone); an unroutable or nacked message is sent,
+    /// and its confirm says so.
+    fn send<'a>(
         &'a self,
         msg: &'a crate::broker::Outgoing,
-    ) -> BoxFuture<'a, Result<(), crate::broker::BrokerError>> {
+    ) -> BoxFuture<'a, Result<crate::broker::Confirm, crate::broker::BrokerError>> {
         Box::pin(async move {
             let rk = msg.routing_key.clone();
+            let lost = || crate::broker::BrokerError::Timeout("publishing", Duration::ZERO);
+            let id = match (&msg.message_id, self.show_ids) {
+                (Some(m), true) => format!(" id={m}"),
+                _ => String::new(),
+            };
+            if *self.lost.lock().unwrap() {
+                self.log.lock().unwrap().push(format!("refused {rk}{id}"));
+                return Err(lost());
+            }
             let refusal = self
                 .refuse
                 .iter()
@@ -80,25 +95,23 @@ impl crate::broker::Publish for RecordingPublisher {
                     *n += 1;
                     *n <= *times
                 });
-            let id = match (&msg.message_id, self.show_ids) {
-                (Some(m), true) => format!(" id={m}"),
-                _ => String::new(),
-            };
             if let Some((_, how)) = refusal {
                 self.log.lock().unwrap().push(format!("refused {rk}{id}"));
-                return Err(match how {
+                let refused = match how {
                     Refuse::Nacked(_) => crate::broker::BrokerError::Nacked {
                         exchange: msg.exchange.clone(),
                         routing_key: rk,
                     },
                     Refuse::ConnectionLost => {
-                        crate::broker::BrokerError::Timeout("publishing", Duration::ZERO)
+                        *self.lost.lock().unwrap() = true;
+                        return Err(lost());
                     }
                     Refuse::Unroutable => crate::broker::BrokerError::Unroutable {
                         exchange: msg.exchange.clone(),
                         routing_key: rk,
                     },
-                });
+                };
+                return Ok(Box::pin(async move { Err(refused) }) as crate::broker::Confirm);
             }
             let note = match &self.note {
                 Some(f) => format!(" {}", f().await),
@@ -108,7 +121,7 @@ impl crate::broker::Publish for RecordingPublisher {
                 .lock()
                 .unwrap()
                 .push(format!("publish {rk}{note}{id}"));
-            Ok(())
+            Ok(Box::pin(async { Ok(()) }) as crate::broker::Confirm)
         })
     }
 }

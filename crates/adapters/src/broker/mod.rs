@@ -11,7 +11,10 @@ pub mod settings;
 mod topology;
 
 pub use endpoints::{connect, Endpoints, EndpointsError, Node};
-pub use publisher::{with_nack_retries, Outgoing, Publish, Publisher, NACK_RETRY_BUDGET};
+pub use publisher::{
+    after_nacks, with_id, with_nack_retries, Confirm, Outgoing, Publish, Publisher,
+    NACK_RETRY_BUDGET,
+};
 pub use topology::{
     declare, declare_approvals, declare_audit, declare_control, declare_replica_control,
     declare_replica_queue, expect_exist, Topology,

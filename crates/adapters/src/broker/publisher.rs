@@ -1,5 +1,6 @@
-//! Confirmed publishing. Every message is mandatory and persistent, and each publish awaits its
-//! own confirm: `Ack(None)` is the only success.
+//! Confirmed publishing. Every message is mandatory and persistent, and each has its own confirm:
+//! `Ack(None)` is the only success. [`Publish::send`] sends one and hands back the wait for its
+//! confirm, so a command's messages go out together and their confirms are awaited after.
 
 use super::BrokerError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -54,7 +55,14 @@ impl Publisher {
         &self.channel
     }
 
+    /// Publishes `msg` and waits for its confirm.
     pub async fn publish(&self, msg: &Outgoing) -> Result<(), BrokerError> {
+        self.send(msg).await?.await
+    }
+
+    /// Sends `msg` without waiting for its confirm: the returned [`Confirm`] is that wait, so
+    /// several messages can be sent before any of their confirms is awaited.
+    pub async fn send(&self, msg: &Outgoing) -> Result<Confirm, BrokerError> {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -91,32 +99,40 @@ impl Publisher {
                 props,
             )
             .await?;
-        // A confirm that never comes (a cluster whose queue leader is cut off, before the
-        // election) would hold this command, and its delivery, forever: past the deadline the
-        // session counts as lost, and the outcome goes out on the next one (another node).
-        let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Ok(c) => c?,
-            Err(_) => {
-                return Err(BrokerError::Timeout(
-                    "waiting for the broker's publish confirm",
-                    CONFIRM_TIMEOUT,
-                ))
+        let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
+        Ok(Box::pin(async move {
+            // A confirm that never comes (a cluster whose queue leader is cut off, before the
+            // election) would hold this command, and its delivery, forever: past the deadline
+            // the session counts as lost, and the outcome goes out on the next one (another
+            // node).
+            let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(c) => c?,
+                Err(_) => {
+                    return Err(BrokerError::Timeout(
+                        "waiting for the broker's publish confirm",
+                        CONFIRM_TIMEOUT,
+                    ))
+                }
+            };
+            match confirm {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+                    exchange,
+                    routing_key,
+                }),
+                Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                    exchange,
+                    routing_key,
+                }),
+                Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
             }
-        };
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            }),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            }),
-            Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
-        }
+        }))
     }
 }
+
+/// The broker's confirm of a message sent with [`Publish::send`]: `Ok` when it took it
+/// (routed, and stored where it was routed).
+pub type Confirm = futures::future::BoxFuture<'static, Result<(), BrokerError>>;
 
 /// How long a message the broker nacks is published again on the same session (a command's
 /// result and alerts) before its command is requeued. A quorum queue nacks what it can't take
@@ -135,20 +151,33 @@ pub async fn with_nack_retries(
     msg: &Outgoing,
     budget: Duration,
 ) -> Result<(), BrokerError> {
-    // The id is chosen before the first try: a nack from one queue the message was routed to
-    // doesn't undo its delivery to the others.
-    let pinned;
-    let msg = match msg.message_id {
-        Some(_) => msg,
-        None => {
-            pinned = Outgoing {
-                message_id: Some(uuid::Uuid::new_v4().to_string()),
-                ..msg.clone()
-            };
-            &pinned
-        }
-    };
-    match publisher.publish(msg).await {
+    let msg = with_id(msg);
+    let first = publisher.publish(&msg).await;
+    after_nacks(publisher, &msg, first, budget).await
+}
+
+/// `msg` with its message_id chosen, before its first try: a nack from one queue the message was
+/// routed to doesn't undo its delivery to the others, so every copy carries the same id.
+pub fn with_id(msg: &Outgoing) -> std::borrow::Cow<'_, Outgoing> {
+    match msg.message_id {
+        Some(_) => std::borrow::Cow::Borrowed(msg),
+        None => std::borrow::Cow::Owned(Outgoing {
+            message_id: Some(uuid::Uuid::new_v4().to_string()),
+            ..msg.clone()
+        }),
+    }
+}
+
+/// After the first try of `msg` (sent with its id chosen, [`with_id`]) ended with `first`: a
+/// nack publishes it again, with growing pauses, while the broker keeps nacking and `budget`
+/// (from now) allows. Anything but a nack ends it at once.
+pub async fn after_nacks(
+    publisher: &dyn Publish,
+    msg: &Outgoing,
+    first: Result<(), BrokerError>,
+    budget: Duration,
+) -> Result<(), BrokerError> {
+    match first {
         Err(BrokerError::Nacked { .. }) => {}
         other => return other,
     }
@@ -177,17 +206,27 @@ pub async fn with_nack_retries(
 
 /// The boundary for publishing: the confirmed [`Publisher`], or a test double that records.
 pub trait Publish: Send + Sync {
-    fn publish<'a>(
+    /// Sends `msg`; the [`Confirm`] is the wait for the broker's confirm. An `Err` here: it
+    /// could not be sent (the channel or connection is gone).
+    fn send<'a>(
         &'a self,
         msg: &'a Outgoing,
-    ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>>;
-}
+    ) -> futures::future::BoxFuture<'a, Result<Confirm, BrokerError>>;
 
-impl Publish for Publisher {
+    /// Sends `msg` and waits for its confirm.
     fn publish<'a>(
         &'a self,
         msg: &'a Outgoing,
     ) -> futures::future::BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(Publisher::publish(self, msg))
+        Box::pin(async move { self.send(msg).await?.await })
+    }
+}
+
+impl Publish for Publisher {
+    fn send<'a>(
+        &'a self,
+        msg: &'a Outgoing,
+    ) -> futures::future::BoxFuture<'a, Result<Confirm, BrokerError>> {
+        Box::pin(Publisher::send(self, msg))
     }
 }

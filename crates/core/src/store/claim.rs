@@ -3,9 +3,11 @@
 //! In: a store, an action key and how long to wait for an in-flight duplicate. Out: [`Taken`]:
 //! a [`ClaimGuard`] (this delivery processes the action), the stored outcome (replay it), or the
 //! live holder (defer). The guard renews the claim every third of its TTL for as long as it
-//! lives, through storing and publishing the result, and is finished by [`ClaimGuard::complete`]
-//! or [`ClaimGuard::release`]; dropped unfinished, it stops renewing and releases the claim.
+//! lives (through the [`Keeper`] it was given: one task for every claim, not one each),
+//! through storing and publishing the result, and is finished by [`ClaimGuard::complete`] or
+//! [`ClaimGuard::release`]; dropped unfinished, it stops renewing and releases the claim.
 
+use super::lease::{Keeper, Renewed, Renewing};
 use super::{Claim, ClaimAfter, Durability, ResultStore, StoreError};
 use crate::bridge::signing::Secret;
 use crate::outcome::ResultMessage;
@@ -64,8 +66,32 @@ pub struct ClaimGuard {
     key: String,
     owner: String,
     retention: Duration,
-    renewal: tokio::task::JoinHandle<()>,
+    renewal: Option<Renewing>,
     finished: bool,
+}
+
+/// How a replica takes claims: its store, its name (claims' owners are `<instance>#<random>`),
+/// how long a claim lives unrenewed, how long results are kept, and the keeper that renews its
+/// live claims.
+#[derive(Clone)]
+pub struct Claims {
+    pub store: Arc<dyn ResultStore>,
+    pub instance: String,
+    pub ttl: Duration,
+    pub retention: Duration,
+    pub keeper: Keeper,
+}
+
+impl Claims {
+    /// Claims `key` ([`ClaimGuard::take`]).
+    pub async fn take(&self, key: String, wait: Duration) -> Result<Taken, StoreError> {
+        ClaimGuard::take(self, key, wait).await
+    }
+
+    /// Holds `key` whatever is stored under it ([`ClaimGuard::hold`]).
+    pub async fn hold(&self, key: String) -> Result<Option<ClaimGuard>, StoreError> {
+        ClaimGuard::hold(self, key).await
+    }
 }
 
 /// Copies of in-flight actions waiting on this replica, counted per agent and capped: each
@@ -138,22 +164,13 @@ const BUSY_POLL: Duration = Duration::from_millis(100);
 impl ClaimGuard {
     /// Claims `key` for a fresh owner (`<instance>#<random>`, unique per delivery), waiting up
     /// to `wait` for an in-flight duplicate to conclude.
-    pub async fn take(
-        store: Arc<dyn ResultStore>,
-        key: String,
-        instance: &str,
-        ttl: Duration,
-        retention: Duration,
-        wait: Duration,
-    ) -> Result<Taken, StoreError> {
-        let owner = new_owner(instance);
+    pub async fn take(claims: &Claims, key: String, wait: Duration) -> Result<Taken, StoreError> {
+        let owner = new_owner(&claims.instance);
         let deadline = Instant::now() + wait;
         let mut logged = false;
         loop {
-            match store.claim(&key, &owner, ttl).await? {
-                Claim::Mine => {
-                    return Ok(Taken::Mine(Self::start(store, key, owner, ttl, retention)))
-                }
+            match claims.store.claim(&key, &owner, claims.ttl).await? {
+                Claim::Mine => return Ok(Taken::Mine(Self::start(claims, key, owner))),
                 Claim::Done(stored) => return Ok(Taken::Done(stored)),
                 Claim::Busy(holder) if Instant::now() >= deadline => {
                     return Ok(Taken::Busy(holder))
@@ -171,33 +188,23 @@ impl ClaimGuard {
 
     /// Holds `key` whatever is stored under it (to republish a stored outcome never confirmed
     /// published); `None` when another delivery holds it.
-    pub async fn hold(
-        store: Arc<dyn ResultStore>,
-        key: String,
-        instance: &str,
-        ttl: Duration,
-        retention: Duration,
-    ) -> Result<Option<Self>, StoreError> {
-        let owner = new_owner(instance);
-        Ok(match store.hold(&key, &owner, ttl).await? {
-            Claim::Mine => Some(Self::start(store, key, owner, ttl, retention)),
+    pub async fn hold(claims: &Claims, key: String) -> Result<Option<Self>, StoreError> {
+        let owner = new_owner(&claims.instance);
+        Ok(match claims.store.hold(&key, &owner, claims.ttl).await? {
+            Claim::Mine => Some(Self::start(claims, key, owner)),
             _ => None,
         })
     }
 
-    fn start(
-        store: Arc<dyn ResultStore>,
-        key: String,
-        owner: String,
-        ttl: Duration,
-        retention: Duration,
-    ) -> Self {
+    fn start(claims: &Claims, key: String, owner: String) -> Self {
+        let ttl = claims.ttl;
         let renewal = {
-            let (store, key, owner) = (store.clone(), key.clone(), owner.clone());
+            let (store, key, owner) = (claims.store.clone(), key.clone(), owner.clone());
             let span = tracing::Span::current();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
+            claims.keeper.keep(ttl / 3, move || {
+                let (store, key, owner, span) =
+                    (store.clone(), key.clone(), owner.clone(), span.clone());
+                Box::pin(async move {
                     match store.hold(&key, &owner, ttl).await {
                         Ok(Claim::Mine) => {}
                         // Someone else holds it now (renewals failed for a whole TTL): the
@@ -210,15 +217,16 @@ impl ClaimGuard {
                             tracing::warn!(parent: &span, error = %e, "could not renew the idempotency claim; retrying")
                         }
                     }
-                }
+                    Renewed::Keep
+                })
             })
         };
         Self {
-            store,
+            store: claims.store.clone(),
             key,
             owner,
-            retention,
-            renewal,
+            retention: claims.retention,
+            renewal: Some(renewal),
             finished: false,
         }
     }
@@ -250,7 +258,7 @@ impl ClaimGuard {
         outcome: &StoredOutcome,
         seal: &Secret,
     ) -> Result<(), StoreError> {
-        self.renewal.abort();
+        self.renewal.take();
         let done = self
             .store
             .complete(
@@ -268,7 +276,7 @@ impl ClaimGuard {
 
     /// Ends the claim without a result (the command goes back to the queue).
     pub async fn release(mut self) -> Result<(), StoreError> {
-        self.renewal.abort();
+        self.renewal.take();
         self.finished = true;
         self.store.release(&self.key, &self.owner).await
     }
@@ -285,7 +293,7 @@ impl std::fmt::Debug for ClaimGuard {
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        self.renewal.abort();
+        self.renewal.take();
         if self.finished {
             return;
         }
@@ -310,16 +318,17 @@ mod tests {
     use crate::test_util::MemStore;
 
     async fn take(store: &Arc<dyn ResultStore>, instance: &str) -> Taken {
-        ClaimGuard::take(
-            store.clone(),
-            "agent/a-1".into(),
-            instance,
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap()
+        let claims = Claims {
+            store: store.clone(),
+            instance: instance.into(),
+            ttl: Duration::from_secs(60),
+            retention: Duration::from_secs(60),
+            keeper: Keeper::default(),
+        };
+        claims
+            .take("agent/a-1".into(), Duration::ZERO)
+            .await
+            .unwrap()
     }
 
     /// An agent's waiting copies are capped, each agent on its own, and a place is freed when

@@ -10,11 +10,11 @@
 //!
 //! Fail closed: when the store can't be asked, no slot is granted and no event is allowed.
 
+use super::lease::{Keeper, Renewed, Renewing};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
@@ -111,6 +111,8 @@ pub struct Slots {
     /// Only the first waiter of this process polls the store; the rest queue behind it.
     turnstile: tokio::sync::Mutex<()>,
     freed: Arc<Notify>,
+    /// Renews the leases of the slots this process holds (one task for all of them).
+    keeper: Keeper,
 }
 
 /// How often a waiter asks the store again when every slot is taken (jittered); a slot given
@@ -136,6 +138,7 @@ impl Slots {
             instance: instance.to_owned(),
             turnstile: tokio::sync::Mutex::new(()),
             freed: Arc::new(Notify::new()),
+            keeper: Keeper::default(),
         }
     }
 
@@ -163,7 +166,7 @@ impl Slots {
                     holder,
                     key.to_owned(),
                     grant,
-                    self.lease,
+                    (self.lease, &self.keeper),
                     self.freed.clone(),
                 ));
             }
@@ -189,7 +192,7 @@ pub struct SlotGuard {
     /// The action the slot was taken for.
     key: String,
     grant: Grant,
-    renewing: CancellationToken,
+    renewing: Option<Renewing>,
     freed: Arc<Notify>,
 }
 
@@ -199,36 +202,32 @@ impl SlotGuard {
         holder: String,
         key: String,
         grant: Grant,
-        lease: Duration,
+        (lease, keeper): (Duration, &Keeper),
         freed: Arc<Notify>,
     ) -> Self {
-        let renewing = CancellationToken::new();
-        let (s, h, stop) = (store.clone(), holder.clone(), renewing.clone());
-        tokio::spawn(async move {
-            let every = lease / 3;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
+        let (s, h) = (store.clone(), holder.clone());
+        let renewing = keeper.keep(lease / 3, move || {
+            let (s, h) = (s.clone(), h.clone());
+            Box::pin(async move {
                 match s.renew(&h, lease).await {
-                    Ok(true) => {}
+                    Ok(true) => Renewed::Keep,
                     Ok(false) => {
                         tracing::warn!(holder = %h, "bridge slot lease expired while the call ran (the store was unreachable for longer than the lease): the fleet may briefly run one call over its limit");
-                        return;
+                        Renewed::Stop
                     }
                     Err(e) => {
-                        tracing::warn!(holder = %h, error = %e, "could not renew the bridge slot lease; trying again")
+                        tracing::warn!(holder = %h, error = %e, "could not renew the bridge slot lease; trying again");
+                        Renewed::Keep
                     }
                 }
-            }
+            })
         });
         Self {
             store,
             holder,
             key,
             grant,
-            renewing,
+            renewing: Some(renewing),
             freed,
         }
     }
@@ -252,7 +251,7 @@ impl SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.renewing.cancel();
+        self.renewing.take();
         let (store, holder, freed) = (self.store.clone(), self.holder.clone(), self.freed.clone());
         let give_back = async move {
             if let Err(e) = store.give_back(&holder).await {

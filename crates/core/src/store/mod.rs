@@ -7,10 +7,12 @@
 //! replicas). Entries expire after the configured retention.
 
 mod claim;
+mod lease;
 mod limits;
 pub mod local;
 
-pub use claim::{ClaimGuard, StoredOutcome, Taken, Unsealed, WaitPermit, Waiters};
+pub use claim::{ClaimGuard, Claims, StoredOutcome, Taken, Unsealed, WaitPermit, Waiters};
+pub use lease::{Keeper, Renewed, Renewing};
 pub use limits::*;
 
 use futures::future::BoxFuture;

@@ -17,14 +17,7 @@ impl Pipeline {
         &self,
         key: &str,
     ) -> Result<Option<ClaimGuard>, crate::store::StoreError> {
-        ClaimGuard::hold(
-            self.store.clone(),
-            key.to_owned(),
-            &self.instance,
-            self.claim_ttl,
-            self.retention,
-        )
-        .await
+        self.claims.hold(key.to_owned()).await
     }
 
     /// Executes an approved parked command: the same gate, bridge slots and bridge client as

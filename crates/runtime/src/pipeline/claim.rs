@@ -25,16 +25,7 @@ impl Pipeline {
         // Unverified agents (where allowed) have a key space of their own.
         let digest = crate::store::command_digest(agent, cmd);
         let key = crate::store::action_key(agent, &cmd.action_id);
-        let take = |wait| {
-            ClaimGuard::take(
-                self.store.clone(),
-                key.clone(),
-                &self.instance,
-                self.claim_ttl,
-                self.retention,
-                wait,
-            )
-        };
+        let take = |wait| self.claims.take(key.clone(), wait);
         // A copy of an action in flight waits for its result, holding its delivery slot: only
         // a few fresh copies per agent at a time, so copies of one slow action can't take every
         // slot. A redelivered message always waits: it may be the original itself, back after a

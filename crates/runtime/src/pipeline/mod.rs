@@ -35,7 +35,9 @@ use crate::outcome::{
 };
 use crate::policy::shared::SharedPolicy;
 use crate::policy::{Decision, Facts, Handling, Policy};
-use crate::store::{ClaimGuard, ResultStore, Slots, StoredOutcome, Taken, Unsealed, Waiters};
+use crate::store::{
+    ClaimGuard, Claims, Keeper, ResultStore, Slots, StoredOutcome, Taken, Unsealed, Waiters,
+};
 use draft::{
     approvers, deferred, lenient_reply, panel_rationale, quarantine_reason, rejected_event, Draft,
     Trace,
@@ -85,7 +87,8 @@ pub struct Pipeline {
     bridge_slots: Slots,
     /// Final results by `<agent>/<action_id>`.
     store: Arc<dyn ResultStore>,
-    claim_ttl: Duration,
+    /// How this replica takes claims (the store, the TTL, the keeper renewing live ones).
+    claims: Claims,
     wait_for_in_flight: Duration,
     /// Copies of in-flight actions waiting on this replica, capped per agent.
     waiting: Waiters,
@@ -160,19 +163,26 @@ impl Pipeline {
         execution: Execution,
         keeping: Keeping,
     ) -> Self {
+        let instance = instance.into();
         Self {
+            claims: Claims {
+                store: keeping.store.clone(),
+                instance: instance.clone(),
+                ttl: keeping.claim_ttl,
+                retention: keeping.retention,
+                keeper: Keeper::default(),
+            },
             limits: intake.limits,
             allow_unverified: intake.allow_unverified,
             admission: intake.admission,
             policy: deciders.policy,
             panel: deciders.panel,
             bridge: execution.bridge,
-            instance: instance.into(),
+            instance,
             history: AttemptHistory::default(),
             gate: execution.gate,
             bridge_slots: execution.slots,
             store: keeping.store,
-            claim_ttl: keeping.claim_ttl,
             wait_for_in_flight: keeping.wait_for_in_flight,
             waiting: Waiters::new(keeping.max_waiting_per_agent),
             retention: keeping.retention,

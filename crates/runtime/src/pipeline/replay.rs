@@ -73,15 +73,7 @@ impl Pipeline {
         // beats a lost one), marked as a replay, then mark it published: under a claim, so two
         // copies don't both mark it (a copy that can't hold it publishes without marking).
         tracing::warn!(status = %result.status, "concluded earlier, publication unconfirmed; publishing it again");
-        let claim = ClaimGuard::hold(
-            self.store.clone(),
-            key,
-            &self.instance,
-            self.claim_ttl,
-            self.retention,
-        )
-        .await
-        .unwrap_or_else(|e| {
+        let claim = self.claims.hold(key).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not hold the claim to mark it published");
             None
         });

@@ -449,16 +449,14 @@ mod tests {
         }
 
         async fn claim(&self) -> ClaimGuard {
-            let taken = ClaimGuard::take(
-                self.store.clone(),
-                KEY.into(),
-                "poller-1",
-                Duration::from_secs(30),
-                Duration::from_secs(60),
-                Duration::ZERO,
-            )
-            .await
-            .unwrap();
+            let claims = crate::store::Claims {
+                store: self.store.clone(),
+                instance: "poller-1".into(),
+                ttl: Duration::from_secs(30),
+                retention: Duration::from_secs(60),
+                keeper: crate::store::Keeper::default(),
+            };
+            let taken = claims.take(KEY.into(), Duration::ZERO).await.unwrap();
             match taken {
                 Taken::Mine(g) => g,
                 _ => panic!("the key is free"),
@@ -586,7 +584,15 @@ mod tests {
             )
             .await;
         assert_eq!(settled, Settled::Requeued);
-        assert_eq!(f.log(), ["refused result.success", "requeue"]);
+        // Sent with the result (its confirm awaited after), the audit record went out.
+        assert_eq!(
+            f.log(),
+            [
+                "refused result.success",
+                "publish audit.command stored=true",
+                "requeue"
+            ]
+        );
         // Stored, not marked published: the redelivered copy publishes it, never redoes it.
         assert_eq!(f.stored().await, Some(false));
         let metrics = f

@@ -1,57 +1,67 @@
-//! Publishing what [`super::render`] built, each message confirmed, through the
-//! [`Publish`] boundary; and the next session's publisher for an outcome whose session was lost.
+//! Publishing what [`super::render`] built through the [`Publish`] boundary: every message of a
+//! command sent at once, then each one's confirm awaited in order (one wait for the broker, not
+//! one per message); and the next session's publisher for an outcome whose session was lost.
 
 use super::render::{Names, Part, Rendered};
 use crate::audit;
 use crate::broker::names::routing;
-use crate::broker::{with_nack_retries, BrokerError, Publish, Publisher, NACK_RETRY_BUDGET};
+use crate::broker::{after_nacks, with_id, BrokerError, Publish, Publisher, NACK_RETRY_BUDGET};
 use poller_core::audit::AuditOutcome;
 use std::time::Duration;
 
-/// Publishes `rendered` in order, each confirmed, then its audit record. A reply that can't be
-/// delivered is logged, not fatal; anything else that fails stops here (nothing after it goes
-/// out, and the command is not acked).
+/// Publishes `rendered`: its messages (result, reply, alerts) and then its audit record are all
+/// sent, then their confirms are awaited in that order. A reply that can't be delivered is
+/// logged, not fatal; a result or alert the broker nacks is published again
+/// ([`after_nacks`], for [`NACK_RETRY_BUDGET`]); anything else that fails is the answer
+/// (the command is not acked, and its stored outcome is published again, in full, by its
+/// redelivery). An audit record the audit exchange refuses holds nothing back: it is retried,
+/// then dead-lettered on its own ([`audit::settle_record`]).
 pub async fn rendered(
     publisher: &dyn Publish,
     rendered: &Rendered,
     names: &Names,
 ) -> Result<AuditOutcome, BrokerError> {
-    messages(publisher, rendered).await?;
-    // After the result and alerts: an audit exchange that refuses the record can't hold them
-    // back (the record is retried, then dead-lettered on its own).
-    audit::publish_record(
-        publisher,
-        &names.audit_exchange,
-        routing::AUDIT_COMMAND,
-        &names.dead_letter_exchange,
-        &rendered.audit,
-        &names.poller_user,
-    )
-    .await
+    rendered_within(publisher, rendered, names, NACK_RETRY_BUDGET).await
 }
 
-/// The messages of `rendered` (not its audit record), in order. A result or alert the broker
-/// nacks is published again ([`with_nack_retries`], for [`NACK_RETRY_BUDGET`]) before this
-/// gives up.
-pub async fn messages(publisher: &dyn Publish, rendered: &Rendered) -> Result<(), BrokerError> {
-    messages_within(publisher, rendered, NACK_RETRY_BUDGET).await
-}
-
-async fn messages_within(
+async fn rendered_within(
     publisher: &dyn Publish,
     rendered: &Rendered,
+    names: &Names,
     nack_budget: Duration,
-) -> Result<(), BrokerError> {
-    for m in &rendered.messages {
-        let sent = match m.part {
-            // A reply the agent's queue refuses is not worth holding the command for.
-            Part::Reply => publisher.publish(&m.outgoing).await,
-            _ => with_nack_retries(publisher, &m.outgoing, nack_budget).await,
+) -> Result<AuditOutcome, BrokerError> {
+    // Each message's id is chosen before it is first sent: copies sent again after a nack
+    // carry the same one.
+    let messages: Vec<_> = rendered
+        .messages
+        .iter()
+        .map(|m| (m.part, with_id(&m.outgoing)))
+        .collect();
+    let mut sent = Vec::with_capacity(messages.len());
+    for (_, msg) in &messages {
+        sent.push(publisher.send(msg).await);
+    }
+    let record = audit::record_message(
+        &names.audit_exchange,
+        routing::AUDIT_COMMAND,
+        &rendered.audit,
+        &names.poller_user,
+    );
+    let record_sent = publisher.send(&record).await;
+    for ((part, msg), sent) in messages.iter().zip(sent) {
+        let first = match sent {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
         };
-        match (m.part, sent) {
+        let confirmed = match part {
+            // A reply the agent's queue refuses is not worth holding the command for.
+            Part::Reply => first,
+            _ => after_nacks(publisher, msg, first, nack_budget).await,
+        };
+        match (part, confirmed) {
             (_, Ok(())) => {}
             (Part::Reply, Err(e)) if !e.is_connection() => {
-                let kind = if m.outgoing.best_effort {
+                let kind = if msg.best_effort {
                     "direct reply-to"
                 } else {
                     "agent reply queue"
@@ -61,7 +71,11 @@ async fn messages_within(
             (_, Err(e)) => return Err(e),
         }
     }
-    Ok(())
+    let first = match record_sent {
+        Ok(confirm) => confirm.await,
+        Err(e) => Err(e),
+    };
+    audit::settle_record(publisher, record, first, &names.dead_letter_exchange).await
 }
 
 /// How long a command whose session was lost waits for the next one to publish on.
@@ -117,57 +131,27 @@ mod tests {
         }
     }
 
-    fn publish_with(refuse: Vec<(&'static str, bool)>) -> (Result<(), BrokerError>, Vec<String>) {
-        let log = crate::testing::Log::default();
-        let mut p = RecordingPublisher::new(log.clone());
-        for (k, lost) in refuse {
-            p = p.refusing(
-                k,
-                if lost {
-                    Refuse::ConnectionLost
-                } else {
-                    Refuse::Unroutable
-                },
-            );
+    fn names() -> Names {
+        Names {
+            results_exchange: "results".into(),
+            alerts_exchange: "alerts".into(),
+            dead_letter_exchange: "dlx".into(),
+            audit_exchange: "audit".into(),
+            control_exchange: "control".into(),
+            instance: "i".into(),
+            poller_user: "command-poller".into(),
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let r = rt.block_on(messages(&p, &rendered()));
-        let sent = log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.strip_prefix("publish ").map(str::to_owned))
-            .collect();
-        (r, sent)
     }
 
-    #[test]
-    fn everything_goes_out_in_order() {
-        let (r, sent) = publish_with(vec![]);
-        assert!(r.is_ok());
-        assert_eq!(sent, ["result", "reply", "alert"]);
-    }
-
-    #[test]
-    fn a_refused_reply_is_not_fatal_but_a_lost_connection_is() {
-        let (r, sent) = publish_with(vec![("reply", false)]);
-        assert!(r.is_ok(), "the result is on the results exchange");
-        assert_eq!(sent, ["result", "alert"]);
-        let (r, sent) = publish_with(vec![("reply", true)]);
-        assert!(r.unwrap_err().is_connection());
-        assert_eq!(sent, ["result"], "nothing after a lost connection");
-    }
-
-    /// Publishes `rendered()` with `refuse` and a nack budget; the publish log.
+    /// Publishes `rendered()` refusing `refuse`, within a nack budget: the answer and the log.
     fn publish_nacking(
         refuse: Vec<(&'static str, Refuse)>,
         budget: Duration,
-    ) -> (Result<(), BrokerError>, Vec<String>) {
+        show_ids: bool,
+    ) -> (Result<AuditOutcome, BrokerError>, Vec<String>) {
         let log = crate::testing::Log::default();
         let mut p = RecordingPublisher::new(log.clone());
-        p.show_ids = true;
+        p.show_ids = show_ids;
         for (k, how) in refuse {
             p = p.refusing(k, how);
         }
@@ -175,28 +159,95 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let r = rt.block_on(messages_within(&p, &rendered(), budget));
+        let r = rt.block_on(rendered_within(&p, &rendered(), &names(), budget));
         let log = log.lock().unwrap().clone();
         (r, log)
     }
 
+    /// What was published (not refused), in the order it was sent.
+    fn publish_with(
+        refuse: Vec<(&'static str, Refuse)>,
+    ) -> (Result<AuditOutcome, BrokerError>, Vec<String>) {
+        let (r, log) = publish_nacking(refuse, Duration::from_secs(10), false);
+        let sent = log
+            .iter()
+            .filter_map(|l| l.strip_prefix("publish ").map(str::to_owned))
+            .collect();
+        (r, sent)
+    }
+
+    #[test]
+    fn everything_goes_out_in_order_with_the_audit_record_last() {
+        let (r, sent) = publish_with(vec![]);
+        assert_eq!(r.unwrap(), AuditOutcome::Delivered);
+        assert_eq!(sent, ["result", "reply", "alert", "audit.command"]);
+    }
+
+    /// Everything is sent before any confirm is awaited: a confirm that never comes holds
+    /// back nothing that was sent with it, and the wait ends with the first missing one.
+    #[test]
+    fn every_message_is_sent_before_any_confirm_is_awaited() {
+        struct Unconfirmed(crate::testing::Log);
+        impl Publish for Unconfirmed {
+            fn send<'a>(
+                &'a self,
+                msg: &'a Outgoing,
+            ) -> futures::future::BoxFuture<'a, Result<crate::broker::Confirm, BrokerError>>
+            {
+                self.0.lock().unwrap().push(msg.routing_key.clone());
+                Box::pin(async { Ok(Box::pin(std::future::pending()) as crate::broker::Confirm) })
+            }
+        }
+        let log = crate::testing::Log::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let waited = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_millis(100),
+                super::rendered(&Unconfirmed(log.clone()), &rendered(), &names()),
+            )
+            .await
+        });
+        assert!(waited.is_err(), "no confirm came, so it still waits");
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["result", "reply", "alert", "audit.command"]
+        );
+    }
+
+    #[test]
+    fn a_refused_reply_is_not_fatal_but_a_lost_connection_is() {
+        let (r, sent) = publish_with(vec![("reply", Refuse::Unroutable)]);
+        assert!(r.is_ok(), "the result is on the results exchange");
+        assert_eq!(sent, ["result", "alert", "audit.command"]);
+        let (r, sent) = publish_with(vec![("reply", Refuse::ConnectionLost)]);
+        assert!(r.unwrap_err().is_connection());
+        assert_eq!(sent, ["result"], "nothing after a lost connection");
+    }
+
     #[test]
     fn a_nacked_result_is_published_again_with_one_message_id_and_nothing_is_skipped() {
-        let (r, log) =
-            publish_nacking(vec![("result", Refuse::Nacked(2))], Duration::from_secs(10));
+        let (r, log) = publish_nacking(
+            vec![("result", Refuse::Nacked(2))],
+            Duration::from_secs(10),
+            true,
+        );
         assert!(r.is_ok(), "{r:?}");
-        assert_eq!(log.len(), 5, "{log:?}");
+        assert_eq!(log.len(), 6, "{log:?}");
         let id = log[0]
             .strip_prefix("refused result id=")
             .expect("an id from the first try");
-        assert_eq!(log[1], format!("refused result id={id}"), "{log:?}");
+        assert!(log[1].starts_with("publish reply id="), "{log:?}");
+        assert!(log[2].starts_with("publish alert id="), "{log:?}");
+        assert!(log[3].starts_with("publish audit.command"), "{log:?}");
+        assert_eq!(log[4], format!("refused result id={id}"), "{log:?}");
         assert_eq!(
-            log[2],
+            log[5],
             format!("publish result id={id}"),
             "one id for every copy"
         );
-        assert_eq!(log[3], "publish reply");
-        assert!(log[4].starts_with("publish alert id="), "{log:?}");
     }
 
     #[test]
@@ -204,39 +255,70 @@ mod tests {
         let (r, log) = publish_nacking(
             vec![("alert", Refuse::Nacked(1)), ("reply", Refuse::Nacked(1))],
             Duration::from_secs(10),
+            true,
         );
         assert!(r.is_ok(), "{r:?}");
         assert!(log[0].starts_with("publish result id="), "{log:?}");
-        assert_eq!(log[1], "refused reply");
+        assert!(log[1].starts_with("refused reply"), "{log:?}");
         let id = log[2]
             .strip_prefix("refused alert id=")
             .expect("an id from the first try");
+        assert!(log[3].starts_with("publish audit.command"), "{log:?}");
         assert_eq!(
-            log[3],
+            log[4],
             format!("publish alert id={id}"),
             "one id for every copy"
         );
-        assert_eq!(log.len(), 4, "the reply was not sent again: {log:?}");
+        assert_eq!(log.len(), 5, "the reply was not sent again: {log:?}");
     }
 
     #[test]
-    fn nacks_past_the_budget_stop_everything_after_them() {
+    fn nacks_past_the_budget_fail_the_publication() {
         let (r, log) = publish_nacking(
             vec![("result", Refuse::Nacked(usize::MAX))],
             Duration::from_millis(250),
+            true,
         );
         assert!(matches!(r, Err(BrokerError::Nacked { .. })), "{r:?}");
-        assert_eq!(log.len(), 2, "tried within the budget: {log:?}");
-        assert!(
-            log.iter().all(|l| l.starts_with("refused result id=")),
-            "{log:?}"
-        );
+        let copies: Vec<_> = log
+            .iter()
+            .filter(|l| l.starts_with("refused result id="))
+            .collect();
+        assert_eq!(copies.len(), 2, "tried within the budget: {log:?}");
+        assert!(copies.iter().all(|l| *l == copies[0]), "{log:?}");
     }
 
+    /// A result the broker refuses fails the publication (the command is not acked; its
+    /// redelivery publishes the stored outcome again, in full). What was sent with it has gone
+    /// out by then: the alert, and the audit record of what was done.
     #[test]
-    fn a_refused_result_stops_everything_after_it() {
-        let (r, sent) = publish_with(vec![("result", false)]);
+    fn a_refused_result_fails_the_publication() {
+        let (r, sent) = publish_with(vec![("result", Refuse::Unroutable)]);
         assert!(matches!(r, Err(BrokerError::Unroutable { .. })));
-        assert!(sent.is_empty(), "{sent:?}");
+        assert_eq!(sent, ["reply", "alert", "audit.command"]);
+    }
+
+    /// An audit record the audit exchange refuses is tried once more, then dead-lettered on its
+    /// own; the publication succeeds.
+    #[test]
+    fn a_refused_audit_record_is_dead_lettered_and_holds_nothing_back() {
+        let (r, log) = publish_nacking(
+            vec![("audit.command", Refuse::Unroutable)],
+            Duration::from_secs(10),
+            false,
+        );
+        // The dead-lettered copy keeps the routing key: refused too in this double, so logged.
+        assert_eq!(r.unwrap(), AuditOutcome::Logged, "{log:?}");
+        assert_eq!(
+            log,
+            [
+                "publish result",
+                "publish reply",
+                "publish alert",
+                "refused audit.command",
+                "refused audit.command",
+                "refused audit.command"
+            ]
+        );
     }
 }
