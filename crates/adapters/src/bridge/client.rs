@@ -210,6 +210,7 @@ impl AppsScriptBridge {
             else {
                 return Exchange::AfterRun(BridgeError::BadRedirect);
             };
+            drain(resp).await;
             return match self.get_echo(location, started).await {
                 Ok(v) => Exchange::Answer(v),
                 // The bridge's own answer, which happens to be an error: a real outcome.
@@ -360,6 +361,27 @@ impl super::Bridge for AppsScriptBridge {
     }
 }
 
+/// The most of a 302's page that is read before its GET, and how long that may take.
+const REDIRECT_PAGE_LIMIT: usize = 64 * 1024;
+const REDIRECT_PAGE_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads the 302's page (Apps Script sends a small HTML one) to its end, so its connection goes
+/// back to the pool rather than being busy, or closed, when the next request wants one. A page
+/// past [`REDIRECT_PAGE_LIMIT`], slower than [`REDIRECT_PAGE_WAIT`], or one that fails, is
+/// left: the GET goes ahead either way (the action has run), on another connection.
+async fn drain(mut resp: reqwest::Response) {
+    let read_all = async {
+        let mut read = 0;
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            read += chunk.len();
+            if read > REDIRECT_PAGE_LIMIT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REDIRECT_PAGE_WAIT, read_all).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,5 +438,106 @@ mod tests {
         for leak in ["AKfycbDEPLOY", "sig=", "ts=", "127.0.0.1"] {
             assert!(!e.contains(leak), "{leak} in {e}");
         }
+    }
+
+    /// A web app like Apps Script's: a POST is answered 302 with a small HTML page (as Google's
+    /// "Moved Temporarily" is), its GET with the answer; every request on keep-alive
+    /// connections. How many connections were opened.
+    async fn apps_script_like() -> (url::Url, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = opened.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut sock = BufReader::new(sock);
+                    loop {
+                        let (mut line, mut length) = (String::new(), 0usize);
+                        if sock.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let post = line.starts_with("POST");
+                        loop {
+                            let mut h = String::new();
+                            if sock.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        sock.read_exact(&mut body).await.unwrap();
+                        let answer = if post {
+                            let page = "<HTML><HEAD><TITLE>Moved Temporarily</TITLE></HEAD><BODY>The document has moved <A HREF=\"/echo?user_content_key=k\">here</A>.</BODY></HTML>";
+                            format!("HTTP/1.1 302 Moved Temporarily\r\nLocation: /echo?user_content_key=k\r\nContent-Type: text/html; charset=UTF-8\r\nContent-Length: {}\r\n\r\n{page}", page.len())
+                        } else {
+                            let json = r#"{"status":"success","integration_status":"ok"}"#;
+                            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())
+                        };
+                        // The head first and the page a moment later, as a page arrives from
+                        // far away: the client has its answer before the page is in.
+                        let (head, page) = answer.split_at(answer.find("\r\n\r\n").unwrap() + 4);
+                        if sock.get_mut().write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if sock.get_mut().write_all(page.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let url = url::Url::parse(&format!("http://{addr}/macros/s/D/exec")).unwrap();
+        (url, opened)
+    }
+
+    /// The 302's page is read to its end, so the connection goes back to the pool: calls one
+    /// after another share one connection instead of opening (in production: a TLS handshake
+    /// with Google) one or two per call.
+    #[tokio::test]
+    async fn calls_one_after_another_reuse_one_connection() {
+        let (url, opened) = apps_script_like().await;
+        let client = AppsScriptBridge::new(BridgeClientConfig {
+            url,
+            secret: Secret::new("s3cret"),
+            request_timeout: Duration::from_secs(5),
+            retry_budget: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        })
+        .unwrap();
+        for i in 0..5 {
+            let req = super::super::BridgeRequest {
+                action_id: format!("a-{i}"),
+                command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
+                params: super::super::BridgeParams {
+                    service: "google".into(),
+                },
+                agent: "bot".into(),
+                agent_verified: true,
+                requested_at: "now".into(),
+                lookup: false,
+            };
+            let answer = client.call(&req, &super::super::AlwaysAdmit).await.unwrap();
+            assert_eq!(answer.attempts, 1);
+        }
+        assert_eq!(
+            opened.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "five calls (ten requests) on one connection"
+        );
     }
 }
