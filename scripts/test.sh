@@ -33,8 +33,18 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
 fi
 if ! target/mcp-venv/bin/python -c "import mcp" >/dev/null 2>&1; then
   echo "mcp: making target/mcp-venv with the official MCP Python SDK (tests/api/mcp_e2e.rs drives the front door with it)"
+  if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+    # Debian's python3 makes no venv without python3-venv: install it rather than go on
+    # without the SDK (both MCP tests would fail on "the MCP client is still running").
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "python3-venv: not installed; installing Debian's python3-venv"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
   mkdir -p target
-  python3 -m venv target/mcp-venv && target/mcp-venv/bin/pip install -q "mcp==2.3.0"
+  rm -rf target/mcp-venv
+  # Each on its own line: under `set -e` a failure stops here, with its error, not later.
+  python3 -m venv target/mcp-venv
+  target/mcp-venv/bin/pip install -q "mcp==2.3.0"
 fi
 if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
