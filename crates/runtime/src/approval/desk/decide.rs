@@ -235,13 +235,17 @@ impl Desk {
             Some(outcome) => {
                 event.outcome = wire_name(outcome);
                 tracing::info!(by = %d.by, approval_id = %d.id, "a redelivered decision that was already stored: answered as decided");
-                self.answer(
-                    outcome,
-                    "this decision was already recorded (a redelivery): answered as decided".into(),
-                    event,
-                    false,
-                    Some(rec),
-                )
+                Handled {
+                    repeat: true,
+                    ..self.answer(
+                        outcome,
+                        "this decision was already recorded (a redelivery): answered as decided"
+                            .into(),
+                        event,
+                        false,
+                        Some(rec),
+                    )
+                }
             }
             None => self.refuse(event, r.reason, r.abuse, Some(rec)),
         }

@@ -46,6 +46,9 @@ pub struct Handled {
     pub abuse: bool,
     /// The record decided on, if one was found.
     pub record: Option<Parked>,
+    /// A redelivered decision that was already stored: its messages go out again, but it is
+    /// not counted again.
+    pub repeat: bool,
 }
 
 pub struct Desk {
@@ -129,6 +132,7 @@ impl Desk {
             event,
             abuse,
             record,
+            repeat: false,
         }
     }
 
@@ -215,7 +219,9 @@ impl Desk {
         msg: &Inbound,
         h: &Handled,
     ) -> Result<(), BrokerError> {
-        self.state.metrics.approval_decision(&h.event.outcome);
+        if !h.repeat {
+            self.state.metrics.approval_decision(&h.event.outcome);
+        }
         if let Some(to) = msg
             .reply_to
             .as_deref()

@@ -158,3 +158,48 @@ async fn a_redelivered_decision_already_stored_is_answered_as_decided_not_refuse
     .unwrap();
     assert_eq!(stored.approvals.len(), 1, "counted once");
 }
+
+/// A decision redelivered after its replica lost the session before acking is published again
+/// (its event and audit record may not have gone out), but it is one decision: the metric
+/// counts it once.
+#[tokio::test]
+async fn a_redelivered_decision_is_counted_once_in_the_metrics() {
+    let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
+    let d = desk(store.clone());
+    let mut rec = parked();
+    rec.required = 1;
+    rec.policy_digest = d.policy.digest();
+    rec.digest = poller_core::approval::digest(&rec.command_digest, &rec.policy_digest);
+    rec.expires_at = crate::clock::unix_now() + 600;
+    store
+        .park(
+            &rec.approval_id,
+            &rec.seal(&d.store_key),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let approve = serde_json::json!({
+        "decision": "approve", "approval_id": rec.approval_id, "digest": rec.digest, "reason": "ok"
+    });
+    let sink = crate::testing::RecordingPublisher::new(crate::testing::Log::default());
+    for redelivered in [false, true] {
+        let msg = decision("alice", approve.clone(), redelivered);
+        let h = d.handle(&msg).await;
+        assert_eq!(h.reply.outcome, ReplyOutcome::Approved, "{:?}", h.reply);
+        d.publish(&sink, &msg, &h).await.unwrap();
+    }
+    let metrics = d
+        .state
+        .metrics
+        .render(0, poller_core::control::Mode::Running);
+    let approved: Vec<_> = metrics
+        .lines()
+        .filter(|l| l.starts_with("command_poller_approval_decisions_total{outcome=\"approved\"}"))
+        .collect();
+    assert_eq!(
+        approved,
+        ["command_poller_approval_decisions_total{outcome=\"approved\"} 1"],
+        "{metrics}"
+    );
+}
