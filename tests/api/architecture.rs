@@ -384,3 +384,62 @@ fn the_length_check_measures_functions_from_signature_to_brace() {
     assert!(long_functions(&lines, 3).is_empty());
     assert_eq!(long_functions(&lines, 2), vec![("short".to_owned(), 3)]);
 }
+
+/// `rust-version` in Cargo.toml is a promise: it may not be older than what any locked
+/// dependency built for this platform (tests included) declares it needs. It said 1.89 while
+/// the locked redb needed 1.90.
+#[test]
+fn the_declared_rust_version_is_at_least_every_locked_dependencys() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--locked",
+            "--filter-platform",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let version = |s: &str| -> (u64, u64, u64) {
+        let mut parts = s.split('.').map(|p| p.parse::<u64>().expect("a number"));
+        (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        )
+    };
+    let resolved: BTreeSet<&str> = meta["resolve"]["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    let packages = meta["packages"].as_array().expect("packages");
+    let declared = packages
+        .iter()
+        .find(|p| p["name"] == "command-poller")
+        .and_then(|p| p["rust_version"].as_str())
+        .expect("command-poller declares a rust-version");
+    let needs: Vec<String> = packages
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| resolved.contains(id)))
+        .filter_map(|p| {
+            let needed = p["rust_version"].as_str()?;
+            (version(needed) > version(declared))
+                .then(|| format!("{} {} needs {needed}", p["name"], p["version"]))
+        })
+        .collect();
+    assert!(
+        needs.is_empty(),
+        "Cargo.toml declares rust-version {declared}, but: {needs:?}"
+    );
+}
