@@ -74,6 +74,24 @@ fn action_required(status: Status) -> &'static str {
     }
 }
 
+/// The routes an outcome's alerts take: what the policy routes, or, when it routes none, the
+/// alerts the runbook always sends (an UNKNOWN_OUTCOME reaches ops at high priority, a DENIED or
+/// EXPIRED one at normal). What the poller sends and what `policy test` shows.
+pub fn with_defaults(mut routes: Vec<(Team, Priority)>, status: Status) -> Vec<(Team, Priority)> {
+    if routes.is_empty() {
+        match status {
+            Status::UnknownOutcome => {
+                routes.push((Team::parse("ops").expect("valid"), Priority::High))
+            }
+            Status::Denied | Status::Expired => {
+                routes.push((Team::parse("ops").expect("valid"), Priority::Normal))
+            }
+            _ => {}
+        }
+    }
+    routes
+}
+
 /// The alerts for this result: one per `(team, priority)` the policy routes it to (the caller
 /// asks the policy for them). An UNKNOWN_OUTCOME always reaches ops.
 pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<Alert> {
@@ -103,20 +121,7 @@ pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<
         "{t} for service {service} by agent {agent} (action {action}) ended {}",
         result.status
     );
-    let mut routes = routes;
-    // An unknown outcome always reaches a human, whatever the policy routes.
-    if routes.is_empty() {
-        // Outcomes the runbook always reports, whatever the policy file routes.
-        match result.status {
-            Status::UnknownOutcome => {
-                routes.push((Team::parse("ops").expect("valid"), Priority::High))
-            }
-            Status::Denied | Status::Expired => {
-                routes.push((Team::parse("ops").expect("valid"), Priority::Normal))
-            }
-            _ => {}
-        }
-    }
+    let routes = with_defaults(routes, result.status);
     let approval = result
         .approval
         .as_ref()

@@ -9,7 +9,7 @@
 use super::{Facts, Handling, Policy, Shadow};
 use crate::intake::{Command, Severity};
 use crate::outcome::DecisionRule;
-use crate::outcome::{Priority, Status};
+use crate::outcome::{with_defaults, Priority, Status};
 use serde::Serialize;
 
 /// The alerts one possible outcome would send.
@@ -97,8 +97,7 @@ pub fn explain(
         .iter()
         .map(|&status| OutcomeAlerts {
             status,
-            alerts: policy
-                .routes(Some(cmd.command_type), status)
+            alerts: with_defaults(policy.routes(Some(cmd.command_type), status), status)
                 .into_iter()
                 .map(|(team, p)| {
                     let p = match p {
@@ -247,6 +246,16 @@ mod tests {
             .find(|o| o.status == Status::NeedsApproval)
             .unwrap();
         assert_eq!(parked.alerts, ["ops.normal"]);
+        // What the poller sends whatever the policy routes (none of these is routed here):
+        // `policy test` says so, not "no alert".
+        for (status, alert) in [
+            (Status::UnknownOutcome, "ops.high"),
+            (Status::Denied, "ops.normal"),
+            (Status::Expired, "ops.normal"),
+        ] {
+            let o = e.outcomes.iter().find(|o| o.status == status).unwrap();
+            assert_eq!(o.alerts, [alert], "{status:?}");
+        }
 
         let e = explain(
             &policy,
