@@ -481,3 +481,64 @@ async fn the_shipped_redis_runs_tls_only_with_the_poller_its_one_user() {
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The compose recipe in docs/deploying.md, run as a new user would (without its last line,
+/// `docker compose up`), writes every variable docker-compose.yml requires (`${NAME:?...}`):
+/// otherwise `docker compose` refuses to start, naming the first one missing. It left out
+/// APPROVER_PASSWORD.
+#[test]
+fn the_compose_recipe_sets_every_variable_compose_requires() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/deploying.md")).unwrap();
+    let recipe = guide
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("> .env") && b.contains("docker compose up"))
+        .expect("the compose recipe in docs/deploying.md");
+    let script: String = recipe
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("docker compose"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("compose-recipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = std::fs::read_to_string(dir.join(".env")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let set: std::collections::BTreeSet<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').filter(|(_, v)| !v.is_empty()))
+        .map(|(k, _)| k)
+        .collect();
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    let required: std::collections::BTreeSet<&str> = compose
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(":?").map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    assert!(!required.is_empty());
+    let missing: Vec<_> = required.difference(&set).collect();
+    assert!(
+        missing.is_empty(),
+        "docker-compose.yml requires {missing:?}, which the recipe doesn't set"
+    );
+    // The file's own header lists them too.
+    let header: String = compose.lines().take_while(|l| l.starts_with('#')).collect();
+    for name in &required {
+        assert!(
+            header.contains(name),
+            "docker-compose.yml's header leaves out {name}"
+        );
+    }
+}
