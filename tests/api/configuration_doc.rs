@@ -279,3 +279,57 @@ fn the_llm_judges_table_lists_every_key_an_llm_judge_accepts() {
         "docs/configuration.md's LLM judges table against what an llm judge accepts"
     );
 }
+
+/// The runbook the poller implements is in the repository (a reader of a clone can follow the
+/// README to it), and it is the team's runbook word for word: when the team's copy is beside
+/// the checkout (`../shared/runbook`), the two are the same.
+#[test]
+fn the_runbook_is_in_the_repository_and_is_the_teams() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ours = std::fs::read_to_string(root.join("docs/runbook/integration-management.md"))
+        .expect("docs/runbook/integration-management.md");
+    let teams = root.join("../shared/runbook/integration-management.md");
+    if let Ok(theirs) = std::fs::read_to_string(&teams) {
+        assert!(
+            ours == theirs,
+            "docs/runbook/integration-management.md differs from {}: copy it again",
+            teams.display()
+        );
+    }
+}
+
+/// Every relative link in the README and docs/ leads to a file of the repository: none leaves
+/// it (`../`) and none is broken.
+#[test]
+fn the_readme_and_docs_link_only_into_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            pages.push(p);
+        }
+    }
+    let mut bad = Vec::new();
+    for page in pages {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let dir = page.parent().unwrap();
+        for link in text.split("](").skip(1).filter_map(|r| r.split(')').next()) {
+            let target = link.split('#').next().unwrap_or("").trim();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let at = dir.join(target);
+            let inside = at
+                .canonicalize()
+                .is_ok_and(|p| p.starts_with(root.canonicalize().unwrap()));
+            if !inside {
+                bad.push(format!("{}: {link}", page.display()));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "links that leave the repository or lead nowhere: {bad:#?}"
+    );
+}
