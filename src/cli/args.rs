@@ -312,6 +312,16 @@ pub enum AuditCommand {
     },
 }
 
+impl AuditCommand {
+    /// Reads a chain back (verify, show): needs the chain key, no other configuration.
+    pub fn reads_back(&self) -> bool {
+        match self {
+            AuditCommand::Verify { .. } | AuditCommand::Show { .. } => true,
+            AuditCommand::Sink { .. } => false,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct OperatorArgs {
     /// The operator's broker URL (its user must be in control.operators); a cluster's nodes

@@ -242,7 +242,6 @@ pub(super) async fn judges_eval(
 
 /// `audit`: the sink, and reading the chain back (show, verify).
 pub(super) async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    use crate::audit::chain;
     match cmd {
         AuditCommand::Sink { file } => {
             let stop = CancellationToken::new();
@@ -256,12 +255,26 @@ pub(super) async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Res
             tracing::info!(appended = n, "audit sink stopped");
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Verify { .. } | AuditCommand::Show { .. } => {
+            read_back(cmd, settings.secrets.audit_chain_key.clone())
+        }
+    }
+}
+
+/// The chain key's variable in the shipped configuration (`audit.chain_key_env` in
+/// config/default.toml): where `audit verify` and `audit show` take the key from when there is no
+/// config folder.
+pub(super) const SHIPPED_CHAIN_KEY_ENV: &str = "AUDIT_CHAIN_KEY";
+
+/// `audit verify` and `audit show`: reading a chain back, with the chain key `key`.
+pub(super) fn read_back(
+    cmd: AuditCommand,
+    key: Option<crate::bridge::signing::Secret>,
+) -> anyhow::Result<ExitCode> {
+    use crate::audit::chain;
+    match cmd {
         AuditCommand::Verify { file, unkeyed } => {
-            let key = settings
-                .secrets
-                .audit_chain_key
-                .as_ref()
-                .filter(|_| !unkeyed);
+            let key = key.as_ref().filter(|_| !unkeyed);
             if unkeyed {
                 eprintln!("checking without the chain key (--unkeyed): the links are checked, but anyone who can write the file could have rewritten them");
             }
@@ -302,5 +315,6 @@ pub(super) async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Res
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Sink { .. } => anyhow::bail!("the sink does not read a chain back"),
     }
 }

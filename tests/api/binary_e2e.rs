@@ -749,6 +749,63 @@ fn audit_verify_takes_the_chain_key() {
     let _ = std::fs::remove_file(command_poller::audit::chain::head_path(&file));
 }
 
+/// The security team reads an exported chain on a machine of its own, with no config folder:
+/// `audit verify` and `audit show` need only the chain key, from the variable the shipped
+/// configuration names (they failed "loading configuration from config").
+#[test]
+fn audit_verify_and_show_run_without_a_config_folder() {
+    let outside = std::env::temp_dir().join(format!("no-config-{}", suffix()));
+    std::fs::create_dir_all(&outside).unwrap();
+    let file = outside.join("exported.jsonl");
+    let key = command_poller::bridge::signing::Secret::new("binary-chain-key");
+    let mut w = command_poller::audit::chain::ChainWriter::open_keyed(&file, Some(key)).unwrap();
+    w.append(r#"{"kind":"command","action_id":"x-1","agent":"a"}"#)
+        .unwrap();
+    drop(w);
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
+    )
+    .unwrap();
+    assert!(
+        shipped.contains(r#"chain_key_env = "AUDIT_CHAIN_KEY""#),
+        "the shipped configuration names the variable the binary reads without one"
+    );
+    let run = |args: &[&str], key: Option<&str>| {
+        let mut c = crate::common::isolated(BIN);
+        c.args(args).arg(&file).current_dir(&outside);
+        match key {
+            Some(k) => c.env("AUDIT_CHAIN_KEY", k),
+            None => c.env_remove("AUDIT_CHAIN_KEY"),
+        };
+        c.output().unwrap()
+    };
+    let verified = run(&["audit", "verify"], Some("binary-chain-key"));
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let wrong = run(&["audit", "verify"], Some("another-key"));
+    assert!(!wrong.status.success(), "a wrong key does not verify");
+    let without = run(&["audit", "verify"], None);
+    assert!(String::from_utf8_lossy(&without.stdout).contains("needs the chain key"));
+    let shown = run(
+        &["audit", "show", "--action-id", "x-1"],
+        Some("binary-chain-key"),
+    );
+    assert!(shown.status.success());
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).lines().count(), 1);
+    // Everything else still needs its configuration.
+    let status = crate::common::isolated(BIN)
+        .args(["check-config"])
+        .current_dir(&outside)
+        .output()
+        .unwrap();
+    assert!(!status.status.success());
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
 /// With a chain key configured, an unkeyed chain (one rewritten without the key looks just like
 /// it) is refused; checking it as unkeyed takes `--unkeyed`, which says what it does not prove.
 #[test]
