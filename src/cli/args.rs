@@ -29,6 +29,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the poller (the default).
     Run,
+    /// Print a completion script for a shell, e.g. `command-poller completions bash >
+    /// /etc/bash_completion.d/command-poller`. Needs no configuration.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `command-poller man | man -l -`. Needs no
+    /// configuration.
+    Man,
     /// Publish a command file as an agent would, and print its result.
     Send {
         /// The command JSON file ("-" for standard input).

@@ -73,20 +73,45 @@ fn init_logging(settings: &Settings, flag: Option<LogFormat>) {
     };
 }
 
-/// Loads the settings and runs the subcommand.
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let command = match cli.command.unwrap_or(Command::Run) {
-        // Reading a chain back needs no configuration: without a config folder (the security
-        // team's machine, holding an exported chain), the key comes from the variable the
-        // shipped configuration names.
-        Command::Audit { command } if command.reads_back() && !cli.config_dir.exists() => {
+/// The subcommands that need no configuration, answered before it is loaded: completions, the
+/// manual page, and reading a chain back without a config folder (the security team's machine,
+/// holding an exported chain: the key comes from the variable the shipped configuration names).
+/// Any other is handed back.
+fn answered_without_configuration(
+    command: Command,
+    config_dir: &std::path::Path,
+) -> Result<anyhow::Result<ExitCode>, Command> {
+    match command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "command-poller", &mut std::io::stdout());
+            Ok(Ok(ExitCode::SUCCESS))
+        }
+        Command::Man => Ok(
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into),
+        ),
+        Command::Audit { command } if command.reads_back() && !config_dir.exists() => {
             let key = std::env::var(tools::SHIPPED_CHAIN_KEY_ENV)
                 .ok()
                 .filter(|v| !v.is_empty())
                 .map(crate::bridge::signing::Secret::new);
-            return tools::read_back(command, key);
+            Ok(tools::read_back(command, key))
         }
-        other => other,
+        other => Err(other),
+    }
+}
+
+/// Loads the settings and runs the subcommand.
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let command = match answered_without_configuration(
+        cli.command.unwrap_or(Command::Run),
+        &cli.config_dir,
+    ) {
+        Ok(answer) => return answer,
+        Err(command) => command,
     };
     let settings = Settings::load(&cli.config_dir)
         .with_context(|| format!("loading configuration from {}", cli.config_dir.display()))?;
@@ -94,6 +119,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let s = &settings;
     let request_id = new_request_id();
     match command {
+        Command::Completions { .. } | Command::Man => {
+            unreachable!("answered before the configuration is loaded")
+        }
         Command::Run => serve::poller(settings).await,
         Command::Send {
             file,

@@ -968,3 +968,57 @@ fn sighup_reloads_the_policy_and_a_bad_file_is_refused_without_stopping() {
     assert!(logs.contains("floor_severty"), "the refusal names the key");
     let _ = std::fs::remove_file(&file);
 }
+
+/// Shell completions and the manual page, from an empty directory (no configuration needed):
+/// the bash script is valid bash and completes every subcommand; the page names them too.
+#[test]
+fn completions_and_the_manual_page_need_no_configuration() {
+    let outside = std::env::temp_dir().join(format!("completions-{}", suffix()));
+    std::fs::create_dir_all(&outside).unwrap();
+    let run = |args: &[&str]| {
+        let out = crate::common::isolated(BIN)
+            .args(args)
+            .current_dir(&outside)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let subcommands = [
+        "run",
+        "send",
+        "pause",
+        "halt",
+        "quarantine",
+        "audit",
+        "policy",
+    ];
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        for s in subcommands {
+            assert!(script.contains(s), "{shell} completes {s}");
+        }
+    }
+    let script = outside.join("command-poller.bash");
+    std::fs::write(&script, run(&["completions", "bash"])).unwrap();
+    let parsed = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let page = run(&["man"]);
+    assert!(page.contains(".TH command-poller 1"), "{page}");
+    for s in subcommands {
+        assert!(page.contains(s), "the manual page names {s}");
+    }
+    let _ = std::fs::remove_dir_all(&outside);
+}
