@@ -39,14 +39,14 @@ const IO_CRATES: &[(&str, &[&str])] = &[
 ];
 
 fn metadata() -> serde_json::Value {
+    cargo_metadata(&["--no-deps"])
+}
+
+/// `cargo metadata` (offline) with `extra` arguments, as JSON.
+fn cargo_metadata(extra: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
@@ -390,25 +390,7 @@ fn the_length_check_measures_functions_from_signature_to_brace() {
 /// the locked redb needed 1.90.
 #[test]
 fn the_declared_rust_version_is_at_least_every_locked_dependencys() {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            "--locked",
-            "--filter-platform",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let meta = cargo_metadata(&["--locked", "--filter-platform", "x86_64-unknown-linux-gnu"]);
     let version = |s: &str| -> (u64, u64, u64) {
         let mut parts = s.split('.').map(|p| p.parse::<u64>().expect("a number"));
         (

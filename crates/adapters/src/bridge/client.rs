@@ -386,6 +386,21 @@ async fn drain(mut resp: reqwest::Response) {
 mod tests {
     use super::*;
 
+    /// A CHECK_INTEGRATION_STATUS request for `action_id`.
+    fn request(action_id: &str) -> super::super::BridgeRequest {
+        super::super::BridgeRequest {
+            action_id: action_id.into(),
+            command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
+            params: super::super::BridgeParams {
+                service: "google".into(),
+            },
+            agent: "bot".into(),
+            agent_verified: true,
+            requested_at: "now".into(),
+            lookup: false,
+        }
+    }
+
     #[test]
     fn scrub_masks_the_deployment_and_the_signature() {
         let url = url::Url::parse("https://script.google.com/macros/s/AKfycbDEPLOY/exec").unwrap();
@@ -418,17 +433,7 @@ mod tests {
             max_backoff: Duration::from_millis(2),
         })
         .unwrap();
-        let req = super::super::BridgeRequest {
-            action_id: "a".into(),
-            command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
-            params: super::super::BridgeParams {
-                service: "google".into(),
-            },
-            agent: "bot".into(),
-            agent_verified: true,
-            requested_at: "now".into(),
-            lookup: false,
-        };
+        let req = request("a");
         let e = client
             .call(&req, &super::super::AlwaysAdmit)
             .await
@@ -520,17 +525,7 @@ mod tests {
         })
         .unwrap();
         for i in 0..5 {
-            let req = super::super::BridgeRequest {
-                action_id: format!("a-{i}"),
-                command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
-                params: super::super::BridgeParams {
-                    service: "google".into(),
-                },
-                agent: "bot".into(),
-                agent_verified: true,
-                requested_at: "now".into(),
-                lookup: false,
-            };
+            let req = request(&format!("a-{i}"));
             let answer = client.call(&req, &super::super::AlwaysAdmit).await.unwrap();
             assert_eq!(answer.attempts, 1);
         }

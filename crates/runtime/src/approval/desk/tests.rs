@@ -44,6 +44,30 @@ fn decision(by: &str, body: serde_json::Value, redelivered: bool) -> Inbound {
     }
 }
 
+/// A desk on a store in memory holding one parked command that one approval decides, under the
+/// policy in force; and alice's approval of it.
+async fn parked_for_one_approval() -> (Arc<dyn ResultStore>, Desk, Parked, serde_json::Value) {
+    let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
+    let d = desk(store.clone());
+    let mut rec = parked();
+    rec.required = 1;
+    rec.policy_digest = d.policy.digest();
+    rec.digest = poller_core::approval::digest(&rec.command_digest, &rec.policy_digest);
+    rec.expires_at = crate::clock::unix_now() + 600;
+    store
+        .park(
+            &rec.approval_id,
+            &rec.seal(&d.store_key),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let approve = serde_json::json!({
+        "decision": "approve", "approval_id": rec.approval_id, "digest": rec.digest, "reason": "ok"
+    });
+    (store, d, rec, approve)
+}
+
 #[tokio::test]
 async fn a_decision_asking_for_an_answer_anywhere_but_direct_reply_to_is_refused_as_abuse() {
     let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
@@ -112,24 +136,7 @@ async fn decisions_per_approver_are_capped_and_alerted_once_a_minute() {
 
 #[tokio::test]
 async fn a_redelivered_decision_already_stored_is_answered_as_decided_not_refused() {
-    let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
-    let d = desk(store.clone());
-    let mut rec = parked();
-    rec.required = 1;
-    rec.policy_digest = d.policy.digest();
-    rec.digest = poller_core::approval::digest(&rec.command_digest, &rec.policy_digest);
-    rec.expires_at = crate::clock::unix_now() + 600;
-    store
-        .park(
-            &rec.approval_id,
-            &rec.seal(&d.store_key),
-            std::time::Duration::from_secs(600),
-        )
-        .await
-        .unwrap();
-    let approve = serde_json::json!({
-        "decision": "approve", "approval_id": rec.approval_id, "digest": rec.digest, "reason": "ok"
-    });
+    let (store, d, rec, approve) = parked_for_one_approval().await;
     let first = d.handle(&decision("alice", approve.clone(), false)).await;
     assert_eq!(
         first.reply.outcome,
@@ -164,24 +171,7 @@ async fn a_redelivered_decision_already_stored_is_answered_as_decided_not_refuse
 /// counts it once.
 #[tokio::test]
 async fn a_redelivered_decision_is_counted_once_in_the_metrics() {
-    let store: Arc<dyn ResultStore> = Arc::new(crate::testing::MemStore::default());
-    let d = desk(store.clone());
-    let mut rec = parked();
-    rec.required = 1;
-    rec.policy_digest = d.policy.digest();
-    rec.digest = poller_core::approval::digest(&rec.command_digest, &rec.policy_digest);
-    rec.expires_at = crate::clock::unix_now() + 600;
-    store
-        .park(
-            &rec.approval_id,
-            &rec.seal(&d.store_key),
-            std::time::Duration::from_secs(600),
-        )
-        .await
-        .unwrap();
-    let approve = serde_json::json!({
-        "decision": "approve", "approval_id": rec.approval_id, "digest": rec.digest, "reason": "ok"
-    });
+    let (_, d, _, approve) = parked_for_one_approval().await;
     let sink = crate::testing::RecordingPublisher::new(crate::testing::Log::default());
     for redelivered in [false, true] {
         let msg = decision("alice", approve.clone(), redelivered);
