@@ -7,41 +7,62 @@
  *      Apps Script serves it through a 302 to an echo URL, which the poller fetches with GET.
  *
  * Credentials live in Script Properties and never leave the script: answers carry statuses and
- * expiry times, never a token. Requests are deduplicated per agent (verified or not) and
+ * expiry times, never a token. Two operations are the operators' (the poller sends them only
+ * for `command-poller revoke` and `disconnect`, never for an agent): REVOKE_CREDENTIALS revokes
+ * the service's tokens at the provider where it has a revocation endpoint and deletes them here
+ * either way; DISCONNECT_INTEGRATION does the same and also deletes the app credentials the
+ * integration was set up with. Both answer what was done to each credential. Requests are deduplicated per agent (verified or not) and
  * action_id, as the poller keys its results: a repeated request is answered as it was the first
  * time, without acting again, and a reused action_id with a different request (another
  * command type or service) is refused, never answered with the other request's answer.
  */
 
 /**
- * The one table to edit to add a service: its kind (how it is checked and refreshed), its
- * endpoints, and the Script Properties that hold its credentials.
+ * The one table to edit to add a service: its kind (how it is checked, refreshed and revoked),
+ * its endpoints, the Script Properties that hold its credentials (`tokenProperties`: deleted by
+ * a revoke; `appCredentialProperties`: deleted by a disconnect too), and the admin pages where
+ * what the bridge can't revoke is revoked by hand.
  */
 var SERVICES = {
   mailchimp: {
     kind: 'api_key_ping',
     // {dc} is the data center suffix of the API key (e.g. "us21" in "xxxx-us21").
     pingUrl: 'https://{dc}.api.mailchimp.com/3.0/ping',
-    apiKeyProperty: 'MAILCHIMP_API_KEY'
+    apiKeyProperty: 'MAILCHIMP_API_KEY',
+    tokenProperties: ['MAILCHIMP_API_KEY'],
+    // No API revokes an API key: it is deleted here and revoked by hand there.
+    adminUrl: 'https://admin.mailchimp.com/account/api/'
   },
   meta: {
     kind: 'meta_long_lived',
     debugTokenUrl: 'https://graph.facebook.com/v19.0/debug_token',
     exchangeUrl: 'https://graph.facebook.com/v19.0/oauth/access_token',
+    // DELETE /me/permissions de-authorizes the app for the token's user (every permission).
+    permissionsUrl: 'https://graph.facebook.com/v19.0/me/permissions',
+    adminUrl: 'https://www.facebook.com/settings?tab=business_tools',
+    appAdminUrl: 'https://developers.facebook.com/apps/',
     accessTokenProperty: 'META_ACCESS_TOKEN',
     appIdProperty: 'META_APP_ID',
     appSecretProperty: 'META_APP_SECRET',
-    expiresAtProperty: 'META_ACCESS_TOKEN_EXPIRES_AT'
+    expiresAtProperty: 'META_ACCESS_TOKEN_EXPIRES_AT',
+    tokenProperties: ['META_ACCESS_TOKEN', 'META_ACCESS_TOKEN_EXPIRES_AT'],
+    appCredentialProperties: ['META_APP_SECRET']
   },
   google: {
     kind: 'oauth2_refresh',
     tokenUrl: 'https://oauth2.googleapis.com/token',
     tokenInfoUrl: 'https://oauth2.googleapis.com/tokeninfo',
+    // RFC 7009 revocation: revoking the refresh token ends the grant and its access tokens.
+    revokeUrl: 'https://oauth2.googleapis.com/revoke',
+    adminUrl: 'https://myaccount.google.com/permissions',
+    appAdminUrl: 'https://console.cloud.google.com/apis/credentials',
     clientIdProperty: 'GOOGLE_CLIENT_ID',
     clientSecretProperty: 'GOOGLE_CLIENT_SECRET',
     refreshTokenProperty: 'GOOGLE_REFRESH_TOKEN',
     accessTokenProperty: 'GOOGLE_ACCESS_TOKEN',
-    expiresAtProperty: 'GOOGLE_ACCESS_TOKEN_EXPIRES_AT'
+    expiresAtProperty: 'GOOGLE_ACCESS_TOKEN_EXPIRES_AT',
+    tokenProperties: ['GOOGLE_REFRESH_TOKEN', 'GOOGLE_ACCESS_TOKEN', 'GOOGLE_ACCESS_TOKEN_EXPIRES_AT'],
+    appCredentialProperties: ['GOOGLE_CLIENT_SECRET']
   }
 };
 
@@ -61,7 +82,11 @@ var PAGE_MAX_CHARS = 90000;
 /** How long a claim on an action_id holds while it executes (above the 6-minute cap). */
 var CLAIM_TTL_SECONDS = 420;
 var SECRET_PROPERTY = 'BRIDGE_SECRET';
-var COMMAND_TYPES = ['CHECK_INTEGRATION_STATUS', 'REFRESH_TOKEN', 'CONNECT_INTEGRATION'];
+var COMMAND_TYPES = ['CHECK_INTEGRATION_STATUS', 'REFRESH_TOKEN', 'CONNECT_INTEGRATION',
+  'REVOKE_CREDENTIALS', 'DISCONNECT_INTEGRATION'];
+/** What each credential came to in a revoke or disconnect. */
+var REVOKED_AT_PROVIDER = 'revoked at provider';
+var DELETED_LOCALLY = 'deleted locally, revoke by hand at ';
 
 function doPost(e) {
   return json_(handle_(e));
@@ -308,7 +333,58 @@ function act_(req, props) {
   }
   var kind = KINDS[spec.kind];
   if (req.command_type === 'CHECK_INTEGRATION_STATUS') return kind.check(service, spec, props);
+  if (req.command_type === 'REVOKE_CREDENTIALS' || req.command_type === 'DISCONNECT_INTEGRATION') {
+    return cut_(service, spec, kind, props, req.command_type === 'DISCONNECT_INTEGRATION');
+  }
   return kind.refresh(service, spec, props);
+}
+
+/**
+ * A revoke or disconnect: the kind revokes what the provider lets it (each credential's
+ * outcome), then every credential of the service is deleted here whatever the provider said,
+ * and a disconnect deletes the app credentials too (rotated by hand: no API does it).
+ */
+function cut_(service, spec, kind, props, disconnect) {
+  var outcomes = kind.revoke(service, spec, props);
+  var app = disconnect ? (spec.appCredentialProperties || []) : [];
+  app.forEach(function (name) {
+    if (props.getProperty(name)) {
+      outcomes.push({ credential: name, outcome: DELETED_LOCALLY + (spec.appAdminUrl || spec.adminUrl) });
+    }
+  });
+  (spec.tokenProperties || []).concat(app).forEach(function (name) {
+    props.deleteProperty(name);
+  });
+  return {
+    status: 'success',
+    operation: disconnect ? 'DISCONNECT_INTEGRATION' : 'REVOKE_CREDENTIALS',
+    service: service,
+    integration_status: disconnect ? 'DISCONNECTED' : 'REVOKED',
+    credentials: outcomes,
+    done_at: nowIso_()
+  };
+}
+
+/**
+ * One credential revoked at the provider by `request` (a fetch answer), or, when the provider
+ * refused or could not be reached, deleted here and named for revoking by hand. A token the
+ * provider already considers invalid (400) is revoked there already.
+ */
+function revokedBy_(name, spec, request) {
+  var out = { credential: name };
+  try {
+    var resp = request();
+    var code = resp.getResponseCode();
+    if (code === 200 || code === 400) {
+      out.outcome = REVOKED_AT_PROVIDER;
+      return out;
+    }
+    out.provider_error = 'HTTP ' + code;
+  } catch (err) {
+    out.provider_error = safeMessage_(err);
+  }
+  out.outcome = DELETED_LOCALLY + spec.adminUrl;
+  return out;
 }
 
 function nowIso_() {
@@ -387,6 +463,10 @@ var KINDS = {
       if (r.status === 'error') return r;
       return { status: 'success', integration_status: 'CONNECTED', last_checked: nowIso_() };
     },
+    revoke: function (service, spec, props) {
+      if (!props.getProperty(spec.apiKeyProperty)) return [];
+      return [{ credential: spec.apiKeyProperty, outcome: DELETED_LOCALLY + spec.adminUrl }];
+    },
     refresh: function (service, spec, props) {
       // API keys don't expire: there is nothing to refresh, so confirm the key still works.
       var r = pingMailchimp_(service, spec, props);
@@ -399,6 +479,13 @@ var KINDS = {
     }
   },
   meta_long_lived: {
+    revoke: function (service, spec, props) {
+      var token = props.getProperty(spec.accessTokenProperty);
+      if (!token) return [];
+      return [revokedBy_(spec.accessTokenProperty, spec, function () {
+        return fetch_(spec.permissionsUrl + '?' + form_({ access_token: token }), { method: 'delete' });
+      })];
+    },
     check: function (service, spec, props) {
       var token;
       try {
@@ -440,6 +527,29 @@ var KINDS = {
     }
   },
   oauth2_refresh: {
+    revoke: function (service, spec, props) {
+      var refresh = props.getProperty(spec.refreshTokenProperty);
+      var access = props.getProperty(spec.accessTokenProperty);
+      var revoke = function (token) {
+        return function () {
+          return fetch_(spec.revokeUrl, {
+            method: 'post',
+            contentType: 'application/x-www-form-urlencoded',
+            payload: form_({ token: token })
+          });
+        };
+      };
+      var out = [];
+      if (refresh) {
+        var r = revokedBy_(spec.refreshTokenProperty, spec, revoke(refresh));
+        out.push(r);
+        // Revoking the refresh token ends the grant, and its access tokens with it.
+        if (access) out.push({ credential: spec.accessTokenProperty, outcome: r.outcome });
+      } else if (access) {
+        out.push(revokedBy_(spec.accessTokenProperty, spec, revoke(access)));
+      }
+      return out;
+    },
     check: function (service, spec, props) {
       var token = props.getProperty(spec.accessTokenProperty);
       if (!props.getProperty(spec.refreshTokenProperty)) {

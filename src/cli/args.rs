@@ -124,6 +124,38 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// Emergency-INT-E01 step 2: revoke a service's credentials. Stored first (the service's
+    /// REFRESH_TOKEN is refused on every replica from then on), then carried out once by the
+    /// bridge: revoked at the provider where it allows, deleted from the bridge either way.
+    /// Prints what was done to each credential; works while paused or halted.
+    Revoke {
+        /// The service (as in commands' params.service).
+        service: String,
+        /// Why (the security alert, the audit trail, the stored state).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Emergency-INT-E02 step 2: disconnect a service's integration (every credential revoked
+    /// where the provider allows and deleted); as `revoke` otherwise.
+    Disconnect {
+        service: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Record that a revoked or disconnected service was reconnected by hand (SOP-INT-03's
+    /// manual security and permissions review): its REFRESH_TOKEN is decided again.
+    Reconnected {
+        service: String,
+        /// The review it followed.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
     /// The policy: test a command, replay the audit under a candidate, reload every replica.
     Policy {
         #[command(subcommand)]

@@ -1,7 +1,7 @@
 //! The operator's and approvers' levers from the command line: each sends one request to the
 //! control or approvals exchange as the person's own broker user and prints the answers.
 
-use super::args::{ApproverArgs, OperatorArgs};
+use super::args::{ApproverArgs, Command, OperatorArgs};
 use crate::control::operator::Operator;
 use crate::control::ControlCommand;
 use crate::settings::Settings;
@@ -42,7 +42,8 @@ pub(super) fn endpoints_of(
     }
 }
 
-/// Pulls a lever and prints every replica's answer; exit status 1 when one refused it.
+/// Pulls a lever and prints every replica's answer; exit status 1 when one refused it (or, for
+/// a revoke or disconnect, when no replica reported the bridge carrying it out).
 pub(super) async fn operate(
     settings: &Settings,
     op: OperatorArgs,
@@ -50,9 +51,16 @@ pub(super) async fn operate(
 ) -> anyhow::Result<ExitCode> {
     let endpoints = endpoints_of(op.amqp_url, settings)?;
     let operator = Operator::new(settings, &endpoints, Duration::from_millis(op.wait_ms));
+    let cmd_is_cut = cmd.cut().is_some();
     let report = operator.run(cmd).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    let refused = report.replicas.iter().any(|r| !r.accepted);
+    // A cut nobody reported carried out, or whose bridge call failed, is not done.
+    let cut_undone = cmd_is_cut
+        && !report
+            .replicas
+            .iter()
+            .any(|r| r.cut.as_ref().is_some_and(|c| c.error.is_none()));
+    let refused = report.replicas.iter().any(|r| !r.accepted) || cut_undone;
     Ok(if refused {
         ExitCode::FAILURE
     } else {
@@ -92,34 +100,62 @@ pub(super) async fn resume(
     operate(settings, op, cmd).await
 }
 
-/// `quarantine`: one agent's commands are neither judged nor executed until released.
-pub(super) async fn quarantine(
-    settings: &Settings,
-    op: OperatorArgs,
-    agent: String,
-    reason: String,
-    request_id: String,
-) -> anyhow::Result<ExitCode> {
-    let cmd = ControlCommand::Quarantine {
-        agent,
-        reason,
-        request_id,
-    };
-    operate(settings, op, cmd).await
-}
-
-/// `release`: a quarantined agent's commands flow again.
-pub(super) async fn release(
-    settings: &Settings,
-    op: OperatorArgs,
-    agent: String,
-    reason: String,
-    request_id: String,
-) -> anyhow::Result<ExitCode> {
-    let cmd = ControlCommand::Release {
-        agent,
-        reason,
-        request_id,
-    };
-    operate(settings, op, cmd).await
+/// The lever on one agent (`quarantine`, `release`) or one service (`revoke`, `disconnect`,
+/// `reconnected`), and the operator's flags.
+pub(super) fn lever_of(command: Command, request_id: String) -> (ControlCommand, OperatorArgs) {
+    match command {
+        Command::Quarantine { agent, reason, op } => (
+            ControlCommand::Quarantine {
+                agent,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        Command::Release { agent, reason, op } => (
+            ControlCommand::Release {
+                agent,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        Command::Revoke {
+            service,
+            reason,
+            op,
+        } => (
+            ControlCommand::Revoke {
+                service,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        Command::Disconnect {
+            service,
+            reason,
+            op,
+        } => (
+            ControlCommand::Disconnect {
+                service,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        Command::Reconnected {
+            service,
+            reason,
+            op,
+        } => (
+            ControlCommand::Reconnected {
+                service,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        _ => unreachable!("not an agent's or a service's lever"),
+    }
 }

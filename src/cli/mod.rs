@@ -150,11 +150,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { op } => {
             levers::operate(s, op, ControlCommand::Status { request_id }).await
         }
-        Command::Quarantine { agent, reason, op } => {
-            levers::quarantine(s, op, agent, reason, request_id).await
-        }
-        Command::Release { agent, reason, op } => {
-            levers::release(s, op, agent, reason, request_id).await
+        Command::Quarantine { .. }
+        | Command::Release { .. }
+        | Command::Revoke { .. }
+        | Command::Disconnect { .. }
+        | Command::Reconnected { .. } => {
+            let (cmd, op) = levers::lever_of(command, request_id);
+            levers::operate(s, op, cmd).await
         }
         Command::Policy { command } => tools::policy(s, command, request_id).await,
         Command::Audit { command } => tools::audit(s, command).await,

@@ -17,6 +17,7 @@ mod canary_e2e;
 mod cluster;
 mod console_e2e;
 mod control_e2e;
+mod cuts_e2e;
 mod definitions_e2e;
 mod delivery_e2e;
 mod deploy_manifests;

@@ -327,3 +327,79 @@ test('a full page drops its oldest answers first and stays within the cache\'s v
   assert.equal(gs.lookup_('v:a/p-199', 'd-199').n, 199, 'the newest is kept');
   assert.equal(gs.lookup_('v:a/p-0', 'd-0').remembered, false, 'the oldest went first');
 });
+
+test('REVOKE_CREDENTIALS revokes at each provider that allows it, deletes every token either way, and says which', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const g = post(env, cmd('REVOKE_CREDENTIALS', 'google', 'lever-g', 'operator:ops'));
+  assert.equal(g.status, 'success', JSON.stringify(g));
+  assert.equal(g.operation, 'REVOKE_CREDENTIALS');
+  assert.equal(g.integration_status, 'REVOKED');
+  assert.deepEqual(g.credentials, [
+    { credential: 'GOOGLE_REFRESH_TOKEN', outcome: 'revoked at provider' },
+    { credential: 'GOOGLE_ACCESS_TOKEN', outcome: 'revoked at provider' },
+  ]);
+  noSecrets(g);
+  let c = await calls();
+  assert.equal(c.calls['google POST /revoke'], 1);
+  assert.equal(c.seen.google, '1//refresh-token-value', 'the refresh token is the one revoked (RFC 7009)');
+  for (const k of ['GOOGLE_REFRESH_TOKEN', 'GOOGLE_ACCESS_TOKEN']) assert.ok(!(k in env.props.store), `${k} deleted`);
+  assert.equal(env.props.store.GOOGLE_CLIENT_SECRET, 'google-client-secret', 'a revoke keeps the app credentials');
+
+  const m = post(env, cmd('REVOKE_CREDENTIALS', 'meta', 'lever-m', 'operator:ops'));
+  assert.deepEqual(m.credentials, [{ credential: 'META_ACCESS_TOKEN', outcome: 'revoked at provider' }]);
+  c = await calls();
+  assert.equal(c.calls['meta DELETE /v19.0/me/permissions'], 1);
+  assert.equal(c.seen.meta, 'EAAG-old-token');
+  assert.ok(!('META_ACCESS_TOKEN' in env.props.store));
+
+  const mc = post(env, cmd('REVOKE_CREDENTIALS', 'mailchimp', 'lever-mc', 'operator:ops'));
+  assert.deepEqual(mc.credentials, [
+    { credential: 'MAILCHIMP_API_KEY', outcome: 'deleted locally, revoke by hand at https://admin.mailchimp.com/account/api/' },
+  ]);
+  assert.equal(totalCalls(await calls(), 'mailchimp'), 0, 'no API revokes a Mailchimp key: nothing is called');
+  assert.ok(!('MAILCHIMP_API_KEY' in env.props.store));
+
+  // Afterwards the bridge itself can't refresh: the tokens are gone.
+  const after = post(env, cmd('REFRESH_TOKEN', 'google'));
+  assert.equal(after.status, 'error');
+  assert.match(after.error, /GOOGLE_REFRESH_TOKEN is not set/);
+  assert.equal(post(env, cmd('CHECK_INTEGRATION_STATUS', 'google')).integration_status, 'NOT_CONNECTED');
+});
+
+test('a provider that refuses or is down: the token is still deleted and named for revoking by hand', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  await mode('google', '500');
+  const g = post(env, cmd('REVOKE_CREDENTIALS', 'google', 'lever-g500', 'operator:ops'));
+  assert.equal(g.status, 'success');
+  assert.equal(g.credentials[0].outcome, 'deleted locally, revoke by hand at https://myaccount.google.com/permissions');
+  assert.equal(g.credentials[0].provider_error, 'HTTP 500');
+  assert.ok(!('GOOGLE_REFRESH_TOKEN' in env.props.store));
+  await mode('meta', 'hang');
+  const m = post(env, cmd('REVOKE_CREDENTIALS', 'meta', 'lever-mhang', 'operator:ops'));
+  assert.equal(m.credentials[0].outcome, 'deleted locally, revoke by hand at https://www.facebook.com/settings?tab=business_tools');
+  assert.match(m.credentials[0].provider_error, /Timeout/);
+  noSecrets(m);
+  // A token the provider no longer knows is revoked there already.
+  const env2 = load({ props: CREDS, servicePort: port });
+  await mode('google', 'gone');
+  const gone = post(env2, cmd('REVOKE_CREDENTIALS', 'google', 'lever-ggone', 'operator:ops'));
+  assert.equal(gone.credentials[0].outcome, 'revoked at provider');
+});
+
+test('DISCONNECT_INTEGRATION also deletes the app credentials, names where to rotate them, and acts once', async () => {
+  const env = load({ props: CREDS, servicePort: port });
+  const body = cmd('DISCONNECT_INTEGRATION', 'google', 'lever-d', 'operator:ops');
+  const d = post(env, body);
+  assert.equal(d.integration_status, 'DISCONNECTED');
+  assert.deepEqual(d.credentials.map((x) => x.credential), ['GOOGLE_REFRESH_TOKEN', 'GOOGLE_ACCESS_TOKEN', 'GOOGLE_CLIENT_SECRET']);
+  assert.equal(d.credentials[2].outcome, 'deleted locally, revoke by hand at https://console.cloud.google.com/apis/credentials');
+  assert.ok(!('GOOGLE_CLIENT_SECRET' in env.props.store));
+  assert.equal(env.props.store.GOOGLE_CLIENT_ID, 'client-id.apps.googleusercontent.com', 'an id is no secret');
+  noSecrets(d);
+  // The same request again (another replica, a retry) is answered as the first time.
+  assert.deepEqual(post(env, body), d);
+  assert.equal((await calls()).calls['google POST /revoke'], 1);
+  // Nothing left to revoke: an empty list, still a success.
+  const again = post(env, cmd('DISCONNECT_INTEGRATION', 'google', 'lever-d2', 'operator:ops'));
+  assert.deepEqual(again.credentials, []);
+});

@@ -1,7 +1,8 @@
 // Plays Mailchimp, Meta's Graph API and Google's OAuth endpoints on 127.0.0.1, in a worker
 // thread so it keeps answering while the main thread blocks in the synchronous fetch stand-in.
 // Paths are /<original host>/<original path>. Control: POST /_mode {service, mode} with mode
-// ok | 401 | 500 | hang; GET /_calls; POST /_reset.
+// ok | 401 | 500 | hang | gone (Google's revoke: the token is already invalid); GET /_calls;
+// POST /_reset.
 'use strict';
 const { parentPort } = require('node:worker_threads');
 const http = require('node:http');
@@ -57,6 +58,19 @@ const server = http.createServer((req, res) => {
       seen.google = form.get('refresh_token');
       if (form.get('grant_type') !== 'refresh_token') return send(res, 400, { error: 'unsupported_grant_type' });
       return send(res, 200, { access_token: 'ya29.fresh-access-token', expires_in: 3599, token_type: 'Bearer', scope: 'x' });
+    }
+    // Meta's documented de-authorization: DELETE /me/permissions answers {"success": true}.
+    if (service === 'meta' && path === '/v19.0/me/permissions' && req.method === 'DELETE') {
+      seen.meta = url.searchParams.get('access_token');
+      return send(res, 200, { success: true });
+    }
+    // Google's RFC 7009 endpoint: POST /revoke with token=...; 200 with an empty body, 400
+    // invalid_token for a token it no longer knows.
+    if (service === 'google' && path === '/revoke' && req.method === 'POST') {
+      const token = new URLSearchParams(body).get('token');
+      seen.google = token;
+      if (mode === 'gone') return send(res, 400, { error: 'invalid_token', error_description: 'Token expired or revoked' });
+      return send(res, 200, {});
     }
     if (service === 'google' && path === '/tokeninfo') {
       return send(res, 200, { expires_in: '3000', scope: 'x' });

@@ -18,6 +18,7 @@ function properties(initial) {
     getProperty: (k) => (k in store ? store[k] : null),
     setProperty: (k, v) => { store[k] = String(v); },
     setProperties: (o) => { for (const k of Object.keys(o)) store[k] = String(o[k]); },
+    deleteProperty: (k) => { delete store[k]; },
   };
 }
 

@@ -390,7 +390,7 @@ mod tests {
     fn request(action_id: &str) -> super::super::BridgeRequest {
         super::super::BridgeRequest {
             action_id: action_id.into(),
-            command_type: poller_core::intake::CommandType::CheckIntegrationStatus,
+            command_type: poller_core::intake::CommandType::CheckIntegrationStatus.into(),
             params: super::super::BridgeParams {
                 service: "google".into(),
             },

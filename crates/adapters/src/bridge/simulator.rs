@@ -15,7 +15,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use poller_core::intake::CommandType;
+use poller_core::bridge::Operation;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -97,6 +97,8 @@ struct SimState {
     echoes: Mutex<HashMap<String, serde_json::Value>>,
     faults: Mutex<Faults>,
     in_flight: AtomicUsize,
+    /// Services whose stored credentials a revoke or disconnect deleted, by how.
+    cut: Mutex<HashMap<String, Operation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +176,7 @@ pub async fn start(cfg: SimulatorConfig, addr: SocketAddr) -> std::io::Result<Si
         echoes: Mutex::new(HashMap::new()),
         faults: Mutex::new(Faults::default()),
         in_flight: AtomicUsize::new(0),
+        cut: Mutex::new(HashMap::new()),
     });
     let app = Router::new()
         .route("/exec", post(exec))
@@ -294,7 +297,7 @@ async fn exec(
             break 'answer previous;
         }
         let mut answers = lock(&st.answers);
-        let a = act(&cfg, &req);
+        let a = act(&cfg, &mut lock(&st.cut), &req);
         *lock(&st.log)
             .executions
             .entry(req.action_id.clone())
@@ -332,9 +335,13 @@ fn remembered(st: &SimState, key: &str, digest: &str) -> Option<serde_json::Valu
     ))
 }
 
-fn act(cfg: &SimulatorConfig, req: &BridgeRequest) -> serde_json::Value {
+fn act(
+    cfg: &SimulatorConfig,
+    cut: &mut HashMap<String, Operation>,
+    req: &BridgeRequest,
+) -> serde_json::Value {
     let service = &req.params.service;
-    if req.command_type == CommandType::ConnectIntegration {
+    if req.command_type == Operation::ConnectIntegration {
         return error_json(
             "CONNECT_INTEGRATION refused by bridge policy: new integrations require manual security and permissions review",
             false,
@@ -347,19 +354,68 @@ fn act(cfg: &SimulatorConfig, req: &BridgeRequest) -> serde_json::Value {
         );
     }
     let now = poller_core::clock::now_rfc3339();
-    match req.command_type {
-        CommandType::CheckIntegrationStatus => serde_json::json!({
+    match (req.command_type, cut.get(service.as_str())) {
+        (Operation::CheckIntegrationStatus, gone) => serde_json::json!({
             "status": "success",
-            "integration_status": "CONNECTED",
+            "integration_status": if gone.is_some() { "NOT_CONNECTED" } else { "CONNECTED" },
             "last_checked": now,
         }),
-        CommandType::RefreshToken => serde_json::json!({
+        (Operation::RefreshToken, Some(_)) => error_json(
+            &format!("{service}: no stored credentials (revoked or disconnected); reconnect it by hand (SOP-INT-03)"),
+            false,
+        ),
+        (Operation::RefreshToken, None) => serde_json::json!({
             "status": "success",
             "message": format!("Token for {service} refreshed successfully."),
             "new_token_expires_in": 3600,
         }),
-        CommandType::ConnectIntegration => unreachable!("refused above"),
+        (op @ (Operation::RevokeCredentials | Operation::DisconnectIntegration), _) => {
+            cut.insert(service.clone(), op);
+            cut_answer(service, op, now)
+        }
+        (Operation::ConnectIntegration, _) => unreachable!("refused above"),
     }
+}
+
+/// What the web app answers a revoke or disconnect: what was done to each credential, with
+/// the same per-service capabilities (Google and Meta revoke at the provider; a Mailchimp API
+/// key can only be revoked in its admin page).
+fn cut_answer(service: &str, op: Operation, now: String) -> serde_json::Value {
+    const BY_HAND: &str = "deleted locally, revoke by hand at ";
+    let disconnect = op == Operation::DisconnectIntegration;
+    let mut credentials: Vec<(&str, String)> = match service {
+        "google" => vec![
+            ("GOOGLE_REFRESH_TOKEN", "revoked at provider".into()),
+            ("GOOGLE_ACCESS_TOKEN", "revoked at provider".into()),
+        ],
+        "meta" => vec![("META_ACCESS_TOKEN", "revoked at provider".into())],
+        _ => vec![(
+            "MAILCHIMP_API_KEY",
+            format!("{BY_HAND}https://admin.mailchimp.com/account/api/"),
+        )],
+    };
+    match service {
+        "google" if disconnect => credentials.push((
+            "GOOGLE_CLIENT_SECRET",
+            format!("{BY_HAND}https://console.cloud.google.com/apis/credentials"),
+        )),
+        "meta" if disconnect => credentials.push((
+            "META_APP_SECRET",
+            format!("{BY_HAND}https://developers.facebook.com/apps/"),
+        )),
+        _ => {}
+    }
+    serde_json::json!({
+        "status": "success",
+        "operation": op,
+        "service": service,
+        "integration_status": if disconnect { "DISCONNECTED" } else { "REVOKED" },
+        "credentials": credentials
+            .into_iter()
+            .map(|(c, o)| serde_json::json!({"credential": c, "outcome": o}))
+            .collect::<Vec<_>>(),
+        "done_at": now,
+    })
 }
 
 async fn echo(

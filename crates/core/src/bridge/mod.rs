@@ -11,11 +11,36 @@ use crate::intake::CommandType;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+/// What the bridge is asked to do: an agent's command, or an operator's cut at the provider
+/// (never an agent's: intake refuses those types from the commands queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Operation {
+    CheckIntegrationStatus,
+    RefreshToken,
+    ConnectIntegration,
+    /// `command-poller revoke`: revoke the service's tokens at the provider where it allows,
+    /// delete them from the bridge either way.
+    RevokeCredentials,
+    /// `command-poller disconnect`: every credential of the service revoked and deleted.
+    DisconnectIntegration,
+}
+
+impl From<CommandType> for Operation {
+    fn from(t: CommandType) -> Self {
+        match t {
+            CommandType::CheckIntegrationStatus => Operation::CheckIntegrationStatus,
+            CommandType::RefreshToken => Operation::RefreshToken,
+            CommandType::ConnectIntegration => Operation::ConnectIntegration,
+        }
+    }
+}
+
 /// The JSON body POSTed to the bridge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BridgeRequest {
     pub action_id: String,
-    pub command_type: CommandType,
+    pub command_type: Operation,
     pub params: BridgeParams,
     pub agent: String,
     /// Whether the broker verified `agent` (an unverified name is another agent to the bridge).
@@ -296,10 +321,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn operations_are_named_on_the_wire_as_the_web_app_reads_them() {
+        for (op, name) in [
+            (Operation::from(CommandType::RefreshToken), "REFRESH_TOKEN"),
+            (
+                Operation::from(crate::control::Cut::Revoked),
+                crate::intake::OPERATOR_ONLY_TYPES[0],
+            ),
+            (
+                Operation::from(crate::control::Cut::Disconnected),
+                crate::intake::OPERATOR_ONLY_TYPES[1],
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(op).unwrap(), name);
+        }
+        for t in CommandType::ALL {
+            assert_eq!(
+                serde_json::to_value(Operation::from(t)).unwrap(),
+                t.as_str()
+            );
+        }
+    }
+
+    #[test]
     fn the_digest_is_the_one_the_web_app_computes() {
         let r = BridgeRequest {
             action_id: "token-refresh-google-456".into(),
-            command_type: CommandType::RefreshToken,
+            command_type: CommandType::RefreshToken.into(),
             params: BridgeParams {
                 service: "google".into(),
             },
@@ -334,7 +382,7 @@ mod tests {
             "a retry, or a lookup, is the same request"
         );
         let mut other = r.clone();
-        other.command_type = CommandType::CheckIntegrationStatus;
+        other.command_type = CommandType::CheckIntegrationStatus.into();
         assert_ne!(other.digest(), r.digest());
         assert_eq!(r.dedup_key(), "v:agent-7/token-refresh-google-456");
     }

@@ -16,7 +16,7 @@
 //! fleet keeps the last trusted state made stricter (at least PAUSED; a halt and every
 //! quarantine kept) until an operator decides on that stricter state.
 
-use super::{ControlState, Mode, Quarantined};
+use super::{ControlState, Mode, Quarantined, Revocation};
 use serde::{Deserialize, Serialize};
 
 /// One entry in the state stream.
@@ -44,6 +44,13 @@ pub enum Change {
     Agent {
         agent: String,
         quarantined: Option<Quarantined>,
+    },
+    /// A service cut off (`Some`: revoked or disconnected) or recorded reconnected (`None`).
+    /// Applied in stream order like an agent entry; the poller's own user may only cut (a trip
+    /// that revokes), never record a reconnection.
+    Service {
+        service: String,
+        revoked: Option<Revocation>,
     },
 }
 
@@ -139,8 +146,10 @@ pub fn apply(
     };
     applies.then(|| ControlState {
         seq: (current.seq + 1).max(entry.seq),
-        // The quarantine list is folded from its own entries, never from a mode entry.
+        // The quarantine and revocation lists are folded from their own entries, never from a
+        // mode entry.
         quarantined: current.quarantined.clone(),
+        revoked: current.revoked.clone(),
         ..entry.clone()
     })
 }
@@ -165,6 +174,42 @@ fn apply_agent(
         }
     }
     Some(new)
+}
+
+/// The state after a service entry, or `None` when the writer may not write it.
+fn apply_service(
+    current: &ControlState,
+    service: &str,
+    revoked: Option<&Revocation>,
+    writer: Writer,
+) -> Option<ControlState> {
+    let mut new = current.clone();
+    match (revoked, writer) {
+        (_, Writer::Untrusted) | (None, Writer::Poller) => return None,
+        (Some(r), _) => {
+            new.revoked
+                .entry(service.to_owned())
+                .or_insert_with(|| r.clone());
+        }
+        (None, Writer::Operator) => {
+            new.revoked.remove(service);
+        }
+    }
+    Some(new)
+}
+
+/// The state after a list entry (an agent's quarantine or a service's cut), `None` when the
+/// writer may not write it or the change is a mode.
+fn apply_listed(current: &ControlState, change: &Change, writer: Writer) -> Option<ControlState> {
+    match change {
+        Change::Mode { .. } => None,
+        Change::Agent { agent, quarantined } => {
+            apply_agent(current, agent, quarantined.as_ref(), writer)
+        }
+        Change::Service { service, revoked } => {
+            apply_service(current, service, revoked.as_ref(), writer)
+        }
+    }
 }
 
 /// What a reader of an empty stream folds to, as `control.empty_stream` says.
@@ -231,9 +276,9 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
                 None => Folded::Untrusted { last, why },
             }
         }
-        (Folded::Untrusted { last, why }, Change::Agent { agent, quarantined }) => {
+        (Folded::Untrusted { last, why }, change) => {
             let base = last.clone().unwrap_or_else(ControlState::initial);
-            let last = apply_agent(&base, &agent, quarantined.as_ref(), writer).or(last);
+            let last = apply_listed(&base, &change, writer).or(last);
             Folded::Untrusted { last, why }
         }
     }
@@ -242,9 +287,7 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
 fn step_trusted(current: ControlState, change: Change, state: &ControlState, w: Writer) -> Folded {
     Folded::State(match change {
         Change::Mode { base } => apply(&current, base, state, w).unwrap_or(current),
-        Change::Agent { agent, quarantined } => {
-            apply_agent(&current, &agent, quarantined.as_ref(), w).unwrap_or(current)
-        }
+        listed => apply_listed(&current, &listed, w).unwrap_or(current),
     })
 }
 
@@ -256,6 +299,11 @@ fn describe(change: &Change, state: &ControlState) -> String {
             quarantined: Some(_),
         } => format!("quarantine {agent}"),
         Change::Agent { agent, .. } => format!("release {agent}"),
+        Change::Service {
+            service,
+            revoked: Some(r),
+        } => format!("{} {service}", r.cut.lever()),
+        Change::Service { service, .. } => format!("reconnected {service}"),
     }
 }
 
@@ -324,7 +372,7 @@ pub fn walk_back(records: &[Record], from: ReadFrom) -> Option<ReadFrom> {
 }
 
 /// The best a reader can say when no anchor is left: the latest trusted writer's state, with
-/// the strictest mode and every quarantine any trusted entry it read holds.
+/// the strictest mode and every quarantine and cut service any trusted entry it read holds.
 pub fn best_guess(records: &[Record]) -> Option<ControlState> {
     let trusted: Vec<ControlState> = records
         .iter()
@@ -341,6 +389,12 @@ pub fn best_guess(records: &[Record]) -> Option<ControlState> {
                 .quarantined
                 .entry(agent.clone())
                 .or_insert_with(|| q.clone());
+        }
+        for (service, r) in &s.revoked {
+            guess
+                .revoked
+                .entry(service.clone())
+                .or_insert_with(|| r.clone());
         }
     }
     Some(guess)
@@ -534,6 +588,64 @@ mod tests {
         let Folded::State(s) = f else { panic!("{f:?}") };
         assert_eq!(s.mode, Mode::Running);
         assert!(s.quarantined.contains_key("agent-bad"));
+    }
+
+    /// A service entry whose snapshot holds what it changes, as its writer folded it.
+    fn service_entry(name: &str, cut: bool) -> Vec<u8> {
+        let revoked = cut.then(|| Revocation {
+            cut: super::super::Cut::Revoked,
+            by: "ops".into(),
+            reason: "E01".into(),
+            since: "t".into(),
+            request_id: "r".into(),
+        });
+        let mut snapshot = state(Mode::Running, 0);
+        if let Some(r) = &revoked {
+            snapshot.revoked.insert(name.into(), r.clone());
+        }
+        serde_json::to_vec(&Entry {
+            after: None,
+            change: Change::Service {
+                service: name.into(),
+                revoked,
+            },
+            state: snapshot,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cut_service_stays_cut_until_an_operator_records_it_reconnected() {
+        let cut = |f: &Folded, s: &str| f.effective().unwrap().revoked.contains_key(s);
+        // The poller (a trip that revokes) may cut; only an operator lifts it.
+        let f = fold_all(&[(service_entry("google", true), Poller)]);
+        assert!(cut(&f, "google"));
+        let f2 = step(f.clone(), &service_entry("google", false), Poller);
+        assert!(cut(&f2, "google"), "the poller can't record a reconnection");
+        let f3 = step(f.clone(), &service_entry("google", false), Operator);
+        assert!(!cut(&f3, "google"));
+        // A mode entry's snapshot never carries a cut in or out.
+        let f4 = step(f.clone(), &mode_entry(None, 0, Mode::Paused), Operator);
+        assert!(cut(&f4, "google"));
+        // An untrusted writer can neither cut nor lift, and the untrusted state keeps the cut.
+        let f5 = step(f.clone(), &service_entry("google", false), Untrusted);
+        assert!(matches!(f5, Folded::Untrusted { .. }));
+        assert!(cut(&f5, "google"));
+        let f6 = step(f5.clone(), &service_entry("google", false), Operator);
+        assert!(
+            !cut(&f6, "google"),
+            "an operator's entry applies to the last trusted state"
+        );
+        assert!(
+            matches!(f6, Folded::Untrusted { .. }),
+            "but trusts nothing yet"
+        );
+        // With no anchor left, a best guess keeps every cut any trusted entry held.
+        let recs = [
+            rec(0, Poller, service_entry("meta", true)),
+            rec(1, Poller, mode_entry(None, 0, Mode::Running)),
+        ];
+        assert!(best_guess(&recs).unwrap().revoked.contains_key("meta"));
     }
 
     #[test]

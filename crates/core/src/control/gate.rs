@@ -21,6 +21,8 @@ pub enum Held {
     Mode(Mode),
     /// The agent is in quarantine: the command ends REJECTED.
     Quarantined(super::Quarantined),
+    /// The command's service was revoked or disconnected: the command ends REJECTED.
+    Revoked(super::Revocation),
 }
 
 /// What [`Gate::enforce`] changed.
@@ -30,6 +32,8 @@ pub struct Changed {
     pub mode: bool,
     /// The set of quarantined agents or a quarantine's details.
     pub quarantine: bool,
+    /// The set of revoked or disconnected services.
+    pub revoked: bool,
 }
 
 /// Held for the duration of one bridge call.
@@ -91,6 +95,7 @@ impl Gate {
         let changed = Changed {
             mode: next.mode != state.mode,
             quarantine: next.quarantined != state.quarantined,
+            revoked: next.revoked != state.revoked,
         };
         let mode = next.mode;
         *state = next;
@@ -103,17 +108,35 @@ impl Gate {
         self.lock().quarantined.get(agent).cloned()
     }
 
+    /// The cut that refuses a command of `command_type` for `service`, if any.
+    pub fn revocation_of(
+        &self,
+        command_type: crate::intake::CommandType,
+        service: &str,
+    ) -> Option<super::Revocation> {
+        super::revocation::refusing(&self.lock(), command_type, service).cloned()
+    }
+
     /// Judges are not consulted while halted (the master shut-off stops all actions).
     pub fn may_judge(&self) -> bool {
         self.lock().mode != Mode::Halted
     }
 
-    /// Admits one bridge call for `agent` if running and the agent is not in quarantine
-    /// (checked under the same lock, so a quarantine that returned holds back its next call).
-    pub fn begin_bridge(&self, agent: &str) -> Result<BridgeTicket, Held> {
+    /// Admits one bridge call for `agent`'s command (`command_type` for `service`) if running,
+    /// the agent not in quarantine and the service not cut for it (checked under the same
+    /// lock, so a quarantine or revoke that returned holds back the next call).
+    pub fn begin_bridge(
+        &self,
+        agent: &str,
+        command_type: crate::intake::CommandType,
+        service: &str,
+    ) -> Result<BridgeTicket, Held> {
         let s = self.lock();
         if let Some(q) = s.quarantined.get(agent) {
             return Err(Held::Quarantined(q.clone()));
+        }
+        if let Some(r) = super::revocation::refusing(&s, command_type, service) {
+            return Err(Held::Revoked(r.clone()));
         }
         if s.mode != Mode::Running {
             return Err(Held::Mode(s.mode));
@@ -149,6 +172,8 @@ impl crate::bridge::Admission for Gate {
 mod tests {
     use super::*;
 
+    const REFRESH: crate::intake::CommandType = crate::intake::CommandType::RefreshToken;
+
     fn set(g: &Gate, s: ControlState) -> Changed {
         g.enforce(|_| (Some(s), ())).1
     }
@@ -167,7 +192,7 @@ mod tests {
             set(&g, paused.clone()),
             Changed {
                 mode: true,
-                quarantine: false
+                ..Changed::default()
             }
         );
         assert!(w.has_changed().unwrap());
@@ -179,7 +204,9 @@ mod tests {
     #[test]
     fn nothing_is_admitted_after_a_pause() {
         let g = Gate::default();
-        let t = g.begin_bridge("a").expect("running admits");
+        let t = g
+            .begin_bridge("a", REFRESH, "google")
+            .expect("running admits");
         assert_eq!(g.at_bridge(), 1);
         set(
             &g,
@@ -188,7 +215,10 @@ mod tests {
                 ..ControlState::initial()
             },
         );
-        assert_eq!(g.begin_bridge("a").err(), Some(Held::Mode(Mode::Paused)));
+        assert_eq!(
+            g.begin_bridge("a", REFRESH, "google").err(),
+            Some(Held::Mode(Mode::Paused))
+        );
         assert!(g.may_judge());
         drop(t);
         assert_eq!(g.at_bridge(), 0);
@@ -219,11 +249,34 @@ mod tests {
         s.quarantined.insert("bad".into(), q.clone());
         set(&g, s);
         assert_eq!(
-            g.begin_bridge("bad").err(),
+            g.begin_bridge("bad", REFRESH, "google").err(),
             Some(Held::Quarantined(q.clone()))
         );
-        assert!(g.begin_bridge("good").is_ok());
+        assert!(g.begin_bridge("good", REFRESH, "google").is_ok());
         assert_eq!(g.quarantine_of("bad"), Some(q));
         assert_eq!(g.quarantine_of("good"), None);
+    }
+
+    #[test]
+    fn a_cut_service_holds_back_its_refresh_and_nothing_else() {
+        let g = Gate::default();
+        let mut s = ControlState::initial();
+        let r = crate::control::Revocation {
+            cut: crate::control::Cut::Disconnected,
+            by: "ops".into(),
+            reason: "E02".into(),
+            since: "t".into(),
+            request_id: "d".into(),
+        };
+        s.revoked.insert("google".into(), r.clone());
+        assert!(set(&g, s).revoked);
+        assert_eq!(
+            g.begin_bridge("a", REFRESH, "google").err(),
+            Some(Held::Revoked(r.clone()))
+        );
+        assert!(g.begin_bridge("a", REFRESH, "meta").is_ok());
+        let check = crate::intake::CommandType::CheckIntegrationStatus;
+        assert!(g.begin_bridge("a", check, "google").is_ok());
+        assert_eq!(g.revocation_of(REFRESH, "google"), Some(r));
     }
 }

@@ -8,9 +8,11 @@
 
 pub mod fold;
 pub mod gate;
+pub mod revocation;
 mod settings;
 pub mod trip;
 
+pub use revocation::{Cut, Revocation};
 pub use settings::{ControlSettings, EmptyStream};
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +65,10 @@ pub struct ControlState {
     /// is its own entry in the stored state and never moves `seq`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub quarantined: BTreeMap<String, Quarantined>,
+    /// Services revoked or disconnected, by service: their REFRESH_TOKEN is refused until an
+    /// operator records them reconnected. Like quarantines, their own entries, never `seq`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked: BTreeMap<String, Revocation>,
 }
 
 impl ControlState {
@@ -76,6 +82,7 @@ impl ControlState {
             request_id: String::new(),
             seq: 0,
             quarantined: BTreeMap::new(),
+            revoked: BTreeMap::new(),
         }
     }
 }
@@ -120,6 +127,26 @@ pub enum ControlCommand {
         reason: String,
         request_id: String,
     },
+    /// Emergency-INT-E01 step 2: the service's credentials revoked at the provider (where it
+    /// allows) and deleted from the bridge; its REFRESH_TOKEN refused until reconnected.
+    Revoke {
+        service: String,
+        reason: String,
+        request_id: String,
+    },
+    /// Emergency-INT-E02 step 2: the integration disconnected (every credential of the
+    /// service revoked and deleted); its REFRESH_TOKEN refused until reconnected.
+    Disconnect {
+        service: String,
+        reason: String,
+        request_id: String,
+    },
+    /// The service was reconnected by hand (SOP-INT-03): its REFRESH_TOKEN flows again.
+    Reconnected {
+        service: String,
+        reason: String,
+        request_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -131,7 +158,10 @@ impl ControlCommand {
             | ControlCommand::Status { request_id }
             | ControlCommand::ReloadPolicy { request_id }
             | ControlCommand::Quarantine { request_id, .. }
-            | ControlCommand::Release { request_id, .. } => request_id,
+            | ControlCommand::Release { request_id, .. }
+            | ControlCommand::Revoke { request_id, .. }
+            | ControlCommand::Disconnect { request_id, .. }
+            | ControlCommand::Reconnected { request_id, .. } => request_id,
         }
     }
 
@@ -144,6 +174,18 @@ impl ControlCommand {
             ControlCommand::ReloadPolicy { .. } => "control.policy_reload",
             ControlCommand::Quarantine { .. } => "control.quarantine",
             ControlCommand::Release { .. } => "control.release",
+            ControlCommand::Revoke { .. } => "control.revoke",
+            ControlCommand::Disconnect { .. } => "control.disconnect",
+            ControlCommand::Reconnected { .. } => "control.reconnected",
+        }
+    }
+
+    /// The cut a lever asks the bridge to carry out at the provider, and for which service.
+    pub fn cut(&self) -> Option<(Cut, &str)> {
+        match self {
+            ControlCommand::Revoke { service, .. } => Some((Cut::Revoked, service)),
+            ControlCommand::Disconnect { service, .. } => Some((Cut::Disconnected, service)),
+            _ => None,
         }
     }
 }
@@ -180,10 +222,14 @@ impl Actor {
 pub enum Refusal {
     #[error("{0} is not an operator")]
     NotOperator(String),
-    #[error("the poller's own user may only pause or quarantine")]
+    #[error("the poller's own user may only pause, quarantine or revoke")]
     PollerMayOnlyPause,
     #[error("not an agent id: {0}")]
     BadAgent(String),
+    #[error("not a service: {0}")]
+    BadService(String),
+    #[error("revoke, disconnect and reconnected need a reason (it goes to the security team and the audit record)")]
+    NoReason,
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
@@ -215,6 +261,11 @@ pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
         ControlCommand::Resume { .. } => state.mode == Mode::Running,
         ControlCommand::Quarantine { agent, .. } => state.quarantined.contains_key(agent),
         ControlCommand::Release { agent, .. } => !state.quarantined.contains_key(agent),
+        // A service already cut the other way shows it too (both refuse its refresh).
+        ControlCommand::Revoke { service, .. } | ControlCommand::Disconnect { service, .. } => {
+            state.revoked.contains_key(service)
+        }
+        ControlCommand::Reconnected { service, .. } => !state.revoked.contains_key(service),
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => true,
     }
 }
@@ -237,6 +288,7 @@ pub fn transition(
                 ControlCommand::Pause { .. }
                     | ControlCommand::Status { .. }
                     | ControlCommand::Quarantine { .. }
+                    | ControlCommand::Revoke { .. }
             ) =>
         {
             return Err(Refusal::PollerMayOnlyPause)
@@ -251,27 +303,43 @@ pub fn transition(
         request_id: cmd.request_id().to_owned(),
         seq: current.seq + 1,
         quarantined: current.quarantined.clone(),
+        revoked: current.revoked.clone(),
     };
     match cmd {
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
         ControlCommand::Quarantine { agent, reason, .. } => {
-            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
-            let mut new = current.clone();
-            // Already quarantined: keep who did it first and why.
-            new.quarantined
-                .entry(agent.clone())
-                .or_insert_with(|| Quarantined {
-                    by: by.clone(),
-                    reason: reason.clone(),
-                    since: now(),
-                    request_id: cmd.request_id().to_owned(),
-                });
-            Ok(new)
+            held_out(current, agent, Some((reason, &by, cmd.request_id())))
         }
-        ControlCommand::Release { agent, .. } => {
-            crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+        ControlCommand::Release { agent, .. } => held_out(current, agent, None),
+        ControlCommand::Revoke {
+            service, reason, ..
+        } => cut_off(
+            current,
+            Cut::Revoked,
+            service,
+            reason,
+            &by,
+            cmd.request_id(),
+        ),
+        ControlCommand::Disconnect {
+            service, reason, ..
+        } => cut_off(
+            current,
+            Cut::Disconnected,
+            service,
+            reason,
+            &by,
+            cmd.request_id(),
+        ),
+        ControlCommand::Reconnected {
+            service, reason, ..
+        } => {
+            crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
+            if reason.trim().is_empty() {
+                return Err(Refusal::NoReason);
+            }
             let mut new = current.clone();
-            new.quarantined.remove(agent);
+            new.revoked.remove(service);
             Ok(new)
         }
         ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
@@ -292,6 +360,59 @@ pub fn transition(
             )),
         },
     }
+}
+
+/// `current` with `agent` quarantined (`Some((reason, by, request_id))`; one already there
+/// stays: who did it first and why) or released (`None`).
+fn held_out(
+    current: &ControlState,
+    agent: &str,
+    quarantine: Option<(&str, &str, &str)>,
+) -> Result<ControlState, Refusal> {
+    crate::intake::AgentId::parse(agent).map_err(|e| Refusal::BadAgent(e.to_string()))?;
+    let mut new = current.clone();
+    match quarantine {
+        Some((reason, by, request_id)) => {
+            new.quarantined
+                .entry(agent.to_owned())
+                .or_insert_with(|| Quarantined {
+                    by: by.to_owned(),
+                    reason: reason.to_owned(),
+                    since: now(),
+                    request_id: request_id.to_owned(),
+                });
+        }
+        None => {
+            new.quarantined.remove(agent);
+        }
+    }
+    Ok(new)
+}
+
+/// `current` with `service` cut off (a cut already there stays: who did it first and why).
+fn cut_off(
+    current: &ControlState,
+    cut: Cut,
+    service: &str,
+    reason: &str,
+    by: &str,
+    request_id: &str,
+) -> Result<ControlState, Refusal> {
+    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
+    if reason.trim().is_empty() {
+        return Err(Refusal::NoReason);
+    }
+    let mut new = current.clone();
+    new.revoked
+        .entry(service.to_owned())
+        .or_insert_with(|| Revocation {
+            cut,
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            since: now(),
+            request_id: request_id.to_owned(),
+        });
+    Ok(new)
 }
 
 #[cfg(test)]
@@ -458,6 +579,79 @@ mod tests {
         };
         assert_eq!(transition(&s, &reload, &op()).unwrap(), s);
         assert!(transition(&s, &reload, &poller).is_err());
+    }
+
+    fn revoke(service: &str, reason: &str) -> ControlCommand {
+        ControlCommand::Revoke {
+            service: service.into(),
+            reason: reason.into(),
+            request_id: "v1".into(),
+        }
+    }
+
+    #[test]
+    fn a_cut_is_an_operators_or_a_trips_and_only_an_operator_records_a_reconnection() {
+        let running = state(Mode::Running);
+        let s = transition(&running, &revoke("google", "E01"), &op()).unwrap();
+        assert_eq!(s.revoked["google"].cut, Cut::Revoked);
+        assert_eq!(s.revoked["google"].by, "ops");
+        assert_eq!(s.seq, running.seq, "a cut never moves the mode's sequence");
+        assert_eq!(s.mode, Mode::Running, "a cut pauses nothing by itself");
+        assert!(shows(&s, &revoke("google", "E01")));
+        // Already cut: the first stays, and a disconnect shows on it too.
+        let disconnect = ControlCommand::Disconnect {
+            service: "google".into(),
+            reason: "E02".into(),
+            request_id: "d1".into(),
+        };
+        let again = transition(&s, &disconnect, &op()).unwrap();
+        assert_eq!(again.revoked["google"].reason, "E01");
+        assert!(shows(&again, &disconnect));
+        // Works while halted: step 2 comes after step 1.
+        let halted = transition(&state(Mode::Halted), &disconnect, &op()).unwrap();
+        assert_eq!(halted.revoked["google"].cut, Cut::Disconnected);
+        assert_eq!(halted.mode, Mode::Halted);
+        let reconnected = |reason: &str| ControlCommand::Reconnected {
+            service: "google".into(),
+            reason: reason.into(),
+            request_id: "c1".into(),
+        };
+        let poller = Actor::Poller("poller".into());
+        assert!(transition(&running, &revoke("google", "trip"), &poller).is_ok());
+        assert_eq!(
+            transition(&s, &disconnect, &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        assert_eq!(
+            transition(&s, &reconnected("SOP-INT-03 done"), &poller),
+            Err(Refusal::PollerMayOnlyPause)
+        );
+        let agent = Actor::Other(Some("agent-7".into()));
+        for cmd in [revoke("google", "x"), disconnect.clone(), reconnected("x")] {
+            let e = transition(&s, &cmd, &agent).unwrap_err();
+            assert!(e.is_security_relevant(), "{cmd:?}");
+        }
+        assert_eq!(
+            transition(&s, &reconnected(" "), &op()),
+            Err(Refusal::NoReason)
+        );
+        assert_eq!(
+            transition(&running, &revoke("google", ""), &op()),
+            Err(Refusal::NoReason)
+        );
+        assert!(matches!(
+            transition(&running, &revoke("Google Ads", "x"), &op()),
+            Err(Refusal::BadService(_))
+        ));
+        let back = transition(&s, &reconnected("SOP-INT-03 review #12"), &op()).unwrap();
+        assert!(back.revoked.is_empty());
+        assert!(shows(&back, &reconnected("x")));
+        assert!(!shows(&back, &revoke("google", "x")));
+        // A pause keeps the cut.
+        assert!(transition(&s, &pause(), &op())
+            .unwrap()
+            .revoked
+            .contains_key("google"));
     }
 
     #[test]

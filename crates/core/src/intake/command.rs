@@ -13,6 +13,10 @@ pub enum CommandType {
     ConnectIntegration,
 }
 
+/// The bridge operations only operators ask for (`command-poller revoke` and `disconnect`,
+/// through the control exchange), by their wire names: intake refuses them from agents.
+pub const OPERATOR_ONLY_TYPES: [&str; 2] = ["REVOKE_CREDENTIALS", "DISCONNECT_INTEGRATION"];
+
 impl CommandType {
     pub const ALL: [CommandType; 3] = [
         CommandType::CheckIntegrationStatus,

@@ -169,6 +169,14 @@ pub fn decode(
         .map_err(|r| DecodeError::at("action_id", r))?;
 
     let ct = string_field("command_type", required("command_type")?)?;
+    if super::command::OPERATOR_ONLY_TYPES.contains(&ct.as_ref()) {
+        return Err(DecodeError::at(
+            "command_type",
+            format!(
+                "{ct} is an operator lever (`command-poller revoke` or `disconnect`, through the control exchange), never an agent's command: refused"
+            ),
+        ));
+    }
     let command_type = CommandType::parse(&ct).ok_or_else(|| {
         DecodeError::at(
             "command_type",
@@ -334,6 +342,19 @@ mod tests {
             let (f, msg) = field_of(input);
             assert_eq!(f, field, "input {input}: {msg}");
             assert!(msg.starts_with(field), "{msg}");
+        }
+    }
+
+    #[test]
+    fn an_agent_can_never_send_an_operator_lever() {
+        for t in crate::intake::OPERATOR_ONLY_TYPES {
+            let body = format!(
+                r#"{{"action_id":"a","command_type":"{t}","params":{{"service":"google"}},"severity":"HIGH"}}"#
+            );
+            let (field, why) = field_of(&body);
+            assert_eq!(field, "command_type");
+            assert!(why.contains("operator lever"), "{why}");
+            assert!(why.contains(t), "{why}");
         }
     }
 

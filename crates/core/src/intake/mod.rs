@@ -8,7 +8,9 @@ mod command;
 mod decode;
 mod identity;
 
-pub use command::{ActionId, AgentId, Command, CommandType, Service, Severity};
+pub use command::{
+    ActionId, AgentId, Command, CommandType, Service, Severity, OPERATOR_ONLY_TYPES,
+};
 pub use decode::{decode, salvage_action_id, DecodeError, DecodeLimits};
 pub use identity::{
     identify, reply_target, Agent, IdentityError, ReplyTarget, ReplyToRefused, UNVERIFIED_PREFIX,

@@ -274,6 +274,25 @@ impl ClaimGuard {
         done
     }
 
+    /// Stores `json` (sealed), something other than a command's outcome (a lever's report), and
+    /// ends the claim.
+    pub async fn complete_json(mut self, json: &str, seal: &Secret) -> Result<(), StoreError> {
+        self.renewal.take();
+        let done = self
+            .store
+            .complete(
+                &self.key,
+                &self.owner,
+                &super::seal(seal, json),
+                self.retention,
+                Durability::Synced,
+                ClaimAfter::Ended,
+            )
+            .await;
+        self.finished = done.is_ok();
+        done
+    }
+
     /// Ends the claim without a result (the command goes back to the queue).
     pub async fn release(mut self) -> Result<(), StoreError> {
         self.renewal.take();

@@ -232,8 +232,16 @@ impl Operator<'_> {
         // Every live replica answers, whatever the stored state says.
         if listening {
             let deadline = Instant::now() + self.wait;
+            // A cut is answered by the replica that carried it out once the bridge has: wait
+            // for that report too, within the bridge's own bound.
+            let cut_deadline = cmd.cut().map(|_| Instant::now() + CUT_WAIT.max(self.wait));
             loop {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let reported = replicas.iter().any(|r: &ReplicaReply| r.cut.is_some());
+                let until = match cut_deadline {
+                    Some(d) if !reported => d,
+                    _ => deadline,
+                };
+                let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
@@ -249,9 +257,19 @@ impl Operator<'_> {
                 }
             }
         }
+        if cmd.cut().is_some() && listening && !replicas.iter().any(|r| r.cut.is_some()) {
+            note = Some(format!(
+                "the cut is stored (every replica refuses the service's REFRESH_TOKEN), but no replica reported the bridge's answer within {} s: revoke by hand in the service's admin panel, or run the lever again",
+                CUT_WAIT.as_secs()
+            ));
+        }
         Ok((replicas, note))
     }
 }
+
+/// How long `revoke` and `disconnect` wait for the bridge's answer: above the bridge client's
+/// retries and the web app's own time limit.
+pub const CUT_WAIT: Duration = Duration::from_secs(90);
 
 /// What a lever stores in the state stream, if anything.
 fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<state_log::Change> {
@@ -265,6 +283,14 @@ fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<
                 quarantined: new.quarantined.get(agent).cloned(),
             })
         }
+        // Its own entry too: the cut is stored before any replica asks the bridge to carry it
+        // out, so the service's refreshes are refused from then on, whatever the bridge says.
+        ControlCommand::Revoke { service, .. }
+        | ControlCommand::Disconnect { service, .. }
+        | ControlCommand::Reconnected { service, .. } => Some(state_log::Change::Service {
+            service: service.clone(),
+            revoked: new.revoked.get(service).cloned(),
+        }),
         // Decided on the sequence read: if another change landed in between, the fold lets
         // this one apply only if it is stricter (compare-and-set).
         ControlCommand::Pause { .. }

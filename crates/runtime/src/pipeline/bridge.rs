@@ -1,6 +1,6 @@
 //! The bridge stage: a slot of the fleet's limit, the operator gate, then the Apps Script
 //! bridge. Out: the result of the call (SUCCESS, FAILED, UNKNOWN_OUTCOME), a refusal when the
-//! agent was quarantined meanwhile, or [`Deferred`] when held back.
+//! agent was quarantined or the service cut off meanwhile, or [`Deferred`] when held back.
 
 use super::*;
 
@@ -25,7 +25,10 @@ impl Pipeline {
                 )));
             }
         };
-        let _ticket = match self.gate.begin_bridge(&agent.control_key()) {
+        let held =
+            self.gate
+                .begin_bridge(&agent.control_key(), cmd.command_type, cmd.service.as_str());
+        let _ticket = match held {
             Ok(t) => t,
             Err(Held::Mode(mode)) => {
                 slot.not_sent().await;
@@ -40,6 +43,12 @@ impl Pipeline {
                 tracing::warn!(by = %q.by, "agent quarantined before the bridge call; not executed");
                 return Ok(draft.rejected("agent", quarantine_reason(&agent.control_key(), &q)));
             }
+            Err(Held::Revoked(r)) => {
+                // Revoked or disconnected while it was being decided (or waiting for approvers).
+                slot.not_sent().await;
+                tracing::warn!(by = %r.by, "service cut off before the bridge call; not executed");
+                return Ok(draft.rejected("service", revocation_reason(cmd.service.as_str(), &r)));
+            }
         };
         let repost = slot.earlier();
         if repost {
@@ -47,7 +56,7 @@ impl Pipeline {
         }
         let request = BridgeRequest {
             action_id: cmd.action_id.to_string(),
-            command_type: cmd.command_type,
+            command_type: cmd.command_type.into(),
             params: BridgeParams {
                 service: cmd.service.to_string(),
             },

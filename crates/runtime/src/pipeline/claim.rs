@@ -1,5 +1,5 @@
 //! The claim stage: the command's idempotency claim, per agent, so one agent can't pre-empt
-//! another's action_ids, and the agent's quarantine checked under it.
+//! another's action_ids, and the agent's quarantine and the service's cut checked under it.
 
 use super::*;
 
@@ -13,7 +13,8 @@ impl Pipeline {
     /// Claim: take the action's claim (a copy of an action in flight waits for it, a few per
     /// agent at a time). Out: the claim, or the disposition that ends the command here: a
     /// stored result replayed, a copy over the cap dead-lettered, a busy or unreachable store
-    /// deferred, a quarantined agent's command REJECTED.
+    /// deferred, a quarantined agent's command (or a refresh of a revoked or disconnected
+    /// service) REJECTED.
     pub(super) async fn claim(
         &self,
         msg: &Inbound,
@@ -70,6 +71,19 @@ impl Pipeline {
                 tracing::warn!(error = %e, "could not release the claim of a quarantined agent's command; it expires");
             }
             let result = t.reject("agent", reason);
+            return Err(Box::new(self.refused(result, reply.clone(), t)));
+        }
+        if let Some(r) = self
+            .gate
+            .revocation_of(cmd.command_type, cmd.service.as_str())
+        {
+            // As for a quarantine: never judged or executed, not stored, so the agent's retry
+            // after the service is reconnected is decided afresh.
+            tracing::warn!(by = %r.by, "command refused: its service was cut off");
+            if let Err(e) = guard.release().await {
+                tracing::warn!(error = %e, "could not release the claim of a command for a cut service; it expires");
+            }
+            let result = t.reject("service", revocation_reason(cmd.service.as_str(), &r));
             return Err(Box::new(self.refused(result, reply.clone(), t)));
         }
         Ok(Claimed { guard, digest })

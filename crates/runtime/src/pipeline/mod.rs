@@ -39,8 +39,8 @@ use crate::store::{
     ClaimGuard, Claims, Keeper, ResultStore, Slots, StoredOutcome, Taken, Unsealed, Waiters,
 };
 use draft::{
-    approvers, deferred, lenient_reply, panel_rationale, quarantine_reason, rejected_event, Draft,
-    Trace,
+    approvers, deferred, lenient_reply, panel_rationale, quarantine_reason, rejected_event,
+    revocation_reason, Draft, Trace,
 };
 use poller_core::approval::Parked;
 use poller_core::audit::AuditEvent;
@@ -191,6 +191,19 @@ impl Pipeline {
     }
 
     /// The policy in force (shared with the approval desk, reloaded by the control plane).
+    /// What the control side carries a revoke or disconnect out with: this replica's bridge,
+    /// and its result store for the lever's claim and report.
+    pub fn cutter(&self) -> crate::control::cut::Cutter {
+        let claims = Claims {
+            store: self.store.clone(),
+            instance: self.instance.clone(),
+            ttl: self.claims.ttl,
+            retention: self.retention,
+            keeper: self.claims.keeper.clone(),
+        };
+        crate::control::cut::Cutter::new(self.bridge.clone(), claims, self.store_key.clone())
+    }
+
     pub fn policy(&self) -> &Arc<SharedPolicy> {
         &self.policy
     }

@@ -16,6 +16,8 @@ struct Fixture {
     bridge: Arc<RecordingBridge>,
     gate: Arc<Gate>,
     judge: Script,
+    /// How long the judge takes.
+    judge_ms: u64,
     admission: Option<usize>,
     allow_unverified: bool,
     max_payload_bytes: usize,
@@ -28,6 +30,7 @@ impl Default for Fixture {
             bridge: Arc::new(RecordingBridge::default()),
             gate: Arc::new(Gate::default()),
             judge: Script::Approve,
+            judge_ms: 0,
             admission: None,
             allow_unverified: false,
             max_payload_bytes: 64 * 1024,
@@ -57,7 +60,11 @@ impl Fixture {
                 policy: Arc::new(SharedPolicy::fixed(Arc::new(
                     Policy::parse(SHIPPED_POLICY).expect("the shipped policy parses"),
                 ))),
-                panel: scripted_panel(vec![("judge", self.judge, 0)], Duration::from_secs(1), 1),
+                panel: scripted_panel(
+                    vec![("judge", self.judge, self.judge_ms)],
+                    Duration::from_secs(5),
+                    1,
+                ),
             },
             Execution {
                 bridge: self.bridge.clone(),
@@ -216,6 +223,55 @@ async fn a_quarantined_agents_command_is_rejected_and_its_claim_released() {
         crate::store::Claim::Mine,
         "the claim was released"
     );
+    assert_eq!(f.bridge.calls(), 0);
+}
+
+/// A revoke that lands while the refresh is with the judges: the gate refuses the bridge call
+/// (the claim stage checked before the cut existed).
+#[tokio::test]
+async fn a_service_revoked_while_its_refresh_is_judged_never_reaches_the_bridge() {
+    let f = Fixture {
+        judge_ms: 2_000,
+        ..Fixture::default()
+    };
+    let p = Arc::new(f.pipeline());
+    let mut refresh = command("r-1", "REFRESH_TOKEN");
+    refresh.payload = String::from_utf8(refresh.payload)
+        .unwrap()
+        .replace("LOW", "MEDIUM")
+        .into_bytes();
+    let running = tokio::spawn({
+        let p = p.clone();
+        async move { p.process(&refresh).await }
+    });
+    // Claimed (so past the claim stage's check) and with the judge.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f
+        .store
+        .claim("agent-1/r-1", "probe", Duration::from_millis(1))
+        .await
+        .unwrap()
+        == crate::store::Claim::Mine
+    {
+        assert!(std::time::Instant::now() < deadline, "never claimed");
+        f.store.release("agent-1/r-1", "probe").await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let mut state = ControlState::initial();
+    state.revoked.insert(
+        "mailchimp".into(),
+        poller_core::control::Revocation {
+            cut: poller_core::control::Cut::Revoked,
+            by: "ops".into(),
+            reason: "E01".into(),
+            since: crate::clock::now_rfc3339(),
+            request_id: "v-1".into(),
+        },
+    );
+    f.gate.enforce(|_| (Some(state), ()));
+    let d = running.await.unwrap();
+    assert_eq!(concluded(&d).0, Status::Rejected);
+    assert_eq!(concluded(&d).1, Some("service"));
     assert_eq!(f.bridge.calls(), 0);
 }
 

@@ -68,6 +68,7 @@ impl Poller {
             self.shell.settler.state.clone(),
             self.shell.pipeline.policy().clone(),
             self.shell.settler.state.reload.clone(),
+            Arc::new(self.shell.pipeline.cutter()),
         ));
         let control_ch = consume_conn.create_channel().await?;
         let state_ch = consume_conn.create_channel().await?;

@@ -1,4 +1,5 @@
-//! Levers from operators (pause, resume, halt, quarantine, release, status, policy reload):
+//! Levers from operators (pause, resume, halt, quarantine, release, revoke, disconnect,
+//! reconnected, status, policy reload):
 //! checked by the pure `transition`, refused or answered, and recorded (events, audit, alerts),
 //! each message rendered by [`super::render`]. A lever changes nothing by itself: the operator
 //! stores the change first, the replica's follower of the stored state enforces it, and the
@@ -10,6 +11,7 @@ use crate::broker::names::{self, routing};
 use crate::broker::{BrokerError, Publisher};
 use crate::outcome::Priority;
 use poller_core::control::{shows, transition, Actor, ControlCommand, Refusal};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -22,9 +24,9 @@ pub(super) const SHOWN_WITHIN: Duration = Duration::from_millis(750);
 /// Only the stored state changes what a replica enforces: the lever is the operator's request
 /// for an answer (and, for a quarantine or release, for its announcement).
 pub(super) struct Pending {
-    cmd: ControlCommand,
-    actor: Actor,
-    reply_to: Option<String>,
+    pub(super) cmd: ControlCommand,
+    pub(super) actor: Actor,
+    pub(super) reply_to: Option<String>,
     /// When the stream is read afresh; a lever still not shown after that is refused.
     pub(super) deadline: Instant,
 }
@@ -48,6 +50,7 @@ impl Replica {
             at_bridge: self.gate.at_bridge(),
             processed: self.stats.processed(),
             recent_results: self.stats.recent_results(),
+            cut: None,
         }
     }
 
@@ -120,7 +123,7 @@ impl Replica {
     /// announced first, once per request on this replica); with `expired`, refuses those past
     /// their deadline that it still does not show.
     pub(super) async fn answer_shown(
-        &self,
+        self: &Arc<Self>,
         pending: &mut Vec<Pending>,
         publisher: &Publisher,
         expired: bool,
@@ -145,6 +148,11 @@ impl Replica {
                 .await?;
                 continue;
             }
+            if p.cmd.cut().is_some() {
+                // Answered when the bridge has carried it out (or another replica does).
+                self.carry_out_cut(p, publisher);
+                continue;
+            }
             let agent = matches!(
                 p.cmd,
                 ControlCommand::Quarantine { .. } | ControlCommand::Release { .. }
@@ -153,6 +161,10 @@ impl Replica {
                 let alert = !matches!(p.actor, Actor::Poller(_));
                 self.quarantine_changed(publisher, &p.cmd, &p.actor, alert)
                     .await?;
+            }
+            let reconnected = matches!(p.cmd, ControlCommand::Reconnected { .. });
+            if reconnected && self.first_announcement(&request_id) {
+                self.reconnected(publisher, &p.cmd, &p.actor).await?;
             }
             self.answer(publisher, reply_to, self.reply(&request_id, true, None))
                 .await?;

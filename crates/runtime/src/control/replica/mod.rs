@@ -12,9 +12,11 @@
 //!
 //! One file per concern: `stored.rs` (reading, applying and following the stored state),
 //! `levers.rs` (operators' levers and what they publish), `trips.rs` (the cross-replica trip),
-//! `quarantine.rs` (one agent held out), `policy.rs` (the policy reload and its record),
+//! `quarantine.rs` (one agent held out), `cut.rs` (a service revoked or disconnected at the
+//! provider, and reconnected), `policy.rs` (the policy reload and its record),
 //! [`render`] (every control message, pure); this file holds the replica and its listen loop.
 
+mod cut;
 mod levers;
 mod policy;
 mod quarantine;
@@ -82,6 +84,8 @@ pub struct Replica {
     announced: Mutex<std::collections::VecDeque<String>>,
     /// The offset of the last state entry this replica read: its own entries' `after`.
     state_position: Mutex<Option<u64>>,
+    /// Carries a revoke or disconnect out through the bridge.
+    cutter: Arc<crate::control::cut::Cutter>,
 }
 
 /// What brought a change to the enforced state (for the log line every change writes).
@@ -131,6 +135,8 @@ impl Replica {
                 mode_changed = changed.mode,
                 quarantine_changed = changed.quarantine,
                 quarantined = s.quarantined.len(),
+                revoked_changed = changed.revoked,
+                revoked = s.revoked.len(),
                 "enforcing a new control state"
             );
         }
@@ -159,6 +165,7 @@ impl Replica {
         stats: Arc<dyn ReplicaStats>,
         policy: Arc<SharedPolicy>,
         reload: Arc<tokio::sync::Notify>,
+        cutter: Arc<crate::control::cut::Cutter>,
     ) -> Self {
         let trip = Mutex::new(TripWire::new(control.trips.clone()));
         Self {
@@ -171,6 +178,7 @@ impl Replica {
             reload,
             announced: Mutex::new(Default::default()),
             state_position: Mutex::new(None),
+            cutter,
         }
     }
 
@@ -178,7 +186,7 @@ impl Replica {
     /// answered once the state this replica enforces shows it ([`levers::Pending`]); one not
     /// shown within [`levers::SHOWN_WITHIN`] makes the replica read the stream afresh.
     pub async fn listen(
-        &self,
+        self: Arc<Self>,
         mut consumer: lapin::Consumer,
         mut follower: Follower,
         publisher: Publisher,

@@ -47,6 +47,9 @@ pub struct ReplicaReply {
     pub processed: usize,
     /// The last results' action_id and status, newest last.
     pub recent_results: Vec<(String, Status)>,
+    /// A revoke or disconnect: what the bridge did, from the replica that carried it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<crate::control::cut::CutReport>,
 }
 
 /// A control event, published as `event.<kind>`.
@@ -329,6 +332,7 @@ mod tests {
             at_bridge: 0,
             processed: 3,
             recent_results: vec![],
+            cut: None,
         };
         let o = reply("amq.rabbitmq.reply-to.x", &r);
         assert!(String::from_utf8_lossy(&o.body).contains(&"p".repeat(64)));

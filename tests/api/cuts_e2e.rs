@@ -1,0 +1,326 @@
+//! Step 2 of both emergencies against the real broker: `revoke` and `disconnect` stored first,
+//! carried out once by the fleet through the bridge, the service's refreshes refused until an
+//! operator records it reconnected; and nobody but an operator can pull them.
+
+use crate::common::*;
+use command_poller::control::operator::new_request_id;
+use command_poller::control::{ControlCommand, Mode};
+use command_poller::outcome::Status;
+use std::time::Duration;
+
+fn revoke(service: &str) -> ControlCommand {
+    ControlCommand::Revoke {
+        service: service.into(),
+        reason: "E01: repeated unapproved refreshes".into(),
+        request_id: new_request_id(),
+    }
+}
+
+fn reconnected(service: &str) -> ControlCommand {
+    ControlCommand::Reconnected {
+        service: service.into(),
+        reason: "SOP-INT-03 review SEC-42 done".into(),
+        request_id: new_request_id(),
+    }
+}
+
+async fn two_replicas(h: &Harness) -> (ReplicaHandle, ReplicaHandle) {
+    let (a, b) = (h.spawn_replica("c1", None), h.spawn_replica("c2", None));
+    eventually("both replicas connected", Duration::from_secs(15), || {
+        a.connected() && b.connected()
+    })
+    .await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_revoke_is_carried_out_once_by_the_fleet_and_refuses_the_services_refresh_until_reconnected(
+) {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let (a, b) = two_replicas(&h).await;
+    // E01 step 1, then step 2 while paused.
+    let op = h.operator();
+    op.run(ControlCommand::Pause {
+        reason: "E01".into(),
+        request_id: new_request_id(),
+    })
+    .await
+    .unwrap();
+    let lever = revoke("google");
+    let report = op.run(lever.clone()).await.unwrap();
+    assert_eq!(report.replicas.len(), 2, "{report:?}");
+    assert!(report.replicas.iter().all(|r| r.accepted), "{report:?}");
+    let cuts: Vec<_> = report
+        .replicas
+        .iter()
+        .filter_map(|r| r.cut.clone())
+        .collect();
+    assert_eq!(cuts.len(), 1, "one replica carried it out: {report:?}");
+    let cut = &cuts[0];
+    assert!(cut.error.is_none(), "{cut:?}");
+    assert_eq!(
+        cut.credentials(),
+        vec![
+            "GOOGLE_REFRESH_TOKEN: revoked at provider",
+            "GOOGLE_ACCESS_TOKEN: revoked at provider"
+        ]
+    );
+    assert!([&a.instance, &b.instance].contains(&&cut.carried_out_by));
+    assert_eq!(h.sim.posts(lever.request_id()), 1, "one POST for the fleet");
+    let stored = report.stored_state.expect("stored");
+    assert_eq!(stored.revoked["google"].by, "guest");
+    assert_eq!(stored.mode, Mode::Paused, "a cut changes no mode");
+    let alert = h
+        .wait_until("the security alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("Service google revoked by guest"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(alert.0.routing_key, "security.high");
+    assert!(alert
+        .1
+        .summary
+        .contains("GOOGLE_REFRESH_TOKEN: revoked at provider"));
+    assert!(alert
+        .1
+        .action_required
+        .contains("command-poller reconnected google"));
+
+    // The same lever again (a retry, a redelivery): answered from the stored report.
+    let again = op.run(lever.clone()).await.unwrap();
+    assert!(
+        again.replicas.iter().any(|r| r.cut.as_ref() == Some(cut)),
+        "{again:?}"
+    );
+    assert_eq!(h.sim.posts(lever.request_id()), 1, "never a second POST");
+
+    op.run(ControlCommand::Resume {
+        reason: "contained".into(),
+        lift_halt: false,
+        request_id: new_request_id(),
+    })
+    .await
+    .unwrap();
+    h.send(&cmd(
+        "refresh-after-revoke",
+        "REFRESH_TOKEN",
+        "google",
+        "MEDIUM",
+    ))
+    .await;
+    let r = h.result("refresh-after-revoke").await;
+    assert_eq!(r.status, Status::Rejected, "{r:?}");
+    assert!(
+        r.rationale.contains("service google was revoked by guest"),
+        "{}",
+        r.rationale
+    );
+    assert!(r.rationale.contains("SOP-INT-03"), "{}", r.rationale);
+    assert_eq!(h.sim.executions("refresh-after-revoke"), 0);
+    // Other services and reads are untouched.
+    h.send(&cmd("refresh-meta", "REFRESH_TOKEN", "meta", "MEDIUM"))
+        .await;
+    assert_eq!(h.result("refresh-meta").await.status, Status::Success);
+    h.send(&cmd(
+        "check-google",
+        "CHECK_INTEGRATION_STATUS",
+        "google",
+        "LOW",
+    ))
+    .await;
+    let check = h.result("check-google").await;
+    assert_eq!(check.status, Status::Success);
+    assert_eq!(
+        check.tool_result.unwrap()["integration_status"],
+        "NOT_CONNECTED",
+        "the bridge deleted the tokens"
+    );
+
+    // Reconnected by hand and recorded: refreshes are decided again (the refused one was not
+    // stored, so the agent's own retry goes through).
+    let back = op.run(reconnected("google")).await.unwrap();
+    assert!(back.replicas.iter().all(|r| r.accepted), "{back:?}");
+    assert!(back.stored_state.unwrap().revoked.is_empty());
+    h.wait_until("the reconnection alert", Duration::from_secs(10), |i| {
+        i.alerts
+            .iter()
+            .any(|(_, a)| {
+                a.summary
+                    .contains("Service google recorded reconnected by guest")
+            })
+            .then_some(())
+    })
+    .await;
+    h.send(&cmd(
+        "refresh-after-revoke",
+        "REFRESH_TOKEN",
+        "google",
+        "MEDIUM",
+    ))
+    .await;
+    h.wait_until("the retry decided afresh", Duration::from_secs(15), |i| {
+        i.results
+            .iter()
+            .any(|(_, r)| {
+                r.action_id.as_ref().map(|a| a.as_str()) == Some("refresh-after-revoke")
+                    && r.status != Status::Rejected
+            })
+            .then_some(())
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_works_while_halted_and_a_bridge_that_cannot_is_reported_not_hidden() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("halted", None);
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+    let op = h.operator();
+    op.run(ControlCommand::Halt {
+        reason: "E02".into(),
+        request_id: new_request_id(),
+    })
+    .await
+    .unwrap();
+    let disconnect = |service: &str| ControlCommand::Disconnect {
+        service: service.into(),
+        reason: "E02: integration nobody approved".into(),
+        request_id: new_request_id(),
+    };
+    let report = op.run(disconnect("meta")).await.unwrap();
+    let cut = report.replicas[0]
+        .cut
+        .clone()
+        .expect("carried out while halted");
+    assert_eq!(
+        cut.answer.as_ref().unwrap()["integration_status"],
+        "DISCONNECTED"
+    );
+    assert_eq!(
+        cut.credentials(),
+        vec![
+            "META_ACCESS_TOKEN: revoked at provider",
+            "META_APP_SECRET: deleted locally, revoke by hand at https://developers.facebook.com/apps/"
+        ]
+    );
+    assert_eq!(r.mode(), Mode::Halted, "still halted");
+    // A service the bridge has no credentials for: stored anyway, the failure said plainly.
+    let report = op.run(disconnect("salesforce")).await.unwrap();
+    let cut = report.replicas[0].cut.clone().expect("reported");
+    assert!(
+        cut.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not configured"),
+        "{cut:?}"
+    );
+    assert!(report
+        .stored_state
+        .unwrap()
+        .revoked
+        .contains_key("salesforce"));
+    let alert = h
+        .wait_until("the failure's alert", Duration::from_secs(10), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("Service salesforce disconnected"))
+                .cloned()
+        })
+        .await;
+    assert!(
+        alert.1.summary.contains("the bridge call failed"),
+        "{}",
+        alert.1.summary
+    );
+    assert!(
+        alert.1.action_required.contains("by hand"),
+        "{}",
+        alert.1.action_required
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_can_never_pull_a_cut_nor_record_a_reconnection() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("guarded", None);
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+    // As a command on the commands queue: refused at intake, never sent to the bridge.
+    for (id, t) in [
+        ("agent-revoke", "REVOKE_CREDENTIALS"),
+        ("agent-disconnect", "DISCONNECT_INTEGRATION"),
+    ] {
+        h.send(&cmd(id, t, "google", "HIGH")).await;
+        let res = h.result(id).await;
+        assert_eq!(res.status, Status::Rejected);
+        assert!(
+            res.rationale.contains("operator lever"),
+            "{}",
+            res.rationale
+        );
+        assert_eq!(h.sim.posts(id), 0);
+    }
+    // As a control message from an agent's broker user: refused and alerted; nothing stored.
+    let operator = h.operator();
+    operator.run(revoke("google")).await.unwrap();
+    let agent = tokio::task::spawn_blocking(BrokerUser::create)
+        .await
+        .unwrap();
+    let back = reconnected("google");
+    let conn = lapin::Connection::connect(&agent.url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        h.settings.control.exchange.as_str().into(),
+        back.routing_key().into(),
+        Default::default(),
+        &serde_json::to_vec(&back).unwrap(),
+        lapin::BasicProperties::default().with_user_id(agent.0.as_str().into()),
+    )
+    .await
+    .unwrap();
+    h.wait_until("the refusal's alert", Duration::from_secs(10), |i| {
+        i.alerts
+            .iter()
+            .any(|(_, a)| {
+                a.summary.contains("Refused a control message") && a.summary.contains(&agent.0)
+            })
+            .then_some(())
+    })
+    .await;
+    let _ = conn.close(200, "ok".into()).await;
+    // The CLI as that user is refused before anything is sent.
+    let s = h.settings.clone();
+    let as_agent = command_poller::control::operator::Operator::new(
+        &s,
+        &node(&agent.url()),
+        Duration::from_millis(500),
+    );
+    assert!(as_agent.run(reconnected("google")).await.is_err());
+    assert!(as_agent.run(revoke("meta")).await.is_err());
+    let status = h.status().await;
+    let stored = status.stored_state.unwrap();
+    assert!(stored.revoked.contains_key("google"), "still cut");
+    assert!(!stored.revoked.contains_key("meta"));
+    h.send(&cmd("still-refused", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    assert_eq!(h.result("still-refused").await.status, Status::Rejected);
+    r.stop().await;
+}
