@@ -324,3 +324,88 @@ async fn an_agent_can_never_pull_a_cut_nor_record_a_reconnection() {
     assert_eq!(h.result("still-refused").await.status, Status::Rejected);
     r.stop().await;
 }
+
+/// `revoke_on_trip`: the E01 trip pauses the fleet and, as its step 2, revokes the services the
+/// unapproved refreshes were for, once, announced like an operator's revoke.
+#[tokio::test]
+async fn the_e01_trip_with_revoke_on_trip_pauses_and_revokes_what_was_attempted() {
+    let h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(|s| {
+            for t in &mut s.control.trips {
+                if t.command_type == command_poller::intake::CommandType::RefreshToken {
+                    t.revoke_on_trip = true;
+                }
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    let deny = || {
+        command_poller::testing::scripted_panel(
+            vec![("no", command_poller::testing::Script::Deny, 0)],
+            Duration::from_secs(2),
+            1,
+        )
+    };
+    let (a, b) = (
+        h.spawn_replica("t1", Some(deny())),
+        h.spawn_replica("t2", Some(deny())),
+    );
+    eventually("both replicas connected", Duration::from_secs(15), || {
+        a.connected() && b.connected()
+    })
+    .await;
+    for i in 1..=3 {
+        let id = format!("rt-{i}");
+        h.send(&cmd(&id, "REFRESH_TOKEN", "google", "MEDIUM")).await;
+        assert_eq!(h.result(&id).await.status, Status::NeedsApproval);
+    }
+    eventually("both replicas paused", Duration::from_secs(10), || {
+        a.mode() == Mode::Paused && b.mode() == Mode::Paused
+    })
+    .await;
+    let alert = h
+        .wait_until("the revoke's alert", Duration::from_secs(15), |i| {
+            i.alerts
+                .iter()
+                .find(|(_, a)| a.summary.contains("Service google revoked by"))
+                .cloned()
+        })
+        .await;
+    assert!(
+        alert
+            .1
+            .summary
+            .contains("GOOGLE_REFRESH_TOKEN: revoked at provider"),
+        "{}",
+        alert.1.summary
+    );
+    let status = h.status().await;
+    let stored = status.stored_state.unwrap();
+    let cut = &stored.revoked["google"];
+    assert!(cut.reason.contains("automatic trip"), "{}", cut.reason);
+    assert_eq!(cut.by, h.settings.poller_user());
+    let calls = h.sim.calls();
+    assert_eq!(
+        calls.posts.get(&cut.request_id),
+        Some(&1),
+        "one POST: {calls:?}"
+    );
+    // Resumed without reconnecting: the service's refresh stays refused.
+    h.operator()
+        .run(ControlCommand::Resume {
+            reason: "agent fixed".into(),
+            lift_halt: false,
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    h.send(&cmd("rt-after", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    let r = h.result("rt-after").await;
+    assert_eq!(r.status, Status::Rejected);
+    assert!(r.rationale.contains("automatic trip"), "{}", r.rationale);
+    a.stop().await;
+    b.stop().await;
+}

@@ -22,6 +22,11 @@ pub struct TripRule {
     /// offending agent everywhere, and every other agent's commands keep flowing.
     #[serde(default)]
     pub scope: TripScope,
+    /// REFRESH_TOKEN trips only: also revoke the services the attempts were for, as step 2 of
+    /// Emergency-INT-E01 (`command-poller revoke`, pulled by the replica that tripped). Off by
+    /// default: a revoke takes the service away from every agent until a human reconnects it.
+    #[serde(default)]
+    pub revoke_on_trip: bool,
 }
 
 /// What an automatic trip stops.
@@ -44,6 +49,9 @@ pub struct UnapprovedAttempt {
     pub at: u64,
     /// The replica that processed it.
     pub instance: String,
+    /// The service it was for (absent from replicas of an older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// The decision to trip, with the evidence.
@@ -56,6 +64,17 @@ pub struct Trip {
 }
 
 impl Trip {
+    /// The services the attempts were for, each once, in the order first attempted.
+    pub fn services(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for s in self.attempts.iter().filter_map(|a| a.service.as_ref()) {
+            if !out.contains(s) {
+                out.push(s.clone());
+            }
+        }
+        out
+    }
+
     pub fn reason(&self) -> String {
         let ids: Vec<&str> = self.attempts.iter().map(|a| a.action_id.as_str()).collect();
         format!(
@@ -152,6 +171,7 @@ mod tests {
             status: Status::NeedsApproval,
             at,
             instance: "r1".into(),
+            service: Some(if id.ends_with('m') { "meta" } else { "google" }.into()),
         }
     }
 
@@ -161,7 +181,17 @@ mod tests {
             count: 3,
             window: std::time::Duration::from_secs(600),
             scope: TripScope::Fleet,
+            revoke_on_trip: false,
         }])
+    }
+
+    #[test]
+    fn a_trip_names_each_service_attempted_once() {
+        let mut w = wire();
+        assert!(w.record(attempt("a", "1", 10)).is_none());
+        assert!(w.record(attempt("a", "2m", 11)).is_none());
+        let t = w.record(attempt("a", "3", 12)).expect("trips");
+        assert_eq!(t.services(), vec!["google".to_string(), "meta".to_string()]);
     }
 
     #[test]

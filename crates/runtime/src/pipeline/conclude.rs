@@ -58,6 +58,7 @@ impl Pipeline {
                     action_id: cmd.action_id.to_string(),
                     status: result.status,
                     at: crate::clock::unix_now(),
+                    service: Some(cmd.service.to_string()),
                     instance: self.instance.clone(),
                 }
             });

@@ -134,6 +134,12 @@ impl Settings {
                     "control.trips[{i}]: count and window_secs must be at least 1"
                 ));
             }
+            if t.revoke_on_trip && t.command_type != crate::intake::CommandType::RefreshToken {
+                return bad(format!(
+                    "control.trips[{i}]: revoke_on_trip is for REFRESH_TOKEN trips only (a revoke refuses a service's refreshes; {} attempts hold no credentials to revoke)",
+                    t.command_type
+                ));
+            }
         }
         Ok(())
     }

@@ -193,6 +193,23 @@ mod tests {
     }
 
     #[test]
+    fn revoke_on_trip_is_refused_on_a_trip_that_holds_no_credentials() {
+        let mut s = load(Environment::empty()).unwrap();
+        let refresh = crate::intake::CommandType::RefreshToken;
+        for t in &mut s.control.trips {
+            t.revoke_on_trip = true;
+        }
+        assert!(s.control.trips.iter().any(|t| t.command_type != refresh));
+        let e = s.check().unwrap_err().to_string();
+        assert!(
+            e.contains("revoke_on_trip is for REFRESH_TOKEN trips only"),
+            "{e}"
+        );
+        s.control.trips.retain(|t| t.command_type == refresh);
+        s.check().expect("a REFRESH_TOKEN trip may revoke");
+    }
+
+    #[test]
     fn the_single_url_keeps_working() {
         let s =
             load(Environment::empty().with("POLLER__AMQP__URL", "amqp://p:pw@h:5673/v")).unwrap();

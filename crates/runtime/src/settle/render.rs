@@ -468,6 +468,7 @@ mod tests {
             status: Status::Blocked,
             at: 1,
             instance: "poller-1".into(),
+            service: Some("google".into()),
         };
         let o = unapproved_attempt(&a, &names());
         assert_eq!(o.exchange, "control");

@@ -31,6 +31,18 @@ pub(super) struct Pending {
     pub(super) deadline: Instant,
 }
 
+impl Pending {
+    /// A lever this replica pulled itself (a trip): nobody waits for its answer.
+    pub(super) fn unanswered(cmd: ControlCommand, actor: Actor) -> Self {
+        Self {
+            cmd,
+            actor,
+            reply_to: None,
+            deadline: Instant::now(),
+        }
+    }
+}
+
 impl Replica {
     pub(super) fn reply(
         &self,

@@ -9,10 +9,12 @@ use crate::judging::canary::Finding;
 use crate::outcome::Priority;
 use poller_core::control::trip::{Trip, TripScope, UnapprovedAttempt};
 use poller_core::control::{transition, Actor, ControlCommand};
+use poller_core::intake::CommandType;
+use std::sync::Arc;
 
 impl Replica {
     pub(super) async fn on_attempt(
-        &self,
+        self: &Arc<Self>,
         body: &[u8],
         user: Option<&str>,
         publisher: &Publisher,
@@ -39,9 +41,26 @@ impl Replica {
 
     /// Pauses everywhere (scope `fleet`: locally first, then the stored state, then the other
     /// replicas), or quarantines the offending agent everywhere (scope `agent`).
-    pub(super) async fn trip(&self, publisher: &Publisher, t: Trip) -> Result<(), BrokerError> {
+    pub(super) async fn trip(
+        self: &Arc<Self>,
+        publisher: &Publisher,
+        t: Trip,
+    ) -> Result<(), BrokerError> {
+        if t.rule.revoke_on_trip && t.command_type == CommandType::RefreshToken {
+            // Step 2 after step 1: stored now, carried out by the bridge on its own task.
+            self.stop(publisher, &t).await?;
+            for service in t.services() {
+                self.revoke_on_trip(publisher, &service, &t).await?;
+            }
+            return Ok(());
+        }
+        self.stop(publisher, &t).await
+    }
+
+    /// Step 1 of a trip: the offending agent quarantined (scope `agent`), or the fleet paused.
+    async fn stop(&self, publisher: &Publisher, t: &Trip) -> Result<(), BrokerError> {
         if t.rule.scope == TripScope::Agent {
-            return self.quarantine_everywhere(publisher, &t).await;
+            return self.quarantine_everywhere(publisher, t).await;
         }
         let reason = t.reason();
         tracing::error!(agent = %t.agent, "{reason}");
@@ -66,9 +85,53 @@ impl Replica {
             "security",
             Priority::High,
             &what,
-            "Emergency-INT-E01: revoke the possibly compromised credentials at the provider, investigate the agent's decision logs, escalate to security; resume with `command-poller resume` when safe.",
+            if t.rule.revoke_on_trip {
+                "Emergency-INT-E01: the services attempted are being revoked (revoke_on_trip; a separate alert says what was done to each credential); investigate the agent's decision logs, escalate to security; resume with `command-poller resume` when safe."
+            } else {
+                "Emergency-INT-E01: revoke the possibly compromised credentials (`command-poller revoke SERVICE`), investigate the agent's decision logs, escalate to security; resume with `command-poller resume` when safe."
+            },
         )
         .await
+    }
+
+    /// `revoke_on_trip`: the service cut by the poller's own user (stored, enforced here at
+    /// once), then carried out through the bridge and announced like an operator's revoke.
+    async fn revoke_on_trip(
+        self: &Arc<Self>,
+        publisher: &Publisher,
+        service: &str,
+        t: &Trip,
+    ) -> Result<(), BrokerError> {
+        let cmd = ControlCommand::Revoke {
+            service: service.to_owned(),
+            reason: t.reason(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+        };
+        let actor = Actor::Poller(self.names.poller_user.clone());
+        let (decided, _) = self.enforce(Cause::Trip, |current| {
+            match transition(current, &cmd, &actor) {
+                Ok(new) if new.revoked != current.revoked => (Some(new.clone()), Some(new)),
+                // Cut already (an operator was quicker), or a service the transition refuses.
+                _ => (None, None),
+            }
+        });
+        let Some(new) = decided else {
+            return Ok(());
+        };
+        state_log::write(
+            publisher,
+            &self.control,
+            self.state_position(),
+            state_log::Change::Service {
+                service: service.to_owned(),
+                revoked: new.revoked.get(service).cloned(),
+            },
+            &new,
+            &self.names.poller_user,
+        )
+        .await?;
+        self.carry_out_cut(super::levers::Pending::unanswered(cmd, actor), publisher);
+        Ok(())
     }
 
     /// The poller's own pause (a trip, a failed canary): false when it doesn't apply (the
