@@ -12,6 +12,8 @@ fn operator<'a>(c: &'a Console) -> Operator<'a> {
         replication: c.parts.replication,
         endpoints: c.parts.endpoints.clone(),
         wait: ANSWER_WAIT,
+        // The console pulls no revoke or disconnect.
+        cut_wait: ANSWER_WAIT,
     }
 }
 

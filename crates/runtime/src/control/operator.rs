@@ -56,6 +56,9 @@ pub struct Operator<'a> {
     pub endpoints: broker::Endpoints,
     /// How long to collect replica answers.
     pub wait: Duration,
+    /// How long `revoke` and `disconnect` wait for the replica that carries them out: the
+    /// bridge client's longest call (its retry budget and two request timeouts) and a margin.
+    pub cut_wait: Duration,
 }
 
 impl Operator<'_> {
@@ -234,7 +237,9 @@ impl Operator<'_> {
             let deadline = Instant::now() + self.wait;
             // A cut is answered by the replica that carried it out once the bridge has: wait
             // for that report too, within the bridge's own bound.
-            let cut_deadline = cmd.cut().map(|_| Instant::now() + CUT_WAIT.max(self.wait));
+            let cut_deadline = cmd
+                .cut()
+                .map(|_| Instant::now() + self.cut_wait.max(self.wait));
             loop {
                 let reported = replicas.iter().any(|r: &ReplicaReply| r.cut.is_some());
                 let until = match cut_deadline {
@@ -260,16 +265,12 @@ impl Operator<'_> {
         if cmd.cut().is_some() && listening && !replicas.iter().any(|r| r.cut.is_some()) {
             note = Some(format!(
                 "the cut is stored (every replica refuses the service's REFRESH_TOKEN), but no replica reported the bridge's answer within {} s: revoke by hand in the service's admin panel, or run the lever again",
-                CUT_WAIT.as_secs()
+                self.cut_wait.as_secs()
             ));
         }
         Ok((replicas, note))
     }
 }
-
-/// How long `revoke` and `disconnect` wait for the bridge's answer: above the bridge client's
-/// retries and the web app's own time limit.
-pub const CUT_WAIT: Duration = Duration::from_secs(90);
 
 /// What a lever stores in the state stream, if anything.
 fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<state_log::Change> {

@@ -31,6 +31,9 @@ impl<'a> Operator<'a> {
             replication: settings.topology.replication,
             endpoints: endpoints.clone(),
             wait,
+            cut_wait: settings.bridge.retry_budget
+                + 2 * settings.bridge.request_timeout
+                + Duration::from_secs(10),
         }
     }
 }
