@@ -35,7 +35,11 @@ pub mod approval {
     pub use poller_runtime::approval::*;
 }
 
-/// Audit: the core's record, the runtime's publishing, chain and sink.
+/// Incidents read back from audit records (the runtime's file reading and bundles are in
+/// [`audit::incident`]).
+pub use poller_core::incident;
+
+/// Audit: the core's record, the runtime's publishing, chain, sink and incident bundles.
 pub mod audit {
     pub use poller_core::audit::*;
     pub use poller_runtime::audit::*;

@@ -166,10 +166,16 @@ pub enum Command {
         #[command(subcommand)]
         command: JudgesCommand,
     },
-    /// The audit trail: sink, verify, show.
+    /// The audit trail: sink, verify, show, export an incident's bundle, verify a bundle.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Incidents: a halt, the automatic trip or an automatic quarantine opens one; operators
+    /// open and close one by hand; list and show read them from the audit file.
+    Incident {
+        #[command(subcommand)]
+        command: IncidentCommand,
     },
     /// The operator console: a web page for operators and approvers, who log in with their own
     /// broker user (see the README's "Operator console").
@@ -351,15 +357,81 @@ pub enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Write one incident's self-verifying bundle for the security team and the post-mortem:
+    /// the incident, the chain lines it was built from, the policy digests in force.
+    Export {
+        /// The chain file (verified first).
+        file: PathBuf,
+        /// The incident's id (`command-poller incident list`).
+        #[arg(long)]
+        incident: String,
+        /// Where to write the bundle (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        /// The Apps Script deployment version in force, recorded in the bundle.
+        #[arg(long)]
+        bridge_version: Option<String>,
+    },
+    /// Check a bundle on its own: every line's hash, the links, and the incident against its
+    /// lines. Exit 1 on the first thing wrong.
+    VerifyBundle { bundle: PathBuf },
 }
 
 impl AuditCommand {
-    /// Reads a chain back (verify, show): needs the chain key, no other configuration.
+    /// Reads a chain or a bundle back: needs the chain key, no other configuration.
     pub fn reads_back(&self) -> bool {
         match self {
-            AuditCommand::Verify { .. } | AuditCommand::Show { .. } => true,
+            AuditCommand::Verify { .. }
+            | AuditCommand::Show { .. }
+            | AuditCommand::Export { .. }
+            | AuditCommand::VerifyBundle { .. } => true,
             AuditCommand::Sink { .. } => false,
         }
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum IncidentCommand {
+    /// Every incident in the audit file: id, what opened it, when, open or closed.
+    List {
+        /// The chain file (verified first).
+        file: PathBuf,
+    },
+    /// One incident: who opened and closed it and why, its timeline (every lever, trip, cut,
+    /// refusal and approval decision, and the actions affected), the actions by agent and by
+    /// service, the policy digests in force.
+    Show {
+        id: String,
+        /// The chain file (verified first).
+        file: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open an incident by hand (recorded in the audit trail by every replica).
+    Open {
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Close an incident opened by hand.
+    Close {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+}
+
+impl IncidentCommand {
+    /// Reads the audit file back (list, show): needs the chain key, no other configuration.
+    pub fn reads_back(&self) -> bool {
+        matches!(
+            self,
+            IncidentCommand::List { .. } | IncidentCommand::Show { .. }
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! The operator's and approvers' levers from the command line: each sends one request to the
 //! control or approvals exchange as the person's own broker user and prints the answers.
 
-use super::args::{ApproverArgs, Command, OperatorArgs};
+use super::args::{ApproverArgs, Command, IncidentCommand, OperatorArgs};
 use crate::control::operator::Operator;
 use crate::control::ControlCommand;
 use crate::settings::Settings;
@@ -100,10 +100,12 @@ pub(super) async fn resume(
     operate(settings, op, cmd).await
 }
 
-/// The lever on one agent (`quarantine`, `release`) or one service (`revoke`, `disconnect`,
-/// `reconnected`), and the operator's flags.
+/// The lever on the fleet (`pause`, `halt`), one agent (`quarantine`, `release`) or one
+/// service (`revoke`, `disconnect`, `reconnected`), and the operator's flags.
 pub(super) fn lever_of(command: Command, request_id: String) -> (ControlCommand, OperatorArgs) {
     match command {
+        Command::Pause { reason, op } => (ControlCommand::Pause { reason, request_id }, op),
+        Command::Halt { reason, op } => (ControlCommand::Halt { reason, request_id }, op),
         Command::Quarantine { agent, reason, op } => (
             ControlCommand::Quarantine {
                 agent,
@@ -156,6 +158,27 @@ pub(super) fn lever_of(command: Command, request_id: String) -> (ControlCommand,
             },
             op,
         ),
-        _ => unreachable!("not an agent's or a service's lever"),
+        _ => unreachable!("not a lever on the fleet, an agent or a service"),
+    }
+}
+
+/// `incident open` and `incident close`: the lever, and the operator's flags.
+pub(super) fn incident_lever(
+    command: IncidentCommand,
+    request_id: String,
+) -> (ControlCommand, OperatorArgs) {
+    match command {
+        IncidentCommand::Open { reason, op } => {
+            (ControlCommand::OpenIncident { reason, request_id }, op)
+        }
+        IncidentCommand::Close { id, reason, op } => (
+            ControlCommand::CloseIncident {
+                incident: id,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        _ => unreachable!("a read, answered before"),
     }
 }

@@ -7,13 +7,14 @@
 //! one-shot tools).
 
 mod args;
+mod incident;
 mod levers;
 mod serve;
 mod tools;
 
 pub use args::{
-    ApprovalsCommand, ApproverArgs, AuditCommand, Cli, Command, JudgesCommand, OperatorArgs,
-    PolicyCommand,
+    ApprovalsCommand, ApproverArgs, AuditCommand, Cli, Command, IncidentCommand, JudgesCommand,
+    OperatorArgs, PolicyCommand,
 };
 
 use crate::approval::wire::Request;
@@ -94,14 +95,21 @@ fn answered_without_configuration(
                 .map_err(Into::into),
         ),
         Command::Audit { command } if command.reads_back() && !config_dir.exists() => {
-            let key = std::env::var(tools::SHIPPED_CHAIN_KEY_ENV)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(crate::bridge::signing::Secret::new);
-            Ok(tools::read_back(command, key))
+            Ok(tools::read_back(command, shipped_chain_key()))
+        }
+        Command::Incident { command } if command.reads_back() && !config_dir.exists() => {
+            Ok(incident::read_back(command, shipped_chain_key()))
         }
         other => Err(other),
     }
+}
+
+/// The chain key from the variable the shipped configuration names, when it is set.
+fn shipped_chain_key() -> Option<crate::bridge::signing::Secret> {
+    std::env::var(tools::SHIPPED_CHAIN_KEY_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(crate::bridge::signing::Secret::new)
 }
 
 /// Loads the settings and runs the subcommand.
@@ -136,21 +144,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BridgeSimulator { listen, latency_ms } => {
             serve::bridge_simulator(s, listen, latency_ms).await
         }
-        Command::Pause { reason, op } => {
-            levers::operate(s, op, ControlCommand::Pause { reason, request_id }).await
-        }
         Command::Resume {
             reason,
             lift_halt,
             op,
         } => levers::resume(s, op, reason, lift_halt, request_id).await,
-        Command::Halt { reason, op } => {
-            levers::operate(s, op, ControlCommand::Halt { reason, request_id }).await
-        }
         Command::Status { op } => {
             levers::operate(s, op, ControlCommand::Status { request_id }).await
         }
-        Command::Quarantine { .. }
+        Command::Pause { .. }
+        | Command::Halt { .. }
+        | Command::Quarantine { .. }
         | Command::Release { .. }
         | Command::Revoke { .. }
         | Command::Disconnect { .. }
@@ -160,6 +164,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { command } => tools::policy(s, command, request_id).await,
         Command::Audit { command } => tools::audit(s, command).await,
+        Command::Incident { command } => incident::run(s, command, request_id).await,
         Command::Judges {
             command:
                 JudgesCommand::Eval {

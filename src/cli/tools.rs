@@ -255,9 +255,7 @@ pub(super) async fn audit(settings: &Settings, cmd: AuditCommand) -> anyhow::Res
             tracing::info!(appended = n, "audit sink stopped");
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify { .. } | AuditCommand::Show { .. } => {
-            read_back(cmd, settings.secrets.audit_chain_key.clone())
-        }
+        cmd => read_back(cmd, settings.secrets.audit_chain_key.clone()),
     }
 }
 
@@ -314,6 +312,9 @@ pub(super) fn read_back(
                 println!("{}", serde_json::to_string(&row)?);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export { .. } | AuditCommand::VerifyBundle { .. } => {
+            super::incident::bundle(cmd, key)
         }
         AuditCommand::Sink { .. } => anyhow::bail!("the sink does not read a chain back"),
     }

@@ -23,6 +23,7 @@ mod delivery_e2e;
 mod deploy_manifests;
 mod faults;
 mod idempotency_e2e;
+mod incident_e2e;
 mod judges_bridge_e2e;
 mod judges_eval;
 mod limits_e2e;

@@ -6,7 +6,7 @@
 //! and agent), [`policy`] (ALLOW / JUDGE / BLOCK), [`judging`] (the judge panel and its
 //! tally), [`approval`] (the human decision's rules and wire format), [`control`] (the
 //! operator's state, its transitions and the automatic trips) and [`outcome`] (results and
-//! alerts). The ports the stages need are traits here and implemented by the adapters:
+//! alerts); [`incident`] reads incidents back from audit records. The ports the stages need are traits here and implemented by the adapters:
 //! [`store`] (final results, claims, the fleet's bridge slots and rate windows), [`bridge`]
 //! (the Apps Script web app), [`judging::Judge`]. [`clock`] and [`names`] are the time and
 //! the wire names every layer shares.
@@ -23,6 +23,7 @@ pub mod bridge;
 pub mod clock;
 pub mod control;
 pub mod history;
+pub mod incident;
 pub mod intake;
 pub mod judging;
 pub mod names;

@@ -147,6 +147,18 @@ pub enum ControlCommand {
         reason: String,
         request_id: String,
     },
+    /// An operator opens an incident by hand (a halt or a trip opens one by itself): recorded
+    /// in the audit trail by every replica, changing nothing it enforces.
+    OpenIncident {
+        reason: String,
+        request_id: String,
+    },
+    /// An operator closes an incident opened by hand (`incident` is its id).
+    CloseIncident {
+        incident: String,
+        reason: String,
+        request_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -161,7 +173,9 @@ impl ControlCommand {
             | ControlCommand::Release { request_id, .. }
             | ControlCommand::Revoke { request_id, .. }
             | ControlCommand::Disconnect { request_id, .. }
-            | ControlCommand::Reconnected { request_id, .. } => request_id,
+            | ControlCommand::Reconnected { request_id, .. }
+            | ControlCommand::OpenIncident { request_id, .. }
+            | ControlCommand::CloseIncident { request_id, .. } => request_id,
         }
     }
 
@@ -177,6 +191,8 @@ impl ControlCommand {
             ControlCommand::Revoke { .. } => "control.revoke",
             ControlCommand::Disconnect { .. } => "control.disconnect",
             ControlCommand::Reconnected { .. } => "control.reconnected",
+            ControlCommand::OpenIncident { .. } => "control.incident_open",
+            ControlCommand::CloseIncident { .. } => "control.incident_close",
         }
     }
 
@@ -228,7 +244,7 @@ pub enum Refusal {
     BadAgent(String),
     #[error("not a service: {0}")]
     BadService(String),
-    #[error("revoke, disconnect and reconnected need a reason (it goes to the security team and the audit record)")]
+    #[error("revoke, disconnect, reconnected and an incident's opening or closing need a reason (it goes to the security team and the audit record)")]
     NoReason,
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
@@ -266,7 +282,10 @@ pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
             state.revoked.contains_key(service)
         }
         ControlCommand::Reconnected { service, .. } => !state.revoked.contains_key(service),
-        ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => true,
+        ControlCommand::Status { .. }
+        | ControlCommand::ReloadPolicy { .. }
+        | ControlCommand::OpenIncident { .. }
+        | ControlCommand::CloseIncident { .. } => true,
     }
 }
 
@@ -307,6 +326,15 @@ pub fn transition(
     };
     match cmd {
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
+        ControlCommand::OpenIncident { reason, .. }
+        | ControlCommand::CloseIncident { reason, .. }
+            if reason.trim().is_empty() =>
+        {
+            Err(Refusal::NoReason)
+        }
+        ControlCommand::OpenIncident { .. } | ControlCommand::CloseIncident { .. } => {
+            Ok(current.clone())
+        }
         ControlCommand::Quarantine { agent, reason, .. } => {
             held_out(current, agent, Some((reason, &by, cmd.request_id())))
         }

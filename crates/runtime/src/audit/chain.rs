@@ -96,6 +96,43 @@ pub fn link_hash(seq: u64, prev: &str, record_json: &str) -> String {
     hex::encode(h.finalize())
 }
 
+/// One chain line read back, its record's JSON text as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadLine {
+    pub seq: u64,
+    pub prev: String,
+    pub hash: String,
+    pub keyed: bool,
+    pub record: String,
+}
+
+impl ReadLine {
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let l: LineIn = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        Ok(Self {
+            seq: l.seq,
+            prev: l.prev,
+            hash: l.hash,
+            keyed: l.keyed,
+            record: l.record.get().to_owned(),
+        })
+    }
+
+    /// Whether its hash is the link of its seq, prev and record (keyed with `key`).
+    pub fn holds(&self, key: Option<&Secret>) -> bool {
+        self.keyed == key.is_some() && link(key, self.seq, &self.prev, &self.record) == self.hash
+    }
+}
+
+/// Every line of the chain at `path`, as written, in order.
+pub fn lines(path: &Path) -> Result<Vec<String>, ChainError> {
+    let f = File::open(path).map_err(io(path))?;
+    BufReader::new(f)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(io(path))
+}
+
 pub fn head_path(file: &Path) -> PathBuf {
     let mut p = file.as_os_str().to_owned();
     p.push(".head");

@@ -3,6 +3,7 @@
 //! file that can be verified and queried; [`sink`] is the consumer that does so.
 
 pub mod chain;
+pub mod incident;
 pub mod sink;
 
 use poller_core::audit::{AuditOutcome, AuditRecord};

@@ -276,7 +276,11 @@ impl Operator<'_> {
 fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<state_log::Change> {
     match cmd {
         // Nothing stored: each replica reloads its own file.
-        ControlCommand::ReloadPolicy { .. } | ControlCommand::Status { .. } => None,
+        // Nothing stored: each replica records it in the audit trail.
+        ControlCommand::ReloadPolicy { .. }
+        | ControlCommand::Status { .. }
+        | ControlCommand::OpenIncident { .. }
+        | ControlCommand::CloseIncident { .. } => None,
         // Its own entry, applied in stream order: never a compare-and-set on the mode.
         ControlCommand::Quarantine { agent, .. } | ControlCommand::Release { agent, .. } => {
             Some(state_log::Change::Agent {

@@ -117,6 +117,30 @@ impl Replica {
                 .await?;
                 Ok(None)
             }
+            Ok(_)
+                if matches!(
+                    cmd,
+                    ControlCommand::OpenIncident { .. } | ControlCommand::CloseIncident { .. }
+                ) =>
+            {
+                let (kind, detail) = match &cmd {
+                    ControlCommand::OpenIncident { reason, .. } => {
+                        (poller_core::incident::OPENED, reason.clone())
+                    }
+                    ControlCommand::CloseIncident {
+                        incident, reason, ..
+                    } => (
+                        poller_core::incident::CLOSED,
+                        format!("{incident}: {reason}"),
+                    ),
+                    _ => unreachable!("matched above"),
+                };
+                self.event(publisher, kind, &actor.name(), &request_id, Some(detail))
+                    .await?;
+                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                    .await?;
+                Ok(None)
+            }
             Ok(_) => Ok(Some(Pending {
                 cmd,
                 actor,
