@@ -89,6 +89,24 @@ pub enum Command {
         /// Explicit confirmation that the master shut-off may be lifted.
         #[arg(long)]
         lift_halt: bool,
+        /// Lifting a halt (Emergency-INT-E02 step 4): the post-mortem it follows (a reference,
+        /// recorded with the lift and in the incident).
+        #[arg(long)]
+        post_mortem: Option<String>,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Second a loosening lever another operator proposed (a lifted halt, a release, a
+    /// reconnection), bound to the digest the proposal printed; it applies once it has the
+    /// operators control.loosening_approvals needs. `status` lists pending proposals.
+    Second {
+        /// The proposal's id.
+        proposal: String,
+        #[arg(long)]
+        digest: String,
+        /// Why you agree (recorded in the audit trail).
+        #[arg(long)]
+        reason: String,
         #[command(flatten)]
         op: OperatorArgs,
     },

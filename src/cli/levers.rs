@@ -84,28 +84,40 @@ pub(super) async fn approve(
     decide(settings, ap, req).await
 }
 
-/// `resume`: the fleet runs again (`lift_halt`: after the post-mortem, a halt too).
-pub(super) async fn resume(
-    settings: &Settings,
-    op: OperatorArgs,
-    reason: String,
-    lift_halt: bool,
-    request_id: String,
-) -> anyhow::Result<ExitCode> {
-    let cmd = ControlCommand::Resume {
-        reason,
-        lift_halt,
-        request_id,
-    };
-    operate(settings, op, cmd).await
-}
-
-/// The lever on the fleet (`pause`, `halt`), one agent (`quarantine`, `release`) or one
+/// The lever on the fleet (`pause`, `halt`, `resume`, `second`), one agent (`quarantine`, `release`) or one
 /// service (`revoke`, `disconnect`, `reconnected`), and the operator's flags.
 pub(super) fn lever_of(command: Command, request_id: String) -> (ControlCommand, OperatorArgs) {
     match command {
         Command::Pause { reason, op } => (ControlCommand::Pause { reason, request_id }, op),
         Command::Halt { reason, op } => (ControlCommand::Halt { reason, request_id }, op),
+        Command::Resume {
+            reason,
+            lift_halt,
+            post_mortem,
+            op,
+        } => (
+            ControlCommand::Resume {
+                reason,
+                lift_halt,
+                post_mortem,
+                request_id,
+            },
+            op,
+        ),
+        Command::Second {
+            proposal,
+            digest,
+            reason,
+            op,
+        } => (
+            ControlCommand::Second {
+                proposal,
+                digest,
+                reason,
+                request_id,
+            },
+            op,
+        ),
         Command::Quarantine { agent, reason, op } => (
             ControlCommand::Quarantine {
                 agent,

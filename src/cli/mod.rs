@@ -144,16 +144,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BridgeSimulator { listen, latency_ms } => {
             serve::bridge_simulator(s, listen, latency_ms).await
         }
-        Command::Resume {
-            reason,
-            lift_halt,
-            op,
-        } => levers::resume(s, op, reason, lift_halt, request_id).await,
         Command::Status { op } => {
             levers::operate(s, op, ControlCommand::Status { request_id }).await
         }
         Command::Pause { .. }
         | Command::Halt { .. }
+        | Command::Resume { .. }
+        | Command::Second { .. }
         | Command::Quarantine { .. }
         | Command::Release { .. }
         | Command::Revoke { .. }

@@ -78,7 +78,20 @@ pub(super) struct LeverForm {
     csrf: Option<String>,
     action: String,
     reason: String,
+    /// Lifting a halt: the post-mortem's reference.
+    #[serde(default)]
+    post_mortem: Option<String>,
     confirm: Option<String>,
+}
+
+/// A resume (`lift`: `Some`, with the post-mortem's reference, for lifting a halt).
+fn resume(reason: String, lift: Option<Option<String>>, request_id: String) -> ControlCommand {
+    ControlCommand::Resume {
+        reason,
+        lift_halt: lift.is_some(),
+        post_mortem: lift.flatten(),
+        request_id,
+    }
 }
 
 pub(super) async fn lever(
@@ -110,11 +123,7 @@ pub(super) async fn lever(
     let request_id = new_request_id();
     let cmd = match f.action.as_str() {
         "pause" => ControlCommand::Pause { reason, request_id },
-        "resume" => ControlCommand::Resume {
-            reason,
-            lift_halt: false,
-            request_id,
-        },
+        "resume" => resume(reason, None, request_id),
         "halt" | "lift" if !confirmed => {
             let (what, warning) = if f.action == "halt" {
                 ("halt everything", "The master shut-off (Emergency-INT-E02): no bridge call and no judge call on any replica until the halt is lifted after the post-mortem.")
@@ -128,16 +137,15 @@ pub(super) async fn lever(
                     "Confirm",
                     Some(&w.viewer),
                     None,
-                    context! { what => what, warning => warning, action => f.action, reason => reason },
+                    context! { what => what, warning => warning, action => f.action, reason => reason, post_mortem => f.post_mortem.clone().unwrap_or_default() },
                 ),
             );
         }
         "halt" => ControlCommand::Halt { reason, request_id },
-        "lift" => ControlCommand::Resume {
-            reason,
-            lift_halt: true,
-            request_id,
-        },
+        "lift" => {
+            let post_mortem = f.post_mortem.clone().filter(|p| !p.trim().is_empty());
+            resume(reason, Some(post_mortem), request_id)
+        }
         other => {
             return page(
                 StatusCode::BAD_REQUEST,

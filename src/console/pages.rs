@@ -64,7 +64,8 @@ const OVERVIEW: &str = r#"{% extends "layout.html" %}{% block body %}
 <p><button name="action" value="pause" id="pause">Pause (E01)</button>
 <button name="action" value="resume" id="resume">Resume</button>
 <button name="action" value="halt" id="halt" class="danger">Halt: master shut-off (E02)…</button>
-<button name="action" value="lift" id="lift">Lift the halt…</button></p></form>
+<button name="action" value="lift" id="lift">Lift the halt…</button></p>
+<p><label>Post-mortem (to lift a halt: its reference)<br><input type="text" name="post_mortem" id="post_mortem"></label></p></form>
 <p class="muted">This page refreshes every {{ refresh }} s.</p></div>
 {% endblock %}"#;
 
@@ -73,6 +74,7 @@ const CONFIRM: &str = r#"{% extends "layout.html" %}{% block body %}
 <div class="box msg note"><p>{{ warning }}</p><p>Reason: “{{ reason }}”</p>
 <form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
 <input type="hidden" name="action" value="{{ action }}"><input type="hidden" name="reason" value="{{ reason }}">
+<input type="hidden" name="post_mortem" value="{{ post_mortem }}">
 <input type="hidden" name="confirm" value="yes">
 <button class="danger" id="confirm">Yes, {{ what }}</button> <a href="/overview">Cancel</a></form></div>
 {% endblock %}"#;

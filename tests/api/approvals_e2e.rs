@@ -741,6 +741,7 @@ async fn lift(h: &Harness) {
         ControlCommand::Resume {
             reason: "over".into(),
             lift_halt: true,
+            post_mortem: Some("PM-test".into()),
             request_id: new_request_id(),
         },
     )

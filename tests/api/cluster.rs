@@ -202,11 +202,13 @@ fn lever(cmd: &str, reason: &str) -> ControlCommand {
         "resume" => ControlCommand::Resume {
             reason,
             lift_halt: false,
+            post_mortem: Some("PM-test".into()),
             request_id,
         },
         "lift" => ControlCommand::Resume {
             reason,
             lift_halt: true,
+            post_mortem: Some("PM-test".into()),
             request_id,
         },
         _ => ControlCommand::Status { request_id },

@@ -213,6 +213,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     shows(&c, "Confirm: halt everything").await;
     click(&c, "#confirm").await;
     shows(&c, "id=\"mode\">HALTED").await;
+    type_into(&c, "#post_mortem", "PM-2026-12-drill").await;
     pull(&c, "post-mortem done", "#lift").await;
     shows(&c, "Confirm: lift the halt").await;
     click(&c, "#confirm").await;

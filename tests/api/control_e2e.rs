@@ -34,6 +34,7 @@ fn resume(lift_halt: bool) -> ControlCommand {
     ControlCommand::Resume {
         reason: "incident over".into(),
         lift_halt,
+        post_mortem: Some("PM-test".into()),
         request_id: new_request_id(),
     }
 }

@@ -504,6 +504,7 @@ async fn the_definitions_enforce_least_privilege_and_run_the_poller() {
     .run(command_poller::control::ControlCommand::Resume {
         reason: "bootstrap".into(),
         lift_halt: false,
+        post_mortem: Some("PM-test".into()),
         request_id: command_poller::control::operator::new_request_id(),
     })
     .await

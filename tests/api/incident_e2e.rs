@@ -69,6 +69,7 @@ async fn the_e01_trip_opens_an_incident_whose_bundle_verifies_and_catches_any_ch
     op.run(ControlCommand::Resume {
         reason: "agent fixed, SEC-7".into(),
         lift_halt: false,
+        post_mortem: Some("PM-test".into()),
         request_id: new_request_id(),
     })
     .await

@@ -28,6 +28,7 @@ mod judges_bridge_e2e;
 mod judges_eval;
 mod limits_e2e;
 mod llm_judge;
+mod loosening_e2e;
 mod mcp_e2e;
 mod policy_lifecycle_e2e;
 mod properties;

@@ -33,11 +33,13 @@ fn lever(cmd: &str, agent: &str) -> ControlCommand {
         "resume" => ControlCommand::Resume {
             reason: "over".into(),
             lift_halt: false,
+            post_mortem: Some("PM-test".into()),
             request_id,
         },
         "lift" => ControlCommand::Resume {
             reason: "post-mortem held".into(),
             lift_halt: true,
+            post_mortem: Some("PM-test".into()),
             request_id,
         },
         "quarantine" => ControlCommand::Quarantine {

@@ -16,6 +16,8 @@
 //! fleet keeps the last trusted state made stricter (at least PAUSED; a halt and every
 //! quarantine kept) until an operator decides on that stricter state.
 
+pub use super::anchor::*;
+use super::loosening::{self, Proposal, Rules};
 use super::{ControlState, Mode, Quarantined, Revocation};
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +53,16 @@ pub enum Change {
     Service {
         service: String,
         revoked: Option<Revocation>,
+    },
+    /// A loosening lever parked for other operators (its proposer is the entry's writer,
+    /// whatever the body says). Operators only.
+    Propose { id: String, proposal: Proposal },
+    /// An operator (the entry's writer) seconds proposal `id`, bound to `digest`, at `at`
+    /// (RFC 3339); the fold applies the lever when it has the people the rules need.
+    Second {
+        id: String,
+        digest: String,
+        at: String,
     },
 }
 
@@ -116,7 +128,7 @@ pub fn stricter(last: Option<&ControlState>, why: &str) -> ControlState {
     }
 }
 
-fn restrictiveness(m: Mode) -> u8 {
+pub(super) fn restrictiveness(m: Mode) -> u8 {
     match m {
         Mode::Running => 0,
         Mode::Paused => 1,
@@ -150,6 +162,7 @@ pub fn apply(
         // mode entry.
         quarantined: current.quarantined.clone(),
         revoked: current.revoked.clone(),
+        proposals: current.proposals.clone(),
         ..entry.clone()
     })
 }
@@ -198,18 +211,64 @@ fn apply_service(
     Some(new)
 }
 
-/// The state after a list entry (an agent's quarantine or a service's cut), `None` when the
-/// writer may not write it or the change is a mode.
-fn apply_listed(current: &ControlState, change: &Change, writer: Writer) -> Option<ControlState> {
-    match change {
-        Change::Mode { .. } => None,
-        Change::Agent { agent, quarantined } => {
+/// The state after a list entry (an agent's quarantine, a service's cut, a proposal or its
+/// second), `None` when the writer may not write it or the change is a mode.
+fn apply_listed(
+    current: &ControlState,
+    change: &Change,
+    writer: Writer,
+    who: Who<'_>,
+) -> Option<ControlState> {
+    match (change, writer, who.user) {
+        (Change::Mode { .. }, _, _) => None,
+        (Change::Agent { agent, quarantined }, _, _) => {
             apply_agent(current, agent, quarantined.as_ref(), writer)
         }
-        Change::Service { service, revoked } => {
+        (Change::Service { service, revoked }, _, _) => {
             apply_service(current, service, revoked.as_ref(), writer)
         }
+        (Change::Propose { id, proposal }, Writer::Operator, Some(user)) => {
+            let mut new = current.clone();
+            // The proposer is who wrote it; the digest is the lever's, never the body's word.
+            let p =
+                loosening::propose(&proposal.lever, user, &proposal.since, &proposal.expires_at);
+            new.proposals.entry(id.clone()).or_insert(p);
+            Some(new)
+        }
+        (Change::Second { id, digest, at }, Writer::Operator, Some(user)) => {
+            loosening::second(current, id, digest, user, at, who.rules).ok()
+        }
+        (Change::Propose { .. } | Change::Second { .. }, _, _) => None,
     }
+}
+
+/// Who wrote an entry (its broker-checked user) and the rules it is folded under.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub user: Option<&'a str>,
+    pub rules: Rules,
+}
+
+impl Who<'_> {
+    /// One operator's rules, the writer unnamed (tests, and streams written before proposals).
+    pub fn anyone() -> Who<'static> {
+        Who {
+            user: None,
+            rules: Rules::default(),
+        }
+    }
+}
+
+/// `new` unless it loosens `current` by an entry of its own while the rules need two people
+/// (a loosening is applied only by the second that completes its proposal).
+fn unless_loosened(
+    current: &ControlState,
+    new: ControlState,
+    change: &Change,
+    rules: Rules,
+) -> Option<ControlState> {
+    let completes = matches!(change, Change::Second { .. });
+    (completes || !rules.two_people() || !loosening::loosens(current, &new)).then_some(new)
 }
 
 /// What a reader of an empty stream folds to, as `control.empty_stream` says.
@@ -229,7 +288,7 @@ pub fn parse(body: &[u8]) -> Result<Entry, serde_json::Error> {
 }
 
 /// `current` made untrusted because of `why`, keeping the last trusted state.
-fn distrust(current: Folded, why: String) -> Folded {
+pub(super) fn distrust(current: Folded, why: String) -> Folded {
     match current {
         // The first reason stays: it is what an operator has to look into.
         Folded::Untrusted { last, why: first } => Folded::Untrusted { last, why: first },
@@ -240,8 +299,13 @@ fn distrust(current: Folded, why: String) -> Folded {
     }
 }
 
-/// Folds one message (body and writer) into `current`.
+/// Folds one message (body and writer) into `current`, under one operator's rules.
 pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
+    step_by(current, body, writer, Who::anyone())
+}
+
+/// Folds one message (body, writer class, and who wrote it under which rules) into `current`.
+pub fn step_by(current: Folded, body: &[u8], writer: Writer, who: Who<'_>) -> Folded {
     let entry = match parse(body) {
         Ok(e) => e,
         Err(e) => return distrust(current, format!("an unreadable state entry ({e})")),
@@ -260,13 +324,16 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
         // to the initial state.
         (Folded::Empty, _) if writer == Writer::Operator => Folded::State(entry.state),
         (Folded::Empty, change) => {
-            step_trusted(ControlState::initial(), change, &entry.state, writer)
+            step_trusted(ControlState::initial(), change, &entry.state, writer, who)
         }
-        (Folded::State(c), change) => step_trusted(c, change, &entry.state, writer),
+        (Folded::State(c), change) => step_trusted(c, change, &entry.state, writer, who),
         (Folded::Untrusted { last, why }, Change::Mode { base }) => {
             // Decided on the stricter state replicas enforce.
             let eff = stricter(last.as_ref(), &why);
-            match apply(&eff, base, &entry.state, writer) {
+            let change = Change::Mode { base };
+            let applied = apply(&eff, base, &entry.state, writer)
+                .and_then(|new| unless_loosened(&eff, new, &change, who.rules));
+            match applied {
                 // An operator decided on what replicas enforce: trusted again.
                 Some(new) if writer == Writer::Operator && base >= eff.seq => Folded::State(new),
                 Some(new) => Folded::Untrusted {
@@ -276,20 +343,56 @@ pub fn step(current: Folded, body: &[u8], writer: Writer) -> Folded {
                 None => Folded::Untrusted { last, why },
             }
         }
+        // The operators a proposal needed decided on what replicas enforce: trusted again.
+        (Folded::Untrusted { last, why }, change @ Change::Second { .. })
+            if writer == Writer::Operator =>
+        {
+            let eff = stricter(last.as_ref(), &why);
+            match apply_listed(&eff, &change, writer, who) {
+                Some(new) if loosening::loosens(&eff, &new) => Folded::State(new),
+                Some(new) => Folded::Untrusted {
+                    last: Some(ControlState {
+                        proposals: new.proposals,
+                        ..last.unwrap_or_else(ControlState::initial)
+                    }),
+                    why,
+                },
+                None => Folded::Untrusted { last, why },
+            }
+        }
         (Folded::Untrusted { last, why }, change) => {
             let base = last.clone().unwrap_or_else(ControlState::initial);
-            let last = apply_listed(&base, &change, writer).or(last);
+            let last = apply_listed(&base, &change, writer, who)
+                .and_then(|new| unless_loosened(&base, new, &change, who.rules))
+                .or(last);
             Folded::Untrusted { last, why }
         }
     }
 }
 
-fn step_trusted(current: ControlState, change: Change, state: &ControlState, w: Writer) -> Folded {
-    Folded::State(match change {
-        Change::Mode { base } => apply(&current, base, state, w).unwrap_or(current),
-        listed => apply_listed(&current, &listed, w).unwrap_or(current),
-    })
+fn step_trusted(
+    current: ControlState,
+    change: Change,
+    state: &ControlState,
+    w: Writer,
+    who: Who<'_>,
+) -> Folded {
+    let new = match &change {
+        Change::Mode { base } => apply(&current, *base, state, w),
+        listed => apply_listed(&current, listed, w, who),
+    };
+    match new {
+        Some(new) => match unless_loosened(&current, new, &change, who.rules) {
+            Some(new) => Folded::State(new),
+            // A lone operator's loosening: refused, and the state no longer trusted.
+            None => distrust(Folded::State(current), LONE_LOOSENING.into()),
+        },
+        None => Folded::State(current),
+    }
 }
+
+/// Why a state is untrusted after a lone operator's loosening entry.
+pub const LONE_LOOSENING: &str = "an operator's entry loosened the state (a halt lifted, an agent released or a cut lifted) without the other operators control.loosening_approvals requires";
 
 fn describe(change: &Change, state: &ControlState) -> String {
     match change {
@@ -304,100 +407,9 @@ fn describe(change: &Change, state: &ControlState) -> String {
             revoked: Some(r),
         } => format!("{} {service}", r.cut.lever()),
         Change::Service { service, .. } => format!("reconnected {service}"),
+        Change::Propose { id, .. } => format!("propose {id}"),
+        Change::Second { id, .. } => format!("second {id}"),
     }
-}
-
-/// One message read from the stream: its offset, its writer, its body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub offset: u64,
-    pub writer: Writer,
-    pub body: Vec<u8>,
-}
-
-/// Where a pass starts reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadFrom {
-    /// The stream's last chunk.
-    Last,
-    /// The stream's first entry still kept.
-    First,
-    Offset(u64),
-}
-
-/// The index in `records` (read in stream order, starting at `from`) where a fold may start:
-/// the latest entry written by an operator whose `after` names the record just before it, or
-/// the stream's first entry written with `after: None`.
-pub fn anchor(records: &[Record], from: ReadFrom) -> Option<usize> {
-    (0..records.len()).rev().find(|&i| {
-        let r = &records[i];
-        if r.writer != Writer::Operator {
-            return false;
-        }
-        match parse(&r.body).map(|e| e.after) {
-            Err(_) => false,
-            Ok(None) => i == 0 && from == ReadFrom::First,
-            Ok(Some(a)) => i > 0 && records[i - 1].offset == a,
-        }
-    })
-}
-
-/// The state folded from the anchor in `records` over everything after it, or `None` when
-/// they hold no anchor.
-pub fn fold_records(records: &[Record], from: ReadFrom) -> Option<Folded> {
-    let i = anchor(records, from)?;
-    let start = parse(&records[i].body).ok()?.state;
-    Some(
-        records[i + 1..]
-            .iter()
-            .fold(Folded::State(start), |f, r| step(f, &r.body, r.writer)),
-    )
-}
-
-/// Where to read next when `records` (read from `from`) hold no anchor: the earliest entry any
-/// of them names, else the stream's first entry; `None` when nothing earlier can be read.
-pub fn walk_back(records: &[Record], from: ReadFrom) -> Option<ReadFrom> {
-    let first = records.first()?.offset;
-    let earliest = records
-        .iter()
-        .filter(|r| r.writer != Writer::Untrusted)
-        .filter_map(|r| parse(&r.body).ok()?.after)
-        .min();
-    match (from, earliest) {
-        // Read from the first entry kept: nothing earlier is left.
-        (ReadFrom::First, _) => None,
-        (_, Some(a)) if a < first => Some(ReadFrom::Offset(a)),
-        _ => Some(ReadFrom::First),
-    }
-}
-
-/// The best a reader can say when no anchor is left: the latest trusted writer's state, with
-/// the strictest mode and every quarantine and cut service any trusted entry it read holds.
-pub fn best_guess(records: &[Record]) -> Option<ControlState> {
-    let trusted: Vec<ControlState> = records
-        .iter()
-        .filter(|r| r.writer != Writer::Untrusted)
-        .filter_map(|r| parse(&r.body).ok().map(|e| e.state))
-        .collect();
-    let mut guess = trusted.last()?.clone();
-    for s in &trusted {
-        if restrictiveness(s.mode) > restrictiveness(guess.mode) {
-            guess.mode = s.mode;
-        }
-        for (agent, q) in &s.quarantined {
-            guess
-                .quarantined
-                .entry(agent.clone())
-                .or_insert_with(|| q.clone());
-        }
-        for (service, r) in &s.revoked {
-            guess
-                .revoked
-                .entry(service.clone())
-                .or_insert_with(|| r.clone());
-        }
-    }
-    Some(guess)
 }
 
 #[cfg(test)]
@@ -469,7 +481,232 @@ mod tests {
             offset,
             writer,
             body,
+            user: None,
         }
+    }
+
+    const TWO: Rules = Rules {
+        loosening_approvals: 2,
+    };
+
+    fn by(user: &str) -> Who<'_> {
+        Who {
+            user: Some(user),
+            rules: TWO,
+        }
+    }
+
+    fn lift() -> super::super::ControlCommand {
+        super::super::ControlCommand::Resume {
+            reason: "back".into(),
+            lift_halt: true,
+            post_mortem: Some("PM-1".into()),
+            request_id: "p-1".into(),
+        }
+    }
+
+    fn entry(after: Option<u64>, change: Change, state: ControlState) -> Vec<u8> {
+        serde_json::to_vec(&Entry {
+            after,
+            change,
+            state,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn with_two_people_a_lone_operator_never_lifts_a_halt_and_a_second_does() {
+        let halted = Folded::State(state(Mode::Halted, 1));
+        // One operator's lift, written straight: refused by the fold.
+        let lone = step_by(
+            halted.clone(),
+            &mode_entry(None, 1, Mode::Running),
+            Operator,
+            by("alice"),
+        );
+        assert_eq!(lone.effective().unwrap().mode, Mode::Halted);
+        assert!(
+            matches!(lone, Folded::Untrusted { .. }),
+            "and alerted: {lone:?}"
+        );
+        // Proposed, then seconded by the proposer (refused), then by another: lifted.
+        let p = loosening::propose(
+            &lift(),
+            "claimed-by-body",
+            "2026-12-07T10:00:00Z",
+            "2026-12-07T11:00:00Z",
+        );
+        let digest = p.digest.clone();
+        let proposed = step_by(
+            halted,
+            &entry(
+                None,
+                Change::Propose {
+                    id: "p-1".into(),
+                    proposal: p,
+                },
+                state(Mode::Halted, 1),
+            ),
+            Operator,
+            by("alice"),
+        );
+        let Folded::State(s) = &proposed else {
+            panic!("{proposed:?}")
+        };
+        assert_eq!(
+            s.proposals["p-1"].by, "alice",
+            "the writer, not the body's word"
+        );
+        let second = |f: Folded, who: &str| {
+            step_by(
+                f,
+                &entry(
+                    None,
+                    Change::Second {
+                        id: "p-1".into(),
+                        digest: digest.clone(),
+                        at: "2026-12-07T10:05:00Z".into(),
+                    },
+                    state(Mode::Running, 2),
+                ),
+                Operator,
+                by(who),
+            )
+        };
+        assert_eq!(mode(&second(proposed.clone(), "alice")), Mode::Halted);
+        let done = second(proposed.clone(), "bob");
+        assert_eq!(mode(&done), Mode::Running);
+        // The poller's user can neither second nor lift.
+        let poller_second = step_by(
+            proposed,
+            &entry(
+                None,
+                Change::Second {
+                    id: "p-1".into(),
+                    digest: digest.clone(),
+                    at: "2026-12-07T10:05:00Z".into(),
+                },
+                state(Mode::Running, 2),
+            ),
+            Poller,
+            by("poller"),
+        );
+        assert_eq!(mode(&poller_second), Mode::Halted);
+        let as_poller = step_by(
+            Folded::State(state(Mode::Halted, 1)),
+            &mode_entry(None, 1, Mode::Running),
+            Poller,
+            by("poller"),
+        );
+        assert_eq!(mode(&as_poller), Mode::Halted);
+    }
+
+    #[test]
+    fn with_two_people_a_lone_release_or_reconnection_is_refused_and_a_quarantine_is_not() {
+        let mut held = state(Mode::Running, 0);
+        held.quarantined.insert("agent-bad".into(), q());
+        let held = Folded::State(held);
+        let released = step_by(
+            held.clone(),
+            &agent_entry(None, "agent-bad", false, state(Mode::Running, 0)),
+            Operator,
+            by("alice"),
+        );
+        assert!(released
+            .effective()
+            .unwrap()
+            .quarantined
+            .contains_key("agent-bad"));
+        assert!(matches!(released, Folded::Untrusted { .. }));
+        let more = step_by(
+            held,
+            &agent_entry(None, "agent-2", true, state(Mode::Running, 0)),
+            Operator,
+            by("alice"),
+        );
+        assert!(
+            matches!(more, Folded::State(_)),
+            "tightening stays one operator's"
+        );
+        let cut = fold_all(&[(service_entry("google", true), Operator)]);
+        let back = step_by(cut, &service_entry("google", false), Operator, by("alice"));
+        assert!(back.effective().unwrap().revoked.contains_key("google"));
+    }
+
+    #[test]
+    fn an_anchor_that_loosens_without_its_second_makes_the_state_untrusted() {
+        let halted = entry(None, Change::Mode { base: 0 }, state(Mode::Halted, 1));
+        let lone_lift = entry(Some(0), Change::Mode { base: 1 }, state(Mode::Running, 2));
+        let mut records = vec![rec(0, Operator, halted), rec(1, Operator, lone_lift)];
+        records[1].user = Some("alice".into());
+        let f = fold_records_by(&records, ReadFrom::First, TWO).unwrap();
+        let Folded::Untrusted { last, why } = &f else {
+            panic!("{f:?}")
+        };
+        assert_eq!(last.as_ref().unwrap().mode, Mode::Halted);
+        assert!(why.contains("loosening_approvals"), "{why}");
+        assert_eq!(f.effective().unwrap().mode, Mode::Halted, "still halted");
+        // Nor does a later entry of its own (anchored on the lone lift) make it stick.
+        let mut quiet = state(Mode::Running, 2);
+        quiet.reason = "nothing to see".into();
+        records.push(rec(
+            2,
+            Operator,
+            entry(Some(1), Change::Mode { base: 2 }, quiet),
+        ));
+        records[2].user = Some("alice".into());
+        let f = fold_records_by(&records, ReadFrom::First, TWO).unwrap();
+        assert_eq!(f.effective().unwrap().mode, Mode::Halted, "{f:?}");
+        assert!(matches!(f, Folded::Untrusted { .. }));
+        records.pop();
+        // With one person's rules the same records lift it, as before.
+        let one = fold_records(&records, ReadFrom::First).unwrap();
+        assert_eq!(mode(&one), Mode::Running);
+        // An anchor that is the completing second is taken as written.
+        let p = loosening::propose(
+            &lift(),
+            "alice",
+            "2026-12-07T10:00:00Z",
+            "2026-12-07T11:00:00Z",
+        );
+        let mut with_p = state(Mode::Halted, 1);
+        with_p.proposals.insert("p-1".into(), p.clone());
+        let proposed = entry(
+            Some(0),
+            Change::Propose {
+                id: "p-1".into(),
+                proposal: p.clone(),
+            },
+            with_p,
+        );
+        let seconded = entry(
+            Some(1),
+            Change::Second {
+                id: "p-1".into(),
+                digest: p.digest.clone(),
+                at: "2026-12-07T10:05:00Z".into(),
+            },
+            state(Mode::Running, 2),
+        );
+        let mut records = vec![
+            rec(
+                0,
+                Operator,
+                entry(None, Change::Mode { base: 0 }, state(Mode::Halted, 1)),
+            ),
+            rec(1, Operator, proposed),
+            rec(2, Operator, seconded),
+        ];
+        records[1].user = Some("alice".into());
+        records[2].user = Some("bob".into());
+        assert_eq!(
+            mode(&fold_records_by(&records, ReadFrom::First, TWO).unwrap()),
+            Mode::Running
+        );
+        // The same second written by the proposer: untrusted.
+        records[2].user = Some("alice".into());
+        let f = fold_records_by(&records, ReadFrom::First, TWO).unwrap();
+        assert!(matches!(f, Folded::Untrusted { .. }), "{f:?}");
     }
 
     #[test]

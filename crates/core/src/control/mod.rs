@@ -6,8 +6,10 @@
 //! checks before judging and before every bridge call, events, and alerts. The state
 //! transitions ([`transition`]) and the trip counting ([`trip`]) are pure.
 
+mod anchor;
 pub mod fold;
 pub mod gate;
+pub mod loosening;
 pub mod revocation;
 mod settings;
 pub mod trip;
@@ -69,6 +71,9 @@ pub struct ControlState {
     /// operator records them reconnected. Like quarantines, their own entries, never `seq`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub revoked: BTreeMap<String, Revocation>,
+    /// Loosening levers waiting for other operators, by proposal id (the lever's request id).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proposals: BTreeMap<String, loosening::Proposal>,
 }
 
 impl ControlState {
@@ -83,6 +88,7 @@ impl ControlState {
             seq: 0,
             quarantined: BTreeMap::new(),
             revoked: BTreeMap::new(),
+            proposals: BTreeMap::new(),
         }
     }
 }
@@ -105,6 +111,9 @@ pub enum ControlCommand {
         reason: String,
         #[serde(default)]
         lift_halt: bool,
+        /// Lifting a halt (Emergency-INT-E02 step 4) names the post-mortem it follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        post_mortem: Option<String>,
         request_id: String,
     },
     Status {
@@ -153,6 +162,13 @@ pub enum ControlCommand {
         reason: String,
         request_id: String,
     },
+    /// Another operator seconds a loosening lever parked as a proposal, bound to its digest.
+    Second {
+        proposal: String,
+        digest: String,
+        reason: String,
+        request_id: String,
+    },
     /// An operator closes an incident opened by hand (`incident` is its id).
     CloseIncident {
         incident: String,
@@ -175,6 +191,7 @@ impl ControlCommand {
             | ControlCommand::Disconnect { request_id, .. }
             | ControlCommand::Reconnected { request_id, .. }
             | ControlCommand::OpenIncident { request_id, .. }
+            | ControlCommand::Second { request_id, .. }
             | ControlCommand::CloseIncident { request_id, .. } => request_id,
         }
     }
@@ -192,6 +209,7 @@ impl ControlCommand {
             ControlCommand::Disconnect { .. } => "control.disconnect",
             ControlCommand::Reconnected { .. } => "control.reconnected",
             ControlCommand::OpenIncident { .. } => "control.incident_open",
+            ControlCommand::Second { .. } => "control.second",
             ControlCommand::CloseIncident { .. } => "control.incident_close",
         }
     }
@@ -244,12 +262,14 @@ pub enum Refusal {
     BadAgent(String),
     #[error("not a service: {0}")]
     BadService(String),
-    #[error("revoke, disconnect, reconnected and an incident's opening or closing need a reason (it goes to the security team and the audit record)")]
+    #[error("revoke, disconnect, reconnected, a second and an incident's opening or closing need a reason (it goes to the security team and the audit record)")]
     NoReason,
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
     AlreadyHalted,
+    #[error("lifting a halt (Emergency-INT-E02 step 4) names the post-mortem it follows: resume --lift-halt --post-mortem REF")]
+    NoPostMortem,
     /// A lever whose change the stored state (read afresh) does not show: it was never
     /// written to the state stream, or a concurrent change won. A lever changes nothing by
     /// itself.
@@ -272,6 +292,8 @@ pub use crate::clock::now_rfc3339 as now;
 /// not in quarantine; `status` and `policy reload` ask for no state.
 pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
     match cmd {
+        // A loosening lever parked for other operators shows as its proposal.
+        cmd if state.proposals.contains_key(cmd.request_id()) => true,
         ControlCommand::Pause { .. } => state.mode != Mode::Running,
         ControlCommand::Halt { .. } => state.mode == Mode::Halted,
         ControlCommand::Resume { .. } => state.mode == Mode::Running,
@@ -285,7 +307,8 @@ pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
         ControlCommand::Status { .. }
         | ControlCommand::ReloadPolicy { .. }
         | ControlCommand::OpenIncident { .. }
-        | ControlCommand::CloseIncident { .. } => true,
+        | ControlCommand::CloseIncident { .. }
+        | ControlCommand::Second { .. } => true,
     }
 }
 
@@ -323,16 +346,18 @@ pub fn transition(
         seq: current.seq + 1,
         quarantined: current.quarantined.clone(),
         revoked: current.revoked.clone(),
+        proposals: current.proposals.clone(),
     };
     match cmd {
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
+        // Recorded, changing nothing enforced; what a second changes is decided by
+        // `loosening::second` (it needs who and when).
         ControlCommand::OpenIncident { reason, .. }
         | ControlCommand::CloseIncident { reason, .. }
-            if reason.trim().is_empty() =>
-        {
-            Err(Refusal::NoReason)
-        }
-        ControlCommand::OpenIncident { .. } | ControlCommand::CloseIncident { .. } => {
+        | ControlCommand::Second { reason, .. } => {
+            if reason.trim().is_empty() {
+                return Err(Refusal::NoReason);
+            }
             Ok(current.clone())
         }
         ControlCommand::Quarantine { agent, reason, .. } => {
@@ -361,15 +386,7 @@ pub fn transition(
         ),
         ControlCommand::Reconnected {
             service, reason, ..
-        } => {
-            crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
-            if reason.trim().is_empty() {
-                return Err(Refusal::NoReason);
-            }
-            let mut new = current.clone();
-            new.revoked.remove(service);
-            Ok(new)
-        }
+        } => reconnected(current, service, reason),
         ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
         ControlCommand::Pause { reason, .. } => match current.mode {
             Mode::Halted => Err(Refusal::AlreadyHalted),
@@ -378,9 +395,15 @@ pub fn transition(
             Mode::Running => Ok(set(Mode::Paused, reason)),
         },
         ControlCommand::Resume {
-            reason, lift_halt, ..
+            reason,
+            lift_halt,
+            post_mortem,
+            ..
         } => match current.mode {
             Mode::Halted if !lift_halt => Err(Refusal::HaltNeedsConfirmation),
+            Mode::Halted if post_mortem.as_deref().is_none_or(|p| p.trim().is_empty()) => {
+                Err(Refusal::NoPostMortem)
+            }
             Mode::Running => Ok(current.clone()),
             _ => Ok(set(
                 Mode::Running,
@@ -414,6 +437,21 @@ fn held_out(
             new.quarantined.remove(agent);
         }
     }
+    Ok(new)
+}
+
+/// `current` with `service`'s cut lifted (it was reconnected by hand).
+fn reconnected(
+    current: &ControlState,
+    service: &str,
+    reason: &str,
+) -> Result<ControlState, Refusal> {
+    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
+    if reason.trim().is_empty() {
+        return Err(Refusal::NoReason);
+    }
+    let mut new = current.clone();
+    new.revoked.remove(service);
     Ok(new)
 }
 
@@ -466,6 +504,7 @@ mod tests {
         ControlCommand::Resume {
             reason: String::new(),
             lift_halt: lift,
+            post_mortem: lift.then(|| "PM-1".into()),
             request_id: "r3".into(),
         }
     }
@@ -502,6 +541,28 @@ mod tests {
             Mode::Running
         );
         assert_eq!(transition(&h, &pause(), &op()), Err(Refusal::AlreadyHalted));
+    }
+
+    #[test]
+    fn lifting_a_halt_names_its_post_mortem() {
+        let lift = |pm: Option<&str>| ControlCommand::Resume {
+            reason: "back".into(),
+            lift_halt: true,
+            post_mortem: pm.map(str::to_owned),
+            request_id: "r".into(),
+        };
+        let h = state(Mode::Halted);
+        assert_eq!(
+            transition(&h, &lift(None), &op()),
+            Err(Refusal::NoPostMortem)
+        );
+        assert_eq!(
+            transition(&h, &lift(Some(" ")), &op()),
+            Err(Refusal::NoPostMortem)
+        );
+        assert!(transition(&h, &lift(Some("PM-7")), &op()).is_ok());
+        // A pause needs none.
+        assert!(transition(&state(Mode::Paused), &lift(None), &op()).is_ok());
     }
 
     #[test]

@@ -28,6 +28,35 @@ pub struct ControlSettings {
     /// `running`: a new system runs (local development, config/local.toml).
     #[serde(default)]
     pub empty_stream: EmptyStream,
+    /// People a loosening lever needs (lifting a halt, releasing a quarantined agent, recording
+    /// a cut service reconnected), the proposer the first; the others second it with
+    /// `command-poller second`. 1: one operator, at once. Default 2.
+    #[serde(default = "two")]
+    pub loosening_approvals: usize,
+    /// How long a loosening proposal waits for its seconds (key `loosening_expiry_secs`).
+    #[serde(
+        rename = "loosening_expiry_secs",
+        default = "an_hour",
+        deserialize_with = "crate::clock::de::secs"
+    )]
+    pub loosening_expiry: std::time::Duration,
+}
+
+fn two() -> usize {
+    2
+}
+
+fn an_hour() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
+}
+
+impl ControlSettings {
+    /// The fold's rules for loosening levers.
+    pub fn rules(&self) -> super::loosening::Rules {
+        super::loosening::Rules {
+            loosening_approvals: self.loosening_approvals.max(1),
+        }
+    }
 }
 
 /// What an empty control state stream means.

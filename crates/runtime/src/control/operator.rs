@@ -137,7 +137,11 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            if let Some(change) = stored_change(&cmd, &new, current.seq) {
+            let (stored, new) = decide(c, &cmd, &current, new, &user)?;
+            if let Some((_, why)) = &stored {
+                note = why.clone();
+            }
+            if let Some(change) = stored.map(|(change, _)| change) {
                 // A mode decided on what replicas enforce makes the stored state trusted again.
                 let decides = matches!(change, state_log::Change::Mode { .. });
                 state_log::write(&publisher, c, after, change, &new, &user).await?;
@@ -272,12 +276,66 @@ impl Operator<'_> {
     }
 }
 
+/// What a lever stores and the state after it, with a note for the operator: a loosening lever
+/// under two people's rules is parked as a proposal; a second is counted (and applies the lever
+/// when it completes it); anything else is stored as it is.
+#[allow(clippy::type_complexity)]
+fn decide(
+    c: &ControlSettings,
+    cmd: &ControlCommand,
+    current: &ControlState,
+    new: ControlState,
+    user: &str,
+) -> Result<(Option<(state_log::Change, Option<String>)>, ControlState), OperatorError> {
+    use poller_core::control::loosening;
+    let rules = c.rules();
+    let at = crate::clock::now_rfc3339();
+    if let ControlCommand::Second {
+        proposal, digest, ..
+    } = cmd
+    {
+        let after = loosening::second(current, proposal, digest, user, &at, rules)
+            .map_err(|e| OperatorError::Refused(e.to_string()))?;
+        let note = if after.proposals.contains_key(proposal) {
+            format!("seconded proposal {proposal}; it needs more operators still")
+        } else {
+            format!("seconded proposal {proposal}: it has the operators it needs and is applied")
+        };
+        let change = state_log::Change::Second {
+            id: proposal.clone(),
+            digest: digest.clone(),
+            at,
+        };
+        return Ok((Some((change, Some(note))), after));
+    }
+    if !(rules.two_people() && loosening::loosens(current, &new)) {
+        return Ok((
+            stored_change(cmd, &new, current.seq).map(|ch| (ch, None)),
+            new,
+        ));
+    }
+    let expires_at = crate::clock::rfc3339(crate::clock::unix_now() + c.loosening_expiry.as_secs());
+    let p = loosening::propose(cmd, user, &at, &expires_at);
+    let id = cmd.request_id().to_owned();
+    let note = format!(
+        "a loosening lever: parked as proposal {id} until {} other operator(s) second it, before {expires_at}: command-poller second {id} --digest {} --reason \"...\"",
+        rules.loosening_approvals - 1,
+        p.digest
+    );
+    let mut parked = current.clone();
+    parked.proposals.insert(id.clone(), p.clone());
+    let change = state_log::Change::Propose { id, proposal: p };
+    Ok((Some((change, Some(note))), parked))
+}
+
 /// What a lever stores in the state stream, if anything.
 fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<state_log::Change> {
     match cmd {
         // Nothing stored: each replica reloads its own file.
-        // Nothing stored: each replica records it in the audit trail.
+        // Nothing stored: each replica records it in the audit trail. (A second is stored by
+        // `decide`.)
         ControlCommand::ReloadPolicy { .. }
+        | ControlCommand::Second { .. }
         | ControlCommand::Status { .. }
         | ControlCommand::OpenIncident { .. }
         | ControlCommand::CloseIncident { .. } => None,

@@ -131,6 +131,8 @@ pub struct StateReader {
     reread: bool,
     /// The state [`StateReader::changed`] returned last (or the one read at open).
     reported: Folded,
+    /// How many people a loosening lever needs (`control.loosening_approvals`).
+    rules: poller_core::control::loosening::Rules,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +177,7 @@ impl StateReader {
         let mut reader = Self {
             channel: ch.clone(),
             queue: c.state_queue.clone(),
-            consumer: Self::subscribe(ch, &c.state_queue, ReadFrom::Last).await?,
+            consumer: Self::subscribe(ch, &c.state_queue, Self::start(c.rules())).await?,
             classify: Box::new(classify),
             current: Folded::Empty,
             position: None,
@@ -183,15 +185,29 @@ impl StateReader {
             assumed_empty: false,
             reread: false,
             reported: Folded::Empty,
+            rules: c.rules(),
         };
         reader.read(true).await?;
         reader.reported = reader.current.clone();
         Ok(reader)
     }
 
-    /// The passes of a read; the consumer is already subscribed from the last chunk.
+    /// Where a read starts: the last chunk, and earlier entries only until an anchor is found;
+    /// with two people to loosen, the stream's first entry kept, so every anchor but the oldest
+    /// is checked against what came before it (a lone operator's loosening snapshot written as
+    /// the latest entry is then caught by a reader that starts fresh, not only by the replicas
+    /// following the stream). The cost then grows with the entries kept (a lever is rare).
+    fn start(rules: poller_core::control::loosening::Rules) -> ReadFrom {
+        if rules.two_people() {
+            ReadFrom::First
+        } else {
+            ReadFrom::Last
+        }
+    }
+
+    /// The passes of a read; the consumer is already subscribed where [`Self::start`] says.
     async fn read(&mut self, first_may_be_empty: bool) -> Result<(), ReadError> {
-        let mut from = ReadFrom::Last;
+        let mut from = Self::start(self.rules);
         for pass in 0..MAX_PASSES {
             if pass > 0 {
                 self.resubscribe(from).await?;
@@ -209,7 +225,7 @@ impl StateReader {
                 return Ok(());
             }
             self.assumed_empty = false;
-            if let Some(folded) = fold_records(&records, from) {
+            if let Some(folded) = fold_records_by(&records, from, self.rules) {
                 self.current = folded;
                 return Ok(());
             }
@@ -300,6 +316,7 @@ impl StateReader {
             offset: offset_of(d).unwrap_or(u64::MAX),
             writer: (self.classify)(d.properties.user_id().as_ref().map(|u| u.as_str())),
             body: d.data.clone(),
+            user: d.properties.user_id().as_ref().map(|u| u.to_string()),
         }
     }
 
@@ -324,7 +341,7 @@ impl StateReader {
             if self.reread {
                 // Not the stream's first entry: it was not empty, only slow. Read it properly
                 // (again, if a dropped wait left this half done).
-                self.resubscribe(ReadFrom::Last).await?;
+                self.resubscribe(Self::start(self.rules)).await?;
                 self.read(false).await?;
                 self.reread = false;
             }
@@ -346,7 +363,11 @@ impl StateReader {
                 );
                 self.reread = true;
             } else {
-                self.current = step(self.current.clone(), &r.body, r.writer);
+                let who = Who {
+                    user: r.user.as_deref(),
+                    rules: self.rules,
+                };
+                self.current = step_by(self.current.clone(), &r.body, r.writer, who);
             }
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }

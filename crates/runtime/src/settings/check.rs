@@ -128,6 +128,14 @@ impl Settings {
                 );
             }
         }
+        let c = &self.control;
+        if c.loosening_approvals == 0 || c.loosening_approvals > c.operators.len() {
+            return bad(format!(
+                "control.loosening_approvals: {} people can't be found among the {} operator(s) in control.operators: a halt could never be lifted (list a broker user per person, or set it to 1)",
+                c.loosening_approvals,
+                c.operators.len()
+            ));
+        }
         for (i, t) in self.control.trips.iter().enumerate() {
             if t.count == 0 || t.window.is_zero() {
                 return bad(format!(

@@ -210,6 +210,25 @@ mod tests {
     }
 
     #[test]
+    fn two_people_to_loosen_need_two_operators_to_be_found() {
+        let mut s =
+            Settings::load_isolated(&crate::testing::repo_root().join("config"), "production")
+                .unwrap();
+        assert_eq!(s.control.loosening_approvals, 2, "the shipped default");
+        assert!(
+            s.control.operators.len() >= 2,
+            "the shipped operators can lift a halt"
+        );
+        s.control.operators = vec!["ops-admin".into()];
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("a halt could never be lifted"), "{e}");
+        s.control.loosening_approvals = 1;
+        s.check().expect("one person's rules with one operator");
+        s.control.loosening_approvals = 0;
+        assert!(s.check().is_err());
+    }
+
+    #[test]
     fn the_single_url_keeps_working() {
         let s =
             load(Environment::empty().with("POLLER__AMQP__URL", "amqp://p:pw@h:5673/v")).unwrap();

@@ -184,6 +184,40 @@ impl Replica {
                 .await?;
                 continue;
             }
+            if let Some(proposal) = state.proposals.get(&request_id) {
+                // Parked for other operators: announced once, answered, nothing applied yet.
+                if self.first_announcement(&request_id) {
+                    self.proposed(publisher, &p.actor, &request_id, proposal)
+                        .await?;
+                }
+                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                    .await?;
+                continue;
+            }
+            if let ControlCommand::Second { proposal, .. } = &p.cmd {
+                if self.first_announcement(&request_id) {
+                    let applied = !state.proposals.contains_key(proposal);
+                    let detail = format!(
+                        "proposal {proposal}: {}",
+                        if applied {
+                            "applied"
+                        } else {
+                            "needs more operators"
+                        }
+                    );
+                    self.event(
+                        publisher,
+                        "seconded",
+                        &p.actor.name(),
+                        &request_id,
+                        Some(detail),
+                    )
+                    .await?;
+                }
+                self.answer(publisher, reply_to, self.reply(&request_id, true, None))
+                    .await?;
+                continue;
+            }
             if p.cmd.cut().is_some() {
                 // Answered when the bridge has carried it out (or another replica does).
                 self.carry_out_cut(p, publisher);
@@ -206,6 +240,36 @@ impl Replica {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A loosening lever parked as a proposal: the event, its audit record, and a security alert
+    /// naming what it would loosen and how another operator seconds it.
+    async fn proposed(
+        &self,
+        publisher: &Publisher,
+        actor: &Actor,
+        id: &str,
+        p: &poller_core::control::loosening::Proposal,
+    ) -> Result<(), BrokerError> {
+        let lever = serde_json::to_string(&p.lever).expect("a lever serializes");
+        self.event(
+            publisher,
+            "proposed",
+            &actor.name(),
+            id,
+            Some(lever.clone()),
+        )
+        .await?;
+        let what = format!(
+            "{} proposed a loosening lever (proposal {id}, until {}): {lever}",
+            p.by, p.expires_at
+        );
+        let todo = format!(
+            "It applies only when another operator seconds it: check it is wanted (for a lifted halt, that the post-mortem it names happened), then `command-poller second {id} --digest {} --reason \"...\"`; otherwise let it expire.",
+            p.digest
+        );
+        self.alert(publisher, "security", Priority::Normal, &what, &todo)
+            .await
     }
 
     async fn lever_refused(
