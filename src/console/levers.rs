@@ -49,6 +49,9 @@ async fn overview_page(c: &Console, w: &Who, flash: Option<Flash>) -> Response {
                         note => r.note.clone(),
                         depth => r.queue_depth,
                         replicas => ser(&r.replicas),
+                        quarantined => s.as_ref().map(|s| ser(&s.quarantined)),
+                        revoked => s.as_ref().map(|s| ser(&s.revoked)),
+                        proposals => s.as_ref().map(proposals),
                         refresh => 5,
                     },
                 ),
@@ -81,7 +84,50 @@ pub(super) struct LeverForm {
     /// Lifting a halt: the post-mortem's reference.
     #[serde(default)]
     post_mortem: Option<String>,
+    /// Seconding: the proposal and the digest it binds to.
+    #[serde(default)]
+    proposal: Option<String>,
+    #[serde(default)]
+    digest: Option<String>,
     confirm: Option<String>,
+}
+
+/// The pending proposals as the overview lists them: who, until when, the lever in words.
+fn proposals(s: &crate::control::ControlState) -> Vec<minijinja::Value> {
+    s.proposals
+        .iter()
+        .map(|(id, p)| {
+            context! {
+                id => id.clone(),
+                by => p.by.clone(),
+                expires_at => p.expires_at.clone(),
+                digest => p.digest.clone(),
+                seconds => p.seconds.iter().cloned().collect::<Vec<_>>(),
+                lever => serde_json::to_string(&p.lever).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// The lever a form asks for, `None` for one there isn't.
+fn command_of(f: &LeverForm, reason: String, request_id: String) -> Option<ControlCommand> {
+    Some(match f.action.as_str() {
+        "pause" => ControlCommand::Pause { reason, request_id },
+        "resume" => resume(reason, None, request_id),
+        "halt" => ControlCommand::Halt { reason, request_id },
+        "lift" => {
+            let post_mortem = f.post_mortem.clone().filter(|p| !p.trim().is_empty());
+            resume(reason, Some(post_mortem), request_id)
+        }
+        // Another operator's proposal (a lifted halt, a release, a reconnection), seconded.
+        "second" => ControlCommand::Second {
+            proposal: f.proposal.clone().unwrap_or_default(),
+            digest: f.digest.clone().unwrap_or_default(),
+            reason,
+            request_id,
+        },
+        _ => return None,
+    })
 }
 
 /// A resume (`lift`: `Some`, with the post-mortem's reference, for lifting a halt).
@@ -121,43 +167,34 @@ pub(super) async fn lever(
     }
     let confirmed = f.confirm.as_deref() == Some("yes");
     let request_id = new_request_id();
-    let cmd = match f.action.as_str() {
-        "pause" => ControlCommand::Pause { reason, request_id },
-        "resume" => resume(reason, None, request_id),
-        "halt" | "lift" if !confirmed => {
-            let (what, warning) = if f.action == "halt" {
-                ("halt everything", "The master shut-off (Emergency-INT-E02): no bridge call and no judge call on any replica until the halt is lifted after the post-mortem.")
-            } else {
-                ("lift the halt", "Lifting the master shut-off: every replica runs again and commands flow to the bridge. Only after the post-mortem (Emergency-INT-E02 step 4).")
-            };
-            return page(
-                StatusCode::OK,
-                pages::render(
-                    "confirm",
-                    "Confirm",
-                    Some(&w.viewer),
-                    None,
-                    context! { what => what, warning => warning, action => f.action, reason => reason, post_mortem => f.post_mortem.clone().unwrap_or_default() },
-                ),
-            );
-        }
-        "halt" => ControlCommand::Halt { reason, request_id },
-        "lift" => {
-            let post_mortem = f.post_mortem.clone().filter(|p| !p.trim().is_empty());
-            resume(reason, Some(post_mortem), request_id)
-        }
-        other => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                pages::message(
-                    Some(&w.viewer),
-                    "Unknown lever",
-                    "err",
-                    &format!("There is no lever {other:?}; nothing was done."),
-                    "/overview",
-                ),
-            )
-        }
+    if matches!(f.action.as_str(), "halt" | "lift") && !confirmed {
+        let (what, warning) = if f.action == "halt" {
+            ("halt everything", "The master shut-off (Emergency-INT-E02): no bridge call and no judge call on any replica until the halt is lifted after the post-mortem.")
+        } else {
+            ("lift the halt", "Lifting the master shut-off: every replica runs again and commands flow to the bridge. Only after the post-mortem (Emergency-INT-E02 step 4), and, with two people to loosen, once another operator seconds it.")
+        };
+        return page(
+            StatusCode::OK,
+            pages::render(
+                "confirm",
+                "Confirm",
+                Some(&w.viewer),
+                None,
+                context! { what => what, warning => warning, action => f.action, reason => reason, post_mortem => f.post_mortem.clone().unwrap_or_default() },
+            ),
+        );
+    }
+    let Some(cmd) = command_of(&f, reason, request_id) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            pages::message(
+                Some(&w.viewer),
+                "Unknown lever",
+                "err",
+                &format!("There is no lever {:?}; nothing was done.", f.action),
+                "/overview",
+            ),
+        );
     };
     let what = f.action.clone();
     let flash = match operator(&c).run_on(&w.conn, &w.viewer.user, cmd).await {

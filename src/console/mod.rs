@@ -11,6 +11,7 @@ mod actions;
 pub mod alerts;
 mod approvals;
 mod guard;
+mod incidents;
 mod levers;
 mod login;
 pub mod pages;
@@ -62,6 +63,8 @@ pub struct Parts {
     pub replication: crate::settings::Replication,
     /// Where the console's own security alerts go (`None`: logged only).
     pub alerts: Option<alerts::AlertSink>,
+    /// The audit chain's key, to verify `console.audit_file` before incidents are read from it.
+    pub chain_key: Option<crate::bridge::signing::Secret>,
 }
 
 impl Parts {
@@ -74,6 +77,7 @@ impl Parts {
             endpoints: s.amqp.checked_endpoints(),
             poller_user: s.poller_user(),
             replication: s.topology.replication,
+            chain_key: s.secrets.audit_chain_key.clone(),
             alerts: s.secrets.console_alert_url.as_ref().and_then(|url| {
                 match crate::broker::Endpoints::parse(&url.expose()) {
                     Ok(endpoints) => Some(alerts::AlertSink {
@@ -185,6 +189,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/approvals", get(approvals))
         .route("/approvals/decide", post(decide))
         .route("/actions", get(actions))
+        .route("/incidents", get(incidents::incidents))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response(hardened))

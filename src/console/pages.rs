@@ -29,6 +29,7 @@ button.danger{background:#b42318;color:#fff;border:0}.muted{color:#667085}code{f
 {% if roles.operator %}<a href="/overview" class="{{ 'here' if page == 'overview' }}">Overview</a>{% endif %}
 {% if roles.approver %}<a href="/approvals" class="{{ 'here' if page == 'approvals' }}">Approvals</a>{% endif %}
 <a href="/actions" class="{{ 'here' if page == 'actions' }}">Action story</a>
+<a href="/incidents" class="{{ 'here' if page == 'incidents' }}">Incidents</a>
 <form method="post" action="/logout"><input type="hidden" name="csrf" value="{{ csrf }}"><span class="muted">{{ user }}</span> <button>Log out</button></form>
 {% endif %}</header>
 <main>
@@ -57,6 +58,19 @@ const OVERVIEW: &str = r#"{% extends "layout.html" %}{% block body %}
 <table id="replicas"><tr><th>instance</th><th>mode</th><th>in flight</th><th>at the bridge</th><th>processed</th></tr>
 {% for r in replicas %}<tr><td>{{ r.instance }}</td><td>{{ r.state.mode }}</td><td>{{ r.in_flight }}</td><td>{{ r.at_bridge }}</td><td>{{ r.processed }}</td></tr>
 {% else %}<tr><td colspan="5" class="muted">no live replica answered</td></tr>{% endfor %}</table>
+{% if revoked %}<h2>Services cut off</h2>
+<table id="revoked"><tr><th>service</th><th>how</th><th>by</th><th>since</th><th>why</th></tr>
+{% for service, r in revoked|items %}<tr><td>{{ service }}</td><td>{{ r.cut }}</td><td>{{ r.by }}</td><td>{{ r.since }}</td><td>{{ r.reason }}</td></tr>{% endfor %}</table>
+<p class="muted">Their REFRESH_TOKEN is refused until reconnected by hand (SOP-INT-03) and recorded: <code>command-poller reconnected SERVICE --reason …</code>.</p>{% endif %}
+{% if quarantined %}<h2>Agents in quarantine</h2>
+<table id="quarantined"><tr><th>agent</th><th>by</th><th>since</th><th>why</th></tr>
+{% for agent, q in quarantined|items %}<tr><td>{{ agent }}</td><td>{{ q.by }}</td><td>{{ q.since }}</td><td>{{ q.reason }}</td></tr>{% endfor %}</table>{% endif %}
+{% if proposals %}<h2>Waiting for a second operator</h2>
+{% for p in proposals %}<div class="box proposal" id="proposal-{{ p.id }}"><p><strong>{{ p.by }}</strong> proposed, until {{ p.expires_at }}: <code>{{ p.lever }}</code>{% if p.seconds %} · seconded by {{ p.seconds|join(", ") }}{% endif %}</p>
+{% if p.by != user %}<form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
+<input type="hidden" name="action" value="second"><input type="hidden" name="proposal" value="{{ p.id }}"><input type="hidden" name="digest" value="{{ p.digest }}">
+<label>Reason (required) <input type="text" name="reason" class="second-reason" required></label> <button class="second">Second it</button></form>
+{% else %}<p class="muted">Your own proposal: another operator seconds it.</p>{% endif %}</div>{% endfor %}{% endif %}
 <h2>Levers</h2>
 <div class="box">
 <form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
@@ -105,6 +119,17 @@ const ACTIONS: &str = r#"{% extends "layout.html" %}{% block body %}
 <table>{% for e in r.events %}<tr><td>{{ e.type }}</td><td><code>{{ e|tojson }}</code></td></tr>{% endfor %}</table></div>{% endfor %}
 {% endblock %}"#;
 
+const INCIDENTS: &str = r#"{% extends "layout.html" %}{% block body %}
+<h1>Incidents</h1>
+{% if note %}<p class="msg note">{{ note }}</p>{% endif %}
+<table id="incidents"><tr><th>state</th><th>opened</th><th>by</th><th>what</th><th>why</th><th>actions</th></tr>
+{% for i in incidents %}<tr class="{{ 'open' if i.open else 'closed' }}"><td>{% if i.open %}<strong>OPEN</strong>{% else %}closed{% endif %}</td>
+<td><a href="/incidents?id={{ i.id }}">{{ i.opened_at }}</a></td><td>{{ i.opened_by }}</td><td>{{ i.opener }}</td><td>{{ i.reason }}</td><td>{{ i.actions }}</td></tr>
+{% else %}<tr><td colspan="6" class="muted" id="none">No incident in the audit trail.</td></tr>{% endfor %}</table>
+{% if shown %}<div class="box"><pre id="incident">{{ shown }}</pre>
+<p class="muted">For the security team: <code>command-poller audit export AUDIT_FILE --incident ID --out bundle.json</code>, checked with <code>audit verify-bundle</code>.</p></div>{% endif %}
+{% endblock %}"#;
+
 const MESSAGE: &str = r#"{% extends "layout.html" %}{% block body %}
 <h1>{{ heading }}</h1><div class="msg {{ kind }}">{{ text }}</div>
 <p><a href="{{ back }}">Back</a></p>
@@ -121,6 +146,7 @@ fn env() -> &'static Environment<'static> {
             ("confirm.html", CONFIRM),
             ("approvals.html", APPROVALS),
             ("actions.html", ACTIONS),
+            ("incidents.html", INCIDENTS),
             ("message.html", MESSAGE),
         ] {
             e.add_template(name, src)
@@ -230,7 +256,7 @@ mod tests {
             !html.contains("Approvals</a>"),
             "an operator-only viewer sees no inbox link"
         );
-        for page in ["login", "confirm", "approvals", "actions"] {
+        for page in ["login", "confirm", "approvals", "actions", "incidents"] {
             let html = render(page, page, Some(&viewer()), None, context! {});
             assert!(html.starts_with("<!doctype html>"), "{page}: {html}");
         }

@@ -118,12 +118,13 @@ async fn shows(c: &Client, want: &str) {
 
 #[tokio::test]
 async fn the_on_call_person_runs_the_runbook_from_the_console() {
-    let (op, ap, agent) = (
+    let (op, ap, agent, op2) = (
+        BrokerUser::create(),
         BrokerUser::create(),
         BrokerUser::create(),
         BrokerUser::create(),
     );
-    let (op_name, ap_name) = (op.0.clone(), ap.0.clone());
+    let (op_name, ap_name, op2_name) = (op.0.clone(), ap.0.clone(), op2.0.clone());
     let audit_file = std::env::temp_dir().join(format!("console-audit-{}.jsonl", suffix()));
     let audit_path = audit_file.display().to_string();
     let h = Harness::start(Options {
@@ -133,7 +134,8 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
             2,
         )),
         tweak: Box::new(move |s| {
-            s.control.operators = vec![op_name];
+            s.control.operators = vec![op_name, op2_name];
+            s.control.loosening_approvals = 2;
             s.approval.approvers = vec![ap_name];
             s.console.audit_file = audit_path;
         }),
@@ -217,6 +219,41 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     pull(&c, "post-mortem done", "#lift").await;
     shows(&c, "Confirm: lift the halt").await;
     click(&c, "#confirm").await;
+    // Two people to loosen: parked until another operator seconds it.
+    shows(&c, "parked as proposal").await;
+    shows(&c, "Your own proposal").await;
+    assert_eq!(
+        h.poller_state.gate.mode(),
+        command_poller::control::Mode::Halted
+    );
+    c.find(Locator::Css("header button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shows(&c, "Log in").await;
+    login(&c, &base, &op2.0, "agent-pass").await;
+    shows(&c, "Waiting for a second operator").await;
+    screenshot(&c, "second").await;
+    type_into(&c, ".second-reason", "read PM-2026-12-drill").await;
+    click(&c, "button.second").await;
+    shows(&c, "id=\"mode\">RUNNING").await;
+    // The halt's incident, opened by the halt and closed by the lift, from the audit file.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.goto(&format!("{base}/incidents")).await.unwrap();
+        let src = c.source().await.unwrap();
+        if src.contains("<td>Halt</td>") && src.contains("closed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the incident never showed:\n{src}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.goto(&format!("{base}/overview")).await.unwrap();
     shows(&c, "id=\"mode\">RUNNING").await;
 
     // A forged cross-site POST with the operator's cookie: refused, nothing pulled.
