@@ -427,3 +427,53 @@ async fn the_e01_trip_with_revoke_on_trip_pauses_and_revokes_what_was_attempted(
     a.stop().await;
     b.stop().await;
 }
+
+/// A revoke pulled while a refresh of that service is in the bridge client's retry loop stops
+/// its next POST (the gate was asked only about the mode between retries, so the refresh could
+/// still reach the provider after the revoke was acknowledged); the command goes back to the
+/// queue and its redelivery ends REJECTED.
+#[tokio::test]
+async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| {
+            s.bridge.min_backoff = Duration::from_millis(100);
+            s.bridge.max_backoff = Duration::from_millis(200);
+            s.bridge.retry_budget = Duration::from_secs(30);
+        }),
+        ..Default::default()
+    })
+    .await;
+    h.sim.fail_next_posts(
+        std::iter::repeat_n(
+            command_poller::bridge::simulator::Fault::Status { code: 503 },
+            1000,
+        )
+        .collect::<Vec<_>>(),
+    );
+    h.send(&cmd("revoke-retry-1", "REFRESH_TOKEN", "google", "MEDIUM"))
+        .await;
+    eventually("two failed POSTs", Duration::from_secs(10), || {
+        h.sim.posts("revoke-retry-1") >= 2
+    })
+    .await;
+    // The cut's own bridge call fails too (every POST does here): don't wait for its report.
+    let s = h.settings.clone();
+    let mut op = command_poller::control::operator::Operator::new(
+        &s,
+        &node(AMQP),
+        Duration::from_millis(1500),
+    );
+    op.cut_wait = Duration::from_millis(100);
+    let ack = op.run(revoke("google")).await.unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    let posts_at_ack = h.sim.posts("revoke-retry-1");
+    let r = h.result("revoke-retry-1").await;
+    assert_eq!(r.status, Status::Rejected, "{r:?}");
+    assert!(r.rationale.contains("revoked by guest"), "{}", r.rationale);
+    assert!(
+        h.sim.posts("revoke-retry-1") <= posts_at_ack + 1,
+        "a POST after the revoke was acknowledged: {posts_at_ack} at the ack, {} now",
+        h.sim.posts("revoke-retry-1")
+    );
+    assert_eq!(h.sim.executions("revoke-retry-1"), 0);
+}

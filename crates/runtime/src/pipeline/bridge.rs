@@ -66,8 +66,36 @@ impl Pipeline {
             lookup: false,
         };
         let started = Instant::now();
-        let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
+        let admission = Retrying {
+            gate: self.gate.as_ref(),
+            command_type: cmd.command_type,
+            service: cmd.service.as_str(),
+        };
+        let answer = self.bridge.execute(&request, &admission).await;
         call_result(draft, rationale, answer, started.elapsed(), repost)
+    }
+}
+
+/// What the bridge client asks before every retry of one command: the gate still running, and
+/// the command's service not cut off since (a revoke pulled during a refresh's retries stops
+/// its next POST: the command goes back to the queue, and its redelivery is refused).
+struct Retrying<'a> {
+    gate: &'a poller_core::control::gate::Gate,
+    command_type: crate::intake::CommandType,
+    service: &'a str,
+}
+
+impl crate::bridge::Admission for Retrying<'_> {
+    fn admit(&self) -> Result<(), String> {
+        self.gate.may_retry()?;
+        match self.gate.revocation_of(self.command_type, self.service) {
+            Some(r) => Err(format!(
+                "service {} {} during the bridge call's retries",
+                self.service,
+                r.cut.as_str()
+            )),
+            None => Ok(()),
+        }
     }
 }
 
