@@ -477,3 +477,55 @@ async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
     );
     assert_eq!(h.sim.executions("revoke-retry-1"), 0);
 }
+
+/// The same for a quarantine: the agent's command in its bridge retries sends no further POST
+/// once the quarantine is acknowledged.
+#[tokio::test]
+async fn a_quarantine_during_a_commands_retries_stops_its_next_post() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|s| {
+            s.bridge.min_backoff = Duration::from_millis(100);
+            s.bridge.max_backoff = Duration::from_millis(200);
+            s.bridge.retry_budget = Duration::from_secs(30);
+        }),
+        ..Default::default()
+    })
+    .await;
+    h.sim.fail_next_posts(
+        std::iter::repeat_n(
+            command_poller::bridge::simulator::Fault::Status { code: 503 },
+            1000,
+        )
+        .collect::<Vec<_>>(),
+    );
+    h.send(&cmd(
+        "quarantine-retry-1",
+        "CHECK_INTEGRATION_STATUS",
+        "meta",
+        "LOW",
+    ))
+    .await;
+    eventually("two failed POSTs", Duration::from_secs(10), || {
+        h.sim.posts("quarantine-retry-1") >= 2
+    })
+    .await;
+    let ack = h
+        .operator()
+        .run(ControlCommand::Quarantine {
+            agent: "guest".into(),
+            reason: "looping".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    let posts_at_ack = h.sim.posts("quarantine-retry-1");
+    let r = h.result("quarantine-retry-1").await;
+    assert_eq!(r.status, Status::Rejected, "{r:?}");
+    assert!(r.rationale.contains("quarantine"), "{}", r.rationale);
+    assert!(
+        h.sim.posts("quarantine-retry-1") <= posts_at_ack + 1,
+        "a POST after the quarantine was acknowledged: {posts_at_ack} at the ack, {} now",
+        h.sim.posts("quarantine-retry-1")
+    );
+}

@@ -66,8 +66,10 @@ impl Pipeline {
             lookup: false,
         };
         let started = Instant::now();
+        let agent_key = agent.control_key();
         let admission = Retrying {
             gate: self.gate.as_ref(),
+            agent: &agent_key,
             command_type: cmd.command_type,
             service: cmd.service.as_str(),
         };
@@ -76,11 +78,13 @@ impl Pipeline {
     }
 }
 
-/// What the bridge client asks before every retry of one command: the gate still running, and
-/// the command's service not cut off since (a revoke pulled during a refresh's retries stops
-/// its next POST: the command goes back to the queue, and its redelivery is refused).
+/// What the bridge client asks before every retry of one command: the gate still running, the
+/// agent not quarantined and the command's service not cut off since (a quarantine or a revoke
+/// pulled during the retries stops the next POST: the command goes back to the queue, and its
+/// redelivery is refused).
 struct Retrying<'a> {
     gate: &'a poller_core::control::gate::Gate,
+    agent: &'a str,
     command_type: crate::intake::CommandType,
     service: &'a str,
 }
@@ -88,6 +92,12 @@ struct Retrying<'a> {
 impl crate::bridge::Admission for Retrying<'_> {
     fn admit(&self) -> Result<(), String> {
         self.gate.may_retry()?;
+        if self.gate.quarantine_of(self.agent).is_some() {
+            return Err(format!(
+                "agent {} quarantined during the bridge call's retries",
+                self.agent
+            ));
+        }
         match self.gate.revocation_of(self.command_type, self.service) {
             Some(r) => Err(format!(
                 "service {} {} during the bridge call's retries",
