@@ -97,6 +97,10 @@ pub struct Cleanup(pub Settings);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0.idempotency.path);
+        // The embedded store's sealing key, written beside it (`<path>.key`).
+        let mut key = self.0.idempotency.path.clone().into_os_string();
+        key.push(".key");
+        let _ = std::fs::remove_file(key);
         let (queues, exchanges) = names(&self.0);
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
