@@ -428,12 +428,9 @@ async fn the_e01_trip_with_revoke_on_trip_pauses_and_revokes_what_was_attempted(
     b.stop().await;
 }
 
-/// A revoke pulled while a refresh of that service is in the bridge client's retry loop stops
-/// its next POST (the gate was asked only about the mode between retries, so the refresh could
-/// still reach the provider after the revoke was acknowledged); the command goes back to the
-/// queue and its redelivery ends REJECTED.
-#[tokio::test]
-async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
+/// A harness whose bridge answers every POST 503 (retryable, for 30 s of retries), with
+/// `command` sent and seen failing twice: it sits in the bridge client's retry loop.
+async fn stuck_in_retries(command: &serde_json::Value) -> Harness {
     let h = Harness::start(Options {
         tweak: Box::new(|s| {
             s.bridge.min_backoff = Duration::from_millis(100);
@@ -450,12 +447,22 @@ async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
         )
         .collect::<Vec<_>>(),
     );
-    h.send(&cmd("revoke-retry-1", "REFRESH_TOKEN", "google", "MEDIUM"))
-        .await;
+    h.send(command).await;
+    let id = command["action_id"].as_str().unwrap();
     eventually("two failed POSTs", Duration::from_secs(10), || {
-        h.sim.posts("revoke-retry-1") >= 2
+        h.sim.posts(id) >= 2
     })
     .await;
+    h
+}
+
+/// A revoke pulled while a refresh of that service is in the bridge client's retry loop stops
+/// its next POST (the gate was asked only about the mode between retries, so the refresh could
+/// still reach the provider after the revoke was acknowledged); the command goes back to the
+/// queue and its redelivery ends REJECTED.
+#[tokio::test]
+async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
+    let h = stuck_in_retries(&cmd("revoke-retry-1", "REFRESH_TOKEN", "google", "MEDIUM")).await;
     // The cut's own bridge call fails too (every POST does here): don't wait for its report.
     let s = h.settings.clone();
     let mut op = command_poller::control::operator::Operator::new(
@@ -482,32 +489,12 @@ async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
 /// once the quarantine is acknowledged.
 #[tokio::test]
 async fn a_quarantine_during_a_commands_retries_stops_its_next_post() {
-    let h = Harness::start(Options {
-        tweak: Box::new(|s| {
-            s.bridge.min_backoff = Duration::from_millis(100);
-            s.bridge.max_backoff = Duration::from_millis(200);
-            s.bridge.retry_budget = Duration::from_secs(30);
-        }),
-        ..Default::default()
-    })
-    .await;
-    h.sim.fail_next_posts(
-        std::iter::repeat_n(
-            command_poller::bridge::simulator::Fault::Status { code: 503 },
-            1000,
-        )
-        .collect::<Vec<_>>(),
-    );
-    h.send(&cmd(
+    let h = stuck_in_retries(&cmd(
         "quarantine-retry-1",
         "CHECK_INTEGRATION_STATUS",
         "meta",
         "LOW",
     ))
-    .await;
-    eventually("two failed POSTs", Duration::from_secs(10), || {
-        h.sim.posts("quarantine-retry-1") >= 2
-    })
     .await;
     let ack = h
         .operator()

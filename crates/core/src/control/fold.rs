@@ -20,6 +20,7 @@ pub use super::anchor::*;
 use super::loosening::{self, Proposal, Rules};
 use super::{ControlState, Mode, Quarantined, Revocation};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One entry in the state stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,45 +168,23 @@ pub fn apply(
     })
 }
 
-/// The state after an agent entry, or `None` when the writer may not write it.
-fn apply_agent(
-    current: &ControlState,
-    agent: &str,
-    quarantined: Option<&Quarantined>,
+/// `list` after an entry that puts `key` on it (`Some`: the first one there stays) or takes it
+/// off (`None`), or `None` when the writer may not write it: the poller's own user may only put
+/// on (a trip's quarantine or revoke), never take off; an untrusted writer neither.
+fn listed<V: Clone>(
+    list: &BTreeMap<String, V>,
+    key: &str,
+    value: Option<&V>,
     writer: Writer,
-) -> Option<ControlState> {
-    let mut new = current.clone();
-    match (quarantined, writer) {
+) -> Option<BTreeMap<String, V>> {
+    let mut new = list.clone();
+    match (value, writer) {
         (_, Writer::Untrusted) | (None, Writer::Poller) => return None,
-        (Some(q), _) => {
-            new.quarantined
-                .entry(agent.to_owned())
-                .or_insert_with(|| q.clone());
+        (Some(v), _) => {
+            new.entry(key.to_owned()).or_insert_with(|| v.clone());
         }
         (None, Writer::Operator) => {
-            new.quarantined.remove(agent);
-        }
-    }
-    Some(new)
-}
-
-/// The state after a service entry, or `None` when the writer may not write it.
-fn apply_service(
-    current: &ControlState,
-    service: &str,
-    revoked: Option<&Revocation>,
-    writer: Writer,
-) -> Option<ControlState> {
-    let mut new = current.clone();
-    match (revoked, writer) {
-        (_, Writer::Untrusted) | (None, Writer::Poller) => return None,
-        (Some(r), _) => {
-            new.revoked
-                .entry(service.to_owned())
-                .or_insert_with(|| r.clone());
-        }
-        (None, Writer::Operator) => {
-            new.revoked.remove(service);
+            new.remove(key);
         }
     }
     Some(new)
@@ -222,10 +201,18 @@ fn apply_listed(
     match (change, writer, who.user) {
         (Change::Mode { .. }, _, _) => None,
         (Change::Agent { agent, quarantined }, _, _) => {
-            apply_agent(current, agent, quarantined.as_ref(), writer)
+            let quarantined = listed(&current.quarantined, agent, quarantined.as_ref(), writer)?;
+            Some(ControlState {
+                quarantined,
+                ..current.clone()
+            })
         }
         (Change::Service { service, revoked }, _, _) => {
-            apply_service(current, service, revoked.as_ref(), writer)
+            let revoked = listed(&current.revoked, service, revoked.as_ref(), writer)?;
+            Some(ControlState {
+                revoked,
+                ..current.clone()
+            })
         }
         (Change::Propose { id, proposal }, Writer::Operator, Some(user)) => {
             let mut new = current.clone();

@@ -253,39 +253,29 @@ impl ClaimGuard {
 
     /// Stores `outcome` (sealed) and ends the claim. Not made durable at once: losing this write
     /// in a crash costs a replay, not a redo.
-    pub async fn complete(
-        mut self,
-        outcome: &StoredOutcome,
-        seal: &Secret,
-    ) -> Result<(), StoreError> {
-        self.renewal.take();
-        let done = self
-            .store
-            .complete(
-                &self.key,
-                &self.owner,
-                &outcome.seal(seal),
-                self.retention,
-                Durability::Buffered,
-                ClaimAfter::Ended,
-            )
-            .await;
-        self.finished = done.is_ok();
-        done
+    pub async fn complete(self, outcome: &StoredOutcome, seal: &Secret) -> Result<(), StoreError> {
+        self.end_with(&outcome.seal(seal), Durability::Buffered)
+            .await
     }
 
     /// Stores `json` (sealed), something other than a command's outcome (a lever's report), and
-    /// ends the claim.
-    pub async fn complete_json(mut self, json: &str, seal: &Secret) -> Result<(), StoreError> {
+    /// ends the claim, durably.
+    pub async fn complete_json(self, json: &str, seal: &Secret) -> Result<(), StoreError> {
+        self.end_with(&super::seal(seal, json), Durability::Synced)
+            .await
+    }
+
+    /// Writes `sealed` under the claim and ends it.
+    async fn end_with(mut self, sealed: &str, durability: Durability) -> Result<(), StoreError> {
         self.renewal.take();
         let done = self
             .store
             .complete(
                 &self.key,
                 &self.owner,
-                &super::seal(seal, json),
+                sealed,
                 self.retention,
-                Durability::Synced,
+                durability,
                 ClaimAfter::Ended,
             )
             .await;

@@ -137,11 +137,15 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            let (stored, new) = decide(c, &cmd, &current, new, &user)?;
-            if let Some((_, why)) = &stored {
-                note = why.clone();
+            let Decided {
+                change,
+                new,
+                note: why,
+            } = decide(c, &cmd, &current, new, &user)?;
+            if why.is_some() {
+                note = why;
             }
-            if let Some(change) = stored.map(|(change, _)| change) {
+            if let Some(change) = change {
                 // A mode decided on what replicas enforce makes the stored state trusted again.
                 let decides = matches!(change, state_log::Change::Mode { .. });
                 state_log::write(&publisher, c, after, change, &new, &user).await?;
@@ -276,17 +280,23 @@ impl Operator<'_> {
     }
 }
 
-/// What a lever stores and the state after it, with a note for the operator: a loosening lever
-/// under two people's rules is parked as a proposal; a second is counted (and applies the lever
-/// when it completes it); anything else is stored as it is.
-#[allow(clippy::type_complexity)]
+/// What a lever stores, the state after it, and a note for the operator.
+struct Decided {
+    change: Option<state_log::Change>,
+    new: ControlState,
+    note: Option<String>,
+}
+
+/// What a lever stores: a loosening lever under two people's rules is parked as a proposal; a
+/// second is counted (and applies the lever when it completes it); anything else is stored as
+/// it is.
 fn decide(
     c: &ControlSettings,
     cmd: &ControlCommand,
     current: &ControlState,
     new: ControlState,
     user: &str,
-) -> Result<(Option<(state_log::Change, Option<String>)>, ControlState), OperatorError> {
+) -> Result<Decided, OperatorError> {
     use poller_core::control::loosening;
     let rules = c.rules();
     let at = crate::clock::now_rfc3339();
@@ -306,13 +316,18 @@ fn decide(
             digest: digest.clone(),
             at,
         };
-        return Ok((Some((change, Some(note))), after));
+        return Ok(Decided {
+            change: Some(change),
+            new: after,
+            note: Some(note),
+        });
     }
     if !(rules.two_people() && loosening::loosens(current, &new)) {
-        return Ok((
-            stored_change(cmd, &new, current.seq).map(|ch| (ch, None)),
+        return Ok(Decided {
+            change: stored_change(cmd, &new, current.seq),
             new,
-        ));
+            note: None,
+        });
     }
     let expires_at = crate::clock::rfc3339(crate::clock::unix_now() + c.loosening_expiry.as_secs());
     let p = loosening::propose(cmd, user, &at, &expires_at);
@@ -325,7 +340,11 @@ fn decide(
     let mut parked = current.clone();
     parked.proposals.insert(id.clone(), p.clone());
     let change = state_log::Change::Propose { id, proposal: p };
-    Ok((Some((change, Some(note))), parked))
+    Ok(Decided {
+        change: Some(change),
+        new: parked,
+        note: Some(note),
+    })
 }
 
 /// What a lever stores in the state stream, if anything.

@@ -47,7 +47,10 @@ impl Pipeline {
                 // Revoked or disconnected while it was being decided (or waiting for approvers).
                 slot.not_sent().await;
                 tracing::warn!(by = %r.by, "service cut off before the bridge call; not executed");
-                return Ok(draft.rejected("service", revocation_reason(cmd.service.as_str(), &r)));
+                return Ok(draft.rejected(
+                    "service",
+                    poller_core::control::revocation::refusal(cmd.service.as_str(), &r),
+                ));
             }
         };
         let repost = slot.earlier();

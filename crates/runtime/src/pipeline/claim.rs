@@ -83,7 +83,10 @@ impl Pipeline {
             if let Err(e) = guard.release().await {
                 tracing::warn!(error = %e, "could not release the claim of a command for a cut service; it expires");
             }
-            let result = t.reject("service", revocation_reason(cmd.service.as_str(), &r));
+            let result = t.reject(
+                "service",
+                poller_core::control::revocation::refusal(cmd.service.as_str(), &r),
+            );
             return Err(Box::new(self.refused(result, reply.clone(), t)));
         }
         Ok(Claimed { guard, digest })

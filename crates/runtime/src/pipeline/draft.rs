@@ -138,11 +138,6 @@ pub(super) fn quarantine_reason(agent: &str, q: &poller_core::control::Quarantin
     )
 }
 
-/// Why a command for a revoked or disconnected service is refused.
-pub(super) fn revocation_reason(service: &str, r: &poller_core::control::Revocation) -> String {
-    poller_core::control::revocation::refusal(service, r)
-}
-
 /// "alice, bob": who approved a parked command.
 pub(super) fn approvers(rec: &Parked) -> String {
     rec.approvals

@@ -39,8 +39,8 @@ use crate::store::{
     ClaimGuard, Claims, Keeper, ResultStore, Slots, StoredOutcome, Taken, Unsealed, Waiters,
 };
 use draft::{
-    approvers, deferred, lenient_reply, panel_rationale, quarantine_reason, rejected_event,
-    revocation_reason, Draft, Trace,
+    approvers, deferred, lenient_reply, panel_rationale, quarantine_reason, rejected_event, Draft,
+    Trace,
 };
 use poller_core::approval::Parked;
 use poller_core::audit::AuditEvent;
