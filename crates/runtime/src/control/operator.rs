@@ -137,15 +137,10 @@ impl Operator<'_> {
                     "{user} is not in control.operators; replicas would refuse it"
                 )));
             }
-            let Decided {
-                change,
-                new,
-                note: why,
-            } = decide(c, &cmd, &current, new, &user)?;
-            if why.is_some() {
-                note = why;
-            }
-            if let Some(change) = change {
+            let d = decide(c, &cmd, &current, new, &user)?;
+            let new = d.new;
+            note = d.note.or(note);
+            if let Some(change) = d.change {
                 // A mode decided on what replicas enforce makes the stored state trusted again.
                 let decides = matches!(change, state_log::Change::Mode { .. });
                 state_log::write(&publisher, c, after, change, &new, &user).await?;
