@@ -174,6 +174,38 @@ pub enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// A scoped, time-boxed grant: AGENT's COMMAND_TYPE for SERVICE goes to the bridge
+    /// without a human's approval when the judges don't approve it, at most --uses times
+    /// within --for (never for CONNECT_INTEGRATION, never past a rule judge's veto, a
+    /// quarantine, a cut, a pause, a halt or a trip). A loosening lever: it needs
+    /// control.loosening_approvals operators (`second`), and its clock starts when it has them.
+    Grant {
+        agent: String,
+        /// REFRESH_TOKEN or CHECK_INTEGRATION_STATUS.
+        command_type: crate::intake::CommandType,
+        service: String,
+        /// How many commands it may let through, for the whole fleet (1 to 1000).
+        #[arg(long)]
+        uses: u32,
+        /// How long it lasts: seconds, or a number with s, m, h or d (1m to 7d).
+        #[arg(long = "for", value_parser = poller_core::clock::parse_duration_secs)]
+        for_secs: u64,
+        /// Why (the stored state, the alert, the audit trail, every result it lets through).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// Withdraw a grant (one operator, at once): its next use is refused, and a command it let
+    /// through that has not reached the bridge yet waits for approvers instead.
+    Ungrant {
+        /// The grant's id (`status`, `approvals list`, the console).
+        grant: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
     /// The policy: test a command, replay the audit under a candidate, reload every replica.
     Policy {
         #[command(subcommand)]

@@ -170,7 +170,42 @@ pub(super) fn lever_of(command: Command, request_id: String) -> (ControlCommand,
             },
             op,
         ),
-        _ => unreachable!("not a lever on the fleet, an agent or a service"),
+        other => grant_lever(other, request_id),
+    }
+}
+
+/// `grant` and `ungrant`: the lever, and the operator's flags.
+fn grant_lever(command: Command, request_id: String) -> (ControlCommand, OperatorArgs) {
+    match command {
+        Command::Grant {
+            agent,
+            command_type,
+            service,
+            uses,
+            for_secs,
+            reason,
+            op,
+        } => (
+            ControlCommand::Grant {
+                agent,
+                command_type,
+                service,
+                uses,
+                for_secs,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        Command::Ungrant { grant, reason, op } => (
+            ControlCommand::Ungrant {
+                grant,
+                reason,
+                request_id,
+            },
+            op,
+        ),
+        _ => unreachable!("not a lever on the fleet, an agent, a service or a grant"),
     }
 }
 

@@ -155,7 +155,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Release { .. }
         | Command::Revoke { .. }
         | Command::Disconnect { .. }
-        | Command::Reconnected { .. } => {
+        | Command::Reconnected { .. }
+        | Command::Grant { .. }
+        | Command::Ungrant { .. } => {
             let (cmd, op) = levers::lever_of(command, request_id);
             levers::operate(s, op, cmd).await
         }

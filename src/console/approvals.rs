@@ -47,7 +47,7 @@ async fn approvals_page(c: &Console, w: &Who, flash: Option<Flash>) -> Response 
                     "Approvals",
                     Some(&w.viewer),
                     flash,
-                    context! { pending => ser(&pending) },
+                    context! { pending => ser(&pending), grants => ser(&reply.grants) },
                 ),
             )
         }

@@ -52,6 +52,7 @@ async fn overview_page(c: &Console, w: &Who, flash: Option<Flash>) -> Response {
                         quarantined => s.as_ref().map(|s| ser(&s.quarantined)),
                         revoked => s.as_ref().map(|s| ser(&s.revoked)),
                         proposals => s.as_ref().map(proposals),
+                        grants => s.as_ref().map(|s| ser(&crate::approval::wire::GrantView::all(s).into_iter().filter(|g| g.state == "in_force").collect::<Vec<_>>())),
                         refresh => 5,
                     },
                 ),
@@ -90,6 +91,19 @@ pub(super) struct LeverForm {
     #[serde(default)]
     digest: Option<String>,
     confirm: Option<String>,
+    /// A grant: its scope, uses and duration; withdrawing one: its id.
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    command_type: Option<String>,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    uses: Option<String>,
+    #[serde(default, rename = "for")]
+    for_: Option<String>,
+    #[serde(default)]
+    grant: Option<String>,
 }
 
 /// The pending proposals as the overview lists them: who, until when, the lever in words.
@@ -126,7 +140,27 @@ fn command_of(f: &LeverForm, reason: String, request_id: String) -> Option<Contr
             reason,
             request_id,
         },
+        "grant" => grant_of(f, reason, request_id)?,
+        "ungrant" => ControlCommand::Ungrant {
+            grant: f.grant.clone().unwrap_or_default(),
+            reason,
+            request_id,
+        },
         _ => return None,
+    })
+}
+
+/// The grant a form asks for; `None` when its type, uses or duration can't be read (the
+/// replicas check the rest: agent, service, bounds, never CONNECT_INTEGRATION).
+fn grant_of(f: &LeverForm, reason: String, request_id: String) -> Option<ControlCommand> {
+    Some(ControlCommand::Grant {
+        agent: f.agent.clone()?.trim().to_owned(),
+        command_type: crate::intake::CommandType::parse(f.command_type.as_deref()?)?,
+        service: f.service.clone()?.trim().to_owned(),
+        uses: f.uses.as_deref()?.trim().parse().ok()?,
+        for_secs: poller_core::clock::parse_duration_secs(f.for_.as_deref()?).ok()?,
+        reason,
+        request_id,
     })
 }
 
@@ -191,7 +225,11 @@ pub(super) async fn lever(
                 Some(&w.viewer),
                 "Unknown lever",
                 "err",
-                &format!("There is no lever {:?}; nothing was done.", f.action),
+                &if f.action == "grant" {
+                    "The grant's type, uses or duration can't be read (uses: 1 to 1000; for: 30m, 8h, 7d); nothing was done.".to_owned()
+                } else {
+                    format!("There is no lever {:?}; nothing was done.", f.action)
+                },
                 "/overview",
             ),
         );

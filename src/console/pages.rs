@@ -71,6 +71,12 @@ const OVERVIEW: &str = r#"{% extends "layout.html" %}{% block body %}
 <input type="hidden" name="action" value="second"><input type="hidden" name="proposal" value="{{ p.id }}"><input type="hidden" name="digest" value="{{ p.digest }}">
 <label>Reason (required) <input type="text" name="reason" class="second-reason" required></label> <button class="second">Second it</button></form>
 {% else %}<p class="muted">Your own proposal: another operator seconds it.</p>{% endif %}</div>{% endfor %}{% endif %}
+{% if grants %}<h2>Scoped grants in force</h2>
+<table id="grants"><tr><th>grant</th><th>agent</th><th>type</th><th>service</th><th>uses</th><th>until</th><th>by</th><th>why</th><th></th></tr>
+{% for g in grants %}<tr id="grant-{{ g.grant_id }}"><td><code>{{ g.grant_id }}</code></td><td>{{ g.agent }}</td><td>{{ g.command_type }}</td><td>{{ g.service }}</td><td>{{ g.uses }}</td><td>{{ g.until }}</td><td>{{ g.granted_by|join(", ") }}</td><td>{{ g.reason }}</td>
+<td><form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="action" value="ungrant"><input type="hidden" name="grant" value="{{ g.grant_id }}">
+<input type="text" name="reason" placeholder="reason" class="ungrant-reason" required> <button class="ungrant">Withdraw</button></form></td></tr>{% endfor %}</table>
+<p class="muted">Uses so far: the Approvals page.</p>{% endif %}
 <h2>Levers</h2>
 <div class="box">
 <form method="post" action="/lever"><input type="hidden" name="csrf" value="{{ csrf }}">
@@ -80,6 +86,15 @@ const OVERVIEW: &str = r#"{% extends "layout.html" %}{% block body %}
 <button name="action" value="halt" id="halt" class="danger">Halt: master shut-off (E02)…</button>
 <button name="action" value="lift" id="lift">Lift the halt…</button></p>
 <p><label>Post-mortem (to lift a halt: its reference)<br><input type="text" name="post_mortem" id="post_mortem"></label></p></form>
+<form method="post" action="/lever" id="grant-form"><input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="action" value="grant">
+<h3>Grant (instead of approving every routine command)</h3>
+<p><label>Agent <input type="text" name="agent" id="grant-agent" required></label>
+<label>Type <select name="command_type" id="grant-type"><option>REFRESH_TOKEN</option><option>CHECK_INTEGRATION_STATUS</option></select></label>
+<label>Service <input type="text" name="service" id="grant-service" required></label>
+<label>Uses <input type="number" name="uses" id="grant-uses" min="1" max="1000" required></label>
+<label>For <input type="text" name="for" id="grant-for" placeholder="8h" required></label></p>
+<p><label>Reason (required) <input type="text" name="reason" id="grant-reason" required></label> <button id="grant">Propose the grant</button></p>
+<p class="muted">A loosening lever: with two people to loosen, it is parked until another operator seconds it above.</p></form>
 <p class="muted">This page refreshes every {{ refresh }} s.</p></div>
 {% endblock %}"#;
 
@@ -109,6 +124,10 @@ const APPROVALS: &str = r#"{% extends "layout.html" %}{% block body %}
 <label>Reason (required) <input type="text" name="reason" required></label>
 <button name="decision" value="approve" class="approve">Approve</button> <button name="decision" value="deny" class="danger deny">Deny</button></form>{% endif %}
 </div>{% else %}<p class="muted" id="empty">Nothing waits for a decision.</p>{% endfor %}
+{% if grants %}<h2>Scoped grants</h2>
+<p class="muted">Commands these cover skip this inbox when the judges don't approve them (never past a rule judge's veto), until their uses or time run out.</p>
+<table id="grants"><tr><th>grant</th><th>state</th><th>agent</th><th>type</th><th>service</th><th>used</th><th>until</th><th>by</th><th>why</th></tr>
+{% for g in grants %}<tr><td><code>{{ g.grant_id }}</code></td><td>{{ g.state }}</td><td>{{ g.agent }}</td><td>{{ g.command_type }}</td><td>{{ g.service }}</td><td>{{ g.used if g.used is not none else "?" }} of {{ g.uses }}</td><td>{{ g.until if g.until else g.for_secs ~ " s from its last second" }}</td><td>{{ g.granted_by|join(", ") }}</td><td>{{ g.reason }}</td></tr>{% endfor %}</table>{% endif %}
 {% endblock %}"#;
 
 const ACTIONS: &str = r#"{% extends "layout.html" %}{% block body %}

@@ -22,6 +22,7 @@ mod definitions_e2e;
 mod delivery_e2e;
 mod deploy_manifests;
 mod faults;
+mod grants_e2e;
 mod idempotency_e2e;
 mod incident_e2e;
 mod judges_bridge_e2e;

@@ -140,6 +140,7 @@ fn pipeline(policy: Policy, bridge: Arc<RecordingBridge>, allow_unverified: bool
                 )],
                 1,
             ),
+            grant_uses: Arc::new(command_poller::store::local::MemWindows::default()),
         },
         command_poller::pipeline::Execution {
             bridge,

@@ -134,6 +134,13 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         refusal: Option<String>,
     },
+    /// A command the judges did not approve, let through by a scoped grant (one of its uses
+    /// counted for the fleet) instead of being parked for approvers.
+    GrantUsed {
+        at: String,
+        #[serde(flatten)]
+        grant: crate::outcome::GrantUse,
+    },
     ControlChange {
         at: String,
         kind: String,

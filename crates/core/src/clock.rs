@@ -50,3 +50,42 @@ pub mod de {
         u64::deserialize(d).map(Duration::from_millis)
     }
 }
+
+/// A duration in whole seconds: `90`, `90s`, `30m`, `12h`, `7d`.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with s, m, h or d (30m, 12h, 7d)"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("{other:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_secs as secs;
+
+    #[test]
+    fn durations_read_with_their_unit() {
+        assert_eq!(secs("90"), Ok(90));
+        assert_eq!(secs("90s"), Ok(90));
+        assert_eq!(secs("30m"), Ok(1800));
+        assert_eq!(secs("12h"), Ok(43_200));
+        assert_eq!(secs("7d"), Ok(604_800));
+        assert!(secs("").is_err());
+        assert!(secs("1w").is_err());
+        assert!(secs("h").is_err());
+        assert!(secs("99999999999999999999d").is_err());
+    }
+}

@@ -253,6 +253,7 @@ impl Poller {
             policy: shell.pipeline.policy().clone(),
             policy_file: settings.policy.file.clone(),
             state: shell.settler.state.clone(),
+            grant_uses: shell.pipeline.grant_uses().clone(),
             wake: wake.clone(),
             audit_exchange: settings.audit.exchange.clone(),
             budget: Default::default(),
@@ -331,6 +332,7 @@ fn pipeline_of(
                 },
             )),
             panel,
+            grant_uses: stores.windows.clone(),
         },
         crate::pipeline::Execution {
             bridge,

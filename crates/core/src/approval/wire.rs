@@ -118,8 +118,81 @@ pub struct Reply {
     /// `list` only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingView>,
+    /// `list` only: the scoped grants in force and proposed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantView>,
     /// The replica that answered.
     pub instance: String,
+}
+
+/// A scoped grant as `approvals list` shows it: in force (with its uses so far) or proposed
+/// and waiting for operators to second it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub grant_id: String,
+    pub agent: String,
+    pub command_type: String,
+    pub service: String,
+    pub uses: u32,
+    /// Uses counted so far for the fleet; `None` when the store could not be asked (or it is
+    /// only proposed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<usize>,
+    /// RFC 3339; for a proposal, the grant lasts `for_secs` from its last second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub for_secs: u64,
+    pub reason: String,
+    /// The operators who put it in force (or proposed and seconded it so far), proposer first.
+    pub granted_by: Vec<String>,
+    /// `in_force` or `proposed`.
+    pub state: String,
+}
+
+impl GrantView {
+    /// The grants in force and the grant proposals in `state`, in force first.
+    pub fn all(state: &crate::control::ControlState) -> Vec<GrantView> {
+        let in_force = state.grants.iter().map(|(id, g)| GrantView {
+            grant_id: id.clone(),
+            agent: g.agent.clone(),
+            command_type: g.command_type.to_string(),
+            service: g.service.clone(),
+            uses: g.uses,
+            used: None,
+            until: Some(crate::clock::rfc3339(g.until)),
+            for_secs: g.until.saturating_sub(g.from),
+            reason: g.reason.clone(),
+            granted_by: g.approvers(),
+            state: "in_force".into(),
+        });
+        let proposed = state.proposals.iter().filter_map(|(id, p)| match &p.lever {
+            crate::control::ControlCommand::Grant {
+                agent,
+                command_type,
+                service,
+                uses,
+                for_secs,
+                reason,
+                ..
+            } => Some(GrantView {
+                grant_id: id.clone(),
+                agent: agent.clone(),
+                command_type: command_type.to_string(),
+                service: service.clone(),
+                uses: *uses,
+                used: None,
+                until: None,
+                for_secs: *for_secs,
+                reason: reason.clone(),
+                granted_by: std::iter::once(p.by.clone())
+                    .chain(p.seconds.iter().cloned())
+                    .collect(),
+                state: "proposed".into(),
+            }),
+            _ => None,
+        });
+        in_force.chain(proposed).collect()
+    }
 }
 
 /// A pending approval as `approvals list` shows it.

@@ -18,7 +18,7 @@
 
 pub use super::anchor::*;
 use super::loosening::{self, Proposal, Rules};
-use super::{ControlState, Mode, Quarantined, Revocation};
+use super::{ControlState, Grant, Mode, Quarantined, Revocation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -65,6 +65,10 @@ pub enum Change {
         digest: String,
         at: String,
     },
+    /// A grant put in force (`Some`: a lone operator's, where one operator may loosen; under
+    /// two people's rules a grant is applied by the second that completes its proposal) or
+    /// withdrawn (`None`). Operators only; its proposer is the entry's writer.
+    Grant { id: String, grant: Option<Grant> },
 }
 
 /// Who wrote an entry, by its broker-checked `user_id`.
@@ -164,6 +168,7 @@ pub fn apply(
         quarantined: current.quarantined.clone(),
         revoked: current.revoked.clone(),
         proposals: current.proposals.clone(),
+        grants: current.grants.clone(),
         ..entry.clone()
     })
 }
@@ -225,7 +230,22 @@ fn apply_listed(
         (Change::Second { id, digest, at }, Writer::Operator, Some(user)) => {
             loosening::second(current, id, digest, user, at, who.rules).ok()
         }
-        (Change::Propose { .. } | Change::Second { .. }, _, _) => None,
+        (Change::Grant { id, grant }, Writer::Operator, user) => {
+            let mut new = current.clone();
+            match grant {
+                Some(g) => {
+                    let by = user.map_or_else(|| g.by.clone(), str::to_owned);
+                    new.grants
+                        .entry(id.clone())
+                        .or_insert_with(|| Grant { by, ..g.clone() });
+                }
+                None => {
+                    new.grants.remove(id);
+                }
+            }
+            Some(new)
+        }
+        (Change::Propose { .. } | Change::Second { .. } | Change::Grant { .. }, _, _) => None,
     }
 }
 
@@ -379,7 +399,7 @@ fn step_trusted(
 }
 
 /// Why a state is untrusted after a lone operator's loosening entry.
-pub const LONE_LOOSENING: &str = "an operator's entry loosened the state (a halt lifted, an agent released or a cut lifted) without the other operators control.loosening_approvals requires";
+pub const LONE_LOOSENING: &str = "an operator's entry loosened the state (a halt lifted, an agent released, a cut lifted or a grant added) without the other operators control.loosening_approvals requires";
 
 fn describe(change: &Change, state: &ControlState) -> String {
     match change {
@@ -396,6 +416,8 @@ fn describe(change: &Change, state: &ControlState) -> String {
         Change::Service { service, .. } => format!("reconnected {service}"),
         Change::Propose { id, .. } => format!("propose {id}"),
         Change::Second { id, .. } => format!("second {id}"),
+        Change::Grant { id, grant: Some(_) } => format!("grant {id}"),
+        Change::Grant { id, .. } => format!("ungrant {id}"),
     }
 }
 
@@ -1003,5 +1025,48 @@ mod tests {
         };
         assert_eq!(s.mode, Mode::Halted);
         assert_eq!(s.quarantined.len(), 2);
+    }
+
+    #[test]
+    fn a_grant_entry_is_an_operators_and_under_two_people_never_a_lone_ones() {
+        let g = Grant {
+            agent: "agent-7".into(),
+            command_type: crate::intake::CommandType::RefreshToken,
+            service: "google".into(),
+            uses: 1000,
+            from: 0,
+            until: u64::MAX,
+            reason: "forever".into(),
+            by: "(body)".into(),
+            seconded_by: Default::default(),
+        };
+        let grant = |some: bool| {
+            entry(
+                None,
+                Change::Grant {
+                    id: "g-1".into(),
+                    grant: some.then(|| g.clone()),
+                },
+                state(Mode::Running, 0),
+            )
+        };
+        let running = Folded::State(state(Mode::Running, 0));
+        // The poller's own user (a replica's credentials) can't grant anything.
+        let from_poller = step_by(running.clone(), &grant(true), Poller, by("poller"));
+        assert!(from_poller.effective().unwrap().grants.is_empty());
+        // One operator where two are needed: refused, and the state no longer trusted.
+        let lone = step_by(running.clone(), &grant(true), Operator, by("alice"));
+        assert!(matches!(lone, Folded::Untrusted { .. }));
+        assert!(lone.effective().unwrap().grants.is_empty());
+        // Where one operator may loosen, it applies, its proposer the entry's writer.
+        let one = Who {
+            user: Some("alice"),
+            rules: Rules::default(),
+        };
+        let granted = step_by(running, &grant(true), Operator, one);
+        assert_eq!(granted.effective().unwrap().grants["g-1"].by, "alice");
+        // A withdrawal tightens: one operator, even under two people's rules.
+        let gone = step_by(granted, &grant(false), Operator, by("bob"));
+        assert!(matches!(gone, Folded::State(ref s) if s.grants.is_empty()));
     }
 }

@@ -23,6 +23,9 @@ pub enum Held {
     Quarantined(super::Quarantined),
     /// The command's service was revoked or disconnected: the command ends REJECTED.
     Revoked(super::Revocation),
+    /// The grant that let the command through was withdrawn meanwhile: the command goes back
+    /// to the queue, and its redelivery waits for approvers.
+    GrantWithdrawn(String),
 }
 
 /// What [`Gate::enforce`] changed.
@@ -122,16 +125,26 @@ impl Gate {
         self.lock().mode != Mode::Halted
     }
 
-    /// Admits one bridge call for `agent`'s command (`command_type` for `service`) if running,
-    /// the agent not in quarantine and the service not cut for it (checked under the same
-    /// lock, so a quarantine or revoke that returned holds back the next call).
+    /// Whether grant `id` is still in force.
+    pub fn grant_in_force(&self, id: &str) -> bool {
+        self.lock().grants.contains_key(id)
+    }
+
+    /// Admits one bridge call for `agent`'s command (`command_type` for `service`, let through
+    /// by `grant` if one did) if running, the agent not in quarantine, the service not cut for
+    /// it and the grant still in force (checked under the same lock, so a quarantine, revoke or
+    /// withdrawal that returned holds back the next call).
     pub fn begin_bridge(
         &self,
         agent: &str,
         command_type: crate::intake::CommandType,
         service: &str,
+        grant: Option<&str>,
     ) -> Result<BridgeTicket, Held> {
         let s = self.lock();
+        if let Some(id) = grant.filter(|id| !s.grants.contains_key(*id)) {
+            return Err(Held::GrantWithdrawn(id.to_owned()));
+        }
         if let Some(q) = s.quarantined.get(agent) {
             return Err(Held::Quarantined(q.clone()));
         }
@@ -205,7 +218,7 @@ mod tests {
     fn nothing_is_admitted_after_a_pause() {
         let g = Gate::default();
         let t = g
-            .begin_bridge("a", REFRESH, "google")
+            .begin_bridge("a", REFRESH, "google", None)
             .expect("running admits");
         assert_eq!(g.at_bridge(), 1);
         set(
@@ -216,7 +229,7 @@ mod tests {
             },
         );
         assert_eq!(
-            g.begin_bridge("a", REFRESH, "google").err(),
+            g.begin_bridge("a", REFRESH, "google", None).err(),
             Some(Held::Mode(Mode::Paused))
         );
         assert!(g.may_judge());
@@ -249,10 +262,10 @@ mod tests {
         s.quarantined.insert("bad".into(), q.clone());
         set(&g, s);
         assert_eq!(
-            g.begin_bridge("bad", REFRESH, "google").err(),
+            g.begin_bridge("bad", REFRESH, "google", None).err(),
             Some(Held::Quarantined(q.clone()))
         );
-        assert!(g.begin_bridge("good", REFRESH, "google").is_ok());
+        assert!(g.begin_bridge("good", REFRESH, "google", None).is_ok());
         assert_eq!(g.quarantine_of("bad"), Some(q));
         assert_eq!(g.quarantine_of("good"), None);
     }
@@ -271,12 +284,12 @@ mod tests {
         s.revoked.insert("google".into(), r.clone());
         assert!(set(&g, s).revoked);
         assert_eq!(
-            g.begin_bridge("a", REFRESH, "google").err(),
+            g.begin_bridge("a", REFRESH, "google", None).err(),
             Some(Held::Revoked(r.clone()))
         );
-        assert!(g.begin_bridge("a", REFRESH, "meta").is_ok());
+        assert!(g.begin_bridge("a", REFRESH, "meta", None).is_ok());
         let check = crate::intake::CommandType::CheckIntegrationStatus;
-        assert!(g.begin_bridge("a", check, "google").is_ok());
+        assert!(g.begin_bridge("a", check, "google", None).is_ok());
         assert_eq!(g.revocation_of(REFRESH, "google"), Some(r));
     }
 }

@@ -52,7 +52,8 @@ pub struct Proposal {
     pub seconds: BTreeSet<String>,
 }
 
-/// Whether `to` enforces less than `from`: a halt lifted, an agent released, a cut lifted.
+/// Whether `to` enforces less than `from`: a halt lifted, an agent released, a cut lifted, a
+/// grant added.
 pub fn loosens(from: &ControlState, to: &ControlState) -> bool {
     (from.mode == Mode::Halted && to.mode != Mode::Halted)
         || from
@@ -60,6 +61,7 @@ pub fn loosens(from: &ControlState, to: &ControlState) -> bool {
             .keys()
             .any(|a| !to.quarantined.contains_key(a))
         || from.revoked.keys().any(|s| !to.revoked.contains_key(s))
+        || to.grants.keys().any(|g| !from.grants.contains_key(g))
 }
 
 /// SHA-256 (hex) over the lever as it will be applied (its kind, target, reason, post-mortem
@@ -104,10 +106,10 @@ pub fn second(
     let parse = |t: &str| {
         time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
     };
-    match (parse(at), parse(&p.expires_at)) {
-        (Some(at), Some(until)) if at <= until => {}
+    let seconded_at = match (parse(at), parse(&p.expires_at)) {
+        (Some(at), Some(until)) if at <= until => at.unix_timestamp().max(0) as u64,
         _ => return Err(SecondRefused::Expired(p.expires_at.clone())),
-    }
+    };
     if p.by == by {
         return Err(SecondRefused::Own);
     }
@@ -124,16 +126,21 @@ pub fn second(
         new.proposals.insert(id.to_owned(), p);
         return Ok(new);
     }
-    // Enough people: the lever as its proposer pulled it, decided on the state now.
-    Ok(
-        match transition(&new, &p.lever, &Actor::Operator(p.by.clone())) {
-            Ok(mut applied) => {
-                applied.proposals = new.proposals;
-                applied
-            }
-            Err(_) => new,
-        },
-    )
+    // Enough people: the lever as its proposer pulled it, decided on the state now. A grant's
+    // clock starts at this second (the entry's time, the same for every reader of the stream).
+    let applied = match &p.lever {
+        ControlCommand::Grant { .. } => {
+            super::grant::add(&new, &p.lever, &p.by, p.seconds.clone(), seconded_at)
+        }
+        lever => transition(&new, lever, &Actor::Operator(p.by.clone())),
+    };
+    Ok(match applied {
+        Ok(mut applied) => {
+            applied.proposals = new.proposals;
+            applied
+        }
+        Err(_) => new,
+    })
 }
 
 /// The proposal of `lever` by `by` at `at`, expiring at `expires_at`.
@@ -271,5 +278,43 @@ mod tests {
         };
         assert_ne!(digest(&lift()), digest(&other));
         assert_eq!(digest(&lift()).len(), 64);
+    }
+
+    #[test]
+    fn a_grant_loosens_and_its_clock_starts_at_the_second_that_completes_it() {
+        let g = ControlCommand::Grant {
+            agent: "agent-7".into(),
+            command_type: crate::intake::CommandType::RefreshToken,
+            service: "google".into(),
+            uses: 5,
+            for_secs: 600,
+            reason: "routine refreshes".into(),
+            request_id: "g-1".into(),
+        };
+        let p = propose(&g, "alice", "2026-12-07T10:00:00Z", "2026-12-07T11:00:00Z");
+        let mut s = ControlState::initial();
+        s.proposals.insert("g-1".into(), p.clone());
+        assert_eq!(
+            second(&s, "g-1", &p.digest, "alice", "2026-12-07T10:05:00Z", TWO),
+            Err(SecondRefused::Own)
+        );
+        let one = second(&s, "g-1", &p.digest, "bob", "2026-12-07T10:05:00Z", THREE).unwrap();
+        assert!(one.grants.is_empty(), "one second of two");
+        let done = second(
+            &one,
+            "g-1",
+            &p.digest,
+            "carol",
+            "2026-12-07T10:30:00Z",
+            THREE,
+        )
+        .unwrap();
+        let granted = &done.grants["g-1"];
+        let at = time::macros::datetime!(2026-12-07 10:30:00 UTC).unix_timestamp() as u64;
+        assert_eq!((granted.from, granted.until), (at, at + 600));
+        assert_eq!(granted.by, "alice");
+        assert_eq!(granted.seconded_by.len(), 2);
+        assert!(loosens(&s, &done));
+        assert!(!loosens(&done, &s), "a grant withdrawn tightens");
     }
 }

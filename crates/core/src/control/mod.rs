@@ -9,11 +9,13 @@
 mod anchor;
 pub mod fold;
 pub mod gate;
+pub mod grant;
 pub mod loosening;
 pub mod revocation;
 mod settings;
 pub mod trip;
 
+pub use grant::Grant;
 pub use revocation::{Cut, Revocation};
 pub use settings::{ControlSettings, EmptyStream};
 
@@ -74,6 +76,9 @@ pub struct ControlState {
     /// Loosening levers waiting for other operators, by proposal id (the lever's request id).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub proposals: BTreeMap<String, loosening::Proposal>,
+    /// Scoped grants in force, by grant id (the grant lever's request id): see [`grant`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grants: BTreeMap<String, Grant>,
 }
 
 impl ControlState {
@@ -89,6 +94,7 @@ impl ControlState {
             quarantined: BTreeMap::new(),
             revoked: BTreeMap::new(),
             proposals: BTreeMap::new(),
+            grants: BTreeMap::new(),
         }
     }
 }
@@ -175,6 +181,23 @@ pub enum ControlCommand {
         reason: String,
         request_id: String,
     },
+    /// A scoped, time-boxed grant (see [`grant`]): `agent`'s `command_type` for `service` let
+    /// through without a human's approval, `uses` times within `for_secs`. A loosening lever.
+    Grant {
+        agent: String,
+        command_type: crate::intake::CommandType,
+        service: String,
+        uses: u32,
+        for_secs: u64,
+        reason: String,
+        request_id: String,
+    },
+    /// A grant withdrawn (`grant` is its id): its next use is refused.
+    Ungrant {
+        grant: String,
+        reason: String,
+        request_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -192,7 +215,9 @@ impl ControlCommand {
             | ControlCommand::Reconnected { request_id, .. }
             | ControlCommand::OpenIncident { request_id, .. }
             | ControlCommand::Second { request_id, .. }
-            | ControlCommand::CloseIncident { request_id, .. } => request_id,
+            | ControlCommand::CloseIncident { request_id, .. }
+            | ControlCommand::Grant { request_id, .. }
+            | ControlCommand::Ungrant { request_id, .. } => request_id,
         }
     }
 
@@ -211,6 +236,8 @@ impl ControlCommand {
             ControlCommand::OpenIncident { .. } => "control.incident_open",
             ControlCommand::Second { .. } => "control.second",
             ControlCommand::CloseIncident { .. } => "control.incident_close",
+            ControlCommand::Grant { .. } => "control.grant",
+            ControlCommand::Ungrant { .. } => "control.ungrant",
         }
     }
 
@@ -262,8 +289,10 @@ pub enum Refusal {
     BadAgent(String),
     #[error("not a service: {0}")]
     BadService(String),
-    #[error("revoke, disconnect, reconnected, a second and an incident's opening or closing need a reason (it goes to the security team and the audit record)")]
+    #[error("revoke, disconnect, reconnected, a grant or its withdrawal, a second and an incident's opening or closing need a reason (it goes to the security team and the audit record)")]
     NoReason,
+    #[error(transparent)]
+    Grant(#[from] grant::GrantRefused),
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
@@ -304,6 +333,8 @@ pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
             state.revoked.contains_key(service)
         }
         ControlCommand::Reconnected { service, .. } => !state.revoked.contains_key(service),
+        ControlCommand::Grant { request_id, .. } => state.grants.contains_key(request_id),
+        ControlCommand::Ungrant { grant, .. } => !state.grants.contains_key(grant),
         ControlCommand::Status { .. }
         | ControlCommand::ReloadPolicy { .. }
         | ControlCommand::OpenIncident { .. }
@@ -347,6 +378,7 @@ pub fn transition(
         quarantined: current.quarantined.clone(),
         revoked: current.revoked.clone(),
         proposals: current.proposals.clone(),
+        grants: current.grants.clone(),
     };
     match cmd {
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
@@ -364,29 +396,22 @@ pub fn transition(
             held_out(current, agent, Some((reason, &by, cmd.request_id())))
         }
         ControlCommand::Release { agent, .. } => held_out(current, agent, None),
-        ControlCommand::Revoke {
-            service, reason, ..
-        } => cut_off(
-            current,
-            Cut::Revoked,
-            service,
-            reason,
-            &by,
-            cmd.request_id(),
-        ),
-        ControlCommand::Disconnect {
-            service, reason, ..
-        } => cut_off(
-            current,
-            Cut::Disconnected,
-            service,
-            reason,
-            &by,
-            cmd.request_id(),
-        ),
+        ControlCommand::Revoke { reason, .. } | ControlCommand::Disconnect { reason, .. } => {
+            let (cut, service) = cmd.cut().expect("a revoke or disconnect is a cut");
+            let lever = (reason.as_str(), by.as_str(), cmd.request_id());
+            revocation::cut_off(current, cut, service, lever)
+        }
         ControlCommand::Reconnected {
             service, reason, ..
-        } => reconnected(current, service, reason),
+        } => revocation::reconnected(current, service, reason),
+        ControlCommand::Grant { .. } => grant::add(
+            current,
+            cmd,
+            &by,
+            Default::default(),
+            crate::clock::unix_now(),
+        ),
+        ControlCommand::Ungrant { grant, reason, .. } => grant::withdraw(current, grant, reason),
         ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
         ControlCommand::Pause { reason, .. } => match current.mode {
             Mode::Halted => Err(Refusal::AlreadyHalted),
@@ -437,47 +462,6 @@ fn held_out(
             new.quarantined.remove(agent);
         }
     }
-    Ok(new)
-}
-
-/// `current` with `service`'s cut lifted (it was reconnected by hand).
-fn reconnected(
-    current: &ControlState,
-    service: &str,
-    reason: &str,
-) -> Result<ControlState, Refusal> {
-    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
-    if reason.trim().is_empty() {
-        return Err(Refusal::NoReason);
-    }
-    let mut new = current.clone();
-    new.revoked.remove(service);
-    Ok(new)
-}
-
-/// `current` with `service` cut off (a cut already there stays: who did it first and why).
-fn cut_off(
-    current: &ControlState,
-    cut: Cut,
-    service: &str,
-    reason: &str,
-    by: &str,
-    request_id: &str,
-) -> Result<ControlState, Refusal> {
-    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
-    if reason.trim().is_empty() {
-        return Err(Refusal::NoReason);
-    }
-    let mut new = current.clone();
-    new.revoked
-        .entry(service.to_owned())
-        .or_insert_with(|| Revocation {
-            cut,
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-            since: now(),
-            request_id: request_id.to_owned(),
-        });
     Ok(new)
 }
 

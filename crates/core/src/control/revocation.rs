@@ -9,7 +9,7 @@
 //! of that refusal. The refusal stands until the service is reconnected by hand (SOP-INT-03)
 //! and an operator records it (`command-poller reconnected SERVICE`).
 
-use super::ControlState;
+use super::{now, ControlState, Refusal};
 use crate::intake::CommandType;
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +85,46 @@ pub fn refusal(service: &str, r: &Revocation) -> String {
         r.reason,
         r.request_id
     )
+}
+
+/// `current` with `service`'s cut lifted (it was reconnected by hand).
+pub(super) fn reconnected(
+    current: &ControlState,
+    service: &str,
+    reason: &str,
+) -> Result<ControlState, Refusal> {
+    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
+    if reason.trim().is_empty() {
+        return Err(Refusal::NoReason);
+    }
+    let mut new = current.clone();
+    new.revoked.remove(service);
+    Ok(new)
+}
+
+/// `current` with `service` cut off by the lever `(reason, by, request_id)` (a cut already
+/// there stays: who did it first and why).
+pub(super) fn cut_off(
+    current: &ControlState,
+    cut: Cut,
+    service: &str,
+    (reason, by, request_id): (&str, &str, &str),
+) -> Result<ControlState, Refusal> {
+    crate::intake::Service::parse(service).map_err(Refusal::BadService)?;
+    if reason.trim().is_empty() {
+        return Err(Refusal::NoReason);
+    }
+    let mut new = current.clone();
+    new.revoked
+        .entry(service.to_owned())
+        .or_insert_with(|| Revocation {
+            cut,
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            since: now(),
+            request_id: request_id.to_owned(),
+        });
+    Ok(new)
 }
 
 #[cfg(test)]

@@ -42,6 +42,16 @@ impl CommandType {
     }
 }
 
+/// A type by its wire name, in any case (the command line's).
+impl std::str::FromStr for CommandType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(&s.to_ascii_uppercase()).ok_or_else(|| {
+            "one of CHECK_INTEGRATION_STATUS, REFRESH_TOKEN, CONNECT_INTEGRATION".to_owned()
+        })
+    }
+}
+
 impl fmt::Display for CommandType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -26,6 +26,9 @@ pub struct PanelReport {
     pub votes: Vec<JudgeVote>,
     /// The veto that decided, if one did: (judge, rule, reason).
     pub veto: Option<(String, String, String)>,
+    /// Every judge that can veto answered, and none vetoed: the hard rules were checked and
+    /// held (a panel that settled early may not have waited for them).
+    pub hard_rules_held: bool,
 }
 
 impl PanelReport {
@@ -109,6 +112,23 @@ impl Panel {
     /// The judges, each with its deadline, in configuration order.
     pub fn judges(&self) -> &[(Arc<dyn Judge>, Duration)] {
         &self.judges
+    }
+
+    /// Asks only the judges that can veto (the hard rules), each under its deadline, all of
+    /// them: `Err` names the first that vetoed or could not answer (fail closed). What a grant
+    /// asks before it stands in for a human, when the panel settled without them.
+    pub async fn hard_rules(&self, request: &JudgeRequest) -> Result<(), String> {
+        for (judge, deadline) in self.judges.iter().filter(|(j, _)| j.can_veto()) {
+            match tokio::time::timeout(*deadline, judge.evaluate(request)).await {
+                Ok(Ok(Verdict::Veto { rule, reason })) => {
+                    return Err(format!("{} vetoed ({rule}): {reason}", judge.name()))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("{} could not answer: {e}", judge.name())),
+                Err(_) => return Err(format!("{} did not answer in time", judge.name())),
+            }
+        }
+        Ok(())
     }
 
     /// Asks the judges about `request` and settles under `rule` as soon as it can.
@@ -196,6 +216,7 @@ impl Panel {
             approvals: cast.iter().filter(|v| **v == Vote::Approve).count(),
             panel_size: n,
             votes,
+            hard_rules_held: vetoers_pending == 0 && !vetoer_unavailable && veto.is_none(),
             veto,
         }
     }
@@ -520,5 +541,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A judge that applies hard rules, answering after `delay`.
+    struct Rules {
+        veto: bool,
+        delay: Duration,
+    }
+
+    impl Judge for Rules {
+        fn name(&self) -> &str {
+            "rules"
+        }
+        fn can_veto(&self) -> bool {
+            true
+        }
+        fn evaluate<'a>(
+            &'a self,
+            _: &'a JudgeRequest,
+        ) -> futures::future::BoxFuture<'a, Result<Verdict, JudgeError>> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                Ok(if self.veto {
+                    Verdict::Veto {
+                        rule: "denied_agents",
+                        reason: "on the deny list".into(),
+                    }
+                } else {
+                    Verdict::Approve {
+                        reason: "all rules passed".into(),
+                    }
+                })
+            })
+        }
+    }
+
+    /// The hard rules answering after `delay_ms`, a model that denies after `model_ms`.
+    fn with_rules(veto: bool, delay_ms: u64, model_ms: u64) -> Panel {
+        let deny = crate::test_util::ScriptedJudge::new(
+            "model",
+            crate::test_util::Script::Deny,
+            Duration::from_millis(model_ms),
+        );
+        Panel::new(
+            vec![
+                (
+                    Arc::new(Rules {
+                        veto,
+                        delay: Duration::from_millis(delay_ms),
+                    }) as Arc<dyn Judge>,
+                    Duration::from_secs(2),
+                ),
+                (Arc::new(deny), Duration::from_secs(2)),
+            ],
+            2,
+        )
+    }
+
+    /// What a grant relies on: a panel that settled before its hard rules answered says so,
+    /// and asking them afterwards gives their veto.
+    #[tokio::test]
+    async fn a_panel_settled_early_says_its_hard_rules_went_unheard_and_they_can_be_asked() {
+        let policy =
+            crate::policy::Policy::parse(include_str!("../../../../config/policy.toml")).unwrap();
+        let (req, rule) = crate::judging::canary::request(
+            crate::judging::canary::Canary::KnownGood,
+            &policy,
+            "a",
+            1,
+        );
+        let early = with_rules(true, 300, 0).convene(&req, rule).await;
+        assert_eq!(early.outcome, PanelOutcome::NotApproved);
+        assert!(early.veto.is_none() && !early.hard_rules_held, "{early:?}");
+        let why = with_rules(true, 300, 0).hard_rules(&req).await.unwrap_err();
+        assert!(why.contains("rules vetoed (denied_agents)"), "{why}");
+        assert_eq!(with_rules(false, 300, 0).hard_rules(&req).await, Ok(()));
+        // Heard: a veto is the report's, and rules that held say so.
+        let heard = with_rules(true, 0, 100)
+            .convene(&req, DecisionRule::Veto)
+            .await;
+        assert!(heard.veto.is_some() && !heard.hard_rules_held);
+        let held = with_rules(false, 0, 100)
+            .convene(&req, DecisionRule::Veto)
+            .await;
+        assert!(held.veto.is_none() && held.hard_rules_held, "{held:?}");
     }
 }

@@ -9,7 +9,7 @@ mod result;
 
 pub use alert::{alerts_for, with_defaults, Alert, ApprovalNotice};
 pub use result::{
-    AgentView, ApprovalMark, ApprovalTicket, BridgeSummary, ResultMessage, SeverityView,
+    AgentView, ApprovalMark, ApprovalTicket, BridgeSummary, GrantUse, ResultMessage, SeverityView,
 };
 
 use serde::{Deserialize, Serialize};

@@ -81,6 +81,40 @@ pub struct ResultMessage {
     /// A final result decided by humans: who approved (or denied), when and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<ApprovalMark>,
+    /// A command the judges did not approve, let through by a scoped grant instead of a
+    /// human's approval: which grant, which of its uses, who granted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantUse>,
+}
+
+/// What a result and its audit record say about the grant that let a command through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantUse {
+    pub grant_id: String,
+    /// This command's use, counted for the fleet (1 for the first), of `uses`.
+    #[serde(rename = "use")]
+    pub use_no: u32,
+    pub uses: u32,
+    /// The operators who put it in force, its proposer first.
+    pub granted_by: Vec<String>,
+    pub reason: String,
+    /// RFC 3339.
+    pub until: String,
+}
+
+impl GrantUse {
+    /// How the rationale says it.
+    pub fn words(&self) -> String {
+        format!(
+            "Let through by grant {} (use {} of {}, granted by {} until {}: {}) instead of a human's approval.",
+            self.grant_id,
+            self.use_no,
+            self.uses,
+            self.granted_by.join(", "),
+            self.until,
+            self.reason
+        )
+    }
 }
 
 /// What a NEEDS_APPROVAL result says about its parked approval.

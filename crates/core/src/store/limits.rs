@@ -97,6 +97,16 @@ pub trait RateWindows: Send + Sync {
         limit: usize,
         window: Duration,
     ) -> BoxFuture<'a, Result<Hit, LimitError>>;
+
+    /// The events counted under `key` within the last `window`, counting nothing (a hit
+    /// that may not count, by a member no command's key can be).
+    fn count<'a>(
+        &'a self,
+        key: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<usize, LimitError>> {
+        Box::pin(async move { Ok(self.hit(key, "(count)", 0, window).await?.count) })
+    }
 }
 
 /// The fleet's bridge slots as the pipeline takes them: waits for a free slot (polling the

@@ -293,6 +293,8 @@ fn decide(
     user: &str,
 ) -> Result<Decided, OperatorError> {
     use poller_core::control::loosening;
+    poller_core::control::grant::in_force(current, cmd)
+        .map_err(|r| OperatorError::Refused(r.to_string()))?;
     let rules = c.rules();
     let at = crate::clock::now_rfc3339();
     if let ControlCommand::Second {
@@ -367,6 +369,13 @@ fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<
         | ControlCommand::Reconnected { service, .. } => Some(state_log::Change::Service {
             service: service.clone(),
             revoked: new.revoked.get(service).cloned(),
+        }),
+        // Its own entry: where one operator may loosen, the grant as it took effect; under two
+        // people's rules a grant is a proposal (`decide`). A withdrawal is one operator's.
+        ControlCommand::Grant { request_id: id, .. }
+        | ControlCommand::Ungrant { grant: id, .. } => Some(state_log::Change::Grant {
+            id: id.clone(),
+            grant: new.grants.get(id).cloned(),
         }),
         // Decided on the sequence read: if another change landed in between, the fold lets
         // this one apply only if it is stricter (compare-and-set).

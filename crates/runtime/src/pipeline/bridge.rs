@@ -25,9 +25,13 @@ impl Pipeline {
                 )));
             }
         };
-        let held =
-            self.gate
-                .begin_bridge(&agent.control_key(), cmd.command_type, cmd.service.as_str());
+        let grant = draft.grant.as_ref().map(|g| g.grant_id.clone());
+        let held = self.gate.begin_bridge(
+            &agent.control_key(),
+            cmd.command_type,
+            cmd.service.as_str(),
+            grant.as_deref(),
+        );
         let _ticket = match held {
             Ok(t) => t,
             Err(Held::Mode(mode)) => {
@@ -42,6 +46,13 @@ impl Pipeline {
                 slot.not_sent().await;
                 tracing::warn!(by = %q.by, "agent quarantined before the bridge call; not executed");
                 return Ok(draft.rejected("agent", quarantine_reason(&agent.control_key(), &q)));
+            }
+            Err(Held::GrantWithdrawn(id)) => {
+                // Its redelivery is judged again, and waits for approvers without the grant.
+                slot.not_sent().await;
+                return Err(Deferred(format!(
+                    "grant {id} withdrawn before the bridge call"
+                )));
             }
             Err(Held::Revoked(r)) => {
                 // Revoked or disconnected while it was being decided (or waiting for approvers).
@@ -75,6 +86,7 @@ impl Pipeline {
             agent: &agent_key,
             command_type: cmd.command_type,
             service: cmd.service.as_str(),
+            grant: grant.as_deref(),
         };
         let answer = self.bridge.execute(&request, &admission).await;
         call_result(draft, rationale, answer, started.elapsed(), repost)
@@ -90,6 +102,8 @@ struct Retrying<'a> {
     agent: &'a str,
     command_type: crate::intake::CommandType,
     service: &'a str,
+    /// The grant that let it through, if one did.
+    grant: Option<&'a str>,
 }
 
 impl crate::bridge::Admission for Retrying<'_> {
@@ -99,6 +113,11 @@ impl crate::bridge::Admission for Retrying<'_> {
             return Err(format!(
                 "agent {} quarantined during the bridge call's retries",
                 self.agent
+            ));
+        }
+        if let Some(id) = self.grant.filter(|id| !self.gate.grant_in_force(id)) {
+            return Err(format!(
+                "grant {id} withdrawn during the bridge call's retries"
             ));
         }
         match self.gate.revocation_of(self.command_type, self.service) {

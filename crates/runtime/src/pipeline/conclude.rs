@@ -168,6 +168,12 @@ impl Pipeline {
                 cause: j.cause.clone(),
             });
         }
+        if let Some(g) = &result.grant {
+            trail.push(AuditEvent::GrantUsed {
+                at: now_rfc3339(),
+                grant: g.clone(),
+            });
+        }
         if let Some(b) = &result.bridge {
             trail.push(AuditEvent::BridgeCall {
                 at: now_rfc3339(),

@@ -52,6 +52,8 @@ pub(super) struct Draft {
     pub severity: Option<SeverityView>,
     pub judges: Vec<JudgeVote>,
     pub panel: Option<crate::outcome::PanelSummary>,
+    /// The grant that let it through instead of a human's approval.
+    pub grant: Option<crate::outcome::GrantUse>,
 }
 
 impl Draft {
@@ -67,6 +69,7 @@ impl Draft {
             severity: rec.severity_view.clone(),
             judges: rec.judges.clone(),
             panel: rec.panel,
+            grant: None,
         }
     }
 
@@ -90,6 +93,7 @@ impl Draft {
             replay: false,
             approval: None,
             approvals: Vec::new(),
+            grant: self.grant,
         }
     }
 

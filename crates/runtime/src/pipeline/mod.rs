@@ -75,6 +75,8 @@ pub struct Pipeline {
     /// The policy in force; each command takes one snapshot and is decided by it alone.
     policy: Arc<SharedPolicy>,
     panel: Panel,
+    /// Where the uses of scoped grants are counted (the shared store's rate windows).
+    grant_uses: Arc<dyn crate::store::RateWindows>,
     bridge: Arc<dyn Bridge>,
     instance: String,
     /// Recent attempts per agent and type: context for the judges.
@@ -106,10 +108,12 @@ pub struct IntakeParts {
     pub admission: Option<Admission>,
 }
 
-/// What decides: the policy in force and the judges' panel.
+/// What decides: the policy in force, the judges' panel, and where the uses of scoped grants
+/// (which stand in for a human's approval) are counted for the fleet.
 pub struct Deciders {
     pub policy: Arc<SharedPolicy>,
     pub panel: Panel,
+    pub grant_uses: Arc<dyn crate::store::RateWindows>,
 }
 
 /// What carries an approved command out: the bridge, the operator gate in front of it, and
@@ -177,6 +181,7 @@ impl Pipeline {
             admission: intake.admission,
             policy: deciders.policy,
             panel: deciders.panel,
+            grant_uses: deciders.grant_uses,
             bridge: execution.bridge,
             instance,
             history: AttemptHistory::default(),
@@ -206,6 +211,11 @@ impl Pipeline {
 
     pub fn policy(&self) -> &Arc<SharedPolicy> {
         &self.policy
+    }
+
+    /// Where the uses of scoped grants are counted (the approval desk lists them).
+    pub fn grant_uses(&self) -> &Arc<dyn crate::store::RateWindows> {
+        &self.grant_uses
     }
 
     /// The judges' panel (the canaries convene it too).

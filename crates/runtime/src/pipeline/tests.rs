@@ -65,6 +65,7 @@ impl Fixture {
                     Duration::from_secs(5),
                     1,
                 ),
+                grant_uses: Arc::new(MemWindows::default()),
             },
             Execution {
                 bridge: self.bridge.clone(),
@@ -417,4 +418,58 @@ async fn a_lookup_is_answered_from_the_store_and_claims_nothing() {
         "no claim taken"
     );
     assert_eq!(f.bridge.calls(), 0);
+}
+
+/// A grant stands in for the human approval a command the judges did not approve would need:
+/// the result and its audit events say which grant and which use.
+#[tokio::test]
+async fn a_command_a_grant_lets_through_says_so_in_its_result_and_audit() {
+    let mut state = ControlState::initial();
+    let lever = poller_core::control::ControlCommand::Grant {
+        agent: "agent-1".into(),
+        command_type: crate::intake::CommandType::RefreshToken,
+        service: "mailchimp".into(),
+        uses: 1,
+        for_secs: 600,
+        reason: "routine".into(),
+        request_id: "g-1".into(),
+    };
+    state = poller_core::control::grant::add(
+        &state,
+        &lever,
+        "alice",
+        std::collections::BTreeSet::from(["bob".to_owned()]),
+        crate::clock::unix_now(),
+    )
+    .unwrap();
+    let f = Fixture {
+        judge: Script::Deny,
+        gate: Arc::new(Gate::new(state)),
+        ..Fixture::default()
+    };
+    let p = f.pipeline();
+    let d = p.process(&command("g-a", "REFRESH_TOKEN")).await;
+    let Disposition::Conclude { outcome, .. } = &d else {
+        panic!("{d:?}");
+    };
+    assert_eq!(outcome.result.status, Status::Success);
+    let used = outcome.result.grant.clone().expect("the grant is named");
+    assert_eq!(
+        (used.grant_id.as_str(), used.use_no, used.uses),
+        ("g-1", 1, 1)
+    );
+    assert_eq!(used.granted_by, vec!["alice".to_owned(), "bob".to_owned()]);
+    assert!(outcome
+        .audit
+        .iter()
+        .any(|e| matches!(e, AuditEvent::GrantUsed { grant, .. } if grant == &used)));
+    assert_eq!(f.bridge.calls(), 1);
+    // Its one use spent: the next waits for a human, and says why.
+    let d = p.process(&command("g-b", "REFRESH_TOKEN")).await;
+    let Disposition::Conclude { outcome, .. } = &d else {
+        panic!("{d:?}");
+    };
+    assert_eq!(outcome.result.status, Status::NeedsApproval);
+    assert!(outcome.result.rationale.contains("used up (1 of 1 uses)"));
+    assert_eq!(f.bridge.calls(), 1);
 }

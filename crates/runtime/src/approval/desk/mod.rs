@@ -62,6 +62,8 @@ pub struct Desk {
     pub policy_file: PathBuf,
     /// Its metrics are counted here.
     pub state: Arc<crate::settle::state::PollerState>,
+    /// Where the grants' uses are counted (shown by `list`).
+    pub grant_uses: Arc<dyn crate::store::RateWindows>,
     /// Wakes this replica's sweeper when a decision ends a wait.
     pub wake: Arc<Notify>,
     pub audit_exchange: String,
@@ -127,6 +129,7 @@ impl Desk {
                 message,
                 approval_id: event.approval_id.clone(),
                 pending: Vec::new(),
+                grants: Vec::new(),
                 instance: self.names.instance.clone(),
             },
             event,
@@ -166,7 +169,27 @@ impl Desk {
             None,
         );
         h.reply.pending = pending;
+        h.reply.grants = self.grants().await;
         h
+    }
+
+    /// The grants in force (with their uses so far) and proposed, as the gate enforces them.
+    async fn grants(&self) -> Vec<wire::GrantView> {
+        use poller_core::control::grant;
+        let state = self.state.gate.state();
+        let mut views = wire::GrantView::all(&state);
+        for v in views.iter_mut().filter(|v| v.state == "in_force") {
+            let Some(g) = state.grants.get(&v.grant_id) else {
+                continue;
+            };
+            let window = std::time::Duration::from_secs(g.window_secs());
+            v.used = self
+                .grant_uses
+                .count(&grant::count_key(&v.grant_id), window)
+                .await
+                .ok();
+        }
+        views
     }
 
     /// Consumes the approvals queue until it ends or `stop` is cancelled; each decision is

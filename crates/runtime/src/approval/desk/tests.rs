@@ -28,6 +28,7 @@ fn desk(store: Arc<dyn ResultStore>) -> Desk {
         policy: Arc::new(crate::policy::shared::SharedPolicy::fixed(Arc::new(policy))),
         policy_file: s.policy.file.clone(),
         state: Arc::new(crate::settle::state::PollerState::default()),
+        grant_uses: Arc::new(crate::store::local::MemWindows::default()),
         wake: Arc::new(Notify::new()),
         audit_exchange: "audit".into(),
         budget: Default::default(),

@@ -213,6 +213,10 @@ impl Replica {
                         Some(detail),
                     )
                     .await?;
+                    if applied {
+                        self.grant_changed(publisher, &p.cmd, &p.actor, &state)
+                            .await?;
+                    }
                 }
                 self.answer(publisher, reply_to, self.reply(&request_id, true, None))
                     .await?;
@@ -230,6 +234,14 @@ impl Replica {
             if agent && self.first_announcement(&request_id) {
                 let alert = !matches!(p.actor, Actor::Poller(_));
                 self.quarantine_changed(publisher, &p.cmd, &p.actor, alert)
+                    .await?;
+            }
+            let grant = matches!(
+                p.cmd,
+                ControlCommand::Grant { .. } | ControlCommand::Ungrant { .. }
+            );
+            if grant && self.first_announcement(&request_id) {
+                self.grant_changed(publisher, &p.cmd, &p.actor, &state)
                     .await?;
             }
             let reconnected = matches!(p.cmd, ControlCommand::Reconnected { .. });

@@ -17,6 +17,7 @@
 //! [`render`] (every control message, pure); this file holds the replica and its listen loop.
 
 mod cut;
+mod grants;
 mod levers;
 mod policy;
 mod quarantine;
