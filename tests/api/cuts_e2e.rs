@@ -431,15 +431,30 @@ async fn the_e01_trip_with_revoke_on_trip_pauses_and_revokes_what_was_attempted(
 /// A harness whose bridge answers every POST 503 (retryable, for 30 s of retries), with
 /// `command` sent and seen failing twice: it sits in the bridge client's retry loop.
 async fn stuck_in_retries(command: &serde_json::Value) -> Harness {
+    stuck_in_retries_after(command, None, None).await
+}
+
+/// As [`stuck_in_retries`], the poller judging with `panel` (the configured one when `None`),
+/// and `lever` pulled before the command is sent.
+pub(crate) async fn stuck_in_retries_after(
+    command: &serde_json::Value,
+    panel: Option<command_poller::judging::Panel>,
+    lever: Option<ControlCommand>,
+) -> Harness {
     let h = Harness::start(Options {
         tweak: Box::new(|s| {
             s.bridge.min_backoff = Duration::from_millis(100);
             s.bridge.max_backoff = Duration::from_millis(200);
             s.bridge.retry_budget = Duration::from_secs(30);
         }),
+        panel,
         ..Default::default()
     })
     .await;
+    if let Some(lever) = lever {
+        let report = h.operator().run(lever).await.unwrap();
+        assert!(report.replicas.iter().all(|r| r.accepted), "{report:?}");
+    }
     h.sim.fail_next_posts(
         std::iter::repeat_n(
             command_poller::bridge::simulator::Fault::Status { code: 503 },

@@ -13,7 +13,6 @@ use command_poller::judging::rules::{RuleJudge, RuleSet};
 use command_poller::judging::{Judge, Panel};
 use command_poller::outcome::{ResultMessage, Status};
 use command_poller::store::Backend;
-use command_poller::store::Stores;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,14 +38,14 @@ fn ungrant(id: &str) -> ControlCommand {
 
 /// A rule judge (it vetoes `denied`) and a model that never approves: nothing is approved by
 /// the judges, and only `denied` is vetoed.
-fn panel(stores: &Stores, denied: &str) -> Panel {
+fn panel(windows: Arc<dyn command_poller::store::RateWindows>, denied: &str) -> Panel {
     let rules = RuleSet {
         denied_agents: vec![denied.to_owned()],
         ..Default::default()
     };
     let judges: Vec<(Arc<dyn Judge>, Duration)> = vec![
         (
-            Arc::new(RuleJudge::new("compliance", rules, stores.windows.clone())),
+            Arc::new(RuleJudge::new("compliance", rules, windows)),
             Duration::from_secs(2),
         ),
         (
@@ -100,7 +99,7 @@ async fn fleet(
         let stores = command_poller::store::open_all(&h.settings.idempotency)
             .await
             .expect("redis opens");
-        let p = panel(&stores, denied);
+        let p = panel(stores.windows.clone(), denied);
         replicas.push(h.spawn_replica_with(name, Some(p), stores));
     }
     eventually("both replicas connected", Duration::from_secs(15), || {
@@ -374,4 +373,33 @@ async fn write_grant(h: &Harness, id: &str, g: Grant) {
     .await
     .unwrap();
     let _ = conn.close(200, "ok".into()).await;
+}
+
+/// A grant withdrawn while a command it let through is in the bridge client's retry loop stops
+/// its next POST; the command goes back to the queue, and its redelivery, judged again without
+/// the grant, waits for approvers.
+#[tokio::test]
+async fn a_withdrawal_during_a_granted_commands_retries_stops_its_next_post() {
+    let lever = grant("guest", CommandType::RefreshToken, "google", 5, 600);
+    let id = lever.request_id().to_owned();
+    let h = crate::cuts_e2e::stuck_in_retries_after(
+        &refresh("granted-retry-1", "google"),
+        Some(panel(
+            Arc::new(command_poller::store::local::MemWindows::default()),
+            "nobody",
+        )),
+        Some(lever),
+    )
+    .await;
+    let ack = h.operator().run(ungrant(&id)).await.unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    let posts_at_ack = h.sim.posts("granted-retry-1");
+    let r = h.result("granted-retry-1").await;
+    needs_approval(&r);
+    assert!(
+        h.sim.posts("granted-retry-1") <= posts_at_ack + 1,
+        "a POST after the withdrawal was acknowledged: {posts_at_ack} at the ack, {} now",
+        h.sim.posts("granted-retry-1")
+    );
+    assert_eq!(h.sim.executions("granted-retry-1"), 0);
 }
