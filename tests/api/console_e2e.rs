@@ -6,6 +6,8 @@
 use crate::common::free_port;
 use crate::common::*;
 use command_poller::console::{Console, Parts};
+use command_poller::control::operator::{new_request_id, Operator};
+use command_poller::control::ControlCommand;
 use command_poller::outcome::Status;
 use command_poller::testing::Script;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -256,6 +258,59 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     c.goto(&format!("{base}/overview")).await.unwrap();
     shows(&c, "id=\"mode\">RUNNING").await;
 
+    // A scoped grant proposed from the console, seconded by the other operator, shown, and
+    // withdrawn from the console.
+    type_into(&c, "#grant-agent", &agent.0).await;
+    type_into(&c, "#grant-service", "meta").await;
+    type_into(&c, "#grant-uses", "2").await;
+    type_into(&c, "#grant-for", "1h").await;
+    type_into(&c, "#grant-reason", "CHG-9 weekly refreshes").await;
+    click(&c, "#grant").await;
+    shows(&c, "parked as proposal").await;
+    let s = h.settings.clone();
+    let first = Operator::new(&s, &node(&op.url()), Duration::from_millis(1500));
+    let grant_second = |state: &command_poller::control::ControlState| {
+        let (id, p) = state
+            .proposals
+            .iter()
+            .find(|(_, p)| matches!(p.lever, ControlCommand::Grant { .. }))
+            .expect("the grant's proposal");
+        ControlCommand::Second {
+            proposal: id.clone(),
+            digest: p.digest.clone(),
+            reason: "CHG-9 approved".into(),
+            request_id: new_request_id(),
+        }
+    };
+    let stored = first
+        .run(status_request())
+        .await
+        .unwrap()
+        .stored_state
+        .unwrap();
+    first.run(grant_second(&stored)).await.unwrap();
+    c.goto(&format!("{base}/overview")).await.unwrap();
+    shows(&c, "Scoped grants in force").await;
+    shows(&c, "CHG-9 weekly refreshes").await;
+    screenshot(&c, "grant").await;
+    type_into(&c, ".ungrant-reason", "CHG-9 closed").await;
+    click(&c, "button.ungrant").await;
+    shows(&c, "ungrant: done").await;
+    assert!(!c.source().await.unwrap().contains("Scoped grants in force"));
+    // One left proposed, for the approvers' inbox below.
+    first
+        .run(ControlCommand::Grant {
+            agent: agent.0.clone(),
+            command_type: command_poller::intake::CommandType::RefreshToken,
+            service: "meta".into(),
+            uses: 3,
+            for_secs: 600,
+            reason: "CHG-10 proposed".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+
     // A forged cross-site POST with the operator's cookie: refused, nothing pulled.
     let cookie = c
         .get_named_cookie(command_poller::console::COOKIE)
@@ -319,6 +374,7 @@ async fn the_on_call_person_runs_the_runbook_from_the_console() {
     );
     login(&c, &base, &ap.0, "agent-pass").await;
     shows(&c, "console-refresh-1").await;
+    shows(&c, "CHG-10 proposed").await;
     screenshot(&c, "inbox").await;
     let card = c.find(Locator::Css(".approval")).await.unwrap();
     card.find(Locator::Css("input[name=reason]"))
