@@ -10,6 +10,7 @@ mod args;
 mod incident;
 mod levers;
 mod serve;
+mod tool_args;
 mod tools;
 
 pub use args::{

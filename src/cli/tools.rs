@@ -72,6 +72,31 @@ pub(super) async fn policy(
             let cmd = crate::control::ControlCommand::ReloadPolicy { request_id };
             super::levers::operate(settings, op, cmd).await
         }
+        PolicyCommand::Approve {
+            policy,
+            audit,
+            reason,
+            op,
+        } => {
+            let file = policy.unwrap_or_else(|| settings.policy.file.clone());
+            let candidate = crate::policy::Policy::load(&file)?;
+            if let Some(audit) = audit {
+                // What the approvers bind to: the recorded commands this file decides otherwise.
+                println!("The audit's commands under {}:", file.display());
+                policy_replay(&audit, &file, false)?;
+            }
+            println!(
+                "Approving {} (SHA-256 {}) for loading:",
+                file.display(),
+                candidate.digest()
+            );
+            let cmd = crate::control::ControlCommand::ApprovePolicy {
+                digest: candidate.digest().to_owned(),
+                reason,
+                request_id,
+            };
+            super::levers::operate(settings, op, cmd).await
+        }
     }
 }
 

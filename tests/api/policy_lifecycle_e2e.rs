@@ -624,3 +624,108 @@ async fn unverified_claims_never_quarantine_the_verified_agent_of_that_name() {
     assert_eq!(h.result("claim-then-check").await.status, Status::Rejected);
     r.stop().await;
 }
+
+/// Two people to loosen the policy: a stricter file is one operator's and instant; a file that
+/// lets through what the policy in force refuses is refused by every replica until its digest
+/// is approved by a second operator (never its proposer), and the approval binds that file
+/// only.
+#[tokio::test]
+async fn a_looser_policy_file_needs_a_second_operator_and_a_stricter_one_does_not() {
+    let bob = tokio::task::spawn_blocking(BrokerUser::create)
+        .await
+        .unwrap();
+    let policy = PolicyFile::new(SHIPPED);
+    let (file, bob_name) = (policy.0.clone(), bob.0.clone());
+    let h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(move |s| {
+            s.policy.file = file;
+            s.control.operators.push(bob_name);
+            s.control.loosening_approvals = 2;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let (r1, r2) = (h.spawn_replica("p1", None), h.spawn_replica("p2", None));
+    ready(&[&r1, &r2]).await;
+    let guest = h.operator();
+
+    // Stricter: one operator, at once.
+    let blocked = blocking_checks();
+    policy.write(&blocked);
+    let report = guest.run(reload()).await.unwrap();
+    assert!(report.replicas.iter().all(|r| r.accepted), "{report:?}");
+
+    // Back to the shipped file: it lets status checks through again, so it is refused.
+    policy.write(SHIPPED);
+    let report = guest.run(reload()).await.unwrap();
+    assert_eq!(report.replicas.len(), 2, "{report:?}");
+    for r in &report.replicas {
+        assert!(!r.accepted, "{r:?}");
+        let why = r.refusal.clone().unwrap_or_default();
+        assert!(
+            why.contains("lets through what the policy in force refuses"),
+            "{why}"
+        );
+        assert!(
+            why.contains("CHECK_INTEGRATION_STATUS: action Block → Allow"),
+            "{why}"
+        );
+        assert_eq!(r.policy_sha256, digest_of(&blocked));
+    }
+    h.send(&check("loose-1")).await;
+    assert_eq!(h.result("loose-1").await.status, Status::Blocked);
+
+    // Approved by two: parked, the proposer can't second it, another operator does.
+    let approve = ControlCommand::ApprovePolicy {
+        digest: digest_of(SHIPPED),
+        reason: "the drill is over, PM-7".into(),
+        request_id: new_request_id(),
+    };
+    let id = approve.request_id().to_owned();
+    let report = guest.run(approve).await.unwrap();
+    let p = report.stored_state.unwrap().proposals[&id].clone();
+    let second = |reason: &str| ControlCommand::Second {
+        proposal: id.clone(),
+        digest: p.digest.clone(),
+        reason: reason.into(),
+        request_id: new_request_id(),
+    };
+    let own = guest.run(second("mine")).await.unwrap_err().to_string();
+    assert!(own.contains("proposer can't second"), "{own}");
+    let report = guest.run(reload()).await.unwrap();
+    assert!(
+        report.replicas.iter().all(|r| !r.accepted),
+        "a proposal approves nothing"
+    );
+    let s = h.settings.clone();
+    let bob_op = command_poller::control::operator::Operator::new(
+        &s,
+        &node(&bob.url()),
+        Duration::from_millis(1500),
+    );
+    bob_op.run(second("read PM-7")).await.unwrap();
+    let report = guest.run(reload()).await.unwrap();
+    for r in &report.replicas {
+        assert!(r.accepted, "{r:?}");
+        assert_eq!(r.policy_sha256, digest_of(SHIPPED));
+    }
+    h.send(&check("loose-2")).await;
+    assert_eq!(h.result("loose-2").await.status, Status::Success);
+
+    // The approval is that file's only: another looser one is refused again.
+    let allow_refresh = SHIPPED.replacen(
+        "[commands.REFRESH_TOKEN]\naction = \"JUDGE\"",
+        "[commands.REFRESH_TOKEN]\naction = \"ALLOW\"",
+        1,
+    );
+    assert_ne!(allow_refresh, SHIPPED);
+    policy.write(&allow_refresh);
+    let report = guest.run(reload()).await.unwrap();
+    for r in &report.replicas {
+        assert!(!r.accepted, "{r:?}");
+        assert_eq!(r.policy_sha256, digest_of(SHIPPED));
+    }
+    r1.stop().await;
+    r2.stop().await;
+}

@@ -169,6 +169,7 @@ pub fn apply(
         revoked: current.revoked.clone(),
         proposals: current.proposals.clone(),
         grants: current.grants.clone(),
+        approved_policies: current.approved_policies.clone(),
         ..entry.clone()
     })
 }

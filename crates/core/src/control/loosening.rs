@@ -1,6 +1,7 @@
 //! Two people to loosen: a lever that loosens enforcement (lifting a halt, releasing a
-//! quarantined agent, recording a cut service reconnected) is not applied when one operator pulls
-//! it. It is parked in the stored state as a [`Proposal`], bound to a digest of exactly what it
+//! quarantined agent, recording a cut service reconnected, a scoped grant, approving a policy
+//! file that lets through what the policy in force refuses) is not applied when one operator
+//! pulls it. It is parked in the stored state as a [`Proposal`], bound to a digest of exactly what it
 //! changes, and applied by the fold itself when operators other than the proposer have seconded
 //! it (`control.loosening_approvals` people in all, the proposer the first), before it expires.
 //! Tightening levers (pause, halt, quarantine, revoke, disconnect) stay one operator, instant.
@@ -9,7 +10,7 @@
 //! a change loosens, the proposal, and what a second does to it. Pure: the fold and the
 //! operator's client decide with the same functions, so they never disagree.
 
-use super::{transition, Actor, ControlCommand, ControlState, Mode};
+use super::{transition, Actor, ControlCommand, ControlState, Mode, Refusal};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -62,6 +63,10 @@ pub fn loosens(from: &ControlState, to: &ControlState) -> bool {
             .any(|a| !to.quarantined.contains_key(a))
         || from.revoked.keys().any(|s| !to.revoked.contains_key(s))
         || to.grants.keys().any(|g| !from.grants.contains_key(g))
+        || to
+            .approved_policies
+            .iter()
+            .any(|d| !from.approved_policies.contains(d))
 }
 
 /// SHA-256 (hex) over the lever as it will be applied (its kind, target, reason, post-mortem
@@ -153,6 +158,33 @@ pub fn propose(lever: &ControlCommand, by: &str, at: &str, expires_at: &str) -> 
         digest: digest(lever),
         seconds: BTreeSet::new(),
     }
+}
+
+/// Approved looser policy files kept (the newest).
+pub const APPROVED_POLICIES_KEPT: usize = 16;
+
+/// `current` with the policy file `digest` approved for loading.
+pub(super) fn approve_policy(
+    current: &ControlState,
+    digest: &str,
+    reason: &str,
+) -> Result<ControlState, Refusal> {
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Refusal::BadDigest(digest.to_owned()));
+    }
+    if reason.trim().is_empty() {
+        return Err(Refusal::NoReason);
+    }
+    let mut new = current.clone();
+    let digest = digest.to_ascii_lowercase();
+    new.approved_policies.retain(|d| *d != digest);
+    new.approved_policies.push(digest);
+    let over = new
+        .approved_policies
+        .len()
+        .saturating_sub(APPROVED_POLICIES_KEPT);
+    new.approved_policies.drain(..over);
+    Ok(new)
 }
 
 #[cfg(test)]
@@ -316,5 +348,30 @@ mod tests {
         assert_eq!(granted.seconded_by.len(), 2);
         assert!(loosens(&s, &done));
         assert!(!loosens(&done, &s), "a grant withdrawn tightens");
+    }
+
+    #[test]
+    fn a_policy_approval_names_a_digest_and_keeps_the_newest() {
+        let s = ControlState::initial();
+        assert!(matches!(
+            approve_policy(&s, "not-a-digest", "r"),
+            Err(Refusal::BadDigest(_))
+        ));
+        assert_eq!(
+            approve_policy(&s, &"a".repeat(64), " "),
+            Err(Refusal::NoReason)
+        );
+        let mut s = s;
+        for i in 0..APPROVED_POLICIES_KEPT + 2 {
+            s = approve_policy(&s, &format!("{i:064x}"), "r").unwrap();
+        }
+        assert_eq!(s.approved_policies.len(), APPROVED_POLICIES_KEPT);
+        assert_eq!(
+            s.approved_policies.last().unwrap(),
+            &format!("{:064x}", APPROVED_POLICIES_KEPT + 1)
+        );
+        let again = approve_policy(&s, &"0".repeat(63), "r");
+        assert!(again.is_err());
+        assert!(loosens(&ControlState::initial(), &s));
     }
 }

@@ -79,6 +79,10 @@ pub struct ControlState {
     /// Scoped grants in force, by grant id (the grant lever's request id): see [`grant`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub grants: BTreeMap<String, Grant>,
+    /// Policy files (SHA-256) that loosen the policy in force and were approved by the
+    /// operators two people's rules need: a replica loads a looser file only if it is here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_policies: Vec<String>,
 }
 
 impl ControlState {
@@ -95,6 +99,7 @@ impl ControlState {
             revoked: BTreeMap::new(),
             proposals: BTreeMap::new(),
             grants: BTreeMap::new(),
+            approved_policies: Vec::new(),
         }
     }
 }
@@ -192,6 +197,13 @@ pub enum ControlCommand {
         reason: String,
         request_id: String,
     },
+    /// A policy file (its SHA-256) that loosens the policy in force, approved for loading:
+    /// a loosening lever (two people), then `policy reload`.
+    ApprovePolicy {
+        digest: String,
+        reason: String,
+        request_id: String,
+    },
     /// A grant withdrawn (`grant` is its id): its next use is refused.
     Ungrant {
         grant: String,
@@ -217,7 +229,8 @@ impl ControlCommand {
             | ControlCommand::Second { request_id, .. }
             | ControlCommand::CloseIncident { request_id, .. }
             | ControlCommand::Grant { request_id, .. }
-            | ControlCommand::Ungrant { request_id, .. } => request_id,
+            | ControlCommand::Ungrant { request_id, .. }
+            | ControlCommand::ApprovePolicy { request_id, .. } => request_id,
         }
     }
 
@@ -238,6 +251,7 @@ impl ControlCommand {
             ControlCommand::CloseIncident { .. } => "control.incident_close",
             ControlCommand::Grant { .. } => "control.grant",
             ControlCommand::Ungrant { .. } => "control.ungrant",
+            ControlCommand::ApprovePolicy { .. } => "control.policy_approve",
         }
     }
 
@@ -293,6 +307,8 @@ pub enum Refusal {
     NoReason,
     #[error(transparent)]
     Grant(#[from] grant::GrantRefused),
+    #[error("not a policy file's SHA-256 (64 hex digits): {0}")]
+    BadDigest(String),
     #[error("the system is halted: resuming needs the explicit confirmation (resume --lift-halt)")]
     HaltNeedsConfirmation,
     #[error("the system is halted; a pause changes nothing")]
@@ -335,6 +351,7 @@ pub fn shows(state: &ControlState, cmd: &ControlCommand) -> bool {
         ControlCommand::Reconnected { service, .. } => !state.revoked.contains_key(service),
         ControlCommand::Grant { request_id, .. } => state.grants.contains_key(request_id),
         ControlCommand::Ungrant { grant, .. } => !state.grants.contains_key(grant),
+        ControlCommand::ApprovePolicy { digest, .. } => state.approved_policies.contains(digest),
         ControlCommand::Status { .. }
         | ControlCommand::ReloadPolicy { .. }
         | ControlCommand::OpenIncident { .. }
@@ -379,6 +396,7 @@ pub fn transition(
         revoked: current.revoked.clone(),
         proposals: current.proposals.clone(),
         grants: current.grants.clone(),
+        approved_policies: current.approved_policies.clone(),
     };
     match cmd {
         ControlCommand::Status { .. } | ControlCommand::ReloadPolicy { .. } => Ok(current.clone()),
@@ -412,6 +430,9 @@ pub fn transition(
             crate::clock::unix_now(),
         ),
         ControlCommand::Ungrant { grant, reason, .. } => grant::withdraw(current, grant, reason),
+        ControlCommand::ApprovePolicy { digest, reason, .. } => {
+            loosening::approve_policy(current, digest, reason)
+        }
         ControlCommand::Halt { reason, .. } => Ok(set(Mode::Halted, reason)),
         ControlCommand::Pause { reason, .. } => match current.mode {
             Mode::Halted => Err(Refusal::AlreadyHalted),

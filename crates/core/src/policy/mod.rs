@@ -9,6 +9,7 @@
 
 pub mod explain;
 mod file;
+pub mod loosening;
 pub mod shared;
 
 pub use file::*;

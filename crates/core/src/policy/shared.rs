@@ -73,6 +73,15 @@ impl SharedPolicy {
 
     /// Reads and validates the file, then swaps it in. On any error the policy in force stays.
     pub fn reload(&self) -> Result<Reloaded, PolicyError> {
+        self.reload_with(|_, _| Ok(()))
+    }
+
+    /// As [`SharedPolicy::reload`], the candidate swapped in only if `admit(in force,
+    /// candidate)` says so (a looser file without the operators' approval is refused).
+    pub fn reload_with(
+        &self,
+        admit: impl FnOnce(&Policy, &Policy) -> Result<(), String>,
+    ) -> Result<Reloaded, PolicyError> {
         let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = &self.file else {
             return Err(PolicyError::Invalid {
@@ -87,6 +96,10 @@ impl SharedPolicy {
                 message,
             })?;
         }
+        admit(&self.snapshot(), &new).map_err(|message| PolicyError::Invalid {
+            path: file.display().to_string(),
+            message,
+        })?;
         let before = self.digest();
         let after = new.digest().to_owned();
         self.current.store(Arc::new(new));

@@ -296,6 +296,9 @@ fn decide(
     poller_core::control::grant::in_force(current, cmd)
         .map_err(|r| OperatorError::Refused(r.to_string()))?;
     let rules = c.rules();
+    if matches!(cmd, ControlCommand::ApprovePolicy { .. }) && !rules.two_people() {
+        return Err(OperatorError::Refused("one operator may load a looser policy here (control.loosening_approvals = 1): `command-poller policy reload` is enough".into()));
+    }
     let at = crate::clock::now_rfc3339();
     if let ControlCommand::Second {
         proposal, digest, ..
@@ -351,6 +354,7 @@ fn stored_change(cmd: &ControlCommand, new: &ControlState, base: u64) -> Option<
         // Nothing stored: each replica records it in the audit trail. (A second is stored by
         // `decide`.)
         ControlCommand::ReloadPolicy { .. }
+        | ControlCommand::ApprovePolicy { .. }
         | ControlCommand::Second { .. }
         | ControlCommand::Status { .. }
         | ControlCommand::OpenIncident { .. }

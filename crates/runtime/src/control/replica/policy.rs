@@ -17,7 +17,9 @@ impl Replica {
         request_id: &str,
     ) -> Result<Option<String>, BrokerError> {
         let before = self.policy.digest();
-        let reload = match self.policy.reload() {
+        let reload = match self.policy.reload_with(|current, candidate| {
+            loosening_admitted(self.control.rules(), &self.gate.state(), current, candidate)
+        }) {
             Ok(r) => {
                 tracing::warn!(by, before = %r.before, after = %r.after, changed = r.changed(), "policy reloaded");
                 self.stats.policy_changed(&r.after);
@@ -55,4 +57,28 @@ impl Replica {
         }
         Ok(reload.refused)
     }
+}
+
+/// Whether this replica may load `candidate` over `current`: always where one operator may
+/// loosen; otherwise a candidate that enforces less only once its digest was approved by the
+/// operators `control.loosening_approvals` needs (`policy approve`).
+fn loosening_admitted(
+    rules: poller_core::control::loosening::Rules,
+    state: &poller_core::control::ControlState,
+    current: &crate::policy::Policy,
+    candidate: &crate::policy::Policy,
+) -> Result<(), String> {
+    if !rules.two_people() {
+        return Ok(());
+    }
+    let why = crate::policy::loosening::loosenings(current, candidate);
+    let digest = candidate.digest();
+    if why.is_empty() || state.approved_policies.iter().any(|d| d == digest) {
+        return Ok(());
+    }
+    Err(format!(
+        "the new file ({digest}) lets through what the policy in force refuses ({}): it needs {} operators, `command-poller policy approve --reason \"...\"` (another operator seconds it), then `policy reload`",
+        why.join("; "),
+        rules.loosening_approvals
+    ))
 }
