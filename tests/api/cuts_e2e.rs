@@ -292,6 +292,24 @@ async fn an_agent_can_never_pull_a_cut_nor_record_a_reconnection() {
             res.rationale
         );
         assert_eq!(h.sim.posts(id), 0);
+        // Security hears of it: an agent reaching for an operator lever is an incident's sign.
+        let (rx, alert) = h
+            .wait_until("security's alert", Duration::from_secs(10), |i| {
+                i.alerts
+                    .iter()
+                    .find(|(_, a)| a.action_id.as_ref().is_some_and(|a| a.as_str() == id))
+                    .cloned()
+            })
+            .await;
+        assert_eq!(rx.routing_key, "security.high");
+        assert!(
+            alert
+                .summary
+                .contains(&format!("sent {t}, an operator lever")),
+            "{}",
+            alert.summary
+        );
+        assert!(alert.summary.contains("agent guest"), "{}", alert.summary);
     }
     // As a control message from an agent's broker user: refused and alerted; nothing stored.
     let operator = h.operator();

@@ -37,6 +37,10 @@ pub enum DecodeError {
     NotAnObject,
     #[error("{field}: {reason}")]
     Field { field: String, reason: String },
+    /// An agent sent an operator lever's type (`REVOKE_CREDENTIALS`, `DISCONNECT_INTEGRATION`)
+    /// as a command: refused, and security hears of it.
+    #[error("command_type: {0} is an operator lever (`command-poller revoke` or `disconnect`, through the control exchange), never an agent's command: refused")]
+    OperatorLever(String),
 }
 
 impl DecodeError {
@@ -48,6 +52,7 @@ impl DecodeError {
                 "payload"
             }
             DecodeError::ContentType(_) => "content_type",
+            DecodeError::OperatorLever(_) => "command_type",
             DecodeError::Field { field, .. } => field,
         }
     }
@@ -170,12 +175,7 @@ pub fn decode(
 
     let ct = string_field("command_type", required("command_type")?)?;
     if super::command::OPERATOR_ONLY_TYPES.contains(&ct.as_ref()) {
-        return Err(DecodeError::at(
-            "command_type",
-            format!(
-                "{ct} is an operator lever (`command-poller revoke` or `disconnect`, through the control exchange), never an agent's command: refused"
-            ),
-        ));
+        return Err(DecodeError::OperatorLever(ct.into_owned()));
     }
     let command_type = CommandType::parse(&ct).ok_or_else(|| {
         DecodeError::at(

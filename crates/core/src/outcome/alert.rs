@@ -147,3 +147,28 @@ pub fn alerts_for(routes: Vec<(Team, Priority)>, result: &ResultMessage) -> Vec<
         })
         .collect()
 }
+
+/// The security alert for an agent that sent an operator lever (`lever`, its wire name) as a
+/// command, refused at intake: attached to the REJECTED result it got.
+pub fn lever_attempt(lever: &str, result: &ResultMessage) -> Alert {
+    let agent = result.agent.as_ref().map_or_else(
+        || "an agent the broker did not vouch for".to_owned(),
+        |a| format!("agent {}", a.id),
+    );
+    Alert {
+        alert_id: uuid::Uuid::new_v4().to_string(),
+        team: "security".to_owned(),
+        priority: Priority::High,
+        action_id: result.action_id.clone(),
+        command_type: None,
+        service: None,
+        agent: result.agent.clone(),
+        status: Some(result.status),
+        summary: format!("{agent} sent {lever}, an operator lever, as a command: refused"),
+        rationale: result.rationale.clone(),
+        action_required: "Agents never revoke or disconnect integrations: investigate the agent's decision logs and credentials (Emergency-INT-E01 step 3); quarantine it (`command-poller quarantine AGENT`) if it persists.".into(),
+        poller_instance: result.poller_instance.clone(),
+        at: result.completed_at.clone(),
+        approval: None,
+    }
+}

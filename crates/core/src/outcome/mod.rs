@@ -7,7 +7,7 @@
 mod alert;
 mod result;
 
-pub use alert::{alerts_for, with_defaults, Alert, ApprovalNotice};
+pub use alert::{alerts_for, lever_attempt, with_defaults, Alert, ApprovalNotice};
 pub use result::{
     AgentView, ApprovalMark, ApprovalTicket, BridgeSummary, GrantUse, ResultMessage, SeverityView,
 };

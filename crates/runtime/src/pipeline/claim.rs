@@ -118,6 +118,7 @@ impl Pipeline {
             },
             result: None,
             reply: reply.clone(),
+            alerts: Vec::new(),
             audit: t.trail(),
         }
     }

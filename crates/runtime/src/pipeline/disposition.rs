@@ -27,6 +27,8 @@ pub enum Disposition {
         letter: DeadLetter,
         result: Option<ResultMessage>,
         reply: ReplyTarget,
+        /// Security's alert when an agent sent an operator lever as a command.
+        alerts: Vec<crate::outcome::Alert>,
         audit: Vec<AuditEvent>,
     },
     /// A new final result: stored under the claim (when one was taken: a command refused
@@ -112,12 +114,13 @@ impl Disposition {
                 letter,
                 result,
                 reply,
+                alerts,
                 audit,
             } => Some(Publication {
                 dead_letter: Some(letter),
                 result: result.as_ref(),
                 reply,
-                alerts: &[],
+                alerts,
                 audit,
                 to_results: true,
             }),

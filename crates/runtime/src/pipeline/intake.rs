@@ -33,6 +33,7 @@ impl Pipeline {
                 },
                 result: None,
                 reply: ReplyTarget::None,
+                alerts: Vec::new(),
                 audit: t.trail(),
             }));
         }
@@ -58,6 +59,13 @@ impl Pipeline {
                     .is_some()
                     .then(|| t.draft().rejected(e.field(), e.to_string()));
                 t.trail.push(rejected_event(e.field(), &e.to_string()));
+                let alerts = match (&e, &result) {
+                    (crate::intake::DecodeError::OperatorLever(lever), Some(r)) => {
+                        tracing::warn!(lever = %lever, "an agent sent an operator lever as a command");
+                        vec![crate::outcome::lever_attempt(lever, r)]
+                    }
+                    _ => Vec::new(),
+                };
                 Err(Box::new(Disposition::DeadLetter {
                     letter: DeadLetter {
                         field: e.field().to_owned(),
@@ -66,6 +74,7 @@ impl Pipeline {
                     },
                     result,
                     reply,
+                    alerts,
                     audit: t.trail(),
                 }))
             }

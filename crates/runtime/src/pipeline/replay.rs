@@ -135,6 +135,7 @@ impl Pipeline {
                 },
                 result: None,
                 reply,
+                alerts: Vec::new(),
                 audit: trail,
             };
         }

@@ -670,6 +670,7 @@ mod tests {
             },
             result: None,
             reply: ReplyTarget::None,
+            alerts: Vec::new(),
             audit: Vec::new(),
         };
         let inbound = Inbound {
