@@ -113,6 +113,14 @@ async fn the_e01_trip_opens_an_incident_whose_bundle_verifies_and_catches_any_ch
         "{:?}",
         trip.timeline
     );
+    // Who was told what: the control alerts are entries of their own (the cut's to security).
+    assert!(
+        trip.timeline
+            .iter()
+            .any(|e| e.what.starts_with("alert_sent by") && e.what.contains(": security ")),
+        "{:?}",
+        trip.timeline
+    );
     assert_eq!(trip.policy_sha256.len(), 1);
 
     // The bundle verifies on its own, and any change to it is caught.

@@ -442,6 +442,9 @@ impl Replica {
             &self.gate.state(),
             crate::clock::now_rfc3339(),
         );
-        publisher.publish(&msg).await
+        publisher.publish(&msg).await?;
+        // Its own line in the audit trail, so an incident's timeline shows who was told what.
+        let (_, record) = render::event(&render::sent_alert(&msg, &self.gate.state()), &self.names);
+        self.audit(publisher, &record).await
     }
 }

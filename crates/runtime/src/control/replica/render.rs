@@ -93,6 +93,30 @@ pub fn event(e: &ControlEvent, names: &Names) -> (Outgoing, AuditRecord) {
     (msg, record)
 }
 
+/// The control audit record's event for a control alert sent (`alert`, as [`alert`] rendered
+/// it): kind `alert_sent`, its id as the request id (each alert its own timeline entry), the
+/// team, priority and summary as the detail.
+pub fn sent_alert(alert: &Outgoing, state: &ControlState) -> ControlEvent {
+    let a: Alert = serde_json::from_slice(&alert.body).expect("an alert we rendered");
+    ControlEvent {
+        kind: ALERT_SENT.into(),
+        instance: a.poller_instance.clone(),
+        actor: a.poller_instance.clone(),
+        request_id: a.alert_id.clone(),
+        state: state.clone(),
+        detail: Some(format!(
+            "{} {}: {}",
+            a.team,
+            crate::outcome::wire_name(&a.priority),
+            a.summary
+        )),
+        at: a.at,
+    }
+}
+
+/// The control record kind of a control alert sent.
+pub const ALERT_SENT: &str = "alert_sent";
+
 /// A policy reload on one replica (or its refusal): the `event.policy_reloaded` /
 /// `event.policy_reload_refused` message and its audit record (who, digest before and after).
 pub fn policy_reload(
