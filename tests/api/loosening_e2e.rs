@@ -204,3 +204,52 @@ async fn a_lift_and_a_release_need_a_second_operator_and_nothing_else_loosens() 
     assert_eq!(h.result("released").await.status, Status::Success);
     r.stop().await;
 }
+
+/// Three people to loosen: the same operator seconding twice counts once (refused the second
+/// time); a third person completes it.
+#[tokio::test]
+async fn the_same_operator_seconding_twice_counts_once() {
+    let (bob, carol) = tokio::task::spawn_blocking(|| (BrokerUser::create(), BrokerUser::create()))
+        .await
+        .unwrap();
+    let (b, c) = (bob.0.clone(), carol.0.clone());
+    let h = Harness::start(Options {
+        start_poller: false,
+        tweak: Box::new(move |s| {
+            s.control.operators.extend([b, c]);
+            s.control.loosening_approvals = 3;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let r = h.spawn_replica("three", None);
+    eventually("connected", Duration::from_secs(15), || r.connected()).await;
+    let s = h.settings.clone();
+    let as_user = |u: &BrokerUser| Operator::new(&s, &node(&u.url()), Duration::from_millis(1500));
+    let lever = ControlCommand::Grant {
+        agent: "agent-7".into(),
+        command_type: command_poller::intake::CommandType::RefreshToken,
+        service: "google".into(),
+        uses: 2,
+        for_secs: 600,
+        reason: "CHG-11".into(),
+        request_id: new_request_id(),
+    };
+    let id = lever.request_id().to_owned();
+    let report = h.operator().run(lever).await.unwrap();
+    let digest = report.stored_state.unwrap().proposals[&id].digest.clone();
+    let seconded = as_user(&bob).run(second(&id, &digest)).await.unwrap();
+    let state = seconded.stored_state.unwrap();
+    assert!(state.grants.is_empty(), "one second of two");
+    assert!(state.proposals[&id].seconds.contains(&bob.0));
+    let twice = as_user(&bob)
+        .run(second(&id, &digest))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(twice.contains("already seconded"), "{twice}");
+    let done = as_user(&carol).run(second(&id, &digest)).await.unwrap();
+    let g = &done.stored_state.unwrap().grants[&id];
+    assert_eq!(g.seconded_by.len(), 2, "{g:?}");
+    r.stop().await;
+}
