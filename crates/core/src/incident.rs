@@ -228,8 +228,10 @@ fn fill(inc: &mut Incident, records: &[(u64, AuditRecord)]) {
                 _ => {}
             }
         }
-        if r.kind == "command" {
-            command(inc, *seq, r);
+        match r.kind.as_str() {
+            "command" => command(inc, *seq, r),
+            "approval" => approval(inc, *seq, r),
+            _ => {}
         }
     }
 }
@@ -238,6 +240,35 @@ fn fill(inc: &mut Incident, records: &[(u64, AuditRecord)]) {
 fn mentions(text: &str, id: &str) -> bool {
     text.split(|c: char| c.is_whitespace() || c == ',' || c == ';' || c == '(' || c == ')')
         .any(|w| w == id)
+}
+
+/// An approver's decision (its refusal, or the expiry) joins the timeline.
+fn approval(inc: &mut Incident, seq: u64, r: &AuditRecord) {
+    for e in &r.events {
+        if let AuditEvent::ApprovalDecision {
+            approval_id,
+            by,
+            decision,
+            outcome,
+            refusal,
+            ..
+        } = e
+        {
+            let on = r
+                .action_id
+                .as_ref()
+                .map_or(approval_id.as_str(), |a| a.as_str());
+            let refused = refusal
+                .as_ref()
+                .map(|x| format!(" ({x})"))
+                .unwrap_or_default();
+            inc.timeline.push(Entry {
+                seq,
+                at: r.at.clone(),
+                what: format!("approval {decision} by {by} on {on}: {outcome}{refused}"),
+            });
+        }
+    }
 }
 
 /// A command's record joins the timeline and the affected actions.
@@ -405,6 +436,23 @@ mod tests {
             control_record("paused", "poller", "trip-req", None),
             control_record("revoked", "poller", "cut-req", Some("service google: trip")),
             command_record("during", "agent-3", "mailchimp", Status::Rejected),
+            AuditRecord {
+                kind: "approval".into(),
+                action_id: Some(ActionId::parse("rt-1").unwrap()),
+                agent: Some(AgentId::parse("agent-7").unwrap()),
+                instance: "i".into(),
+                at: "t".into(),
+                events: vec![AuditEvent::ApprovalDecision {
+                    at: "t".into(),
+                    approval_id: "ap-1".into(),
+                    by: "ann".into(),
+                    decision: "deny".into(),
+                    digest: None,
+                    reason: "the trip".into(),
+                    outcome: "denied".into(),
+                    refusal: None,
+                }],
+            },
             control_record(RUNNING, "ops", "resume-req", None),
             command_record("after", "agent-7", "google", Status::Success),
         ]);
@@ -413,7 +461,7 @@ mod tests {
         assert_eq!(t.id, "trip-req");
         assert_eq!(t.opener, Opener::Trip);
         assert_eq!(t.closed.as_ref().unwrap().by, "ops");
-        assert_eq!(t.closed.as_ref().unwrap().seq, 8);
+        assert_eq!(t.closed.as_ref().unwrap().seq, 9);
         t.reason = "automatic trip: rt-1, rt-2".into();
         t.timeline.clear();
         t.affected.clear();
@@ -436,9 +484,13 @@ mod tests {
             kinds.iter().any(|w| w.starts_with("running by ops")),
             "{kinds:?}"
         );
+        assert!(
+            kinds.contains(&"approval deny by ann on rt-1: denied"),
+            "{kinds:?}"
+        );
         assert_eq!(
             t.seqs.iter().copied().collect::<Vec<_>>(),
-            vec![2, 3, 4, 5, 6, 7, 8]
+            vec![2, 3, 4, 5, 6, 7, 8, 9]
         );
     }
 
