@@ -42,6 +42,7 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "NetworkPolicy",
             "NetworkPolicy",
             "PodDisruptionBudget",
+            "PrometheusRule",
             "ScaledObject",
             "Secret",
             "Secret",
@@ -50,6 +51,7 @@ fn every_k8s_manifest_parses_and_has_kind_and_api_version() {
             "Service",
             "Service",
             "ServiceAccount",
+            "ServiceMonitor",
             "StatefulSet",
             "StatefulSet",
             "TriggerAuthentication"
@@ -539,6 +541,86 @@ fn the_compose_recipe_sets_every_variable_compose_requires() {
         assert!(
             header.contains(name),
             "docker-compose.yml's header leaves out {name}"
+        );
+    }
+}
+
+/// The alert rules pass `promtool check rules` and their unit tests (each rule fires on what it
+/// is for and stays quiet otherwise), and the Prometheus Operator's manifest carries exactly
+/// the same groups.
+#[test]
+fn the_alert_rules_pass_promtool_and_the_operator_manifest_carries_them_unchanged() {
+    for args in [
+        ["check", "rules", "deploy/monitoring/alerts.rules.yml"],
+        ["test", "rules", "deploy/monitoring/alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .output()
+            .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let plain = &docs(Path::new("deploy/monitoring/alerts.rules.yml"))[0];
+    let operator = &docs(Path::new("deploy/k8s/prometheusrule.yaml"))[0];
+    assert_eq!(operator["kind"], "PrometheusRule");
+    assert_eq!(operator["spec"]["groups"], plain["groups"]);
+}
+
+/// Every metric the dashboard and the alert rules query is one the poller exports (a renamed
+/// metric would leave a panel empty and a rule silent).
+#[test]
+fn the_dashboard_and_the_rules_query_only_metrics_the_poller_exports() {
+    let m = command_poller::metrics::Metrics::with_every_family();
+    let text =
+        command_poller::metrics::classic_text(&m.render(0, command_poller::control::Mode::Running));
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let used = |text: &str| -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("command_poller_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            out.insert(base.to_owned());
+        }
+        out
+    };
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("deploy/monitoring/grafana-dashboard.json").unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let rules = std::fs::read_to_string("deploy/monitoring/alerts.rules.yml").unwrap();
+    let mut all = used(&exprs.join("\n"));
+    all.extend(used(&rules));
+    assert!(all.len() >= 15, "{all:?}");
+    for name in &all {
+        assert!(
+            exported.contains(name.as_str()),
+            "{name} is queried but not exported; exported: {exported:?}"
         );
     }
 }

@@ -58,6 +58,12 @@ async fn the_e01_trip_opens_an_incident_whose_bundle_verifies_and_catches_any_ch
         r.mode() == Mode::Paused
     })
     .await;
+    // The trip is counted for the dashboards and alert rules (deploy/monitoring).
+    let text = r.state.metrics.render(0, Mode::Paused);
+    assert!(
+        text.contains("command_poller_trips_total{scope=\"fleet\"} 1"),
+        "{text}"
+    );
     let op = h.operator();
     op.run(ControlCommand::Revoke {
         service: "google".into(),

@@ -56,6 +56,11 @@ struct ShadowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TripLabels {
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -86,6 +91,7 @@ pub struct Metrics {
     audit_diverted: Counter,
     in_flight: Gauge,
     control_mode: Family<ModeLabels, Gauge>,
+    trips: Family<TripLabels, Counter>,
     approvals_pending: Gauge,
     approval_sweeps: Counter,
     approval_decisions: Family<DecisionLabels, Counter>,
@@ -119,6 +125,7 @@ impl Metrics {
             audit_diverted: Counter::default(),
             in_flight: Gauge::default(),
             control_mode: Family::default(),
+            trips: Family::default(),
             approvals_pending: Gauge::default(),
             approval_sweeps: Counter::default(),
             approval_decisions: Family::default(),
@@ -203,6 +210,11 @@ impl Metrics {
             "alerts",
             "Alerts published, by team and priority",
             self.alerts.clone(),
+        );
+        registry.register(
+            "trips",
+            "Automatic trips this replica fired, by scope (fleet: paused everything; agent: quarantined the agent)",
+            self.trips.clone(),
         );
         registry.register(
             "audit_diverted",
@@ -386,6 +398,47 @@ impl Metrics {
 
     pub fn audit_diverted(&self) {
         self.audit_diverted.inc();
+    }
+
+    /// Metrics with one series in every family (a family shows in the exposition only once it
+    /// has one): what a dashboard or a rule may query, for the tests that check them.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn with_every_family() -> Self {
+        let m = Self::new();
+        let s = |v: &str| v.to_owned();
+        drop(m.commands.get_or_create(&CommandLabels {
+            command_type: s("REFRESH_TOKEN"),
+            status: s("SUCCESS"),
+        }));
+        drop(m.judge_verdicts.get_or_create(&VerdictLabels {
+            judge: s("rules"),
+            verdict: s("approve"),
+        }));
+        drop(
+            m.judge_latency
+                .get_or_create(&JudgeLabels { judge: s("rules") }),
+        );
+        drop(m.policy_shadow.get_or_create(&ShadowLabels {
+            rule: s("r"),
+            enforced: s("JUDGE"),
+            would_have: s("BLOCK"),
+        }));
+        drop(m.alerts.get_or_create(&AlertLabels {
+            team: s("ops"),
+            priority: s("normal"),
+        }));
+        m.canary("known_bad", false);
+        m.approval_decision("expired");
+        m.tripped("fleet");
+        m
+    }
+
+    pub fn tripped(&self, scope: &str) {
+        self.trips
+            .get_or_create(&TripLabels {
+                scope: scope.to_owned(),
+            })
+            .inc();
     }
 
     pub fn publish_failed(&self) {

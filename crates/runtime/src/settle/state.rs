@@ -51,6 +51,9 @@ impl ReplicaStats for PollerState {
     fn audit_diverted(&self) {
         self.metrics.audit_diverted();
     }
+    fn tripped(&self, scope: &str) {
+        self.metrics.tripped(scope);
+    }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }

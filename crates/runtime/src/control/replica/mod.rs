@@ -58,6 +58,8 @@ pub fn state_writer(
 pub trait ReplicaStats: Send + Sync {
     /// Counts an audit record the audit exchange refused.
     fn audit_diverted(&self) {}
+    /// Counts an automatic trip this replica fired (`fleet` or `agent`).
+    fn tripped(&self, _scope: &str) {}
     fn in_flight(&self) -> usize;
     fn processed(&self) -> usize;
     fn recent_results(&self) -> Vec<(String, Status)>;

@@ -59,6 +59,10 @@ impl Replica {
 
     /// Step 1 of a trip: the offending agent quarantined (scope `agent`), or the fleet paused.
     async fn stop(&self, publisher: &Publisher, t: &Trip) -> Result<(), BrokerError> {
+        self.stats.tripped(match t.rule.scope {
+            TripScope::Agent => "agent",
+            TripScope::Fleet => "fleet",
+        });
         if t.rule.scope == TripScope::Agent {
             return self.quarantine_everywhere(publisher, t).await;
         }
