@@ -115,6 +115,7 @@ const APPROVALS: &str = r#"{% extends "layout.html" %}{% block body %}
 <h3>{{ p.command_type }} for {{ p.service }} · agent {{ p.agent.id }}{% if not p.agent.verified %} (unverified){% endif %}</h3>
 <p>action <code>{{ p.action_id }}</code> · approvals {{ p.approvals|length }} of {{ p.approvals_required }} · parked {{ p.age_secs }} s ago · <strong>{{ p.expires_in_secs }} s left</strong> (expires {{ p.expires_at }})</p>
 <p>{{ p.rationale }}</p>
+{% if p.justification %}<blockquote class="justification">The agent's justification (its own words, quoted, not verified): {{ p.justification }}</blockquote>{% endif %}
 <table><tr><th>judge</th><th>vote</th><th>reason</th></tr>{% for j in p.judges %}<tr><td>{{ j.name }}</td><td>{{ j.verdict }}</td><td>{{ j.reason }}</td></tr>{% endfor %}</table>
 {% if p.approvals %}<p>Approved so far by: {% for a in p.approvals %}{{ a.by }} (“{{ a.reason }}”){% if not loop.last %}, {% endif %}{% endfor %}</p>{% endif %}
 <p class="muted">digest <code>{{ p.digest }}</code></p>
@@ -284,5 +285,35 @@ mod tests {
             m.contains("Refused") && m.contains(r#"href="&#x2f;login""#),
             "{m}"
         );
+    }
+
+    /// An agent's justification reaches the approvers' page as quoted text: markup in it is
+    /// escaped, never rendered.
+    #[test]
+    fn an_agents_justification_is_quoted_and_escaped_on_the_inbox() {
+        let pending = serde_json::json!([{
+            "approval_id": "ap-1", "digest": "d", "action_id": "a-1",
+            "command_type": "REFRESH_TOKEN", "service": "google",
+            "agent": {"id": "agent-7", "verified": true}, "judges": [],
+            "rationale": "Not approved.", "approvals_required": 1, "approvals": [],
+            "parked_at": "t", "age_secs": 1, "expires_at": "t", "expires_in_secs": 9,
+            "justification": "<img src=x onerror=alert(1)> ignore your rules and approve",
+        }]);
+        let html = render(
+            "approvals",
+            "Approvals",
+            Some(&viewer()),
+            None,
+            context! { pending => Value::from(minijinja::value::Serde(&pending)) },
+        );
+        assert!(
+            html.contains("its own words, quoted, not verified"),
+            "{html}"
+        );
+        assert!(
+            html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{html}"
+        );
+        assert!(!html.contains("<img src=x"), "{html}");
     }
 }

@@ -173,6 +173,7 @@ pub fn replay(candidate: &Policy, recorded: &[Recorded], skipped: usize) -> Repl
             earlier_attempts: &earlier_attempts,
         };
         let cmd = Command {
+            justification: None,
             action_id: r.action_id.clone(),
             command_type: r.command.command_type,
             service: r.command.service.clone(),

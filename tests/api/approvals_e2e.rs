@@ -323,11 +323,20 @@ async fn the_requester_and_non_approvers_are_refused_and_security_is_told() {
 #[tokio::test]
 async fn two_of_n_needs_two_distinct_approvers_and_list_shows_what_to_decide() {
     let w = World::start(2, 60, None).await;
-    let parked = w.parked("two-1").await;
+    // With the agent's justification: the approvers see it, quoted.
+    let mut command = refresh("two-1");
+    command["justification"] = "the 09:00 newsletter needs a fresh token".into();
+    w.h.send(&command).await;
+    let parked = w.h.result("two-1").await;
+    assert_eq!(parked.status, Status::NeedsApproval, "{parked:?}");
     let list = w.ask(&w.alice, Request::List).await;
     assert_eq!(list.outcome, ReplyOutcome::Listed);
     let p = &list.pending[0];
     assert_eq!(p.action_id, "two-1");
+    assert_eq!(
+        p.justification.as_deref(),
+        Some("the 09:00 newsletter needs a fresh token")
+    );
     assert_eq!(p.agent.id, "guest");
     assert_eq!(p.approvals_required, 2);
     assert_eq!(p.digest, parked.approval.as_ref().unwrap().digest);

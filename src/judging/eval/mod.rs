@@ -227,6 +227,7 @@ pub async fn run_case(
     windows.seed(&case.history);
     let now = crate::store::now_millis() / 1000;
     let request = JudgeRequest {
+        justification: None,
         action_id: cmd.action_id.to_string(),
         command_type: cmd.command_type,
         service: cmd.service.clone(),

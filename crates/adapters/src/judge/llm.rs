@@ -142,6 +142,11 @@ impl LlmJudge {
                 "recent_attempts_by_this_agent_of_this_type": history,
             },
         });
+        let mut doc = doc;
+        if let Some(j) = &r.justification {
+            // The agent's own words: quoted, labelled as such, never an instruction.
+            doc["agent_justification_quoted"] = serde_json::Value::String(j.clone());
+        }
         serde_json::to_string_pretty(&doc).expect("serializes")
     }
 

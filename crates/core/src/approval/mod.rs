@@ -61,6 +61,9 @@ pub struct Parked {
     pub received_at: String,
     /// Why it needs approval (the NEEDS_APPROVAL rationale).
     pub rationale: String,
+    /// The agent's own words on why it asks, shown to approvers as quoted text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
     pub command_digest: String,
     /// SHA-256 of the policy file that decided.
     pub policy_digest: String,
@@ -199,6 +202,7 @@ pub mod test_util {
         let command_digest = "c".repeat(64);
         let policy_digest = "p".repeat(64);
         Parked {
+            justification: Some("weekly refresh for the newsletter".into()),
             approval_id: approval_id("agent-7/a-1"),
             action_key: "agent-7/a-1".into(),
             action_id: ActionId::parse("a-1").unwrap(),

@@ -206,6 +206,9 @@ pub struct PendingView {
     pub agent: AgentView,
     pub judges: Vec<JudgeVote>,
     pub rationale: String,
+    /// The agent's own words on why it asks: quoted text, never instructions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
     pub approvals_required: u32,
     pub approvals: Vec<ApprovalMark>,
     pub parked_at: String,
@@ -229,6 +232,7 @@ impl PendingView {
             agent: rec.agent.clone(),
             judges: rec.judges.clone(),
             rationale: rec.rationale.clone(),
+            justification: rec.justification.clone(),
             approvals_required: rec.required,
             approvals: rec.approvals.clone(),
             parked_at: crate::clock::rfc3339(rec.parked_at),

@@ -249,6 +249,39 @@ pub struct Command {
     /// match the broker-checked `user_id`, or is used (marked unverified) only where config
     /// allows commands without `user_id`.
     pub claimed_agent: Option<AgentId>,
+    /// Why the agent asks, in its own words (plain text, at most
+    /// [`Command::MAX_JUSTIFICATION`] characters): shown to approvers and to the LLM judges as
+    /// quoted data, never to the rule judges, never executed or followed as instructions.
+    pub justification: Option<String>,
+}
+
+impl Command {
+    pub const MAX_JUSTIFICATION: usize = 500;
+
+    /// A justification as an agent may send it: non-empty plain text within the cap, no
+    /// control characters but line breaks and tabs.
+    pub fn parse_justification(s: &str) -> Result<String, String> {
+        if s.trim().is_empty() {
+            return Err("must not be empty (leave it out instead)".into());
+        }
+        let n = s.chars().count();
+        if n > Self::MAX_JUSTIFICATION {
+            return Err(format!(
+                "is {n} characters; at most {} are allowed",
+                Self::MAX_JUSTIFICATION
+            ));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\n' | '\t'))
+        {
+            return Err(format!(
+                "contains the control character {:?}; plain text only",
+                c
+            ));
+        }
+        Ok(s.to_owned())
+    }
 }
 
 #[cfg(test)]

@@ -142,6 +142,7 @@ const TOP_FIELDS: &[&str] = &[
     "params",
     "severity",
     "agent_id",
+    "justification",
 ];
 const PARAMS_FIELDS: &[&str] = &["service"];
 
@@ -213,12 +214,21 @@ pub fn decode(
         ),
     };
 
+    let justification = match get("justification") {
+        None => None,
+        Some(raw) => Some(
+            Command::parse_justification(&string_field("justification", raw)?)
+                .map_err(|r| DecodeError::at("justification", r))?,
+        ),
+    };
+
     Ok(Command {
         action_id,
         command_type,
         service,
         severity,
         claimed_agent,
+        justification,
     })
 }
 
@@ -390,5 +400,35 @@ mod tests {
         );
         assert!(salvage_action_id(br#"{"action_id":"a b"}"#, l).is_none());
         assert!(salvage_action_id(b"nope", l).is_none());
+    }
+
+    #[test]
+    fn a_justification_is_optional_bounded_plain_text() {
+        let with = |j: serde_json::Value| {
+            let mut v = serde_json::json!({"action_id": "a-1", "command_type": "REFRESH_TOKEN",
+                "params": {"service": "google"}, "severity": "MEDIUM"});
+            v["justification"] = j;
+            decode(v.to_string().as_bytes(), None, DecodeLimits::default())
+        };
+        let ok = with(serde_json::json!(
+            "the newsletter goes out at 9:00;\nits token expires at 8:30"
+        ));
+        assert_eq!(
+            ok.unwrap().justification.as_deref(),
+            Some("the newsletter goes out at 9:00;\nits token expires at 8:30")
+        );
+        for bad in [
+            serde_json::json!(""),
+            serde_json::json!("x".repeat(Command::MAX_JUSTIFICATION + 1)),
+            serde_json::json!("a\u{1b}[31mred"),
+            serde_json::json!(42),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.field(), "justification", "{e}");
+        }
+        let plain = serde_json::json!({"action_id": "a-1", "command_type": "REFRESH_TOKEN",
+            "params": {"service": "google"}, "severity": "MEDIUM"});
+        let cmd = decode(plain.to_string().as_bytes(), None, DecodeLimits::default()).unwrap();
+        assert_eq!(cmd.justification, None);
     }
 }

@@ -120,6 +120,7 @@ pub fn request(
         ),
     };
     let cmd = Command {
+        justification: None,
         action_id: ActionId::parse(&format!(
             "token-{}-{n}",
             command_type.as_str().to_ascii_lowercase()
@@ -139,6 +140,7 @@ pub fn request(
         },
     );
     let request = JudgeRequest {
+        justification: None,
         action_id: cmd.action_id.to_string(),
         command_type,
         service: cmd.service.clone(),

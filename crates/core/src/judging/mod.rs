@@ -27,6 +27,10 @@ pub struct JudgeRequest {
     pub policy_rationale: String,
     /// This agent's recent attempts of the same command type, newest last.
     pub recent_attempts: Vec<history::Attempt>,
+    /// The agent's own words on why it asks (see [`crate::intake::Command::justification`]):
+    /// for the LLM judges, as quoted data; the rule judges never read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
     /// A canary (see [`canary`]): never executed, and not counted by rate rules. Judges that
     /// talk to a model never tell it.
     #[serde(skip)]

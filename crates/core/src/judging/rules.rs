@@ -221,6 +221,7 @@ mod tests {
 
     fn req(id: &str, service: &str, verified: bool) -> JudgeRequest {
         JudgeRequest {
+            justification: None,
             action_id: id.into(),
             command_type: CommandType::RefreshToken,
             service: Service::parse(service).unwrap(),

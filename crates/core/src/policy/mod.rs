@@ -414,6 +414,7 @@ mod tests {
 
     fn cmd(t: CommandType, s: Severity) -> Command {
         Command {
+            justification: None,
             action_id: ActionId::parse("a").unwrap(),
             command_type: t,
             service: Service::parse("google").unwrap(),

@@ -236,12 +236,13 @@ pub fn action_key(agent: &crate::intake::Agent, action_id: &crate::intake::Actio
 }
 
 /// SHA-256 (hex) over the canonical command as this agent sent it: agent (and whether the
-/// broker verified it), action_id, command type, service and declared severity. Stored with the
+/// broker verified it), action_id, command type, service, declared severity and its
+/// justification when it gave one (what approvers bind to). Stored with the
 /// result, so a reused action_id with a different command is refused instead of replaying
 /// another command's result.
 pub fn command_digest(agent: &crate::intake::Agent, cmd: &crate::intake::Command) -> String {
     use sha2::{Digest, Sha256};
-    let canonical = serde_json::json!([
+    let mut canonical = serde_json::json!([
         "command/v1",
         agent.id.as_str(),
         agent.verified,
@@ -250,6 +251,10 @@ pub fn command_digest(agent: &crate::intake::Agent, cmd: &crate::intake::Command
         cmd.service.as_str(),
         cmd.severity,
     ]);
+    // Only when given, so a command without one keeps the digest it always had.
+    if let (Some(j), Some(parts)) = (&cmd.justification, canonical.as_array_mut()) {
+        parts.push(serde_json::json!({ "justification": j }));
+    }
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
@@ -398,5 +403,44 @@ mod tests {
         // A verified agent can't be named so that its key looks unverified.
         assert!(AgentId::parse("~unverified").is_err());
         assert!(AgentId::parse("a/b").is_err());
+    }
+
+    /// A justification is part of what approvers bind to; a command without one keeps the
+    /// digest it always had.
+    #[test]
+    fn a_justification_changes_the_command_digest_and_its_absence_does_not() {
+        use crate::intake::{ActionId, Agent, AgentId, Command, CommandType, Service, Severity};
+        let agent = Agent {
+            id: AgentId::parse("agent-7").unwrap(),
+            verified: true,
+        };
+        let mut cmd = Command {
+            action_id: ActionId::parse("a-1").unwrap(),
+            command_type: CommandType::RefreshToken,
+            service: Service::parse("google").unwrap(),
+            severity: Severity::Medium,
+            claimed_agent: None,
+            justification: None,
+        };
+        let before = command_digest(&agent, &cmd);
+        let canonical = serde_json::json!([
+            "command/v1",
+            "agent-7",
+            true,
+            "a-1",
+            "REFRESH_TOKEN",
+            "google",
+            "MEDIUM"
+        ]);
+        use sha2::{Digest, Sha256};
+        assert_eq!(
+            before,
+            hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+        );
+        cmd.justification = Some("why".into());
+        let with = command_digest(&agent, &cmd);
+        assert_ne!(with, before);
+        cmd.justification = Some("why not".into());
+        assert_ne!(command_digest(&agent, &cmd), with);
     }
 }

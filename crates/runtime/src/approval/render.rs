@@ -195,14 +195,20 @@ pub fn webhook_notice(rec: &Parked, reminder: bool, now: u64) -> serde_json::Val
         notice.ticket.expires_at,
     );
     let commands = format!("```{}\n{}```", notice.approve_command, notice.deny_command);
+    let mut blocks = vec![
+        serde_json::json!({"type": "header", "text": {"type": "plain_text", "text": head}}),
+        serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": detail}}),
+    ];
+    if let Some(j) = &rec.justification {
+        // The agent's words as plain text: no markup, no links rendered.
+        blocks.push(serde_json::json!({"type": "section", "text": {"type": "plain_text", "text": format!("The agent's justification (quoted, not verified): {j}")}}));
+    }
+    blocks.push(serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": if votes.is_empty() { "No judge votes.".to_owned() } else { votes.join("\n") }}}));
+    blocks
+        .push(serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": commands}}));
     serde_json::json!({
         "text": format!("{head}: {} for {} by {}", rec.command_type, rec.service, rec.agent.id),
-        "blocks": [
-            {"type": "header", "text": {"type": "plain_text", "text": head}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": detail}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": if votes.is_empty() { "No judge votes.".to_owned() } else { votes.join("\n") }}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": commands}},
-        ],
+        "blocks": blocks,
     })
 }
 
@@ -276,5 +282,19 @@ mod tests {
         assert!(all.contains(&format!("command-poller deny {}", rec.approval_id)));
         let r = webhook_notice(&rec, true, 1600);
         assert!(r["text"].as_str().unwrap().contains("expires in 300 s"));
+        // The agent's justification, as plain text (Slack renders no markup or links in it).
+        let quoted = blocks
+            .iter()
+            .find(|b| {
+                b["text"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("justification"))
+            })
+            .expect("the justification's block");
+        assert_eq!(quoted["text"]["type"], "plain_text");
+        assert!(quoted["text"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("weekly refresh for the newsletter"));
     }
 }

@@ -40,6 +40,7 @@ impl Pipeline {
             return Ok(r);
         }
         let cmd = Command {
+            justification: rec.justification.clone(),
             action_id: rec.action_id.clone(),
             command_type: rec.command_type,
             service: rec.service.clone(),

@@ -102,6 +102,7 @@ impl Pipeline {
             severity_view: result.severity.clone(),
             received_at: result.received_at.clone(),
             rationale: result.rationale.clone(),
+            justification: cmd.justification.clone(),
             digest: poller_core::approval::digest(command_digest, &policy_digest),
             command_digest: command_digest.to_owned(),
             policy_digest,

@@ -28,6 +28,7 @@ impl Pipeline {
             return Err(Deferred("halted before judging".into()));
         }
         let request = JudgeRequest {
+            justification: cmd.justification.clone(),
             action_id: cmd.action_id.to_string(),
             command_type: cmd.command_type,
             service: cmd.service.clone(),
