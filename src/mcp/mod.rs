@@ -87,6 +87,8 @@ pub struct ToolCommand {
     pub service: Service,
     pub severity: Severity,
     pub action_id: ActionId,
+    /// Why the agent asks (shown to approvers and the LLM judges as quoted text).
+    pub justification: Option<String>,
 }
 
 /// The runbook's default severity of each command type; an agent may declare more, never less
@@ -133,18 +135,35 @@ pub fn command(
         service,
         severity,
         action_id,
+        justification: None,
     })
 }
 
 impl ToolCommand {
+    /// The command with the agent's justification, checked as the poller will.
+    pub fn with_justification(mut self, j: Option<&str>) -> Result<Self, CallError> {
+        self.justification = j
+            .map(crate::intake::Command::parse_justification)
+            .transpose()
+            .map_err(|reason| CallError::Invalid {
+                field: "justification",
+                reason,
+            })?;
+        Ok(self)
+    }
+
     /// The command JSON the agent publishes.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "action_id": self.action_id.as_str(),
             "command_type": self.command_type,
             "params": {"service": self.service.as_str()},
             "severity": self.severity,
-        })
+        });
+        if let Some(j) = &self.justification {
+            v["justification"] = serde_json::Value::String(j.clone());
+        }
+        v
     }
 }
 
@@ -295,5 +314,20 @@ mod tests {
         assert!(e.to_string().starts_with("action_id:"), "{e}");
         let e = command(CommandType::RefreshToken, "google", None, Some("URGENT")).unwrap_err();
         assert!(e.to_string().starts_with("severity:"), "{e}");
+    }
+
+    #[test]
+    fn a_justification_is_checked_as_the_poller_checks_it_and_published_with_the_command() {
+        let c = command(CommandType::RefreshToken, "google", Some("r-1"), None)
+            .unwrap()
+            .with_justification(Some("the newsletter at 09:00"))
+            .unwrap();
+        assert_eq!(c.json()["justification"], "the newsletter at 09:00");
+        let plain = command(CommandType::RefreshToken, "google", Some("r-1"), None).unwrap();
+        assert!(plain.json().get("justification").is_none());
+        let e = plain
+            .with_justification(Some(&"x".repeat(501)))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("justification:"), "{e}");
     }
 }

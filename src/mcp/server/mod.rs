@@ -32,6 +32,10 @@ pub struct CommandArgs {
     /// Optional: LOW, MEDIUM or HIGH. Only raises the runbook's severity for this command, never
     /// lowers it.
     pub severity: Option<Level>,
+    /// Optional: why you ask, in plain text (at most 500 characters). Approvers and the model
+    /// judges read it as your words; it never changes what the policy and the hard rules decide.
+    #[schemars(length(min = 1, max = 500))]
+    pub justification: Option<String>,
 }
 
 /// A declared severity.
@@ -125,7 +129,9 @@ impl Tools {
             &args.service,
             args.action_id.as_deref(),
             args.severity.as_ref().map(Level::as_str),
-        ) {
+        )
+        .and_then(|c| c.with_justification(args.justification.as_deref()))
+        {
             Ok(c) => c,
             Err(e) => return tool_error(format!("REJECTED before sending: {e}")),
         };
