@@ -340,20 +340,11 @@ async fn a_grant_never_passes_a_veto_nor_its_expiry_nor_its_withdrawal() {
 /// Writes grant `id` into the state stream as the operator guest (where one operator may
 /// grant), as a hand-made client would.
 async fn write_grant(h: &Harness, id: &str, g: Grant) {
-    use command_poller::control::state_log::{self, Change, StateReader};
+    use command_poller::control::state_log::{self, Change};
+    let (mut state, after) = crate::loosening_e2e::stored(h).await;
     let conn = lapin::Connection::connect(AMQP, Default::default())
         .await
         .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let classify = command_poller::control::replica::state_writer(
-        &h.settings.control.operators,
-        &h.settings.poller_user(),
-    );
-    let reader = StateReader::open(&ch, &h.settings.control, classify)
-        .await
-        .unwrap();
-    let (mut state, after) = (reader.state().effective().unwrap(), reader.position());
-    reader.close().await;
     state.grants.insert(id.to_owned(), g.clone());
     let publisher = command_poller::broker::Publisher::open(&conn)
         .await

@@ -28,7 +28,7 @@ fn second(proposal: &str, digest: &str) -> ControlCommand {
 }
 
 /// The stored state as an operator reads it, and the offset of its last entry.
-async fn stored(h: &Harness) -> (ControlState, Option<u64>) {
+pub(crate) async fn stored(h: &Harness) -> (ControlState, Option<u64>) {
     let conn = lapin::Connection::connect(AMQP, Default::default())
         .await
         .unwrap();

@@ -125,6 +125,19 @@ impl Gate {
         self.lock().mode != Mode::Halted
     }
 
+    /// The grant that lets `agent`'s `command_type` for `service` through at `now` (unix
+    /// seconds), with its id (see [`super::grant::covering`]).
+    pub fn grant_covering(
+        &self,
+        agent: &str,
+        command_type: crate::intake::CommandType,
+        service: &str,
+        now: u64,
+    ) -> Option<(String, super::Grant)> {
+        super::grant::covering(&self.lock(), agent, command_type, service, now)
+            .map(|(id, g)| (id.to_owned(), g.clone()))
+    }
+
     /// Whether grant `id` is still in force.
     pub fn grant_in_force(&self, id: &str) -> bool {
         self.lock().grants.contains_key(id)

@@ -75,17 +75,15 @@ impl Pipeline {
         report: &PanelReport,
     ) -> ByGrant {
         let now = crate::clock::unix_now();
-        let state = self.gate.state();
-        let agent_key = agent.control_key();
-        let Some((id, g)) = grant::covering(
-            &state,
-            &agent_key,
+        let Some((id, g)) = self.gate.grant_covering(
+            &agent.control_key(),
             cmd.command_type,
             cmd.service.as_str(),
             now,
         ) else {
             return ByGrant::None;
         };
+        let id = id.as_str();
         // The hard rules as the panel heard them, or asked now when it settled without them.
         let hard_rules = match &report.veto {
             Some((judge, rule, reason)) => Err(format!("{judge} vetoed ({rule}): {reason}")),

@@ -433,7 +433,7 @@ impl Replica {
         what: &str,
         todo: &str,
     ) -> Result<(), BrokerError> {
-        let msg = render::alert(
+        let (msg, sent) = render::alert(
             &self.names,
             team,
             priority,
@@ -444,7 +444,8 @@ impl Replica {
         );
         publisher.publish(&msg).await?;
         // Its own line in the audit trail, so an incident's timeline shows who was told what.
-        let (_, record) = render::event(&render::sent_alert(&msg, &self.gate.state()), &self.names);
+        let (_, record) =
+            render::event(&render::sent_alert(&sent, &self.gate.state()), &self.names);
         self.audit(publisher, &record).await
     }
 }

@@ -93,11 +93,10 @@ pub fn event(e: &ControlEvent, names: &Names) -> (Outgoing, AuditRecord) {
     (msg, record)
 }
 
-/// The control audit record's event for a control alert sent (`alert`, as [`alert`] rendered
-/// it): kind `alert_sent`, its id as the request id (each alert its own timeline entry), the
-/// team, priority and summary as the detail.
-pub fn sent_alert(alert: &Outgoing, state: &ControlState) -> ControlEvent {
-    let a: Alert = serde_json::from_slice(&alert.body).expect("an alert we rendered");
+/// The control audit record's event for a control alert sent: kind `alert_sent`, its id as
+/// the request id (each alert its own timeline entry), the team, priority and summary as the
+/// detail.
+pub fn sent_alert(a: &Alert, state: &ControlState) -> ControlEvent {
     ControlEvent {
         kind: ALERT_SENT.into(),
         instance: a.poller_instance.clone(),
@@ -110,7 +109,7 @@ pub fn sent_alert(alert: &Outgoing, state: &ControlState) -> ControlEvent {
             crate::outcome::wire_name(&a.priority),
             a.summary
         )),
-        at: a.at,
+        at: a.at.clone(),
     }
 }
 
@@ -182,7 +181,8 @@ pub fn agent_alert(
     alert_message(names, &a)
 }
 
-/// A control alert (halt, refused lever, trip, untrusted state): no command attached.
+/// A control alert (halt, refused lever, trip, untrusted state): no command attached. The
+/// message, and the alert it carries (for its audit record, [`sent_alert`]).
 pub fn alert(
     names: &Names,
     team: &str,
@@ -191,9 +191,9 @@ pub fn alert(
     todo: &str,
     state: &ControlState,
     at: String,
-) -> Outgoing {
+) -> (Outgoing, Alert) {
     let a = control_alert(names, team, priority, what, todo, &state.reason, at);
-    alert_message(names, &a)
+    (alert_message(names, &a), a)
 }
 
 fn control_alert(
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_control_alert_carries_the_state_reason_and_no_command() {
-        let o = alert(
+        let (o, sent) = alert(
             &names(),
             "security",
             Priority::High,
@@ -337,6 +337,7 @@ mod tests {
             ("alerts", "security.high")
         );
         let a: Alert = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(a, sent, "the message carries the alert it returns");
         assert_eq!(a.rationale, "unauthorized integration");
         assert_eq!(a.action_required, "Emergency-INT-E02");
         assert!(a.action_id.is_none() && a.status.is_none());
