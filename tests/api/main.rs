@@ -33,6 +33,7 @@ mod loosening_e2e;
 mod mcp_e2e;
 mod policy_lifecycle_e2e;
 mod properties;
+mod publisher_e2e;
 mod runs_as_shipped;
 mod scripts_e2e;
 mod security_e2e;

@@ -1,13 +1,18 @@
 //! Confirmed publishing. Every message is mandatory and persistent, and each has its own confirm:
 //! `Ack(None)` is the only success. [`Publish::send`] sends one and hands back the wait for its
 //! confirm, so a command's messages go out together and their confirms are awaited after.
+//! Each message in flight has a channel to itself ([`Publisher`]), taken as a [`Lease`] and
+//! handed back when its confirm is in.
 
 use super::BrokerError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// One message to publish.
 #[derive(Debug, Clone, Default)]
@@ -35,24 +40,68 @@ pub struct Outgoing {
 /// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
 pub(crate) const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
-/// A confirm-mode channel on its own connection, so broker flow control on publishing can't
-/// hold back the consumer's acks.
+/// Confirm-mode channels, each carrying one message at a time. AMQP's `basic.return` names no
+/// delivery tag and the broker acks several messages with one frame, so on a channel with
+/// several messages in flight a return can't be told apart from its neighbours' confirms (the
+/// client hands it to whichever confirm of the frame it settles first). One message per
+/// channel makes the return that precedes an ack that message's own.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    /// The channel opened first: the one a direct reply-to consumer shares, so the one a
+    /// message with `reply_to` goes out on.
+    first: Channel,
+    idle: Mutex<Vec<Channel>>,
+    returned: Notify,
+    /// Where more channels come from when all are busy; `None`: one channel, taken in turn.
+    conn: Option<Arc<Connection>>,
+    /// Channels open: the most messages this publisher has had in flight at once.
+    opened: AtomicUsize,
+    /// The first channel was taken out of use ([`Lease`]'s drop).
+    first_lost: AtomicBool,
 }
 
 impl Publisher {
+    /// One confirm-mode channel, its messages published one at a time: for a tool that sends
+    /// one request and reads its reply on [`Publisher::channel`].
     pub async fn open(conn: &Connection) -> Result<Self, BrokerError> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+        let channel = confirm_channel(conn).await?;
+        Ok(Self::with(channel, None))
     }
 
+    /// Confirm-mode channels on `conn` (a connection of its own, so broker flow control on
+    /// publishing can't hold back the consumer's acks), opened as messages in flight at once
+    /// need them and kept for the next.
+    pub async fn open_shared(conn: Arc<Connection>) -> Result<Self, BrokerError> {
+        let channel = confirm_channel(&conn).await?;
+        Ok(Self::with(channel, Some(conn)))
+    }
+
+    fn with(channel: Channel, conn: Option<Arc<Connection>>) -> Self {
+        Self {
+            pool: Arc::new(Pool {
+                first: channel.clone(),
+                idle: Mutex::new(vec![channel]),
+                returned: Notify::new(),
+                conn,
+                opened: AtomicUsize::new(1),
+                first_lost: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The first channel: direct replies to what this publisher sends with `reply_to` are
+    /// consumed on it.
     pub fn channel(&self) -> &Channel {
-        &self.channel
+        &self.pool.first
+    }
+
+    /// How many channels this publisher has opened: the most messages it had in flight at once.
+    pub fn channels_opened(&self) -> usize {
+        self.pool.opened.load(Ordering::Relaxed)
     }
 
     /// Publishes `msg` and waits for its confirm.
@@ -61,33 +110,16 @@ impl Publisher {
     }
 
     /// Sends `msg` without waiting for its confirm: the returned [`Confirm`] is that wait, so
-    /// several messages can be sent before any of their confirms is awaited.
+    /// several messages can be sent before any of their confirms is awaited. The message has
+    /// its channel to itself until then.
     pub async fn send(&self, msg: &Outgoing) -> Result<Confirm, BrokerError> {
-        let mut props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(
-                msg.message_id
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-                    .into(),
-            )
-            .with_type(msg.message_type.into())
-            .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
-        if let Some(c) = &msg.correlation_id {
-            props = props.with_correlation_id(c.as_str().into());
-        }
-        if let Some(h) = &msg.headers {
-            props = props.with_headers(h.clone());
-        }
-        if let Some(u) = &msg.user_id {
-            props = props.with_user_id(u.as_str().into());
-        }
-        if let Some(r) = &msg.reply_to {
-            props = props.with_reply_to(r.as_str().into());
-        }
-        let confirm = self
-            .channel
+        let lease = self.lease(msg.reply_to.is_some()).await?;
+        let message_id = msg
+            .message_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let confirm = lease
+            .channel()
             .basic_publish(
                 msg.exchange.as_str().into(),
                 msg.routing_key.as_str().into(),
@@ -96,40 +128,205 @@ impl Publisher {
                     ..Default::default()
                 },
                 &msg.body,
-                props,
+                properties(msg, &message_id),
             )
             .await?;
         let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
+        // Waited for here, not by the caller: the channel is free for the next message as
+        // soon as the broker has answered, whenever (or whether) the caller looks.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(settle(confirm, lease, &message_id, exchange, routing_key).await);
+        });
         Ok(Box::pin(async move {
-            // A confirm that never comes (a cluster whose queue leader is cut off, before the
-            // election) would hold this command, and its delivery, forever: past the deadline
-            // the session counts as lost, and the outcome goes out on the next one (another
-            // node).
-            let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Ok(c) => c?,
-                Err(_) => {
-                    return Err(BrokerError::Timeout(
-                        "waiting for the broker's publish confirm",
-                        CONFIRM_TIMEOUT,
-                    ))
-                }
-            };
-            match confirm {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
-                    exchange,
-                    routing_key,
-                }),
-                Confirmation::Nack(_) => Err(BrokerError::Nacked {
-                    exchange,
-                    routing_key,
-                }),
-                Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
-            }
+            rx.await.unwrap_or_else(|_| {
+                Err(BrokerError::Lost(
+                    "the wait for a publish confirm ended without an answer".into(),
+                ))
+            })
         }))
+    }
+
+    /// A channel with nothing in flight: the first for `reply_to`, else any idle one, else a
+    /// new one (a shared publisher), else the next handed back.
+    async fn lease(&self, first: bool) -> Result<Lease, BrokerError> {
+        let pool = &self.pool;
+        loop {
+            let handed_back = pool.returned.notified();
+            if let Some(channel) = pool.take_idle(first) {
+                return Ok(Lease::new(pool, channel));
+            }
+            let only_first = first || pool.conn.is_none();
+            let first_gone = pool.first_lost.load(Ordering::SeqCst)
+                || (pool.conn.is_some() && !pool.first.status().connected());
+            if only_first && first_gone {
+                return Err(BrokerError::Lost(
+                    "the publishing channel was closed: a confirm on it was not waited for".into(),
+                ));
+            }
+            if let (Some(conn), false) = (&pool.conn, first) {
+                let channel = confirm_channel(conn).await?;
+                let n = pool.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(channels = n, "opened another publishing channel");
+                return Ok(Lease::new(pool, channel));
+            }
+            handed_back.await;
+        }
     }
 }
 
+impl Pool {
+    fn take_idle(&self, first: bool) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Closed channels (the broker closes one on a publish to a missing exchange) go, but
+        // for a publisher of one channel: a publish on it then fails, as it should.
+        let single = self.conn.is_none();
+        idle.retain(|c| single || c.status().connected());
+        let at = match first {
+            true => idle.iter().position(|c| c.id() == self.first.id())?,
+            false => idle.len().checked_sub(1)?,
+        };
+        Some(idle.swap_remove(at))
+    }
+
+    fn hand_back(&self, channel: Channel) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(channel);
+        self.returned.notify_waiters();
+    }
+}
+
+/// A channel taken for one message. [`Lease::finish`] once its confirm is in hands it back; a
+/// lease dropped before that (the publish failed, or its confirm timed out) takes the channel
+/// out of use, since a late confirm or return on it would be read as the next message's. A
+/// publisher of one channel can't do without it: a later send fails.
+struct Lease {
+    pool: Arc<Pool>,
+    channel: Option<Channel>,
+    finished: bool,
+}
+
+impl Lease {
+    fn new(pool: &Arc<Pool>, channel: Channel) -> Self {
+        Self {
+            pool: pool.clone(),
+            channel: Some(channel),
+            finished: false,
+        }
+    }
+
+    fn channel(&self) -> &Channel {
+        self.channel.as_ref().expect("held until dropped")
+    }
+
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        if self.finished {
+            self.pool.hand_back(channel);
+            return;
+        }
+        if channel.id() == self.pool.first.id() {
+            self.pool.first_lost.store(true, Ordering::SeqCst);
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = channel
+                    .close(200, "a confirm that did not come".into())
+                    .await;
+            });
+        }
+        // Whoever waits for this channel must not wait forever.
+        self.pool.returned.notify_waiters();
+    }
+}
+
+/// What the broker said about the message sent on `lease`'s channel with `message_id`. The
+/// lease goes back once the broker has answered; a confirm that never comes (a cluster whose
+/// queue leader is cut off, before the election) would hold the command, and its delivery,
+/// forever: past the deadline the session counts as lost and the outcome goes out on the next
+/// one (another node), and the channel, still waiting, is not used again.
+async fn settle(
+    confirm: impl std::future::Future<Output = lapin::Result<Confirmation>>,
+    lease: Lease,
+    message_id: &str,
+    exchange: String,
+    routing_key: String,
+) -> Result<(), BrokerError> {
+    let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(c) => c?,
+        Err(_) => {
+            return Err(BrokerError::Timeout(
+                "waiting for the broker's publish confirm",
+                CONFIRM_TIMEOUT,
+            ))
+        }
+    };
+    lease.finish();
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => {
+            let theirs = returned
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str());
+            if theirs != Some(message_id) {
+                // Can't happen with one message per channel; refused all the same (a routed
+                // message read as returned is published again, never lost).
+                tracing::error!(ours = %message_id, theirs = ?theirs, %routing_key, "the broker returned another message than the one on this channel");
+            }
+            Err(BrokerError::Unroutable {
+                exchange,
+                routing_key,
+            })
+        }
+        Confirmation::Nack(_) => Err(BrokerError::Nacked {
+            exchange,
+            routing_key,
+        }),
+        Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
+    }
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+fn properties(msg: &Outgoing, message_id: &str) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_type(msg.message_type.into())
+        .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp() as u64);
+    if let Some(c) = &msg.correlation_id {
+        props = props.with_correlation_id(c.as_str().into());
+    }
+    if let Some(h) = &msg.headers {
+        props = props.with_headers(h.clone());
+    }
+    if let Some(u) = &msg.user_id {
+        props = props.with_user_id(u.as_str().into());
+    }
+    if let Some(r) = &msg.reply_to {
+        props = props.with_reply_to(r.as_str().into());
+    }
+    props
+}
 /// The broker's confirm of a message sent with [`Publish::send`]: `Ok` when it took it
 /// (routed, and stored where it was routed).
 pub type Confirm = futures::future::BoxFuture<'static, Result<(), BrokerError>>;

@@ -165,6 +165,7 @@ impl Poller {
                 return Err(e.into());
             }
         };
+        let publish_conn = std::sync::Arc::new(publish_conn);
         tracing::info!(node = %node.shown, publish_node = %publish_node.shown, "connected to the broker");
         self.set_node(Some(&node));
         let result = self
@@ -211,7 +212,7 @@ impl Poller {
     async fn consume(
         &self,
         consume_conn: &lapin::Connection,
-        publish_conn: &lapin::Connection,
+        publish_conn: &std::sync::Arc<lapin::Connection>,
         shutdown: &CancellationToken,
         consumed_any: &mut bool,
         tasks: &mut JoinSet<()>,

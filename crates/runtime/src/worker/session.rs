@@ -33,7 +33,7 @@ impl Poller {
     pub(super) async fn set_up(
         &self,
         consume_conn: &lapin::Connection,
-        publish_conn: &lapin::Connection,
+        publish_conn: &std::sync::Arc<lapin::Connection>,
     ) -> Result<Parts, SessionError> {
         match tokio::time::timeout(
             SETUP_TIMEOUT,
@@ -51,10 +51,10 @@ impl Poller {
     async fn set_up_unbounded(
         &self,
         consume_conn: &lapin::Connection,
-        publish_conn: &lapin::Connection,
+        publish_conn: &std::sync::Arc<lapin::Connection>,
     ) -> Result<Parts, SessionError> {
         let s = &self.settings;
-        let publisher = Publisher::open(publish_conn).await?;
+        let publisher = Publisher::open_shared(publish_conn.clone()).await?;
         self.shell.publishers.send_replace(Some(publisher.clone()));
         let ch = consume_conn.create_channel().await?;
         broker::declare(&ch, &s.topology).await?;
