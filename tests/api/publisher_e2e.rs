@@ -121,3 +121,134 @@ async fn told(publisher: &Publisher, exchange: &str) -> Vec<String> {
     }
     wrong
 }
+
+/// A relay to the broker whose answers can be held back (the connection stays open, as with a
+/// cluster node cut off before anyone notices): what the client sends still arrives.
+struct Stall {
+    port: u16,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+impl Stall {
+    async fn start() -> Stall {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hold, held) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_broker, mut to_broker) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_broker).await;
+                });
+                let mut held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from_broker.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if held.wait_for(|h| !*h).await.is_err()
+                            || to_client.write_all(&buf[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Stall { port, hold }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// A confirm that doesn't come by the deadline is a timeout (the session is lost and the
+/// outcome goes out on the next), and the channel that waited for it is never used again: its
+/// late confirm, or a late return, would otherwise be read as the next message's.
+#[tokio::test]
+async fn a_confirm_that_never_comes_times_out_and_its_channel_is_not_used_again() {
+    let sfx = suffix();
+    let queue = format!("t.{sfx}.pub.stalled");
+    let direct = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = direct.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let stall = Stall::start().await;
+    let conn = Connection::connect(&stall.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let deadline = std::time::Duration::from_millis(1500);
+    let publisher = Publisher::open_shared(std::sync::Arc::new(conn))
+        .await
+        .unwrap()
+        .with_confirm_timeout(deadline);
+    let msg = |body: &str| Outgoing {
+        exchange: String::new(),
+        routing_key: queue.clone(),
+        body: body.as_bytes().to_vec(),
+        message_type: "test",
+        ..Default::default()
+    };
+    publisher.publish(&msg("before")).await.unwrap();
+    assert_eq!(publisher.channels_opened(), 1);
+
+    stall.hold.send_replace(true);
+    let t0 = std::time::Instant::now();
+    let held = publisher.publish(&msg("held")).await;
+    let waited = t0.elapsed();
+    assert!(
+        matches!(held, Err(BrokerError::Timeout(_, d)) if d == deadline),
+        "{held:?}"
+    );
+    assert!(waited >= deadline, "gave up after {waited:?}");
+    assert!(
+        held.unwrap_err().is_connection(),
+        "a timeout ends the session"
+    );
+
+    // The broker's answers flow again: the late confirm lands on the channel that waited, and
+    // the next message goes out on another.
+    stall.hold.send_replace(false);
+    publisher.publish(&msg("after")).await.unwrap();
+    assert_eq!(
+        publisher.channels_opened(),
+        2,
+        "the channel whose confirm timed out was used again"
+    );
+    // The held message did reach the queue: a timeout says "unknown", and the outcome is
+    // published again on the next session (a replay, deduplicated by its consumers).
+    let depth = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(depth, 3);
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}

@@ -13,7 +13,7 @@ mod topology;
 pub use endpoints::{connect, Endpoints, EndpointsError, Node};
 pub use publisher::{
     after_nacks, with_id, with_nack_retries, Confirm, Outgoing, Publish, Publisher,
-    NACK_RETRY_BUDGET,
+    CONFIRM_TIMEOUT, NACK_RETRY_BUDGET,
 };
 pub use topology::{
     declare, declare_approvals, declare_audit, declare_control, declare_replica_control,

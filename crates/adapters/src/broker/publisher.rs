@@ -38,7 +38,7 @@ pub struct Outgoing {
 /// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
 /// lost node and elect new leaders (RabbitMQ's default net_ticktime is 60 s, noticed within
 /// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
-pub(crate) const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Confirm-mode channels, each carrying one message at a time. AMQP's `basic.return` names no
 /// delivery tag and the broker acks several messages with one frame, so on a channel with
@@ -62,6 +62,8 @@ struct Pool {
     opened: AtomicUsize,
     /// The first channel was taken out of use ([`Lease`]'s drop).
     first_lost: AtomicBool,
+    /// How long a confirm may take ([`CONFIRM_TIMEOUT`]).
+    confirm_timeout: Duration,
 }
 
 impl Publisher {
@@ -89,6 +91,7 @@ impl Publisher {
                 conn,
                 opened: AtomicUsize::new(1),
                 first_lost: AtomicBool::new(false),
+                confirm_timeout: CONFIRM_TIMEOUT,
             }),
         }
     }
@@ -97,6 +100,15 @@ impl Publisher {
     /// consumed on it.
     pub fn channel(&self) -> &Channel {
         &self.pool.first
+    }
+
+    /// This publisher, its confirms waited for `deadline` instead of [`CONFIRM_TIMEOUT`]
+    /// (before its first send).
+    pub fn with_confirm_timeout(mut self, deadline: Duration) -> Self {
+        if let Some(pool) = Arc::get_mut(&mut self.pool) {
+            pool.confirm_timeout = deadline;
+        }
+        self
     }
 
     /// How many channels this publisher has opened: the most messages it had in flight at once.
@@ -135,8 +147,10 @@ impl Publisher {
         // Waited for here, not by the caller: the channel is free for the next message as
         // soon as the broker has answered, whenever (or whether) the caller looks.
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let deadline = self.pool.confirm_timeout;
         tokio::spawn(async move {
-            let _ = tx.send(settle(confirm, lease, &message_id, exchange, routing_key).await);
+            let to = (exchange, routing_key);
+            let _ = tx.send(settle(confirm, deadline, lease, &message_id, to).await);
         });
         Ok(Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
@@ -251,23 +265,23 @@ impl Drop for Lease {
 }
 
 /// What the broker said about the message sent on `lease`'s channel with `message_id`. The
-/// lease goes back once the broker has answered; a confirm that never comes (a cluster whose
+/// lease goes back once the broker has answered; a confirm that doesn't come by `deadline` (a cluster whose
 /// queue leader is cut off, before the election) would hold the command, and its delivery,
 /// forever: past the deadline the session counts as lost and the outcome goes out on the next
 /// one (another node), and the channel, still waiting, is not used again.
 async fn settle(
     confirm: impl std::future::Future<Output = lapin::Result<Confirmation>>,
+    deadline: Duration,
     lease: Lease,
     message_id: &str,
-    exchange: String,
-    routing_key: String,
+    (exchange, routing_key): (String, String),
 ) -> Result<(), BrokerError> {
-    let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+    let confirm = match tokio::time::timeout(deadline, confirm).await {
         Ok(c) => c?,
         Err(_) => {
             return Err(BrokerError::Timeout(
                 "waiting for the broker's publish confirm",
-                CONFIRM_TIMEOUT,
+                deadline,
             ))
         }
     };
