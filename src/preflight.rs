@@ -274,5 +274,37 @@ async fn broker(s: &Settings) -> Vec<Finding> {
         }
     }
     crate::broker::close(&conn, "check-config done").await;
+    out.extend(other_nodes(&endpoints, node.index, key, &s.poller_user()).await);
+    out
+}
+
+/// Every node of a cluster but `connected` (where the topology was checked): each must take
+/// the poller's user too, or a failover finds out. Each is its own finding.
+async fn other_nodes(
+    endpoints: &crate::broker::Endpoints,
+    connected: usize,
+    key: &str,
+    user: &str,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let shown = endpoints.redacted();
+    for index in (0..endpoints.len()).filter(|i| *i != connected) {
+        let which = format!(
+            "node {} of {} ({})",
+            index + 1,
+            endpoints.len(),
+            shown[index]
+        );
+        match crate::broker::connect(&endpoints.only(index), "command-poller-check-config").await {
+            Ok((conn, _)) => {
+                crate::broker::close(&conn, "check-config done").await;
+                out.push(Finding::ok(key, format!("{which} takes {user} too")));
+            }
+            Err(e) => out.push(Finding::problem(
+                key,
+                format!("{which}: can't connect as the configured user ({e}); the poller fails over to it when the node it uses is lost"),
+            )),
+        }
+    }
     out
 }

@@ -673,6 +673,36 @@ fn check_config_online_names_each_problem_run_would_trip_on() {
         assert!(out.contains(&format!("ok      {key}")), "{key}: {out}");
     }
 
+    // A cluster: every node is checked, not only the one that answered first. Node 2 here is
+    // the same broker by another name, node 3 a port nothing listens on.
+    let dead = crate::common::free_port();
+    let cluster = crate::common::isolated(BIN)
+        .args(["check-config", "--online"])
+        .envs(envs.iter().cloned())
+        .env(
+            "POLLER__AMQP__URLS",
+            format!(
+                "{},amqp://guest:guest@localhost:5672/%2f,amqp://guest:guest@127.0.0.1:{dead}/%2f",
+                crate::common::AMQP
+            ),
+        )
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&cluster.stdout);
+    assert!(!cluster.status.success(), "{out}");
+    assert!(
+        out.contains(
+            "ok      amqp.urls: node 2 of 3 (amqp://guest:***@localhost:5672/%2f) takes guest too"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "PROBLEM amqp.urls: node 3 of 3 (amqp://guest:***@127.0.0.1:{dead}/%2f): can't connect"
+        )),
+        "{out}"
+    );
+
     // Everything `run` would trip on, at once, each named by its key; no secret printed.
     let bad = crate::common::isolated(BIN)
         .args(["check-config", "--online"])

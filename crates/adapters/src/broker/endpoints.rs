@@ -126,6 +126,14 @@ impl Endpoints {
         })
     }
 
+    /// Node `index` alone (a check that each node answers, not just the first that does).
+    pub fn only(&self, index: usize) -> Self {
+        Self {
+            urls: vec![self.urls[index % self.urls.len()].clone()].into(),
+            preferred: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     /// The order nodes are tried in: the preferred one, then round the list.
     pub fn order(&self) -> Vec<usize> {
         let n = self.urls.len();
