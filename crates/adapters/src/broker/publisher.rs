@@ -35,6 +35,12 @@ pub struct Outgoing {
     pub message_id: Option<String>,
 }
 
+/// The most channels a shared publisher keeps open, so the most messages it has in flight at
+/// once; more wait for one to be handed back. The client looks at every channel of a connection
+/// for each frame it writes, so a channel per message of a full window (prefetch times a
+/// command's messages) costs CPU on every publish.
+pub(crate) const MAX_CHANNELS: usize = 32;
+
 /// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
 /// lost node and elect new leaders (RabbitMQ's default net_ticktime is 60 s, noticed within
 /// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
@@ -58,8 +64,10 @@ struct Pool {
     returned: Notify,
     /// Where more channels come from when all are busy; `None`: one channel, taken in turn.
     conn: Option<Arc<Connection>>,
-    /// Channels open: the most messages this publisher has had in flight at once.
+    /// Channels ever opened (the first included).
     opened: AtomicUsize,
+    /// Channels open now, idle or leased: at most [`MAX_CHANNELS`].
+    live: AtomicUsize,
     /// The first channel was taken out of use ([`Lease`]'s drop).
     first_lost: AtomicBool,
     /// How long a confirm may take ([`CONFIRM_TIMEOUT`]).
@@ -90,6 +98,7 @@ impl Publisher {
                 returned: Notify::new(),
                 conn,
                 opened: AtomicUsize::new(1),
+                live: AtomicUsize::new(1),
                 first_lost: AtomicBool::new(false),
                 confirm_timeout: CONFIRM_TIMEOUT,
             }),
@@ -111,7 +120,7 @@ impl Publisher {
         self
     }
 
-    /// How many channels this publisher has opened: the most messages it had in flight at once.
+    /// How many channels this publisher has opened (one whose confirm timed out is replaced).
     pub fn channels_opened(&self) -> usize {
         self.pool.opened.load(Ordering::Relaxed)
     }
@@ -179,10 +188,24 @@ impl Publisher {
                 ));
             }
             if let (Some(conn), false) = (&pool.conn, first) {
-                let channel = confirm_channel(conn).await?;
-                let n = pool.opened.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::debug!(channels = n, "opened another publishing channel");
-                return Ok(Lease::new(pool, channel));
+                let room = pool
+                    .live
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n < MAX_CHANNELS).then_some(n + 1)
+                    })
+                    .is_ok();
+                if room {
+                    let channel = match confirm_channel(conn).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            pool.live.fetch_sub(1, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                    };
+                    let n = pool.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::debug!(channels = n, "opened another publishing channel");
+                    return Ok(Lease::new(pool, channel));
+                }
             }
             handed_back.await;
         }
@@ -192,15 +215,20 @@ impl Publisher {
 impl Pool {
     fn take_idle(&self, first: bool) -> Option<Channel> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Closed channels (the broker closes one on a publish to a missing exchange) go, but
-        // for a publisher of one channel: a publish on it then fails, as it should.
-        let single = self.conn.is_none();
-        idle.retain(|c| single || c.status().connected());
-        let at = match first {
-            true => idle.iter().position(|c| c.id() == self.first.id())?,
-            false => idle.len().checked_sub(1)?,
-        };
-        Some(idle.swap_remove(at))
+        loop {
+            let at = match first {
+                true => idle.iter().position(|c| c.id() == self.first.id())?,
+                false => idle.len().checked_sub(1)?,
+            };
+            let channel = idle.swap_remove(at);
+            // A closed channel (the broker closes one on a publish to a missing exchange)
+            // goes, but for a publisher of one channel: a publish on it then fails, as it
+            // should.
+            if self.conn.is_none() || channel.status().connected() {
+                return Some(channel);
+            }
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn hand_back(&self, channel: Channel) {
@@ -252,6 +280,7 @@ impl Drop for Lease {
         if channel.id() == self.pool.first.id() {
             self.pool.first_lost.store(true, Ordering::SeqCst);
         }
+        self.pool.live.fetch_sub(1, Ordering::SeqCst);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = channel
