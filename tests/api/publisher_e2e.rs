@@ -72,6 +72,9 @@ async fn each_message_in_flight_gets_its_own_return() {
     );
     let single = Publisher::open(&conn).await.unwrap();
     wrong.extend(told(&single, &exchange).await);
+    // A command's messages go as one batch on one channel: its returns are matched to its
+    // messages by id once all its confirms are in.
+    wrong.extend(told_in_batches(&pool, &exchange).await);
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -80,43 +83,82 @@ async fn each_message_in_flight_gets_its_own_return() {
         .await;
     assert!(
         wrong.is_empty(),
-        "{} of 800 confirms told the wrong story:\n{}",
+        "{} of 2,000 confirms told the wrong story:\n{}",
         wrong.len(),
         wrong.join("\n")
     );
 }
 
-/// Ten rounds of 40 messages, mostly routed and a few returned, all sent before any confirm is
-/// awaited (as a command's result, alerts and audit record are): what each confirm got wrong.
+/// The keys of one round's 40 messages: mostly routed, a few returned.
+fn keys() -> Vec<&'static str> {
+    (0..40)
+        .map(|i| if i % 7 == 3 { "nowhere" } else { "routed" })
+        .collect()
+}
+
+fn message(exchange: &str, key: &str, body: String) -> Outgoing {
+    Outgoing {
+        exchange: exchange.to_owned(),
+        routing_key: key.to_owned(),
+        body: body.into_bytes(),
+        message_type: "test",
+        ..Default::default()
+    }
+}
+
+/// Ten rounds of 40 messages, all sent before any confirm is awaited (as a command's result,
+/// alerts and audit record are): what each confirm got wrong.
 async fn told(publisher: &Publisher, exchange: &str) -> Vec<String> {
     let mut wrong = Vec::new();
     for round in 0..10 {
-        let keys: Vec<&str> = (0..40)
-            .map(|i| if i % 7 == 3 { "nowhere" } else { "routed" })
-            .collect();
+        let keys = keys();
         let mut confirms = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let msg = Outgoing {
-                exchange: exchange.to_owned(),
-                routing_key: (*key).to_owned(),
-                body: format!("{round}-{i}").into_bytes(),
-                message_type: "test",
-                ..Default::default()
-            };
+            let msg = message(exchange, key, format!("{round}-{i}"));
             confirms.push(publisher.send(&msg).await.unwrap());
         }
         let confirmed = futures::future::join_all(confirms).await;
-        for (i, (key, confirm)) in keys.iter().zip(confirmed).enumerate() {
-            let ok = match (*key, &confirm) {
-                ("routed", Ok(())) => true,
-                ("nowhere", Err(BrokerError::Unroutable { routing_key, .. })) => {
-                    routing_key == "nowhere"
-                }
-                _ => false,
-            };
-            if !ok {
-                wrong.push(format!("round {round} message {i} to {key:?}: {confirm:?}"));
+        wrong.extend(check(round, &keys, confirmed));
+    }
+    wrong
+}
+
+/// Thirty such rounds, four batches of ten messages each, the batches in flight together.
+async fn told_in_batches(publisher: &Publisher, exchange: &str) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for round in 0..30 {
+        let keys = keys();
+        let msgs: Vec<Outgoing> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| message(exchange, key, format!("batch {round}-{i}")))
+            .collect();
+        let mut confirms = Vec::new();
+        for batch in msgs.chunks(10) {
+            let refs: Vec<&Outgoing> = batch.iter().collect();
+            for sent in publisher.send_all(&refs).await {
+                confirms.push(sent.unwrap());
             }
+        }
+        let confirmed = futures::future::join_all(confirms).await;
+        wrong.extend(check(round, &keys, confirmed));
+    }
+    wrong
+}
+
+/// Each confirm against what its message's key says it must be.
+fn check(round: usize, keys: &[&str], confirmed: Vec<Result<(), BrokerError>>) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (i, (key, confirm)) in keys.iter().zip(confirmed).enumerate() {
+        let ok = match (*key, &confirm) {
+            ("routed", Ok(())) => true,
+            ("nowhere", Err(BrokerError::Unroutable { routing_key, .. })) => {
+                routing_key == "nowhere"
+            }
+            _ => false,
+        };
+        if !ok {
+            wrong.push(format!("round {round} message {i} to {key:?}: {confirm:?}"));
         }
     }
     wrong

@@ -1,8 +1,8 @@
 //! Confirmed publishing. Every message is mandatory and persistent, and each has its own confirm:
 //! `Ack(None)` is the only success. [`Publish::send`] sends one and hands back the wait for its
 //! confirm, so a command's messages go out together and their confirms are awaited after.
-//! Each message in flight has a channel to itself ([`Publisher`]), taken as a [`Lease`] and
-//! handed back when its confirm is in.
+//! Each batch of messages in flight has a channel to itself ([`Publisher`]), taken as a
+//! [`Lease`] and handed back when its confirms are in.
 
 use super::BrokerError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -35,10 +35,9 @@ pub struct Outgoing {
     pub message_id: Option<String>,
 }
 
-/// The most channels a shared publisher keeps open, so the most messages it has in flight at
-/// once; more wait for one to be handed back. The client looks at every channel of a connection
-/// for each frame it writes, so a channel per message of a full window (prefetch times a
-/// command's messages) costs CPU on every publish.
+/// The most channels a shared publisher keeps open, so the most batches it has in flight at
+/// once; more wait for one to be handed back. The client looks at every channel of a
+/// connection for each frame it writes, so each channel costs CPU on every publish.
 pub(crate) const MAX_CHANNELS: usize = 32;
 
 /// How long a publish waits for the broker's confirm. Longer than a cluster takes to notice a
@@ -46,11 +45,13 @@ pub(crate) const MAX_CHANNELS: usize = 32;
 /// 45 to 75 s), but bounded: each reconnect costs every unacked command one delivery.
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
-/// Confirm-mode channels, each carrying one message at a time. AMQP's `basic.return` names no
-/// delivery tag and the broker acks several messages with one frame, so on a channel with
-/// several messages in flight a return can't be told apart from its neighbours' confirms (the
-/// client hands it to whichever confirm of the frame it settles first). One message per
-/// channel makes the return that precedes an ack that message's own.
+/// Confirm-mode channels, each carrying one batch at a time (a command's result, reply, alerts
+/// and audit record). AMQP's `basic.return` names no delivery tag and the broker acks several
+/// messages with one frame; the client hands a return to whichever pending confirm of that
+/// frame it settles first, so on a channel shared by messages waited for apart, a returned
+/// message reads as another's. A channel of its own makes every return on it the batch's, and
+/// once all the batch's confirms are in, every return has arrived (each precedes its own
+/// message's ack): matched by `message_id`, each is its own message's.
 #[derive(Clone)]
 pub struct Publisher {
     pool: Arc<Pool>,
@@ -134,40 +135,72 @@ impl Publisher {
     /// several messages can be sent before any of their confirms is awaited. The message has
     /// its channel to itself until then.
     pub async fn send(&self, msg: &Outgoing) -> Result<Confirm, BrokerError> {
-        let lease = self.lease(msg.reply_to.is_some()).await?;
-        let message_id = msg
-            .message_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let confirm = lease
-            .channel()
-            .basic_publish(
-                msg.exchange.as_str().into(),
-                msg.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: !msg.best_effort,
-                    ..Default::default()
-                },
-                &msg.body,
-                properties(msg, &message_id),
-            )
-            .await?;
-        let (exchange, routing_key) = (msg.exchange.clone(), msg.routing_key.clone());
-        // Waited for here, not by the caller: the channel is free for the next message as
-        // soon as the broker has answered, whenever (or whether) the caller looks.
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_all(&[msg])
+            .await
+            .pop()
+            .expect("one confirm per message")
+    }
+
+    /// Sends `msgs` together on a channel of their own, one [`Confirm`] each, in order. Their
+    /// confirms are waited for together: once all are in, every message the broker returned
+    /// has come back (a return precedes its message's ack) on one of them, and each is matched
+    /// to its message by `message_id`. A batch whose confirms don't all come by the deadline
+    /// is a timeout for every message of it: which were returned is not known.
+    pub async fn send_all(&self, msgs: &[&Outgoing]) -> Vec<Result<Confirm, BrokerError>> {
+        let lease = match self.lease(msgs.iter().any(|m| m.reply_to.is_some())).await {
+            Ok(lease) => lease,
+            Err(e) => return msgs.iter().map(|_| Err(copy(&e))).collect(),
+        };
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut sent = Vec::with_capacity(msgs.len());
+        let mut broken = None;
+        for msg in msgs {
+            if let Some(e) = &broken {
+                out.push(Err(copy(e)));
+                continue;
+            }
+            let message_id = msg
+                .message_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let published = lease
+                .channel()
+                .basic_publish(
+                    msg.exchange.as_str().into(),
+                    msg.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: !msg.best_effort,
+                        ..Default::default()
+                    },
+                    &msg.body,
+                    properties(msg, &message_id),
+                )
+                .await;
+            match published {
+                Ok(confirm) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let to = (msg.exchange.clone(), msg.routing_key.clone());
+                    sent.push(Sent {
+                        message_id,
+                        to,
+                        confirm,
+                        answer: tx,
+                    });
+                    out.push(Ok(waiting(rx)));
+                }
+                Err(e) => {
+                    let e = BrokerError::from(e);
+                    out.push(Err(copy(&e)));
+                    broken = Some(e);
+                }
+            }
+        }
+        // Waited for here, not by the caller: the channel is free for the next batch as soon
+        // as the broker has answered this one, whenever (or whether) the caller looks.
         let deadline = self.pool.confirm_timeout;
-        tokio::spawn(async move {
-            let to = (exchange, routing_key);
-            let _ = tx.send(settle(confirm, deadline, lease, &message_id, to).await);
-        });
-        Ok(Box::pin(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(BrokerError::Lost(
-                    "the wait for a publish confirm ended without an answer".into(),
-                ))
-            })
-        }))
+        let whole = broken.is_none();
+        tokio::spawn(settle(sent, deadline, lease, whole));
+        out
     }
 
     /// A channel with nothing in flight: the first for `reply_to`, else any idle one, else a
@@ -293,51 +326,101 @@ impl Drop for Lease {
     }
 }
 
-/// What the broker said about the message sent on `lease`'s channel with `message_id`. The
-/// lease goes back once the broker has answered; a confirm that doesn't come by `deadline` (a cluster whose
-/// queue leader is cut off, before the election) would hold the command, and its delivery,
-/// forever: past the deadline the session counts as lost and the outcome goes out on the next
-/// one (another node), and the channel, still waiting, is not used again.
-async fn settle(
-    confirm: impl std::future::Future<Output = lapin::Result<Confirmation>>,
-    deadline: Duration,
-    lease: Lease,
-    message_id: &str,
-    (exchange, routing_key): (String, String),
-) -> Result<(), BrokerError> {
-    let confirm = match tokio::time::timeout(deadline, confirm).await {
-        Ok(c) => c?,
-        Err(_) => {
-            return Err(BrokerError::Timeout(
+/// One message of a batch, sent, its confirm not yet in.
+struct Sent<C> {
+    message_id: String,
+    to: (String, String),
+    confirm: C,
+    answer: tokio::sync::oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// The caller's side of a [`Sent`]'s answer.
+fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), BrokerError>>) -> Confirm {
+    Box::pin(async move {
+        rx.await.unwrap_or_else(|_| {
+            Err(BrokerError::Lost(
+                "the wait for a publish confirm ended without an answer".into(),
+            ))
+        })
+    })
+}
+
+/// What the broker said about each message of a batch sent on `lease`'s channel, answered to
+/// each. The lease goes back once the broker has answered them all (and `whole`: every
+/// message of the batch went out). A confirm that doesn't come by `deadline` (a cluster whose
+/// queue leader is cut off, before the election) would hold the commands, and their
+/// deliveries, forever: past the deadline the session counts as lost and the outcomes go out
+/// on the next one (another node), and the channel, still waiting, is not used again.
+async fn settle<C>(sent: Vec<Sent<C>>, deadline: Duration, lease: Lease, whole: bool)
+where
+    C: std::future::Future<Output = lapin::Result<Confirmation>>,
+{
+    let (waits, answers): (Vec<_>, Vec<_>) = sent
+        .into_iter()
+        .map(|s| (s.confirm, (s.message_id, s.to, s.answer)))
+        .unzip();
+    let Ok(confirms) = tokio::time::timeout(deadline, futures::future::join_all(waits)).await
+    else {
+        for (_, _, answer) in answers {
+            let _ = answer.send(Err(BrokerError::Timeout(
                 "waiting for the broker's publish confirm",
                 deadline,
-            ))
+            )));
         }
+        return;
     };
-    lease.finish();
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) => {
-            let theirs = returned
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str());
-            if theirs != Some(message_id) {
-                // Can't happen with one message per channel; refused all the same (a routed
-                // message read as returned is published again, never lost).
-                tracing::error!(ours = %message_id, theirs = ?theirs, %routing_key, "the broker returned another message than the one on this channel");
-            }
-            Err(BrokerError::Unroutable {
-                exchange,
-                routing_key,
-            })
-        }
+    if whole && confirms.iter().all(|c| c.is_ok()) {
+        lease.finish();
+    }
+    let returned: Vec<Option<String>> = confirms
+        .iter()
+        .filter_map(|c| match c {
+            Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some(
+                m.properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned()),
+            ),
+            _ => None,
+        })
+        .collect();
+    for (confirm, (message_id, to, answer)) in confirms.into_iter().zip(answers) {
+        let was_returned = returned.iter().any(|r| r.as_deref() == Some(&*message_id));
+        let _ = answer.send(verdict(confirm, was_returned, to));
+    }
+    if returned.iter().any(Option::is_none) {
+        // Every message sent carries an id: a return without one is not ours.
+        tracing::error!(
+            "the broker returned a message without a message_id on a publishing channel"
+        );
+    }
+}
+
+/// One message's answer: its confirm, and whether the broker returned it.
+fn verdict(
+    confirm: lapin::Result<Confirmation>,
+    returned: bool,
+    (exchange, routing_key): (String, String),
+) -> Result<(), BrokerError> {
+    match confirm? {
         Confirmation::Nack(_) => Err(BrokerError::Nacked {
             exchange,
             routing_key,
         }),
+        Confirmation::Ack(_) if returned => Err(BrokerError::Unroutable {
+            exchange,
+            routing_key,
+        }),
+        Confirmation::Ack(_) => Ok(()),
         Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
+    }
+}
+
+/// The same error again, for each message of a batch it stopped.
+fn copy(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Amqp(e) => BrokerError::Amqp(e.clone()),
+        other => BrokerError::Lost(other.to_string()),
     }
 }
 
@@ -453,6 +536,20 @@ pub trait Publish: Send + Sync {
         msg: &'a Outgoing,
     ) -> futures::future::BoxFuture<'a, Result<Confirm, BrokerError>>;
 
+    /// Sends `msgs` together, one [`Confirm`] each, in order.
+    fn send_all<'a>(
+        &'a self,
+        msgs: &'a [&'a Outgoing],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<Confirm, BrokerError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                out.push(self.send(msg).await);
+            }
+            out
+        })
+    }
+
     /// Sends `msg` and waits for its confirm.
     fn publish<'a>(
         &'a self,
@@ -468,5 +565,12 @@ impl Publish for Publisher {
         msg: &'a Outgoing,
     ) -> futures::future::BoxFuture<'a, Result<Confirm, BrokerError>> {
         Box::pin(Publisher::send(self, msg))
+    }
+
+    fn send_all<'a>(
+        &'a self,
+        msgs: &'a [&'a Outgoing],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<Confirm, BrokerError>>> {
+        Box::pin(Publisher::send_all(self, msgs))
     }
 }

@@ -5,7 +5,9 @@
 use super::render::{Names, Part, Rendered};
 use crate::audit;
 use crate::broker::names::routing;
-use crate::broker::{after_nacks, with_id, BrokerError, Publish, Publisher, NACK_RETRY_BUDGET};
+use crate::broker::{
+    after_nacks, with_id, BrokerError, Outgoing, Publish, Publisher, NACK_RETRY_BUDGET,
+};
 use poller_core::audit::AuditOutcome;
 use std::time::Duration;
 
@@ -37,17 +39,20 @@ async fn rendered_within(
         .iter()
         .map(|m| (m.part, with_id(&m.outgoing)))
         .collect();
-    let mut sent = Vec::with_capacity(messages.len());
-    for (_, msg) in &messages {
-        sent.push(publisher.send(msg).await);
-    }
     let record = audit::record_message(
         &names.audit_exchange,
         routing::AUDIT_COMMAND,
         &rendered.audit,
         &names.poller_user,
     );
-    let record_sent = publisher.send(&record).await;
+    // One batch: the broker's returns are matched to the messages they belong to.
+    let all: Vec<&Outgoing> = messages
+        .iter()
+        .map(|(_, m)| m.as_ref())
+        .chain(std::iter::once(&record))
+        .collect();
+    let mut sent = publisher.send_all(&all).await;
+    let record_sent = sent.pop().expect("one confirm per message");
     for ((part, msg), sent) in messages.iter().zip(sent) {
         let first = match sent {
             Ok(confirm) => confirm.await,
