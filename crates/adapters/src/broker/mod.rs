@@ -4,17 +4,17 @@
 //! publish is mandatory, persistent and confirmed (an unroutable or nacked message is an
 //! error, never a silent success).
 
+mod confirm;
 mod endpoints;
+mod nack;
 pub mod names;
 mod publisher;
 pub mod settings;
 mod topology;
 
 pub use endpoints::{connect, Endpoints, EndpointsError, Node};
-pub use publisher::{
-    after_nacks, with_id, with_nack_retries, Confirm, Outgoing, Publish, Publisher,
-    CONFIRM_TIMEOUT, NACK_RETRY_BUDGET,
-};
+pub use nack::{after_nacks, with_id, with_nack_retries, NACK_RETRY_BUDGET};
+pub use publisher::{Confirm, Outgoing, Publish, Publisher, CONFIRM_TIMEOUT};
 pub use topology::{
     declare, declare_approvals, declare_audit, declare_control, declare_replica_control,
     declare_replica_queue, expect_exist, Topology,

@@ -4,10 +4,10 @@
 //! Each batch of messages in flight has a channel to itself ([`Publisher`]), taken as a
 //! [`Lease`] and handed back when its confirms are in.
 
+use super::confirm::{copy, settle, waiting, Sent};
 use super::BrokerError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -277,7 +277,7 @@ impl Pool {
 /// lease dropped before that (the publish failed, or its confirm timed out) takes the channel
 /// out of use, since a late confirm or return on it would be read as the next message's. A
 /// publisher of one channel can't do without it: a later send fails.
-struct Lease {
+pub(super) struct Lease {
     pool: Arc<Pool>,
     channel: Option<Channel>,
     finished: bool,
@@ -296,7 +296,7 @@ impl Lease {
         self.channel.as_ref().expect("held until dropped")
     }
 
-    fn finish(mut self) {
+    pub(super) fn finish(mut self) {
         self.finished = true;
     }
 }
@@ -323,104 +323,6 @@ impl Drop for Lease {
         }
         // Whoever waits for this channel must not wait forever.
         self.pool.returned.notify_waiters();
-    }
-}
-
-/// One message of a batch, sent, its confirm not yet in.
-struct Sent<C> {
-    message_id: String,
-    to: (String, String),
-    confirm: C,
-    answer: tokio::sync::oneshot::Sender<Result<(), BrokerError>>,
-}
-
-/// The caller's side of a [`Sent`]'s answer.
-fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), BrokerError>>) -> Confirm {
-    Box::pin(async move {
-        rx.await.unwrap_or_else(|_| {
-            Err(BrokerError::Lost(
-                "the wait for a publish confirm ended without an answer".into(),
-            ))
-        })
-    })
-}
-
-/// What the broker said about each message of a batch sent on `lease`'s channel, answered to
-/// each. The lease goes back once the broker has answered them all (and `whole`: every
-/// message of the batch went out). A confirm that doesn't come by `deadline` (a cluster whose
-/// queue leader is cut off, before the election) would hold the commands, and their
-/// deliveries, forever: past the deadline the session counts as lost and the outcomes go out
-/// on the next one (another node), and the channel, still waiting, is not used again.
-async fn settle<C>(sent: Vec<Sent<C>>, deadline: Duration, lease: Lease, whole: bool)
-where
-    C: std::future::Future<Output = lapin::Result<Confirmation>>,
-{
-    let (waits, answers): (Vec<_>, Vec<_>) = sent
-        .into_iter()
-        .map(|s| (s.confirm, (s.message_id, s.to, s.answer)))
-        .unzip();
-    let Ok(confirms) = tokio::time::timeout(deadline, futures::future::join_all(waits)).await
-    else {
-        for (_, _, answer) in answers {
-            let _ = answer.send(Err(BrokerError::Timeout(
-                "waiting for the broker's publish confirm",
-                deadline,
-            )));
-        }
-        return;
-    };
-    if whole && confirms.iter().all(|c| c.is_ok()) {
-        lease.finish();
-    }
-    let returned: Vec<Option<String>> = confirms
-        .iter()
-        .filter_map(|c| match c {
-            Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some(
-                m.properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.as_str().to_owned()),
-            ),
-            _ => None,
-        })
-        .collect();
-    for (confirm, (message_id, to, answer)) in confirms.into_iter().zip(answers) {
-        let was_returned = returned.iter().any(|r| r.as_deref() == Some(&*message_id));
-        let _ = answer.send(verdict(confirm, was_returned, to));
-    }
-    if returned.iter().any(Option::is_none) {
-        // Every message sent carries an id: a return without one is not ours.
-        tracing::error!(
-            "the broker returned a message without a message_id on a publishing channel"
-        );
-    }
-}
-
-/// One message's answer: its confirm, and whether the broker returned it.
-fn verdict(
-    confirm: lapin::Result<Confirmation>,
-    returned: bool,
-    (exchange, routing_key): (String, String),
-) -> Result<(), BrokerError> {
-    match confirm? {
-        Confirmation::Nack(_) => Err(BrokerError::Nacked {
-            exchange,
-            routing_key,
-        }),
-        Confirmation::Ack(_) if returned => Err(BrokerError::Unroutable {
-            exchange,
-            routing_key,
-        }),
-        Confirmation::Ack(_) => Ok(()),
-        Confirmation::NotRequested => Err(BrokerError::ConfirmsOff),
-    }
-}
-
-/// The same error again, for each message of a batch it stopped.
-fn copy(e: &BrokerError) -> BrokerError {
-    match e {
-        BrokerError::Amqp(e) => BrokerError::Amqp(e.clone()),
-        other => BrokerError::Lost(other.to_string()),
     }
 }
 
@@ -456,76 +358,6 @@ fn properties(msg: &Outgoing, message_id: &str) -> BasicProperties {
 /// The broker's confirm of a message sent with [`Publish::send`]: `Ok` when it took it
 /// (routed, and stored where it was routed).
 pub type Confirm = futures::future::BoxFuture<'static, Result<(), BrokerError>>;
-
-/// How long a message the broker nacks is published again on the same session (a command's
-/// result and alerts) before its command is requeued. A quorum queue nacks what it can't take
-/// now (no leader while a cluster elects one, full under reject-publish); a requeue would spend
-/// one of the command's deliveries on each nack, and a few seconds of them dead-lettered
-/// commands that had run.
-pub const NACK_RETRY_BUDGET: Duration = Duration::from_secs(30);
-/// The first pause between tries after a nack; doubled each time, up to [`NACK_RETRY_MAX`].
-const NACK_RETRY_FIRST: Duration = Duration::from_millis(100);
-const NACK_RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Publishes `msg`, publishing it again while the broker nacks it, within `budget`. The copies
-/// share one message_id. Anything but a nack ends it at once.
-pub async fn with_nack_retries(
-    publisher: &dyn Publish,
-    msg: &Outgoing,
-    budget: Duration,
-) -> Result<(), BrokerError> {
-    let msg = with_id(msg);
-    let first = publisher.publish(&msg).await;
-    after_nacks(publisher, &msg, first, budget).await
-}
-
-/// `msg` with its message_id chosen, before its first try: a nack from one queue the message was
-/// routed to doesn't undo its delivery to the others, so every copy carries the same id.
-pub fn with_id(msg: &Outgoing) -> std::borrow::Cow<'_, Outgoing> {
-    match msg.message_id {
-        Some(_) => std::borrow::Cow::Borrowed(msg),
-        None => std::borrow::Cow::Owned(Outgoing {
-            message_id: Some(uuid::Uuid::new_v4().to_string()),
-            ..msg.clone()
-        }),
-    }
-}
-
-/// After the first try of `msg` (sent with its id chosen, [`with_id`]) ended with `first`: a
-/// nack publishes it again, with growing pauses, while the broker keeps nacking and `budget`
-/// (from now) allows. Anything but a nack ends it at once.
-pub async fn after_nacks(
-    publisher: &dyn Publish,
-    msg: &Outgoing,
-    first: Result<(), BrokerError>,
-    budget: Duration,
-) -> Result<(), BrokerError> {
-    match first {
-        Err(BrokerError::Nacked { .. }) => {}
-        other => return other,
-    }
-    let deadline = tokio::time::Instant::now() + budget;
-    let mut pause = NACK_RETRY_FIRST;
-    let mut tries = 1u32;
-    loop {
-        if tokio::time::Instant::now() + pause > deadline {
-            tracing::warn!(tries, exchange = %msg.exchange, routing_key = %msg.routing_key, "the broker kept nacking the publish; giving up on this session");
-            return Err(BrokerError::Nacked {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            });
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(NACK_RETRY_MAX);
-        tries += 1;
-        match publisher.publish(msg).await {
-            Err(BrokerError::Nacked { .. }) => {
-                tracing::info!(tries, routing_key = %msg.routing_key, "publish nacked by the broker; trying again");
-            }
-            other => return other,
-        }
-    }
-}
 
 /// The boundary for publishing: the confirmed [`Publisher`], or a test double that records.
 pub trait Publish: Send + Sync {
