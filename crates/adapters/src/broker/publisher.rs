@@ -217,7 +217,7 @@ impl Publisher {
                 || (pool.conn.is_some() && !pool.first.status().connected());
             if only_first && first_gone {
                 return Err(BrokerError::Lost(
-                    "the publishing channel was closed: a confirm on it was not waited for".into(),
+                    "the publishing channel was taken out of use: a publish on it failed or its confirm timed out".into(),
                 ));
             }
             if let (Some(conn), false) = (&pool.conn, first) {
