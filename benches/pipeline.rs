@@ -1,5 +1,8 @@
 //! Benchmarks against the real broker on 127.0.0.1:5672, side by side with the raw broker
-//! ceiling in the same run. `cargo bench --bench pipeline` (docs/PERFORMANCE.md).
+//! ceiling in the same run. `cargo bench -p poller-bench` (docs/PERFORMANCE.md).
+//!
+//! The poller as a process is the shipped release binary ([`poller_binary`]); in process, the
+//! library with its test doubles.
 //! Each figure is the median of REPEATS runs; ratios are taken within one run.
 
 #[path = "../tests/api/common/mod.rs"]
@@ -29,6 +32,38 @@ use tokio_util::sync::CancellationToken;
 
 const REPEATS: usize = 3;
 const PREFETCH: u16 = 64;
+
+/// The binary the benchmark runs as a process: `BENCH_CPU_BIN` (another build, to compare), or
+/// the workspace's release build of `command-poller` (without test doubles, as the image ships
+/// it), brought up to date first with `cargo build --release --locked`.
+fn poller_binary() -> &'static str {
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Ok(bin) = std::env::var("BENCH_CPU_BIN") {
+            return bin;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["build", "--release", "--locked", "--bin", "command-poller"])
+            .args(["--message-format", "json-render-diagnostics"])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "cargo build --release --bin command-poller failed"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|m| {
+                (m["reason"] == "compiler-artifact" && m["target"]["name"] == "command-poller")
+                    .then(|| m["executable"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+            .expect("cargo names the command-poller executable it built")
+    })
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -395,7 +430,7 @@ async fn binary_overhead(n: usize, filter: Option<&str>, embedded_simulator: boo
     if let Some(f) = filter {
         env.push(("POLLER__LOGGING__FILTER".into(), f.into()));
     }
-    let mut child = common::isolated(env!("CARGO_BIN_EXE_command-poller"))
+    let mut child = common::isolated(poller_binary())
         .arg("run")
         .env_remove("RUST_LOG")
         .envs(env)
@@ -569,7 +604,7 @@ async fn memory(n: usize, in_flight: u16) -> f64 {
     .await;
     let arrivals = collect(w.settings.topology.results_queue.clone(), false).await;
     std::fs::create_dir_all(&w.store_dir).unwrap();
-    let mut child = common::isolated(env!("CARGO_BIN_EXE_command-poller"))
+    let mut child = common::isolated(poller_binary())
         .arg("run")
         .envs(common::poller_env(&w.settings))
         .envs([
@@ -821,9 +856,14 @@ async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this without it, and the
     // benchmark is not a test.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("benchmark: run with `cargo bench --bench pipeline`");
+        println!("benchmark: run with `cargo bench -p poller-bench`");
         return;
     }
+    // Cargo runs a bench in its package's directory: the paths here (config/, benches/) are the
+    // workspace's.
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).unwrap();
+    // Built (or found up to date) before any measurement starts.
+    println!("poller binary: {}", poller_binary());
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -27,6 +27,11 @@
 #   scripts/cluster.sh heal             remove every cut
 #   scripts/cluster.sh leader QUEUE     the node leading quorum queue QUEUE (1, 2 or 3)
 #   scripts/cluster.sh pid N            node N's Erlang VM pid
+#   scripts/cluster.sh solo-start       a lone node beside them, rabbitc9@localhost on
+#                                       127.0.0.1:5689 (data under $SOLO_DIR, default
+#                                       /tmp/command-poller-solo): the broker the fault suite
+#                                       restarts when scripts/test.sh runs it beside the others
+#   scripts/cluster.sh solo-stop        stop the lone node and remove its data
 set -euo pipefail
 # Starting nodes as the rabbitmq user and cutting them off with nftables takes root.
 if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
@@ -34,6 +39,9 @@ if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
 HERE=$(cd "$(dirname "$0")" && pwd)
 DIR=${CLUSTER_DIR:-/tmp/command-poller-cluster}
 NODES=(1 2 3)
+# The lone node: not one of NODES, so nothing clusters, partitions or stops it but solo-*.
+SOLO=9
+SOLO_DIR=${SOLO_DIR:-/tmp/command-poller-solo}
 TABLE=command_poller_cluster
 
 name() { echo "rabbitc$1@localhost"; }
@@ -252,5 +260,13 @@ case "${1:-}" in
   heal) heal ;;
   leader) leader "$2" ;;
   pid) pid_of "$2" ;;
-  *) sed -n '2,31p' "$0"; exit 2 ;;
+  solo-start)
+    need; DIR=$SOLO_DIR; mkdir -p "$DIR"; start_node $SOLO
+    echo "cluster: a lone node $(name $SOLO) running on 127.0.0.1:$(amqp_port $SOLO)" ;;
+  solo-stop)
+    DIR=$SOLO_DIR
+    CTL_TIMEOUT=60 ctl $SOLO stop >/dev/null 2>&1 || true
+    kill_node $SOLO 2>/dev/null || true
+    rm -rf "$DIR"; echo "cluster: lone node stopped" ;;
+  *) sed -n '2,34p' "$0"; exit 2 ;;
 esac

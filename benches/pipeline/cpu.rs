@@ -141,9 +141,7 @@ pub async fn binary_of(n: usize, store: Store, kind: Kind) -> (f64, f64) {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
         }));
     }
-    let bin = std::env::var("BENCH_CPU_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_command-poller").to_owned());
-    let mut cmd = common::isolated(&bin);
+    let mut cmd = common::isolated(super::poller_binary());
     let dir = std::env::var("BENCH_CPU_DIR").unwrap_or_else(|_| ".".into());
     match kind {
         Kind::Judged => {

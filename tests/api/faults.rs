@@ -5,10 +5,14 @@
 //!
 //! These restart the broker and kill processes, so they are `#[ignore]`d in the parallel suite
 //! and run one at a time by `scripts/test.sh`:
-//!   cargo test --test faults -- --ignored --test-threads=1 --nocapture
+//!   cargo test --test api -- --ignored --test-threads=1 --nocapture faults::
+//!
+//! The broker they restart is the one on 127.0.0.1:5672, unless `FAULT_BROKER_NODE` and
+//! `FAULT_BROKER_PORT` name a node of their own (`scripts/cluster.sh solo-start` starts one):
+//! `scripts/test.sh` runs them on such a node, beside the tests that share the one on 5672.
 
 use crate::common::free_port;
-use crate::common::{cmd, suffix, test_settings, Cleanup, AMQP};
+use crate::common::{cmd, suffix, test_settings, Cleanup};
 use command_poller::outcome::ResultMessage;
 use futures::StreamExt;
 use lapin::options::*;
@@ -21,6 +25,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_command-poller");
+
+/// The broker node the suite restarts: `FAULT_BROKER_NODE` (a `rabbitmqctl -n` name), or the
+/// local default node.
+fn broker_node() -> Option<String> {
+    std::env::var("FAULT_BROKER_NODE").ok()
+}
+
+/// The suite's broker: `FAULT_BROKER_PORT` on 127.0.0.1, or the shared one on 5672.
+fn broker_url() -> String {
+    match std::env::var("FAULT_BROKER_PORT") {
+        Ok(port) => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        Err(_) => crate::common::AMQP.to_owned(),
+    }
+}
+
+/// `rabbitmqctl` aimed at the suite's broker node.
+fn rabbitmqctl() -> Command {
+    let mut c = Command::new("rabbitmqctl");
+    if let Some(node) = broker_node() {
+        c.args(["-n", &node]);
+    }
+    c
+}
 
 /// One scenario's world: names, processes, the simulator behind a switchable proxy.
 pub(crate) struct World {
@@ -228,7 +255,7 @@ impl World {
 
     /// A world whose bridge takes `latency_ms` per execution.
     async fn with_latency(name: &'static str, latency_ms: u64) -> World {
-        Self::on(name, latency_ms, vec![AMQP.to_owned()]).await
+        Self::on(name, latency_ms, vec![broker_url()]).await
     }
 
     /// A world on the broker nodes `urls`, whose bridge takes `latency_ms` per execution.
@@ -819,7 +846,7 @@ async fn poller_killed_with_sigkill_mid_load_and_restarted() {
 struct BrokerGuard;
 impl Drop for BrokerGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = rabbitmqctl().arg("start_app").output();
     }
 }
 
@@ -840,14 +867,14 @@ async fn broker_restarted_mid_load() {
 /// Stops the broker's application for 2 s and starts it again (the BrokerGuard restores it on a
 /// panic).
 fn restart_broker() {
-    assert!(Command::new("rabbitmqctl")
+    assert!(rabbitmqctl()
         .arg("stop_app")
         .output()
         .unwrap()
         .status
         .success());
     std::thread::sleep(Duration::from_secs(2));
-    assert!(Command::new("rabbitmqctl")
+    assert!(rabbitmqctl()
         .arg("start_app")
         .output()
         .unwrap()
@@ -1161,7 +1188,7 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
     // The rest flowed (this fails with the poller's warnings if it did not).
     w.report(&keep).await;
     // The poison message is in the dead-letter queue with the reason.
-    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let conn = connect_any(&w.urls).await;
     let ch = conn.create_channel().await.unwrap();
     // Past the broker's own retry: at-least-once dead-lettering forwards a dead letter again
     // when its confirm hasn't come within dead_letter_worker_publisher_confirm_timeout (2 min).
@@ -1202,7 +1229,7 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_rest_flows() {
     let _ = conn.close(200, "ok".into()).await;
     let _ = std::fs::remove_dir_all(dir);
     // Clean up the extra queue.
-    let conn = Connection::connect(AMQP, Default::default()).await.unwrap();
+    let conn = connect_any(&w.urls).await;
     let ch = conn.create_channel().await.unwrap();
     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
 }

@@ -102,13 +102,16 @@ impl Drop for Cleanup {
         key.push(".key");
         let _ = std::fs::remove_file(key);
         let (queues, exchanges) = names(&self.0);
+        let url = self.0.amqp.urls.first().cloned().unwrap_or(AMQP.to_owned());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async move {
-                let Ok(conn) = Connection::connect(AMQP, Default::default()).await else {
+            // A deadline: a suite's own node may be down or paused by then.
+            let cleanup = async move {
+                // The settings' first node: the shared broker, or a suite's own.
+                let Ok(conn) = Connection::connect(&url, Default::default()).await else {
                     return;
                 };
                 for q in queues {
@@ -126,6 +129,10 @@ impl Drop for Cleanup {
                     }
                 }
                 let _ = conn.close(200, "cleanup".into()).await;
+            };
+            // The timer is made inside the runtime (made outside, it panics and the thread with it).
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(30), cleanup).await;
             });
         })
         .join();
