@@ -10,8 +10,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # The core's tests need no broker, store or network: they run first, before anything is started.
 echo "==> core (no broker, store or network)"
-cargo test -p poller-core "$@" || { echo "<== core: FAILED"; exit 1; }
-echo "<== core: passed"
+cargo test -p poller-core "$@" || { echo "<== core: FAILED after $SECONDS s"; exit 1; }
+echo "<== core: passed in $SECONDS s"
+t_setup=$SECONDS
 set -e
 scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
@@ -50,6 +51,7 @@ if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null
 fi
+echo "<== brokers, stores and tools ready in $((SECONDS - t_setup)) s"
 set +e
 mkdir -p target
 failed=()
@@ -148,8 +150,9 @@ own_brokers() {
   step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
 }
 
-# Everything is built before the lanes start, so no lane waits on another's build.
-# tests/api/runs_as_shipped.rs runs the release binary the way the image does.
+# Everything is built before the lanes start: the suites keep both cores busy, so a build beside
+# them would only take its time from theirs. tests/api/runs_as_shipped.rs runs the release binary
+# the way the image does; the benchmark reuses its dependencies.
 step "release binary" cargo build --release --locked --bin command-poller
 step "build the tests" cargo test --workspace --all-targets --no-run "$@"
 step "build the CPU benchmark" cargo bench -p poller-bench --bench pipeline --no-run

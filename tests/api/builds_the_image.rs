@@ -1,7 +1,9 @@
 //! Containers can't run on these machines (the sandbox refuses the runtime's setrlimit), so the
 //! image's build stage is replayed instead: exactly what `deploy/Dockerfile` copies into its
-//! build stage goes into an empty directory, and cargo must accept the manifest there and build
-//! the binary. The build context's `.dockerignore` must let every COPY source through.
+//! build stage goes into an empty directory, cargo must accept the manifest there, and every file
+//! cargo read to build the release binary (its dep-info) must be in it; without a release build,
+//! the binary is checked from the copy. The build context's `.dockerignore` must let every COPY
+//! source through.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +31,54 @@ fn copies(dockerfile: &str, stage: &str) -> Vec<(Vec<String>, String)> {
         }
     }
     out
+}
+
+/// The repository files a dep-info file (`target: input input ...`, spaces in names escaped)
+/// names that are not in `copy` at the same relative path.
+fn missing_inputs(dep_info: &str, repo: &Path, copy: &Path) -> Vec<PathBuf> {
+    let inputs = dep_info.lines().next().unwrap_or_default();
+    let inputs = inputs.split_once(": ").map_or("", |(_, rest)| rest);
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = inputs.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            ' ' => words.push(std::mem::take(&mut word)),
+            c => word.push(c),
+        }
+    }
+    words.push(word);
+    assert!(
+        words.len() > 10,
+        "a dep-info file names the binary's sources: {inputs:.200}"
+    );
+    words
+        .iter()
+        .filter_map(|w| Path::new(w).strip_prefix(repo).ok())
+        .filter(|rel| !copy.join(rel).exists())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+/// `cargo check` of the binary from the copied tree, in a target directory of its own.
+fn check_from_copy(manifest: &Path) {
+    let target = std::env::current_dir()
+        .unwrap()
+        .join("target")
+        .join("image-replay");
+    let check = Command::new(env!("CARGO"))
+        .args(["check", "--locked", "--offline", "--bin", "command-poller"])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the build stage does not build: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -82,30 +132,25 @@ fn the_build_stage_has_what_the_manifest_needs_and_builds() {
         "cargo refuses the build stage's manifest: {}",
         String::from_utf8_lossy(&meta.stderr)
     );
-    // …and the binary builds from what was copied (checked, sharing this repository's compiled
-    // dependencies, so it takes seconds rather than a release build's minutes).
-    let target = std::env::current_dir()
-        .unwrap()
-        .join("target")
-        .join("image-replay");
-    let check = Command::new(env!("CARGO"))
-        .args([
-            "check",
-            "--locked",
-            "--offline",
-            "--bin",
-            "command-poller",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "the build stage does not build: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    // …and every file cargo read to build the release binary (its dep-info, written by the
+    // build scripts/test.sh makes first) is in the copied tree. Without that build, the binary
+    // is checked from the copy instead (minutes of compiling: every dependency again).
+    let dep_info = std::env::var_os("POLLER_RELEASE_BINARY")
+        .map_or_else(
+            || PathBuf::from("target/release/command-poller"),
+            PathBuf::from,
+        )
+        .with_extension("d");
+    match std::fs::read_to_string(&dep_info) {
+        Ok(text) => {
+            let missing = missing_inputs(&text, &std::env::current_dir().unwrap(), &dir);
+            assert!(
+                missing.is_empty(),
+                "the build stage lacks what cargo read to build the binary: {missing:?}"
+            );
+        }
+        Err(_) => check_from_copy(&manifest),
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -153,4 +198,29 @@ fn the_image_pins_its_bases_and_checks_its_health() {
     assert!(dockerfile.contains("HEALTHCHECK"));
     assert!(dockerfile.contains("USER 10001"));
     assert!(dockerfile.contains("VOLUME /data"));
+}
+
+#[test]
+fn a_source_the_build_stage_did_not_copy_is_named() {
+    let root = std::env::temp_dir().join(format!("dep-info-{}", std::process::id()));
+    let (repo, copy) = (root.join("repo"), root.join("copy"));
+    for d in [repo.join("src"), copy.join("src")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(copy.join("src/main.rs"), "").unwrap();
+    let mut text = format!("{}/target/release/x:", repo.display());
+    for name in ["main.rs", "with\\ space.rs"].iter().chain(&["a.rs"; 9]) {
+        text.push_str(&format!(" {}/src/{name}", repo.display()));
+    }
+    text.push_str(" /elsewhere/registry/lib.rs\n");
+    let missing = missing_inputs(&text, &repo, &copy);
+    std::fs::remove_dir_all(&root).unwrap();
+    assert_eq!(
+        missing,
+        [&["src/with space.rs"][..], &["src/a.rs"; 9][..]]
+            .concat()
+            .iter()
+            .map(PathBuf::from)
+            .collect::<Vec<_>>()
+    );
 }

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 const NODES: [u8; 3] = [1, 2, 3];
 
 /// `scripts/cluster.sh ARGS`, which must succeed; its standard output.
-fn cluster(args: &[&str]) -> String {
+pub(crate) fn cluster(args: &[&str]) -> String {
     let out = Command::new("scripts/cluster.sh")
         .args(args)
         .output()
@@ -45,7 +45,7 @@ fn url(node: u8) -> String {
 }
 
 /// The three nodes' URLs, `first` first (the node the pollers connect to while it answers).
-fn urls_from(first: u8) -> Vec<String> {
+pub(crate) fn urls_from(first: u8) -> Vec<String> {
     let mut order = vec![first];
     order.extend(NODES.iter().copied().filter(|n| *n != first));
     order.into_iter().map(url).collect()
@@ -58,10 +58,10 @@ fn leader(queue: &str) -> u8 {
 
 /// Starts the cluster if it isn't running; on drop (a failed scenario too) heals any cut and
 /// starts every stopped node, so the next scenario finds three nodes.
-struct Cluster;
+pub(crate) struct Cluster;
 
 impl Cluster {
-    fn up() -> Self {
+    pub(crate) fn up() -> Self {
         cluster(&["start"]);
         Cluster
     }
@@ -145,14 +145,14 @@ fn print_row(scenario: &str, what: &str, r: &Recovery) {
 
 /// A world on the cluster (its queues declared while all three nodes run), sharing Redis
 /// between its replicas; the pollers are spawned by the scenario, once it has chosen their node.
-async fn world(name: &'static str, latency_ms: u64) -> World {
+pub(crate) async fn world(name: &'static str, latency_ms: u64) -> World {
     let mut w = World::on(name, latency_ms, urls_from(1)).await;
     w.share_redis();
     w
 }
 
 /// Spawns `replicas` connecting to `first` first, and waits for a consumer.
-async fn spawn(w: &mut World, first: u8, replicas: &[&str]) {
+pub(crate) async fn spawn(w: &mut World, first: u8, replicas: &[&str]) {
     w.urls = urls_from(first);
     for r in replicas {
         w.spawn_poller(r);
@@ -193,7 +193,7 @@ async fn the_node_leading_the_commands_queue_killed_with_sigkill() {
     );
 }
 
-fn lever(cmd: &str, reason: &str) -> ControlCommand {
+pub(crate) fn lever(cmd: &str, reason: &str) -> ControlCommand {
     let request_id = new_request_id();
     let reason = reason.to_owned();
     match cmd {
@@ -211,13 +211,25 @@ fn lever(cmd: &str, reason: &str) -> ControlCommand {
             post_mortem: Some("PM-test".into()),
             request_id,
         },
-        _ => ControlCommand::Status { request_id },
+        _ => match cmd.split_once(' ') {
+            Some(("quarantine", agent)) => ControlCommand::Quarantine {
+                agent: agent.to_owned(),
+                reason,
+                request_id,
+            },
+            Some(("release", agent)) => ControlCommand::Release {
+                agent: agent.to_owned(),
+                reason,
+                request_id,
+            },
+            _ => ControlCommand::Status { request_id },
+        },
     }
 }
 
 /// Pulls a lever through the cluster, as `command-poller pause` with `--amqp-url` listing the
 /// nodes does, and checks that `replicas` replicas accepted it.
-async fn pull(w: &World, cmd: &str, replicas: usize) -> Report {
+pub(crate) async fn pull(w: &World, cmd: &str, replicas: usize) -> Report {
     let nodes = command_poller::broker::Endpoints::new(&w.urls).unwrap();
     let op = Operator::new(&w.settings, &nodes, Duration::from_millis(3000));
     let deadline = Instant::now() + Duration::from_secs(60);

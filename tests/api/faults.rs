@@ -376,7 +376,7 @@ impl World {
         self.pollers.len() - 1
     }
 
-    fn kill9(&mut self, i: usize) {
+    pub(crate) fn kill9(&mut self, i: usize) {
         let pid = self.pollers[i].id().to_string();
         assert!(Command::new("kill")
             .args(["-KILL", &pid])
@@ -427,84 +427,14 @@ impl World {
         let _ = conn.close(200, "ok".into()).await;
     }
 
-    /// Publishes `bodies` as an agent would: persistent, mandatory, confirmed. What the broker
-    /// nacks or leaves unconfirmed (a cluster losing the queue's leader mid-publish) is
-    /// published again, as an agent must: the poller answers a repeat from its store.
+    /// Publishes `bodies` as an agent would ([`publish_all`]).
     pub(crate) async fn publish(&self, bodies: &[Vec<u8>]) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut pending: Vec<&Vec<u8>> = bodies.iter().collect();
-        while !pending.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "{} commands still unconfirmed after 90 s",
-                pending.len()
-            );
-            pending = self.publish_once(&pending).await;
-            if !pending.is_empty() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-
-    /// One round: returns what was not confirmed.
-    async fn publish_once<'b>(&self, bodies: &[&'b Vec<u8>]) -> Vec<&'b Vec<u8>> {
-        let conn = connect_any(&self.urls).await;
-        let mut failed = Vec::new();
-        let Ok(ch) = conn.create_channel().await else {
-            return bodies.to_vec();
-        };
-        if ch.confirm_select(Default::default()).await.is_err() {
-            return bodies.to_vec();
-        }
-        let mut confirms = Vec::new();
-        for b in bodies {
-            let sent = ch
-                .basic_publish(
-                    self.settings.topology.commands_exchange.as_str().into(),
-                    command_poller::agent::routing_key_for(b).as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    b,
-                    BasicProperties::default()
-                        .with_user_id("guest".into())
-                        .with_delivery_mode(2),
-                )
-                .await;
-            match sent {
-                Ok(c) => confirms.push((*b, c)),
-                Err(_) => failed.push(*b),
-            }
-        }
-        // One deadline for the round: a confirm held by a cut-off leader may never come.
-        let round = tokio::time::Instant::now() + Duration::from_secs(20);
-        let (mut nacked, mut unanswered) = (0, 0);
-        for (b, c) in confirms {
-            match tokio::time::timeout_at(round, c).await {
-                Ok(Ok(confirmation)) if confirmation.is_ack() => assert!(
-                    confirmation.take_message().is_none(),
-                    "a command was returned unroutable: no queue is bound to the commands exchange"
-                ),
-                Ok(_) => {
-                    nacked += 1;
-                    failed.push(b)
-                }
-                Err(_) => {
-                    unanswered += 1;
-                    failed.push(b)
-                }
-            }
-        }
-        if !failed.is_empty() {
-            eprintln!(
-                "publisher: {} of {} to publish again ({nacked} nacked, {unanswered} unconfirmed in 20 s)",
-                failed.len(),
-                bodies.len()
-            );
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "ok".into())).await;
-        failed
+        publish_all(
+            &self.urls,
+            &self.settings.topology.commands_exchange,
+            bodies,
+        )
+        .await
     }
 
     pub(crate) fn distinct_results(&self) -> usize {
@@ -543,14 +473,14 @@ impl World {
         }
     }
 
-    async fn sim_calls(&self) -> command_poller::bridge::simulator::CallLog {
+    pub(crate) async fn sim_calls(&self) -> command_poller::bridge::simulator::CallLog {
         let body = http_get(self.sim_port, "/_sim/calls")
             .await
             .expect("simulator answers");
         serde_json::from_str(&body).unwrap()
     }
 
-    async fn sim_faults(&self, json: serde_json::Value) {
+    pub(crate) async fn sim_faults(&self, json: serde_json::Value) {
         http_post(self.sim_port, "/_sim/faults", &json.to_string()).await;
     }
 
@@ -760,6 +690,90 @@ pub(crate) struct Row {
     duplicate_executions: usize,
     lost: usize,
     reposts: usize,
+}
+
+/// Publishes `bodies` as an agent would: persistent, mandatory, confirmed. What the broker
+/// nacks or leaves unconfirmed (a cluster losing the queue's leader mid-publish) is
+/// published again, as an agent must: the poller answers a repeat from its store.
+pub(crate) async fn publish_all(urls: &[String], exchange: &str, bodies: &[Vec<u8>]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut pending: Vec<&Vec<u8>> = bodies.iter().collect();
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} commands still unconfirmed after 90 s",
+            pending.len()
+        );
+        pending = publish_round(urls, exchange, &pending).await;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// One round: returns what was not confirmed.
+async fn publish_round<'b>(
+    urls: &[String],
+    exchange: &str,
+    bodies: &[&'b Vec<u8>],
+) -> Vec<&'b Vec<u8>> {
+    let conn = connect_any(urls).await;
+    let mut failed = Vec::new();
+    let Ok(ch) = conn.create_channel().await else {
+        return bodies.to_vec();
+    };
+    if ch.confirm_select(Default::default()).await.is_err() {
+        return bodies.to_vec();
+    }
+    let mut confirms = Vec::new();
+    for b in bodies {
+        let sent = ch
+            .basic_publish(
+                exchange.into(),
+                command_poller::agent::routing_key_for(b).as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b,
+                BasicProperties::default()
+                    .with_user_id("guest".into())
+                    .with_delivery_mode(2),
+            )
+            .await;
+        match sent {
+            Ok(c) => confirms.push((*b, c)),
+            Err(_) => failed.push(*b),
+        }
+    }
+    // One deadline for the round: a confirm held by a cut-off leader may never come.
+    let round = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut nacked, mut unanswered) = (0, 0);
+    for (b, c) in confirms {
+        match tokio::time::timeout_at(round, c).await {
+            Ok(Ok(confirmation)) if confirmation.is_ack() => assert!(
+                confirmation.take_message().is_none(),
+                "a command was returned unroutable: no queue is bound to the commands exchange"
+            ),
+            Ok(_) => {
+                nacked += 1;
+                failed.push(b)
+            }
+            Err(_) => {
+                unanswered += 1;
+                failed.push(b)
+            }
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!(
+            "publisher: {} of {} to publish again ({nacked} nacked, {unanswered} unconfirmed in 20 s)",
+            failed.len(),
+            bodies.len()
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "ok".into())).await;
+    failed
 }
 
 async fn http(port: u16, req: String) -> Option<String> {

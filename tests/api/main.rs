@@ -37,5 +37,6 @@ mod publisher_e2e;
 mod runs_as_shipped;
 mod scripts_e2e;
 mod security_e2e;
+mod soak;
 mod sop_e2e;
 mod state_log_e2e;

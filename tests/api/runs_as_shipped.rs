@@ -16,13 +16,19 @@ use std::time::{Duration, Instant};
 const DEBUG_BIN: &str = env!("CARGO_BIN_EXE_command-poller");
 const IMAGE_UID: &str = "10001";
 
+/// The release build: `POLLER_RELEASE_BINARY` (scripts/test.sh builds it in a target
+/// directory of its own, beside the suites), or `target/release/command-poller`.
 fn release_binary() -> PathBuf {
-    let p = Path::new("target/release/command-poller");
+    let p = std::env::var_os("POLLER_RELEASE_BINARY").map_or_else(
+        || PathBuf::from("target/release/command-poller"),
+        PathBuf::from,
+    );
     assert!(
         p.exists(),
-        "no release binary: run `cargo build --release --bin command-poller` (scripts/test.sh does)"
+        "no release binary at {}: run `cargo build --release --bin command-poller` (scripts/test.sh does)",
+        p.display()
     );
-    p.to_owned()
+    p
 }
 
 fn copy_dir(from: &Path, to: &Path) {

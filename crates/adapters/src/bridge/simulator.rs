@@ -75,6 +75,10 @@ pub struct CallLog {
     /// Requests refused because their agent's action_id had answered a different request.
     #[serde(default)]
     pub reused_ids: u32,
+    /// When each execution's POST arrived (Unix milliseconds), by action_id: when the call that
+    /// acted started, for checking what ran while the fleet was paused.
+    #[serde(default)]
+    pub executed_posts_at_ms: HashMap<String, Vec<u64>>,
 }
 
 impl CallLog {
@@ -241,11 +245,11 @@ async fn exec(
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let _guard = InFlight(&st.in_flight);
     let parsed: Option<BridgeRequest> = serde_json::from_slice(&body).ok();
+    let arrived_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
     {
         let mut log = lock(&st.log);
         log.max_concurrent = log.max_concurrent.max(now);
-        log.last_post_at_ms =
-            time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64 / 1_000_000;
+        log.last_post_at_ms = arrived_ms;
         match &parsed {
             Some(r) if r.lookup => *log.lookups.entry(r.action_id.clone()).or_default() += 1,
             Some(r) => *log.posts.entry(r.action_id.clone()).or_default() += 1,
@@ -298,10 +302,14 @@ async fn exec(
         }
         let mut answers = lock(&st.answers);
         let a = act(&cfg, &mut lock(&st.cut), &req);
-        *lock(&st.log)
-            .executions
-            .entry(req.action_id.clone())
-            .or_default() += 1;
+        {
+            let mut log = lock(&st.log);
+            *log.executions.entry(req.action_id.clone()).or_default() += 1;
+            log.executed_posts_at_ms
+                .entry(req.action_id.clone())
+                .or_default()
+                .push(arrived_ms);
+        }
         let retryable = a
             .get("retryable")
             .and_then(|r| r.as_bool())
