@@ -14,14 +14,23 @@ const LAYERS: &[(&str, &[&str])] = &[
         "command-poller",
         &["poller-core", "poller-adapters", "poller-runtime"],
     ),
+    // The benchmark (benches/Cargo.toml): above everything, like the integration tests, which
+    // are dev-dependencies and so not counted here.
+    ("poller-bench", &["command-poller"]),
 ];
 
 /// The crates that reach outside the process, and the members allowed to depend on them.
 const IO_CRATES: &[(&str, &[&str])] = &[
-    // The broker: the adapters, the runtime's consumers and the surfaces' clients.
+    // The broker: the adapters, the runtime's consumers and the surfaces' clients; the
+    // benchmark's load and raw relay.
     (
         "lapin",
-        &["poller-adapters", "poller-runtime", "command-poller"],
+        &[
+            "poller-adapters",
+            "poller-runtime",
+            "command-poller",
+            "poller-bench",
+        ],
     ),
     // The stores: the adapters only.
     ("redb", &["poller-adapters"]),

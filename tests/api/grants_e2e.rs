@@ -306,7 +306,9 @@ async fn a_grant_never_passes_a_veto_nor_its_expiry_nor_its_withdrawal() {
         service: "google".into(),
         uses: 10,
         from: now,
-        until: now + 3,
+        // Long enough for the command sent within it to be decided within it on a loaded
+        // machine (3 s was not: a CI run with both cores busy decided it after the end).
+        until: now + SHORT_LIFE_SECS,
         reason: "a short one".into(),
         by: "guest".into(),
         seconded_by: Default::default(),
@@ -326,9 +328,11 @@ async fn a_grant_never_passes_a_veto_nor_its_expiry_nor_its_withdrawal() {
     h.send(&refresh("within-its-life", "google")).await;
     let r = h.result("within-its-life").await;
     assert_eq!(r.status, Status::Success, "{r:?}");
-    eventually("the grant's end", Duration::from_secs(10), || {
-        command_poller::clock::unix_now() >= short.until
-    })
+    eventually(
+        "the grant's end",
+        Duration::from_secs(SHORT_LIFE_SECS + 10),
+        || command_poller::clock::unix_now() >= short.until,
+    )
     .await;
     h.send(&refresh("after-expiry", "google")).await;
     needs_approval(&h.result("after-expiry").await);
@@ -336,6 +340,9 @@ async fn a_grant_never_passes_a_veto_nor_its_expiry_nor_its_withdrawal() {
         r.stop().await;
     }
 }
+
+/// The life of the grant that expires within the test.
+const SHORT_LIFE_SECS: u64 = 15;
 
 /// Writes grant `id` into the state stream as the operator guest (where one operator may
 /// grant), as a hand-made client would.
