@@ -35,34 +35,61 @@ const PREFETCH: u16 = 64;
 
 /// The binary the benchmark runs as a process: `BENCH_CPU_BIN` (another build, to compare), or
 /// the workspace's release build of `command-poller` (without test doubles, as the image ships
-/// it), brought up to date first with `cargo build --release --locked`.
+/// it: `cargo build --release --bin command-poller`, which scripts/test.sh runs first). A
+/// release binary older than any source it is built from is refused: the figures would be
+/// another code's. (Building it from here instead made cargo rebuild every dependency: the
+/// environment cargo gives a bench is not the shell's.)
 fn poller_binary() -> &'static str {
     static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BINARY.get_or_init(|| {
         if let Ok(bin) = std::env::var("BENCH_CPU_BIN") {
             return bin;
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = std::process::Command::new(cargo)
-            .args(["build", "--release", "--locked", "--bin", "command-poller"])
-            .args(["--message-format", "json-render-diagnostics"])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("cargo runs");
+        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        let bin = std::path::Path::new(&target).join("release/command-poller");
+        let built = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| {
+                panic!(
+                "no release binary at {}: run `cargo build --release --bin command-poller` first",
+                bin.display()
+            )
+            });
+        let newest = newest_source(std::path::Path::new("."));
         assert!(
-            out.status.success(),
-            "cargo build --release --bin command-poller failed"
+            built >= newest,
+            "{} is older than the sources: run `cargo build --release --bin command-poller` first",
+            bin.display()
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find_map(|m| {
-                (m["reason"] == "compiler-artifact" && m["target"]["name"] == "command-poller")
-                    .then(|| m["executable"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-            .expect("cargo names the command-poller executable it built")
+        bin.display().to_string()
     })
+}
+
+/// The newest modification time among the binary's sources: `Cargo.toml`, `Cargo.lock` and the
+/// `.rs` files and manifests under `src/` and `crates/`.
+fn newest_source(root: &std::path::Path) -> std::time::SystemTime {
+    fn walk(dir: &std::path::Path, newest: &mut std::time::SystemTime) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if p.extension().is_some_and(|x| x == "rs" || x == "toml") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    *newest = (*newest).max(t);
+                }
+            }
+        }
+    }
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(t) = std::fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            newest = newest.max(t);
+        }
+    }
+    for d in ["src", "crates"] {
+        walk(&root.join(d), &mut newest);
+    }
+    newest
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -862,7 +889,7 @@ async fn main() {
     // Cargo runs a bench in its package's directory: the paths here (config/, benches/) are the
     // workspace's.
     std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).unwrap();
-    // Built (or found up to date) before any measurement starts.
+    // Found (and checked to be current) before any measurement starts.
     println!("poller binary: {}", poller_binary());
     let n: usize = std::env::var("BENCH_N")
         .ok()

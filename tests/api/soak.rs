@@ -196,7 +196,8 @@ async fn event(w: &mut World, rng: &mut Rng, redis: &mut Redis, t: &mut Tally, a
             off_runtime(|| cluster(&["safe-to-stop", &n]));
             off_runtime(|| cluster(&["stop-node", &n]));
             tokio::time::sleep(rng.secs(5, 15)).await;
-            off_runtime(|| cluster(&["start-node", &n]));
+            // `start` (not `start-node`): it also rejoins a node that had to be rebuilt.
+            off_runtime(|| cluster(&["start"]));
             "broker node stopped and started"
         }
         2 => {
@@ -204,8 +205,9 @@ async fn event(w: &mut World, rng: &mut Rng, redis: &mut Redis, t: &mut Tally, a
             off_runtime(|| cluster(&["partition", &n]));
             tokio::time::sleep(rng.secs(15, 30)).await;
             off_runtime(|| cluster(&["heal"]));
-            // Until the cut-off node is back among the others (pause_minority paused it).
-            off_runtime(|| cluster(&["start-node", &n]));
+            // Until the cut-off node is back among the others (pause_minority paused it; one
+            // that can't rejoin is rebuilt and joined again).
+            off_runtime(|| cluster(&["start"]));
             "broker node cut off and healed"
         }
         3 => {
