@@ -152,12 +152,12 @@ struct Window {
     to_ms: u64,
 }
 
-#[derive(Default)]
 struct Tally {
     events: BTreeMap<&'static str, usize>,
     windows: Vec<Window>,
     /// Each replica's current process in `World::pollers`.
     replica_index: [usize; 3],
+    started: Instant,
 }
 
 /// Pulls `on`, holds it for `hold`, pulls `off`; records the window.
@@ -254,6 +254,10 @@ async fn event(w: &mut World, rng: &mut Rng, redis: &mut Redis, t: &mut Tally, a
             "quiet"
         }
     };
+    println!(
+        "SOAK | {:>6.1} s | {name}",
+        t.started.elapsed().as_secs_f64()
+    );
     *t.events.entry(name).or_default() += 1;
 }
 
@@ -274,8 +278,10 @@ async fn chaos_soak() {
         .push(("POLLER__IDEMPOTENCY__URL".into(), redis.url()));
     spawn(&mut w, 1, &REPLICAS).await;
     let mut t = Tally {
+        events: BTreeMap::new(),
+        windows: Vec::new(),
         replica_index: [0, 1, 2],
-        ..Default::default()
+        started: Instant::now(),
     };
     // Every command comes from the one broker user the load publishes as.
     let agent_id = "guest";
