@@ -135,13 +135,8 @@ fn the_build_stage_has_what_the_manifest_needs_and_builds() {
     // …and every file cargo read to build the release binary (its dep-info, written by the
     // build scripts/test.sh makes first) is in the copied tree. Without that build, the binary
     // is checked from the copy instead (minutes of compiling: every dependency again).
-    let dep_info = std::env::var_os("POLLER_RELEASE_BINARY")
-        .map_or_else(
-            || PathBuf::from("target/release/command-poller"),
-            PathBuf::from,
-        )
-        .with_extension("d");
-    match std::fs::read_to_string(&dep_info) {
+    let dep_info = Path::new("target/release/command-poller.d");
+    match std::fs::read_to_string(dep_info) {
         Ok(text) => {
             let missing = missing_inputs(&text, &std::env::current_dir().unwrap(), &dir);
             assert!(

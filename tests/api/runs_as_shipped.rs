@@ -16,19 +16,13 @@ use std::time::{Duration, Instant};
 const DEBUG_BIN: &str = env!("CARGO_BIN_EXE_command-poller");
 const IMAGE_UID: &str = "10001";
 
-/// The release build: `POLLER_RELEASE_BINARY` (scripts/test.sh builds it in a target
-/// directory of its own, beside the suites), or `target/release/command-poller`.
 fn release_binary() -> PathBuf {
-    let p = std::env::var_os("POLLER_RELEASE_BINARY").map_or_else(
-        || PathBuf::from("target/release/command-poller"),
-        PathBuf::from,
-    );
+    let p = Path::new("target/release/command-poller");
     assert!(
         p.exists(),
-        "no release binary at {}: run `cargo build --release --bin command-poller` (scripts/test.sh does)",
-        p.display()
+        "no release binary: run `cargo build --release --bin command-poller` (scripts/test.sh does)"
     );
-    p
+    p.to_owned()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
