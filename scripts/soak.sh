@@ -2,7 +2,9 @@
 # The chaos soak (tests/api/soak.rs): three replicas on the three-node cluster
 # (scripts/cluster.sh) and a Redis of their own, a steady load with bursts, and at random one
 # after another: pause, halt or quarantine and their lifts, a replica SIGKILLed, a node stopped or
-# cut off, the Redis restarted, the bridge slow, failing or answering HTML. At the end every
+# cut off, the Redis restarted, the bridge or the LLM judge slow, failing or answering HTML, the
+# policy reloaded; three agents, an approver approving, denying or leaving parked commands to
+# expire, the audit sink chaining every record. At the end every
 # command is checked (a final result, at most one execution, none under a lever); it prints a
 # table (SOAK and RELIABILITY lines) and exits non-zero on any violation.
 #

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure RabbitMQ, Redis and PostgreSQL are up, then runs every unit,
 # integration and property test, the fault suite, the cluster fault suite (three RabbitMQ nodes
-# beside the one on 5672), the Node tests of the Apps Script bridge, and the CPU per command gate
-# (benches/pipeline/cpu.rs).
+# beside the one on 5672), a 3-minute chaos soak on that cluster, the Node tests of the Apps
+# Script bridge, and the CPU per command gate (benches/pipeline/cpu.rs).
 # Every step runs even when an earlier one failed; the summary at the end names the failures,
 # and the exit status is non-zero if any step failed.
 # Usage: scripts/test.sh [extra cargo test args]
@@ -107,6 +107,12 @@ cluster_suite() {
     return 1
   fi
   serial_suite cluster cluster
+}
+
+# The chaos soak for 3 minutes (scripts/soak.sh; docs/RELIABILITY.md, "The chaos soak") on the
+# cluster the cluster suite left running; then the cluster is stopped.
+chaos_soak() {
+  scripts/soak.sh --minutes 3
   local rc=$?
   scripts/cluster.sh stop
   return $rc
@@ -126,6 +132,7 @@ step "control state reads" cargo test --test api -- --ignored --exact \
   state_log_e2e::a_hundred_thousand_reads_append_nothing_and_every_lever_stays_fast
 step "fault suite" faults
 step "cluster fault suite" cluster_suite
+step "chaos soak" chaos_soak
 step "Apps Script web app (Node)" node --test tests/apps-script/bridge.test.js
 # CPU per command against the raw relay's CPU per message, same run: fails when the ratio is
 # more than 30% above benches/cpu-baseline.toml.

@@ -222,6 +222,7 @@ pub(crate) fn lever(cmd: &str, reason: &str) -> ControlCommand {
                 reason,
                 request_id,
             },
+            _ if cmd == "reload" => ControlCommand::ReloadPolicy { request_id },
             _ => ControlCommand::Status { request_id },
         },
     }

@@ -65,7 +65,7 @@ pub(crate) struct World {
     pub(crate) pollers: Vec<Child>,
     pub(crate) results: Arc<Mutex<Vec<ResultMessage>>>,
     pub(crate) extra_env: Vec<(String, String)>,
-    config_dir: std::path::PathBuf,
+    pub(crate) config_dir: std::path::PathBuf,
     pub(crate) logs: Vec<std::path::PathBuf>,
     _cleanup: Cleanup,
 }
@@ -696,6 +696,17 @@ pub(crate) struct Row {
 /// nacks or leaves unconfirmed (a cluster losing the queue's leader mid-publish) is
 /// published again, as an agent must: the poller answers a repeat from its store.
 pub(crate) async fn publish_all(urls: &[String], exchange: &str, bodies: &[Vec<u8>]) {
+    publish_all_as(urls, exchange, bodies, "guest").await
+}
+
+/// [`publish_all`] as the broker user `user` (the one in `urls`): the broker checks the
+/// `user_id` each command carries against it.
+pub(crate) async fn publish_all_as(
+    urls: &[String],
+    exchange: &str,
+    bodies: &[Vec<u8>],
+    user: &str,
+) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut pending: Vec<&Vec<u8>> = bodies.iter().collect();
     while !pending.is_empty() {
@@ -704,7 +715,7 @@ pub(crate) async fn publish_all(urls: &[String], exchange: &str, bodies: &[Vec<u
             "{} commands still unconfirmed after 90 s",
             pending.len()
         );
-        pending = publish_round(urls, exchange, &pending).await;
+        pending = publish_round(urls, exchange, &pending, user).await;
         if !pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -716,6 +727,7 @@ async fn publish_round<'b>(
     urls: &[String],
     exchange: &str,
     bodies: &[&'b Vec<u8>],
+    user: &str,
 ) -> Vec<&'b Vec<u8>> {
     let conn = connect_any(urls).await;
     let mut failed = Vec::new();
@@ -737,7 +749,7 @@ async fn publish_round<'b>(
                 },
                 b,
                 BasicProperties::default()
-                    .with_user_id("guest".into())
+                    .with_user_id(user.into())
                     .with_delivery_mode(2),
             )
             .await;
