@@ -26,6 +26,8 @@
 #   scripts/cluster.sh partition N      cut node N off from the other two
 #   scripts/cluster.sh heal             remove every cut
 #   scripts/cluster.sh leader QUEUE     the node leading quorum queue QUEUE (1, 2 or 3)
+#   scripts/cluster.sh leaders PART     every queue and stream whose name holds PART, with the
+#                                       node leading it: "name=N ..."
 #   scripts/cluster.sh pid N            node N's Erlang VM pid
 #   scripts/cluster.sh solo-start       a lone node beside them, rabbitc9@localhost on
 #                                       127.0.0.1:5689 (data under $SOLO_DIR, default
@@ -243,6 +245,14 @@ else:
     sys.exit(1)" "$1"
 }
 
+# Every queue and stream whose name holds $1, with its leader's node number: "name=N ...".
+leaders() {
+  ctl "$(peer_of 0)" list_queues name leader --formatter json | python3 -c "
+import json,sys
+print(' '.join(q['name'] + '=' + q['leader'].split('@')[0][len('rabbitc'):]
+               for q in json.load(sys.stdin) if sys.argv[1] in q['name']))" "$1"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
@@ -259,6 +269,7 @@ case "${1:-}" in
   partition) partition "$2" ;;
   heal) heal ;;
   leader) leader "$2" ;;
+  leaders) leaders "$2" ;;
   pid) pid_of "$2" ;;
   solo-start)
     need; DIR=$SOLO_DIR; mkdir -p "$DIR"; start_node $SOLO

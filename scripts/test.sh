@@ -8,6 +8,14 @@
 # Usage: scripts/test.sh [extra cargo test args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The tests act as the machine's administrator: they add and delete broker users and close
+# connections with rabbitmqctl, cut cluster nodes off with nftables, switch to the image's uid
+# and create system users. As anyone else they would fail one by one with puzzling panics, so
+# stop here instead (CI runs this as root).
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: run it as root (sudo -i, then scripts/test.sh in this checkout): the tests add broker users with rabbitmqctl, cut cluster nodes off with nftables and switch to the image's uid, which only root may do" >&2
+  exit 2
+fi
 # The core's tests need no broker, store or network: they run first, before anything is started.
 echo "==> core (no broker, store or network)"
 cargo test -p poller-core "$@" || { echo "<== core: FAILED after $SECONDS s"; exit 1; }
@@ -18,28 +26,24 @@ scripts/ensure-rabbitmq.sh
 scripts/ensure-stores.sh
 trap 'scripts/stop-stores.sh; scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
 if ! command -v node >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "node: not installed; installing Debian's nodejs"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null
 fi
 if ! command -v promtool >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "promtool: not installed; installing Debian's prometheus (the /metrics lint test uses it)"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 fi
 if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "chromium: not installed; installing Debian's chromium and chromium-driver (tests/api/console_e2e.rs drives the console in it)"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 if ! target/mcp-venv/bin/python -c "import mcp" >/dev/null 2>&1; then
   echo "mcp: making target/mcp-venv with the official MCP Python SDK (tests/api/mcp_e2e.rs drives the front door with it)"
   if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
     # Debian's python3 makes no venv without python3-venv: install it rather than go on
     # without the SDK (both MCP tests would fail on "the MCP client is still running").
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     echo "python3-venv: not installed; installing Debian's python3-venv"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
   fi
   mkdir -p target
   rm -rf target/mcp-venv
@@ -47,7 +51,7 @@ if ! target/mcp-venv/bin/python -c "import mcp" >/dev/null 2>&1; then
   python3 -m venv target/mcp-venv
   target/mcp-venv/bin/pip install -q "mcp==2.3.0"
 fi
-if ! command -v sudo >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+if ! command -v sudo >/dev/null 2>&1; then
   echo "sudo: not installed; installing Debian's sudo (tests/api/scripts_e2e.rs runs the scripts as a user with sudo)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null
 fi

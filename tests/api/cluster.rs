@@ -56,6 +56,12 @@ fn leader(queue: &str) -> u8 {
     cluster(&["leader", queue]).parse().expect("a node number")
 }
 
+/// Where every queue and stream of the world leads ("name=N ..."): a scenario's pause depends
+/// on which of them the lost node led, so each scenario prints it.
+fn leaders(w: &World) -> String {
+    cluster(&["leaders", &w.sfx]).replace(&format!("t.{}.", w.sfx), "")
+}
+
 /// Starts the cluster if it isn't running; on drop (a failed scenario too) heals any cut and
 /// starts every stopped node, so the next scenario finds three nodes.
 pub(crate) struct Cluster;
@@ -388,6 +394,7 @@ async fn whilst_a_node_is_cut_off_from_the_other_two_then_healed() {
     let (ids, bodies) = load("cls-cut", 500);
     w.publish(&bodies).await;
     w.wait_results(100, Duration::from_secs(60)).await;
+    let leading = leaders(&w);
     let loss = wall_now();
     let cut = Instant::now();
     cluster(&["partition", &target.to_string()]);
@@ -404,7 +411,7 @@ async fn whilst_a_node_is_cut_off_from_the_other_two_then_healed() {
     w.report(&all).await;
     print_row(
         w.name,
-        &format!("node {target} (the leader, replica a's) cut off for {cut_for:.0} s, then healed"),
+        &format!("node {target} (the leader, replica a's) cut off for {cut_for:.0} s, then healed; leaders before the cut: {leading}"),
         &recovery(&w, loss, Some("a")),
     );
 }
