@@ -544,9 +544,10 @@ fn huge_messages_are_refused_without_being_copied() {
     let _ = poller.wait();
     let grew_mib = (after.saturating_sub(before)) / 1024;
     println!(
-        "BOUNDED: peak RSS {} MiB before, {} MiB after {COUNT} x 48 MiB (+{grew_mib} MiB)",
+        "BOUNDED: peak RSS {} MiB before, {} MiB after {COUNT} x 48 MiB (+{grew_mib} MiB); all dead-lettered {:.1} s after the last publish",
         before / 1024,
-        after / 1024
+        after / 1024,
+        t0.elapsed().as_secs_f64()
     );
     // Before: +1,000 MiB. The broker hands the poller up to `max_in_flight` messages at once,
     // and each is held once while it is refused.
