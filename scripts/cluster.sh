@@ -16,7 +16,8 @@
 #
 # Usage:
 #   scripts/cluster.sh start            start the three nodes and cluster them (idempotent)
-#   scripts/cluster.sh stop             stop them and remove their data
+#   scripts/cluster.sh stop             stop them and remove their data (CLUSTER_LOGS_TO=DIR
+#                                       keeps their logs there first)
 #   scripts/cluster.sh status           cluster_status from node 1
 #   scripts/cluster.sh kill N           SIGKILL node N's Erlang VM
 #   scripts/cluster.sh stop-node N      stop node N (rabbitmqctl stop)
@@ -180,6 +181,13 @@ stop() {
     # Whatever still listens on its ports (a VM the stop didn't end) is killed.
     kill_node "$n" 2>/dev/null || true
   done
+  # CLUSTER_LOGS_TO=DIR keeps every node's log (a failed soak or suite asks for them).
+  if [ -n "${CLUSTER_LOGS_TO:-}" ]; then
+    for n in "${NODES[@]}"; do
+      mkdir -p "$CLUSTER_LOGS_TO/n$n" && cp -r "$DIR/n$n/log/." "$CLUSTER_LOGS_TO/n$n/" 2>/dev/null || true
+    done
+    echo "cluster: node logs kept in $CLUSTER_LOGS_TO"
+  fi
   rm -rf "$DIR"
   echo "cluster: stopped"
 }

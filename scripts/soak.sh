@@ -8,17 +8,23 @@
 # command is checked (a final result, at most one execution, none under a lever); it prints a
 # table (SOAK and RELIABILITY lines) and exits non-zero on any violation.
 #
-# Usage: scripts/soak.sh [--minutes N] [--seed S]    (default 3 minutes, a new seed)
-# The whole output is kept in target/soak.log.
+# Usage: scripts/soak.sh [--minutes N] [--seed S] [--skip EVENTS]
+#   (default 3 minutes, a new seed; EVENTS comma-separated from: kill, stop-node, partition,
+#   redis, bridge, pause, halt, quarantine, judge, reload; a skipped event is a quiet spell)
+# The whole output is kept in target/soak.log; after a failure, the cluster's node logs in
+# target/soak-cluster-logs/ (when this script started the cluster).
+
 set -uo pipefail
 cd "$(dirname "$0")/.."
 minutes=3
 seed=""
+skip=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) minutes=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
-    *) sed -n '2,10p' "$0"; exit 2 ;;
+    --skip) skip=$2; shift 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 done
 case "$minutes" in ''|*[!0-9.]*) echo "soak: --minutes takes a number, not '$minutes'" >&2; exit 2 ;; esac
@@ -30,7 +36,7 @@ if ! scripts/cluster.sh status >/dev/null 2>&1; then
   started=1
 fi
 mkdir -p target
-env SOAK_MINUTES="$minutes" ${seed:+SOAK_SEED="$seed"} \
+env SOAK_MINUTES="$minutes" ${seed:+SOAK_SEED="$seed"} ${skip:+SOAK_SKIP="$skip"} \
   cargo test --test api -- --ignored --exact --nocapture soak::chaos_soak >target/soak.log 2>&1
 rc=$?
 grep -E "^SOAK|^RELIABILITY|^test result" target/soak.log
@@ -38,5 +44,8 @@ if [ $rc -ne 0 ]; then
   echo "---- soak failure (from target/soak.log) ----"
   grep -B40 -A12 "panicked at" target/soak.log | cut -c1-2000
 fi
-[ -n "$started" ] && scripts/cluster.sh stop >/dev/null
+if [ -n "$started" ]; then
+  if [ $rc -ne 0 ]; then rm -rf target/soak-cluster-logs; CLUSTER_LOGS_TO=$PWD/target/soak-cluster-logs scripts/cluster.sh stop
+  else scripts/cluster.sh stop >/dev/null; fi
+fi
 exit $rc
