@@ -111,24 +111,21 @@ cluster_suite() {
     return 1
   fi
   serial_suite cluster cluster
+  local rc=$?
+  scripts/cluster.sh stop
+  return $rc
 }
 
-# The chaos soak for 3 minutes (scripts/soak.sh; docs/RELIABILITY.md, "The chaos soak") on the
-# cluster the cluster suite left running; then the cluster is stopped (its node logs kept in
-# target/soak-cluster-logs/ after a failure). Without the partition: after a cut, the test
-# cluster's own recovery (a node that can't rejoin rebuilt from empty data) once took 10 minutes
-# and left a cluster answering INTERNAL_ERROR; the cluster suite cuts a node off, and longer
-# soaks keep it.
+# The chaos soak for 3 minutes (scripts/soak.sh; docs/RELIABILITY.md, "The chaos soak") on a
+# cluster of its own: the cluster suite's is stopped first. After a cut, the test cluster's own
+# recovery (a node that can't rejoin rebuilt from empty data) can leave RabbitMQ's stream
+# coordinator unavailable: a soak started on such a cluster failed declaring its audit stream
+# ("coordinator_unavailable"), and a 60-minute soak ended on INTERNAL_ERROR after one. For the
+# same reason CI's soak skips the partition; the cluster suite cuts a node off, and longer soaks
+# keep it. soak.sh starts the cluster, stops it, and keeps its node logs after a failure.
 chaos_soak() {
+  scripts/cluster.sh stop >/dev/null 2>&1
   scripts/soak.sh --minutes 3 --skip partition
-  local rc=$?
-  if [ $rc -ne 0 ]; then
-    rm -rf target/soak-cluster-logs
-    CLUSTER_LOGS_TO=$PWD/target/soak-cluster-logs scripts/cluster.sh stop
-  else
-    scripts/cluster.sh stop
-  fi
-  return $rc
 }
 
 # One step after another. Run side by side (the fault and cluster suites on brokers of their own
