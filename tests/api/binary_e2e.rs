@@ -568,19 +568,11 @@ fn queue_depth(queue: &str) -> Result<(u32, u32), String> {
             .await
             .map_err(|e| e.to_string())?;
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
+        let q = crate::faults::depth(&ch, queue)
             .await
             .map_err(|e| e.to_string());
         let _ = conn.close(200, "done".into()).await;
-        q.map(|q| (q.message_count(), q.consumer_count()))
+        q
     })
 }
 

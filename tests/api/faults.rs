@@ -809,7 +809,7 @@ async fn http_post(port: u16, path: &str, body: &str) {
 }
 
 /// `queue`'s ready messages and consumers (a passive declare: a missing queue closes `ch`).
-async fn depth(ch: &lapin::Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+pub(crate) async fn depth(ch: &lapin::Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
