@@ -489,6 +489,20 @@ pub(crate) async fn stuck_in_retries_after(
     h
 }
 
+/// After a lever stopped a command in its retries: its POSTs went out (failing before running),
+/// so its redelivery asks the bridge what came of them before it is refused. Waits for that
+/// question (the first lookup, still failing), then lets the bridge answer: it remembers
+/// nothing, so the refusal stands.
+pub(crate) async fn bridge_back_once_asked(h: &Harness, id: &str) {
+    eventually(
+        "the redelivery asks the bridge",
+        Duration::from_secs(20),
+        || h.sim.lookups(id) >= 1,
+    )
+    .await;
+    h.sim.heal();
+}
+
 /// A revoke pulled while a refresh of that service is in the bridge client's retry loop stops
 /// its next POST (the gate was asked only about the mode between retries, so the refresh could
 /// still reach the provider after the revoke was acknowledged); the command goes back to the
@@ -507,6 +521,7 @@ async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
     let ack = op.run(revoke("google")).await.unwrap();
     assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
     let posts_at_ack = h.sim.posts("revoke-retry-1");
+    bridge_back_once_asked(&h, "revoke-retry-1").await;
     let r = h.result("revoke-retry-1").await;
     assert_eq!(r.status, Status::Rejected, "{r:?}");
     assert!(r.rationale.contains("revoked by guest"), "{}", r.rationale);
@@ -540,6 +555,7 @@ async fn a_quarantine_during_a_commands_retries_stops_its_next_post() {
         .unwrap();
     assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
     let posts_at_ack = h.sim.posts("quarantine-retry-1");
+    bridge_back_once_asked(&h, "quarantine-retry-1").await;
     let r = h.result("quarantine-retry-1").await;
     assert_eq!(r.status, Status::Rejected, "{r:?}");
     assert!(r.rationale.contains("quarantine"), "{}", r.rationale);
@@ -548,4 +564,108 @@ async fn a_quarantine_during_a_commands_retries_stops_its_next_post() {
         "a POST after the quarantine was acknowledged: {posts_at_ack} at the ack, {} now",
         h.sim.posts("quarantine-retry-1")
     );
+}
+
+/// The chaos soak's violation, against the real broker, bridge simulator and store: a replica
+/// ran an action at the bridge and died before its result was stored (its slot's mark of the
+/// call stays, its claim runs out); meanwhile the agent is quarantined. The command taken over
+/// must report what ran (asked of the bridge with a lookup, never sent again), not REJECTED.
+#[tokio::test]
+async fn an_action_run_by_a_replica_that_died_is_reported_run_despite_a_later_quarantine() {
+    use command_poller::bridge::{AlwaysAdmit, BridgeParams, BridgeRequest};
+    let h = Harness::start(Options::default()).await;
+    let id = "died-after-call-1";
+    let key = format!("guest/{id}");
+    // The dead replica: its claim, a bridge slot (marking the call), the call itself.
+    let claim_ttl = Duration::from_secs(2);
+    assert_eq!(
+        h.store
+            .hold(&key, "dead-replica#1", claim_ttl)
+            .await
+            .unwrap(),
+        command_poller::store::Claim::Mine
+    );
+    let slot = h
+        .stores
+        .slots
+        .try_take(
+            "dead-replica/1",
+            25,
+            Duration::from_secs(15),
+            &key,
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap()
+        .expect("a free slot");
+    assert!(!slot.earlier);
+    let bridge = bridge_client(&h.settings, &h.sim, h.secret.clone());
+    let ran = bridge
+        .execute(
+            &BridgeRequest {
+                action_id: id.into(),
+                command_type: command_poller::intake::CommandType::CheckIntegrationStatus.into(),
+                params: BridgeParams {
+                    service: "meta".into(),
+                },
+                agent: "guest".into(),
+                agent_verified: true,
+                requested_at: "2026-12-07T00:00:00Z".into(),
+                lookup: false,
+            },
+            &AlwaysAdmit,
+        )
+        .await
+        .expect("the dead replica's call ran");
+    assert_eq!(h.sim.executions(id), 1);
+    // Killed here: nothing stored, nothing published. Then the agent is quarantined.
+    let ack = h
+        .operator()
+        .run(ControlCommand::Quarantine {
+            agent: "guest".into(),
+            reason: "looping".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    // The command reaches the live replica (it waits out the dead claim).
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "meta", "LOW"))
+        .await;
+    let r = h.result(id).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert_eq!(
+        r.tool_result,
+        Some(ran.tool_result),
+        "the answer it ran with"
+    );
+    assert!(r.rationale.contains("earlier attempt"), "{}", r.rationale);
+    let b = r.bridge.as_ref().expect("the lookup");
+    assert!(b.looked_up && !b.repost, "{b:?}");
+    assert!(r.rationale.contains("quarantine"), "{}", r.rationale);
+    assert_eq!(h.sim.executions(id), 1, "never run twice");
+    assert_eq!(h.sim.lookups(id), 1, "asked with a lookup");
+    // Stored: a copy is answered from the store, still SUCCESS, quarantine or not.
+    h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "meta", "LOW"))
+        .await;
+    eventually(
+        "the copy's replayed result",
+        Duration::from_secs(10),
+        || h.results_for(id) >= 2,
+    )
+    .await;
+    let statuses: Vec<_> = h
+        .inbox
+        .lock()
+        .unwrap()
+        .results
+        .iter()
+        .filter(|(_, r)| r.action_id.as_deref() == Some(id))
+        .map(|(_, r)| (r.status, r.replay))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(Status::Success, false), (Status::Success, true)]
+    );
+    assert_eq!(h.sim.posts(id), 1, "the copy sent nothing either");
 }

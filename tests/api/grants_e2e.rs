@@ -392,6 +392,7 @@ async fn a_withdrawal_during_a_granted_commands_retries_stops_its_next_post() {
     let ack = h.operator().run(ungrant(&id)).await.unwrap();
     assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
     let posts_at_ack = h.sim.posts("granted-retry-1");
+    crate::cuts_e2e::bridge_back_once_asked(&h, "granted-retry-1").await;
     let r = h.result("granted-retry-1").await;
     needs_approval(&r);
     assert!(

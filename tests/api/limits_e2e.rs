@@ -152,7 +152,7 @@ async fn a_dead_replicas_slots_come_back_within_the_lease_and_a_resent_action_is
 }
 
 #[tokio::test]
-async fn an_unsent_calls_mark_is_dropped_and_an_earlier_one_kept_for_every_backend() {
+async fn an_unsent_calls_mark_is_dropped_and_an_earlier_one_kept_and_read_for_every_backend() {
     for backend in ALL {
         let s = store_settings(backend, &format!("mark-{}", suffix()));
         let stores = open(&s).await;
@@ -163,9 +163,25 @@ async fn an_unsent_calls_mark_is_dropped_and_an_earlier_one_kept_for_every_backe
             Duration::from_secs(60),
             "r",
         );
+        assert!(
+            !slots.sent("agent/held").await.unwrap(),
+            "{backend:?}: nothing sent yet"
+        );
         // Held by the gate after the slot was taken: never sent.
         slots.acquire("agent/held").await.unwrap().not_sent().await;
+        assert!(
+            !slots.sent("agent/held").await.unwrap(),
+            "{backend:?}: the held attempt's mark is gone"
+        );
         let sent = slots.acquire("agent/held").await.unwrap();
+        assert!(
+            slots.sent("agent/held").await.unwrap(),
+            "{backend:?}: marked while its call runs"
+        );
+        assert!(
+            !slots.sent("agent/other").await.unwrap(),
+            "{backend:?}: only that action"
+        );
         assert!(
             !sent.earlier(),
             "{backend:?}: the held attempt sent nothing"
@@ -316,6 +332,15 @@ impl command_poller::store::BridgeSlots for Unreachable {
         Box::pin(async move {
             self.check()?;
             self.inner.forget_sent(key).await
+        })
+    }
+    fn sent<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<bool, command_poller::store::LimitError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.sent(key).await
         })
     }
     fn holders(

@@ -86,26 +86,46 @@ pub fn scripted_panel(judges: Vec<(&str, Script, u64)>, timeout: Duration, quoru
 }
 
 /// A bridge that answers success at once, without HTTP, counting its calls (to prove what
-/// never reached it, or to measure what the HTTP exchange costs).
+/// never reached it, or to measure what the HTTP exchange costs). Lookups (`lookup: true`) are
+/// counted apart, and answered as remembered unless `forgetful`.
 #[derive(Default)]
 pub struct RecordingBridge {
+    /// Calls that asked it to act.
     pub calls: AtomicUsize,
+    /// Calls that asked only for a remembered answer.
+    pub lookups: AtomicUsize,
+    /// Remembers nothing: a lookup is answered "not remembered".
+    pub forgetful: std::sync::atomic::AtomicBool,
 }
 
 impl RecordingBridge {
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+
+    pub fn lookups(&self) -> usize {
+        self.lookups.load(Ordering::SeqCst)
+    }
 }
 
 impl Bridge for RecordingBridge {
     fn execute<'a>(
         &'a self,
-        _r: &'a BridgeRequest,
+        r: &'a BridgeRequest,
         _admission: &'a dyn Admission,
     ) -> BoxFuture<'a, Result<BridgeAnswer, BridgeError>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async {
+        let forgot = r.lookup && self.forgetful.load(Ordering::SeqCst);
+        if r.lookup {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+        }
+        Box::pin(async move {
+            if forgot {
+                return Err(BridgeError::NotRemembered {
+                    error: "no answer remembered for this request".into(),
+                });
+            }
             Ok(BridgeAnswer {
                 tool_result: serde_json::json!({"status": "success", "integration_status": "connected"}),
                 attempts: 1,

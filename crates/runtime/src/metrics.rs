@@ -84,6 +84,7 @@ pub struct Metrics {
     bridge_retries: Counter,
     bridge_errors: Counter,
     bridge_reposts: Counter,
+    bridge_looked_up: Counter,
     canaries: Family<CanaryLabels, Counter>,
     policy_shadow: Family<ShadowLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
@@ -118,6 +119,7 @@ impl Metrics {
             bridge_retries: Counter::default(),
             bridge_errors: Counter::default(),
             bridge_reposts: Counter::default(),
+            bridge_looked_up: Counter::default(),
             canaries: Family::default(),
             policy_shadow: Family::default(),
             alerts: Family::default(),
@@ -200,6 +202,11 @@ impl Metrics {
             "bridge_reposts",
             "Bridge calls for an action an earlier attempt had already sent (a replica crashed or lost its claim): safe only while the bridge remembers the first answer",
             self.bridge_reposts.clone(),
+        );
+        registry.register(
+            "bridge_looked_up",
+            "Results reported from the bridge's memory of an earlier attempt's call (its replica died before storing the result), asked for with a lookup that never acts",
+            self.bridge_looked_up.clone(),
         );
         registry.register(
             "canaries",
@@ -370,6 +377,9 @@ impl Metrics {
             }
             if b.repost {
                 self.bridge_reposts.inc();
+            }
+            if b.looked_up {
+                self.bridge_looked_up.inc();
             }
         }
     }
@@ -592,6 +602,20 @@ mod tests {
             1.0,
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_result_from_the_bridges_memory_is_counted_and_is_no_re_post() {
+        let m = Metrics::new();
+        let mut settled = concluded();
+        settled.result.bridge.as_mut().unwrap().looked_up = true;
+        m.observe(&Disposition::Conclude {
+            outcome: settled,
+            claim: None,
+        });
+        let text = m.render(0, Mode::Running);
+        assert_eq!(sample(&text, "command_poller_bridge_looked_up_total"), 1.0);
+        assert_eq!(sample(&text, "command_poller_bridge_reposts_total"), 0.0);
     }
 
     #[test]

@@ -241,11 +241,12 @@ impl Harness {
             if Instant::now() > deadline {
                 let inbox = self.inbox.lock().unwrap();
                 panic!(
-                    "timed out waiting for {what}; have {} results, {} alerts, {} dead letters: {:?}",
+                    "timed out waiting for {what}; have {} results, {} alerts, {} dead letters: {:?}; dead letters: {:?}",
                     inbox.results.len(),
                     inbox.alerts.len(),
                     inbox.dead.len(),
-                    inbox.results.iter().map(|(_, r)| (&r.action_id, r.status)).collect::<Vec<_>>()
+                    inbox.results.iter().map(|(_, r)| (&r.action_id, r.status)).collect::<Vec<_>>(),
+                    inbox.dead
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

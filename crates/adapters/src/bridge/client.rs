@@ -109,6 +109,8 @@ impl AppsScriptBridge {
                         attempts,
                     })
                 }
+                // A lookup's "nothing remembered" is its answer, not a lost one.
+                Exchange::AfterRun(e @ BridgeError::NotRemembered { .. }) => return Err(e),
                 // doPost ran: the POST is never repeated. Ask for the remembered answer.
                 Exchange::AfterRun(lost) => {
                     return self
@@ -443,6 +445,49 @@ mod tests {
         for leak in ["AKfycbDEPLOY", "sig=", "ts=", "127.0.0.1"] {
             assert!(!e.contains(leak), "{leak} in {e}");
         }
+    }
+
+    /// A lookup is answered, never acted on: "nothing remembered" before the action ran (an
+    /// answer, not a lost one, so not UNKNOWN_OUTCOME), the remembered answer after.
+    #[tokio::test]
+    async fn a_lookup_says_nothing_is_remembered_or_returns_the_remembered_answer() {
+        use crate::bridge::simulator;
+        let secret = Secret::new("lookup-secret");
+        let sim = simulator::start(
+            simulator::SimulatorConfig::new(secret.clone()),
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .await
+        .unwrap();
+        let client = AppsScriptBridge::new(BridgeClientConfig {
+            url: sim.url(),
+            secret,
+            request_timeout: Duration::from_secs(5),
+            retry_budget: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        })
+        .unwrap();
+        let look = super::super::BridgeRequest {
+            lookup: true,
+            ..request("l-1")
+        };
+        let none = client
+            .call(&look, &super::super::AlwaysAdmit)
+            .await
+            .unwrap_err();
+        assert!(matches!(none, BridgeError::NotRemembered { .. }), "{none}");
+        assert_eq!(sim.executions("l-1"), 0);
+        let ran = client
+            .call(&request("l-1"), &super::super::AlwaysAdmit)
+            .await
+            .unwrap();
+        let again = client
+            .call(&look, &super::super::AlwaysAdmit)
+            .await
+            .unwrap();
+        assert_eq!(again.tool_result, ran.tool_result);
+        assert_eq!((sim.executions("l-1"), sim.lookups("l-1")), (1, 2));
     }
 
     /// A web app like Apps Script's: a POST is answered 302 with a small HTML page (as Google's

@@ -167,6 +167,13 @@ impl SimulatorHandle {
     pub fn fail_next_gets(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).get.extend(faults);
     }
+
+    /// Drops every fault still queued: the bridge is healthy again.
+    pub fn heal(&self) {
+        let mut f = lock(&self.state.faults);
+        f.post.clear();
+        f.get.clear();
+    }
 }
 
 /// Starts the simulator on `addr` (use port 0 for any free port).

@@ -39,6 +39,12 @@ pub struct BridgeSummary {
     /// bridge's dedup (see the README's "What the bridge remembers").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub repost: bool,
+    /// This attempt sent nothing: an earlier attempt (a replica that crashed before storing
+    /// its result) ran the action, and the bridge's remembered answer was asked for with a
+    /// lookup, which never acts. The judges and panel of the attempt that ran it were lost with
+    /// it; the rationale says what this attempt would have concluded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub looked_up: bool,
 }
 
 /// The body of a result message. Optional fields are absent when the command never got that

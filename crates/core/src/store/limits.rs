@@ -72,6 +72,9 @@ pub trait BridgeSlots: Send + Sync {
     /// Drops the mark `try_take` set for `key`: the call never went out (the operator gate
     /// closed after the slot was taken), so a later attempt is not a re-POST.
     fn forget_sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), LimitError>>;
+    /// Whether `key` is marked sent to the bridge (by `try_take`, and not yet expired or
+    /// forgotten): an earlier attempt at this action may have run it.
+    fn sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LimitError>>;
     /// The holders of live leases.
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>>;
 }
@@ -155,6 +158,12 @@ impl Slots {
     /// The fleet's limit.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Whether an earlier attempt sent the action `key` to the bridge (the mark a slot sets,
+    /// kept for `remember`). Takes no slot and sets no mark.
+    pub async fn sent(&self, key: &str) -> Result<bool, LimitError> {
+        self.store.sent(key).await
     }
 
     /// Waits for a slot for the action `key`. An error (the store unreachable) grants nothing:

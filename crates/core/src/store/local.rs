@@ -56,6 +56,12 @@ impl LocalSlots {
         earlier
     }
 
+    /// Whether `key` carries a live mark.
+    pub fn marked(&self, key: &str) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sent.get(key).is_some_and(|until| *until > Instant::now())
+    }
+
     pub fn unmark(&self, key: &str) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.sent.remove(key);
@@ -136,6 +142,10 @@ impl BridgeSlots for LocalSlots {
             self.unmark(key);
             Ok(())
         })
+    }
+
+    fn sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LimitError>> {
+        Box::pin(async move { Ok(self.marked(key)) })
     }
 }
 

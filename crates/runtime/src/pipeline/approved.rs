@@ -24,21 +24,6 @@ impl Pipeline {
     /// any command. `Err`: held back (paused, halted), to be tried again.
     pub async fn approved(&self, rec: &Parked) -> Result<ResultMessage, String> {
         let draft = Draft::of(rec, &self.instance);
-        let in_force = self.policy.digest();
-        if rec.policy_digest != in_force {
-            // Approved as decided under another policy: never executed under this one.
-            let mut r = draft.finish(
-                Status::Denied,
-                format!(
-                    "Approved by {}, but the policy changed before it was executed (parked under {}, now {}): not executed. Send it again under a new action_id to have it decided under the current policy.",
-                    approvers(rec),
-                    &rec.policy_digest[..12.min(rec.policy_digest.len())],
-                    &in_force[..12]
-                ),
-            );
-            r.approvals = rec.approvals.clone();
-            return Ok(r);
-        }
         let cmd = Command {
             justification: rec.justification.clone(),
             action_id: rec.action_id.clone(),
@@ -51,19 +36,38 @@ impl Pipeline {
             id: rec.agent.id.clone(),
             verified: rec.agent.verified,
         };
-        let rationale = format!(
-            "Approved by {} ({} of {} required).",
-            approvers(rec),
-            rec.approvals.len(),
-            rec.required
-        );
-        match self.execute(&cmd, &agent, draft, rationale).await {
-            Ok(mut r) => {
-                r.approvals = rec.approvals.clone();
-                Ok(r)
-            }
-            Err(Deferred(why)) => Err(why),
-        }
+        let in_force = self.policy.digest();
+        let reached = if rec.policy_digest != in_force {
+            // Approved as decided under another policy: never executed under this one.
+            draft.finish(
+                Status::Denied,
+                format!(
+                    "Approved by {}, but the policy changed before it was executed (parked under {}, now {}): not executed. Send it again under a new action_id to have it decided under the current policy.",
+                    approvers(rec),
+                    &rec.policy_digest[..12.min(rec.policy_digest.len())],
+                    &in_force[..12]
+                ),
+            )
+        } else {
+            let rationale = format!(
+                "Approved by {} ({} of {} required).",
+                approvers(rec),
+                rec.approvals.len(),
+                rec.required
+            );
+            self.execute(&cmd, &agent, draft, rationale)
+                .await
+                .map_err(|Deferred(why)| why)?
+        };
+        // Not executed by this attempt: an earlier one (a sweeper killed after its call) may
+        // have executed it.
+        let mut r = match self.past(&cmd, &agent, &reached).await {
+            Ok(past::Past::None) => reached,
+            Ok(past::Past::Sent(r)) => *r,
+            Err(Deferred(why)) => return Err(why),
+        };
+        r.approvals = rec.approvals.clone();
+        Ok(r)
     }
 
     /// The final result of an approved record that no NEEDS_APPROVAL result backs: denied,

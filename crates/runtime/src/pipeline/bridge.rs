@@ -151,6 +151,7 @@ fn call_result(
                 ms,
                 error: None,
                 repost,
+                looked_up: false,
             });
             Ok(r)
         }
@@ -168,6 +169,7 @@ fn call_result(
                 ms,
                 error: Some(e.to_string()),
                 repost,
+                looked_up: false,
             });
             Ok(r)
         }
@@ -186,6 +188,7 @@ fn call_result(
                 ms,
                 error: Some(e.to_string()),
                 repost,
+                looked_up: false,
             });
             Ok(r)
         }

@@ -1,5 +1,6 @@
 //! The claim stage: the command's idempotency claim, per agent, so one agent can't pre-empt
-//! another's action_ids, and the agent's quarantine and the service's cut checked under it.
+//! another's action_ids; then, under it, the agent's quarantine and the service's cut, which
+//! refuse the command unless an earlier attempt already sent it to the bridge (see `past`).
 
 use super::*;
 
@@ -13,8 +14,7 @@ impl Pipeline {
     /// Claim: take the action's claim (a copy of an action in flight waits for it, a few per
     /// agent at a time). Out: the claim, or the disposition that ends the command here: a
     /// stored result replayed, a copy over the cap dead-lettered, a busy or unreachable store
-    /// deferred, a quarantined agent's command (or a refresh of a revoked or disconnected
-    /// service) REJECTED.
+    /// deferred.
     pub(super) async fn claim(
         &self,
         msg: &Inbound,
@@ -62,34 +62,59 @@ impl Pipeline {
                 return Err(Box::new(deferred(e.to_string(), None, t.trail())));
             }
         };
-        if let Some(q) = self.gate.quarantine_of(&agent.control_key()) {
-            // Never judged or executed; not stored, so the agent's own retry after a release
-            // is decided afresh.
-            let reason = quarantine_reason(&agent.control_key(), &q);
-            tracing::warn!(by = %q.by, "command refused: agent in quarantine");
-            if let Err(e) = guard.release().await {
-                tracing::warn!(error = %e, "could not release the claim of a quarantined agent's command; it expires");
-            }
-            let result = t.reject("agent", reason);
-            return Err(Box::new(self.refused(result, reply.clone(), t)));
-        }
-        if let Some(r) = self
-            .gate
-            .revocation_of(cmd.command_type, cmd.service.as_str())
-        {
-            // As for a quarantine: never judged or executed, not stored, so the agent's retry
-            // after the service is reconnected is decided afresh.
-            tracing::warn!(by = %r.by, "command refused: its service was cut off");
-            if let Err(e) = guard.release().await {
-                tracing::warn!(error = %e, "could not release the claim of a command for a cut service; it expires");
-            }
-            let result = t.reject(
-                "service",
-                poller_core::control::revocation::refusal(cmd.service.as_str(), &r),
-            );
-            return Err(Box::new(self.refused(result, reply.clone(), t)));
-        }
         Ok(Claimed { guard, digest })
+    }
+
+    /// The lever that refuses this command before it is decided, if one does: its agent in
+    /// quarantine, or its service revoked or disconnected. Out: the REJECTED result (with its
+    /// audit event), which [`Pipeline::refuse`] settles.
+    pub(super) fn lever_refusal(
+        &self,
+        agent: &Agent,
+        cmd: &Command,
+        t: &mut Trace,
+    ) -> Option<ResultMessage> {
+        if let Some(q) = self.gate.quarantine_of(&agent.control_key()) {
+            tracing::warn!(by = %q.by, "command refused: agent in quarantine");
+            let reason = quarantine_reason(&agent.control_key(), &q);
+            return Some(t.reject("agent", reason));
+        }
+        let r = self
+            .gate
+            .revocation_of(cmd.command_type, cmd.service.as_str())?;
+        tracing::warn!(by = %r.by, "command refused: its service was cut off");
+        Some(t.reject(
+            "service",
+            poller_core::control::revocation::refusal(cmd.service.as_str(), &r),
+        ))
+    }
+
+    /// A command a lever refused under its claim. Never judged or executed by this attempt, and
+    /// not stored, so the agent's retry after a release or reconnect is decided afresh; unless
+    /// an earlier attempt sent it to the bridge, when what the bridge remembers is its outcome,
+    /// stored as any other.
+    pub(super) async fn refuse(
+        &self,
+        subject: draft::Subject<'_>,
+        reply: ReplyTarget,
+        claimed: Claimed,
+        refusal: ResultMessage,
+        t: &mut Trace,
+    ) -> Disposition {
+        match self.past(subject.cmd, subject.agent, &refusal).await {
+            Ok(past::Past::None) => {
+                if let Err(e) = claimed.guard.release().await {
+                    tracing::warn!(error = %e, "could not release the claim of a refused command; it expires");
+                }
+                self.refused(refusal, reply, t)
+            }
+            Ok(past::Past::Sent(result)) => {
+                let policy = self.policy.snapshot();
+                self.finish(subject, reply, &policy, claimed, *result, t)
+                    .await
+            }
+            Err(Deferred(why)) => deferred(why, Some(claimed.guard), t.trail()),
+        }
     }
 
     /// A fresh copy of an in-flight action when enough copies of this agent's actions already

@@ -1,5 +1,5 @@
 //! The pipeline for one command, as named stages: intake → identity → admission → claim →
-//! policy → panel → bridge → conclude.
+//! policy → panel → bridge → past → conclude.
 //!
 //! In: an [`Inbound`] message (payload and the AMQP properties that matter). Out: a
 //! [`Disposition`]: defer it, dead-letter it, conclude it, replay its stored result, or answer a
@@ -15,6 +15,7 @@ mod disposition;
 mod draft;
 mod intake;
 mod panel;
+mod past;
 mod policy;
 mod replay;
 pub mod settings;
@@ -263,15 +264,24 @@ impl Pipeline {
         }
         self.admission(&agent, &cmd, &reply, t).await?;
         let claimed = self.claim(msg, &agent, &cmd, &reply, t).await?;
+        let subject = draft::Subject {
+            msg,
+            agent: &agent,
+            cmd: &cmd,
+        };
+        if let Some(refusal) = self.lever_refusal(&agent, &cmd, t) {
+            return Ok(self.refuse(subject, reply, claimed, refusal, t).await);
+        }
         let (policy, decision) = self.decide(&agent, &cmd, t);
         let result = match self.act(&cmd, &agent, &decision, t).await {
             Ok(r) => r,
             Err(Deferred(why)) => return Ok(deferred(why, Some(claimed.guard), t.trail())),
         };
-        let subject = draft::Subject {
-            msg,
-            agent: &agent,
-            cmd: &cmd,
+        // Ending without a bridge call of its own: an earlier attempt's call may decide it.
+        let result = match self.past(&cmd, &agent, &result).await {
+            Ok(past::Past::None) => result,
+            Ok(past::Past::Sent(r)) => *r,
+            Err(Deferred(why)) => return Ok(deferred(why, Some(claimed.guard), t.trail())),
         };
         Ok(self
             .finish(subject, reply, &policy, claimed, result, t)

@@ -14,6 +14,8 @@ const SHIPPED_POLICY: &str = include_str!("../../../../config/policy.toml");
 struct Fixture {
     store: Arc<MemStore>,
     bridge: Arc<RecordingBridge>,
+    /// The fleet's bridge slots and marks of sent actions (shared by a fixture's replicas).
+    slots: Arc<LocalSlots>,
     gate: Arc<Gate>,
     judge: Script,
     /// How long the judge takes.
@@ -28,6 +30,7 @@ impl Default for Fixture {
         Self {
             store: Arc::new(MemStore::default()),
             bridge: Arc::new(RecordingBridge::default()),
+            slots: Arc::new(LocalSlots::default()),
             gate: Arc::new(Gate::default()),
             judge: Script::Approve,
             judge_ms: 0,
@@ -71,7 +74,7 @@ impl Fixture {
                 bridge: self.bridge.clone(),
                 gate: self.gate.clone(),
                 slots: Slots::new(
-                    Arc::new(LocalSlots::default()),
+                    self.slots.clone(),
                     4,
                     Duration::from_secs(15),
                     Duration::from_secs(60),
@@ -225,6 +228,7 @@ async fn a_quarantined_agents_command_is_rejected_and_its_claim_released() {
         "the claim was released"
     );
     assert_eq!(f.bridge.calls(), 0);
+    assert_eq!(f.bridge.lookups(), 0, "nothing was sent before: no lookup");
 }
 
 /// A revoke that lands while the refresh is with the judges: the gate refuses the bridge call
@@ -472,4 +476,125 @@ async fn a_command_a_grant_lets_through_says_so_in_its_result_and_audit() {
     assert_eq!(outcome.result.status, Status::NeedsApproval);
     assert!(outcome.result.rationale.contains("used up (1 of 1 uses)"));
     assert_eq!(f.bridge.calls(), 1);
+}
+
+/// The agent `agent-1` in quarantine.
+fn quarantine(gate: &Gate) {
+    let mut state = ControlState::initial();
+    state.quarantined.insert(
+        "agent-1".into(),
+        Quarantined {
+            by: "ops".into(),
+            reason: "test".into(),
+            since: crate::clock::now_rfc3339(),
+            request_id: "r-1".into(),
+        },
+    );
+    gate.enforce(|_| (Some(state), ()));
+}
+
+/// A replica that executed `action_id` and died before its result was stored: the bridge ran
+/// it and the store marks it sent; its claim runs out (released here, as its TTL would).
+async fn executed_then_died(f: &Fixture, action_id: &str, command_type: &str) {
+    let d = f
+        .pipeline()
+        .process(&command(action_id, command_type))
+        .await;
+    assert_eq!(
+        concluded(&d).0,
+        Status::Success,
+        "the first attempt executed"
+    );
+    let Disposition::Conclude {
+        claim: Some(claim), ..
+    } = d
+    else {
+        unreachable!()
+    };
+    claim.release().await.unwrap();
+}
+
+fn redelivered(action_id: &str, command_type: &str) -> Inbound {
+    Inbound {
+        redelivered: true,
+        ..command(action_id, command_type)
+    }
+}
+
+/// The soak's violation (`soak-1-3500`): an executed command whose replica died before storing
+/// its result, taken over after its agent was quarantined, reported REJECTED. It is reported as
+/// what ran, from the bridge's memory (a lookup, never a second call), and stored.
+#[tokio::test]
+async fn an_action_executed_before_its_replica_died_is_reported_executed_under_a_later_quarantine()
+{
+    let f = Fixture::default();
+    executed_then_died(&f, "a-1", "CHECK_INTEGRATION_STATUS").await;
+    quarantine(&f.gate);
+    let d = f
+        .pipeline()
+        .process(&redelivered("a-1", "CHECK_INTEGRATION_STATUS"))
+        .await;
+    assert_eq!(concluded(&d), (Status::Success, None, true), "{d:?}");
+    let Disposition::Conclude { outcome, .. } = &d else {
+        unreachable!()
+    };
+    assert!(outcome.result.tool_result.is_some());
+    assert!(
+        outcome
+            .result
+            .rationale
+            .contains("would have ended REJECTED"),
+        "{}",
+        outcome.result.rationale
+    );
+    assert_eq!(f.bridge.calls(), 1, "never sent again");
+    assert_eq!(f.bridge.lookups(), 1, "asked once");
+}
+
+/// The same for a panel that now votes otherwise: the copy is not parked for approval.
+#[tokio::test]
+async fn an_action_executed_before_its_replica_died_is_not_parked_when_the_panel_now_denies() {
+    let f = Fixture::default();
+    executed_then_died(&f, "a-2", "REFRESH_TOKEN").await;
+    let denying = Fixture {
+        judge: Script::Deny,
+        store: f.store.clone(),
+        bridge: f.bridge.clone(),
+        slots: f.slots.clone(),
+        ..Fixture::default()
+    };
+    let d = denying
+        .pipeline()
+        .process(&redelivered("a-2", "REFRESH_TOKEN"))
+        .await;
+    assert_eq!(concluded(&d).0, Status::Success, "{d:?}");
+    let Disposition::Conclude { outcome, .. } = &d else {
+        unreachable!()
+    };
+    assert!(outcome.result.approval.is_none(), "not parked");
+    assert!(
+        outcome.result.judges.is_empty() && outcome.result.panel.is_none(),
+        "this attempt's votes authorized nothing"
+    );
+    assert!(outcome.result.bridge.as_ref().is_some_and(|b| b.looked_up));
+    assert!(outcome.unapproved.is_none(), "not counted as unapproved");
+    assert_eq!((f.bridge.calls(), f.bridge.lookups()), (1, 1));
+}
+
+/// An earlier attempt sent it and the bridge remembers no answer (its POSTs failed before
+/// running): the refusal stands, its claim released, after one lookup.
+#[tokio::test]
+async fn an_action_sent_before_that_the_bridge_never_answered_is_refused_after_asking() {
+    let f = Fixture::default();
+    executed_then_died(&f, "a-3", "CHECK_INTEGRATION_STATUS").await;
+    f.bridge
+        .forgetful
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    quarantine(&f.gate);
+    let d = f
+        .pipeline()
+        .process(&redelivered("a-3", "CHECK_INTEGRATION_STATUS"))
+        .await;
+    assert_eq!(concluded(&d), (Status::Rejected, Some("agent"), false));
+    assert_eq!((f.bridge.calls(), f.bridge.lookups()), (1, 1));
 }

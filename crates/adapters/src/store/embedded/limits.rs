@@ -64,6 +64,20 @@ impl BridgeSlots for EmbeddedStore {
         })
     }
 
+    fn sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LimitError>> {
+        Box::pin(async move {
+            let key = self.key(key);
+            let marked = self
+                .read(move |tx| {
+                    let t = tx.open_table(super::SENT).map_err(err)?;
+                    let until = t.get(key.as_str()).map_err(err)?.map(|v| v.value());
+                    Ok(until.is_some_and(|u| u > now_millis()))
+                })
+                .await?;
+            Ok(marked)
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move { Ok(self.slots.live_holders()) })
     }

@@ -150,6 +150,21 @@ impl BridgeSlots for PostgresStore {
         })
     }
 
+    fn sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LimitError>> {
+        Box::pin(async move {
+            let row = self
+                .client()
+                .await?
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM command_poller_sent WHERE key = $1 AND expires_at > now())",
+                    &[&format!("{}/{key}", self.prefix)],
+                )
+                .await
+                .map_err(err)?;
+            Ok(row.get(0))
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move {
             let rows = self

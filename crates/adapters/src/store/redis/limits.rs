@@ -148,6 +148,18 @@ impl BridgeSlots for RedisStore {
         })
     }
 
+    fn sent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, LimitError>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let n: i64 = redis::cmd("EXISTS")
+                .arg(format!("{}:bridge:sent:{key}", self.prefix))
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+    }
+
     fn holders(&self) -> BoxFuture<'_, Result<Vec<String>, LimitError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
