@@ -93,22 +93,14 @@ running() { timeout 30 rabbitmq-diagnostics -q -n "$(name "$1")" check_running >
 
 # A node whose VM answers but whose broker isn't running: one that paused itself in a minority
 # and, back among the others, may not finish booting again (RabbitMQ 3.10 was seen stuck on
-# mnesia's inconsistent_database here, 3 times so far). Give it 30 s (a healthy rejoin takes
-# about 10). Restarting its app never brought one back (it waited out its 120 s in each case),
-# so that step is gone; next comes a restart of its VM with its data kept: a booting node takes
-# its database from the running others. Only if that fails too is it rebuilt from empty data:
-# forgotten by the others, it joins again. That last resort costs the streams: RabbitMQ 3.10's
-# forget_cluster_node leaves the node in the stream coordinator's members
-# (rabbitmq/rabbitmq-server#9360), which then answers coordinator_unavailable.
+# mnesia's inconsistent_database here, 3 times so far). Give it 30 s (a
+# healthy rejoin takes about 10), then rebuild it: restarting its app never brought one back
+# (it waited out its 120 s in each case), so that step is gone.
 revive() {
   local n=$1
   for _ in $(seq 1 30); do running "$n" && return 0; sleep 1; done
-  echo "cluster: node $n is up but not running after 30 s; restarting its VM with its data" >&2
-  kill_node "$n" || true
-  if launch "$n"; then
-    for _ in $(seq 1 60); do running "$n" && return 0; sleep 1; done
-  fi
-  echo "cluster: node $n is still not running 60 s after its restart; rebuilding it from scratch (the streams may not survive it)" >&2
+  # Its database won't come back: make it a new node, forgotten by the others, that joins again.
+  echo "cluster: node $n is up but not running after 30 s; rebuilding it from scratch" >&2
   kill_node "$n" || true
   for _ in $(seq 1 30); do ctl "$n" ping >/dev/null 2>&1 || break; sleep 1; done
   local m
@@ -128,15 +120,9 @@ peer_of() {
 }
 
 start_node() {
-  local n=$1
+  local n=$1 b="$DIR/n$1"
   if running "$n"; then return 0; fi
   if ctl "$n" ping >/dev/null 2>&1 && revive "$n"; then return 0; fi
-  launch "$n"
-}
-
-# Starts node $1's VM with whatever data it has, and waits for its boot to end.
-launch() {
-  local n=$1 b="$DIR/n$1"
   write_config "$n"
   chown -R rabbitmq:rabbitmq "$DIR"
   su rabbitmq -s /bin/sh -c "cd /var/lib/rabbitmq; env RABBITMQ_NODENAME=$(name "$n") \
