@@ -598,3 +598,36 @@ async fn an_action_sent_before_that_the_bridge_never_answered_is_refused_after_a
     assert_eq!(concluded(&d), (Status::Rejected, Some("agent"), false));
     assert_eq!((f.bridge.calls(), f.bridge.lookups()), (1, 1));
 }
+
+/// The sweeper's side: an approved command executed by a replica that died before storing its
+/// result, taken over after the policy file changed. It was DENIED ("the policy changed before
+/// it was executed") although it ran; it is reported as what ran.
+#[tokio::test]
+async fn an_approved_command_a_dead_replica_ran_is_not_denied_for_a_policy_changed_since() {
+    let f = Fixture {
+        judge: Script::Deny,
+        ..Fixture::default()
+    };
+    let p = f.pipeline();
+    let d = p.process(&command("a-5", "REFRESH_TOKEN")).await;
+    let Disposition::Conclude { outcome, .. } = &d else {
+        panic!("{d:?}")
+    };
+    let ticket = outcome.result.approval.clone().expect("parked");
+    let sealed = f.store.record(&ticket.approval_id).await.unwrap().unwrap();
+    let mut rec = Parked::unseal(p.store_key(), &sealed).unwrap();
+    // Approved; one sweeper ran it and died before storing the result.
+    let ran = p.approved(&rec).await.expect("executed");
+    assert_eq!(ran.status, Status::Success);
+    // Taken over after the policy file changed.
+    rec.policy_digest = "0".repeat(64);
+    let r = f.pipeline().approved(&rec).await.expect("settled");
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert!(r.bridge.as_ref().is_some_and(|b| b.looked_up), "{r:?}");
+    assert!(
+        r.rationale.contains("would have ended DENIED"),
+        "{}",
+        r.rationale
+    );
+    assert_eq!((f.bridge.calls(), f.bridge.lookups()), (1, 1));
+}
