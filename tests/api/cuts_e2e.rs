@@ -533,6 +533,20 @@ async fn a_revoke_during_a_refreshs_retries_stops_its_next_post() {
     assert_eq!(h.sim.executions("revoke-retry-1"), 0);
 }
 
+/// Quarantines the test agent, every replica accepting.
+async fn quarantine_guest(h: &Harness) {
+    let ack = h
+        .operator()
+        .run(ControlCommand::Quarantine {
+            agent: "guest".into(),
+            reason: "looping".into(),
+            request_id: new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+}
+
 /// The same for a quarantine: the agent's command in its bridge retries sends no further POST
 /// once the quarantine is acknowledged.
 #[tokio::test]
@@ -544,16 +558,7 @@ async fn a_quarantine_during_a_commands_retries_stops_its_next_post() {
         "LOW",
     ))
     .await;
-    let ack = h
-        .operator()
-        .run(ControlCommand::Quarantine {
-            agent: "guest".into(),
-            reason: "looping".into(),
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
-    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    quarantine_guest(&h).await;
     let posts_at_ack = h.sim.posts("quarantine-retry-1");
     bridge_back_once_asked(&h, "quarantine-retry-1").await;
     let r = h.result("quarantine-retry-1").await;
@@ -619,16 +624,7 @@ async fn an_action_run_by_a_replica_that_died_is_reported_run_despite_a_later_qu
         .expect("the dead replica's call ran");
     assert_eq!(h.sim.executions(id), 1);
     // Killed here: nothing stored, nothing published. Then the agent is quarantined.
-    let ack = h
-        .operator()
-        .run(ControlCommand::Quarantine {
-            agent: "guest".into(),
-            reason: "looping".into(),
-            request_id: new_request_id(),
-        })
-        .await
-        .unwrap();
-    assert!(ack.replicas.iter().all(|r| r.accepted), "{ack:?}");
+    quarantine_guest(&h).await;
     // The command reaches the live replica (it waits out the dead claim).
     h.send(&cmd(id, "CHECK_INTEGRATION_STATUS", "meta", "LOW"))
         .await;

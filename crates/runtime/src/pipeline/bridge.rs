@@ -68,17 +68,7 @@ impl Pipeline {
         if repost {
             tracing::warn!("re-POST: an earlier attempt already sent this action to the bridge; only the bridge's dedup keeps it from acting twice");
         }
-        let request = BridgeRequest {
-            action_id: cmd.action_id.to_string(),
-            command_type: cmd.command_type.into(),
-            params: BridgeParams {
-                service: cmd.service.to_string(),
-            },
-            agent: agent.id.to_string(),
-            agent_verified: agent.verified,
-            requested_at: now_rfc3339(),
-            lookup: false,
-        };
+        let request = bridge_request(cmd, agent, false);
         let started = Instant::now();
         let agent_key = agent.control_key();
         let admission = Retrying {
@@ -90,6 +80,22 @@ impl Pipeline {
         };
         let answer = self.bridge.execute(&request, &admission).await;
         call_result(draft, rationale, answer, started.elapsed(), repost)
+    }
+}
+
+/// The bridge request for `agent`'s `cmd`, sent now; `lookup`: only ask for a remembered
+/// answer (never acts).
+pub(super) fn bridge_request(cmd: &Command, agent: &Agent, lookup: bool) -> BridgeRequest {
+    BridgeRequest {
+        action_id: cmd.action_id.to_string(),
+        command_type: cmd.command_type.into(),
+        params: BridgeParams {
+            service: cmd.service.to_string(),
+        },
+        agent: agent.id.to_string(),
+        agent_verified: agent.verified,
+        requested_at: now_rfc3339(),
+        lookup,
     }
 }
 

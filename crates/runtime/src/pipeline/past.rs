@@ -74,17 +74,7 @@ impl Pipeline {
                 "no bridge slot to ask what came of an earlier attempt ({e})"
             ))
         })?;
-        let request = BridgeRequest {
-            action_id: cmd.action_id.to_string(),
-            command_type: cmd.command_type.into(),
-            params: BridgeParams {
-                service: cmd.service.to_string(),
-            },
-            agent: agent.id.to_string(),
-            agent_verified: agent.verified,
-            requested_at: now_rfc3339(),
-            lookup: true,
-        };
+        let request = super::bridge::bridge_request(cmd, agent, true);
         let started = Instant::now();
         let answer = self.bridge.execute(&request, self.gate.as_ref()).await;
         let settled = settle_past(reached.clone(), answer, started.elapsed());

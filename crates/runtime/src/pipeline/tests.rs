@@ -203,17 +203,7 @@ async fn an_agent_over_its_admission_limit_is_rejected_before_the_claim() {
 #[tokio::test]
 async fn a_quarantined_agents_command_is_rejected_and_its_claim_released() {
     let f = Fixture::default();
-    let mut state = ControlState::initial();
-    state.quarantined.insert(
-        "agent-1".into(),
-        Quarantined {
-            by: "ops".into(),
-            reason: "test".into(),
-            since: crate::clock::now_rfc3339(),
-            request_id: "r-1".into(),
-        },
-    );
-    f.gate.enforce(|_| (Some(state), ()));
+    quarantine(&f.gate);
     let d = f
         .pipeline()
         .process(&command("a-1", "CHECK_INTEGRATION_STATUS"))
