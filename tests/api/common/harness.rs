@@ -241,12 +241,12 @@ impl Harness {
             if Instant::now() > deadline {
                 let inbox = self.inbox.lock().unwrap();
                 panic!(
-                    "timed out waiting for {what}; have {} results, {} alerts, {} dead letters: {:?}; dead letters: {:?}",
+                    "timed out waiting for {what}; have {} results, {} alerts, {} dead letters; results: {:?}; dead letters (their x-death): {:?}",
                     inbox.results.len(),
                     inbox.alerts.len(),
                     inbox.dead.len(),
                     inbox.results.iter().map(|(_, r)| (&r.action_id, r.status)).collect::<Vec<_>>(),
-                    inbox.dead
+                    inbox.dead.iter().map(|d| (&d.routing_key, d.headers.as_ref().and_then(|h| h.inner().get("x-first-death-reason")).map(|r| format!("{r:?}")))).collect::<Vec<_>>()
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
